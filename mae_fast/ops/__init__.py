@@ -1,0 +1,22 @@
+"""The op layer: every hot operation of the model, each dispatched to the best backend that can run it.
+
+See :mod:`mae_fast.ops.dispatch` for how backends are chosen and how to force one.
+"""
+from .attention import attention, attention_reference
+from .dispatch import NoBackendError, backends_for, describe, select_backend
+from .masking import (
+    gather_visible,
+    masked_patch_mse,
+    patchify,
+    patchify_gather,
+    unpatchify,
+    unshuffle_with_mask_token,
+)
+
+OPS = ("attention", "gather_visible", "unshuffle_with_mask_token", "patchify_gather", "masked_patch_mse")
+
+__all__ = [
+    "OPS", "attention", "attention_reference", "gather_visible", "unshuffle_with_mask_token",
+    "patchify_gather", "masked_patch_mse", "patchify", "unpatchify",
+    "NoBackendError", "backends_for", "describe", "select_backend",
+]
