@@ -1,0 +1,36 @@
+"""``mae-fast`` command line: each subcommand hands its arguments to the module that owns it."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "pretrain": ("mae_fast.train.pretrain", "main", {}, "MAE pretraining (no arguments: the built-in demo)"),
+    "finetune": ("mae_fast.train.finetune", "main", {"mode": "finetune"}, "finetune an encoder on labelled images"),
+    "linprobe": ("mae_fast.train.finetune", "main", {"mode": "linprobe"}, "linear probe on labelled images"),
+    "scale": ("mae_fast.scaling.cli", "main", {}, "scaling sweeps: run / status / fit"),
+    "info": ("mae_fast.info", "main", {}, "device, versions and which backends can run here"),
+}
+
+
+def _usage() -> str:
+    rows = "\n".join(f"  {name:<10} {help_}" for name, (_, _, _, help_) in COMMANDS.items())
+    return f"usage: mae-fast <command> [args]\n\ncommands:\n{rows}\n\n'mae-fast <command> --help' for details."
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"mae-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, kwargs, _ = COMMANDS[name]
+    result = getattr(importlib.import_module(module), func)(rest, **kwargs)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Analytic FLOP counts for MFU: matmuls and attention only (2 FLOPs per multiply-add)."""
+from __future__ import annotations
+
+
+def _block_flops(tokens: int, width: int, mlp_ratio: float, layers: int) -> float:
+    linear = 2 * tokens * width * width * (4 + 2 * mlp_ratio)  # qkv (3), proj (1), mlp (2 * ratio)
+    attn = 2 * 2 * tokens * tokens * width                     # q k^T and p v
+    return layers * (linear + attn)
+
+
+def mae_forward_flops(model, mask_ratio: float = 0.75) -> float:
+    """FLOPs of one image's MAE forward pass as mae_fast runs it (visible patches only in the encoder)."""
+    L = model.num_patches
+    keep = int(L * (1 - mask_ratio))
+    p2c = model.patch_size**2 * model.in_chans
+    D, Dd = model.embed_dim, model.decoder_embed_dim
+    f = 2 * keep * p2c * D                                          # patch embedding
+    f += _block_flops(keep + 1, D, model.mlp_ratio, model.depth)    # encoder
+    f += 2 * (keep + 1) * D * Dd                                    # decoder_embed
+    f += _block_flops(L + 1, Dd, model.mlp_ratio, model.decoder_depth)
+    f += 2 * (L + 1) * Dd * p2c                                     # decoder_pred
+    return float(f)
+
+
+def mae_train_flops(model, mask_ratio: float = 0.75) -> float:
+    """Forward + backward (backward = 2x forward)."""
+    return 3.0 * mae_forward_flops(model, mask_ratio)

@@ -1,0 +1,220 @@
+"""ViT-MAE with the official parameter names (facebookresearch/mae ``models_mae.py``), on the op layer.
+
+Same numbers as the official model, less work: only the visible patches are embedded
+(``patchify_gather`` then a matmul with the conv weight), the decoder input is built in one
+``unshuffle_with_mask_token`` pass, and the loss is taken over removed patches only.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch.utils.checkpoint import checkpoint
+
+from .. import ops
+from .pos_embed import sincos_2d
+
+
+class MAEOutput(NamedTuple):
+    loss: torch.Tensor      # scalar, mean per-patch MSE over removed patches
+    pred: torch.Tensor      # (B, L, p*p*C), official patchify order
+    mask: torch.Tensor      # (B, L), 1 = removed
+    ids_restore: torch.Tensor  # (B, L)
+    latent: torch.Tensor    # (B, 1+K, D) encoder output, cls first
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).unbind(2)
+        return self.proj(ops.attention(q, k, v).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; submodule names match timm's ``Block`` (and so the checkpoints)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, grid: tuple[int, int], patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.grid_size = grid
+        self.num_patches = grid[0] * grid[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.proj(imgs).flatten(2).transpose(1, 2)
+
+
+def _pair(img_size) -> tuple[int, int]:
+    if isinstance(img_size, int):
+        return img_size, img_size
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size):
+        return int(img_size[0]), int(img_size[1])
+    raise ValueError(f"img_size must be an int or an (H, W) pair of ints, got {img_size!r}")
+
+
+class MaskedAutoencoderViT(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False):
+        super().__init__()
+        H, W = _pair(img_size)
+        if patch_size <= 0 or H % patch_size or W % patch_size:
+            raise ValueError(f"img_size {H}x{W} must be divisible by patch_size {patch_size}")
+        self.img_size, self.patch_size, self.in_chans = (H, W), patch_size, in_chans
+        self.grid_size = (H // patch_size, W // patch_size)
+        self.norm_pix_loss = norm_pix_loss
+        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        self.mlp_ratio = mlp_ratio
+        self.decoder_embed_dim, self.decoder_depth = decoder_embed_dim, decoder_depth
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(self.grid_size, patch_size, in_chans, embed_dim)
+        L = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, norm_layer) for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, L + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_layer) for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        self.initialize_weights()
+
+    # -- initialisation, as official ------------------------------------------------------------
+    def initialize_weights(self):
+        self.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid_size)[None])
+        self.decoder_pos_embed.data.copy_(sincos_2d(self.decoder_embed_dim, self.grid_size)[None])
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    # -- helpers --------------------------------------------------------------------------------
+    def patchify(self, imgs):
+        return ops.patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x):
+        return ops.unpatchify(x, self.patch_size, self.grid_size, self.in_chans)
+
+    def _check_imgs(self, imgs):
+        if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
+            raise ValueError(f"imgs must be a (B, C, H, W) tensor, got {getattr(imgs, 'shape', type(imgs))}")
+        if tuple(imgs.shape[1:]) != (self.in_chans, *self.img_size):
+            raise ValueError(f"imgs must be (B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}), "
+                             f"got {tuple(imgs.shape)}")
+        if not imgs.is_floating_point():
+            raise TypeError(f"imgs must be floating point, got {imgs.dtype}")
+        if imgs.device != self.cls_token.device:
+            raise ValueError(f"imgs on {imgs.device} but the model on {self.cls_token.device}")
+
+    def random_masking_ids(self, batch: int, mask_ratio: float, noise=None, device=None):
+        """The official ``argsort(noise)`` masking: returns ids_keep (B, K), ids_restore (B, L), mask (B, L)."""
+        L = self.num_patches
+        if not 0.0 <= float(mask_ratio) < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        len_keep = int(L * (1 - mask_ratio))
+        if len_keep < 1:
+            raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch out of {L}")
+        if noise is None:
+            noise = torch.rand(batch, L, device=device)
+        elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (batch, L):
+            raise ValueError(f"noise must be ({batch}, {L}), got {tuple(getattr(noise, 'shape', ()))}")
+        elif noise.device != device:
+            raise ValueError(f"noise on {noise.device} but imgs on {device}")
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        mask = (ids_restore >= len_keep).to(torch.float32)
+        return ids_keep, ids_restore, mask
+
+    def _run_blocks(self, blocks, x):
+        for blk in blocks:
+            if self.grad_checkpointing and x.requires_grad:
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def _with_cls(self, x):
+        cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    # -- forward paths ------------------------------------------------------------------------------
+    def forward_encoder(self, imgs, ids_keep):
+        pixels = ops.patchify_gather(imgs, ids_keep, self.patch_size, check_ids=False)
+        w = self.patch_embed.proj.weight
+        x = F.linear(pixels, w.reshape(w.shape[0], -1), self.patch_embed.proj.bias)
+        x = x + F.embedding(ids_keep, self.pos_embed[0, 1:]).to(x.dtype)
+        x = self._run_blocks(self.blocks, self._with_cls(x))
+        return self.norm(x)
+
+    def forward_decoder(self, latent, ids_restore):
+        x = self.decoder_embed(latent)
+        x = ops.unshuffle_with_mask_token(x, ids_restore, self.mask_token, self.decoder_pos_embed,
+                                          cls_token=True, check_ids=False)
+        x = self.decoder_norm(self._run_blocks(self.decoder_blocks, x))
+        return self.decoder_pred(x)[:, 1:]
+
+    def forward_loss(self, imgs, pred, mask):
+        return ops.masked_patch_mse(pred, imgs, mask, self.patch_size, self.norm_pix_loss)
+
+    def forward(self, imgs, mask_ratio: float = 0.75, noise=None) -> MAEOutput:
+        self._check_imgs(imgs)
+        ids_keep, ids_restore, mask = self.random_masking_ids(imgs.shape[0], mask_ratio, noise, imgs.device)
+        latent = self.forward_encoder(imgs, ids_keep)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.forward_loss(imgs, pred, mask)
+        return MAEOutput(loss, pred, mask, ids_restore, latent)
+
+    def forward_features(self, imgs):
+        """Encoder on every patch, no masking: (B, 1+L, D), cls first (timm's ``forward_features``)."""
+        self._check_imgs(imgs)
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:].to(imgs.dtype)
+        x = self._run_blocks(self.blocks, self._with_cls(x))
+        return self.norm(x)
