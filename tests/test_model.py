@@ -1,0 +1,185 @@
+"""Fidelity of mae_fast's ViT-MAE to the official formulas, to timm, and its error messages."""
+import pytest
+import torch
+
+import mae_fast
+from mae_fast.models import mae_train_flops, model_config
+from official_mae import OfficialMAE
+
+SMALL = dict(img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+             decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4)
+
+
+def _pair(norm_pix, **kw):
+    cfg = {**SMALL, **kw, "norm_pix_loss": norm_pix}
+    torch.manual_seed(0)
+    ref = OfficialMAE(**cfg).double()
+    ours = mae_fast.MaskedAutoencoderViT(**cfg).double()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.5, 0.9])
+def test_matches_official_formulas(norm_pix, mask_ratio):
+    ref, ours = _pair(norm_pix)
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.randn(3, 3, 48, 48, generator=g, dtype=torch.float64)
+    noise = torch.rand(3, 36, generator=g, dtype=torch.float64)
+    loss_r, pred_r, mask_r = ref(imgs, mask_ratio, noise)
+    out = ours(imgs, mask_ratio, noise)
+    assert torch.equal(out.mask, mask_r.float())
+    torch.testing.assert_close(out.pred, pred_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.loss, loss_r.float(), rtol=1e-6, atol=1e-7)  # loss is reduced in fp32
+    # gradients flow to the same parameters with the same values
+    out.loss.backward()
+    loss_r.backward()
+    for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=n)
+
+
+def test_matches_official_fp32():
+    ref, ours = _pair(True)
+    ref, ours = ref.float(), ours.float()
+    imgs = torch.randn(2, 3, 48, 48)
+    noise = torch.rand(2, 36)
+    loss_r, pred_r, _ = ref(imgs, 0.75, noise)
+    out = ours(imgs, 0.75, noise)
+    assert (out.loss - loss_r).abs().item() < 1e-5
+    torch.testing.assert_close(out.pred, pred_r, rtol=1e-4, atol=1e-5)
+
+
+def test_official_checkpoint_keys_load_strictly():
+    ref = OfficialMAE(**{**SMALL, "depth": 1, "decoder_depth": 1})
+    ours = mae_fast.MaskedAutoencoderViT(**{**SMALL, "depth": 1, "decoder_depth": 1})
+    assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    mae_fast.load_pretrained(ours, {"model": ref.state_dict()})
+    assert not ours.pos_embed.requires_grad and not ours.decoder_pos_embed.requires_grad
+
+
+def test_pos_embed_is_official_sincos():
+    from official_mae import sincos_2d_np
+
+    m = mae_fast.create_model("mae_vit_small_patch16", img_size=64)
+    ref = torch.from_numpy(sincos_2d_np(384, 4, True)).float()
+    torch.testing.assert_close(m.pos_embed[0], ref)
+
+
+def test_load_resamples_pos_embed(tmp_path):
+    src = mae_fast.MaskedAutoencoderViT(**SMALL)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": src.state_dict(), "epoch": 3}, path)
+    dst = mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": (64, 40)})
+    mae_fast.load_pretrained(dst, path)
+    torch.testing.assert_close(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert dst.pos_embed.shape == (1, 1 + 8 * 5, 64)
+    # a learned (not sin-cos) table is resampled bicubically instead
+    state = src.state_dict()
+    state["pos_embed"] = torch.randn_like(state["pos_embed"])
+    mae_fast.load_pretrained(dst, state)
+    assert dst.pos_embed.shape == (1, 41, 64) and torch.isfinite(dst.pos_embed).all()
+
+
+def test_corrupt_checkpoint_errors(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    m = mae_fast.MaskedAutoencoderViT(**SMALL)
+    with pytest.raises(RuntimeError, match="could not read"):
+        mae_fast.load_pretrained(m, bad)
+    with pytest.raises(FileNotFoundError):
+        mae_fast.load_pretrained(m, tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("timm_name,ours_name", [("vit_small_patch16_224", "mae_vit_small_patch16"),
+                                                 ("vit_base_patch16_224", "mae_vit_base_patch16")])
+def test_export_timm_matches_features(timm_name, ours_name):
+    import timm
+
+    torch.manual_seed(0)
+    ours = mae_fast.create_model(ours_name, img_size=48, depth=2)
+    for p in ours.parameters():  # non-trivial LayerNorm weights and biases too
+        p.data.add_(0.05 * torch.randn_like(p))
+    vit = timm.create_model(timm_name, pretrained=False, img_size=48, depth=2, num_classes=0)
+    vit.load_state_dict(mae_fast.export_timm(ours), strict=True)
+    imgs = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        a, b = ours.forward_features(imgs), vit.forward_features(imgs)
+    assert (a - b).abs().max().item() < 1e-4
+    twin = mae_fast.create_timm_encoder(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(twin.forward_features(imgs), a, rtol=1e-4, atol=1e-4)
+
+
+def test_registry_sizes():
+    widths = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16), "huge": (1280, 32, 16),
+              "giant": (1408, 40, 16)}
+    for size, (w, d, h) in widths.items():
+        for p in (14, 16):
+            cfg = model_config(f"mae_vit_{size}_patch{p}")
+            assert (cfg["embed_dim"], cfg["depth"], cfg["num_heads"], cfg["patch_size"]) == (w, d, h, p)
+            assert (cfg["decoder_embed_dim"], cfg["decoder_depth"], cfg["decoder_num_heads"]) == (512, 8, 16)
+    with torch.device("meta"):
+        big = mae_fast.create_model("mae_vit_2b_patch14")
+    enc = sum(p.numel() for n, p in big.named_parameters() if not n.startswith(("decoder", "mask_token")))
+    assert 2.3e9 < enc < 2.5e9
+    assert "mae_vit_huge_patch14" in mae_fast.list_models("*huge*")
+
+
+def test_flops_count_against_profiler(monkeypatch):
+    monkeypatch.setenv("MAE_FAST_BACKEND", "torch")  # plain matmuls, which the counter sees
+    m = mae_fast.create_model("mae_vit_demo_patch8")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    imgs = torch.randn(2, 3, 64, 64)
+    with FlopCounterMode(display=False) as fc:
+        m(imgs).loss.backward()
+    counted = fc.get_total_flops() / 2
+    assert abs(counted - mae_train_flops(m, 0.75)) / counted < 0.05
+
+
+def test_non_square_and_forward_features():
+    m = mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": (32, 56)})
+    x = torch.randn(2, 3, 32, 56)
+    out = m(x, mask_ratio=0.6)
+    assert out.pred.shape == (2, 28, 192) and out.mask.shape == (2, 28)
+    assert int(out.mask.sum(1)[0]) == 28 - int(28 * 0.4)
+    assert m.forward_features(x).shape == (2, 29, 64)
+
+
+def test_noise_drives_masking_and_default_uses_generator():
+    m = mae_fast.MaskedAutoencoderViT(**SMALL)
+    x = torch.randn(2, 3, 48, 48)
+    torch.manual_seed(5)
+    a = m(x).mask
+    torch.manual_seed(5)
+    b = m(x).mask
+    assert torch.equal(a, b)
+    noise = torch.rand(2, 36)
+    expected = (torch.argsort(torch.argsort(noise, 1), 1) >= 9).float()
+    assert torch.equal(m(x, 0.75, noise).mask, expected)
+
+
+def test_bad_inputs_have_clear_errors():
+    m = mae_fast.MaskedAutoencoderViT(**SMALL)
+    x = torch.randn(2, 3, 48, 48)
+    with pytest.raises(ValueError, match="divisible"):
+        mae_fast.create_model("mae_vit_small_patch16", img_size=100)
+    with pytest.raises(ValueError, match="img_size"):
+        mae_fast.create_model("mae_vit_small_patch16", img_size="big")
+    with pytest.raises(TypeError, match="unknown override"):
+        mae_fast.create_model("mae_vit_small_patch16", width=3)
+    with pytest.raises(ValueError, match="unknown model"):
+        mae_fast.create_model("vit_nope")
+    with pytest.raises(ValueError, match=r"imgs must be \(B, 3, 48, 48\)"):
+        m(torch.randn(2, 3, 40, 48))
+    with pytest.raises(ValueError, match="imgs must be"):
+        m(torch.randn(3, 48, 48))
+    with pytest.raises(ValueError, match="noise must be"):
+        m(x, noise=torch.rand(2, 35))
+    with pytest.raises(ValueError, match="leaves no visible patch"):
+        m(x, mask_ratio=0.99)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        m(x, mask_ratio=1.5)
+    with pytest.raises(TypeError, match="floating"):
+        m(x.to(torch.int32))
