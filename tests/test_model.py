@@ -4,7 +4,7 @@ import torch
 
 import mae_fast
 from mae_fast.models import mae_train_flops, model_config
-from official_mae import OfficialMAE
+from reference_mae import ReferenceMAE
 
 SMALL = dict(img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=4,
              decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4)
@@ -13,7 +13,7 @@ SMALL = dict(img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=4,
 def _pair(norm_pix, **kw):
     cfg = {**SMALL, **kw, "norm_pix_loss": norm_pix}
     torch.manual_seed(0)
-    ref = OfficialMAE(**cfg).double()
+    ref = ReferenceMAE(**cfg).double()
     ours = mae_fast.MaskedAutoencoderViT(**cfg).double()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
@@ -51,7 +51,7 @@ def test_matches_official_fp32():
 
 
 def test_official_checkpoint_keys_load_strictly():
-    ref = OfficialMAE(**{**SMALL, "depth": 1, "decoder_depth": 1})
+    ref = ReferenceMAE(**{**SMALL, "depth": 1, "decoder_depth": 1})
     ours = mae_fast.MaskedAutoencoderViT(**{**SMALL, "depth": 1, "decoder_depth": 1})
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
     mae_fast.load_pretrained(ours, {"model": ref.state_dict()})
@@ -59,7 +59,7 @@ def test_official_checkpoint_keys_load_strictly():
 
 
 def test_pos_embed_is_official_sincos():
-    from official_mae import sincos_2d_np
+    from reference_mae import sincos_2d_np
 
     m = mae_fast.create_model("mae_vit_small_patch16", img_size=64)
     ref = torch.from_numpy(sincos_2d_np(384, 4, True)).float()

@@ -1,5 +1,7 @@
-"""An independent reference: the official MAE forward pass (facebookresearch/mae models_mae.py), written
-from its formulas on timm's Block/PatchEmbed, used only to check mae_fast's numbers in tests."""
+"""The reference MAE formulation: facebookresearch/mae models_mae.py written from its formulas on timm's
+Block/PatchEmbed (timm attention runs on PyTorch SDPA). The independent reference for the fidelity tests
+and the baseline for the end-to-end benchmark; it embeds every patch, gathers, concatenates mask tokens,
+unshuffles with gathers and computes the loss over all patches before masking it."""
 from functools import partial
 
 import numpy as np
@@ -25,7 +27,7 @@ def sincos_2d_np(dim, grid_size, cls_token=False):
     return emb
 
 
-class OfficialMAE(nn.Module):
+class ReferenceMAE(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False):

@@ -1,0 +1,267 @@
+"""End-to-end MAE pretraining step: mae_fast against the reference formulation (and HF ViTMAE when installed).
+
+One training step = forward, backward and a fused AdamW update, bf16 autocast on CUDA (fp32 on the CPU).
+Before timing, every baseline must give the same loss as mae_fast on the same weights and noise.
+
+    python bench/e2e.py                  # the GPU table (ViT-B/16 224 ... ViT-H/14 952)
+    python bench/e2e.py --smoke          # CPU: ViT-S/16 at 112 and 224 px
+    python bench/e2e.py --compile        # also with torch.compile on both sides
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mae_fast  # noqa: E402
+from mae_fast.models import mae_train_flops  # noqa: E402
+from reference_mae import ReferenceMAE  # noqa: E402
+
+GPU_CONFIGS = [  # (model, img_size, batch)
+    ("mae_vit_base_patch16", 224, 256),
+    ("mae_vit_large_patch14", 224, 128),
+    ("mae_vit_large_patch14", 476, 32),
+    ("mae_vit_huge_patch14", 224, 96),
+    ("mae_vit_huge_patch14", 476, 24),
+    ("mae_vit_huge_patch14", 952, 4),
+]
+CPU_CONFIGS = [("mae_vit_small_patch16", 112, 8), ("mae_vit_small_patch16", 224, 4)]
+
+
+def measured_matmul_flops(device: torch.device) -> float:
+    """The device's dense matmul rate (bf16 on CUDA, fp32 on the CPU) on random data."""
+    n = 8192 if device.type == "cuda" else 2048
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    times = []
+    for i in range(13):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_pair(name: str, img_size: int, device: torch.device):
+    ours = mae_fast.create_model(name, img_size=img_size, norm_pix_loss=True)
+    cfg = mae_fast.models.model_config(name, img_size=img_size, norm_pix_loss=True)
+    ref = ReferenceMAE(**cfg)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    return ours.to(device), ref.to(device)
+
+
+def hf_vitmae(ours, device):
+    """Hugging Face ViTMAEForPreTraining with SDPA and the same weights, or None when not installed."""
+    try:
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    except Exception:  # noqa: BLE001
+        return None
+    dec = ours.decoder_blocks[0]
+    cfg = ViTMAEConfig(hidden_size=ours.embed_dim, num_hidden_layers=ours.depth, num_attention_heads=ours.num_heads,
+                       intermediate_size=int(ours.embed_dim * ours.mlp_ratio), image_size=ours.img_size[0],
+                       patch_size=ours.patch_size, num_channels=ours.in_chans, qkv_bias=True,
+                       decoder_hidden_size=ours.decoder_embed_dim, decoder_num_hidden_layers=ours.decoder_depth,
+                       decoder_num_attention_heads=dec.attn.num_heads,
+                       decoder_intermediate_size=int(ours.decoder_embed_dim * ours.mlp_ratio),
+                       layer_norm_eps=1e-6, norm_pix_loss=ours.norm_pix_loss, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
+    hf = ViTMAEForPreTraining(cfg)
+    src = ours.state_dict()
+    dst = {}
+
+    def layer(prefix_src, prefix_dst, d):
+        q, k, v = src[f"{prefix_src}.attn.qkv.weight"].split(d)
+        qb, kb, vb = src[f"{prefix_src}.attn.qkv.bias"].split(d)
+        a = f"{prefix_dst}.attention.attention"
+        dst.update({f"{a}.query.weight": q, f"{a}.key.weight": k, f"{a}.value.weight": v,
+                    f"{a}.query.bias": qb, f"{a}.key.bias": kb, f"{a}.value.bias": vb})
+        for s, t in (("attn.proj", "attention.output.dense"), ("mlp.fc1", "intermediate.dense"),
+                     ("mlp.fc2", "output.dense"), ("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
+            dst[f"{prefix_dst}.{t}.weight"] = src[f"{prefix_src}.{s}.weight"]
+            dst[f"{prefix_dst}.{t}.bias"] = src[f"{prefix_src}.{s}.bias"]
+
+    for i in range(ours.depth):
+        layer(f"blocks.{i}", f"vit.encoder.layer.{i}", ours.embed_dim)
+    for i in range(ours.decoder_depth):
+        layer(f"decoder_blocks.{i}", f"decoder.decoder_layers.{i}", ours.decoder_embed_dim)
+    dst.update({
+        "vit.embeddings.cls_token": src["cls_token"], "vit.embeddings.position_embeddings": src["pos_embed"],
+        "vit.embeddings.patch_embeddings.projection.weight": src["patch_embed.proj.weight"],
+        "vit.embeddings.patch_embeddings.projection.bias": src["patch_embed.proj.bias"],
+        "vit.layernorm.weight": src["norm.weight"], "vit.layernorm.bias": src["norm.bias"],
+        "decoder.mask_token": src["mask_token"], "decoder.decoder_pos_embed": src["decoder_pos_embed"],
+    })
+    for s, t in (("decoder_embed", "decoder.decoder_embed"), ("decoder_norm", "decoder.decoder_norm"),
+                 ("decoder_pred", "decoder.decoder_pred")):
+        dst[f"{t}.weight"], dst[f"{t}.bias"] = src[f"{s}.weight"], src[f"{s}.bias"]
+    missing, unexpected = hf.load_state_dict(dst, strict=False)
+    if unexpected or [m for m in missing if "position" not in m]:
+        raise RuntimeError(f"HF ViTMAE weight mapping incomplete: missing={missing}, unexpected={unexpected}")
+    return hf.to(device)
+
+
+def _loss(kind, model, imgs, noise):
+    if kind == "mae_fast":
+        return model(imgs, 0.75, noise).loss
+    if kind == "reference":
+        return model(imgs, 0.75, noise)[0]
+    return model(pixel_values=imgs, noise=noise).loss
+
+
+def check_same_loss(models: dict, device) -> dict:
+    """Loss of each baseline minus mae_fast's on the same weights and noise (fp32, small batch)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ours = models["mae_fast"]
+    imgs = torch.randn(2, 3, *ours.img_size, generator=g).to(device)
+    noise = torch.rand(2, ours.num_patches, generator=g).to(device)
+    with torch.no_grad():
+        base = _loss("mae_fast", ours, imgs, noise).item()
+        diffs = {k: abs(_loss(k, m, imgs, noise).item() - base) for k, m in models.items() if k != "mae_fast"}
+    for k, d in diffs.items():
+        if d > 2e-3 * max(1.0, abs(base)):
+            raise RuntimeError(f"{k} loss differs from mae_fast by {d:.3g}: not the same computation")
+    return diffs
+
+
+def time_steps(kind, model, batch, device, steps, warmup, compile_):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    fwd = torch.compile(model) if compile_ else model
+    imgs = torch.randn(batch, 3, *model_img_size(model), device=device)
+    L = model_num_patches(model)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        noise = torch.rand(batch, L, device=device)
+        _sync(device)
+        t = time.perf_counter()
+        with amp:
+            loss = _loss(kind, fwd, imgs, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return times, peak
+
+
+def model_img_size(model):
+    return model.img_size if hasattr(model, "img_size") and isinstance(model.img_size, tuple) else \
+        (model.config.image_size,) * 2 if hasattr(model, "config") else model.patch_embed.img_size
+
+
+def model_num_patches(model):
+    if hasattr(model, "config"):
+        return (model.config.image_size // model.config.patch_size) ** 2
+    return model.patch_embed.num_patches
+
+
+def run(configs, device, steps, warmup, compile_modes, with_hf=True):
+    peak_rate = measured_matmul_flops(device)
+    rows = []
+    for name, img_size, batch in configs:
+        ours, ref = build_pair(name, img_size, device)
+        models = {"mae_fast": ours, "reference": ref}
+        hf = hf_vitmae(ours, device) if with_hf else None
+        if hf is not None:
+            models["hf_vitmae"] = hf
+        diffs = check_same_loss(models, device)
+        flops = mae_train_flops(ours, 0.75) * batch
+        for compile_ in compile_modes:
+            for kind, model in models.items():
+                try:
+                    times, peak = time_steps(kind, model, batch, device, steps, warmup, compile_)
+                except torch.OutOfMemoryError:
+                    rows.append(dict(model=name, img_size=img_size, batch=batch, impl=kind, compile=compile_, oom=True))
+                    torch.cuda.empty_cache()
+                    continue
+                med = statistics.median(times)
+                rows.append(dict(model=name, img_size=img_size, batch=batch, impl=kind, compile=compile_,
+                                 step_ms_median=med * 1e3,
+                                 step_ms_iqr=(statistics.quantiles(times, n=4)[2] - statistics.quantiles(times, n=4)[0]) * 1e3
+                                 if len(times) >= 4 else None,
+                                 images_per_s=batch / med, peak_mem_gib=peak,
+                                 mfu=flops / med / peak_rate, loss_diff_vs_mae_fast=diffs.get(kind, 0.0)))
+                print(_fmt(rows[-1]), flush=True)
+        del ours, ref, models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for row in rows:  # ratios measured side by side in this run
+        if row["impl"] != "mae_fast" and not row.get("oom"):
+            ours = next((r for r in rows if r["impl"] == "mae_fast" and r["model"] == row["model"]
+                         and r["img_size"] == row["img_size"] and r["compile"] == row["compile"] and not r.get("oom")), None)
+            if ours:
+                row["mae_fast_speedup"] = row["step_ms_median"] / ours["step_ms_median"]
+                if row["peak_mem_gib"]:
+                    row["mae_fast_mem_ratio"] = ours["peak_mem_gib"] / row["peak_mem_gib"]
+    return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                matmul_flops=peak_rate, rows=rows)
+
+
+def _fmt(r):
+    if r.get("oom"):
+        return f"{r['model']:<24}{r['img_size']:>5} {r['impl']:<10} compile={r['compile']!s:<5} OOM"
+    mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] else "-"
+    return (f"{r['model']:<24}{r['img_size']:>5} b={r['batch']:<4}{r['impl']:<10} compile={r['compile']!s:<5} "
+            f"{r['step_ms_median']:9.1f} ms {r['images_per_s']:8.1f} img/s  MFU {100 * r['mfu']:5.1f}%  {mem}")
+
+
+def table(result) -> str:
+    lines = ["| model | px | batch | compile | impl | step ms | img/s | MFU | peak GiB | mae_fast speedup | mem ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if r.get("oom"):
+            lines.append(f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['compile']} | {r['impl']} | OOM | | | | | |")
+            continue
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
+        sp = f"{r['mae_fast_speedup']:.2f}x" if "mae_fast_speedup" in r else ""
+        mr = f"{r['mae_fast_mem_ratio']:.2f}" if "mae_fast_mem_ratio" in r else ""
+        lines.append(f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['compile']} | {r['impl']} | "
+                     f"{r['step_ms_median']:.1f} | {r['images_per_s']:.1f} | {100 * r['mfu']:.1f}% | {mem} | {sp} | {mr} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="small CPU configuration")
+    ap.add_argument("--compile", action="store_true", help="also time with torch.compile on both sides")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--only", default=None, help="comma list of model:px to run, e.g. mae_vit_huge_patch14:476")
+    ap.add_argument("--out", default=None, help="write JSON here")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    configs = CPU_CONFIGS if device.type == "cpu" else GPU_CONFIGS
+    if args.only:
+        keep = {tuple(s.split(":")) for s in args.only.split(",")}
+        configs = [c for c in configs if (c[0], str(c[1])) in keep]
+    steps = args.steps or (5 if device.type == "cpu" else 10)
+    warmup = args.warmup or (2 if device.type == "cpu" else 3)
+    result = run(configs, device, steps, warmup, [False, True] if args.compile else [False])
+    print("\n" + table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
