@@ -7,14 +7,19 @@ which itself picks flash / cuDNN / efficient / math). Triton, flash-attn and xfo
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .dispatch import Backend, register_backend, select_backend
 
-__all__ = ["attention", "attention_reference", "check_attention_inputs"]
+__all__ = ["attention", "attention_reference", "check_attention_inputs", "preferred_backend_rank",
+           "attention_prefs"]
 
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -74,18 +79,116 @@ def _torch_attention(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
     return attention_reference(q, k, v, softmax_scale, cu_seqlens, upcast=True)
 
 
-def _sdpa_dense(q, k, v, scale):
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+# ---- measured preferences -----------------------------------------------------------------------
+# attention_prefs.json holds, per GPU model, head dim and sequence length, the median times of every
+# backend measured by bench/bench_attention.py (regenerate with ``--write-prefs``). ``auto`` ranks a
+# backend ahead of sdpa only where it was measured faster; unmeasured devices/shapes keep sdpa first.
+
+PREFS_PATH = Path(__file__).with_name("attention_prefs.json")
+SDPA_RANK = 50.0
+FASTER_THAN_SDPA_RANK = 40.0
+SLOWER_THAN_SDPA_RANK = 60.0
+
+
+@functools.lru_cache(maxsize=None)
+def attention_prefs(path: str | None = None) -> dict:
+    p = Path(path or os.environ.get("MAE_FAST_ATTENTION_PREFS", PREFS_PATH))
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@functools.lru_cache(maxsize=64)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def lookup_pref_row(prefs: dict, device_name: str, layout: str, head_dim: int, seqlen: int | None) -> dict | None:
+    """The table row for this GPU model, layout ("dense"/"varlen") and head dim nearest ``seqlen`` (log scale)."""
+    rows = prefs.get("devices", {}).get(device_name, {}).get(layout, {}).get(str(head_dim))
+    if not rows:
+        return None
+    if seqlen is None:
+        return rows[len(rows) // 2]
+    return min(rows, key=lambda r: abs(math.log(max(r["seqlen"], 1)) - math.log(max(seqlen, 1))))
+
+
+def rank_from_row(row: dict | None, name: str, train: bool) -> float:
+    """Ahead of sdpa only if ``name`` was measured faster than every SDPA kernel on this row."""
+    if row is None:
+        return SLOWER_THAN_SDPA_RANK
+    times = row["train_ms" if train else "fwd_ms"]
+    mine = times.get(name)
+    sdpa = [t for b, t in times.items() if b.startswith("sdpa") and t is not None]
+    if mine is None or not sdpa:
+        return SLOWER_THAN_SDPA_RANK
+    return FASTER_THAN_SDPA_RANK if mine < min(sdpa) else SLOWER_THAN_SDPA_RANK
+
+
+def _measured_entry(q, cu_seqlens, max_seqlen) -> dict | None:
+    if not q.is_cuda:
+        return None
+    name = _device_name(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    layout = "varlen" if cu_seqlens is not None else "dense"
+    seqlen = max_seqlen if cu_seqlens is not None else q.shape[1]
+    return lookup_pref_row(attention_prefs(), name, layout, q.shape[-1], seqlen)
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def preferred_backend_rank(name: str, q, k, v, cu_seqlens=None, max_seqlen=None) -> float:
+    """Rank for ``auto``: ahead of sdpa only where the table measured ``name`` faster than every SDPA kernel
+    (fwd+bwd time when gradients are needed, forward time otherwise)."""
+    return rank_from_row(_measured_entry(q, cu_seqlens, max_seqlen), name, _wants_grad(q, k, v))
+
+
+_SDPA_KERNELS = {"sdpa:flash": "FLASH_ATTENTION", "sdpa:cudnn": "CUDNN_ATTENTION",
+                 "sdpa:efficient": "EFFICIENT_ATTENTION", "sdpa:math": "MATH"}
+
+
+def _preferred_sdpa_order(q, k, v, cu_seqlens, max_seqlen):
+    """SDPA kernels fastest first per the table (None: let PyTorch choose)."""
+    row = _measured_entry(q, cu_seqlens, max_seqlen)
+    if row is None:
+        return None
+    times = row["train_ms" if _wants_grad(q, k, v) else "fwd_ms"]
+    ranked = sorted((t, b) for b, t in times.items() if b in _SDPA_KERNELS and t is not None)
+    if not ranked:
+        return None
+    from torch.nn.attention import SDPBackend
+
+    order = [getattr(SDPBackend, _SDPA_KERNELS[b]) for _, b in ranked]
+    # keep every kernel allowed (fastest first) so an input the fastest one refuses still runs
+    for b in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        if getattr(SDPBackend, b) not in order:
+            order.append(getattr(SDPBackend, b))
+    return order
+
+
+def _sdpa_dense(q, k, v, scale, order=None):
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if order is not None and not torch.compiler.is_compiling():
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(order, set_priority=True):
+            out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
     return out.transpose(1, 2)
 
 
 def _sdpa_attention(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    order = _preferred_sdpa_order(q, k, v, cu_seqlens, max_seqlen) if q.is_cuda else None
     if cu_seqlens is None:
-        return _sdpa_dense(q, k, v, scale)
+        return _sdpa_dense(q, k, v, scale, order)
     # Packed sequences: one dense call per sequence keeps every SDPA backend (flash included) usable.
     cs = cu_seqlens.tolist()
-    outs = [_sdpa_dense(q[None, a:b], k[None, a:b], v[None, a:b], scale)[0] for a, b in zip(cs, cs[1:]) if b > a]
+    outs = [_sdpa_dense(q[None, a:b], k[None, a:b], v[None, a:b], scale, order)[0]
+            for a, b in zip(cs, cs[1:]) if b > a]
     return torch.cat(outs, 0) if outs else q.new_empty(q.shape)
 
 
@@ -100,7 +203,7 @@ def _sdpa_reasons(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
 
 
 def _sdpa_priority(q, *args, **kwargs):
-    return 50.0
+    return SDPA_RANK
 
 
 register_backend(Backend(op="attention", name="torch", fn=_torch_attention, reasons=_no_reasons, priority=1000.0))

@@ -1,0 +1,368 @@
+"""Attention throughput on the MAE shape table: Triton vs every SDPA kernel (and flash-attn/xformers if present).
+
+TFLOP/s counts 4*B*H*N^2*D for forward and 2.5x that for backward (sum of N_i^2 for packed sequences).
+Times are ``triton.testing.do_bench`` medians on GPU. Usage:
+
+    python bench/bench_attention.py --out bench/results/attention-h100-DATE.json     # full table (GPU)
+    python bench/bench_attention.py --smoke                                           # tiny CPU config
+    python bench/bench_attention.py --tune --out tune.json                            # launch-config sweep
+    python bench/bench_attention.py --write-prefs bench/results/attention-h100-DATE.json  # preference table
+
+``--check`` also compares Triton's output and gradients with an fp32 reference on every row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RESOLUTIONS = (224, 476, 952)
+PATCHES = (14, 16)
+ENCODER_HEAD_DIMS = (64, 80, 88, 128)
+DECODER_HEAD_DIM = 32
+HEADS = 16
+MASK_RATIO = 0.75
+TOKENS_PER_CONFIG = 8192  # batch * seqlen; x16 heads = 131k token-heads, enough to fill an H100
+REFERENCE_MAX_SEQLEN = 1157
+SDPA_KERNELS = {"sdpa:flash": "FLASH_ATTENTION", "sdpa:cudnn": "CUDNN_ATTENTION",
+                "sdpa:efficient": "EFFICIENT_ATTENTION"}
+PACKED_LENGTHS = (1157, 290, 290, 871, 65, 211, 1157, 50)  # a multi-resolution masked-encoder pack
+
+
+def mae_shapes() -> list[dict]:
+    """Encoder (masked pretraining, unmasked finetune) and decoder rows for every resolution and patch."""
+    rows = []
+    for res in RESOLUTIONS:
+        for patch in PATCHES:
+            n = (res // patch) ** 2
+            visible = int(n * (1 - MASK_RATIO))
+            for hd in ENCODER_HEAD_DIMS:
+                rows.append(dict(name=f"enc-masked {res}px/p{patch}", seqlen=visible + 1, head_dim=hd))
+                rows.append(dict(name=f"enc-finetune {res}px/p{patch}", seqlen=n + 1, head_dim=hd))
+            rows.append(dict(name=f"decoder {res}px/p{patch}", seqlen=n + 1, head_dim=DECODER_HEAD_DIM))
+    for hd in (DECODER_HEAD_DIM, *ENCODER_HEAD_DIMS):
+        rows.append(dict(name="packed multi-res", seqlen=max(PACKED_LENGTHS), head_dim=hd, packed=True))
+    for r in rows:
+        r["heads"] = HEADS
+        if r.get("packed"):
+            r["batch"] = max(1, round(TOKENS_PER_CONFIG / sum(PACKED_LENGTHS)))
+        else:
+            r["batch"] = max(1, round(TOKENS_PER_CONFIG / r["seqlen"]))
+    return rows
+
+
+def fwd_flops(row) -> float:
+    lengths = (list(PACKED_LENGTHS) * row["batch"]) if row.get("packed") else [row["seqlen"]] * row["batch"]
+    return 4.0 * row["heads"] * row["head_dim"] * sum(n * n for n in lengths)
+
+
+def make_inputs(row, device, dtype):
+    h, d = row["heads"], row["head_dim"]
+    if row.get("packed"):
+        lengths = list(PACKED_LENGTHS) * row["batch"]
+        total = sum(lengths)
+        cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+        qkv = [torch.randn(total, h, d, device=device, dtype=dtype) for _ in range(3)]
+        return qkv, cu, max(lengths)
+    qkv = [torch.randn(row["batch"], row["seqlen"], h, d, device=device, dtype=dtype) for _ in range(3)]
+    return qkv, None, row["seqlen"]
+
+
+# ---- backends -----------------------------------------------------------------------------------
+
+def _sdpa_call(kernel_name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, kernel_name)
+
+    def dense(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                  v.transpose(1, 2)).transpose(1, 2)
+
+    def call(q, k, v, cu, max_seqlen):
+        if cu is None:
+            return dense(q, k, v)
+        cs = cu.tolist()
+        return torch.cat([dense(q[None, a:b], k[None, a:b], v[None, a:b])[0] for a, b in zip(cs, cs[1:])], 0)
+
+    return call
+
+
+def backends(device, include_reference, include_triton=True):
+    out = {}
+    if include_triton:
+        from mae_fast.ops._triton_attention import flash_attention
+
+        out["triton"] = lambda q, k, v, cu, m: flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=m)
+    if device.type == "cuda":
+        for name, kernel in SDPA_KERNELS.items():
+            out[name] = _sdpa_call(kernel)
+    else:
+        out["sdpa:math"] = _sdpa_call("MATH")
+    from mae_fast.ops.attention import attention_reference
+
+    if include_reference:
+        out["torch"] = lambda q, k, v, cu, m: attention_reference(q, k, v, cu_seqlens=cu)
+    try:
+        import flash_attn  # noqa: F401
+        from mae_fast.ops._thirdparty_attention import _flash_attn_fn
+
+        out["flash_attn"] = lambda q, k, v, cu, m: _flash_attn_fn(q, k, v, None, cu, m)
+    except ImportError:
+        pass
+    try:
+        import xformers  # noqa: F401
+        from mae_fast.ops._thirdparty_attention import _xformers_fn
+
+        out["xformers"] = lambda q, k, v, cu, m: _xformers_fn(q, k, v, None, cu, m)
+    except ImportError:
+        pass
+    return out
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+def _bench(fn, device, grad_to_none=None):
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[1]
+
+
+def time_backend(fn, qkv, cu, max_seqlen, device):
+    q, k, v = (t.detach().requires_grad_(True) for t in qkv)
+    with torch.no_grad():
+        fwd_ms = _bench(lambda: fn(q, k, v, cu, max_seqlen), device)
+    out = fn(q, k, v, cu, max_seqlen)
+    do = torch.randn_like(out)
+    bwd_ms = _bench(lambda: out.backward(do, retain_graph=True), device, grad_to_none=[q, k, v])
+    return fwd_ms, bwd_ms
+
+
+def check_triton(row, device, dtype):
+    """Relative error of Triton (out, dq, dk, dv) and of the same math in the input dtype, vs fp32."""
+    from mae_fast.ops._triton_attention import flash_attention
+    from mae_fast.ops.attention import attention_reference
+
+    (q, k, v), cu, m = make_inputs(row, device, dtype)
+    if not row.get("packed"):  # one sequence is enough to check; keeps memory small at 4625
+        q, k, v = q[:2], k[:2], v[:2]
+    do = torch.randn(q.shape, device=device, dtype=dtype)
+
+    def grads(fn, cast):
+        ins = [t.detach().to(cast).requires_grad_(True) for t in (q, k, v)]
+        out = fn(*ins)
+        out.backward(do.to(cast))
+        return [out.float()] + [t.grad.float() for t in ins]
+
+    ref = grads(lambda a, b, c: attention_reference(a, b, c, cu_seqlens=cu, upcast=False), torch.float32)
+    low = grads(lambda a, b, c: attention_reference(a, b, c, cu_seqlens=cu, upcast=False), dtype)
+    tri = grads(lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, max_seqlen=m), dtype)
+    rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
+    return {n: (rel(t, r), rel(lo, r)) for n, t, lo, r in zip(("out", "dq", "dk", "dv"), tri, low, ref)}
+
+
+# ---- table --------------------------------------------------------------------------------------
+
+def run_table(args, device, dtype):
+    rows = mae_shapes()
+    if args.only_head_dim:
+        rows = [r for r in rows if r["head_dim"] in args.only_head_dim]
+    results = []
+    for row in rows:
+        include_ref = row["seqlen"] <= REFERENCE_MAX_SEQLEN and not row.get("packed")
+        fns = backends(device, include_ref)
+        qkv, cu, m = make_inputs(row, device, dtype)
+        flops = fwd_flops(row)
+        rec = dict(row, dtype=str(dtype).replace("torch.", ""), fwd_flops=flops, fwd_ms={}, bwd_ms={},
+                   fwd_tflops={}, bwd_tflops={}, errors={})
+        for name, fn in fns.items():
+            try:
+                f_ms, b_ms = time_backend(fn, qkv, cu, m, device)
+            except Exception as e:  # an SDPA kernel refusing a shape is a result, not a crash
+                rec["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                continue
+            rec["fwd_ms"][name], rec["bwd_ms"][name] = f_ms, b_ms
+            rec["fwd_tflops"][name] = flops / f_ms / 1e9
+            rec["bwd_tflops"][name] = 2.5 * flops / b_ms / 1e9
+        if args.check and "triton" in fns:
+            rec["check"] = check_triton(row, device, dtype)
+        results.append(rec)
+        print_row(rec)
+        del qkv
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def print_row(rec):
+    names = list(rec["fwd_tflops"])
+    sd = [n for n in names if n.startswith("sdpa")]
+    best_f = max((rec["fwd_tflops"][n] for n in sd), default=float("nan"))
+    best_b = max((rec["bwd_tflops"][n] for n in sd), default=float("nan"))
+    tri_f = rec["fwd_tflops"].get("triton", float("nan"))
+    tri_b = rec["bwd_tflops"].get("triton", float("nan"))
+    cols = " ".join(f"{n}={rec['fwd_tflops'][n]:.0f}/{rec['bwd_tflops'][n]:.0f}" for n in names)
+    chk = ""
+    if "check" in rec:
+        chk = " chk " + ",".join(f"{k}:{a:.1e}/{b:.1e}" for k, (a, b) in rec["check"].items())
+    print(f"{rec['name']:<24} N={rec['seqlen']:<5} D={rec['head_dim']:<3} B={rec['batch']:<4} "
+          f"triton/bestSDPA fwd {tri_f:6.1f}/{best_f:6.1f} ({tri_f / best_f:4.2f}x) "
+          f"bwd {tri_b:6.1f}/{best_b:6.1f} ({tri_b / best_b:4.2f}x) | {cols}{chk}"
+          + (f" | errors: {rec['errors']}" if rec["errors"] else ""), flush=True)
+
+
+# ---- tuning -------------------------------------------------------------------------------------
+
+TUNE_CANDIDATES = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+            (64, 128, 4, 3), (128, 32, 4, 4)],
+    "dkdv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4),
+             (128, 128, 8, 2), (64, 128, 4, 3)],
+    "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
+           (64, 128, 8, 2), (128, 128, 8, 2)],
+}
+
+
+def run_tune(args, device, dtype, deadline):
+    from mae_fast.kernels import flash_attention as fa
+
+    out = []
+    for hd in args.tune_head_dims:
+        for n in args.tune_seqlens:
+            row = dict(name="tune", seqlen=n, head_dim=hd, heads=HEADS, batch=max(1, round(TOKENS_PER_CONFIG / n)))
+            (q, k, v), _, _ = make_inputs(row, device, dtype)
+            o, lse = fa.flash_attn_forward(q, k, v)
+            do = torch.randn_like(q)
+            flops = fwd_flops(row)
+            for kind, cands in TUNE_CANDIDATES.items():
+                for bm, bn, w, s in cands:
+                    if time.time() > deadline:
+                        print("tune: time budget reached", flush=True)
+                        return out
+                    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+                    try:
+                        if kind == "fwd":
+                            fn = lambda: fa.flash_attn_forward(q, k, v, config=cfg)  # noqa: E731
+                        else:
+                            other = "dq" if kind == "dkdv" else "dkdv"
+                            fn = lambda: fa.flash_attn_backward(  # noqa: E731
+                                do, q, k, v, o, lse, configs={kind: cfg, other: fa.pick_config(
+                                    other, hd, n, dtype, device)})
+                        ms = _bench(fn, device)
+                    except Exception as e:
+                        print(f"tune {kind} hd={hd} N={n} {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)
+                        continue
+                    out.append(dict(kind=kind, head_dim=hd, seqlen=n, config=cfg, ms=ms, fwd_flops=flops))
+                    print(f"tune {kind:<4} hd={hd:<3} N={n:<5} {bm:>3}x{bn:<3} w{w} s{s}: {ms:.3f} ms", flush=True)
+    return out
+
+
+# ---- preference table ---------------------------------------------------------------------------
+
+def write_prefs(result_paths, dest):
+    """Turn benchmark JSON into attention_prefs.json: per device, layout, head dim, sequence length,
+    the measured fwd and fwd+bwd ("train") times of every backend."""
+    prefs = {"generated_by": "bench/bench_attention.py --write-prefs", "sources": [], "devices": {}}
+    for path in result_paths:
+        data = json.loads(Path(path).read_text())
+        prefs["sources"].append(str(path))
+        dev = prefs["devices"].setdefault(data["device"], {})
+        for rec in data["results"]:
+            layout = "varlen" if rec.get("packed") else "dense"
+            fwd = {b: round(t, 5) for b, t in rec["fwd_ms"].items()}
+            train = {b: round(t + rec["bwd_ms"][b], 5) for b, t in rec["fwd_ms"].items()}
+            entry = dict(seqlen=rec["seqlen"], batch=rec["batch"], name=rec["name"], fwd_ms=fwd, train_ms=train)
+            rows = dev.setdefault(layout, {}).setdefault(str(rec["head_dim"]), [])
+            rows[:] = [r for r in rows if r["seqlen"] != rec["seqlen"]] + [entry]
+            rows.sort(key=lambda r: r["seqlen"])
+    Path(dest).write_text(json.dumps(prefs, indent=1) + "\n")
+    return prefs
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+def smoke():
+    """A tiny CPU run: torch reference and SDPA (math), plus one tiny Triton case under the interpreter."""
+    device, dtype = torch.device("cpu"), torch.float32
+    row = dict(name="smoke", seqlen=50, head_dim=32, heads=2, batch=2)
+    qkv, cu, m = make_inputs(row, device, dtype)
+    fns = backends(device, include_reference=True, include_triton=False)
+    for name, fn in fns.items():
+        f_ms, b_ms = time_backend(fn, qkv, cu, m, device)
+        print(f"smoke {name:<10} N=50 D=32: fwd {f_ms:.2f} ms, bwd {b_ms:.2f} ms")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        tiny = dict(name="tiny", seqlen=17, head_dim=16 * 2, heads=1, batch=1)
+        chk = check_triton(tiny, device, torch.float16)
+        print("smoke triton (interpreter) N=17 D=32 rel err (triton, torch fp16):",
+              {k: (f"{a:.1e}", f"{b:.1e}") for k, (a, b) in chk.items()})
+    return 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="write JSON results here")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--check", action="store_true", help="compare Triton with an fp32 reference on each row")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune-head-dims", type=int, nargs="+", default=[32, 64, 80, 128])
+    ap.add_argument("--tune-seqlens", type=int, nargs="+", default=[290, 4625])
+    ap.add_argument("--budget-s", type=float, default=240.0, help="stop tuning after this long")
+    ap.add_argument("--only-head-dim", type=int, nargs="*")
+    ap.add_argument("--write-prefs", nargs="+", metavar="RESULTS_JSON")
+    ap.add_argument("--prefs-dest", default=str(Path(__file__).resolve().parents[1] / "mae_fast/ops/attention_prefs.json"))
+    args = ap.parse_args(argv)
+    if args.write_prefs:
+        write_prefs(args.write_prefs, args.prefs_dest)
+        print(f"wrote {args.prefs_dest}")
+        return 0
+    if args.smoke:
+        return smoke()
+    if not torch.cuda.is_available():
+        print("no CUDA device: use --smoke on CPU", file=sys.stderr)
+        return 1
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, dtype="bfloat16",
+                date=time.strftime("%Y-%m-%d"))
+    import triton
+
+    meta["triton"] = triton.__version__
+    start = time.time()
+    if args.tune:
+        res = run_tune(args, device, dtype, start + args.budget_s)
+        best = {}
+        for r in res:
+            key = (r["kind"], r["head_dim"], r["seqlen"])
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+        print("best configs:")
+        for (kind, hd, n), r in sorted(best.items()):
+            print(f"  {kind:<4} hd={hd:<3} N={n:<5} {r['config']} {r['ms']:.3f} ms")
+        payload = dict(meta, tune=res)
+    else:
+        payload = dict(meta, results=run_table(args, device, dtype))
+    payload["wall_s"] = time.time() - start
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,617 @@
+"""Non-causal flash attention in Triton for ViT shapes: forward, backward, packed variable length.
+
+Layout as ``flash_attn_func``: q/k/v (batch, seqlen, heads, head_dim), or packed (total, heads, head_dim)
+with ``cu_seqlens`` (sequences never attend across). Any last-dim-contiguous strides are accepted.
+
+Head dims that are not a power of two are NOT padded to the next one: the head dim is split into a
+power-of-two chunk ``D0`` and a remainder chunk ``D1`` (80 = 64 + 16, 96 = 64 + 32, 40 = 32 + 8, 88 = 64 + 24).
+A remainder that is not itself a power of two is held in a register tile of the next power of two with
+masked loads (24 -> 32, 8 -> 16, since ``tl.dot`` needs a contraction of at least 16), so 88 computes as 96
+(not 128) and 40 as 48 (not 64). Nothing is padded in memory; sequence tails are masked in-kernel.
+
+Backward is deterministic: dK/dV are computed by one program per key block looping over query blocks,
+dQ by one program per query block looping over key blocks; no atomics.
+
+Reference -> kernels -> launchers; the autograd / custom-op layer lives in ``mae_fast.ops._triton_attention``.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "attention_reference_lse",
+    "flash_attn_forward",
+    "flash_attn_backward",
+    "flash_attention",
+    "split_head_dim",
+    "pick_config",
+    "TUNED_CONFIGS",
+]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 128
+
+
+# ---- reference ----------------------------------------------------------------------------------
+
+def attention_reference_lse(q, k, v, softmax_scale=None, cu_seqlens=None):
+    """fp64-capable reference returning (out, lse) in the kernel's layouts (lse: (B,H,N) or (H,total))."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens is not None:
+        cs = cu_seqlens.tolist()
+        outs, lses = [], []
+        for a, b in zip(cs, cs[1:]):
+            o, l = attention_reference_lse(q[None, a:b], k[None, a:b], v[None, a:b], scale)
+            outs.append(o[0])
+            lses.append(l[0])
+        return torch.cat(outs, 0), torch.cat(lses, 1)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None])
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
+
+
+# ---- head-dim split -----------------------------------------------------------------------------
+
+def split_head_dim(head_dim: int) -> tuple[int, int]:
+    """(D0, D1): D0 the largest power of two <= head_dim (>= 16), D1 the register tile of the rest (0 if none)."""
+    if head_dim <= 16:
+        return 16, 0
+    d0 = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - d0
+    if rest == 0:
+        return d0, 0
+    return d0, max(16, triton.next_power_of_2(rest))
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+
+@triton.jit
+def _mm(a, b, acc, DOT_PREC: tl.constexpr):
+    # "upcast": the CPU interpreter of Triton 3.8 mis-multiplies bf16 tiles, so feed it fp32 copies
+    # (exact for bf16 values; products still accumulate in fp32 as on tensor cores).
+    if DOT_PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _seq_bounds(CU_SEQLENS, b, seqlen, VARLEN: tl.constexpr):
+    if VARLEN:
+        start = tl.load(CU_SEQLENS + b).to(tl.int32)
+        end = tl.load(CU_SEQLENS + b + 1).to(tl.int32)
+        return start, end - start
+    else:
+        return b * 0, seqlen
+
+
+@triton.jit
+def _load_rows(base, offs_rows, stride_row, offs_d, row_limit, D: tl.constexpr,
+               MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr, other):
+    ptrs = base + offs_rows[:, None] * stride_row + offs_d[None, :]
+    if MASK_ROWS and MASK_D:
+        return tl.load(ptrs, mask=(offs_rows[:, None] < row_limit) & (offs_d[None, :] < D), other=other)
+    elif MASK_ROWS:
+        return tl.load(ptrs, mask=offs_rows[:, None] < row_limit, other=other)
+    elif MASK_D:
+        return tl.load(ptrs, mask=offs_d[None, :] < D, other=other)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _store_rows(base, val, offs_rows, stride_row, offs_d, row_limit, D: tl.constexpr, MASK_D: tl.constexpr):
+    ptrs = base + offs_rows[:, None] * stride_row + offs_d[None, :]
+    if MASK_D:
+        tl.store(ptrs, val, mask=(offs_rows[:, None] < row_limit) & (offs_d[None, :] < D))
+    else:
+        tl.store(ptrs, val, mask=offs_rows[:, None] < row_limit)
+
+
+@triton.jit
+def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kn, stride_vn, start_n, L, qk_scale,
+               offs_n, offs_d0, offs_d1,
+               HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D1: tl.constexpr, MASK_N: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    rows = start_n + offs_n
+    k0 = _load_rows(k_base, rows, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, False, 0.0)
+    qk = _mm(q0, tl.trans(k0), None, DOT_PREC)
+    if D1 > 0:
+        k1 = _load_rows(k_base, rows, stride_kn, offs_d1, L, HEAD_DIM, MASK_N, MASK_D1, 0.0)
+        qk = _mm(q1, tl.trans(k1), qk, DOT_PREC)
+    qk = qk * qk_scale
+    if MASK_N:
+        qk = tl.where(rows[None, :] < L, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v0 = _load_rows(v_base, rows, stride_vn, offs_d0, L, HEAD_DIM, MASK_N, False, 0.0)
+    p_in = p.to(v0.dtype)
+    acc0 = _mm(p_in, v0, acc0 * alpha[:, None], DOT_PREC)
+    if D1 > 0:
+        v1 = _load_rows(v_base, rows, stride_vn, offs_d1, L, HEAD_DIM, MASK_N, MASK_D1, 0.0)
+        acc1 = _mm(p_in, v1, acc1 * alpha[:, None], DOT_PREC)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_SEQLENS,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_lb, stride_lh,
+    num_heads, seqlen, qk_scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, L = _seq_bounds(CU_SEQLENS, b, seqlen, VARLEN)
+    if pid_m * BLOCK_M >= L:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    s64 = start.to(tl.int64)
+    q_base = Q + b64 * stride_qb + s64 * stride_qn + h64 * stride_qh
+    k_base = K + b64 * stride_kb + s64 * stride_kn + h64 * stride_kh
+    v_base = V + b64 * stride_vb + s64 * stride_vn + h64 * stride_vh
+    o_base = O + b64 * stride_ob + s64 * stride_on + h64 * stride_oh
+    MASK_D1: tl.constexpr = D0 + D1 > HEAD_DIM
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, D0)
+    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+
+    q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, True, False, 0.0)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, True, MASK_D1, 0.0)
+        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    else:
+        q1 = q0
+        acc1 = acc0
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    n_full = (L // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base + start_n * stride_kn,
+                                          v_base + start_n * stride_vn, stride_kn, stride_vn, 0, L - start_n,
+                                          qk_scale, offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D1, False,
+                                          DOT_PREC)
+    if n_full < L:
+        acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base + n_full * stride_kn,
+                                          v_base + n_full * stride_vn, stride_kn, stride_vn, 0, L - n_full,
+                                          qk_scale, offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D1, True,
+                                          DOT_PREC)
+
+    inv_l = 1.0 / l_i
+    _store_rows(o_base, (acc0 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, stride_on, offs_d0, L,
+                HEAD_DIM, False)
+    if D1 > 0:
+        _store_rows(o_base, (acc1 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, stride_on, offs_d1, L,
+                    HEAD_DIM, MASK_D1)
+    # natural-log LSE: m_i and log2(l_i) are in the base-2 scaled domain
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + b64 * stride_lb + h64 * stride_lh + s64 + offs_m, lse, mask=offs_m < L)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DLSE, DELTA, CU_SEQLENS,
+    stride_ob, stride_on, stride_oh,
+    stride_db, stride_dn, stride_dh,
+    stride_lb, stride_lh,
+    num_heads, seqlen,
+    HEAD_DIM: tl.constexpr, D_TILE: tl.constexpr, VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # delta_i = sum_d o_id * do_id (minus dLSE_i when the LSE itself receives a gradient)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, L = _seq_bounds(CU_SEQLENS, b, seqlen, VARLEN)
+    if pid_m * BLOCK_M >= L:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    s64 = start.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_TILE)
+    o = _load_rows(O + b64 * stride_ob + s64 * stride_on + h64 * stride_oh, offs_m, stride_on, offs_d, L,
+                   HEAD_DIM, True, D_TILE > HEAD_DIM, 0.0)
+    do = _load_rows(DO + b64 * stride_db + s64 * stride_dn + h64 * stride_dh, offs_m, stride_dn, offs_d, L,
+                    HEAD_DIM, True, D_TILE > HEAD_DIM, 0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse_off = b64 * stride_lb + h64 * stride_lh + s64 + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + lse_off, mask=offs_m < L, other=0.0)
+    tl.store(DELTA + lse_off, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr,
+                    stride_qn, stride_dn, L, qk_scale_log2, offs_m, offs_d0, offs_d1,
+                    HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D1: tl.constexpr, MASK_M: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    # transposed formulation: rows are keys, columns are queries
+    q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, MASK_M, False, 0.0)
+    do0 = _load_rows(do_base, offs_m, stride_dn, offs_d0, L, HEAD_DIM, MASK_M, False, 0.0)
+    if MASK_M:
+        lse2 = tl.load(lse_ptr + offs_m, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + offs_m, mask=offs_m < L, other=0.0)
+    else:
+        lse2 = tl.load(lse_ptr + offs_m) * 1.4426950408889634
+        delta = tl.load(delta_ptr + offs_m)
+    qkT = _mm(k0, tl.trans(q0), None, DOT_PREC)
+    if D1 > 0:
+        q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, MASK_M, MASK_D1, 0.0)
+        do1 = _load_rows(do_base, offs_m, stride_dn, offs_d1, L, HEAD_DIM, MASK_M, MASK_D1, 0.0)
+        qkT = _mm(k1, tl.trans(q1), qkT, DOT_PREC)
+    pT = tl.math.exp2(qkT * qk_scale_log2 - lse2[None, :])
+    pT_in = pT.to(q0.dtype)
+    dv0 = _mm(pT_in, do0, dv0, DOT_PREC)
+    dpT = _mm(v0, tl.trans(do0), None, DOT_PREC)
+    if D1 > 0:
+        dv1 = _mm(pT_in, do1, dv1, DOT_PREC)
+        dpT = _mm(v1, tl.trans(do1), dpT, DOT_PREC)
+    dsT = (pT * (dpT - delta[None, :])).to(q0.dtype)
+    dk0 = _mm(dsT, q0, dk0, DOT_PREC)
+    if D1 > 0:
+        dk1 = _mm(dsT, q1, dk1, DOT_PREC)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    stride_lb, stride_lh,
+    num_heads, seqlen, softmax_scale, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, L = _seq_bounds(CU_SEQLENS, b, seqlen, VARLEN)
+    if pid_n * BLOCK_N >= L:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    s64 = start.to(tl.int64)
+    MASK_D1: tl.constexpr = D0 + D1 > HEAD_DIM
+    q_base = Q + b64 * stride_qb + s64 * stride_qn + h64 * stride_qh
+    do_base = DO + b64 * stride_dob + s64 * stride_don + h64 * stride_doh
+    k_base = K + b64 * stride_kb + s64 * stride_kn + h64 * stride_kh
+    v_base = V + b64 * stride_vb + s64 * stride_vn + h64 * stride_vh
+    lse_ptr = LSE + b64 * stride_lb + h64 * stride_lh + s64
+    delta_ptr = DELTA + b64 * stride_lb + h64 * stride_lh + s64
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, D0)
+    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+    k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, L, HEAD_DIM, True, False, 0.0)
+    v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, L, HEAD_DIM, True, False, 0.0)
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    if D1 > 0:
+        k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, L, HEAD_DIM, True, MASK_D1, 0.0)
+        v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, L, HEAD_DIM, True, MASK_D1, 0.0)
+        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    else:
+        k1 = k0
+        v1 = v0
+        dk1 = dk0
+        dv1 = dv0
+
+    m_full = (L // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1,
+                                             q_base + start_m * stride_qn, do_base + start_m * stride_don,
+                                             lse_ptr + start_m, delta_ptr + start_m, stride_qn, stride_don,
+                                             L - start_m, qk_scale_log2, offs_m, offs_d0, offs_d1,
+                                             HEAD_DIM, D1, MASK_D1, False, DOT_PREC)
+    if m_full < L:
+        dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1,
+                                             q_base + m_full * stride_qn, do_base + m_full * stride_don,
+                                             lse_ptr + m_full, delta_ptr + m_full, stride_qn, stride_don,
+                                             L - m_full, qk_scale_log2, offs_m, offs_d0, offs_d1,
+                                             HEAD_DIM, D1, MASK_D1, True, DOT_PREC)
+
+    dk_base = DK + b64 * stride_dkb + s64 * stride_dkn + h64 * stride_dkh
+    dv_base = DV + b64 * stride_dvb + s64 * stride_dvn + h64 * stride_dvh
+    _store_rows(dk_base, (dk0 * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, offs_d0, L,
+                HEAD_DIM, False)
+    _store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d0, L, HEAD_DIM, False)
+    if D1 > 0:
+        _store_rows(dk_base, (dk1 * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, offs_d1, L,
+                    HEAD_DIM, MASK_D1)
+        _store_rows(dv_base, dv1.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d1, L, HEAD_DIM, MASK_D1)
+
+
+@triton.jit
+def _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, stride_kn, stride_vn, L,
+                  qk_scale_log2, offs_n, offs_d0, offs_d1,
+                  HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D1: tl.constexpr, MASK_N: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, False, 0.0)
+    v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, L, HEAD_DIM, MASK_N, False, 0.0)
+    qk = _mm(q0, tl.trans(k0), None, DOT_PREC)
+    dp = _mm(do0, tl.trans(v0), None, DOT_PREC)
+    if D1 > 0:
+        k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, L, HEAD_DIM, MASK_N, MASK_D1, 0.0)
+        v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, L, HEAD_DIM, MASK_N, MASK_D1, 0.0)
+        qk = _mm(q1, tl.trans(k1), qk, DOT_PREC)
+        dp = _mm(do1, tl.trans(v1), dp, DOT_PREC)
+    p = tl.math.exp2(qk * qk_scale_log2 - lse2[:, None])
+    if MASK_N:
+        p = tl.where(offs_n[None, :] < L, p, 0.0)
+    ds = (p * (dp - delta[:, None])).to(k0.dtype)
+    dq0 = _mm(ds, k0, dq0, DOT_PREC)
+    if D1 > 0:
+        dq1 = _mm(ds, k1, dq1, DOT_PREC)
+    return dq0, dq1
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, CU_SEQLENS,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_dqb, stride_dqn, stride_dqh,
+    stride_lb, stride_lh,
+    num_heads, seqlen, softmax_scale, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, L = _seq_bounds(CU_SEQLENS, b, seqlen, VARLEN)
+    if pid_m * BLOCK_M >= L:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    s64 = start.to(tl.int64)
+    MASK_D1: tl.constexpr = D0 + D1 > HEAD_DIM
+    q_base = Q + b64 * stride_qb + s64 * stride_qn + h64 * stride_qh
+    do_base = DO + b64 * stride_dob + s64 * stride_don + h64 * stride_doh
+    k_base = K + b64 * stride_kb + s64 * stride_kn + h64 * stride_kh
+    v_base = V + b64 * stride_vb + s64 * stride_vn + h64 * stride_vh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, D0)
+    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+    q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, True, False, 0.0)
+    do0 = _load_rows(do_base, offs_m, stride_don, offs_d0, L, HEAD_DIM, True, False, 0.0)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, True, MASK_D1, 0.0)
+        do1 = _load_rows(do_base, offs_m, stride_don, offs_d1, L, HEAD_DIM, True, MASK_D1, 0.0)
+        dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    else:
+        q1 = q0
+        do1 = do0
+        dq1 = dq0
+    lse_off = b64 * stride_lb + h64 * stride_lh + s64 + offs_m
+    lse2 = tl.load(LSE + lse_off, mask=offs_m < L, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + lse_off, mask=offs_m < L, other=0.0)
+
+    n_full = (L // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base + start_n * stride_kn,
+                                 v_base + start_n * stride_vn, stride_kn, stride_vn, L - start_n, qk_scale_log2,
+                                 offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D1, False, DOT_PREC)
+    if n_full < L:
+        dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base + n_full * stride_kn,
+                                 v_base + n_full * stride_vn, stride_kn, stride_vn, L - n_full, qk_scale_log2,
+                                 offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D1, True, DOT_PREC)
+
+    dq_base = DQ + b64 * stride_dqb + s64 * stride_dqn + h64 * stride_dqh
+    _store_rows(dq_base, (dq0 * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d0, L,
+                HEAD_DIM, False)
+    if D1 > 0:
+        _store_rows(dq_base, (dq1 * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d1, L,
+                    HEAD_DIM, MASK_D1)
+
+
+# ---- configs ------------------------------------------------------------------------------------
+
+# (kind, head_dim bucket) -> launch config; filled from the H100 tuning run (bench/bench_attention.py --tune).
+# kind is "fwd", "dkdv" or "dq"; a bucket is the head dim rounded up to one of 32, 64, 96, 128.
+TUNED_CONFIGS: dict[tuple[str, int], dict] = {
+    ("fwd", 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("fwd", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("fwd", 96): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("fwd", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("dkdv", 32): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+    ("dkdv", 64): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+    ("dkdv", 96): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+    ("dkdv", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+    ("dq", 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("dq", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("dq", 96): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("dq", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _bucket(head_dim: int) -> int:
+    for b in (32, 64, 96, 128):
+        if head_dim <= b:
+            return b
+    return 128
+
+
+def pick_config(kind: str, head_dim: int, max_seqlen: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Launch config for one kernel; small blocks under the interpreter (CPU tests), tuned ones on GPU."""
+    if device.type != "cuda":
+        blk = 16 if max_seqlen <= 16 else 32
+        return dict(BLOCK_M=blk, BLOCK_N=blk, num_warps=4, num_stages=1)
+    cfg = dict(TUNED_CONFIGS[(kind, _bucket(head_dim))])
+    if dtype == torch.float32:  # fp32 tiles are twice the bytes: halve the larger block
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
+        if kind == "dkdv":
+            cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 32)
+            cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 64)
+        else:
+            cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 64)
+            cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
+    return cfg
+
+
+# ---- launchers ----------------------------------------------------------------------------------
+
+# Every output buffer comes from here; tests swap in a NaN-filled allocator to catch unwritten elements.
+_alloc = torch.empty
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, seq, head) strides; packed tensors have no batch stride (sequences offset by cu_seqlens)."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _geometry(q, cu_seqlens, max_seqlen):
+    varlen = cu_seqlens is not None
+    if varlen:
+        batch = cu_seqlens.numel() - 1
+        heads, head_dim = q.shape[1], q.shape[2]
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if batch > 0 else 0
+        seqlen = int(max_seqlen)
+    else:
+        batch, seqlen, heads, head_dim = q.shape
+        max_seqlen = seqlen
+    return varlen, batch, seqlen, heads, head_dim, int(max_seqlen)
+
+
+def _lse_shape_strides(q, varlen, batch, seqlen, heads):
+    if varlen:
+        total = q.shape[0]
+        return (heads, total), (0, total)
+    return (batch, heads, seqlen), (heads * seqlen, seqlen)
+
+
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    if device.type != "cuda" and dtype == torch.bfloat16:
+        return "upcast"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def flash_attn_forward(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=None, config=None):
+    """Returns (out, lse); out like q (contiguous), lse fp32 (batch, heads, seqlen) or (heads, total)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    varlen, batch, seqlen, heads, head_dim, max_seqlen = _geometry(q, cu_seqlens, max_seqlen)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    d0, d1 = split_head_dim(head_dim)
+    out = _alloc(q.shape, dtype=q.dtype, device=q.device)
+    lse_shape, (slb, slh) = _lse_shape_strides(q, varlen, batch, seqlen, heads)
+    lse = _alloc(lse_shape, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or max_seqlen == 0 or batch == 0:
+        lse.fill_(float("-inf"))
+        return out.zero_(), lse
+    cfg = dict(config or pick_config("fwd", head_dim, max_seqlen, q.dtype, q.device))
+    bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    grid = (triton.cdiv(max_seqlen, bm), batch * heads)
+    cu = cu_seqlens if varlen else q  # dummy pointer when dense
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, cu,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
+        slb, slh, heads, seqlen, scale * LOG2E,
+        HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn,
+        DOT_PREC=_dot_precision(q.dtype, q.device), **cfg,
+    )
+    return out, lse
+
+
+def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
+                        dlse=None, configs=None):
+    """Returns (dq, dk, dv). ``dlse`` (optional) is the gradient flowing into the returned LSE."""
+    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    varlen, batch, seqlen, heads, head_dim, max_seqlen = _geometry(q, cu_seqlens, max_seqlen)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    d0, d1 = split_head_dim(head_dim)
+    dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = _alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = _alloc(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or max_seqlen == 0 or batch == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse_shape, (slb, slh) = _lse_shape_strides(q, varlen, batch, seqlen, heads)
+    lse = lse.contiguous()
+    delta = _alloc(lse_shape, dtype=torch.float32, device=q.device)
+    cu = cu_seqlens if varlen else q
+    configs = configs or {}
+    prec = _dot_precision(q.dtype, q.device)
+
+    bm_delta = 64 if q.is_cuda else 32
+    has_dlse = dlse is not None
+    dlse_arg = dlse.contiguous().float() if has_dlse else delta
+    _bwd_delta_kernel[(triton.cdiv(max_seqlen, bm_delta), batch * heads)](
+        out, dout, dlse_arg, delta, cu, *_strides3(out, varlen), *_strides3(dout, varlen), slb, slh,
+        heads, seqlen, HEAD_DIM=head_dim, D_TILE=max(16, triton.next_power_of_2(head_dim)), VARLEN=varlen,
+        HAS_DLSE=has_dlse, BLOCK_M=bm_delta, num_warps=4,
+    )
+
+    cfg = dict(configs.get("dkdv") or pick_config("dkdv", head_dim, max_seqlen, q.dtype, q.device))
+    bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, bn), batch * heads)](
+        q, k, v, dout, dk, dv, lse, delta, cu,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
+        *_strides3(dk, varlen), *_strides3(dv, varlen), slb, slh,
+        heads, seqlen, scale, scale * LOG2E,
+        HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, **cfg,
+    )
+    cfg = dict(configs.get("dq") or pick_config("dq", head_dim, max_seqlen, q.dtype, q.device))
+    bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, bm), batch * heads)](
+        q, k, v, dout, dq, lse, delta, cu,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
+        *_strides3(dq, varlen), slb, slh,
+        heads, seqlen, scale, scale * LOG2E,
+        HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, **cfg,
+    )
+    return dq, dk, dv
+
+
+def flash_attention(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=None, return_lse=False):
+    """Differentiable entry point (custom op); re-exported from :mod:`mae_fast.ops._triton_attention`."""
+    from mae_fast.ops._triton_attention import flash_attention as _flash_attention
+
+    return _flash_attention(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
+                            max_seqlen=max_seqlen, return_lse=return_lse)

@@ -1,0 +1,260 @@
+"""Triton flash attention vs an fp64 reference (CPU: Triton interpreter; GPU: compiled kernels).
+
+Accuracy is judged flash-attention style: the kernel's error vs fp64 must be within 2x (outputs) or
+3x (gradients) of the error PyTorch makes doing the same math in the input dtype, plus a small floor.
+"""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+
+import pytest  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from mae_fast.ops import attention, describe  # noqa: E402
+from mae_fast.ops import attention as attention_mod  # noqa: E402,F401
+from mae_fast.ops.attention import (  # noqa: E402
+    FASTER_THAN_SDPA_RANK, SLOWER_THAN_SDPA_RANK, attention_prefs, attention_reference, lookup_pref_row,
+    rank_from_row,
+)
+from mae_fast.ops.dispatch import NoBackendError, select_backend  # noqa: E402
+from mae_fast.ops._triton_attention import _flash_fwd_op, _kernels, flash_attention  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+def _ref_lse(q, k, v, scale, cu):
+    return _kernels().attention_reference_lse(q, k, v, scale, cu)
+
+
+def _grads(fn, q, k, v, do, dtype):
+    ins = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+    out = fn(*ins)
+    out.backward(do.to(dtype))
+    return [out.detach()] + [t.grad for t in ins]
+
+
+def _assert_close_as_torch(q, k, v, cu=None, scale=None, max_seqlen=None):
+    """Triton vs fp64, bounded by PyTorch-in-the-input-dtype vs fp64."""
+    dtype = q.dtype
+    do = torch.randn_like(q)
+    ref = _grads(lambda a, b, c: attention_reference(a, b, c, scale, cu, upcast=False), q, k, v, do, torch.float64)
+    low = _grads(lambda a, b, c: attention_reference(a, b, c, scale, cu, upcast=False), q, k, v, do, dtype)
+    tri = _grads(lambda a, b, c: flash_attention(a, b, c, scale, cu, max_seqlen), q, k, v, do, dtype)
+    for name, t, lo, r, mult in zip(("out", "dq", "dk", "dv"), tri, low, ref, (2, 3, 3, 3)):
+        floor = torch.finfo(dtype).eps * max(r.abs().max().item(), 1e-3)  # one ulp at the largest value
+        assert t.shape == r.shape and t.dtype == dtype
+        assert torch.isfinite(t).all(), f"{name}: non-finite values"
+        err = (t.double() - r).abs().max().item()
+        err_torch = (lo.double() - r).abs().max().item()
+        assert err <= mult * err_torch + floor, f"{name}: triton err {err:.3g} > {mult}x torch err {err_torch:.3g}"
+    return tri
+
+
+def _rand(*shape, dtype=BF16):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN, so unwritten elements fail the comparisons."""
+    fa = _kernels()
+
+    def nan_alloc(shape, dtype=None, device=None, **kw):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(fa, "_alloc", nan_alloc)
+
+
+CASES = [  # head_dim, seqlen, batch, heads, dtype
+    (32, 1, 2, 2, BF16), (32, 67, 1, 2, FP16), (40, 17, 2, 1, BF16), (64, 33, 1, 2, BF16),
+    (80, 67, 1, 1, BF16), (88, 33, 2, 1, FP16), (88, 1, 1, 2, BF16), (96, 17, 1, 2, BF16),
+    (128, 67, 1, 1, BF16), (128, 33, 1, 1, FP32), (72, 40, 1, 1, BF16), (16, 9, 1, 1, FP16),
+]
+
+
+@pytest.mark.parametrize("head_dim,seqlen,batch,heads,dtype", CASES)
+def test_dense_matches_reference(head_dim, seqlen, batch, heads, dtype):
+    q, k, v = (_rand(batch, seqlen, heads, head_dim, dtype=dtype) for _ in range(3))
+    _assert_close_as_torch(q, k, v)
+
+
+def test_softmax_scale_and_noncontiguous_qkv():
+    # q, k, v as views of one (B, N, 3, H, D) projection, as the ViT block produces them
+    qkv = _rand(2, 19, 3, 2, 48)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    _assert_close_as_torch(q, k, v, scale=0.3)
+
+
+@pytest.mark.parametrize("head_dim", [40, 80])
+def test_packed_matches_each_sequence(head_dim):
+    lengths = [5, 0, 33, 17, 1]
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    total, heads = sum(lengths), 2
+    q, k, v = (_rand(total, heads, head_dim) for _ in range(3))
+    out, dq, dk, dv = _assert_close_as_torch(q, k, v, cu=cu, max_seqlen=max(lengths))
+    # each sequence alone through the dense kernel gives the same numbers (no attention across)
+    do = torch.randn_like(q)
+    packed = _grads(lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu), q, k, v, do, BF16)
+    cs = cu.tolist()
+    for a, b in zip(cs, cs[1:]):
+        if b == a:
+            continue
+        alone = _grads(lambda x, y, z: flash_attention(x, y, z), q[None, a:b], k[None, a:b], v[None, a:b],
+                       do[None, a:b], BF16)
+        for name, p, s in zip(("out", "dq", "dk", "dv"), packed, alone):
+            torch.testing.assert_close(p[a:b], s[0], atol=2e-2, rtol=2e-2, msg=f"{name} seq {a}:{b}")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_lse_and_its_gradient(packed):
+    head_dim, heads = 40, 2
+    if packed:
+        cu = torch.tensor([0, 7, 30], device=DEVICE, dtype=torch.int32)
+        q, k, v = (_rand(30, heads, head_dim, dtype=FP32) for _ in range(3))
+    else:
+        cu = None
+        q, k, v = (_rand(2, 21, heads, head_dim, dtype=FP32) for _ in range(3))
+    qs, ks, vs = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out, lse = flash_attention(qs, ks, vs, cu_seqlens=cu, return_lse=True)
+    qr, kr, vr = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref_out, ref_lse = _ref_lse(qr, kr, vr, None, cu)
+    assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+    do, dl = torch.randn_like(out), torch.randn_like(lse)
+    ((out * do).sum() + (lse * dl).sum()).backward()
+    ((ref_out * do.double()).sum() + (ref_lse * dl.double()).sum()).backward()
+    for t, r in ((qs, qr), (ks, kr), (vs, vr)):
+        torch.testing.assert_close(t.grad.double(), r.grad, atol=2e-3, rtol=2e-3)
+
+
+def test_backward_is_deterministic():
+    q, k, v = (_rand(1, 45, 2, 80) for _ in range(3))
+    do = torch.randn_like(q)
+    first = _grads(flash_attention, q, k, v, do, BF16)
+    second = _grads(flash_attention, q, k, v, do, BF16)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@settings(max_examples=4, deadline=None)
+@given(head_dim=st.sampled_from([16, 24, 56, 104, 120]), seqlen=st.integers(1, 40),
+       batch=st.integers(1, 2), dtype=st.sampled_from([BF16, FP16]))
+def test_random_shapes(head_dim, seqlen, batch, dtype):
+    q, k, v = (_rand(batch, seqlen, 1, head_dim, dtype=dtype) for _ in range(3))
+    _assert_close_as_torch(q, k, v)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+def test_bad_inputs_have_clear_errors():
+    q = _rand(1, 8, 2, 32)
+    with pytest.raises(ValueError, match="shapes differ"):
+        attention(q, _rand(1, 9, 2, 32), _rand(1, 9, 2, 32), backend="triton")
+    big = _rand(1, 8, 2, 136)
+    with pytest.raises(NoBackendError, match="head dim 136"):
+        attention(big, big, big, backend="triton")
+    odd = _rand(1, 8, 2, 36)
+    with pytest.raises(NoBackendError, match="head dim 36"):
+        attention(odd, odd, odd, backend="triton")
+    packed = _rand(10, 2, 32)
+    with pytest.raises(ValueError, match="never decrease"):
+        attention(packed, packed, packed, cu_seqlens=torch.tensor([0, 6, 4, 10], device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="ends at 9"):
+        attention(packed, packed, packed, cu_seqlens=torch.tensor([0, 4, 9], device=DEVICE), backend="triton")
+    d64 = _rand(1, 8, 2, 32, dtype=torch.float64)
+    with pytest.raises(NoBackendError, match="float64"):
+        attention(d64, d64, d64, backend="triton")
+
+
+# ---- dispatch -----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dispatch rules")
+def test_cpu_dispatch_never_picks_triton(monkeypatch):
+    q = _rand(1, 8, 2, 32)
+    args = (q, q, q, None, None, None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert any("needs a CUDA tensor" in r for r in describe("attention", *args)["triton"])
+    assert select_backend("attention", "auto", *args).name != "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert describe("attention", *args)["triton"] == []
+    assert select_backend("attention", "auto", *args).name == "sdpa"
+    from mae_fast.ops.dispatch import backends_for
+
+    ranks = {n: b.rank(*args) for n, b in backends_for("attention").items()}
+    assert ranks["sdpa"] < ranks["triton"] < ranks["torch"]
+
+
+def test_thirdparty_backends_report_missing():
+    q = _rand(1, 8, 2, 32)
+    reasons = describe("attention", q, q, q, None, None, None)
+    for name in ("flash_attn", "xformers"):
+        try:
+            __import__(name)
+        except ImportError:
+            assert any("not installed" in r for r in reasons[name])
+
+
+def test_preference_table_ranks_triton_only_where_measured_faster():
+    prefs = attention_prefs()
+    if not prefs.get("devices"):
+        pytest.skip("no preference table committed")
+    for device_name, layouts in prefs["devices"].items():
+        for layout, by_dim in layouts.items():
+            for head_dim, rows in by_dim.items():
+                for row in rows:
+                    for train in (False, True):
+                        times = row["train_ms" if train else "fwd_ms"]
+                        best_sdpa = min(t for b, t in times.items() if b.startswith("sdpa"))
+                        want = FASTER_THAN_SDPA_RANK if times.get("triton", math.inf) < best_sdpa \
+                            else SLOWER_THAN_SDPA_RANK
+                        found = lookup_pref_row(prefs, device_name, layout, int(head_dim), row["seqlen"])
+                        assert rank_from_row(found, "triton", train) == want
+    assert lookup_pref_row(prefs, "Some Other GPU", "dense", 64, 100) is None
+    assert rank_from_row(None, "triton", True) == SLOWER_THAN_SDPA_RANK
+
+
+# ---- torch integration --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_opcheck(packed):
+    if packed:
+        cu = torch.tensor([0, 2, 5], device=DEVICE, dtype=torch.int32)
+        q, k, v = (_rand(5, 2, 16).requires_grad_(True) for _ in range(3))
+        args = (q, k, v, 0.25, cu, 3)
+    else:
+        q, k, v = (_rand(1, 5, 2, 16).requires_grad_(True) for _ in range(3))
+        args = (q, k, v, 0.25, None, 5)
+    torch.library.opcheck(_flash_fwd_op, args)
+
+
+def test_autocast_casts_to_low_precision():
+    q, k, v = (_rand(1, 9, 2, 32, dtype=FP32) for _ in range(3))
+    with torch.autocast(DEVICE.type, dtype=BF16):
+        out = attention(q, k, v, backend="triton")
+    assert out.dtype == BF16
+    ref = attention_reference(q.to(BF16).double(), k.to(BF16).double(), v.to(BF16).double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile test runs on GPU")
+def test_torch_compile_forward_backward():
+    q, k, v = (_rand(2, 197, 4, 80).requires_grad_(True) for _ in range(3))
+
+    def f(q, k, v):
+        return attention(q, k, v, backend="triton").float().square().sum()
+
+    loss = torch.compile(f, fullgraph=True)(q, k, v)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    f(q, k, v).backward()
+    for a, b in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b)
