@@ -1,0 +1,273 @@
+"""Run configuration: YAML recipes (``train/recipes/*.yaml``) merged over defaults, then overrides.
+
+A config is a flat dict (a few values are dicts, e.g. ``model_kwargs``). Every key has a default
+and a help line below; a recipe or an override naming a key that is not here is an error that
+lists the valid keys. Overrides come as ``key=value``, ``key.sub=value``, ``--key value`` or
+``--key=value``; values are parsed as YAML (``true``, ``1e-4``, ``[0.9, 0.95]``, ``null``).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+
+import yaml
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A bad recipe, key or value; the message says what is wrong and what is allowed."""
+
+
+def _spec(default, help_):
+    return (default, help_)
+
+
+# Pretraining keys. (default, help). Documented again, with the recipe's values, in recipes/demo.yaml.
+PRETRAIN_KEYS: dict[str, tuple] = {
+    "name": _spec(None, "run name; the run directory is <output_dir>/<name> (default: the recipe's name)"),
+    "output_dir": _spec("runs", "where run directories go"),
+    # model
+    "model": _spec("mae_vit_demo_patch8", "registered model (mae_fast.list_models())"),
+    "model_kwargs": _spec({}, "extra create_model overrides, e.g. model_kwargs.depth=2"),
+    "img_size": _spec(None, "input resolution (null: the model's default)"),
+    "norm_pix_loss": _spec(False, "normalise each target patch by its mean/std (official recipe: true)"),
+    "mask_ratio": _spec(0.75, "fraction of patches removed"),
+    # data
+    "data_source": _spec(None, "null: the built-in demo images; a folder / shard pattern; 'synthetic'"),
+    "hours": _spec(None, "hours of video to draw from the source (null: all)"),
+    "subset": _spec("contiguous", "how an hours-subset is chosen (contiguous | random)"),
+    "fps": _spec(1.0, "frames per second sampled from video sources"),
+    "synthetic_size": _spec(4096, "number of images of the 'synthetic' source"),
+    "num_workers": _spec(0, "DataLoader workers (0: load in the training process)"),
+    # schedule
+    "batch_size": _spec(64, "GLOBAL batch per optimizer step (all ranks x accum_steps)"),
+    "accum_steps": _spec(1, "gradient accumulation micro-steps per optimizer step"),
+    "epochs": _spec(10, "epochs over the data; sets the schedule length"),
+    "steps": _spec(None, "optimizer steps in the whole run (overrides epochs when set)"),
+    "stop_at_step": _spec(None, "stop (with a checkpoint) at this step without changing the schedule"),
+    "time_limit_s": _spec(None, "stop (with a checkpoint) after this many seconds of training"),
+    # optimiser
+    "base_lr": _spec(1.5e-4, "lr = base_lr * batch_size / 256 (when lr is null)"),
+    "lr": _spec(None, "absolute peak learning rate (overrides base_lr)"),
+    "lr_schedule": _spec("cosine", "cosine | constant (both after a linear warmup)"),
+    "warmup_epochs": _spec(0.0, "linear warmup length in epochs"),
+    "warmup_steps": _spec(None, "linear warmup length in steps (overrides warmup_epochs)"),
+    "min_lr": _spec(0.0, "floor of the cosine schedule"),
+    "weight_decay": _spec(0.05, "AdamW weight decay (none on biases, norms, tokens, pos embeddings)"),
+    "betas": _spec([0.9, 0.95], "AdamW betas"),
+    "clip_grad": _spec(None, "clip the global gradient norm to this (null: no clipping)"),
+    # performance
+    "precision": _spec("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32"),
+    "compile": _spec(False, "torch.compile the model"),
+    "grad_checkpointing": _spec(False, "recompute block activations in backward (saves memory)"),
+    "distributed": _spec("auto", "auto | ddp | fsdp | none (with torchrun; auto: FSDP2 if DDP would not fit)"),
+    "device": _spec("auto", "auto | cpu | cuda"),
+    "peak_flops": _spec(None, "peak FLOP/s of one device for MFU (null: from a table of known GPUs)"),
+    # checkpoints, logging
+    "checkpoint_every": _spec(200, "save a checkpoint every N optimizer steps (and at the end)"),
+    "keep_checkpoints": _spec(3, "keep the newest K checkpoints"),
+    "resume": _spec(None, "null | auto (newest valid checkpoint in the run dir) | a checkpoint path"),
+    "log_every": _spec(10, "write a metrics line every N steps"),
+    "vis_every": _spec(0, "write a reconstruction PNG every N steps (0: only at the end)"),
+    "vis_images": _spec(8, "images in the reconstruction grid"),
+    "progress": _spec(True, "show a tqdm progress bar"),
+    "max_bad_steps": _spec(5, "stop after this many non-finite losses in a row"),
+    "seed": _spec(0, "seed for init, data order and masking"),
+    "debug_nan_steps": _spec([], "test hook: make the loss NaN at these steps"),
+}
+
+# Finetuning / linear-probe keys.
+FINETUNE_KEYS: dict[str, tuple] = {
+    "name": _spec(None, "run name; results go to <output_dir>/<name> (default: finetune or linprobe)"),
+    "output_dir": _spec("runs", "where run directories go"),
+    "mode": _spec("finetune", "finetune | linprobe"),
+    "checkpoint": _spec(None, "encoder weights: a mae_fast run dir or checkpoint, an official MAE .pth, a timm "
+                              "export (null: the newest checkpoint in runs/demo, else random init)"),
+    "model": _spec("mae_vit_demo_patch8", "registered model whose encoder is used"),
+    "model_kwargs": _spec({}, "extra create_model overrides"),
+    "img_size": _spec(None, "input resolution (null: the model's default)"),
+    "data_root": _spec(None, "labelled image folder (class per sub-folder); null: the demo labelled set"),
+    "fraction": _spec(1.0, "fraction of training images kept per class (low-label protocol: 0.02)"),
+    "num_workers": _spec(0, "DataLoader workers"),
+    "epochs": _spec(50, "training epochs"),
+    "batch_size": _spec(64, "batch size"),
+    "base_lr": _spec(None, "lr = base_lr * batch_size / 256 (null: 1e-3 finetune, 0.1 linprobe)"),
+    "lr": _spec(None, "absolute learning rate (overrides base_lr)"),
+    "min_lr": _spec(1e-6, "floor of the cosine schedule"),
+    "warmup_epochs": _spec(5.0, "linear warmup epochs"),
+    "weight_decay": _spec(None, "null: 0.05 finetune (AdamW), 0.0 linprobe (SGD momentum 0.9)"),
+    "layer_decay": _spec(0.75, "layer-wise lr decay for finetuning (1.0: off)"),
+    "drop_path": _spec(0.1, "stochastic depth rate for finetuning"),
+    "label_smoothing": _spec(0.1, "label smoothing for finetuning"),
+    "pool": _spec("cls", "cls | mean: the feature the head sees"),
+    "precision": _spec("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32"),
+    "device": _spec("auto", "auto | cpu | cuda"),
+    "progress": _spec(True, "show a tqdm progress bar"),
+    "seed": _spec(0, "seed"),
+}
+
+
+def defaults(keys: dict) -> dict:
+    return {k: copy.deepcopy(v[0]) for k, v in keys.items()}
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def _unknown_key_error(key: str, keys: dict, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[0], list(keys), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(sorted(keys))}")
+
+
+def parse_value(text: str):
+    """A command-line value as YAML, with numbers like ``1e-4`` (a string to YAML 1.1) as floats."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _coerce(key: str, value, default):
+    """Check ``value`` against the default's type (ints are fine where floats are expected)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return value
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _set(cfg: dict, keys: dict, dotted: str, value, where: str) -> None:
+    top, _, sub = dotted.partition(".")
+    if top not in keys:
+        raise _unknown_key_error(dotted, keys, where)
+    default = keys[top][0]
+    if sub:
+        if not isinstance(default, dict):
+            raise ConfigError(f"{top} is not a mapping, so {dotted!r} is not a key")
+        node = cfg[top] = dict(cfg.get(top) or {})
+        *path, last = sub.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+        return
+    cfg[top] = _coerce(top, value, default)
+
+
+def load_recipe(recipe: str | os.PathLike, keys: dict = PRETRAIN_KEYS) -> dict:
+    """A recipe (name in train/recipes or a YAML path) merged over the defaults."""
+    path = Path(recipe)
+    if not path.suffix and not path.exists():
+        path = RECIPE_DIR / f"{recipe}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(recipe)!r} not found; built-in recipes: {', '.join(list_recipes())}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of key: value")
+    cfg = defaults(keys)
+    for k, v in data.items():
+        _set(cfg, keys, str(k), v, f"recipe {path}")
+    if cfg.get("name") is None:
+        cfg["name"] = path.stem
+    return cfg
+
+
+def merge(base: dict, overrides: dict, keys: dict, where: str = "overrides") -> dict:
+    cfg = copy.deepcopy(base)
+    for k, v in overrides.items():
+        _set(cfg, keys, str(k), v, where)
+    return cfg
+
+
+def build_config(config: dict | None, keys: dict = PRETRAIN_KEYS, default_recipe: str | None = "demo") -> dict:
+    """Python API: ``config`` may name a ``recipe`` (default ``default_recipe``); its keys override."""
+    config = dict(config or {})
+    recipe = config.pop("recipe", default_recipe)
+    base = load_recipe(recipe, keys) if recipe else defaults(keys)
+    return merge(base, config, keys, "config")
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
+    """``--config X`` plus ``key=value`` / ``--key value`` / ``--key=value`` pairs (in order)."""
+    recipe, pairs, i = None, {}, 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--"):
+            body = tok[2:]
+            if "=" in body:
+                key, text = body.split("=", 1)
+            else:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{tok} needs a value")
+                key, text = body, argv[i + 1]
+                i += 1
+        elif "=" in tok:
+            key, text = tok.split("=", 1)
+        else:
+            raise ConfigError(f"cannot parse argument {tok!r}: use key=value or --key value")
+        key = key.replace("-", "_") if key not in ("config",) else key
+        if key == "config":
+            recipe = text
+        else:
+            pairs[key] = parse_value(text)
+        i += 1
+    return recipe, pairs
+
+
+def config_from_argv(argv: list[str], keys: dict = PRETRAIN_KEYS, default_recipe: str | None = "demo",
+                     fixed: dict | None = None) -> dict:
+    recipe, pairs = parse_overrides(argv)
+    base = load_recipe(recipe or default_recipe, keys) if (recipe or default_recipe) else defaults(keys)
+    cfg = merge(base, fixed or {}, keys, "command")
+    return merge(cfg, pairs, keys, "command line")
+
+
+def help_text(keys: dict, prog: str) -> str:
+    rows = [f"usage: {prog} [--config RECIPE|path.yaml] [key=value ...] [--key value ...]", "",
+            f"recipes: {', '.join(list_recipes())}", "", "keys:"]
+    for k, (d, h) in keys.items():
+        rows.append(f"  {k:<20} {h} [default: {d!r}]")
+    return "\n".join(rows)
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

@@ -1,0 +1,182 @@
+"""Process-group setup and model wrapping: DDP for models that fit, FSDP2 (``fully_shard``) otherwise.
+
+Launched by ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the run joins a
+process group (NCCL on CUDA, gloo on the CPU); started plainly it is a world of one and nothing is
+wrapped. State dicts are always taken whole through ``torch.distributed.checkpoint.state_dict`` so a
+checkpoint from any layout loads into any other.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(request: str = "auto") -> torch.device:
+    if request not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {request!r}")
+    if request == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is available")
+    if request == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def setup(device_request: str = "auto") -> DistInfo:
+    """Join the torchrun process group if there is one; choose this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    base = pick_device(device_request)
+    if world <= 1:
+        dev = torch.device("cuda", torch.cuda.current_device()) if base.type == "cuda" else base
+        return DistInfo(device=dev)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if base.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = base
+    here = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
+        here = True
+    return DistInfo(rank, dist.get_world_size(), local_rank, dev, here)
+
+
+def teardown(info: DistInfo) -> None:
+    if info.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _fits_replicated(model: nn.Module, device: torch.device) -> bool:
+    """DDP keeps params, grads and two AdamW moments in fp32 on every rank: 16 bytes/param, plus room."""
+    if device.type != "cuda":
+        return True
+    need = 16 * sum(p.numel() for p in model.parameters())
+    total = torch.cuda.get_device_properties(device).total_memory
+    return need < 0.35 * total
+
+
+def choose_strategy(request: str, model: nn.Module, info: DistInfo) -> str:
+    if request not in ("auto", "ddp", "fsdp", "none"):
+        raise ValueError(f"distributed must be auto, ddp, fsdp or none, got {request!r}")
+    if not info.enabled:
+        return "none"
+    if request == "auto":
+        return "ddp" if _fits_replicated(model, info.device) else "fsdp"
+    return request
+
+
+def shard_model(model: nn.Module, mp_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2: shard each transformer block, then the root (which keeps embeddings, norms, heads)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if mp_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)
+    for name in ("blocks", "decoder_blocks"):
+        for block in getattr(model, name, []):
+            fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def wrap_model(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
+    """Returns the module to call for training. With FSDP2 it is ``model`` itself (sharded in place)."""
+    if strategy == "none":
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    if strategy == "fsdp":
+        return shard_model(model)
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_objects(obj) -> list:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def full_state_dicts(model: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
+    """Whole (unsharded, CPU) model and optimizer state dicts; complete on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=opts), None
+    msd, osd = get_state_dict(model, optimizer, options=opts)
+    if not sharded:
+        msd = {k: v.detach().cpu().clone() for k, v in msd.items()}
+        osd = _to_cpu(osd)
+    return msd, osd
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
+
+
+def load_full_state_dicts(model: nn.Module, optimizer, model_state: dict, optim_state: dict | None) -> None:
+    """Load whole state dicts (every rank passes them) into a plain, DDP-wrapped or sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    if optimizer is None or optim_state is None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, model_state, options=opts)
+        return
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=opts)
