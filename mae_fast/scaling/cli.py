@@ -1,0 +1,148 @@
+"""``mae-fast scale``: run a sweep grid, show its status, fit and project a results table.
+
+    mae-fast scale run GRID [--executor local|slurm] [--mode inprocess|subprocess|torchrun] [--fit]
+    mae-fast scale status GRID [--json]
+    mae-fast scale fit TABLE [--out DIR] [--target-accuracy 50] [--project PARAMS,HOURS,IMG_SIZE ...]
+    mae-fast scale worker GRID RUN_ID     (internal: one run, used by the subprocess/torchrun modes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "add_subparsers", "build_parser"]
+
+
+def _cmd_run(args) -> int:
+    from .grid import load_grid
+    from .runner import pending_runs, run_grid
+
+    grid = load_grid(args.grid)
+    if args.mode:
+        grid.executor["mode"] = args.mode
+    if args.dry_run:
+        todo = {r.run_id for r in pending_runs(grid)}
+        for r in grid.runs:
+            print(("todo " if r.run_id in todo else "done ") + r.run_id)
+        return 0
+    outcome = run_grid(grid, job=args.job, executor=args.executor, cluster=args.cluster,
+                       retry_failed=not args.skip_failed, wait=args.wait)
+    failed = {k: v for k, v in outcome.items() if v != "done"} if isinstance(outcome, dict) else {}
+    if args.fit and grid.table_path.exists():
+        _cmd_fit(argparse.Namespace(table=str(grid.table_path), out=str(grid.out_dir / "fit"), target="top1",
+                                    n_boot=args.n_boot, form=None, target_accuracy=None, project=[], seed=0))
+    return 1 if failed else 0
+
+
+def _cmd_status(args) -> int:
+    from .grid import load_grid
+    from .runner import sweep_status
+
+    grid = load_grid(args.grid)
+    st = sweep_status(grid)
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return 0
+    print(f"grid {grid.name}: {len(grid.runs)} runs -> {grid.table_path}")
+    print("  " + ", ".join(f"{k} {len(v)}" for k, v in st.items()))
+    for state in ("running", "submitted", "interrupted", "failed"):
+        for e in st[state]:
+            extra = e.get("error") or e.get("slurm_job_id") or e.get("host") or ""
+            print(f"  {state:11s} {e['run']}  {extra}")
+    return 0
+
+
+def _projection(text: str) -> tuple[str, float, float, float]:
+    try:
+        n, d, r = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--project wants PARAMS,HOURS,IMG_SIZE (e.g. 632e6,5000,476), got {text!r}")
+    return (f"{n / 1e6:.4g}M params, {r:g} px, {d:g} h", n, d, r)
+
+
+def _cmd_fit(args) -> int:
+    import numpy as np
+
+    from .laws import fit
+    from .report import DEFAULT_PROJECTIONS, write_report
+    from .table import TableError, load_results
+
+    try:
+        table = load_results(args.table, target=args.target)
+    except TableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    law = fit(table, target=args.target, n_boot=args.n_boot, choose=args.form, seed=args.seed)
+    target_accuracy = args.target_accuracy
+    if target_accuracy is None:  # something just beyond the data: the best seed mean + 10 points, rounded
+        target_accuracy = float(np.ceil((table[args.target].max() + 10) / 5) * 5)
+    out = args.out or str(Path(args.table).with_suffix("")) + "_fit"
+    print(write_report(table, law, out, DEFAULT_PROJECTIONS + list(args.project or []), target_accuracy))
+    return 0
+
+
+def _cmd_worker(args) -> int:
+    from .grid import load_grid
+    from .runner import run_one
+
+    grid = load_grid(args.grid)
+    spec = grid.get(args.run_id)
+    run_one(spec, grid.run_dir(spec.run_id), grid.table_path, args.job or grid.job)
+    return 0
+
+
+def add_subparsers(subparsers) -> None:
+    """Add run / status / fit / worker to an argparse ``subparsers`` object."""
+    p = subparsers.add_parser("run", help="run what is left of a sweep grid")
+    p.add_argument("grid", help="grid YAML (see train/grids/)")
+    p.add_argument("--executor", choices=["local", "slurm"], help="default: the grid's executor.name")
+    p.add_argument("--mode", choices=["inprocess", "subprocess", "torchrun"], help="local executor mode")
+    p.add_argument("--cluster", help="submitit cluster: slurm (default when found), local, debug")
+    p.add_argument("--job", help="job function as module:function (default: the grid's job)")
+    p.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
+    p.add_argument("--wait", action="store_true", help="slurm: block until the jobs end")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
+    p.add_argument("--fit", action="store_true", help="fit the table afterwards (report in OUT_DIR/fit)")
+    p.add_argument("--n-boot", type=int, default=200)
+    p.set_defaults(func=_cmd_run)
+
+    p = subparsers.add_parser("status", help="done / running / failed / left runs of a grid")
+    p.add_argument("grid")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+
+    p = subparsers.add_parser("fit", help="fit scaling laws to a results table and project")
+    p.add_argument("table", help="results CSV (columns params, hours, img_size and the target at least)")
+    p.add_argument("--out", help="report directory (default: TABLE without .csv + _fit)")
+    p.add_argument("--target", default="top1", help="column to model (default top1)")
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--form", help="force a form instead of choosing by held-out error")
+    p.add_argument("--target-accuracy", type=float, help="solve for the cheapest setting reaching it")
+    p.add_argument("--project", type=_projection, action="append", metavar="PARAMS,HOURS,IMG_SIZE",
+                   help="extra projection (repeatable)")
+    p.set_defaults(func=_cmd_fit)
+
+    p = subparsers.add_parser("worker", help=argparse.SUPPRESS)
+    p.add_argument("grid")
+    p.add_argument("run_id")
+    p.add_argument("--job")
+    p.set_defaults(func=_cmd_worker)
+
+
+def build_parser(prog: str = "mae-fast scale") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    add_subparsers(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Sweep grids: a YAML file naming models x data hours x resolutions x seeds, expanded into runs.
+
+Every run gets a stable id: a readable prefix plus a hash of its resolved configuration (everything
+that changes its result: model, data, budget, pretraining and evaluation settings; not where it runs),
+so editing a grid only re-runs what changed, and re-running it finds the runs it already has.
+
+Schema (see ``train/grids/*.yaml``)::
+
+    name: demo                          # label; the sweep lives in out_dir (default runs/scaling/<name>)
+    out_dir: runs/scaling/demo
+    job: mae_fast.scaling.runner:default_job     # "module:function" called as job(config, run_dir)
+    data: {source: demo, total_hours: 5000, fps: 1}   # passed to the job; fraction = hours / total_hours
+    models:                             # registry names, or dicts of overrides with a `name`
+      - mae_vit_small_patch14
+      - {name: vitmicro8, base: mae_vit_tiny_patch16, embed_dim: 64, depth: 2, num_heads: 2,
+         patch_size: 8, img_sizes: [32]}   # a model may restrict the resolutions it runs at
+    hours: [0.5, 5, 50]
+    img_sizes: [224, 448]
+    seeds: [1, 2, 3]
+    budget: {rule: images_seen, images_seen: 2.0e6, batch_size: 256}   # or {rule: epochs, epochs: 10}
+    pretrain: {mask_ratio: 0.75, lr: 1.5e-4}       # passed through to pretraining
+    eval: {protocol: finetune, label_fraction: 0.02, epochs: 50, num_classes: 1000}   # or linprobe
+    executor: {name: local, mode: inprocess}       # local (inprocess|subprocess|torchrun) or slurm
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = ["Grid", "RunSpec", "GridError", "load_grid", "expand", "model_spec", "vit_param_count", "run_id"]
+
+# width, depth, heads of the standard ViT sizes
+VIT_SIZES = {
+    "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
+    "large": (1024, 24, 16), "huge": (1280, 32, 16), "giant": (1408, 40, 16),
+}
+_REGISTRY_NAME = re.compile(r"^(?:mae_)?vit_(tiny|small|base|large|huge|giant)_patch(\d+)$")
+# keys of a model dict that describe the sweep, not the model constructor
+_MODEL_META = {"name", "base", "img_sizes"}
+
+
+class GridError(ValueError):
+    """The grid file is malformed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    run_id: str
+    config: dict = field(hash=False, compare=False)
+
+    def as_dict(self) -> dict:
+        return {"run_id": self.run_id, "config": self.config}
+
+
+@dataclass
+class Grid:
+    path: Path | None
+    name: str
+    out_dir: Path
+    job: str
+    executor: dict
+    runs: list[RunSpec]
+    raw: dict
+
+    @property
+    def table_path(self) -> Path:
+        return self.out_dir / "results.csv"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.out_dir / "runs" / run_id
+
+    def get(self, run_id: str) -> RunSpec:
+        for r in self.runs:
+            if r.run_id == run_id:
+                return r
+        raise KeyError(f"grid {self.name!r} has no run {run_id!r}")
+
+
+def vit_param_count(width: int, depth: int, patch_size: int, img_size: int, num_classes: int = 1000,
+                    in_chans: int = 3, mlp_ratio: float = 4.0) -> int:
+    """Parameters of a ViT encoder (cls token, learned position embedding) plus a linear head.
+
+    Matches the shared table: ViT-B/14 at 224 px -> 86.5M, ViT-H/14 at 224/448/476 px -> 632.0/633.0/633.2M.
+    """
+    hidden = int(width * mlp_ratio)
+    block = 4 * width * width + 4 * width + 2 * width * hidden + hidden + width + 4 * width
+    tokens = (img_size // patch_size) ** 2
+    embed = in_chans * patch_size * patch_size * width + width + (tokens + 1) * width + width
+    head = (width * num_classes + num_classes) if num_classes else 0
+    return depth * block + embed + 2 * width + head
+
+
+def model_spec(entry: str | Mapping) -> dict:
+    """Resolve a grid's model entry to {name, overrides, arch, width, depth, heads, patch_size, img_sizes}."""
+    if isinstance(entry, str):
+        entry = {"base": entry}
+    if not isinstance(entry, Mapping):
+        raise GridError(f"models: each entry is a registry name or a dict, got {entry!r}")
+    base = entry.get("base") or entry.get("name")
+    overrides = {k: v for k, v in entry.items() if k not in _MODEL_META}
+    m = _REGISTRY_NAME.match(str(base or ""))
+    width, depth, heads = VIT_SIZES[m.group(1)] if m else (None, None, None)
+    patch = int(m.group(2)) if m else None
+    width = int(overrides.get("embed_dim", width) or 0)
+    depth = int(overrides.get("depth", depth) or 0)
+    heads = int(overrides.get("num_heads", heads) or 0)
+    patch = int(overrides.get("patch_size", patch) or 0)
+    if not (width and depth and heads and patch):
+        raise GridError(
+            f"models: {dict(entry)!r} is not a registry name like mae_vit_small_patch14; give `base` or "
+            "all of embed_dim, depth, num_heads, patch_size"
+        )
+    if m and not overrides:
+        arch = f"vit{m.group(1)[0]}{patch}"  # vits14, vith14: the shared table's labels
+    elif "name" in entry and entry.get("name") != base:
+        arch = str(entry["name"])
+    else:
+        arch = f"vit_w{width}d{depth}p{patch}"
+    return {
+        "name": str(base) if m else None, "overrides": overrides, "arch": arch, "width": width,
+        "depth": depth, "heads": heads, "patch_size": patch, "img_sizes": entry.get("img_sizes"),
+    }
+
+
+def resolve_budget(budget: Mapping, hours: float, fps: float) -> dict:
+    """Images seen and optimizer steps of one run under the grid's budget rule."""
+    rule = budget.get("rule", "images_seen")
+    batch = int(budget.get("batch_size", 256))
+    frames = max(1, int(round(hours * 3600 * fps)))  # images in this data subset
+    if rule == "images_seen":
+        images = int(float(budget["images_seen"]))
+    elif rule == "epochs":
+        images = int(math.ceil(float(budget["epochs"]) * frames))
+    else:
+        raise GridError(f"budget.rule must be 'images_seen' or 'epochs', got {rule!r}")
+    out = {k: v for k, v in budget.items() if k not in {"images_seen", "epochs"}}
+    out.update(rule=rule, batch_size=batch, images_seen=images, steps=int(math.ceil(images / batch)),
+               subset_images=frames, epochs=images / frames)
+    return out
+
+
+def _label(x: float) -> str:
+    return f"{x:g}".replace("+", "")
+
+
+def run_id(config: Mapping) -> str:
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{config['arch']}-{config['img_size']}px-{_label(config['hours'])}h-s{config['seed']}-{digest}"
+
+
+def _listed(raw: Mapping, key: str, kind=float) -> list:
+    value = raw.get(key)
+    if value is None:
+        raise GridError(f"grid is missing {key!r}")
+    values = value if isinstance(value, list) else [value]
+    try:
+        return [kind(v) for v in values]
+    except (TypeError, ValueError):
+        raise GridError(f"{key}: expected numbers, got {value!r}") from None
+
+
+def expand(raw: Mapping) -> list[RunSpec]:
+    """All runs of a grid, in the order models x resolutions x hours x seeds."""
+    data = dict(raw.get("data") or {})
+    total_hours = float(data.get("total_hours", 5000.0))
+    fps = float(data.get("fps", 1.0))
+    hours_list = _listed(raw, "hours")
+    if any(h <= 0 for h in hours_list):
+        raise GridError(f"hours must be > 0, got {hours_list}")
+    seeds = _listed(raw, "seeds", int) if "seeds" in raw else [0]
+    eval_cfg = dict(raw.get("eval") or {"protocol": "finetune"})
+    if eval_cfg.get("protocol", "finetune") not in ("finetune", "linprobe"):
+        raise GridError(f"eval.protocol must be finetune or linprobe, got {eval_cfg.get('protocol')!r}")
+    num_classes = int(eval_cfg.get("num_classes", 1000))
+    models = raw.get("models") or []
+    if not models:
+        raise GridError("grid has no models")
+    runs: list[RunSpec] = []
+    for entry in models:
+        spec = model_spec(entry)
+        sizes = [int(s) for s in (spec["img_sizes"] or _listed(raw, "img_sizes", int))]
+        for img in sizes:
+            if img % spec["patch_size"]:
+                raise GridError(f"{spec['arch']}: img_size {img} is not a multiple of patch {spec['patch_size']}")
+            for hours in hours_list:
+                for seed in seeds:
+                    config = {
+                        "model": {"name": spec["name"], "overrides": spec["overrides"]},
+                        "arch": spec["arch"], "width": spec["width"], "depth": spec["depth"],
+                        "heads": spec["heads"], "patch_size": spec["patch_size"],
+                        "params": vit_param_count(spec["width"], spec["depth"], spec["patch_size"], img, num_classes),
+                        "img_size": img, "hours": hours, "data_fraction": hours / total_hours, "seed": seed,
+                        "data": data, "budget": resolve_budget(raw.get("budget") or {"images_seen": 1e6}, hours, fps),
+                        "pretrain": dict(raw.get("pretrain") or {}), "eval": eval_cfg,
+                    }
+                    runs.append(RunSpec(run_id(config), config))
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise GridError("grid expands to duplicate runs (a model, size, hours or seed listed twice?)")
+    return runs
+
+
+def load_grid(path: str | os.PathLike) -> Grid:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise GridError(f"{path}: no such grid file") from None
+    if not isinstance(raw, dict):
+        raise GridError(f"{path}: a grid is a YAML mapping")
+    return grid_from_dict(raw, path)
+
+
+def grid_from_dict(raw: Mapping, path: Path | None = None) -> Grid:
+    name = str(raw.get("name") or (path.stem if path else "grid"))
+    # relative to the working directory; made absolute so workers and SLURM jobs agree on it
+    out_dir = Path(raw.get("out_dir") or Path("runs") / "scaling" / name).resolve()
+    executor = dict(raw.get("executor") or {"name": "local"})
+    return Grid(path=path, name=name, out_dir=out_dir, job=str(raw.get("job", "mae_fast.scaling.runner:default_job")),
+                executor=executor, runs=expand(raw), raw=dict(raw))

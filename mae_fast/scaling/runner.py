@@ -1,0 +1,326 @@
+"""Run a grid's runs: locally (in this process, or one subprocess / torchrun per run) or on SLURM.
+
+A *job function* does the work of one run: ``job(config, run_dir) -> metrics`` with at least ``top1``
+(optionally ``top5``, ``images_seen``, ``wall_time_s``, ``checkpoint``, ``params``). It must resume from
+whatever it left in ``run_dir`` (the default job passes ``resume='auto'`` to training). Grids name it
+as ``"module:function"`` so subprocesses and cluster jobs can import it.
+
+Bookkeeping, per run, in ``<out_dir>/runs/<run_id>/status.json`` (running / failed with the error /
+submitted with the SLURM job id), while the results table ``<out_dir>/results.csv`` is the only record
+of *done*: a row is added atomically (see :func:`~mae_fast.scaling.table.append_result`) after the job
+returns. A sweep killed at any point therefore loses nothing finished and duplicates nothing: re-running
+the same command skips runs that have a row and resumes the rest.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import importlib
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from .grid import Grid, RunSpec, load_grid
+from .table import append_result, read_rows
+
+try:  # submitit is optional (pip install mae_fast[slurm]); only the SLURM executor needs it
+    from submitit.helpers import Checkpointable as _Checkpointable
+except ImportError:  # pragma: no cover - exercised only without submitit
+    _Checkpointable = object
+
+__all__ = [
+    "default_job", "resolve_job", "run_one", "pending_runs", "sweep_status", "run_local", "submit_slurm",
+    "SweepTask", "JobFn",
+]
+
+JobFn = Callable[[dict, Path], Mapping]
+
+
+def default_job(config: dict, run_dir: Path) -> dict:
+    """The adapter from a run's config to the training code: MAE pretraining, then evaluation.
+
+    The only place that knows the config keys of :mod:`mae_fast.train.pretrain` and
+    :mod:`mae_fast.train.finetune` (imported here, lazily, so the runner works without them).
+    """
+    from mae_fast.train.finetune import finetune
+    from mae_fast.train.pretrain import pretrain
+
+    budget = config["budget"]
+    common = {
+        "model": config["model"]["name"], "model_overrides": config["model"]["overrides"],
+        "img_size": config["img_size"], "seed": config["seed"], "resume": "auto",
+    }
+    pre = pretrain({
+        **common, **config["pretrain"],
+        "data": {**config["data"], "hours": config["hours"], "fraction": config["data_fraction"]},
+        "batch_size": budget["batch_size"], "steps": budget["steps"], "images_seen": budget["images_seen"],
+        "out_dir": str(run_dir / "pretrain"),
+    })
+    start = time.time()
+    ev = finetune({**common, **config["eval"], "checkpoint": pre["checkpoint"], "out_dir": str(run_dir / "eval")})
+    return {
+        "top1": ev["top1"], "top5": ev.get("top5"), "images_seen": pre["images_seen"],
+        "checkpoint": pre["checkpoint"], "params": ev.get("params", pre.get("params")),
+        "wall_time_s": pre["wall_time_s"] + ev.get("wall_time_s", time.time() - start),
+    }
+
+
+def resolve_job(job: str | JobFn) -> JobFn:
+    """A job function from ``"package.module:function"`` (or the callable itself)."""
+    if callable(job):
+        return job
+    module, _, name = str(job).partition(":")
+    if not name:
+        raise ValueError(f"job must be 'module:function', got {job!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# --- per-run status ------------------------------------------------------------------------------
+def _write_json(path: Path, data: Mapping) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def _read_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def result_row(spec: RunSpec, metrics: Mapping, wall_time_s: float, run_dir: Path) -> dict:
+    cfg = spec.config
+    if "top1" not in metrics:
+        raise KeyError(f"run {spec.run_id}: the job returned no 'top1' (got {sorted(metrics)})")
+    return {
+        "run": spec.run_id, "arch": cfg["arch"], "params": metrics.get("params") or cfg["params"],
+        "width": cfg["width"], "depth": cfg["depth"], "heads": cfg["heads"], "patch_size": cfg["patch_size"],
+        "img_size": cfg["img_size"], "data_fraction": cfg["data_fraction"], "hours": cfg["hours"],
+        "seed": cfg["seed"], "top1": float(metrics["top1"]), "top5": metrics.get("top5"),
+        "images_seen": metrics.get("images_seen", cfg["budget"]["images_seen"]),
+        "wall_time_s": round(float(metrics.get("wall_time_s") or wall_time_s), 3),
+        "checkpoint": metrics.get("checkpoint") or "", "git_commit": git_commit(), "finished_at": _now(),
+        "config_json": json.dumps(cfg, sort_keys=True, default=str),
+    }
+
+
+def run_one(spec: RunSpec, run_dir: Path, table_path: Path, job: str | JobFn) -> dict:
+    """Do one run and record it. Raises what the job raised, after marking the run failed."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lead = _is_rank_zero()
+    if lead:
+        _write_json(run_dir / "config.json", spec.config)
+        prev = _read_status(run_dir)
+        _write_json(run_dir / "status.json", {
+            "state": "running", "host": socket.gethostname(), "pid": os.getpid(), "started": _now(),
+            "attempt": int(prev.get("attempt", 0)) + 1, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        })
+    start = time.time()
+    try:
+        metrics = dict(resolve_job(job)(spec.config, run_dir))
+        row = result_row(spec, metrics, time.time() - start, run_dir)
+    except BaseException as exc:
+        if lead:
+            status = _read_status(run_dir)
+            status.update(state="failed", error=f"{type(exc).__name__}: {exc}", ended=_now(),
+                          traceback=traceback.format_exc(limit=20))
+            _write_json(run_dir / "status.json", status)
+        raise
+    if lead:
+        append_result(table_path, row)  # the row is what makes the run done
+        status = _read_status(run_dir)
+        status.update(state="done", ended=_now(), top1=row["top1"])
+        _write_json(run_dir / "status.json", status)
+    return row
+
+
+# --- sweep-level views ----------------------------------------------------------------------------
+def done_ids(grid: Grid) -> set[str]:
+    return {r["run"] for r in read_rows(grid.table_path) if r.get("run")}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_status(grid: Grid) -> dict[str, list[dict]]:
+    """Runs by state: done, running, submitted, failed (with error), interrupted, left."""
+    done = done_ids(grid)
+    host = socket.gethostname()
+    out: dict[str, list[dict]] = {k: [] for k in ("done", "running", "submitted", "failed", "interrupted", "left")}
+    for spec in grid.runs:
+        entry = {"run": spec.run_id}
+        if spec.run_id in done:
+            out["done"].append(entry)
+            continue
+        st = _read_status(grid.run_dir(spec.run_id))
+        state = st.get("state")
+        if state == "running" and st.get("host") == host and not st.get("slurm_job_id") \
+                and not _pid_alive(int(st.get("pid", 0))):
+            state = "interrupted"  # its process is gone: it was killed, the next sweep resumes it
+        if state in ("running", "submitted", "failed", "interrupted"):
+            entry.update({k: st[k] for k in ("error", "host", "started", "slurm_job_id", "attempt") if st.get(k)})
+            out[state].append(entry)
+        else:
+            out["left"].append(entry)
+    return out
+
+
+def pending_runs(grid: Grid, retry_failed: bool = True) -> list[RunSpec]:
+    """Runs without a result row (failed ones too unless ``retry_failed=False``)."""
+    done = done_ids(grid)
+    todo = []
+    for spec in grid.runs:
+        if spec.run_id in done:
+            continue
+        if not retry_failed and _read_status(grid.run_dir(spec.run_id)).get("state") == "failed":
+            continue
+        todo.append(spec)
+    return todo
+
+
+# --- executors ------------------------------------------------------------------------------------
+def run_local(grid: Grid, runs: Sequence[RunSpec], job: str | JobFn | None = None, mode: str = "inprocess",
+              nproc_per_node: int = 1, log: Callable[[str], None] = print) -> dict[str, str]:
+    """Run ``runs`` one after another. Returns {run_id: "done" | error}; a failure does not stop the sweep.
+
+    ``mode``: ``inprocess`` calls the job here; ``subprocess`` starts ``python -m mae_fast.scaling.cli
+    worker`` per run (a crash cannot take the sweep down); ``torchrun`` starts it under torchrun with
+    ``nproc_per_node`` processes (rank 0 records the result).
+    """
+    job = job or grid.job
+    outcome: dict[str, str] = {}
+    for i, spec in enumerate(runs, 1):
+        log(f"[{i}/{len(runs)}] {spec.run_id}")
+        if mode == "inprocess":
+            try:
+                row = run_one(spec, grid.run_dir(spec.run_id), grid.table_path, job)
+                outcome[spec.run_id] = "done"
+                log(f"    top1 {row['top1']:.2f}  ({row['wall_time_s']:.1f} s)")
+            except Exception as exc:  # noqa: BLE001 - recorded in status.json, the sweep goes on
+                outcome[spec.run_id] = f"{type(exc).__name__}: {exc}"
+                log(f"    FAILED {outcome[spec.run_id]}")
+            continue
+        if mode not in ("subprocess", "torchrun"):
+            raise ValueError(f"local mode must be inprocess, subprocess or torchrun, got {mode!r}")
+        if grid.path is None:
+            raise ValueError(f"mode {mode!r} needs a grid loaded from a file (workers re-read it)")
+        if not isinstance(job, str):
+            raise ValueError(f"mode {mode!r} needs the job as 'module:function'")
+        worker = ["-m", "mae_fast.scaling.cli", "worker", str(grid.path), spec.run_id, "--job", job]
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}"]
+               + worker if mode == "torchrun" else [sys.executable, *worker])
+        proc = subprocess.run(cmd)
+        if proc.returncode == 0:
+            outcome[spec.run_id] = "done"
+        else:
+            err = _read_status(grid.run_dir(spec.run_id)).get("error") or f"exit code {proc.returncode}"
+            outcome[spec.run_id] = err
+            log(f"    FAILED {err}   (command: {shlex.join(cmd)})")
+    return outcome
+
+
+class SweepTask(_Checkpointable):
+    """What a SLURM array task runs: one run. On preemption or timeout submitit calls ``checkpoint``
+    (inherited from :class:`submitit.helpers.Checkpointable`), which requeues the same call; the job
+    then resumes from the checkpoint it keeps in the run directory."""
+
+    def __call__(self, spec: dict, run_dir: str, table_path: str, job: str) -> dict:
+        run_spec = RunSpec(spec["run_id"], spec["config"])
+        if spec["run_id"] in {r["run"] for r in read_rows(table_path)}:
+            return {"run": spec["run_id"], "skipped": "already done"}  # e.g. requeued after it finished
+        return run_one(run_spec, Path(run_dir), Path(table_path), job)
+
+
+def submit_slurm(grid: Grid, runs: Sequence[RunSpec], job: str | None = None, cluster: str | None = None,
+                 wait: bool = False, log: Callable[[str], None] = print) -> list:
+    """Submit ``runs`` as one submitit job array (``executor.slurm`` of the grid gives its parameters,
+    e.g. ``timeout_min``, ``gpus_per_node``, ``slurm_partition``, ``slurm_array_parallelism``).
+
+    ``cluster`` is passed to ``submitit.AutoExecutor`` (None: detect SLURM; ``"local"`` / ``"debug"``
+    to try it on this machine). With ``wait`` it blocks until every job ended. Returns the jobs.
+    """
+    try:
+        import submitit
+    except ImportError:
+        raise RuntimeError("the SLURM executor needs submitit: pip install 'mae_fast[slurm]'") from None
+    if not runs:
+        return []
+    job = job or grid.job
+    if not isinstance(job, str):
+        raise ValueError("SLURM runs need the job as 'module:function'")
+    params = dict(grid.executor.get("slurm") or {})
+    params.setdefault("timeout_min", 60 * 24)
+    params.setdefault("name", f"scale-{grid.name}")
+    executor = submitit.AutoExecutor(folder=grid.out_dir / "slurm" / "%j", cluster=cluster,
+                                     slurm_max_num_timeout=int(params.pop("max_num_timeout", 20)))
+    executor.update_parameters(**params)
+    jobs = executor.map_array(
+        SweepTask(), [r.as_dict() for r in runs], [str(grid.run_dir(r.run_id)) for r in runs],
+        [str(grid.table_path)] * len(runs), [job] * len(runs),
+    )
+    for spec, j in zip(runs, jobs):
+        _write_json(grid.run_dir(spec.run_id) / "status.json",
+                    {"state": "submitted", "slurm_job_id": j.job_id, "submitted": _now()})
+    log(f"submitted {len(jobs)} runs as {jobs[0].job_id.split('_')[0]} ({executor.cluster})")
+    if wait:
+        for spec, j in zip(runs, jobs):
+            try:
+                j.result()
+            except Exception as exc:  # noqa: BLE001 - the run's status.json has the details
+                log(f"    {spec.run_id} FAILED {type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}")
+    return jobs
+
+
+def run_grid(grid: Grid | str | os.PathLike, job: str | JobFn | None = None, executor: str | None = None,
+             cluster: str | None = None, retry_failed: bool = True, wait: bool = False,
+             log: Callable[[str], None] = print):
+    """Run what is left of a grid with its executor (or ``executor`` = local | slurm)."""
+    if not isinstance(grid, Grid):
+        grid = load_grid(grid)
+    todo = pending_runs(grid, retry_failed)
+    log(f"grid {grid.name}: {len(grid.runs)} runs, {len(grid.runs) - len(todo)} done, {len(todo)} to run "
+        f"-> {grid.table_path}")
+    name = executor or grid.executor.get("name", "local")
+    if name == "local":
+        return run_local(grid, todo, job, grid.executor.get("mode", "inprocess"),
+                         int(grid.executor.get("nproc_per_node", 1)), log)
+    if name == "slurm":
+        return submit_slurm(grid, todo, job, cluster or grid.executor.get("cluster"), wait, log)
+    raise ValueError(f"executor must be local or slurm, got {name!r}")
