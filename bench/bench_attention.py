@@ -30,7 +30,7 @@ DECODER_HEAD_DIM = 32
 HEADS = 16
 MASK_RATIO = 0.75
 TOKENS_PER_CONFIG = 8192  # batch * seqlen; x16 heads = 131k token-heads, enough to fill an H100
-REFERENCE_MAX_SEQLEN = 1157
+REFERENCE_MAX_SEQLEN = 290
 SDPA_KERNELS = {"sdpa:flash": "FLASH_ATTENTION", "sdpa:cudnn": "CUDNN_ATTENTION",
                 "sdpa:efficient": "EFFICIENT_ATTENTION"}
 PACKED_LENGTHS = (1157, 290, 290, 871, 65, 211, 1157, 50)  # a multi-resolution masked-encoder pack
@@ -134,7 +134,7 @@ def _bench(fn, device, grad_to_none=None):
     if device.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=10, rep=30, grad_to_none=grad_to_none, return_mode="median")
     fn()
     times = []
     for _ in range(3):
@@ -229,47 +229,75 @@ def print_row(rec):
 
 # ---- tuning -------------------------------------------------------------------------------------
 
-TUNE_CANDIDATES = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-            (64, 128, 4, 3), (128, 32, 4, 4)],
-    "dkdv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4),
-             (128, 128, 8, 2), (64, 128, 4, 3)],
-    "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
-           (64, 128, 8, 2), (128, 128, 8, 2)],
+TUNE_CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages), likeliest first (the sweep has a budget)
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
+            (64, 128, 4, 2)],
+    "dkdv": [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2),
+             (32, 64, 4, 4)],
+    "dq": [(128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 128, 8, 2),
+           (128, 128, 8, 2)],
 }
 
 
 def run_tune(args, device, dtype, deadline):
+    """Time each candidate config of each kernel on every (head dim, seqlen); candidates in order, so
+    the budget cuts the unlikeliest ones for every head dim rather than whole head dims."""
     from mae_fast.kernels import flash_attention as fa
 
-    out = []
+    shapes = {}
     for hd in args.tune_head_dims:
         for n in args.tune_seqlens:
             row = dict(name="tune", seqlen=n, head_dim=hd, heads=HEADS, batch=max(1, round(TOKENS_PER_CONFIG / n)))
             (q, k, v), _, _ = make_inputs(row, device, dtype)
             o, lse = fa.flash_attn_forward(q, k, v)
-            do = torch.randn_like(q)
-            flops = fwd_flops(row)
-            for kind, cands in TUNE_CANDIDATES.items():
-                for bm, bn, w, s in cands:
-                    if time.time() > deadline:
-                        print("tune: time budget reached", flush=True)
-                        return out
-                    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-                    try:
-                        if kind == "fwd":
-                            fn = lambda: fa.flash_attn_forward(q, k, v, config=cfg)  # noqa: E731
-                        else:
-                            other = "dq" if kind == "dkdv" else "dkdv"
-                            fn = lambda: fa.flash_attn_backward(  # noqa: E731
-                                do, q, k, v, o, lse, configs={kind: cfg, other: fa.pick_config(
-                                    other, hd, n, dtype, device)})
-                        ms = _bench(fn, device)
-                    except Exception as e:
-                        print(f"tune {kind} hd={hd} N={n} {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)
-                        continue
-                    out.append(dict(kind=kind, head_dim=hd, seqlen=n, config=cfg, ms=ms, fwd_flops=flops))
-                    print(f"tune {kind:<4} hd={hd:<3} N={n:<5} {bm:>3}x{bn:<3} w{w} s{s}: {ms:.3f} ms", flush=True)
+            shapes[(hd, n)] = (q, k, v, o, lse, torch.randn_like(q), fwd_flops(row))
+    out = []
+    for i in range(max(len(c) for c in TUNE_CANDIDATES.values())):
+        for kind, cands in TUNE_CANDIDATES.items():
+            if i >= len(cands):
+                continue
+            bm, bn, w, st = cands[i]
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+            for (hd, n), (q, k, v, o, lse, do, flops) in shapes.items():
+                if time.time() > deadline:
+                    print("tune: time budget reached", flush=True)
+                    return out
+                try:
+                    if kind == "fwd":
+                        fn = lambda: fa.flash_attn_forward(q, k, v, config=cfg)  # noqa: E731
+                    else:
+                        other = "dq" if kind == "dkdv" else "dkdv"
+                        others = {other: fa.pick_config(other, hd, n, dtype, device)}
+                        fn = lambda: fa.flash_attn_backward(do, q, k, v, o, lse, configs={kind: cfg, **others})  # noqa: E731
+                    ms = _bench(fn, device)
+                except Exception as e:
+                    print(f"tune {kind} hd={hd} N={n} {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)
+                    continue
+                out.append(dict(kind=kind, head_dim=hd, seqlen=n, config=cfg, ms=ms, fwd_flops=flops))
+                print(f"tune {kind:<4} hd={hd:<3} N={n:<5} {bm:>3}x{bn:<3} w{w} s{st}: {ms:.3f} ms", flush=True)
+    return out
+
+
+def best_configs(tune_results) -> dict:
+    """Per (kind, head-dim bucket): the config with the best geometric-mean slowdown over the tuned shapes."""
+    from mae_fast.kernels.flash_attention import _bucket
+
+    fastest = {}
+    for r in tune_results:
+        key = (r["kind"], r["head_dim"], r["seqlen"])
+        fastest[key] = min(fastest.get(key, math.inf), r["ms"])
+    scores = {}
+    for r in tune_results:
+        cfg = tuple(sorted(r["config"].items()))
+        k = (r["kind"], _bucket(r["head_dim"]))
+        slow = math.log(r["ms"] / fastest[(r["kind"], r["head_dim"], r["seqlen"])])
+        tot, cnt = scores.setdefault(k, {}).get(cfg, (0.0, 0))
+        scores[k][cfg] = (tot + slow, cnt + 1)
+    out = {}
+    for k, by_cfg in scores.items():
+        most = max(c for _, c in by_cfg.values())  # only configs that ran on every shape of the bucket
+        cfg, _ = min(((c, t / n) for c, (t, n) in by_cfg.items() if n == most), key=lambda x: x[1])
+        out[k] = dict(cfg)
     return out
 
 
@@ -321,9 +349,10 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="compare Triton with an fp32 reference on each row")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--tune-head-dims", type=int, nargs="+", default=[32, 64, 80, 128])
-    ap.add_argument("--tune-seqlens", type=int, nargs="+", default=[290, 4625])
+    ap.add_argument("--tune-seqlens", type=int, nargs="+", default=[257, 1157, 4625])
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop tuning after this long")
     ap.add_argument("--only-head-dim", type=int, nargs="*")
+    ap.add_argument("--tuned-configs", help="a --tune JSON whose best configs replace the built-in ones")
     ap.add_argument("--write-prefs", nargs="+", metavar="RESULTS_JSON")
     ap.add_argument("--prefs-dest", default=str(Path(__file__).resolve().parents[1] / "mae_fast/ops/attention_prefs.json"))
     args = ap.parse_args(argv)
@@ -343,6 +372,13 @@ def main(argv=None):
 
     meta["triton"] = triton.__version__
     start = time.time()
+    if args.tuned_configs:
+        from mae_fast.kernels import flash_attention as fa
+
+        chosen = best_configs(json.loads(Path(args.tuned_configs).read_text())["tune"])
+        fa.TUNED_CONFIGS.update(chosen)
+        meta["configs"] = {f"{k}/{b}": c for (k, b), c in sorted(fa.TUNED_CONFIGS.items())}
+        print("configs:", meta["configs"], flush=True)
     if args.tune:
         res = run_tune(args, device, dtype, start + args.budget_s)
         best = {}
