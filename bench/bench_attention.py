@@ -168,7 +168,7 @@ def check_triton(row, device, dtype):
         ins = [t.detach().to(cast).requires_grad_(True) for t in (q, k, v)]
         out = fn(*ins)
         out.backward(do.to(cast))
-        return [out.float()] + [t.grad.float() for t in ins]
+        return [out.detach().float()] + [t.grad.float() for t in ins]
 
     ref = grads(lambda a, b, c: attention_reference(a, b, c, cu_seqlens=cu, upcast=False), torch.float32)
     low = grads(lambda a, b, c: attention_reference(a, b, c, cu_seqlens=cu, upcast=False), dtype)
