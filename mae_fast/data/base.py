@@ -1,0 +1,57 @@
+"""What every map-style data set here shares: unreadable items are skipped, counted and reported."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+class SkippingDataset(torch.utils.data.Dataset):
+    """Subclasses implement ``_load(index)`` and ``_path(index)``; a failing item is logged in
+    ``self.skipped`` (list of (path, reason)), warned about once per file, and replaced by the next
+    readable item, so a long run never stops on one bad file.
+
+    With DataLoader workers each worker logs its own skips (``skipped`` of the main-process copy
+    holds the files found bad while indexing); the warnings reach the console from every worker.
+    """
+
+    max_substitutes = 32
+
+    def __init__(self):
+        self.skipped: list[tuple[str, str]] = []
+        self._bad: set[str] = set()
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def _skip(self, path, reason) -> None:
+        path = str(path)
+        if path in self._bad:
+            return
+        self._bad.add(path)
+        self.skipped.append((path, str(reason)))
+        warnings.warn(f"mae_fast.data: skipping unreadable {path}: {reason}", RuntimeWarning, stacklevel=3)
+
+    def __getitem__(self, index):
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} items")
+        index %= n
+        for attempt in range(self.max_substitutes):
+            i = (index + attempt) % n
+            path = self._path(i)
+            if str(path) in self._bad:
+                continue
+            try:
+                return self._load(i)
+            except Exception as err:  # noqa: BLE001 (any decoder error means: unreadable)
+                self._skip(path, f"{type(err).__name__}: {err}")
+        raise RuntimeError(f"{self.max_substitutes} consecutive unreadable items from index {index}; "
+                           f"skipped so far: {self.skipped[-5:]}")
+
+    def _path(self, index):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _load(self, index):  # pragma: no cover - abstract
+        raise NotImplementedError
