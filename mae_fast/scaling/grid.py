@@ -12,8 +12,8 @@ Schema (see ``train/grids/*.yaml``)::
     data: {source: demo, total_hours: 5000, fps: 1}   # passed to the job; fraction = hours / total_hours
     models:                             # registry names, or dicts of overrides with a `name`
       - mae_vit_small_patch14
-      - {name: vitmicro8, base: mae_vit_tiny_patch16, embed_dim: 64, depth: 2, num_heads: 2,
-         patch_size: 8, img_sizes: [32]}   # a model may restrict the resolutions it runs at
+      - {name: vitmicro8, base: mae_vit_demo_patch8, embed_dim: 64, depth: 2, num_heads: 2,
+         img_sizes: [32]}              # label, registry base + overrides; may restrict its resolutions
     hours: [0.5, 5, 50]
     img_sizes: [224, 448]
     seeds: [1, 2, 3]
@@ -37,12 +37,7 @@ import yaml
 
 __all__ = ["Grid", "RunSpec", "GridError", "load_grid", "expand", "model_spec", "vit_param_count", "run_id"]
 
-# width, depth, heads of the standard ViT sizes
-VIT_SIZES = {
-    "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
-    "large": (1024, 24, 16), "huge": (1280, 32, 16), "giant": (1408, 40, 16),
-}
-_REGISTRY_NAME = re.compile(r"^(?:mae_)?vit_(tiny|small|base|large|huge|giant)_patch(\d+)$")
+_REGISTRY_NAME = re.compile(r"^mae_vit_(tiny|small|base|large|huge|giant)_patch(\d+)$")
 # keys of a model dict that describe the sweep, not the model constructor
 _MODEL_META = {"name", "base", "img_sizes"}
 
@@ -99,35 +94,31 @@ def vit_param_count(width: int, depth: int, patch_size: int, img_size: int, num_
 
 
 def model_spec(entry: str | Mapping) -> dict:
-    """Resolve a grid's model entry to {name, overrides, arch, width, depth, heads, patch_size, img_sizes}."""
+    """Resolve a grid's model entry (a registry name, or a dict with ``base`` and constructor overrides,
+    optionally ``name`` as its label and ``img_sizes``) through the model registry."""
+    from mae_fast.models.registry import model_config
+
     if isinstance(entry, str):
         entry = {"base": entry}
     if not isinstance(entry, Mapping):
         raise GridError(f"models: each entry is a registry name or a dict, got {entry!r}")
     base = entry.get("base") or entry.get("name")
     overrides = {k: v for k, v in entry.items() if k not in _MODEL_META}
-    m = _REGISTRY_NAME.match(str(base or ""))
-    width, depth, heads = VIT_SIZES[m.group(1)] if m else (None, None, None)
-    patch = int(m.group(2)) if m else None
-    width = int(overrides.get("embed_dim", width) or 0)
-    depth = int(overrides.get("depth", depth) or 0)
-    heads = int(overrides.get("num_heads", heads) or 0)
-    patch = int(overrides.get("patch_size", patch) or 0)
-    if not (width and depth and heads and patch):
-        raise GridError(
-            f"models: {dict(entry)!r} is not a registry name like mae_vit_small_patch14; give `base` or "
-            "all of embed_dim, depth, num_heads, patch_size"
-        )
-    if m and not overrides:
-        arch = f"vit{m.group(1)[0]}{patch}"  # vits14, vith14: the shared table's labels
-    elif "name" in entry and entry.get("name") != base:
+    try:
+        cfg = model_config(str(base), **overrides)
+    except (ValueError, TypeError) as exc:
+        raise GridError(f"models: {dict(entry)!r}: {exc}") from None
+    width, depth, heads, patch = (int(cfg[k]) for k in ("embed_dim", "depth", "num_heads", "patch_size"))
+    m = _REGISTRY_NAME.match(str(base))
+    if entry.get("name") and entry["name"] != base:
         arch = str(entry["name"])
+    elif m and not overrides:
+        arch = f"vit{m.group(1)[0]}{patch}"  # vits14, vith14: the shared table's labels
     else:
         arch = f"vit_w{width}d{depth}p{patch}"
-    return {
-        "name": str(base) if m else None, "overrides": overrides, "arch": arch, "width": width,
-        "depth": depth, "heads": heads, "patch_size": patch, "img_sizes": entry.get("img_sizes"),
-    }
+    return {"name": str(base), "overrides": overrides, "arch": arch, "width": width, "depth": depth,
+            "heads": heads, "patch_size": patch, "mlp_ratio": float(cfg.get("mlp_ratio", 4.0)),
+            "img_sizes": entry.get("img_sizes")}
 
 
 def resolve_budget(budget: Mapping, hours: float, fps: float) -> dict:
@@ -196,7 +187,8 @@ def expand(raw: Mapping) -> list[RunSpec]:
                         "model": {"name": spec["name"], "overrides": spec["overrides"]},
                         "arch": spec["arch"], "width": spec["width"], "depth": spec["depth"],
                         "heads": spec["heads"], "patch_size": spec["patch_size"],
-                        "params": vit_param_count(spec["width"], spec["depth"], spec["patch_size"], img, num_classes),
+                        "params": vit_param_count(spec["width"], spec["depth"], spec["patch_size"], img,
+                                                  num_classes, mlp_ratio=spec["mlp_ratio"]),
                         "img_size": img, "hours": hours, "data_fraction": hours / total_hours, "seed": seed,
                         "data": data, "budget": resolve_budget(raw.get("budget") or {"images_seen": 1e6}, hours, fps),
                         "pretrain": dict(raw.get("pretrain") or {}), "eval": eval_cfg,

@@ -47,29 +47,31 @@ JobFn = Callable[[dict, Path], Mapping]
 def default_job(config: dict, run_dir: Path) -> dict:
     """The adapter from a run's config to the training code: MAE pretraining, then evaluation.
 
-    The only place that knows the config keys of :mod:`mae_fast.train.pretrain` and
-    :mod:`mae_fast.train.finetune` (imported here, lazily, so the runner works without them).
+    The only place that knows the config keys of :mod:`mae_fast.train.pretrain` (its recipe keys,
+    see ``train/recipes/demo.yaml``) and :mod:`mae_fast.train.finetune`; both are imported here,
+    lazily, so the runner itself needs neither. The grid's ``pretrain`` / ``eval`` blocks are passed
+    through as recipe keys (``recipe`` picks the base recipe). Both stages keep their state in
+    ``run_dir`` and resume from it (``resume: auto``).
     """
     from mae_fast.train.finetune import finetune
     from mae_fast.train.pretrain import pretrain
 
-    budget = config["budget"]
-    common = {
-        "model": config["model"]["name"], "model_overrides": config["model"]["overrides"],
-        "img_size": config["img_size"], "seed": config["seed"], "resume": "auto",
-    }
+    budget, data, model = config["budget"], config["data"], config["model"]
+    common = {"model": model["name"], "model_kwargs": model["overrides"], "img_size": config["img_size"],
+              "seed": config["seed"], "output_dir": str(run_dir), "resume": "auto", "progress": False}
     pre = pretrain({
-        **common, **config["pretrain"],
-        "data": {**config["data"], "hours": config["hours"], "fraction": config["data_fraction"]},
-        "batch_size": budget["batch_size"], "steps": budget["steps"], "images_seen": budget["images_seen"],
-        "out_dir": str(run_dir / "pretrain"),
+        **common, **config["pretrain"], "name": "pretrain",
+        "data_source": data.get("source"), "hours": config["hours"], "fps": data.get("fps", 1.0),
+        "batch_size": budget["batch_size"], "steps": budget["steps"],
     })
-    start = time.time()
-    ev = finetune({**common, **config["eval"], "checkpoint": pre["checkpoint"], "out_dir": str(run_dir / "eval")})
+    eval_cfg = dict(config["eval"])
+    eval_cfg.pop("num_classes", None)  # only used here to count the head's parameters
+    mode = eval_cfg.pop("protocol", "finetune")
+    ev = finetune({**common, **eval_cfg, "name": "eval", "mode": mode, "checkpoint": pre["checkpoint"]})
     return {
         "top1": ev["top1"], "top5": ev.get("top5"), "images_seen": pre["images_seen"],
-        "checkpoint": pre["checkpoint"], "params": ev.get("params", pre.get("params")),
-        "wall_time_s": pre["wall_time_s"] + ev.get("wall_time_s", time.time() - start),
+        "checkpoint": pre["checkpoint"], "params": ev.get("params"),
+        "wall_time_s": pre["wall_time_s"] + ev.get("wall_time_s", 0.0),
     }
 
 
