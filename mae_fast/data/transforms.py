@@ -33,7 +33,7 @@ def as_size(img_size) -> tuple[int, int]:
 def to_uint8_hwc(image) -> np.ndarray:
     """PIL image / HWC or HW uint8 array -> contiguous HWC uint8 RGB array."""
     if not isinstance(image, np.ndarray):
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     if image.shape[2] == 4:
@@ -47,7 +47,8 @@ def crop_resize(image: np.ndarray, box: tuple[int, int, int, int], size: tuple[i
     Returns float32 (3, H, W) in [0, 1] (bicubic overshoot clamped, as a uint8 round trip would).
     """
     top, left, h, w = box
-    patch = torch.from_numpy(np.ascontiguousarray(image[top:top + h, left:left + w]))
+    patch = image[top:top + h, left:left + w]
+    patch = torch.from_numpy(np.ascontiguousarray(patch) if patch.flags.writeable else np.array(patch))
     patch = patch.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
     if (h, w) != tuple(size):
         patch = F.interpolate(patch, size=size, mode="bicubic", align_corners=False, antialias=True)
