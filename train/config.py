@@ -138,10 +138,28 @@ def parse_value(text: str):
     return value
 
 
+# the type of keys whose default is null (the others take their default's type)
+NULLABLE_TYPES = {
+    "name": "", "data_source": "", "resume": "", "checkpoint": "", "data_root": "",
+    "steps": 0, "stop_at_step": 0, "warmup_steps": 0,
+    "time_limit_s": 0.0, "lr": 0.0, "base_lr": 0.0, "clip_grad": 0.0, "peak_flops": 0.0, "hours": 0.0,
+    "weight_decay": 0.0,
+}
+
+
 def _coerce(key: str, value, default):
     """Check ``value`` against the default's type (ints are fine where floats are expected)."""
-    if default is None or value is None:
+    if value is None:
         return value
+    if default is None:
+        if key == "img_size":
+            if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+                return list(value)
+            default = 0
+        elif key in NULLABLE_TYPES:
+            default = NULLABLE_TYPES[key]
+        else:
+            return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")

@@ -1,0 +1,449 @@
+"""Training entry points on the CPU: loss falls, exact resume, atomic checkpoints, NaN skipping,
+config errors, reconstruction pictures, finetune / linear-probe smoke tests."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from mae_fast.train import checkpoint_io, config as config_mod, visualize
+from mae_fast.train.pretrain import NonFiniteLossError, SeededItems, StepBatchSampler, pretrain
+
+TINY_MODEL = dict(embed_dim=48, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
+def tiny(tmp_path, **kw) -> dict:
+    """A small, fast pretraining config on the synthetic source."""
+    cfg = dict(recipe="demo", name="t", output_dir=str(tmp_path), data_source="synthetic", synthetic_size=48,
+               img_size=32, model_kwargs=dict(TINY_MODEL), batch_size=8, steps=8, warmup_steps=2,
+               lr=2e-3, checkpoint_every=3, log_every=1, vis_every=0, vis_images=2, progress=False)
+    cfg.update(kw)
+    return cfg
+
+
+def params(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def assert_same_optimizer(a: dict, b: dict):
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        for name, va in a["state"][k].items():
+            vb = b["state"][k][name]
+            assert torch.equal(torch.as_tensor(va), torch.as_tensor(vb)), f"optimizer {k}.{name} differs"
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+def test_all_recipes_load_and_follow_their_papers():
+    names = config_mod.list_recipes()
+    for want in ["demo", "mae_official", "humanlike_vits14", "humanlike_vitb14", "humanlike_vitl14",
+                 "humanlike_vith14"]:
+        assert want in names
+    for n in names:
+        config_mod.load_recipe(n)
+    off = config_mod.load_recipe("mae_official")
+    assert (off["norm_pix_loss"], off["mask_ratio"], off["base_lr"], off["batch_size"], off["epochs"]) == \
+        (True, 0.75, 1.5e-4, 4096, 800)
+    assert (off["warmup_epochs"], off["weight_decay"], off["lr_schedule"], off["model"]) == \
+        (40, 0.05, "cosine", "mae_vit_large_patch16")
+    for s, lr in [("s", 3e-4), ("b", 3e-4), ("l", 3e-4), ("h", 1e-4)]:
+        r = config_mod.load_recipe(f"humanlike_vit{s}14")
+        assert (r["mask_ratio"], r["lr"], r["lr_schedule"], r["weight_decay"]) == (0.8, lr, "constant", 0.0)
+        assert r["model"].endswith("_patch14") and r["img_size"] in (224, 448, 476)
+
+
+def test_overrides_parse_every_form():
+    cfg = config_mod.config_from_argv(["--config", "demo", "steps=7", "--lr", "1e-4", "--clip_grad=null",
+                                       "model_kwargs.depth=2", "betas=[0.9, 0.99]", "compile=true"])
+    assert cfg["steps"] == 7 and cfg["lr"] == 1e-4 and cfg["clip_grad"] is None
+    assert cfg["model_kwargs"] == {"depth": 2} and cfg["betas"] == [0.9, 0.99] and cfg["compile"] is True
+    assert config_mod.config_from_argv(["mask_ratio=1"])["mask_ratio"] == 1.0  # int where float expected
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["bogus=1"], "unknown config key 'bogus'"),
+    (["--lrr", "1"], "did you mean lr"),
+    (["steps=many"], "steps must be an integer"),
+    (["compile=yes please"], "compile must be true or false"),
+    (["epochs.sub=1"], "epochs is not a mapping"),
+    (["--config", "no_such_recipe"], "recipe 'no_such_recipe' not found"),
+    (["justaword"], "cannot parse argument"),
+])
+def test_bad_configs_get_clear_errors(argv, msg):
+    with pytest.raises(config_mod.ConfigError, match=msg) as e:
+        config_mod.config_from_argv(argv)
+    if "unknown" in msg:
+        assert "valid keys:" in str(e.value) and "batch_size" in str(e.value)
+
+
+def test_bad_config_from_cli_exits_2_with_message(capsys):
+    from mae_fast.train.pretrain import main
+
+    assert main(["not_a_key=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'not_a_key'" in err and "valid keys" in err
+
+
+def test_bad_values_are_rejected_before_training(tmp_path):
+    with pytest.raises(config_mod.ConfigError, match="divisible"):
+        pretrain(tiny(tmp_path, batch_size=8, accum_steps=3))
+    with pytest.raises(config_mod.ConfigError, match="fewer than one batch"):
+        pretrain(tiny(tmp_path, batch_size=64))
+    with pytest.raises(config_mod.ConfigError, match="unknown config key"):
+        pretrain({"recipe": "demo", "stepz": 3})
+
+
+# ---------------------------------------------------------------------------------------------
+# data order
+# ---------------------------------------------------------------------------------------------
+def test_batch_sampler_resumes_mid_epoch_and_splits_global_batches():
+    full = list(StepBatchSampler(20, 6, seed=3, start_step=0, total_steps=7))
+    assert len(full) == 7 and all(len(b) == 6 for b in full)
+    assert sorted(j for b in full[:3] for _, j in b) == sorted(set(j for b in full[:3] for _, j in b))
+    assert [e for b in full for e, _ in b[:1]] == [0, 0, 0, 1, 1, 1, 2]
+    assert list(StepBatchSampler(20, 6, seed=3, start_step=4, total_steps=7)) == full[4:]
+    # accum 2 x world 2: each rank's micro-batches tile the global batch in order
+    parts = [list(StepBatchSampler(20, 8, 3, 0, 2, accum_steps=2, world_size=2, rank=r)) for r in (0, 1)]
+    one = list(StepBatchSampler(20, 8, 3, 0, 2))
+    for s in range(2):
+        pieces = [parts[0][2 * s], parts[1][2 * s], parts[0][2 * s + 1], parts[1][2 * s + 1]]
+        assert sum(pieces, []) == one[s]
+
+
+def test_seeded_items_are_reproducible_and_leave_global_rng_alone():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(3) + i
+
+    items = SeededItems(Noisy(), seed=5)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a, b = items[(1, 2)], items[(1, 2)]
+    assert torch.equal(a, b) and not torch.equal(a, items[(2, 2)])
+    assert torch.equal(before, torch.get_rng_state())
+
+
+# ---------------------------------------------------------------------------------------------
+# pretraining
+# ---------------------------------------------------------------------------------------------
+def _demo_data_available() -> bool:
+    try:
+        from mae_fast.data import build_pretrain_dataset  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_demo_recipe_loss_falls_and_writes_everything(tmp_path):
+    """The demo recipe, shortened; on the demo data when mae_fast.data provides it."""
+    source = None if _demo_data_available() else "synthetic"
+    cfg = dict(recipe="demo", output_dir=str(tmp_path), data_source=source, steps=40, warmup_steps=5,
+               batch_size=32, log_every=5, checkpoint_every=20, vis_every=20, progress=False)
+    res = pretrain(cfg)
+    run = Path(res["run_dir"])
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], rows
+    assert res["final_loss"] == pytest.approx(rows[-1]["loss"], rel=0.5)
+    assert res["images_seen"] == 40 * 32 and res["wall_time_s"] > 0
+    assert Path(res["checkpoint"]).is_file() and (run / "reconstruction.png").is_file()
+    assert (run / "reconstructions" / "step-00000020.png").is_file()
+    from PIL import Image
+
+    img = Image.open(run / "reconstruction.png")
+    assert img.size[0] > 8 * 64 and img.size[1] > 4 * 64
+    # the checkpoint loads as pretrained weights
+    import mae_fast
+
+    m = mae_fast.create_model("mae_vit_demo_patch8")
+    mae_fast.load_pretrained(m, res["checkpoint"])
+    # a second fresh run does not reuse a run directory that has checkpoints
+    res2 = pretrain(dict(cfg, steps=1, checkpoint_every=1, vis_every=0))
+    assert res2["run_dir"] != res["run_dir"] and res2["run_dir"].endswith("demo-2")
+
+
+def test_kill_and_resume_is_bit_exact(tmp_path):
+    straight = pretrain(tiny(tmp_path, name="straight"))
+    first = pretrain(tiny(tmp_path, name="killed", stop_at_step=5))
+    assert first["steps"] == 5 and first["stopped"].startswith("stop_at_step")
+    ckpts = [s for s, _ in checkpoint_io.list_checkpoints(first["run_dir"])]
+    assert ckpts == [5, 3]
+    resumed = pretrain(tiny(tmp_path, name="killed", resume="auto"))
+    assert resumed["steps"] == 8 and resumed["images_seen"] == straight["images_seen"]
+    a = torch.load(straight["checkpoint"], weights_only=False)
+    b = torch.load(resumed["checkpoint"], weights_only=False)
+    assert_same_state(a["model"], b["model"])
+    assert_same_optimizer(a["optimizer"], b["optimizer"])
+    assert a["loss"] == b["loss"]
+    assert b["step"] == 8 and (b["epoch"], b["index_in_epoch"]) == divmod(8, 48 // 8)
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint_and_stays_exact(tmp_path):
+    straight = pretrain(tiny(tmp_path, name="straight", steps=7))
+    first = pretrain(tiny(tmp_path, name="run", steps=7, stop_at_step=6))
+    newest = checkpoint_io.list_checkpoints(first["run_dir"])[0][1]
+    assert newest.name == "checkpoint-00000006.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # damage in the middle: digest catches it
+    newest.write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match="skipping damaged checkpoint"):
+        resumed = pretrain(tiny(tmp_path, name="run", steps=7, resume="auto"))
+    assert_same_state(params(straight["checkpoint"]), params(resumed["checkpoint"]))
+
+
+def test_truncated_checkpoint_without_digest_is_skipped(tmp_path):
+    run = tmp_path / "r"
+    checkpoint_io.save_checkpoint({"model": {"w": torch.ones(3)}, "step": 1}, run, 1)
+    p2 = checkpoint_io.save_checkpoint({"model": {"w": torch.full((3,), 2.0)}, "step": 2}, run, 2)
+    p2.write_bytes(p2.read_bytes()[:100])
+    p2.with_name(p2.name + ".sha256").unlink()
+    with pytest.warns(RuntimeWarning, match="skipping damaged"):
+        path, state = checkpoint_io.latest_valid_checkpoint(run)
+    assert state["step"] == 1 and path.name == "checkpoint-00000001.pt"
+
+
+def test_atomic_save_keeps_last_good_checkpoint_when_killed_mid_write(tmp_path, monkeypatch):
+    run = tmp_path / "r"
+    checkpoint_io.save_checkpoint({"model": {"w": torch.ones(3)}, "step": 1}, run, 1)
+
+    def die(fd):  # the process dies after the bytes are written but before the rename
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(checkpoint_io.os, "fsync", die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_io.save_checkpoint({"model": {"w": torch.zeros(3)}, "step": 2}, run, 2)
+    monkeypatch.undo()
+    assert [s for s, _ in checkpoint_io.list_checkpoints(run)] == [1]
+    assert not list(checkpoint_io.checkpoint_dir(run).glob(".*tmp*"))
+    path, state = checkpoint_io.latest_valid_checkpoint(run)
+    assert torch.equal(state["model"]["w"], torch.ones(3))
+
+
+def test_atomic_write_survives_sigkill_of_the_writer(tmp_path):
+    """A real kill -9 in the middle of a (slow) checkpoint write leaves the previous one intact."""
+    run = tmp_path / "r"
+    checkpoint_io.save_checkpoint({"model": {"w": torch.ones(3)}, "step": 1}, run, 1)
+    code = f"""
+import os, sys, time, torch
+from mae_fast.train import checkpoint_io
+real_write = None
+class Slow:
+    def __init__(self, f): self.f = f
+import builtins
+orig_open = builtins.open
+def slow_open(path, mode='r', *a, **k):
+    f = orig_open(path, mode, *a, **k)
+    if 'w' in mode and 'tmp' in str(path):
+        w = f.write
+        def write(data):
+            n = w(data[:len(data)//2]); f.flush(); print('HALF', flush=True); time.sleep(60); return n + w(data[len(data)//2:])
+        f.write = write
+    return f
+builtins.open = slow_open
+checkpoint_io.save_checkpoint({{"model": {{"w": torch.zeros(1000)}}, "step": 2}}, {str(run)!r}, 2)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "HALF"
+    proc.kill()
+    proc.wait()
+    assert [s for s, _ in checkpoint_io.list_checkpoints(run)] == [1]
+    checkpoint_io.clean_temporaries(run)
+    assert not list(checkpoint_io.checkpoint_dir(run).glob(".*tmp*"))
+    assert checkpoint_io.latest_valid_checkpoint(run)[1]["step"] == 1
+
+
+def test_keep_last_k(tmp_path):
+    for s in range(1, 6):
+        checkpoint_io.save_checkpoint({"model": {}, "step": s}, tmp_path, s, keep=2)
+    assert [s for s, _ in checkpoint_io.list_checkpoints(tmp_path)] == [5, 4]
+    assert len(list(checkpoint_io.checkpoint_dir(tmp_path).glob("*.sha256"))) == 2
+
+
+def test_non_finite_loss_skips_the_step(tmp_path):
+    clean = pretrain(tiny(tmp_path, name="clean", steps=3, checkpoint_every=1, keep_checkpoints=5))
+    res = pretrain(tiny(tmp_path, name="nan", steps=3, checkpoint_every=1, keep_checkpoints=5, debug_nan_steps=[1]))
+    assert res["skipped_steps"] == 1 and res["steps"] == 3
+    ck = {s: p for s, p in checkpoint_io.list_checkpoints(res["run_dir"])}
+    ck_clean = {s: p for s, p in checkpoint_io.list_checkpoints(clean["run_dir"])}
+    # step 1 (the 2nd) made no update: the weights after it equal those after step 0
+    assert_same_state(params(ck[1]), params(ck[2]))
+    assert_same_state(params(ck[1]), params(ck_clean[1]))
+    for v in params(ck[3]).values():
+        assert torch.isfinite(v).all()
+
+
+def test_too_many_non_finite_losses_stop_with_a_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row") as e:
+        pretrain(tiny(tmp_path, name="bad", steps=8, debug_nan_steps=[2, 3, 4], max_bad_steps=3))
+    assert "checkpoint-00000005.pt" in str(e.value)
+    state = checkpoint_io.load_checkpoint(tmp_path / "bad" / "checkpoints" / "checkpoint-00000005.pt")
+    assert state["skipped_steps"] == 3 and state["note"] == "non-finite"
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    a = pretrain(tiny(tmp_path, name="a", steps=3))
+    b = pretrain(tiny(tmp_path, name="b", steps=3, accum_steps=2))
+    pa, pb = params(a["checkpoint"]), params(b["checkpoint"])
+    for k in pa:
+        # Adam turns tiny gradient differences into up to ~lr-sized steps on near-zero gradients
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-4)
+
+
+def test_options_grad_checkpointing_clip_bf16_run(tmp_path):
+    res = pretrain(tiny(tmp_path, name="opts", steps=2, grad_checkpointing=True, clip_grad=0.5,
+                        precision="bf16", norm_pix_loss=True, lr_schedule="constant"))
+    assert res["steps"] == 2 and res["final_loss"] == res["final_loss"]
+
+
+def test_no_weight_decay_on_biases_norms_tokens_pos_embed():
+    import mae_fast
+    from mae_fast.train.pretrain import param_groups
+
+    m = mae_fast.create_model("mae_vit_demo_patch8")
+    decay, no_decay = param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert {"cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "norm.bias"} <= nd
+    assert all(m.get_parameter(n).ndim >= 2 for n in d) and "blocks.0.attn.qkv.weight" in d
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+
+
+def test_cli_entry_point_runs(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mae_fast.cli", "pretrain", "data_source=synthetic",
+                          "synthetic_size=16", "img_size=32", "model_kwargs.depth=1", "batch_size=8", "steps=2",
+                          f"output_dir={tmp_path}", "progress=false", "vis_every=0"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "run dir:" in out.stdout and "checkpoint-00000002.pt" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# reconstruction pictures
+# ---------------------------------------------------------------------------------------------
+def test_norm_pix_unnormalisation_uses_visible_statistics_only():
+    import mae_fast
+
+    torch.manual_seed(0)
+    m = mae_fast.create_model("mae_vit_demo_patch8", img_size=32, norm_pix_loss=True)
+    imgs = torch.randn(2, 3, 32, 32) * 0.7 + 0.3
+    target = m.patchify(imgs)
+    mask = (torch.rand(2, m.num_patches) < 0.6).float()
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    normed = (target - mean) / (var + 1e-6) ** 0.5
+    rec = visualize.reconstruct(m, imgs, normed, mask)
+    # a perfect prediction comes back exactly on visible patches
+    vis = (mask == 0)
+    torch.testing.assert_close(m.patchify(rec)[vis], target[vis], rtol=1e-4, atol=1e-4)
+    # removed patches' statistics do not depend on their own (hidden) pixels
+    imgs2 = imgs.clone()
+    hidden = m.unpatchify(mask[..., None].expand_as(target)).bool()
+    imgs2[hidden] = imgs2[hidden] * 3.0 + 1.0
+    est1 = visualize.visible_stats(m.patchify(imgs), mask, m.grid_size)
+    est2 = visualize.visible_stats(m.patchify(imgs2), mask, m.grid_size)
+    torch.testing.assert_close(est1[0], est2[0]) and torch.testing.assert_close(est1[1], est2[1])
+
+
+def test_reconstruction_grid_png(tmp_path):
+    import mae_fast
+    from PIL import Image
+
+    m = mae_fast.create_model("mae_vit_demo_patch8")
+    rows = visualize.save_reconstruction_grid(m, torch.randn(3, 3, 64, 64), tmp_path / "g.png")
+    assert rows.shape == (4, 3, 3, 64, 64) and 0 <= rows.min() and rows.max() <= 1
+    # the masked row is grey exactly where the reconstruction row was pasted
+    assert Image.open(tmp_path / "g.png").size[1] >= 4 * 128
+
+
+# ---------------------------------------------------------------------------------------------
+# finetune / linear probe
+# ---------------------------------------------------------------------------------------------
+class Shapes(torch.utils.data.Dataset):
+    """Labelled stand-in: class c is a bright square in quadrant c, on noise."""
+
+    def __init__(self, n, size=32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, size, size, generator=g) * 0.3
+        self.y = torch.arange(n) % 4
+        h = size // 2
+        for i in range(n):
+            r, c = divmod(int(self.y[i]), 2)
+            self.x[i, :, r * h:(r + 1) * h, c * h:(c + 1) * h] += 1.5
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+@pytest.mark.parametrize("mode", ["finetune", "linprobe"])
+def test_finetune_and_linprobe_smoke(tmp_path, mode):
+    from mae_fast.train.finetune import finetune
+
+    pre = pretrain(tiny(tmp_path, name="pre", steps=2))
+    res = finetune(dict(mode=mode, checkpoint=pre["run_dir"], output_dir=str(tmp_path), epochs=3, batch_size=16,
+                        warmup_epochs=1, lr=3e-3 if mode == "finetune" else 0.05, progress=False, pool="mean"),
+                   datasets=(Shapes(40), Shapes(20, seed=1), ["a", "b", "c", "d"]))
+    assert 0 <= res["top1"] <= 100 and res["top1"] <= res["top5"] <= 100 and res["top5"] == 100.0  # 4 classes
+    assert res["best_epoch"] in range(3) and len(res["history"]) == 3
+    saved = json.loads(Path(res["results"]).read_text())
+    assert saved["top1"] == res["top1"] and saved["checkpoint"].endswith("checkpoint-00000002.pt")
+    assert res["model"] == "mae_vit_demo_patch8"
+
+
+def test_linprobe_freezes_encoder_and_uses_affine_free_batchnorm(tmp_path):
+    import mae_fast
+    from mae_fast.train.finetune import Classifier
+
+    enc = mae_fast.create_timm_encoder(mae_fast.create_model("mae_vit_demo_patch8"))
+    c = Classifier(enc, 5, "cls", linprobe=True)
+    assert not any(p.requires_grad for p in c.encoder.parameters())
+    assert isinstance(c.bn, torch.nn.BatchNorm1d) and not c.bn.affine
+    c.train()
+    assert not c.encoder.training and c.bn.training
+    before = {k: v.clone() for k, v in c.encoder.state_dict().items()}
+    c(torch.randn(4, 3, 64, 64)).sum().backward()
+    assert c.head.weight.grad is not None
+    assert all(torch.equal(before[k], v) for k, v in c.encoder.state_dict().items())
+
+
+def test_finetune_loads_official_and_timm_style_checkpoints(tmp_path):
+    import mae_fast
+    from mae_fast.train.finetune import build_classifier
+
+    src = mae_fast.create_model("mae_vit_demo_patch8")
+    torch.save({"model": src.state_dict()}, tmp_path / "official.pth")
+    torch.save(mae_fast.export_timm(src), tmp_path / "timm.pth")
+    cfg = config_mod.defaults(config_mod.FINETUNE_KEYS)
+    for f in ("official.pth", "timm.pth"):
+        model, *_ = build_classifier(dict(cfg, checkpoint=str(tmp_path / f)), 3, linprobe=False)
+        torch.testing.assert_close(model.encoder.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
+
+
+def test_layer_decay_groups():
+    import mae_fast
+    from mae_fast.train.finetune import Classifier, layer_decay_groups
+
+    enc = mae_fast.create_timm_encoder(mae_fast.create_model("mae_vit_demo_patch8"))
+    groups = layer_decay_groups(Classifier(enc, 3), 0.05, 0.5)
+    scales = sorted({g["lr_scale"] for g in groups})
+    assert scales == [0.5 ** k for k in range(5, -1, -1)]  # depth 4: layers 0..5
+    assert sum(len(g["params"]) for g in groups) == sum(1 for _ in Classifier(enc, 3).parameters())

@@ -1,0 +1,336 @@
+"""Evaluating a pretrained encoder: ``mae-fast finetune`` and ``mae-fast linprobe``.
+
+* finetune: the whole encoder plus a linear head, AdamW with layer-wise lr decay, warmup + cosine,
+  label smoothing, stochastic depth (the low-label protocol: ``fraction=0.02 epochs=50``).
+* linprobe: the encoder frozen; BatchNorm without affine parameters + a linear head on the cls token
+  or the mean-pooled patch tokens (as MAE's linear probe; SGD with momentum here instead of LARS).
+
+Encoder weights come from a mae_fast run directory or checkpoint, an official MAE ``.pth``
+(``{"model": state}``) or a timm export, through ``mae_fast.load_pretrained(encoder_only=True)``;
+the classifier is timm's ``VisionTransformer`` (``mae_fast.create_timm_encoder``) plus a head.
+Reports the best top-1 and top-5 over epochs and writes them to ``<output_dir>/<name>/results.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from mae_fast.train import checkpoint_io, config as config_mod
+from mae_fast.train.distributed import pick_device
+from mae_fast.train.pretrain import NO_DECAY_NAMES, SeededItems, _mix, autocast_dtype
+
+
+class Classifier(nn.Module):
+    """timm ViT encoder -> pooled feature -> [BatchNorm (linprobe)] -> linear head."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, pool: str = "cls", linprobe: bool = False):
+        super().__init__()
+        if pool not in ("cls", "mean"):
+            raise config_mod.ConfigError(f"pool must be cls or mean, got {pool!r}")
+        self.encoder, self.pool, self.linprobe = encoder, pool, linprobe
+        dim = encoder.embed_dim
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if linprobe else nn.Identity()
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01 if linprobe else 2e-5)
+        nn.init.zeros_(self.head.bias)
+        if linprobe:
+            for p in self.encoder.parameters():
+                p.requires_grad_(False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder.forward_features(x)
+        if self.pool == "cls":
+            return tokens[:, 0]
+        return tokens[:, getattr(self.encoder, "num_prefix_tokens", 1):].mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linprobe:
+            with torch.no_grad():
+                f = self.features(x)
+            return self.head(self.bn(f.float()))
+        return self.head(self.features(x))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.linprobe:
+            self.encoder.eval()  # frozen: no stochastic depth, no statistics updates
+        return self
+
+
+def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Param groups with ``lr_scale = layer_decay ** (depth + 1 - layer)`` (embeddings layer 0, block i
+    layer i + 1, norm and head last); no weight decay on 1-D params, tokens and position embeddings."""
+    depth = len(model.encoder.blocks)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        sub = name[len("encoder."):] if name.startswith("encoder.") else None
+        if sub is None:
+            layer = depth + 1
+        elif sub.startswith(("cls_token", "pos_embed", "patch_embed", "reg_token")):
+            layer = 0
+        elif sub.startswith("blocks."):
+            layer = int(sub.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        no_wd = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
+        key = (layer, no_wd)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
+                           "lr_scale": layer_decay ** (depth + 1 - layer)}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def resolve_checkpoint(cfg: dict):
+    """A checkpoint file from ``cfg['checkpoint']`` (file, or run dir -> its newest valid checkpoint);
+    with null the newest checkpoint of ``<output_dir>/demo``, else None (random init, with a warning)."""
+    ref = cfg["checkpoint"]
+    if ref is None:
+        found = checkpoint_io.latest_valid_checkpoint(Path(cfg["output_dir"]) / "demo")
+        if found is None:
+            warnings.warn("no checkpoint given and none in runs/demo: the encoder starts from random "
+                          "weights", RuntimeWarning, stacklevel=2)
+            return None
+        return found[0]
+    path = Path(ref)
+    if path.is_dir():
+        found = checkpoint_io.latest_valid_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no valid checkpoint in run directory {path}")
+        return found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def _peek_pretrain_config(path) -> dict | None:
+    """The pretraining config stored in a mae_fast checkpoint, if it is one."""
+    if path is None or str(path).endswith(".safetensors"):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return None
+    cfg = state.get("config") if isinstance(state, dict) else None
+    return cfg if isinstance(cfg, dict) and "model" in cfg else None
+
+
+def encoder_spec(cfg: dict) -> tuple:
+    """(checkpoint path or None, model name, create_model kwargs) for the configured encoder."""
+    ckpt = resolve_checkpoint(cfg)
+    model_name, kw = cfg["model"], dict(cfg["model_kwargs"] or {})
+    pre = _peek_pretrain_config(ckpt)
+    if pre is not None and model_name == config_mod.FINETUNE_KEYS["model"][0] and not kw:
+        # a mae_fast checkpoint: build what it was trained as unless told otherwise
+        model_name, kw = pre["model"], dict(pre.get("model_kwargs") or {})
+        if cfg["img_size"] is None and pre.get("img_size") is not None:
+            kw["img_size"] = pre["img_size"]
+    if cfg["img_size"] is not None:
+        kw["img_size"] = cfg["img_size"]
+    return ckpt, model_name, kw
+
+
+def build_classifier(cfg: dict, num_classes: int, linprobe: bool, spec: tuple | None = None):
+    from mae_fast import create_model, load_pretrained
+    from mae_fast.models import create_timm_encoder, export_timm, timm_model_kwargs
+
+    ckpt, model_name, kw = spec or encoder_spec(cfg)
+    mae = create_model(model_name, **kw)
+    if ckpt is not None:
+        load_pretrained(mae, ckpt, encoder_only=True)
+    if linprobe or not cfg["drop_path"]:
+        encoder = create_timm_encoder(mae)
+    else:
+        from timm.models.vision_transformer import VisionTransformer
+
+        encoder = VisionTransformer(**timm_model_kwargs(mae), drop_path_rate=cfg["drop_path"])
+        encoder.load_state_dict(export_timm(mae), strict=True)
+    return Classifier(encoder, num_classes, cfg["pool"], linprobe), mae.img_size, ckpt, model_name
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
+    """Shuffled (epoch, index) batches covering every item; a last batch of one joins the previous
+    (BatchNorm needs two samples)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, 31, epoch))).tolist()
+    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2].extend(batches.pop())
+    return [[(epoch, j) for j in b] for b in batches]
+
+
+def _collate(batch):
+    imgs = torch.stack([b[0] for b in batch])
+    labels = torch.as_tensor([int(b[1]) for b in batch], dtype=torch.long)
+    return imgs, labels
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device, amp_dtype, num_classes: int) -> tuple[float, float, float]:
+    """(top-1 %, top-5 %, mean loss) over the loader."""
+    model.eval()
+    k = min(5, num_classes)
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    for imgs, labels in loader:
+        imgs, labels = imgs.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            logits = model(imgs)
+        logits = logits.float()
+        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        top = logits.topk(k, dim=1).indices
+        correct1 += int((top[:, 0] == labels).sum())
+        correct5 += int((top == labels[:, None]).any(dim=1).sum())
+        total += labels.numel()
+    return 100.0 * correct1 / total, 100.0 * correct5 / total, loss_sum / total
+
+
+def finetune(config: dict | None = None, *, datasets=None) -> dict:
+    """Finetune or linearly probe an encoder (``config['mode']``). Returns top1, top5 (best over
+    epochs, %), best_epoch, top5_at_best, history, results (path), checkpoint (the encoder source).
+    ``datasets`` = (train_ds, val_ds, classes) replaces the configured labelled data."""
+    cfg = config_mod.build_config(config, config_mod.FINETUNE_KEYS, default_recipe=None)
+    mode = cfg["mode"]
+    if mode not in ("finetune", "linprobe"):
+        raise config_mod.ConfigError(f"mode must be finetune or linprobe, got {mode!r}")
+    linprobe = mode == "linprobe"
+    if not 0.0 < cfg["fraction"] <= 1.0:
+        raise config_mod.ConfigError(f"fraction must be in (0, 1], got {cfg['fraction']}")
+    if cfg["epochs"] < 1 or cfg["batch_size"] < 2:
+        raise config_mod.ConfigError("epochs must be >= 1 and batch_size >= 2")
+    device = pick_device(cfg["device"])
+    amp_dtype = autocast_dtype(cfg["precision"], device)
+    torch.manual_seed(cfg["seed"])
+
+    # the encoder's image size decides the data's
+    spec = encoder_spec(cfg)
+    if datasets is None:
+        from mae_fast.data import build_labelled_datasets
+        from mae_fast.models import model_config
+
+        size = model_config(spec[1], **spec[2]).get("img_size", 224)
+        train_ds, val_ds, classes = build_labelled_datasets(root=cfg["data_root"], img_size=size,
+                                                            fraction=cfg["fraction"], seed=cfg["seed"])
+    else:
+        train_ds, val_ds, classes = datasets
+    num_classes = len(classes)
+    model, img_size, ckpt, model_name = build_classifier(cfg, num_classes, linprobe, spec)
+    model.to(device)
+
+    B = cfg["batch_size"]
+    base_lr = cfg["base_lr"] if cfg["base_lr"] is not None else (0.1 if linprobe else 1e-3)
+    peak_lr = cfg["lr"] if cfg["lr"] is not None else base_lr * B / 256
+    wd = cfg["weight_decay"] if cfg["weight_decay"] is not None else (0.0 if linprobe else 0.05)
+    if linprobe:
+        groups = [{"params": list(model.head.parameters()), "weight_decay": wd, "lr_scale": 1.0}]
+        optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=0.9)
+        criterion = nn.CrossEntropyLoss()
+    else:
+        groups = layer_decay_groups(model, wd, cfg["layer_decay"])
+        kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), **kw)
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+
+    n_train = len(train_ds)
+    if n_train < 2:
+        raise config_mod.ConfigError(f"only {n_train} training image(s) after fraction={cfg['fraction']}")
+    steps_per_epoch = len(_epoch_batches(n_train, B, cfg["seed"], 0))
+    total = cfg["epochs"] * steps_per_epoch
+    warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+
+    def lr_at(step):
+        if step < warmup:
+            return peak_lr * step / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return cfg["min_lr"] + (peak_lr - cfg["min_lr"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    items = SeededItems(train_ds, cfg["seed"])
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(B, 64), shuffle=False,
+                                             num_workers=cfg["num_workers"], collate_fn=_collate)
+    name = cfg["name"] or mode
+    run_dir = Path(cfg["output_dir"]) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{mode}: {model_name} encoder from {ckpt or 'random init'}; {n_train} train / {len(val_ds)} val "
+          f"images, {num_classes} classes; {cfg['epochs']} epochs x {steps_per_epoch} steps, lr {peak_lr:.3g}, "
+          f"device {device}; results -> {run_dir}", flush=True)
+
+    bar = None
+    if cfg["progress"]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg["epochs"], desc=mode, dynamic_ncols=True, file=sys.stdout)
+    history, best = [], {"top1": -1.0}
+    step, t0 = 0, time.perf_counter()
+    try:
+        for epoch in range(cfg["epochs"]):
+            model.train()
+            loader = torch.utils.data.DataLoader(items, batch_sampler=_epoch_batches(n_train, B, cfg["seed"], epoch),
+                                                 num_workers=cfg["num_workers"], collate_fn=_collate)
+            losses = []
+            for imgs, labels in loader:
+                lr = lr_at(step)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                    logits = model(imgs)
+                loss = criterion(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                if math.isfinite(float(loss.detach())):
+                    loss.backward()
+                    optimizer.step()
+                losses.append(float(loss.detach()))
+                step += 1
+            top1, top5, val_loss = evaluate(model, val_loader, device, amp_dtype, num_classes)
+            row = {"epoch": epoch, "train_loss": sum(losses) / len(losses), "val_loss": val_loss,
+                   "top1": top1, "top5": top5, "lr": lr}
+            history.append(row)
+            if top1 > best["top1"]:
+                best = {"top1": top1, "top5_at_best": top5, "best_epoch": epoch}
+            if bar is not None:
+                bar.set_postfix({"loss": f"{row['train_loss']:.3f}", "top1": f"{top1:.1f}",
+                                 "best": f"{best['top1']:.1f}"}, refresh=False)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    result = {"mode": mode, "top1": best["top1"], "top5": max(h["top5"] for h in history),
+              "top5_at_best": best["top5_at_best"], "best_epoch": best["best_epoch"],
+              "final_top1": history[-1]["top1"], "epochs": cfg["epochs"], "fraction": cfg["fraction"],
+              "train_images": n_train, "val_images": len(val_ds), "num_classes": num_classes,
+              "checkpoint": str(ckpt) if ckpt else None, "model": model_name,
+              "wall_time_s": time.perf_counter() - t0, "run_dir": str(run_dir),
+              "results": str(run_dir / "results.json"), "history": history}
+    checkpoint_io.atomic_write_bytes(run_dir / "results.json", json.dumps(result, indent=1).encode())
+    print(f"{mode}: best top-1 {result['top1']:.2f}% (epoch {result['best_epoch']}), best top-5 "
+          f"{result['top5']:.2f}%; {result['results']}", flush=True)
+    return result
+
+
+def main(argv=None, mode: str = "finetune") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"mae-fast {mode}"
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_mod.help_text(config_mod.FINETUNE_KEYS, prog))
+        return 0
+    try:
+        cfg = config_mod.config_from_argv(argv, config_mod.FINETUNE_KEYS, None, fixed={"mode": mode})
+        finetune(cfg)
+    except (config_mod.ConfigError, FileNotFoundError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
