@@ -1,0 +1,263 @@
+"""Sweep runner: grid expansion with stable ids, skip/resume after a kill with no lost or duplicated
+rows, failures recorded, concurrent appends, and the SLURM path through submitit's local executor
+(including a preemption that requeues and resumes from the run's checkpoint)."""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mae_fast.scaling import append_result, load_results
+from mae_fast.scaling.grid import GridError, grid_from_dict, load_grid
+from mae_fast.scaling.cli import main as scale_main
+from mae_fast.scaling.runner import SweepTask, pending_runs, run_grid, sweep_status
+
+# A resumable fake job: `steps` steps, its state in run_dir/ckpt.json after each. FAKE_KILL_CALL=k makes
+# the k-th job call (counted across processes in FAKE_COUNTER) die with os._exit at step 2: a kill.
+FAKE_JOBS = textwrap.dedent('''
+    import json, math, os, time
+    from pathlib import Path
+
+    def truth(cfg):
+        return (20 + 2 * math.log(cfg["params"] / 1e8) + 3 * math.log(cfg["hours"] / 100)
+                + 5 * math.log(cfg["img_size"] / 224) + 0.1 * cfg["seed"])
+
+    def _count():
+        path = Path(os.environ["FAKE_COUNTER"])
+        n = int(path.read_text()) + 1 if path.exists() else 1
+        path.write_text(str(n))
+        return n
+
+    def resumable(cfg, run_dir):
+        call = _count() if "FAKE_COUNTER" in os.environ else 0
+        ck = Path(run_dir) / "ckpt.json"
+        state = json.loads(ck.read_text()) if ck.exists() else {"step": 0, "starts": 0, "resumed_from": []}
+        state["starts"] += 1
+        state["resumed_from"].append(state["step"])
+        while state["step"] < int(os.environ.get("FAKE_STEPS", "4")):
+            state["step"] += 1
+            tmp = ck.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, ck)
+            if call == int(os.environ.get("FAKE_KILL_CALL", "-1")) and state["step"] == 2:
+                os._exit(9)
+            time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+        return {"top1": truth(cfg), "top5": min(100.0, truth(cfg) + 20), "checkpoint": str(ck),
+                "images_seen": cfg["budget"]["images_seen"]}
+
+    def broken(cfg, run_dir):
+        if cfg["hours"] == 5:
+            raise RuntimeError("out of memory (on purpose)")
+        return resumable(cfg, run_dir)
+''')
+
+
+@pytest.fixture
+def fake_jobs(tmp_path, monkeypatch):
+    (tmp_path / "fakejobs.py").write_text(FAKE_JOBS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    for k in ("FAKE_COUNTER", "FAKE_KILL_CALL", "FAKE_STEPS", "FAKE_SLEEP"):
+        monkeypatch.delenv(k, raising=False)
+    sys.modules.pop("fakejobs", None)
+    return tmp_path
+
+
+def grid_dict(out_dir, **over):
+    g = {
+        "name": "t", "out_dir": str(out_dir), "job": "fakejobs:resumable",
+        "models": ["mae_vit_small_patch14", {"name": "tinyvit", "base": "mae_vit_tiny_patch14", "depth": 2,
+                                             "img_sizes": [224]}],
+        "hours": [5, 50], "img_sizes": [224, 448], "seeds": [1, 2],
+        "budget": {"rule": "images_seen", "images_seen": 1000, "batch_size": 100},
+        "eval": {"protocol": "linprobe", "num_classes": 1000},
+    }
+    g.update(over)
+    return g
+
+
+def write_grid(path: Path, **over) -> Path:
+    path.write_text(yaml.safe_dump(grid_dict(path.parent / "sweep", **over)))
+    return path
+
+
+def test_grid_expands_with_stable_readable_ids(tmp_path):
+    g = grid_from_dict(grid_dict(tmp_path))
+    assert len(g.runs) == 2 * 2 * 2 + 1 * 2 * 2  # small at 2 sizes, tinyvit only at 224
+    ids = [r.run_id for r in g.runs]
+    assert ids == [r.run_id for r in grid_from_dict(grid_dict(tmp_path)).runs]  # stable
+    assert ids[0].startswith("vits14-224px-5h-s1-") and any(i.startswith("tinyvit-224px-50h-s2-") for i in ids)
+    # where and how it runs does not change a run's identity; what it computes does
+    moved = grid_from_dict(grid_dict(tmp_path / "elsewhere", executor={"name": "slurm"}))
+    assert [r.run_id for r in moved.runs] == ids
+    more = grid_from_dict(grid_dict(tmp_path, seeds=[1, 2, 3]))
+    assert set(ids) < {r.run_id for r in more.runs}
+    lr = grid_from_dict(grid_dict(tmp_path, pretrain={"lr": 1e-3}))
+    assert not set(ids) & {r.run_id for r in lr.runs}
+    cfg = g.runs[0].config
+    assert cfg["params"] == pytest.approx(22.0e6, rel=0.01) and cfg["data_fraction"] == 5 / 5000
+    assert cfg["budget"]["steps"] == 10
+    epochs = grid_from_dict(grid_dict(tmp_path, budget={"rule": "epochs", "epochs": 2, "batch_size": 64}))
+    assert epochs.runs[0].config["budget"]["images_seen"] == 2 * 5 * 3600  # 1 frame/s
+
+
+def test_bad_grids_are_refused(tmp_path):
+    with pytest.raises(GridError, match="unknown model 'mae_vit_nope'"):
+        grid_from_dict(grid_dict(tmp_path, models=["mae_vit_nope"]))
+    with pytest.raises(GridError, match="not a multiple of patch 14"):
+        grid_from_dict(grid_dict(tmp_path, img_sizes=[100]))
+    with pytest.raises(GridError, match="hours must be > 0"):
+        grid_from_dict(grid_dict(tmp_path, hours=[0, 5]))
+    with pytest.raises(GridError, match="budget.rule"):
+        grid_from_dict(grid_dict(tmp_path, budget={"rule": "vibes"}))
+
+
+def test_inprocess_sweep_writes_the_table_and_skips_finished_runs(fake_jobs):
+    grid = load_grid(write_grid(fake_jobs / "g.yaml"))
+    outcome = run_grid(grid, log=lambda s: None)
+    assert set(outcome.values()) == {"done"} and len(outcome) == 12
+    table = load_results(grid.table_path)
+    assert sorted(table["run"]) == sorted(r.run_id for r in grid.runs)
+    for row in table.rows():
+        cfg = json.loads(row["config_json"])
+        expect = (20 + 2 * math.log(cfg["params"] / 1e8) + 3 * math.log(cfg["hours"] / 100)
+                  + 5 * math.log(cfg["img_size"] / 224) + 0.1 * cfg["seed"])
+        assert row["top1"] == pytest.approx(expect, abs=1e-6)
+        assert row["params"] == cfg["params"] and row["hours"] == cfg["hours"] and row["git_commit"]
+        assert row["images_seen"] == 1000 and Path(row["checkpoint"]).exists()
+    assert pending_runs(grid) == []
+    assert run_grid(grid, log=lambda s: None) == {}  # nothing left: nothing runs
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "mae_fast.scaling.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_killed_sweep_resumes_without_lost_or_duplicated_rows(fake_jobs, monkeypatch, capsys):
+    grid_path = write_grid(fake_jobs / "g.yaml")
+    grid = load_grid(grid_path)
+    env = {"FAKE_COUNTER": str(fake_jobs / "calls"), "FAKE_KILL_CALL": "3"}
+    first = run_cli("run", str(grid_path), env=env)
+    assert first.returncode == 9, first.stderr  # the whole sweep process died inside run 3
+    killed = grid.runs[2].run_id
+    assert sorted(load_results(grid.table_path)["run"]) == sorted(r.run_id for r in grid.runs[:2])
+    st = sweep_status(grid)
+    assert [e["run"] for e in st["interrupted"]] == [killed]
+    assert len(st["done"]) == 2 and len(st["left"]) == 9
+    assert scale_main(["status", str(grid_path)]) == 0
+    out = capsys.readouterr().out
+    assert "done 2" in out and "interrupted 1" in out and killed in out
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert scale_main(["run", str(grid_path)]) == 0
+    assert "2 done, 10 to run" in capsys.readouterr().out
+    table = load_results(grid.table_path)
+    assert len(table) == 12 and sorted(table["run"]) == sorted(r.run_id for r in grid.runs)
+    assert len(grid.table_path.read_text().splitlines()) == 13  # header + one line per run, no duplicates
+    ck = json.loads((grid.run_dir(killed) / "ckpt.json").read_text())
+    assert ck["starts"] == 2 and ck["resumed_from"] == [0, 2] and ck["step"] == 4  # resumed, not restarted
+    assert int((fake_jobs / "calls").read_text()) == 12 + 1  # finished runs were not run again
+    assert len(sweep_status(grid)["done"]) == 12
+
+
+def test_failures_are_recorded_and_retried(fake_jobs):
+    grid = load_grid(write_grid(fake_jobs / "g.yaml", job="fakejobs:broken"))
+    outcome = run_grid(grid, log=lambda s: None)
+    failed = {k for k, v in outcome.items() if v != "done"}
+    assert len(failed) == 6 and all("out of memory" in outcome[k] for k in failed)
+    st = sweep_status(grid)
+    assert {e["run"] for e in st["failed"]} == failed
+    assert all("RuntimeError: out of memory (on purpose)" == e["error"] for e in st["failed"])
+    assert len(pending_runs(grid, retry_failed=False)) == 0 and len(pending_runs(grid)) == 6
+    outcome = run_grid(grid, job="fakejobs:resumable", log=lambda s: None)
+    assert set(outcome) == failed and set(outcome.values()) == {"done"}
+    assert len(load_results(grid.table_path)) == 12
+
+
+def test_subprocess_mode_runs_each_run_in_a_worker(fake_jobs):
+    grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5], seeds=[1],
+                                img_sizes=[224], executor={"name": "local", "mode": "subprocess"}))
+    assert run_grid(grid, log=lambda s: None) == {r.run_id: "done" for r in grid.runs}
+    assert len(load_results(grid.table_path)) == 1
+
+
+def _append_many(args):
+    path, worker = args
+    for i in range(15):
+        append_result(path, {"run": f"w{worker}-{i}", "params": 1e8, "hours": 1 + i, "img_size": 224,
+                             "top1": 10 + worker})
+
+
+def test_concurrent_appends_lose_nothing(tmp_path):
+    path = tmp_path / "results.csv"
+    with mp.get_context("fork").Pool(4) as pool:
+        pool.map(_append_many, [(path, w) for w in range(4)])
+    append_result(path, {"run": "w0-0", "params": 1e8, "hours": 1, "img_size": 224, "top1": 99})  # replaces
+    table = load_results(path)
+    assert len(table) == 60 and len(set(table["run"])) == 60
+    assert table["top1"][list(table["run"]).index("w0-0")] == 99
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+submitit = pytest.importorskip("submitit")
+
+
+def test_slurm_array_through_submitit_local_executor(fake_jobs):
+    grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5], img_sizes=[224],
+                                seeds=[1, 2], executor={"name": "slurm", "cluster": "local",
+                                                        "slurm": {"timeout_min": 10, "slurm_array_parallelism": 2}}))
+    jobs = run_grid(grid, log=lambda s: None, wait=True)
+    assert len(jobs) == 2 and all(j.state == "FINISHED" for j in jobs)
+    table = load_results(grid.table_path)
+    assert sorted(table["run"]) == sorted(r.run_id for r in grid.runs)
+    assert len(sweep_status(grid)["done"]) == 2
+    assert run_grid(grid, log=lambda s: None, wait=True) == []  # submitting again finds nothing to do
+
+
+def test_preempted_task_requeues_itself_and_resumes(fake_jobs, monkeypatch):
+    """What submitit does on preemption, step by step: the task is interrupted, its ``checkpoint``
+    gives the call to requeue, and the requeued call resumes from the run's checkpoint."""
+    monkeypatch.setenv("FAKE_STEPS", "6")
+    grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5],
+                                img_sizes=[224], seeds=[1]))
+    spec = grid.runs[0]
+    args = (spec.as_dict(), str(grid.run_dir(spec.run_id)), str(grid.table_path), "fakejobs:resumable")
+    grid.run_dir(spec.run_id).mkdir(parents=True)
+    # the first attempt got 3 steps in before the preemption signal
+    (grid.run_dir(spec.run_id) / "ckpt.json").write_text(json.dumps({"step": 3, "starts": 1, "resumed_from": [0]}))
+    task = SweepTask()
+    requeued = task.checkpoint(*args)
+    assert isinstance(requeued, submitit.helpers.DelayedSubmission) and requeued.function is task
+    requeued.result()
+    ck = json.loads((grid.run_dir(spec.run_id) / "ckpt.json").read_text())
+    assert ck == {"step": 6, "starts": 2, "resumed_from": [0, 3]}
+    assert list(load_results(grid.table_path)["run"]) == [spec.run_id]
+    # a requeue that arrives after the run finished does not run or record it again
+    assert task(*args)["skipped"] == "already done"
+    assert len(load_results(grid.table_path)) == 1
+
+
+@pytest.mark.slow
+def test_preemption_through_submitit_local_executor(fake_jobs, monkeypatch):
+    """The real signal path: submitit signals the task before its time limit, the task checkpoints
+    and is requeued, the new attempt resumes. Slow: every attempt imports torch."""
+    monkeypatch.setenv("FAKE_STEPS", "60")
+    monkeypatch.setenv("FAKE_SLEEP", "0.5")
+    grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5], img_sizes=[224],
+                                seeds=[1], executor={"name": "slurm", "cluster": "local", "slurm": {
+                                    "timeout_min": 1, "local_signal_delay_s": 35}}))
+    jobs = run_grid(grid, log=lambda s: None, wait=True)
+    assert len(jobs) == 1
+    ck = json.loads((grid.run_dir(grid.runs[0].run_id) / "ckpt.json").read_text())
+    assert ck["step"] == 60 and ck["starts"] >= 2 and ck["resumed_from"][1] > 0, ck
+    assert len(load_results(grid.table_path)) == 1
