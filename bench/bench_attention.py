@@ -323,6 +323,59 @@ def write_prefs(result_paths, dest):
     return prefs
 
 
+# ---- fault diagnosis ----------------------------------------------------------------------------
+
+DIAG_CASES = [  # head_dim, seqlen, batch, heads, dtype, explicit configs
+    (32, 67, 1, 2, "float16", None), (40, 17, 2, 1, "bfloat16", None), (88, 65, 126, 16, "bfloat16", None),
+    (80, 257, 32, 16, "bfloat16", {"dq": (128, 64, 8, 3)}), (96, 1157, 7, 16, "bfloat16", None),
+    (72, 300, 4, 8, "float16", None), (88, "packed", 1, 16, "bfloat16", None), (128, 4625, 2, 16, "bfloat16", None),
+    (80, 1157, 7, 16, "bfloat16", None), (64, 50, 164, 16, "bfloat16", None),
+]
+
+
+def diagnose():
+    """Run each case with a sync after every launch and check it; stops at the first fault."""
+    from mae_fast.kernels import flash_attention as fa
+    from mae_fast.ops.attention import attention_reference
+
+    device = torch.device("cuda")
+    for hd, n, b, h, dt, cfgs in DIAG_CASES:
+        dtype = getattr(torch, dt)
+        if n == "packed":
+            row = dict(seqlen=max(PACKED_LENGTHS), head_dim=hd, heads=h, batch=b, packed=True)
+        else:
+            row = dict(seqlen=n, head_dim=hd, heads=h, batch=b)
+        (q, k, v), cu, m = make_inputs(row, device, dtype)
+        configs = {kk: dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
+                   for kk, c in (cfgs or {}).items()}
+        tag = f"diag hd={hd} N={n} B={b} H={h} {dt} {cfgs or ''}"
+        stage = "fwd"
+        try:
+            o, lse = fa.flash_attn_forward(q, k, v, None, cu, m)
+            torch.cuda.synchronize()
+            stage = "bwd"
+            do = torch.randn_like(q)
+            dq, dk, dv = fa.flash_attn_backward(do, q, k, v, o, lse, None, cu, m, configs=configs)
+            torch.cuda.synchronize()
+        except Exception as e:
+            print(f"{tag}: FAULT in {stage}: {type(e).__name__} {str(e).splitlines()[0][:120]}", flush=True)
+            return 1
+        qs, ks, vs = (t[:2] if cu is None else t for t in (q, k, v))
+        qr, kr, vr = (t.detach().float().requires_grad_(True) for t in (qs, ks, vs))
+        ref = attention_reference(qr, kr, vr, cu_seqlens=cu, upcast=False)
+        ref.backward(do[: ref.shape[0]].float() if cu is not None else do[:2].float())
+        sl = slice(None) if cu is not None else slice(0, 2)
+        errs = [float((a[sl].float() - r).norm() / r.norm()) for a, r in
+                ((o, ref.detach()), (dq, qr.grad), (dk, kr.grad), (dv, vr.grad))]
+        ok = all(e < 2e-2 for e in errs)
+        print(f"{tag}: {'OK' if ok else 'WRONG'} rel err out/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs),
+              flush=True)
+        if not ok:
+            return 1
+    print("ALLOK", flush=True)
+    return 0
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 def smoke():
@@ -348,6 +401,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--check", action="store_true", help="compare Triton with an fp32 reference on each row")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--diagnose", action="store_true", help="run the fault cases with a sync after each launch")
     ap.add_argument("--tune-head-dims", type=int, nargs="+", default=[32, 64, 80, 128])
     ap.add_argument("--tune-seqlens", type=int, nargs="+", default=[257, 1157, 4625])
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop tuning after this long")
@@ -362,6 +416,8 @@ def main(argv=None):
         return 0
     if args.smoke:
         return smoke()
+    if args.diagnose:
+        return diagnose()
     if not torch.cuda.is_available():
         print("no CUDA device: use --smoke on CPU", file=sys.stderr)
         return 1

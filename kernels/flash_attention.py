@@ -33,6 +33,11 @@ __all__ = [
     "TUNED_CONFIGS",
 ]
 
+# Diagnostics switches (read once at import): load a masked head-dim tail through clamped column offsets
+# instead of masked loads; cap the software-pipelining depth of every launch.
+CLAMP_D = tl.constexpr(os.environ.get("MAE_FAST_FA_CLAMP_D", "0") == "1")
+MAX_STAGES = int(os.environ.get("MAE_FAST_FA_MAX_STAGES", "8"))
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 128
@@ -95,6 +100,13 @@ def _seq_bounds(CU_SEQLENS, b, seqlen, VARLEN: tl.constexpr):
 @triton.jit
 def _load_rows(base, offs_rows, stride_row, offs_d, row_limit, D: tl.constexpr,
                MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr, other):
+    if MASK_D and CLAMP_D:
+        safe = base + offs_rows[:, None] * stride_row + tl.minimum(offs_d, D - 1)[None, :]
+        if MASK_ROWS:
+            x = tl.load(safe, mask=offs_rows[:, None] < row_limit, other=other)
+        else:
+            x = tl.load(safe)
+        return tl.where(offs_d[None, :] < D, x, other)
     ptrs = base + offs_rows[:, None] * stride_row + offs_d[None, :]
     if MASK_ROWS and MASK_D:
         return tl.load(ptrs, mask=(offs_rows[:, None] < row_limit) & (offs_d[None, :] < D), other=other)
@@ -446,18 +458,18 @@ def _attn_bwd_dq_kernel(
 
 # (kind, head_dim bucket) -> launch config; filled from the H100 tuning run (bench/bench_attention.py --tune).
 # kind is "fwd", "dkdv" or "dq"; a bucket is the head dim rounded up to one of 32, 64, 96, 128.
-TUNED_CONFIGS: dict[tuple[str, int], dict] = {
-    ("fwd", 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    ("fwd", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    ("fwd", 96): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+TUNED_CONFIGS: dict[tuple[str, int], dict] = {  # H100 sweep of 2026-11-22 (bench/results/attention-tune-*.json)
+    ("fwd", 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("fwd", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("fwd", 96): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     ("fwd", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("dkdv", 32): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
-    ("dkdv", 64): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
-    ("dkdv", 96): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+    ("dkdv", 32): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("dkdv", 64): dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
+    ("dkdv", 96): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     ("dkdv", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
     ("dq", 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     ("dq", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("dq", 96): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("dq", 96): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     ("dq", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
 }
 
@@ -548,6 +560,7 @@ def flash_attn_forward(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=
         return out.zero_(), lse
     cfg = dict(config or pick_config("fwd", head_dim, max_seqlen, q.dtype, q.device))
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    cfg["num_stages"] = min(cfg.get("num_stages", 2), MAX_STAGES)
     grid = (triton.cdiv(max_seqlen, bm), batch * heads)
     cu = cu_seqlens if varlen else q  # dummy pointer when dense
     _attn_fwd_kernel[grid](
@@ -590,6 +603,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
 
     cfg = dict(configs.get("dkdv") or pick_config("dkdv", head_dim, max_seqlen, q.dtype, q.device))
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    cfg["num_stages"] = min(cfg.get("num_stages", 2), MAX_STAGES)
     _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, bn), batch * heads)](
         q, k, v, dout, dk, dv, lse, delta, cu,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
@@ -599,6 +613,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
     )
     cfg = dict(configs.get("dq") or pick_config("dq", head_dim, max_seqlen, q.dtype, q.device))
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    cfg["num_stages"] = min(cfg.get("num_stages", 2), MAX_STAGES)
     _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, bm), batch * heads)](
         q, k, v, dout, dq, lse, delta, cu,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
