@@ -7,8 +7,9 @@ fixed per video, so a frame is one rotation + a trilinear (mip-mapped) lookup: t
 render in seconds. The labelled set shows *new* instances of the same classes on patches of the same
 ground, seen from above at a random pitch/yaw/distance: "object images from the same world".
 
-Everything is drawn from ``numpy.random.default_rng(seed)``; videos are encoded single-threaded
-(libx264 when av's ffmpeg has it, else mpeg4), so the decoded frames are identical for a seed.
+Everything is drawn from ``numpy.random.default_rng(seed)``; videos are encoded single-threaded with
+ffmpeg's mpeg4 encoder (libx264 only if mpeg4 is missing: it is not reproducible), from a numpy
+colour conversion, so the decoded frames are identical for a seed.
 Generation writes into a temporary folder that is renamed into place when complete.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 HORIZON = np.array([0.78, 0.84, 0.88], np.float32)
 ZENITH = np.array([0.30, 0.50, 0.85], np.float32)
 HILLS = np.array([0.42, 0.50, 0.55], np.float32)
@@ -332,7 +333,9 @@ def camera_path(rng, seconds: float, fps: int, world_size: int):
 def pick_codec() -> str:
     import av
 
-    for name in ("libx264", "mpeg4"):
+    # mpeg4 first: ffmpeg's own encoder gives identical bytes run to run; libx264 (as bundled with
+    # PyAV) was seen to vary between identical runs even single-threaded, which breaks determinism.
+    for name in ("mpeg4", "libx264"):
         try:
             av.codec.Codec(name, "w")
             return name
@@ -341,21 +344,37 @@ def pick_codec() -> str:
     raise RuntimeError("PyAV's ffmpeg has neither a libx264 nor an mpeg4 encoder")
 
 
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """BT.601 limited-range planar 4:2:0 (what decoders assume for untagged yuv420p), done in numpy:
+    ffmpeg's implicit conversion inside the encoder was seen to differ run to run."""
+    rgb = frame.astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    cb = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    cr = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    pool = lambda c: 0.25 * (c[0::2, 0::2] + c[1::2, 0::2] + c[0::2, 1::2] + c[1::2, 1::2])  # noqa: E731
+    h, w = y.shape
+    planes = [np.clip(np.round(p), 0, 255).astype(np.uint8).reshape(-1) for p in (y, pool(cb), pool(cr))]
+    return np.concatenate(planes).reshape(h * 3 // 2, w)
+
+
 def encode_mp4(frames, path, fps: int, codec: str) -> None:
-    """Encode uint8 HWC frames; single-threaded with fixed options, so the output is reproducible."""
+    """Encode uint8 HWC frames (even sides); single-threaded with fixed options, so reproducible."""
     import av
 
     h, w = frames[0].shape[:2]
+    if h % 2 or w % 2:
+        raise ValueError(f"video frames need even sides for 4:2:0, got {w}x{h}")
     with av.open(str(path), "w", format="mp4") as container:
-        options = {"crf": "18", "preset": "veryfast", "threads": "1"} if codec == "libx264" else {"qscale": "3"}
+        options = {"crf": "18", "preset": "veryfast", "threads": "1"} if codec == "libx264" else {}
         stream = container.add_stream(codec, rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.gop_size = 2 * fps  # a keyframe every 2 s: cheap seeks for lazy decoding
+        stream.codec_context.thread_count = 1
         if codec != "libx264":
-            stream.codec_context.thread_count = 1
             stream.codec_context.qscale = 3
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
