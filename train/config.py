@@ -38,7 +38,7 @@ PRETRAIN_KEYS: dict[str, tuple] = {
     # data
     "data_source": _spec(None, "null: the built-in demo images; a folder / shard pattern; 'synthetic'"),
     "hours": _spec(None, "hours of video to draw from the source (null: all)"),
-    "subset": _spec("contiguous", "how an hours-subset is chosen (contiguous | random)"),
+    "subset": _spec("contiguous", "how an hours-subset is chosen (contiguous | uniform)"),
     "fps": _spec(1.0, "frames per second sampled from video sources"),
     "synthetic_size": _spec(4096, "number of images of the 'synthetic' source"),
     "num_workers": _spec(0, "DataLoader workers (0: load in the training process)"),

@@ -427,8 +427,9 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
     flops_per_image = mae_train_flops(model, cfg["mask_ratio"])
     peak, peak_src = peak_flops_for(device, cfg["peak_flops"])
     mean, std = getattr(ds, "mean", None), getattr(ds, "std", None)
-    vis_batch = torch.stack([_images_only([SeededItems(ds, cfg["seed"])[(0, i)]])[0]
-                             for i in range(min(cfg["vis_images"], n))]) if info.is_main or strategy == "fsdp" else None
+    k_vis = min(cfg["vis_images"], n)  # spread over the data (neighbouring video frames look alike)
+    vis_batch = torch.stack([_images_only([SeededItems(ds, cfg["seed"])[(0, i * n // k_vis)]])[0]
+                             for i in range(k_vis)]) if (info.is_main or strategy == "fsdp") and k_vis else None
 
     metrics = MetricsLog(run_dir, info.is_main)
     if info.is_main:

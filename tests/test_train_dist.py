@@ -1,0 +1,69 @@
+"""Two CPU processes (torchrun, gloo) train like one process with the same global batch: DDP and FSDP2."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mae_fast.train.pretrain import pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train" / "pretrain.py"
+MODEL = "model_kwargs={embed_dim: 48, depth: 2, num_heads: 2, decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2}"
+COMMON = ["data_source=synthetic", "synthetic_size=48", "img_size=32", MODEL, "batch_size=8", "steps=4",
+          "warmup_steps=1", "lr=2e-3", "checkpoint_every=2", "log_every=1", "vis_every=0", "vis_images=2",
+          "progress=false", "clip_grad=1.0"]
+
+
+def _one_process(tmp_path) -> dict:
+    from mae_fast.train.config import parse_value
+
+    cfg = {"recipe": "demo", "name": "single", "output_dir": str(tmp_path)}
+    for item in COMMON:
+        k, v = item.split("=", 1)
+        cfg[k] = parse_value(v)
+    return torch.load(pretrain(cfg)["checkpoint"], weights_only=False)
+
+
+def _torchrun(tmp_path, name: str, *extra: str, step: int = 4) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(SCRIPT), f"name={name}", f"output_dir={tmp_path}", *COMMON, *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    ckpt = tmp_path / name / "checkpoints" / f"checkpoint-{step:08d}.pt"
+    return torch.load(ckpt, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return _one_process(tmp_path_factory.mktemp("single"))
+
+
+def _compare(a: dict, b: dict):
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        # float tolerance: the all-reduce sums in another order; Adam turns that into <~lr steps
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-4, msg=k)
+    assert abs(a["loss"] - b["loss"]) < 1e-4
+    assert b["world_size"] == 2 and b["images_seen"] == a["images_seen"] == 4 * 8
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, single, strategy):
+    two = _torchrun(tmp_path, strategy, f"distributed={strategy}")
+    _compare(single, two)
+    # the optimizer state is saved whole (unsharded), keyed like the single-process one
+    assert two["optimizer"]["state"].keys() == single["optimizer"]["state"].keys()
+
+
+@pytest.mark.slow
+def test_fsdp_run_resumes_and_accumulates(tmp_path, single):
+    """Stopped at step 2 and resumed, with 2 accumulation micro-steps per rank: still the same run."""
+    _torchrun(tmp_path, "fsdp_resume", "distributed=fsdp", "accum_steps=2", "stop_at_step=2", step=2)
+    two = _torchrun(tmp_path, "fsdp_resume", "distributed=fsdp", "accum_steps=2", "resume=auto")
+    _compare(single, two)
