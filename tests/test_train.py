@@ -447,3 +447,30 @@ def test_layer_decay_groups():
     scales = sorted({g["lr_scale"] for g in groups})
     assert scales == [0.5 ** k for k in range(5, -1, -1)]  # depth 4: layers 0..5
     assert sum(len(g["params"]) for g in groups) == sum(1 for _ in Classifier(enc, 3).parameters())
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """A deterministic per-epoch stream of 20 images (like shards with set_epoch), no len()."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(1000 + self.epoch)
+        for _ in range(20):
+            yield torch.randn(3, 32, 32, generator=g)
+
+
+def test_streaming_source_resumes_at_its_position(tmp_path):
+    kw = dict(steps=7, warmup_steps=1, batch_size=6, checkpoint_every=2)
+    with pytest.raises(config_mod.ConfigError, match="stream of unknown length"):
+        pretrain(tiny(tmp_path, name="x", steps=None), dataset=Stream())
+    straight = pretrain(tiny(tmp_path, name="s", **kw), dataset=Stream())
+    pretrain(tiny(tmp_path, name="r", stop_at_step=4, **kw), dataset=Stream())
+    resumed = pretrain(tiny(tmp_path, name="r", resume="auto", **kw), dataset=Stream())
+    a, b = (torch.load(r["checkpoint"], weights_only=False) for r in (straight, resumed))
+    assert a["stream_positions"] == b["stream_positions"] == [(2, 1)]  # 3 batches of 6 per epoch
+    assert_same_state(a["model"], b["model"])

@@ -117,6 +117,36 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return (self.total_steps - self.start_step) * self.accum
 
 
+class StreamBatches:
+    """Micro-batches from an IterableDataset (e.g. WebDataset shards), epoch after epoch, with a
+    resumable position (epoch, micro-batches taken in it). Resuming replays the epoch's stream and
+    skips what was taken: the same samples in the same order when the stream is deterministic for
+    an epoch (``set_epoch``), not bit-exact through shuffle buffers seeded otherwise."""
+
+    def __init__(self, dataset, micro: int, num_workers: int, pin: bool, epoch: int = 0, index: int = 0):
+        self.dataset, self.micro, self.num_workers, self.pin = dataset, micro, num_workers, pin
+        self.epoch, self.index = epoch, index
+
+    def __iter__(self):
+        skip = self.index
+        while True:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
+            loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.micro, drop_last=True,
+                                                 num_workers=self.num_workers, collate_fn=_images_only,
+                                                 pin_memory=self.pin)
+            taken = 0
+            for i, batch in enumerate(loader):
+                if i < skip:
+                    continue
+                taken += 1
+                self.index = i + 1
+                yield batch
+            if taken == 0 and skip == 0:
+                raise RuntimeError(f"the data stream gave no full micro-batch of {self.micro} in epoch {self.epoch}")
+            skip, self.epoch, self.index = 0, self.epoch + 1, 0
+
+
 def _images_only(batch):
     """Collate items that are tensors or (tensor, ...) tuples into an image batch."""
     imgs = [b[0] if isinstance(b, (tuple, list)) else b for b in batch]
@@ -357,14 +387,19 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
     # data
     ds = dataset if dataset is not None else build_dataset(cfg, img_size[0] if img_size[0] == img_size[1]
                                                             else img_size, info.is_main)
-    if isinstance(ds, torch.utils.data.IterableDataset):
-        raise NotImplementedError("streaming (IterableDataset) sources are not supported by the resumable "
-                                  "trainer yet; use a map-style source")
-    n = len(ds)
+    streaming = isinstance(ds, torch.utils.data.IterableDataset)
+    try:
+        n = len(ds)
+    except TypeError:  # a stream of unknown length
+        n = None
     B, A = cfg["batch_size"], cfg["accum_steps"]
     micro = B // (A * info.world_size)
-    steps_per_epoch = n // B
-    if steps_per_epoch < 1:
+    steps_per_epoch = n // B if n is not None else None
+    if steps_per_epoch is None:
+        if cfg["steps"] is None or (cfg["warmup_steps"] is None and cfg["warmup_epochs"]):
+            raise config_mod.ConfigError("the data is a stream of unknown length: set steps (and warmup_steps)")
+        steps_per_epoch = max(1, int(cfg["steps"]))  # only for the epoch column of the logs
+    elif steps_per_epoch < 1:
         raise config_mod.ConfigError(f"the dataset has {n} images, fewer than one batch_size ({B})")
     total_steps = int(cfg["steps"]) if cfg["steps"] is not None else int(round(cfg["epochs"] * steps_per_epoch))
     if total_steps < 1:
@@ -417,19 +452,36 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
         train_model.compile()
 
     # loader from the resume position
-    sampler = StepBatchSampler(n, B, cfg["seed"], start_step, total_steps, A, info.world_size, info.rank)
-    loader = torch.utils.data.DataLoader(
-        SeededItems(ds, cfg["seed"]), batch_sampler=sampler, num_workers=cfg["num_workers"],
-        collate_fn=_images_only, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg["seed"]),
-        persistent_workers=False, prefetch_factor=4 if cfg["num_workers"] > 0 else None)
+    if streaming:
+        pos = (state or {}).get("stream_positions") or []
+        ep, idx = pos[info.rank] if len(pos) == info.world_size else (0, 0)
+        stream = StreamBatches(ds, micro, cfg["num_workers"], device.type == "cuda", ep, idx)
+        loader = stream
+    else:
+        stream = None
+        sampler = StepBatchSampler(n, B, cfg["seed"], start_step, total_steps, A, info.world_size, info.rank)
+        loader = torch.utils.data.DataLoader(
+            SeededItems(ds, cfg["seed"]), batch_sampler=sampler, num_workers=cfg["num_workers"],
+            collate_fn=_images_only, pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg["seed"]),
+            persistent_workers=False, prefetch_factor=4 if cfg["num_workers"] > 0 else None)
 
     flops_per_image = mae_train_flops(model, cfg["mask_ratio"])
     peak, peak_src = peak_flops_for(device, cfg["peak_flops"])
     mean, std = getattr(ds, "mean", None), getattr(ds, "std", None)
-    k_vis = min(cfg["vis_images"], n)  # spread over the data (neighbouring video frames look alike)
-    vis_batch = torch.stack([_images_only([SeededItems(ds, cfg["seed"])[(0, i * n // k_vis)]])[0]
-                             for i in range(k_vis)]) if (info.is_main or strategy == "fsdp") and k_vis else None
+    vis_batch = None
+    if info.is_main or strategy == "fsdp":
+        if streaming:
+            first = []
+            for item in ds:
+                first.append(item)
+                if len(first) >= cfg["vis_images"]:
+                    break
+            vis_batch = _images_only(first) if first else None
+        elif cfg["vis_images"] > 0:
+            k_vis = min(cfg["vis_images"], n)  # spread over the data (neighbouring video frames look alike)
+            vis_batch = torch.stack([_images_only([SeededItems(ds, cfg["seed"])[(0, i * n // k_vis)]])[0]
+                                     for i in range(k_vis)])
 
     metrics = MetricsLog(run_dir, info.is_main)
     if info.is_main:
@@ -440,7 +492,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         _say(info, f"run dir: {run_dir.resolve()}\n"
                    f"model {cfg['model']} ({n_params / 1e6:.2f}M params, {img_size[0]}x{img_size[1]}), "
-                   f"{n} images, batch {B} (micro {micro} x accum {A} x {info.world_size} ranks), "
+                   f"{n if n is not None else 'a stream of'} images, batch {B} (micro {micro} x accum {A} x {info.world_size} ranks), "
                    f"{total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs), lr {peak_lr:.3g}, "
                    f"device {device}, {strategy if strategy != 'none' else 'single process'}, "
                    f"precision {amp_dtype or torch.float32}; MFU peak {peak_src}")
@@ -448,6 +500,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
     def save(step: int, loss: float, tag: str = "") -> Path | None:
         msd, osd = dist_mod.full_state_dicts(model, optimizer)
         rngs = dist_mod.all_gather_objects(rng_state())
+        positions = dist_mod.all_gather_objects((stream.epoch, stream.index)) if stream is not None else None
         path = None
         if info.is_main:
             epoch, index = divmod(step, steps_per_epoch)
@@ -456,7 +509,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
                     "total_steps": total_steps, "skipped_steps": bad_total, "bad_in_a_row": bad_run,
                     "loss": loss, "rng": rngs, "config": cfg, "world_size": info.world_size,
                     "wall_time_s": wall_before + time.perf_counter() - t_loop, "version": CHECKPOINT_VERSION,
-                    "note": tag}
+                    "note": tag, "stream_positions": positions}
             path = checkpoint_io.save_checkpoint(ckpt, run_dir, step, cfg["keep_checkpoints"])
         dist_mod.barrier()
         return path
