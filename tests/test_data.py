@@ -212,7 +212,7 @@ def test_corrupt_files_are_skipped_and_counted(demo, tmp_path):
 
 def test_shards_roundtrip_every_frame_once(demo, tmp_path):
     out = tmp_path / "shards"
-    index = write_shards(None if False else demo.videos, out, hours=0.02, subset="uniform", seed=2, maxcount=10,
+    index = write_shards(demo.videos, out, hours=0.02, subset="uniform", seed=2, maxcount=10,
                          image_format="png")
     assert index["n_samples"] == 72 and len(index["shards"]) == 8
     rec = json.loads((out / "record.json").read_text())
@@ -354,3 +354,23 @@ def test_transforms_normalise_and_crop():
     assert 3 <= sum(flipped) <= 17
     torch.manual_seed(1)
     assert all(torch.equal(a, TrainTransform(16)(grad)) for a in crops[:3])
+
+
+def test_shards_equal_share_per_rank_with_epoch_samples(demo, tmp_path):
+    out = tmp_path / "shards"
+    write_shards(demo.videos, out, hours=0.01, seed=1, maxcount=5, image_format="png")  # 36 frames, 8 shards
+    counts, seen = {}, collections.Counter()
+    for rank in range(3):
+        for worker in range(2):
+            ds = ShardDataset(out, rank=rank, world_size=3, worker=(worker, 2), epoch_samples=60, return_meta=True)
+            keys = [m["__key__"] for _, m in ds]
+            counts[rank, worker] = len(keys)
+            seen.update(keys)
+    assert [counts[r, 0] + counts[r, 1] for r in range(3)] == [20, 20, 20]  # 60 // 3 per rank, cycling
+    assert len(seen) == 36  # every frame reached
+
+
+def test_list_of_video_files_source(demo):
+    files = sorted(demo.videos.glob("*.mp4"))[:2]
+    ds = build_pretrain_dataset([str(f) for f in files], img_size=32, hours=0.02, subset="uniform", seed=0)
+    assert len(ds) == 72 and {Path(e["file"]).name for e in ds.record["files"]} <= {f.name for f in files}

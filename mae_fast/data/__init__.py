@@ -61,12 +61,13 @@ def _probe_all(files, backend):
 def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contiguous", seed=0, fps=1.0,
                            train=True, *, chunk_minutes=None, record=None, transform=None,
                            ram_limit_bytes=2e9, video_backend="auto", scale=(0.2, 1.0), crop_pct=1.0,
-                           shuffle_buffer=1000, check_images=True, demo_root=None):
+                           shuffle_buffer=1000, epoch_samples=None, check_images=True, demo_root=None):
     """Frames for MAE pretraining, as a torch Dataset of normalised float32 (3, H, W) tensors.
 
-    ``source``: None (the built-in demo videos), a folder of videos (recursive), a single video, a
-    folder of images (recursive), or WebDataset shards (see :func:`is_shard_source`; an
-    IterableDataset, with the subset chosen when the shards were written). ``hours`` (video only)
+    ``source``: None (the built-in demo videos), a folder of videos (recursive), a video file, a list
+    of those, a folder of images (recursive), or WebDataset shards (see :func:`is_shard_source`; an
+    IterableDataset, with the subset chosen when the shards were written; ``epoch_samples`` evens out
+    ranks for DDP, see :class:`~mae_fast.data.shards.ShardDataset`). ``hours`` (video only)
     picks a subset per ``subset`` in {"contiguous", "uniform"} (``chunk_minutes`` for chunked
     contiguous draws, see :mod:`mae_fast.data.subset`); ``record`` replays a saved ``ds.record``
     instead. ``train`` selects the MAE augmentation (RandomResizedCrop(scale) + flip) or a plain
@@ -86,11 +87,17 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
             raise ValueError("hours subsets of shards are chosen when writing them (mae_fast.data.shards)")
         from .shards import ShardDataset
 
-        return ShardDataset(source, transform=transform, shuffle_buffer=shuffle_buffer if train else 0, seed=seed)
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"data source {source!r} does not exist")
-    videos = list_videos(path) if record is None else [e["file"] for e in record["files"]]
+        return ShardDataset(source, transform=transform, shuffle_buffer=shuffle_buffer if train else 0, seed=seed,
+                            epoch_samples=epoch_samples)
+    sources = [Path(s).expanduser() for s in (source if isinstance(source, (list, tuple)) else [source])]
+    for s in sources:
+        if not s.exists():
+            raise FileNotFoundError(f"data source {str(s)!r} does not exist")
+    path = sources[0] if len(sources) == 1 else [str(s) for s in sources]
+    if record is not None:
+        videos = [e["file"] for e in record["files"]]
+    else:
+        videos = sorted({v for s in sources for v in list_videos(s)})
     if videos:
         infos, skipped = _probe_all(videos, video_backend)
         if not infos:
@@ -109,7 +116,7 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
         rec = make_record(selection, durations, path, hours, subset, seed, chunk_minutes, skipped)
         return VideoFrameDataset(selection, transform=transform, record=rec, skipped=skipped, infos=infos,
                                  ram_limit_bytes=ram_limit_bytes, backend=video_backend)
-    images = list_images(path)
+    images = sorted({i for s in sources for i in list_images(s)})
     if images:
         if hours is not None:
             raise ValueError(f"hours applies to video sources; {source} holds images (no videos)")

@@ -21,8 +21,8 @@ def list_images(root) -> list[str]:
     root = Path(root)
     if root.is_file():
         return [str(root)] if is_image(root) else []
-    return sorted(str(p) for p in root.rglob("*")
-                  if p.is_file() and is_image(p) and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(str(p) for p in root.rglob("*") if p.is_file() and is_image(p)
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def load_image(path) -> np.ndarray:

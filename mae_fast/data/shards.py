@@ -156,8 +156,8 @@ def write_shards(source, out_dir, fps=1.0, hours=None, subset="contiguous", seed
     rec["skipped"] = [[str(p), str(r)] for p, r in skipped]
     if lost:
         rec["frames_lost_to_errors"] = lost
-    index = {"format": "mae_fast-shards-1", "image_format": image_format, "n_samples": sum(s["n_samples"] for s in shards),
-             "shards": shards, "record": rec}
+    index = {"format": "mae_fast-shards-1", "image_format": image_format,
+             "n_samples": sum(s["n_samples"] for s in shards), "shards": shards, "record": rec}
     (out_dir / "record.json").write_text(json.dumps(rec))
     tmp = out_dir / ".index.json.tmp"
     tmp.write_text(json.dumps(index, indent=1))
@@ -247,16 +247,21 @@ class ShardDataset(torch.utils.data.IterableDataset):
     and buffer stream (epoch counter, or the epoch given to :meth:`set_epoch`). ``return_meta``
     yields ``(image, meta)`` with the sample's key and json. ``skipped`` lists unreadable shards and
     samples of this process.
+
+    Ranks usually get unequal shares (shards differ in size), which stalls DDP at the end of a pass;
+    ``epoch_samples=N`` makes every pass yield exactly ``N // world_size`` samples per rank (split over
+    its workers), cycling through the rank's shards again (in a new order) if they run out.
     """
 
     def __init__(self, source, transform=None, shuffle_buffer: int = 1000, seed: int = 0, shardshuffle: bool = True,
-                 rank=None, world_size=None, worker=None, return_meta: bool = False):
+                 rank=None, world_size=None, worker=None, return_meta: bool = False, epoch_samples=None):
         super().__init__()
         self.urls = expand_urls(source)
         self.source = source
         self.transform, self.shuffle_buffer, self.seed = transform, int(shuffle_buffer), int(seed)
         self.shardshuffle, self.rank, self.world_size, self.worker = shardshuffle, rank, world_size, worker
         self.return_meta = return_meta
+        self.epoch_samples = None if epoch_samples is None else int(epoch_samples)
         self.epoch = None
         self._passes = 0
         self.skipped: list[tuple[str, str]] = []
@@ -302,15 +307,39 @@ class ShardDataset(torch.utils.data.IterableDataset):
         epoch = self.epoch if self.epoch is not None else self._passes
         self._passes += 1
         me, consumers = self._consumer()
+        if self.epoch_samples is None:
+            yield from self._one_pass(epoch, 0, me, consumers)
+            return
+        world = self._world()
+        workers = consumers // world
+        per_rank = self.epoch_samples // world
+        quota = per_rank // workers + (1 if me % workers < per_rank % workers else 0)
+        cycle = 0
+        while quota > 0:
+            produced = 0
+            for item in self._one_pass(epoch, cycle, me, consumers):
+                yield item
+                produced += 1
+                quota -= 1
+                if quota == 0:
+                    return
+            if produced == 0:
+                raise RuntimeError(f"consumer {me} of {consumers} has no readable samples in {self.source}")
+            cycle += 1
+
+    def _world(self) -> int:
+        return int(self.world_size) if self.world_size is not None else _dist_rank_world()[1]
+
+    def _one_pass(self, epoch: int, cycle: int, me: int, consumers: int):
         order = np.arange(len(self.urls))
         if self.shardshuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+            order = np.random.default_rng([self.seed, epoch, cycle]).permutation(len(self.urls))
         by_shard = len(self.urls) >= consumers
-        if not by_shard and me == 0:
+        if not by_shard and me == 0 and cycle == 0:
             warnings.warn(f"{len(self.urls)} shards for {consumers} rank x worker consumers: splitting by sample "
                           f"(every consumer reads every shard); write more shards", RuntimeWarning, stacklevel=2)
         mine = order[me::consumers] if by_shard else order
-        rng = np.random.default_rng([self.seed, epoch, me, 1])
+        rng = np.random.default_rng([self.seed, epoch, cycle, me, 1])
         buffer = []
         for item in self._samples([self.urls[i] for i in mine], None if by_shard else (me, consumers)):
             if self.shuffle_buffer <= 1:

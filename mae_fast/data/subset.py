@@ -139,7 +139,7 @@ def make_record(selection: Selection, durations: dict, source, hours, subset: st
         files.append(entry)
     return {
         "kind": "video",
-        "source": str(source),
+        "source": [str(s) for s in source] if isinstance(source, (list, tuple)) else str(source),
         "fps": fps,
         "hours_requested": None if hours is None else float(hours),
         "subset": "all" if hours is None else subset,
