@@ -134,7 +134,7 @@ def _bench(fn, device, grad_to_none=None):
     if device.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=10, rep=30, grad_to_none=grad_to_none, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=10, rep=25, grad_to_none=grad_to_none, return_mode="median")
     fn()
     times = []
     for _ in range(3):
@@ -204,6 +204,9 @@ def run_table(args, device, dtype):
             rec["check"] = check_triton(row, device, dtype)
         results.append(rec)
         print_row(rec)
+        if args.out:  # keep partial results if a later row dies
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(dict(partial=True, results=results), indent=1) + "\n")
         del qkv
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -234,7 +237,8 @@ TUNE_CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages), likeliest firs
             (64, 128, 4, 2)],
     "dkdv": [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2),
              (32, 64, 4, 4)],
-    "dq": [(128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 128, 8, 2),
+    # (128, 64, 8, 3) is left out: at head dim 80 it faulted on H100 / Triton 3.6 (2026-11-22)
+    "dq": [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2),
            (128, 128, 8, 2)],
 }
 
@@ -327,7 +331,7 @@ def write_prefs(result_paths, dest):
 
 DIAG_CASES = [  # head_dim, seqlen, batch, heads, dtype, explicit configs
     (32, 67, 1, 2, "float16", None), (40, 17, 2, 1, "bfloat16", None), (88, 65, 126, 16, "bfloat16", None),
-    (80, 257, 32, 16, "bfloat16", {"dq": (128, 64, 8, 3)}), (96, 1157, 7, 16, "bfloat16", None),
+    (80, 257, 32, 16, "bfloat16", None), (96, 1157, 7, 16, "bfloat16", None),
     (72, 300, 4, 8, "float16", None), (88, "packed", 1, 16, "bfloat16", None), (128, 4625, 2, 16, "bfloat16", None),
     (80, 1157, 7, 16, "bfloat16", None), (64, 50, 164, 16, "bfloat16", None),
 ]

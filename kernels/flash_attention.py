@@ -33,9 +33,12 @@ __all__ = [
     "TUNED_CONFIGS",
 ]
 
-# Diagnostics switches (read once at import): load a masked head-dim tail through clamped column offsets
-# instead of masked loads; cap the software-pipelining depth of every launch.
-CLAMP_D = tl.constexpr(os.environ.get("MAE_FAST_FA_CLAMP_D", "0") == "1")
+# A head-dim tail narrower than its register tile (40 = 32 + 8 in a 16 tile, 88 = 64 + 24 in a 32 tile) is
+# loaded through clamped column offsets and zeroed with tl.where, not with a column-masked load: on H100 with
+# Triton 3.6 the masked version made the wgmma read past its shared-memory buffer (compute-sanitizer:
+# "Invalid __shared__ read of size 512" in _attn_fwd_kernel, 2026-11-22). MAE_FAST_FA_CLAMP_D=0 restores it.
+# MAE_FAST_FA_MAX_STAGES caps the software-pipelining depth of every launch (diagnostics).
+CLAMP_D = tl.constexpr(os.environ.get("MAE_FAST_FA_CLAMP_D", "1") == "1")
 MAX_STAGES = int(os.environ.get("MAE_FAST_FA_MAX_STAGES", "8"))
 
 LOG2E = 1.4426950408889634
