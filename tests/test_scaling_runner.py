@@ -254,8 +254,8 @@ def test_preemption_through_submitit_local_executor(fake_jobs, monkeypatch):
     monkeypatch.setenv("FAKE_STEPS", "60")
     monkeypatch.setenv("FAKE_SLEEP", "0.5")
     grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5], img_sizes=[224],
-                                seeds=[1], executor={"name": "slurm", "cluster": "local", "slurm": {
-                                    "timeout_min": 1, "local_signal_delay_s": 35}}))
+                                seeds=[1], executor={"name": "slurm", "cluster": "local",
+                                                     "slurm": {"timeout_min": 1}}))  # signalled 30 s in
     jobs = run_grid(grid, log=lambda s: None, wait=True)
     assert len(jobs) == 1
     ck = json.loads((grid.run_dir(grid.runs[0].run_id) / "ckpt.json").read_text())

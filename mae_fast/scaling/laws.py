@@ -31,7 +31,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import optimize
@@ -525,7 +525,9 @@ class ScalingLaw:
         parts = []
         for k, v in self.params_dict().items():
             band = f" [{pb[k][0]:.4g}, {pb[k][1]:.4g}]" if k in pb else ""
-            parts.append(f"{k}={v:.4g}{band}")
+            # an exponent at its search bound: the data do not pin it down (e.g. a step-like effect)
+            at_bound = k in ("alpha", "beta", "gamma") and v >= SaturatingForm.exponent_bounds[1] - 1e-6
+            parts.append(f"{k}={v:.4g}{band}" + (" (at its bound)" if at_bound else ""))
         return f"{self.name}: {self.form.formula}\n  " + ", ".join(parts)
 
     def to_dict(self) -> dict:
