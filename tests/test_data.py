@@ -374,3 +374,72 @@ def test_list_of_video_files_source(demo):
     files = sorted(demo.videos.glob("*.mp4"))[:2]
     ds = build_pretrain_dataset([str(f) for f in files], img_size=32, hours=0.02, subset="uniform", seed=0)
     assert len(ds) == 72 and {Path(e["file"]).name for e in ds.record["files"]} <= {f.name for f in files}
+
+
+# ---------------------------------------------------------------------------------------------- containers, backends
+
+def _write_video(path, frames, codec, rate=10, first_pts=0):
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=rate)
+        s.width, s.height = frames[0].shape[1], frames[0].shape[0]
+        s.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        s.codec_context.time_base = Fraction(1, rate)
+        s.codec_context.gop_size = rate
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            vf.pts, vf.time_base = i + first_pts, Fraction(1, rate)
+            for pk in s.encode(vf):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+
+
+@pytest.mark.parametrize("ext,codec,first_pts", [("mkv", "mpeg4", 0), ("mkv", "mpeg4", 14), ("webm", "libvpx-vp9", 0),
+                                                 ("mp4", "mpeg4", 14), ("ts", "mpeg4", 14), ("avi", "mjpeg", 0)])
+def test_containers_durations_and_frames(tmp_path, ext, codec, first_pts):
+    if codec not in av.codecs_available:
+        pytest.skip(f"{codec} not in this ffmpeg")
+    rng = np.random.default_rng(1)
+    frames = [np.clip(rng.integers(0, 255, (48, 64, 3)) * 0.3 + 5 * i, 0, 255).astype(np.uint8) for i in range(40)]
+    path = tmp_path / f"clip.{ext}"
+    _write_video(path, frames, codec, first_pts=first_pts)  # 4 s at 10 fps, maybe starting at 1.4 s
+    ref = all_frames(path)
+    ds = build_pretrain_dataset(tmp_path, img_size=32, fps=2.0)
+    assert len(ds) == 8 and ds.record["files"][0]["duration_s"] == pytest.approx(4.0)
+    lazy = build_pretrain_dataset(tmp_path, img_size=32, fps=2.0, ram_limit_bytes=0)
+    for i in [7, 0, 5, 2, 6]:
+        assert np.array_equal(ds.frame(i), ref[int(round(ds.times[i] * 10))])
+        assert np.array_equal(lazy.frame(i), ds.frame(i))
+
+
+def test_torchcodec_adapter_with_a_stand_in(demo, monkeypatch):
+    """The torchcodec path (not installed here) against a stand-in with its documented interface."""
+    import sys
+    import types
+
+    class FakeDecoder:
+        def __init__(self, source, dimension_order="NCHW", seek_mode="exact"):
+            assert dimension_order == "NHWC"
+            self.frames = all_frames(source)
+            self.metadata = types.SimpleNamespace(duration_seconds=len(self.frames) / 8, average_fps=8.0,
+                                                  width=96, height=96, begin_stream_seconds=0.0)
+
+        def get_frames_played_at(self, seconds):
+            idx = [int(math.floor(t * 8 + 1e-9)) for t in seconds]
+            return types.SimpleNamespace(data=torch.from_numpy(self.frames[idx]))
+
+    decoders = types.ModuleType("torchcodec.decoders")
+    decoders.VideoDecoder = FakeDecoder
+    package = types.ModuleType("torchcodec")
+    package.decoders = decoders
+    monkeypatch.setitem(sys.modules, "torchcodec", package)
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", decoders)
+    kw = dict(img_size=32, hours=0.02, subset="uniform", seed=9, demo_root=demo.root.parent)
+    tc = build_pretrain_dataset(None, video_backend="auto", **kw)
+    pa = build_pretrain_dataset(None, video_backend="pyav", **kw)
+    assert tc.backend == "torchcodec" and pa.backend == "pyav" and tc.record == pa.record
+    assert all(np.array_equal(tc.frame(i), pa.frame(i)) for i in range(len(tc)))
+    lazy = build_pretrain_dataset(None, video_backend="torchcodec", ram_limit_bytes=0, **kw)
+    assert all(np.array_equal(lazy.frame(i), pa.frame(i)) for i in range(0, len(pa), 9))

@@ -82,16 +82,40 @@ def _stream_start(stream) -> float:
     return 0.0
 
 
+def _measured_end(container, stream, guess_s: float, rate: float):
+    """End of the stream's last frame in seconds from its start, read from the packets after a seek
+    to the last keyframe (headers disagree: mkv counts from 0, mp4 from the first frame; truncated
+    files claim their full length)."""
+    start = _stream_start(stream)
+    tb = stream.time_base
+    frame_len = int(round(1 / (rate * tb))) if rate else 0
+    container.seek(max(0, int((start + guess_s) / tb)) + 1, stream=stream, backward=True)
+    end = None
+    for packet in container.demux(stream):
+        if packet.pts is None:
+            continue
+        e = packet.pts + (packet.duration or frame_len)
+        end = e if end is None else max(end, e)
+    return None if end is None else float(end * tb) - start
+
+
 def probe_pyav(path) -> VideoInfo:
     container, stream = _open_pyav(path)
     try:
-        duration = None
+        guess = None
         if stream.duration is not None and stream.time_base is not None:
-            duration = float(stream.duration * stream.time_base)
+            guess = float(stream.duration * stream.time_base)
         elif container.duration is not None:
-            duration = container.duration / 1e6 - _stream_start(stream)
+            guess = container.duration / 1e6
         rate = float(stream.average_rate) if stream.average_rate else 0.0
-        if duration is None or duration <= 0:  # no header duration: count frames (slow, rare)
+        duration = None
+        if guess is not None and stream.time_base is not None:
+            try:
+                duration = _measured_end(container, stream, guess, rate)
+            except Exception:  # noqa: BLE001 (unseekable: trust the header)
+                duration = guess
+        if duration is None or duration <= 0:  # no usable header or packets: decode and count (rare)
+            container.seek(0)
             last = None
             for frame in container.decode(stream):
                 last = frame.time
@@ -118,30 +142,44 @@ class _Rgb:
 
 
 def _played_at_pyav(container, stream, times: Sequence[float], seek_first: bool):
-    """Yield (t, HWC uint8) for ascending ``times``: decode forward, seek across gaps > SEEK_GAP_S."""
+    """Yield (t, HWC uint8) for ascending ``times``: decode forward, seek across gaps > SEEK_GAP_S.
+
+    After a seek, frames before the first keyframe are dropped (some containers, e.g. MPEG-TS, land
+    mid-GOP, where they decode to garbage); a keyframe past the wanted time means seeking further back.
+    """
     start = _stream_start(stream)
     rate = float(stream.average_rate) if stream.average_rate else 1.0
     hold_s = max(2.0 / rate, 1.0)  # how long past the last frame a time still counts as 'played'
-    i, n, need_seek = 0, len(times), seek_first
+    i, n, need_seek, back = 0, len(times), seek_first, 0.0
     while i < n:
+        synced = not need_seek
         if need_seek:
-            container.seek(max(0, int((times[i] + start) / stream.time_base)), stream=stream, backward=True)
+            target = times[i] + start - back
+            container.seek(max(0, int(target / stream.time_base)), stream=stream, backward=True)
         need_seek = False
         prev = None
         for frame in container.decode(stream):
             if frame.time is None:
                 continue
             ft = frame.time - start
+            if not synced:
+                if not frame.key_frame:
+                    continue
+                if ft > times[i] + _EPS and times[i] - back > 0:
+                    back = max(2 * back, 1.0)
+                    need_seek = True
+                    break
+                synced = True
             current = _Rgb(frame)
             while i < n and times[i] < ft - _EPS:
-                # prev is None only when a seek landed after the target (no earlier keyframe)
+                # prev is None only when even the start of the file is after the target: take this frame
                 yield times[i], (prev or current).rgb()
                 i += 1
             if i >= n:
                 return
             prev = current
             if times[i] - ft > SEEK_GAP_S:
-                need_seek = True
+                need_seek, back = True, 0.0
                 break
         else:  # end of stream: the last frame stays on screen for a little while
             if prev is None:
