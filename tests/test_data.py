@@ -108,7 +108,7 @@ def test_demo_pretrain_dataset_items(demo):
     torch.manual_seed(0)
     assert torch.equal(x, ds[5])  # augmentation follows torch's RNG
     assert not torch.equal(ds[5], ds[5])
-    ev = build_pretrain_dataset(None, img_size=(48, 64), train=False, demo_root=demo.root.parent)
+    ev = build_pretrain_dataset("demo", img_size=(48, 64), train=False, demo_root=demo.root.parent)
     assert ev[7].shape == (3, 48, 64) and torch.equal(ev[7], ev[7])
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True)))
     assert batch.shape == (32, 3, 64, 64)
@@ -247,6 +247,11 @@ def test_shards_roundtrip_every_frame_once(demo, tmp_path):
     again = ShardDataset(out, return_meta=True, seed=1)
     assert [m["__key__"] for _, m in again] == first  # reproducible
     assert [m["__key__"] for _, m in again] != first  # next pass: new order
+    wds = pytest.importorskip("webdataset")  # the shards are plain WebDataset: its own reader agrees
+    plain = list(wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")), shardshuffle=False, empty_check=False))
+    assert sorted(s["__key__"] for s in plain) == sorted(s["__key__"] for s in
+                                                         map(lambda m: m[1], ShardDataset(out, return_meta=True)))
+    assert all(set(s) >= {"png", "json"} for s in plain)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)
     batches = list(loader)
     assert sum(b.shape[0] for b in batches) == 72 and batches[0].shape[1:] == (3, 32, 32)

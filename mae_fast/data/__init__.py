@@ -64,7 +64,7 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
                            shuffle_buffer=1000, epoch_samples=None, check_images=True, demo_root=None):
     """Frames for MAE pretraining, as a torch Dataset of normalised float32 (3, H, W) tensors.
 
-    ``source``: None (the built-in demo videos), a folder of videos (recursive), a video file, a list
+    ``source``: None or "demo" (the built-in demo videos), a folder of videos (recursive), a video file, a list
     of those, a folder of images (recursive), or WebDataset shards (see :func:`is_shard_source`; an
     IterableDataset, with the subset chosen when the shards were written; ``epoch_samples`` evens out
     ranks for DDP, see :class:`~mae_fast.data.shards.ShardDataset`). ``hours`` (video only)
@@ -80,7 +80,7 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
         transform = build_transform(as_size(img_size), train, scale=scale, crop_pct=crop_pct)
     if record is not None:
         source = record.get("source", source)
-    if source is None:
+    if source is None or (isinstance(source, str) and source.strip().lower() in ("", "demo")):
         source = ensure_demo_data(demo_root).videos
     if is_shard_source(source):
         if hours is not None:
@@ -135,7 +135,7 @@ def build_labelled_datasets(root=None, img_size=64, fraction=1.0, seed=0, train_
                             demo_root=None):
     """``(train_ds, val_ds, classes)`` of an ImageFolder-style labelled set; items ``(image, label)``.
 
-    ``root``: None (the demo set), a folder with ``train/<class>/`` and ``val/<class>/`` (``val`` may be
+    ``root``: None or "demo" (the demo set), a folder with ``train/<class>/`` and ``val/<class>/`` (``val`` may be
     named ``validation``), or a single ``<class>/`` folder split per class, deterministically by
     ``seed``, into ``1 - val_fraction`` / ``val_fraction``. ``fraction`` keeps that fraction of the
     train images of each class (at least one per class; the low-label protocol), chosen by ``seed``.
@@ -145,7 +145,7 @@ def build_labelled_datasets(root=None, img_size=64, fraction=1.0, seed=0, train_
     size = as_size(img_size)
     if not 0 < float(fraction) <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    if root is None:
+    if root is None or (isinstance(root, str) and root.strip().lower() in ("", "demo")):
         root = ensure_demo_data(demo_root).labelled
     root = Path(root).expanduser()
     if not root.is_dir():
