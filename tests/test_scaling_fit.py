@@ -65,9 +65,9 @@ def test_recovers_log_additive_law_and_chooses_a_log_form():
     assert law.form.family == "log", [(s.name, s.holdout_rmse) for s in law.scores]
     p = law.alternative("log_additive").params_dict()
     assert p["a"] == pytest.approx(20, abs=0.3)
-    assert p["n"] == pytest.approx(2.0, abs=0.15)
-    assert p["d"] == pytest.approx(3.0, abs=0.1)
-    assert p["r"] == pytest.approx(5.0, abs=0.4)
+    assert p["b_n"] == pytest.approx(2.0, abs=0.15)
+    assert p["c_d"] == pytest.approx(3.0, abs=0.1)
+    assert p["e_r"] == pytest.approx(5.0, abs=0.4)
 
 
 def test_bands_cover_the_truth_and_widen_with_noise():

@@ -18,7 +18,7 @@ import yaml
 from mae_fast.scaling import append_result, load_results
 from mae_fast.scaling.grid import GridError, grid_from_dict, load_grid
 from mae_fast.scaling.cli import main as scale_main
-from mae_fast.scaling.runner import SweepTask, pending_runs, run_grid, sweep_status
+from mae_fast.scaling.runner import SweepTask, pending_runs, run_grid, submit_slurm, sweep_status
 
 # A resumable fake job: `steps` steps, its state in run_dir/ckpt.json after each. FAKE_KILL_CALL=k makes
 # the k-th job call (counted across processes in FAKE_COUNTER) die with os._exit at step 2: a kill.
@@ -49,6 +49,8 @@ FAKE_JOBS = textwrap.dedent('''
             os.replace(tmp, ck)
             if call == int(os.environ.get("FAKE_KILL_CALL", "-1")) and state["step"] == 2:
                 os._exit(9)
+            if os.environ.get("FAKE_HANG_FIRST") and state["starts"] == 1 and state["step"] == 2:
+                time.sleep(600)  # the first attempt waits to be preempted
             time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
         return {"top1": truth(cfg), "top5": min(100.0, truth(cfg) + 20), "checkpoint": str(ck),
                 "images_seen": cfg["budget"]["images_seen"]}
@@ -65,7 +67,7 @@ def fake_jobs(tmp_path, monkeypatch):
     (tmp_path / "fakejobs.py").write_text(FAKE_JOBS)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    for k in ("FAKE_COUNTER", "FAKE_KILL_CALL", "FAKE_STEPS", "FAKE_SLEEP"):
+    for k in ("FAKE_COUNTER", "FAKE_KILL_CALL", "FAKE_STEPS", "FAKE_SLEEP", "FAKE_HANG_FIRST"):
         monkeypatch.delenv(k, raising=False)
     sys.modules.pop("fakejobs", None)
     return tmp_path
@@ -247,17 +249,19 @@ def test_preempted_task_requeues_itself_and_resumes(fake_jobs, monkeypatch):
     assert len(load_results(grid.table_path)) == 1
 
 
-@pytest.mark.slow
 def test_preemption_through_submitit_local_executor(fake_jobs, monkeypatch):
-    """The real signal path: submitit signals the task before its time limit, the task checkpoints
-    and is requeued, the new attempt resumes. Slow: every attempt imports torch."""
-    monkeypatch.setenv("FAKE_STEPS", "60")
-    monkeypatch.setenv("FAKE_SLEEP", "0.5")
+    """The real signal path: submitit signals the task before its time limit (here 30 s, signal after
+    15 s, while the first attempt hangs at step 2), the task checkpoints and is requeued, and the new
+    attempt resumes from step 2 and finishes."""
+    monkeypatch.setenv("FAKE_STEPS", "5")
+    monkeypatch.setenv("FAKE_HANG_FIRST", "1")
     grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5], img_sizes=[224],
-                                seeds=[1], executor={"name": "slurm", "cluster": "local",
-                                                     "slurm": {"timeout_min": 1}}))  # signalled 30 s in
-    jobs = run_grid(grid, log=lambda s: None, wait=True)
+                                seeds=[1]))
+    executor = submitit.LocalExecutor(folder=grid.out_dir / "slurm" / "%j", max_num_timeout=2)
+    executor.update_parameters(timeout_min=0.5, signal_delay_s=15)
+    jobs = submit_slurm(grid, grid.runs, executor=executor, wait=True, log=lambda s: None)
     assert len(jobs) == 1
     ck = json.loads((grid.run_dir(grid.runs[0].run_id) / "ckpt.json").read_text())
-    assert ck["step"] == 60 and ck["starts"] >= 2 and ck["resumed_from"][1] > 0, ck
-    assert len(load_results(grid.table_path)) == 1
+    assert ck == {"step": 5, "starts": 2, "resumed_from": [0, 2]}
+    assert list(load_results(grid.table_path)["run"]) == [grid.runs[0].run_id]
+    assert json.loads((grid.run_dir(grid.runs[0].run_id) / "status.json").read_text())["attempt"] == 2

@@ -3,8 +3,8 @@
 Four forms compete (factors are normalised: ``n = ln(N / 1e8)``, ``d = ln(D / 100 h)``,
 ``r = ln(R / 224 px)``, and ``err = 100 - top1``):
 
-* ``log_additive``     top1 = a + b n + c d + e r                                   (least squares)
-* ``log_interaction``  top1 = a + b n + c d + e r + f nd + g nr + h dr               (least squares)
+* ``log_additive``     top1 = a + b_n n + c_d d + e_r r                              (least squares)
+* ``log_interaction``  top1 = a + b_n n + c_d d + e_r r + f_nd nd + g_nr nr + h_dr dr (least squares)
 * ``saturating``       err  = E + A e^(-alpha n) + B e^(-beta d) + C e^(-gamma r)
                        i.e. E + A (N/1e8)^-alpha + B (D/100)^-beta + C (R/224)^-gamma, least squares on err
                        (variable projection: non-negative least squares for E, A, B, C inside a search
@@ -134,7 +134,9 @@ class LinearLogForm(Form):
 
     def __init__(self, name: str, terms: Sequence[tuple[int, ...]], formula: str):
         self.name, self.terms, self.formula = name, tuple(terms), formula
-        self.param_names = tuple("a" if not t else "*".join(("n", "d", "r")[i] for i in t) for t in self.terms)
+        # the coefficient of each term is named after it: a (intercept), b_n, c_d, e_r, f_nd, g_nr, h_dr
+        labels = {(): "a", (0,): "b_n", (1,): "c_d", (2,): "e_r", (0, 1): "f_nd", (0, 2): "g_nr", (1, 2): "h_dr"}
+        self.param_names = tuple(labels[t] for t in self.terms)
 
     def _design(self, x: np.ndarray) -> np.ndarray:
         cols = [np.ones(x.shape[:-1])]
@@ -316,9 +318,9 @@ class HuberLogForm(SaturatingForm):
 FORMS: dict[str, Form] = {
     f.name: f for f in (
         LinearLogForm("log_additive", [(), (0,), (1,), (2,)],
-                      "top1 = a + b ln(N/1e8) + c ln(D/100h) + e ln(R/224)"),
+                      "top1 = a + b_n n + c_d d + e_r r,  n = ln(N/1e8), d = ln(D/100h), r = ln(R/224)"),
         LinearLogForm("log_interaction", [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2)],
-                      "top1 = a + b n + c d + e r + f n d + g n r + h d r  (n, d, r = the logs above)"),
+                      "top1 = a + b_n n + c_d d + e_r r + f_nd n d + g_nr n r + h_dr d r  (n, d, r as above)"),
         SaturatingForm(),
         HuberLogForm(),
     )
@@ -350,7 +352,7 @@ class FormScore:
     name: str
     n_params: int
     rmse_in_sample: float
-    holdout: dict[str, dict]  # split -> {"rmse", "n_test", "n_left_out", "n_train", "rows", "predicted"}
+    holdout: dict[str, dict]  # split -> {"rmse", "bias", "n_test", "n_left_out", "n_train", "rows", "predicted"}
     theta: np.ndarray
     active: np.ndarray
 
@@ -392,7 +394,8 @@ def _score_split(form: Form, x, y, test_mask) -> dict:
         return out
     theta = form.fit(x[train], y[train], active)
     pred = form.predict(theta, x[usable])
-    out.update(rmse=_rmse(pred, y[usable]), rows=np.flatnonzero(usable).tolist(), predicted=pred.tolist())
+    out.update(rmse=_rmse(pred, y[usable]), bias=float(np.mean(pred - y[usable])),
+               rows=np.flatnonzero(usable).tolist(), predicted=pred.tolist())
     return out
 
 

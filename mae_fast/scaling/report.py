@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -65,13 +66,15 @@ def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
            f"target `{law.target}`.", ""]
     md += ["## Forms compared", "",
            "Chosen by extrapolation: fit on all runs but the held-out ones, RMSE (points of accuracy) on the "
-           "held-out runs; the mean over splits decides (ties within 1% go to fewer parameters). Held-out runs at a "
+           "held-out runs (in brackets: the mean signed error, predicted - actual, and the number of runs scored); "
+           "the mean RMSE over splits decides (ties within 1% go to fewer parameters). Held-out runs at a "
            "factor value the training part never varies (e.g. resolutions other models never ran at) cannot be "
            "scored and are left out.", "",
            "| form | params | in-sample RMSE | " + " | ".join(f"held out: {s}" for s in splits) + " | mean held-out |",
            "|---|---|---|" + "---|" * len(splits) + "---|"]
     for s in sorted(law.scores, key=lambda s: s.holdout_rmse):
-        cells = [f"{_fmt(s.holdout[k]['rmse'])} (n={s.holdout[k]['n_test']})" for k in splits]
+        cells = [f"{_fmt(s.holdout[k]['rmse'])} ({s.holdout[k].get('bias', math.nan):+.2f}, n={s.holdout[k]['n_test']})"
+                 for k in splits]
         name = f"**{s.name}** (chosen)" if s.name == law.name else s.name
         md.append(f"| {name} | {s.n_params} | {_fmt(s.rmse_in_sample)} | " + " | ".join(cells)
                   + f" | {_fmt(s.holdout_rmse)} |")

@@ -122,7 +122,7 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def result_row(spec: RunSpec, metrics: Mapping, wall_time_s: float, run_dir: Path) -> dict:
+def result_row(spec: RunSpec, metrics: Mapping, wall_time_s: float) -> dict:
     cfg = spec.config
     if "top1" not in metrics:
         raise KeyError(f"run {spec.run_id}: the job returned no 'top1' (got {sorted(metrics)})")
@@ -153,7 +153,7 @@ def run_one(spec: RunSpec, run_dir: Path, table_path: Path, job: str | JobFn) ->
     start = time.time()
     try:
         metrics = dict(resolve_job(job)(spec.config, run_dir))
-        row = result_row(spec, metrics, time.time() - start, run_dir)
+        row = result_row(spec, metrics, time.time() - start)
     except BaseException as exc:
         if lead:
             status = _read_status(run_dir)
@@ -274,12 +274,14 @@ class SweepTask(_Checkpointable):
 
 
 def submit_slurm(grid: Grid, runs: Sequence[RunSpec], job: str | None = None, cluster: str | None = None,
-                 wait: bool = False, log: Callable[[str], None] = print) -> list:
+                 wait: bool = False, log: Callable[[str], None] = print, executor=None) -> list:
     """Submit ``runs`` as one submitit job array (``executor.slurm`` of the grid gives its parameters,
     e.g. ``timeout_min``, ``gpus_per_node``, ``slurm_partition``, ``slurm_array_parallelism``).
 
     ``cluster`` is passed to ``submitit.AutoExecutor`` (None: detect SLURM; ``"local"`` / ``"debug"``
     to try it on this machine). With ``wait`` it blocks until every job ended. Returns the jobs.
+    ``executor``: a ready submitit executor to use instead (e.g. a ``LocalExecutor`` with short time
+    limits, to exercise preemption).
     """
     try:
         import submitit
@@ -290,12 +292,13 @@ def submit_slurm(grid: Grid, runs: Sequence[RunSpec], job: str | None = None, cl
     job = job or grid.job
     if not isinstance(job, str):
         raise ValueError("SLURM runs need the job as 'module:function'")
-    params = dict(grid.executor.get("slurm") or {})
-    params.setdefault("timeout_min", 60 * 24)
-    params.setdefault("name", f"scale-{grid.name}")
-    executor = submitit.AutoExecutor(folder=grid.out_dir / "slurm" / "%j", cluster=cluster,
-                                     slurm_max_num_timeout=int(params.pop("max_num_timeout", 20)))
-    executor.update_parameters(**params)
+    if executor is None:
+        params = dict(grid.executor.get("slurm") or {})
+        params.setdefault("timeout_min", 60 * 24)
+        params.setdefault("name", f"scale-{grid.name}")
+        executor = submitit.AutoExecutor(folder=grid.out_dir / "slurm" / "%j", cluster=cluster,
+                                         slurm_max_num_timeout=int(params.pop("max_num_timeout", 20)))
+        executor.update_parameters(**params)
     jobs = executor.map_array(
         SweepTask(), [r.as_dict() for r in runs], [str(grid.run_dir(r.run_id)) for r in runs],
         [str(grid.table_path)] * len(runs), [job] * len(runs),
@@ -303,7 +306,7 @@ def submit_slurm(grid: Grid, runs: Sequence[RunSpec], job: str | None = None, cl
     for spec, j in zip(runs, jobs):
         _write_json(grid.run_dir(spec.run_id) / "status.json",
                     {"state": "submitted", "slurm_job_id": j.job_id, "submitted": _now()})
-    log(f"submitted {len(jobs)} runs as {jobs[0].job_id.split('_')[0]} ({executor.cluster})")
+    log(f"submitted {len(jobs)} runs as {jobs[0].job_id.split('_')[0]} ({type(executor).__name__})")
     if wait:
         for spec, j in zip(runs, jobs):
             try:
