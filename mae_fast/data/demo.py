@@ -517,3 +517,10 @@ def ensure_demo_data(root=None, seed: int = 0, force: bool = False, verbose: boo
             print(f"mae_fast: demo data ready ({manifest['generation_s']:.1f} s)", flush=True)
     return DemoPaths(root=final, videos=final / "videos", labelled=final / "labelled", manifest=manifest)
 
+
+
+if __name__ == "__main__":  # python -m mae_fast.data.demo [ROOT]: generate (or find) the demo set
+    import sys
+
+    found = ensure_demo_data(sys.argv[1] if len(sys.argv) > 1 else None)
+    print(f"videos:   {found.videos}\nlabelled: {found.labelled}")
