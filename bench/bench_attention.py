@@ -307,15 +307,30 @@ def best_configs(tune_results) -> dict:
 
 # ---- preference table ---------------------------------------------------------------------------
 
+def check_passed(rec, mult=3.0, floor=1e-3) -> bool:
+    """Triton's error vs fp32 within ``mult`` x PyTorch's own low-precision error (NaN fails)."""
+    for a, b in rec.get("check", {}).values():
+        if not (a <= mult * b + floor):
+            return False
+    return True
+
+
 def write_prefs(result_paths, dest):
     """Turn benchmark JSON into attention_prefs.json: per device, layout, head dim, sequence length,
     the measured fwd and fwd+bwd ("train") times of every backend."""
-    prefs = {"generated_by": "bench/bench_attention.py --write-prefs", "sources": [], "devices": {}}
+    prefs = {"generated_by": "bench/bench_attention.py --write-prefs", "sources": [], "excluded": [],
+             "devices": {}}
     for path in result_paths:
         data = json.loads(Path(path).read_text())
         prefs["sources"].append(str(path))
         dev = prefs["devices"].setdefault(data["device"], {})
+        # a kernel that failed its check on any row of a head dim is suspect on every row of it
+        suspect = {r["head_dim"] for r in data["results"] if not check_passed(r)}
         for rec in data["results"]:
+            if rec["head_dim"] in suspect:  # a wrong kernel's time is no measurement
+                why = "check failed" if not check_passed(rec) else "check failed on another row of this head dim"
+                prefs["excluded"].append(f"{rec['name']} N={rec['seqlen']} D={rec['head_dim']}: {why}")
+                continue
             layout = "varlen" if rec.get("packed") else "dense"
             fwd = {b: round(t, 5) for b, t in rec["fwd_ms"].items()}
             train = {b: round(t + rec["bwd_ms"][b], 5) for b, t in rec["fwd_ms"].items()}

@@ -4,10 +4,10 @@ Layout as ``flash_attn_func``: q/k/v (batch, seqlen, heads, head_dim), or packed
 with ``cu_seqlens`` (sequences never attend across). Any last-dim-contiguous strides are accepted.
 
 Head dims that are not a power of two are NOT padded to the next one: the head dim is split into a
-power-of-two chunk ``D0`` and a remainder chunk ``D1`` (80 = 64 + 16, 96 = 64 + 32, 40 = 32 + 8, 88 = 64 + 24).
-A remainder that is not itself a power of two is held in a register tile of the next power of two with
-masked loads (24 -> 32, 8 -> 16, since ``tl.dot`` needs a contraction of at least 16), so 88 computes as 96
-(not 128) and 40 as 48 (not 64). Nothing is padded in memory; sequence tails are masked in-kernel.
+power-of-two chunk ``D0`` and a remainder chunk ``D1`` held in a register tile of at least 32 columns
+(80 = 64 + 16 in a 32 tile, 88 = 64 + 24, 96 = 64 + 32), so 80/88/96 compute as 96 (not 128). Columns past
+the head dim are loaded through clamped offsets and zeroed; nothing is padded in memory, and sequence tails
+are masked in-kernel. (40 = 32 + 8 in a 32 tile computes as 64: 16-column tiles miscompile, see split_head_dim.)
 
 Backward is deterministic: dK/dV are computed by one program per key block looping over query blocks,
 dQ by one program per query block looping over key blocks; no atomics.
@@ -68,14 +68,19 @@ def attention_reference_lse(q, k, v, softmax_scale=None, cu_seqlens=None):
 # ---- head-dim split -----------------------------------------------------------------------------
 
 def split_head_dim(head_dim: int) -> tuple[int, int]:
-    """(D0, D1): D0 the largest power of two <= head_dim (>= 16), D1 the register tile of the rest (0 if none)."""
-    if head_dim <= 16:
-        return 16, 0
+    """(D0, D1): D0 the largest power of two <= head_dim, D1 the register tile of the rest (0 if none).
+
+    No tile is narrower than 32 columns: on H100 with Triton 3.6, 16-column bf16 tiles feeding wgmma read
+    past their shared-memory buffer (compute-sanitizer, 2026-11-22) and gave NaNs at head dim 80 (64 + 16).
+    So 80 -> 64 + 32 (16 used), 88 -> 64 + 32 (24 used), 96 -> 64 + 32, 40 -> 32 + 32 (8 used).
+    """
+    if head_dim < 32 or head_dim % 8:
+        raise ValueError(f"head dim {head_dim} unsupported: a multiple of 8 from 32 to {MAX_HEAD_DIM}")
     d0 = 1 << (head_dim.bit_length() - 1)
     rest = head_dim - d0
     if rest == 0:
         return d0, 0
-    return d0, max(16, triton.next_power_of_2(rest))
+    return d0, max(32, triton.next_power_of_2(rest))
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -188,7 +193,7 @@ def _attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
-    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 32)
 
     q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, True, False, 0.0)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
@@ -326,7 +331,7 @@ def _attn_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, D0)
-    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 32)
     k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, L, HEAD_DIM, True, False, 0.0)
     v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, L, HEAD_DIM, True, False, 0.0)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
@@ -423,7 +428,7 @@ def _attn_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
-    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 32)
     q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, True, False, 0.0)
     do0 = _load_rows(do_base, offs_m, stride_don, offs_d0, L, HEAD_DIM, True, False, 0.0)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
