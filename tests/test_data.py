@@ -424,10 +424,14 @@ def test_torchcodec_adapter_with_a_stand_in(demo, monkeypatch):
     import sys
     import types
 
+    decoded = {}
+
     class FakeDecoder:
         def __init__(self, source, dimension_order="NCHW", seek_mode="exact"):
             assert dimension_order == "NHWC"
-            self.frames = all_frames(source)
+            if str(source) not in decoded:
+                decoded[str(source)] = all_frames(source)
+            self.frames = decoded[str(source)]
             self.metadata = types.SimpleNamespace(duration_seconds=len(self.frames) / 8, average_fps=8.0,
                                                   width=96, height=96, begin_stream_seconds=0.0)
 
