@@ -161,6 +161,19 @@ def test_lazy_decoding_matches_in_memory(demo):
         assert np.array_equal(lazy.frame(i), ram.frame(i))
 
 
+def test_max_side_downscales_at_decode(demo):
+    from PIL import Image
+
+    kw = dict(img_size=32, hours=0.01, subset="uniform", seed=4, demo_root=demo.root.parent)
+    full = build_pretrain_dataset(None, **kw)
+    small = build_pretrain_dataset(None, max_side=40, **kw)
+    lazy = build_pretrain_dataset(None, max_side=40, ram_limit_bytes=0, **kw)
+    for i in range(0, len(full), 5):
+        ref = np.asarray(Image.fromarray(full.frame(i)).resize((40, 40), Image.BICUBIC))
+        assert small.frame(i).shape == (40, 40, 3)
+        assert np.array_equal(small.frame(i), ref) and np.array_equal(lazy.frame(i), ref)
+
+
 def test_read_frames_between_source_frames(demo, frames_by_video):
     path = sorted(frames_by_video)[1]
     src = frames_by_video[path]

@@ -60,7 +60,7 @@ def _probe_all(files, backend):
 
 def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contiguous", seed=0, fps=1.0,
                            train=True, *, chunk_minutes=None, record=None, transform=None,
-                           ram_limit_bytes=2e9, video_backend="auto", scale=(0.2, 1.0), crop_pct=1.0,
+                           ram_limit_bytes=2e9, max_side=None, video_backend="auto", scale=(0.2, 1.0), crop_pct=1.0,
                            shuffle_buffer=1000, epoch_samples=None, check_images=True, demo_root=None):
     """Frames for MAE pretraining, as a torch Dataset of normalised float32 (3, H, W) tensors.
 
@@ -71,7 +71,9 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
     picks a subset per ``subset`` in {"contiguous", "uniform"} (``chunk_minutes`` for chunked
     contiguous draws, see :mod:`mae_fast.data.subset`); ``record`` replays a saved ``ds.record``
     instead. ``train`` selects the MAE augmentation (RandomResizedCrop(scale) + flip) or a plain
-    resize + centre crop. The result has ``.record`` (JSON-able) and ``.skipped`` ([(path, reason)]).
+    resize + centre crop. Video frames are kept in RAM when they fit in ``ram_limit_bytes`` (after an
+    optional ``max_side`` downscale), else decoded per item (seeking; for big data prefer shards).
+    The result has ``.record`` (JSON-able) and ``.skipped`` ([(path, reason)]).
     """
     fps = check_fps(fps)
     if subset not in SUBSET_MODES:
@@ -115,7 +117,7 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
             selection = select(durations, fps, hours, subset, seed, chunk_minutes)
         rec = make_record(selection, durations, path, hours, subset, seed, chunk_minutes, skipped)
         return VideoFrameDataset(selection, transform=transform, record=rec, skipped=skipped, infos=infos,
-                                 ram_limit_bytes=ram_limit_bytes, backend=video_backend)
+                                 ram_limit_bytes=ram_limit_bytes, backend=video_backend, max_side=max_side)
     images = sorted({i for s in sources for i in list_images(s)})
     if images:
         if hours is not None:

@@ -316,25 +316,28 @@ class VideoFrameDataset(SkippingDataset):
 
     When the frames fit in ``ram_limit_bytes`` they are decoded once, in one forward pass per file,
     and kept as uint8 in RAM (shared copy-on-write with forked DataLoader workers); otherwise each
-    item seeks and decodes its frame on demand. Items are ``transform(frame)``.
+    item seeks and decodes its frame on demand. ``max_side`` downscales frames (longer side, PIL
+    bicubic) as they are decoded, so more fit in RAM. Items are ``transform(frame)``.
     """
 
     def __init__(self, selection, transform=None, record=None, skipped=(), infos=None,
-                 ram_limit_bytes: float = 2e9, backend: str = "auto"):
+                 ram_limit_bytes: float = 2e9, backend: str = "auto", max_side=None):
         super().__init__()
         self.transform, self.backend = transform, resolve_backend(backend)
+        self.max_side = None if max_side is None else int(max_side)
         self.record = dict(record or {})
         for path, reason in skipped:
             self._skip(path, reason)
         self.fps = selection.fps
-        nbytes = _frames_nbytes(infos, selection) if infos else None
+        nbytes = _frames_nbytes(infos, selection, self.max_side) if infos else None
         self.in_memory = nbytes is not None and nbytes <= ram_limit_bytes
         self.files, file_idx, times, frames, lost = [], [], [], [], 0
         for path, slots in zip(map(str, selection.files), selection.slots):
             t = slots / selection.fps
             if self.in_memory:
                 try:
-                    frames.append(read_frames_at(path, t.tolist(), self.backend))
+                    block = read_frames_at(path, t.tolist(), self.backend)
+                    frames.append(np.stack([shrink(f, self.max_side) for f in block]) if self.max_side else block)
                 except Exception as err:  # noqa: BLE001
                     self._skip(path, f"{type(err).__name__}: {err}")
                     lost += len(t)
@@ -362,12 +365,33 @@ class VideoFrameDataset(SkippingDataset):
         """The raw HWC uint8 frame of item ``index`` (no transform, no skipping)."""
         if self.in_memory:
             return self.frames[self.file_idx[index]][self.local_idx[index]]
-        return self.reader.read(self._path(index), float(self.times[index]))
+        return shrink(self.reader.read(self._path(index), float(self.times[index])), self.max_side)
 
     def _load(self, index):
         image = self.frame(index)
         return self.transform(image) if self.transform is not None else image
 
 
-def _frames_nbytes(infos, selection) -> int:
-    return sum(infos[f].width * infos[f].height * 3 * len(s) for f, s in zip(selection.files, selection.slots))
+def _shrunk_size(height: int, width: int, max_side):
+    if not max_side or max(height, width) <= max_side:
+        return height, width
+    s = max_side / max(height, width)
+    return max(1, round(height * s)), max(1, round(width * s))
+
+
+def shrink(frame: np.ndarray, max_side) -> np.ndarray:
+    """Downscale (PIL bicubic, aspect kept) so the longer side is at most ``max_side``; else as is."""
+    h, w = _shrunk_size(frame.shape[0], frame.shape[1], max_side)
+    if (h, w) == frame.shape[:2]:
+        return frame
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(frame).resize((w, h), Image.BICUBIC)).copy()
+
+
+def _frames_nbytes(infos, selection, max_side=None) -> int:
+    total = 0
+    for f, slots in zip(selection.files, selection.slots):
+        h, w = _shrunk_size(infos[f].height, infos[f].width, max_side)
+        total += h * w * 3 * len(slots)
+    return total
