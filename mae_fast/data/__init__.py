@@ -81,6 +81,8 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
     if transform is None:
         transform = build_transform(as_size(img_size), train, scale=scale, crop_pct=crop_pct)
     if record is not None:
+        if record.get("kind") != "video" or "files" not in record:
+            raise ValueError("only video records (ds.record of a video source) can be replayed")
         source = record.get("source", source)
     if source is None or (isinstance(source, str) and source.strip().lower() in ("", "demo")):
         source = ensure_demo_data(demo_root).videos

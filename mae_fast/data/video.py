@@ -354,6 +354,7 @@ class VideoFrameDataset(SkippingDataset):
             self.record["frames_lost_to_errors"] = lost
         self.record["skipped"] = [[p, r] for p, r in self.skipped]
         self.record["in_memory"] = self.in_memory
+        self.record["max_side"] = self.max_side
 
     def __len__(self):
         return len(self.times)
