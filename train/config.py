@@ -62,6 +62,7 @@ PRETRAIN_KEYS: dict[str, tuple] = {
     # performance
     "precision": _spec("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32"),
     "compile": _spec(False, "torch.compile the model"),
+    "compile_scope": _spec("model", "model (whole graph) | blocks (each transformer block: faster to compile)"),
     "grad_checkpointing": _spec(False, "recompute block activations in backward (saves memory)"),
     "distributed": _spec("auto", "auto | ddp | fsdp | none (with torchrun; auto: FSDP2 if DDP would not fit)"),
     "device": _spec("auto", "auto | cpu | cuda"),
