@@ -474,3 +474,42 @@ def test_streaming_source_resumes_at_its_position(tmp_path):
     a, b = (torch.load(r["checkpoint"], weights_only=False) for r in (straight, resumed))
     assert a["stream_positions"] == b["stream_positions"] == [(2, 1)]  # 3 batches of 6 per epoch
     assert_same_state(a["model"], b["model"])
+
+
+def test_sigkilled_run_resumes_bit_exactly_with_workers(tmp_path):
+    """kill -9 of a real training process, then resume=auto (with 2 DataLoader workers this time):
+    the final weights equal an uninterrupted in-process run's."""
+    straight = pretrain(tiny(tmp_path, name="straight", steps=10, checkpoint_every=2))
+    args = [f"name=killed", f"output_dir={tmp_path}", "data_source=synthetic", "synthetic_size=48", "img_size=32",
+            "model_kwargs={embed_dim: 48, depth: 2, num_heads: 2, decoder_embed_dim: 32, decoder_depth: 1, "
+            "decoder_num_heads: 2}", "batch_size=8", "steps=10", "warmup_steps=2", "lr=2e-3", "checkpoint_every=2",
+            "log_every=1", "vis_every=0", "vis_images=2", "progress=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "mae_fast.cli", "pretrain", *args, "debug_step_sleep_s=0.5"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt4 = tmp_path / "killed" / "checkpoints" / "checkpoint-00000004.pt"
+    try:
+        import time
+
+        deadline = time.time() + 240
+        while not ckpt4.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert ckpt4.exists() and proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        proc.kill()
+        proc.wait()
+    steps_left = [s for s, _ in checkpoint_io.list_checkpoints(tmp_path / "killed")]
+    assert max(steps_left) < 10
+    resumed = pretrain(tiny(tmp_path, name="killed", steps=10, checkpoint_every=2, resume="auto", num_workers=2))
+    assert_same_state(params(straight["checkpoint"]), params(resumed["checkpoint"]))
+
+
+def test_linprobe_on_the_demo_labelled_set(tmp_path):
+    pytest.importorskip("mae_fast.data")
+    from mae_fast.data import build_labelled_datasets  # noqa: F401
+    from mae_fast.train.finetune import finetune
+
+    with pytest.warns(RuntimeWarning, match="random weights"):  # no runs/demo under tmp_path
+        res = finetune(dict(mode="linprobe", output_dir=str(tmp_path), checkpoint=None, epochs=1, fraction=0.25,
+                            batch_size=32, warmup_epochs=0, progress=False))
+    assert res["num_classes"] == 8 and res["val_images"] > 0 and res["train_images"] < res["val_images"] * 4
+    assert 0 <= res["top1"] <= res["top5"] <= 100 and Path(res["results"]).is_file()

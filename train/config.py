@@ -78,6 +78,7 @@ PRETRAIN_KEYS: dict[str, tuple] = {
     "max_bad_steps": _spec(5, "stop after this many non-finite losses in a row"),
     "seed": _spec(0, "seed for init, data order and masking"),
     "debug_nan_steps": _spec([], "test hook: make the loss NaN at these steps"),
+    "debug_step_sleep_s": _spec(0.0, "test hook: sleep this long after every step (kill tests)"),
 }
 
 # Finetuning / linear-probe keys.

@@ -654,6 +654,8 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
                 log_window(lr, grad_norm)
             if bar is not None:
                 bar.update(1)
+            if cfg["debug_step_sleep_s"]:
+                time.sleep(cfg["debug_step_sleep_s"])
             t_aside = time.perf_counter()  # checkpoint and picture time stays out of images/s
             if step % cfg["checkpoint_every"] == 0 and step < total_steps:
                 last_ckpt, last_ckpt_step = save(step, last_loss), step
