@@ -20,6 +20,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _row_sum(x, axis: tl.constexpr):
+    # tl.reduce with our own combine function rather than tl.sum: tl.sum is a @jit function of
+    # triton.language itself, which the CPU interpreter can call only if triton was first imported
+    # with TRITON_INTERPRET=1; these two are built with this module, so tests can turn the
+    # interpreter on for this module alone. Same reduction on the GPU.
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
 def gather_or_fill_rows_kernel(
     src_ptr, idx_ptr, fill_ptr, pos_ptr, bad_ptr, out_ptr,
     total_rows, n_idx, src_rows, limit, upper, D,
@@ -75,7 +89,7 @@ def masked_row_sum_kernel(
     chunk = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc = tl.full([BLOCK_D], 0.0, tl.float32)  # builtin (tl.zeros is a triton.language @jit: see _row_sum)
     for start in range(0, CHUNK, BLOCK_R):
         i = chunk * CHUNK + start + tl.arange(0, BLOCK_R)
         ok = i < L
@@ -83,7 +97,7 @@ def masked_row_sum_kernel(
         masked = ok & (j >= K) & (j < L)
         g = tl.load(grad_ptr + ((b * (HEAD + L) + HEAD + i) * D)[:, None] + cols[None, :],
                     mask=masked[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.sum(g.to(tl.float32), axis=0)
+        acc += _row_sum(g.to(tl.float32), 0)
     tl.store(partial_ptr + (b * n_chunks + chunk) * D + cols, acc, mask=col_ok)
 
 
@@ -135,9 +149,9 @@ def _normalised_target_and_pred(pred_ptr, imgs_ptr, rows, active, L, grid_w, H, 
     target = tl.load(imgs_ptr + offs, mask=ld, other=0.0).to(tl.float32)
     pred = tl.load(pred_ptr + rows[:, None] * P + e[None, :], mask=ld, other=0.0).to(tl.float32)
     if NORM_PIX:
-        mean = tl.sum(target, axis=1) * inv_P
+        mean = _row_sum(target, 1) * inv_P
         dev = tl.where(ld, target - mean[:, None], 0.0)
-        var = tl.sum(dev * dev, axis=1) * inv_P_minus_1  # unbiased, as the official code
+        var = _row_sum(dev * dev, 1) * inv_P_minus_1  # unbiased, as the official code
         target = dev / tl.sqrt(var + 1.0e-6)[:, None]
     return tl.where(ld, pred - target, 0.0), e, e_ok
 
@@ -154,7 +168,7 @@ def masked_patch_mse_fwd_kernel(
     active = row_ok & (m != 0)
     err, e, e_ok = _normalised_target_and_pred(pred_ptr, imgs_ptr, rows, active, L, grid_w, H, W, P, inv_P,
                                                inv_P_minus_1, C, PATCH, NORM_PIX, BLOCK_P)
-    loss = tl.sum(err * err, axis=1) * inv_P * m
+    loss = _row_sum(err * err, 1) * inv_P * m
     tl.store(row_loss_ptr + rows, loss, mask=row_ok)
 
 

@@ -14,7 +14,8 @@ import torch
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 
-if not CUDA:  # stays set: the interpreter itself reads it while running kernels
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+if not CUDA:  # while the kernel module is (re)built; the fixture below sets it again for these tests only
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 from mae_fast.kernels import masking as kernels  # noqa: E402
@@ -23,8 +24,26 @@ from mae_fast.ops import masking as M  # noqa: E402
 from mae_fast.ops._masking_common import inverse_positions  # noqa: E402
 from mae_fast.ops.dispatch import NoBackendError, describe, select_backend  # noqa: E402
 
-if not CUDA and not T.kernels_interpreted():
-    importlib.reload(kernels)  # built compiled by an earlier import: rebuild for the interpreter
+if not CUDA:
+    if not T.kernels_interpreted():
+        importlib.reload(kernels)  # built compiled by an earlier import: rebuild for the interpreter
+    if _PREVIOUS_INTERPRET is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+
+@pytest.fixture(autouse=True, scope="module")
+def triton_interpreter_on_cpu():
+    """TRITON_INTERPRET=1 during this module's tests only: with it unset the triton backend refuses CPU
+    tensors again, so other modules' dispatch tests see the usual CPU backends."""
+    if CUDA:
+        yield
+        return
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TRITON_INTERPRET", "1")
+    yield
+    patch.undo()
 
 ROW_BACKENDS = ["triton", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -442,6 +461,15 @@ def test_inverse_positions():
 
 # ---- dispatch ------------------------------------------------------------------------------------------
 
+def test_triton_takes_cpu_tensors_only_under_the_interpreter(monkeypatch):
+    x, ids = torch.randn(1, 4, 8), torch.tensor([[1, 2]])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert any("needs CUDA tensors" in w for w in describe("gather_visible", x, ids, None)["triton"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert describe("gather_visible", x, ids, None)["triton"] == ([] if T.kernels_interpreted() else
+                                                                  describe("gather_visible", x, ids, None)["triton"])
+
+
 def test_auto_choice():
     x = randn(2, 5, 8)
     ids = torch.tensor([[0, 2], [4, 1]], device=DEV)
@@ -458,7 +486,7 @@ def test_auto_choice():
 
 
 def test_cpu_reasons_without_interpreter(monkeypatch):
-    monkeypatch.setattr(T, "kernels_interpreted", lambda: False)
+    monkeypatch.setattr(T, "interpreter_active", lambda: False)
     why = describe("masked_patch_mse", torch.randn(1, 4, 12), torch.randn(1, 3, 4, 4), torch.ones(1, 4), 2, True)
     assert any("needs CUDA tensors" in w for w in why["triton"])
     if not CUDA:

@@ -4,6 +4,7 @@ Order: launchers -> custom ops (fakes, autograd) -> backend registration. On CUD
 this backend ahead of ``torch``; on CPU tensors it can only run under the Triton interpreter
 (TRITON_INTERPRET=1 set before the kernels are imported) and ``auto`` still prefers ``torch`` there.
 """
+import os
 from typing import Optional
 
 import torch
@@ -25,6 +26,12 @@ except ImportError as e:  # pragma: no cover - triton is a Linux dependency
 def kernels_interpreted() -> bool:
     """True when the kernels were built by the Triton interpreter (they then run on CPU tensors)."""
     return kernels is not None and type(kernels.gather_or_fill_rows_kernel).__name__ == "InterpretedFunction"
+
+
+def interpreter_active() -> bool:
+    """CPU tensors are taken only while TRITON_INTERPRET=1 is set *and* the kernels were built by the
+    interpreter, so a test that turns the interpreter on for itself does not leak CPU support to others."""
+    return kernels_interpreted() and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ---- launchers ------------------------------------------------------------------------------------
@@ -244,7 +251,7 @@ _CPU_WHY = "Triton runs CPU tensors only under TRITON_INTERPRET=1 set before mae
 
 
 def _kw():
-    return dict(cuda_only=False, cpu_ok=kernels_interpreted, cpu_why=_CPU_WHY)
+    return dict(cuda_only=False, cpu_ok=lambda: interpreter_active(), cpu_why=_CPU_WHY)
 
 
 def _gather_visible_reasons(x, ids_keep, pos):
