@@ -91,6 +91,7 @@ def test_bands_cover_the_truth_and_widen_with_noise():
 def test_bootstrap_resamples_whole_configurations_when_there_is_one_seed():
     law = fit(synthetic(log_truth, noise=0.5, seeds=1), forms=["log_additive"], n_boot=20)
     assert law.bootstrap_by == "configs" and len(law.boot_thetas) == 20
+    assert law.param_bands()["c_d"][1] > law.param_bands()["c_d"][0]
     assert fit(synthetic(log_truth, noise=0.5), forms=["log_additive"], n_boot=5).bootstrap_by == "seeds"
 
 

@@ -32,8 +32,14 @@ def _cmd_run(args) -> int:
                        retry_failed=not args.skip_failed, wait=args.wait)
     failed = {k: v for k, v in outcome.items() if v != "done"} if isinstance(outcome, dict) else {}
     if args.fit and grid.table_path.exists():
+        # the grid's optional `fit:` block: {projections: [{label, params, hours, img_size}], target_accuracy}
+        opts = grid.raw.get("fit") or {}
+        projections = [(p.get("label") or _projection_label(p["params"], p["hours"], p["img_size"]),
+                        float(p["params"]), float(p["hours"]), float(p["img_size"])) for p in opts.get("projections", [])]
         _cmd_fit(argparse.Namespace(table=str(grid.table_path), out=str(grid.out_dir / "fit"), target="top1",
-                                    n_boot=args.n_boot, form=None, target_accuracy=None, project=[], seed=0))
+                                    n_boot=args.n_boot, form=None, target_accuracy=opts.get("target_accuracy"),
+                                    project=projections, seed=0, no_default_projections=bool(projections),
+                                    runs={r.run_id for r in grid.runs}))
     return 1 if failed else 0
 
 
@@ -50,8 +56,8 @@ def _cmd_status(args) -> int:
     print("  " + ", ".join(f"{k} {len(v)}" for k, v in st.items()))
     for state in ("running", "submitted", "interrupted", "failed"):
         for e in st[state]:
-            extra = e.get("error") or e.get("slurm_job_id") or e.get("host") or ""
-            print(f"  {state:11s} {e['run']}  {extra}")
+            extra = str(e.get("error") or e.get("slurm_job_id") or e.get("host") or "")
+            print(f"  {state:11s} {e['run']}  {extra[:160] + ('...' if len(extra) > 160 else '')}")
     return 0
 
 
@@ -60,7 +66,11 @@ def _projection(text: str) -> tuple[str, float, float, float]:
         n, d, r = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--project wants PARAMS,HOURS,IMG_SIZE (e.g. 632e6,5000,476), got {text!r}")
-    return (f"{n / 1e6:.4g}M params, {r:g} px, {d:g} h", n, d, r)
+    return (_projection_label(n, d, r), n, d, r)
+
+
+def _projection_label(params: float, hours: float, img_size: float) -> str:
+    return f"{float(params) / 1e6:.4g}M params, {float(img_size):g} px, {float(hours):g} h"
 
 
 def _cmd_fit(args) -> int:
@@ -75,12 +85,18 @@ def _cmd_fit(args) -> int:
     except TableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "runs", None):  # from `run --fit`: this grid's runs only, not rows of older grids
+        table = table.subset(np.isin(table["run"], sorted(args.runs)))
     law = fit(table, target=args.target, n_boot=args.n_boot, choose=args.form, seed=args.seed)
     target_accuracy = args.target_accuracy
     if target_accuracy is None:  # something just beyond the data: the best seed mean + 10 points, rounded
         target_accuracy = float(np.ceil((table[args.target].max() + 10) / 5) * 5)
     out = args.out or str(Path(args.table).with_suffix("")) + "_fit"
-    print(write_report(table, law, out, DEFAULT_PROJECTIONS + list(args.project or []), target_accuracy))
+    projections = ([] if args.no_default_projections else DEFAULT_PROJECTIONS) + list(args.project or [])
+    if not projections:
+        print("error: --no-default-projections needs at least one --project", file=sys.stderr)
+        return 2
+    print(write_report(table, law, out, projections, target_accuracy))
     return 0
 
 
@@ -124,6 +140,8 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--target-accuracy", type=float, help="solve for the cheapest setting reaching it")
     p.add_argument("--project", type=_projection, action="append", metavar="PARAMS,HOURS,IMG_SIZE",
                    help="extra projection (repeatable)")
+    p.add_argument("--no-default-projections", action="store_true",
+                   help="leave out the built-in projections (ViT-H/14 476 px 5,000 h; 2.5B 952 px 20,000 h)")
     p.set_defaults(func=_cmd_fit)
 
     p = subparsers.add_parser("worker", help=argparse.SUPPRESS)

@@ -189,7 +189,7 @@ def expand(raw: Mapping) -> list[RunSpec]:
                         "heads": spec["heads"], "patch_size": spec["patch_size"],
                         "params": vit_param_count(spec["width"], spec["depth"], spec["patch_size"], img,
                                                   num_classes, mlp_ratio=spec["mlp_ratio"]),
-                        "img_size": img, "hours": hours, "data_fraction": hours / total_hours, "seed": seed,
+                        "img_size": img, "hours": hours, "data_fraction": round(hours / total_hours, 12), "seed": seed,
                         "data": data, "budget": resolve_budget(raw.get("budget") or {"images_seen": 1e6}, hours, fps),
                         "pretrain": dict(raw.get("pretrain") or {}), "eval": eval_cfg,
                     }

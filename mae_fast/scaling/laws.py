@@ -18,8 +18,8 @@ model) every form is fitted on the rest and scored by the RMSE of its prediction
 A factor that is constant in a split's training rows is frozen (its terms dropped) and held-out rows at
 other values of it are left out of that split's score, since no fit could say anything about them.
 The chosen form is refitted on every run, and its uncertainty is a bootstrap over runs: seeds are
-resampled within each configuration (model, resolution, hours), or whole configurations when there is a
-single seed each. The bands therefore cover seed noise in the fit, not the choice of form; the report
+resampled within each configuration (model, resolution, hours), or whole configurations when some
+configuration has a single run. The bands therefore cover seed noise in the fit, not the choice of form; the report
 shows every form's projections so that spread can be seen too.
 """
 from __future__ import annotations
@@ -362,8 +362,13 @@ class FormScore:
         return float(np.mean(vals)) if vals else math.inf
 
 
+# A factor varies when its log spans more than this (5%): one model's parameter count changing by
+# its position embedding across resolutions (0.2% for ViT-H/14) is not a model-size axis.
+MIN_LOG_SPAN = 0.05
+
+
 def _active(x: np.ndarray) -> np.ndarray:
-    return np.ptp(x, axis=0) > 1e-9 if len(x) else np.zeros(3, bool)
+    return np.ptp(x, axis=0) > MIN_LOG_SPAN if len(x) else np.zeros(3, bool)
 
 
 def _rmse(a, b) -> float:
@@ -387,7 +392,7 @@ def _score_split(form: Form, x, y, test_mask) -> dict:
     # held-out rows at a value of a frozen factor never seen in training cannot be judged
     usable = test_mask.copy()
     for i in np.flatnonzero(~active):
-        usable &= np.isclose(x[:, i], x[train][0, i])
+        usable &= np.abs(x[:, i] - x[train][:, i].mean()) <= MIN_LOG_SPAN
     n_train, n_test = int(train.sum()), int(usable.sum())
     out = {"n_train": n_train, "n_test": n_test, "n_left_out": int(test_mask.sum() - n_test), "rmse": math.nan}
     if n_test == 0 or n_train <= form.n_free(active):
@@ -505,9 +510,10 @@ class ScalingLaw:
             ok = acc >= target
             if not ok.any():
                 if best is None:
+                    bounds_text = ", ".join(f"{k} {lo_:.3g}..{hi_:.3g}" for k, (lo_, hi_) in b.items())
                     raise UnreachableTarget(
-                        f"{self.target} {target:g} is not reached within the search bounds {b} "
-                        f"(best there {acc.max():.2f}; law ceiling {self.ceiling:.2f}); widen the bounds"
+                        f"{self.target} {target:g} is not reached within the search bounds ({bounds_text}; "
+                        f"best there {acc.max():.2f}, law ceiling {self.ceiling:.2f}); widen the bounds"
                     )
                 break
             logc = grid.sum(1) + grid[:, 2]  # log N + log D + 2 log R (+ const)
@@ -598,7 +604,8 @@ def _fit(table, target, forms, n_boot, ci, seed, choose) -> ScalingLaw:
     form = FORMS[chosen.name]
 
     groups = table.group_ids()
-    by = "seeds" if np.bincount(groups).max() >= 2 else "configs"
+    # seeds within configurations when every configuration has several; else whole configurations
+    by = "seeds" if np.bincount(groups).min() >= 2 else "configs"
     rng = np.random.default_rng(seed)
     boots = []
     tries = 0

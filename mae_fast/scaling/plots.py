@@ -80,7 +80,8 @@ def plot_projections(law: ScalingLaw, projections: Sequence[tuple[str, float, fl
         ax.plot(h, curve.estimate, color=c, lw=1.6, label=f"{label}")
         ax.fill_between(h, curve.lower, curve.upper, color=c, alpha=0.15, lw=0)
         pt = law.predict(params, hours, res)
-        ax.errorbar([hours], [pt.estimate], yerr=[[pt.estimate - pt.lower], [pt.upper - pt.estimate]],
+        # a percentile band need not contain the point estimate (a biased bootstrap): clip the bars
+        ax.errorbar([hours], [pt.estimate], yerr=[[max(0.0, pt.estimate - pt.lower)], [max(0.0, pt.upper - pt.estimate)]],
                     fmt="o", color=c, capsize=4)
         ax.annotate(f"{pt.estimate:.1f} [{pt.lower:.1f}, {pt.upper:.1f}]", (hours, pt.estimate),
                     textcoords="offset points", xytext=(-10, 10), ha="right", fontsize=8, color=c)
@@ -127,13 +128,16 @@ def plot_holdout(table: ResultsTable, law: ScalingLaw, path: str | Path) -> Path
             lo, hi = min(lo, actual.min(), pred.min()), max(hi, actual.max(), pred.max())
         if np.isfinite(lo):
             ax.plot([lo - 1, hi + 1], [lo - 1, hi + 1], "k-", lw=0.8)
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no held-out run could be scored\n(a factor never varies in the rest)",
+                    ha="center", va="center", transform=ax.transAxes)
         n = law.score.holdout[split]
         ax.set_title(f"held out: {split.replace('_', ' ')} ({n['n_test']} runs"
                      + (f", {n['n_left_out']} unscoreable" if n["n_left_out"] else "") + ")", fontsize=10)
         ax.set_xlabel(f"actual {law.target} (%)")
         ax.set_ylabel(f"predicted {law.target} (%)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

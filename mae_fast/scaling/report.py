@@ -88,6 +88,10 @@ def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
         b = bands.get(k)
         md.append(f"| {k} | {v:.4g} | " + (f"[{b[0]:.4g}, {b[1]:.4g}]" if b else "") + " |")
     md += ["", f"Ceiling (accuracy as N, D, R grow without bound): {law.ceiling:.2f}%.", ""]
+    constant = [f for f, on in zip(("params", "hours", "img_size"), law.active) if not on]
+    if constant:
+        md += [f"**Note:** {', '.join(constant)} never varies in this table, so the law has no term for it and "
+               "its projections ignore it.", ""]
     md += ["## Projections", "",
            f"Estimate and {band} band of the chosen law; the other forms' point estimates show how much the choice "
            "of form matters (the band covers seed noise only, not that choice). Compute C = N x hours x "

@@ -126,6 +126,8 @@ def result_row(spec: RunSpec, metrics: Mapping, wall_time_s: float) -> dict:
     cfg = spec.config
     if "top1" not in metrics:
         raise KeyError(f"run {spec.run_id}: the job returned no 'top1' (got {sorted(metrics)})")
+    if not 0.0 <= float(metrics["top1"]) <= 100.0:  # NaN fails too; a bad row would poison the table
+        raise ValueError(f"run {spec.run_id}: top1 must be a percentage in [0, 100], got {metrics['top1']}")
     return {
         "run": spec.run_id, "arch": cfg["arch"], "params": metrics.get("params") or cfg["params"],
         "width": cfg["width"], "depth": cfg["depth"], "heads": cfg["heads"], "patch_size": cfg["patch_size"],
