@@ -101,6 +101,12 @@ def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
     for p in proj:
         md.append(f"| {p['label']} | **{p['estimate']:.2f}** | [{p['lower']:.2f}, {p['upper']:.2f}] | "
                   + " | ".join(f"{p['by_form'][s.name]:.2f}" for s in law.scores) + f" | {p['compute']:.3g} |")
+    half_band = max((p["upper"] - p["lower"]) / 2 for p in proj)
+    if law.score.holdout_rmse > half_band:
+        biases = [h["bias"] for h in law.score.holdout.values() if np.isfinite(h["rmse"])]
+        md += ["", f"**Caution:** on held-out runs the chosen law missed by {law.score.holdout_rmse:.2f} points RMSE "
+               f"(mean signed error {np.mean(biases):+.2f}), more than the half-width of these bands "
+               f"({half_band:.2f}): the bands are a lower bound on the uncertainty of an extrapolation."]
     if target_accuracy is not None:
         md += ["", f"### Cheapest setting for {law.target} >= {target_accuracy:g}%", ""]
         if solution:
@@ -109,6 +115,12 @@ def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
                       f"{solution['img_size']:.0f} px: C = {solution['compute']:.3g}, predicted "
                       f"{pr.estimate:.2f} [{pr.lower:.2f}, {pr.upper:.2f}] (searched from the smallest "
                       "fitted params, hours and img_size up to 10x, 100x and 2x the largest).")
+            dr = law.data_range
+            edges = [k for k, hi in (("params", 10 * dr["params"][1]), ("hours", 100 * dr["hours"][1]),
+                                     ("img_size", 2 * dr["img_size"][1])) if solution[k] >= hi * 0.98]
+            if edges:
+                md.append(f"It sits at the upper search bound of {', '.join(edges)}: the law sees no diminishing "
+                          "returns there, so the cheapest point is wherever the search stops.")
         else:
             md.append(f"Unreachable: {solve_error}")
     md += ["", "## Plots", ""] + [f"![{k}]({k})" for k in plots] + [""]
