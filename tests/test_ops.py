@@ -200,15 +200,13 @@ def test_dispatch_reasons_and_forcing(monkeypatch):
         assert ops.select_backend("gather_visible", "auto", x, ids, None).name == "torch"
         assert not calls
         # with every backend refusing, the error lists each one with its reasons
-        dispatch._REGISTRY["gather_visible"]["torch"].reasons, saved = (lambda *a: ["refuses in this test"]), \
-            dispatch._REGISTRY["gather_visible"]["torch"].reasons
         monkeypatch.delenv("MAE_FAST_BACKEND")
-        try:
-            with pytest.raises(ops.NoBackendError) as err:
-                ops.gather_visible(x, ids)
-            assert "torch: refuses in this test" in str(err.value) and "fake_gpu_only: needs a CUDA" in str(err.value)
-        finally:
-            dispatch._REGISTRY["gather_visible"]["torch"].reasons = saved
+        for name, b in dispatch.backends_for("gather_visible").items():
+            if name != "fake_gpu_only":
+                monkeypatch.setattr(b, "reasons", lambda *a: ["refuses in this test"])
+        with pytest.raises(ops.NoBackendError) as err:
+            ops.gather_visible(x, ids)
+        assert "torch: refuses in this test" in str(err.value) and "fake_gpu_only: needs a CUDA" in str(err.value)
     finally:
         del dispatch._REGISTRY["gather_visible"]["fake_gpu_only"]
 
