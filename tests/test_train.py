@@ -513,3 +513,10 @@ def test_linprobe_on_the_demo_labelled_set(tmp_path):
                             batch_size=32, warmup_epochs=0, progress=False))
     assert res["num_classes"] == 8 and res["val_images"] > 0 and res["train_images"] < res["val_images"] * 4
     assert 0 <= res["top1"] <= res["top5"] <= 100 and Path(res["results"]).is_file()
+
+
+def test_resume_with_another_schedule_warns(tmp_path):
+    pretrain(tiny(tmp_path, name="w", steps=3))
+    with pytest.warns(RuntimeWarning, match=r"different steps \(3 -> 5\)"):
+        res = pretrain(tiny(tmp_path, name="w", steps=5, resume="auto"))
+    assert res["steps"] == 5

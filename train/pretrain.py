@@ -200,6 +200,11 @@ def build_dataset(cfg: dict, img_size, is_main: bool):
 # ---------------------------------------------------------------------------------------------
 # optimizer, schedule, precision, FLOPs
 # ---------------------------------------------------------------------------------------------
+# keys that define a run's trajectory: resuming with other values is allowed, with a warning
+RESUME_MUST_MATCH = ("model", "model_kwargs", "img_size", "norm_pix_loss", "mask_ratio", "data_source", "hours",
+                     "subset", "fps", "batch_size", "epochs", "steps", "seed", "lr", "base_lr", "lr_schedule",
+                     "weight_decay", "warmup_steps", "warmup_epochs")
+
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "dist_token")
 
 
@@ -443,6 +448,11 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
         dist_mod.load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        old = state.get("config") or {}
+        changed = [k for k in RESUME_MUST_MATCH if k in old and old[k] != cfg[k]]
+        if changed and info.is_main:
+            warnings.warn("resuming with a different " + ", ".join(f"{k} ({old[k]!r} -> {cfg[k]!r})" for k in changed)
+                          + ": the continuation is not the run that was started", RuntimeWarning, stacklevel=2)
         start_step = int(state["step"])
         images_seen = int(state.get("images_seen", start_step * B))
         bad_total, bad_run = int(state.get("skipped_steps", 0)), int(state.get("bad_in_a_row", 0))
