@@ -11,7 +11,8 @@ Four forms compete (factors are normalised: ``n = ln(N / 1e8)``, ``d = ln(D / 10
                        over the exponents)
 * ``huber_log``        the same law fitted as Chinchilla's approach 3: Huber loss on
                        ``log err_pred - log err`` with ``log err_pred = LSE(log E, log A - alpha n, ...)``,
-                       L-BFGS from a grid of starts, the best end point kept.
+                       L-BFGS from a grid of starts (the grid is screened by its loss and the 8 best
+                       starts, plus the least-squares fit, are run), the best end point kept.
 
 The choice is by extrapolation: for each split (hold out the largest data size; hold out the largest
 model) every form is fitted on the rest and scored by the RMSE of its predictions for the held-out runs.
