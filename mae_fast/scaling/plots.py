@@ -42,13 +42,14 @@ def plot_accuracy_vs_hours(table: ResultsTable, law: ScalingLaw, path: str | Pat
     res_rank: dict[str, list[int]] = {}
     for model, res, params, mask in _configs(table):
         res_rank.setdefault(model, []).append(res)
-        style = _STYLES[(len(res_rank[model]) - 1) % len(_STYLES)]
+        k = len(res_rank[model]) - 1  # resolutions of one model: line style and marker
+        style, marker = _STYLES[k % len(_STYLES)], "osD^v"[k % 5]
         c = colors[model]
         label = f"{model} @{res}px ({params / 1e6:.3g}M)"
-        ax.scatter(hours[mask], table[target][mask], s=10, color=c, alpha=0.35)
+        ax.scatter(hours[mask], table[target][mask], s=10, color=c, alpha=0.35, marker=marker)
         uh = np.unique(hours[mask])
         means = [np.mean(table[target][mask & (hours == u)]) for u in uh]
-        ax.plot(uh, means, "o", color=c, ms=5)
+        ax.plot(uh, means, marker, color=c, ms=5)
         pred = law.predict(params, h, res)
         ax.plot(h, pred.estimate, style, color=c, lw=1.6, label=label)
         ax.fill_between(h, pred.lower, pred.upper, color=c, alpha=0.15, lw=0)
@@ -57,7 +58,7 @@ def plot_accuracy_vs_hours(table: ResultsTable, law: ScalingLaw, path: str | Pat
     ax.set_xscale("log")
     ax.set_xlabel("pretraining data (hours)")
     ax.set_ylabel(f"{target} (%)")
-    ax.set_title(f"{target} vs data: {law.name} law, {law.ci:.0%} bootstrap bands (points: runs, dots: seed means)",
+    ax.set_title(f"{target} vs data: {law.name} law, {law.ci:.0%} bootstrap bands\n(small: runs, large: seed means; marker and line style: resolution)",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
