@@ -19,6 +19,7 @@ always ahead of ``torch`` on CUDA tensors. Choose it explicitly with ``backend="
 import os
 import shutil
 import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -33,13 +34,18 @@ _build_error: Optional[str] = None
 
 
 def _cuda_home() -> Optional[str]:
+    """A CUDA toolkit root holding both bin/nvcc and include/cuda_runtime.h (torch's own guess can be a
+    directory that only has an nvcc wrapper, e.g. /usr/local)."""
     from torch.utils import cpp_extension
 
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or cpp_extension.CUDA_HOME
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
     nvcc = shutil.which("nvcc")
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+                  "/usr/local/cuda", os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None]
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and \
+                os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
 
 
 def build(verbose: bool = False):
@@ -53,9 +59,9 @@ def build(verbose: bool = False):
 
     home = _cuda_home()
     if home is None:
-        raise RuntimeError("nvcc not found (set CUDA_HOME)")
-    os.environ.setdefault("CUDA_HOME", home)
-    cpp_extension.CUDA_HOME = cpp_extension.CUDA_HOME or home
+        raise RuntimeError("no CUDA toolkit found (nvcc and cuda_runtime.h; set CUDA_HOME)")
+    os.environ["CUDA_HOME"] = home
+    cpp_extension.CUDA_HOME = home
     sources = [str(SOURCE_DIR / "masking.cpp"), str(SOURCE_DIR / "masking.cu")]
     _module = cpp_extension.load(
         name=EXTENSION_NAME,
@@ -142,7 +148,11 @@ register_backend(Backend(op="unshuffle_with_mask_token", name="cuda", fn=_unshuf
                          priority=_priority, available=_available))
 
 if _build_switch() == "1" and __name__ != "__main__":
-    build()
+    try:  # ahead of time, at import; a failure must not break dispatch for the other backends
+        build()
+    except Exception as e:  # noqa: BLE001
+        _build_error = f"CUDA extension failed to build: {type(e).__name__}: {str(e).strip().splitlines()[-1:]}"
+        warnings.warn(f"mae_fast: MAE_FAST_BUILD_CUDA=1 but {_build_error}")
 
 
 def main() -> int:
