@@ -111,6 +111,15 @@ def test_grid_expands_with_stable_readable_ids(tmp_path):
     assert epochs.runs[0].config["budget"]["images_seen"] == 2 * 5 * 3600  # 1 frame/s
 
 
+def test_packaged_demo_grid_loads_by_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    grid = load_grid("demo")
+    assert grid.name == "demo" and len(grid.runs) == 12 and grid.out_dir == tmp_path / "runs" / "scaling" / "demo"
+    assert {r.config["img_size"] for r in grid.runs} == {32, 48}
+    assert scale_main(["run", "no_such_grid", "--dry-run"]) == 2
+    assert "no such grid file (packaged grids: demo" in capsys.readouterr().err
+
+
 def test_bad_grids_are_refused(tmp_path):
     with pytest.raises(GridError, match="unknown model 'mae_vit_nope'"):
         grid_from_dict(grid_dict(tmp_path, models=["mae_vit_nope"]))

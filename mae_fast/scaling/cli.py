@@ -78,13 +78,9 @@ def _cmd_fit(args) -> int:
 
     from .laws import fit
     from .report import DEFAULT_PROJECTIONS, write_report
-    from .table import TableError, load_results
+    from .table import load_results
 
-    try:
-        table = load_results(args.table, target=args.target)
-    except TableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    table = load_results(args.table, target=args.target)  # a TableError is reported by main()
     if getattr(args, "runs", None):  # from `run --fit`: this grid's runs only, not rows of older grids
         table = table.subset(np.isin(table["run"], sorted(args.runs)))
     law = fit(table, target=args.target, n_boot=args.n_boot, choose=args.form, seed=args.seed)
@@ -158,8 +154,15 @@ def build_parser(prog: str = "mae-fast scale") -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .grid import GridError
+    from .table import TableError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (GridError, TableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

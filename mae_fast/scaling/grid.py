@@ -200,12 +200,31 @@ def expand(raw: Mapping) -> list[RunSpec]:
     return runs
 
 
+def packaged_grid(name: str) -> Path | None:
+    """``train/grids/<name>.yaml`` as installed (``mae_fast.train``), e.g. ``demo``."""
+    try:
+        from importlib.resources import files
+
+        candidate = Path(str(files("mae_fast.train") / "grids" / f"{name}.yaml"))
+    except (ImportError, ModuleNotFoundError):
+        return None
+    return candidate if candidate.is_file() else None
+
+
+def _packaged_names() -> list[str]:
+    demo = packaged_grid("demo")
+    return sorted(p.stem for p in demo.parent.glob("*.yaml")) if demo else []
+
+
 def load_grid(path: str | os.PathLike) -> Grid:
+    """A grid from a YAML file, or by the name of a packaged one (``demo``, ``humanlike``, ...)."""
     path = Path(path)
+    if not path.exists() and path.suffix == "" and packaged_grid(str(path)):
+        path = packaged_grid(str(path))
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise GridError(f"{path}: no such grid file") from None
+        raise GridError(f"{path}: no such grid file (packaged grids: {', '.join(_packaged_names()) or 'none'})") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: a grid is a YAML mapping")
     return grid_from_dict(raw, path)
