@@ -19,7 +19,7 @@ Schema (see ``train/grids/*.yaml``)::
     seeds: [1, 2, 3]
     budget: {rule: images_seen, images_seen: 2.0e6, batch_size: 256}   # or {rule: epochs, epochs: 10}
     pretrain: {mask_ratio: 0.75, lr: 1.5e-4}       # passed through to pretraining
-    eval: {protocol: finetune, label_fraction: 0.02, epochs: 50, num_classes: 1000}   # or linprobe
+    eval: {protocol: finetune, fraction: 0.02, epochs: 50, num_classes: 1000}   # or linprobe; finetune keys
     executor: {name: local, mode: inprocess}       # local (inprocess|subprocess|torchrun) or slurm
 """
 from __future__ import annotations

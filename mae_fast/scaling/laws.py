@@ -596,6 +596,8 @@ def _fit(table, target, forms, n_boot, ci, seed, choose) -> ScalingLaw:
     if not scores:
         raise ValueError(f"{table.source}: too few runs ({len(y)}) to fit any form")
     if choose is not None:
+        if choose not in {s.name for s in scores}:
+            raise ValueError(f"choose={choose!r} is not among the fitted forms {[s.name for s in scores]}")
         chosen = next(s for s in scores if s.name == choose)
     else:  # best extrapolation; ties (within 1%) go to the form with fewer parameters
         ranked = sorted(scores, key=lambda s: (s.holdout_rmse, s.n_params))
