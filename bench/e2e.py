@@ -81,22 +81,29 @@ def hf_vitmae(ours, device):
     hf = ViTMAEForPreTraining(cfg)
     src = ours.state_dict()
     dst = {}
+    new_names = "vit.layers.0.attention.q_proj.weight" in hf.state_dict()  # transformers >= 5 layout
+    enc_fmt, dec_fmt = ("vit.layers.{}", "decoder.decoder_layers.{}") if new_names else \
+        ("vit.encoder.layer.{}", "decoder.decoder_layers.{}")
+    if new_names:
+        attn, names = "attention.{}_proj", (("attn.proj", "attention.o_proj"), ("mlp.fc1", "mlp.fc1"),
+                                             ("mlp.fc2", "mlp.fc2"))
+    else:
+        attn, names = "attention.attention.{}", (("attn.proj", "attention.output.dense"),
+                                                 ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"))
+    qkv_names = ("q", "k", "v") if new_names else ("query", "key", "value")
 
     def layer(prefix_src, prefix_dst, d):
-        q, k, v = src[f"{prefix_src}.attn.qkv.weight"].split(d)
-        qb, kb, vb = src[f"{prefix_src}.attn.qkv.bias"].split(d)
-        a = f"{prefix_dst}.attention.attention"
-        dst.update({f"{a}.query.weight": q, f"{a}.key.weight": k, f"{a}.value.weight": v,
-                    f"{a}.query.bias": qb, f"{a}.key.bias": kb, f"{a}.value.bias": vb})
-        for s, t in (("attn.proj", "attention.output.dense"), ("mlp.fc1", "intermediate.dense"),
-                     ("mlp.fc2", "output.dense"), ("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
-            dst[f"{prefix_dst}.{t}.weight"] = src[f"{prefix_src}.{s}.weight"]
-            dst[f"{prefix_dst}.{t}.bias"] = src[f"{prefix_src}.{s}.bias"]
+        for part in ("weight", "bias"):
+            for name, chunk in zip(qkv_names, src[f"{prefix_src}.attn.qkv.{part}"].split(d)):
+                dst[f"{prefix_dst}.{attn.format(name)}.{part}"] = chunk
+        for s_, t in (*names, ("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
+            dst[f"{prefix_dst}.{t}.weight"] = src[f"{prefix_src}.{s_}.weight"]
+            dst[f"{prefix_dst}.{t}.bias"] = src[f"{prefix_src}.{s_}.bias"]
 
     for i in range(ours.depth):
-        layer(f"blocks.{i}", f"vit.encoder.layer.{i}", ours.embed_dim)
+        layer(f"blocks.{i}", enc_fmt.format(i), ours.embed_dim)
     for i in range(ours.decoder_depth):
-        layer(f"decoder_blocks.{i}", f"decoder.decoder_layers.{i}", ours.decoder_embed_dim)
+        layer(f"decoder_blocks.{i}", dec_fmt.format(i), ours.decoder_embed_dim)
     dst.update({
         "vit.embeddings.cls_token": src["cls_token"], "vit.embeddings.position_embeddings": src["pos_embed"],
         "vit.embeddings.patch_embeddings.projection.weight": src["patch_embed.proj.weight"],
@@ -109,7 +116,7 @@ def hf_vitmae(ours, device):
         dst[f"{t}.weight"], dst[f"{t}.bias"] = src[f"{s}.weight"], src[f"{s}.bias"]
     missing, unexpected = hf.load_state_dict(dst, strict=False)
     if unexpected or [m for m in missing if "position" not in m]:
-        raise RuntimeError(f"HF ViTMAE weight mapping incomplete: missing={missing}, unexpected={unexpected}")
+        raise RuntimeError(f"HF ViTMAE weight mapping incomplete: missing={missing[:4]}, unexpected={unexpected[:4]}")
     return hf.to(device)
 
 
@@ -174,18 +181,24 @@ def model_num_patches(model):
     return model.patch_embed.num_patches
 
 
-def run(configs, device, steps, warmup, compile_modes, with_hf=True):
+def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_only=None):
     peak_rate = measured_matmul_flops(device)
     rows = []
     for name, img_size, batch in configs:
         ours, ref = build_pair(name, img_size, device)
         models = {"mae_fast": ours, "reference": ref}
-        hf = hf_vitmae(ours, device) if with_hf else None
+        try:
+            hf = hf_vitmae(ours, device) if with_hf else None
+        except Exception as e:  # noqa: BLE001 - a baseline we cannot build is reported, not fatal
+            print(f"HF ViTMAE skipped: {type(e).__name__}: {e}", flush=True)
+            hf = None
         if hf is not None:
             models["hf_vitmae"] = hf
         diffs = check_same_loss(models, device)
         flops = mae_train_flops(ours, 0.75) * batch
         for compile_ in compile_modes:
+            if compile_ and compile_only and f"{name}:{img_size}" not in compile_only:
+                continue
             for kind, model in models.items():
                 try:
                     times, peak = time_steps(kind, model, batch, device, steps, warmup, compile_)
@@ -246,6 +259,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--only", default=None, help="comma list of model:px to run, e.g. mae_vit_huge_patch14:476")
+    ap.add_argument("--compile-only", default=None, help="with --compile: only these model:px (comma list)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face ViTMAE baseline")
     ap.add_argument("--out", default=None, help="write JSON here")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -255,7 +270,8 @@ def main(argv=None):
         configs = [c for c in configs if (c[0], str(c[1])) in keep]
     steps = args.steps or (5 if device.type == "cpu" else 10)
     warmup = args.warmup or (2 if device.type == "cpu" else 3)
-    result = run(configs, device, steps, warmup, [False, True] if args.compile else [False])
+    result = run(configs, device, steps, warmup, [False, True] if args.compile else [False], with_hf=not args.no_hf,
+                 compile_only=set(args.compile_only.split(",")) if args.compile_only else None)
     print("\n" + table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
