@@ -18,7 +18,7 @@ import yaml
 from mae_fast.scaling import append_result, load_results
 from mae_fast.scaling.grid import GridError, grid_from_dict, load_grid
 from mae_fast.scaling.cli import main as scale_main
-from mae_fast.scaling.runner import SweepTask, pending_runs, run_grid, submit_slurm, sweep_status
+from mae_fast.scaling.runner import SweepTask, pending_runs, run_grid, run_one, submit_slurm, sweep_status
 
 # A resumable fake job: `steps` steps, its state in run_dir/ckpt.json after each. FAKE_KILL_CALL=k makes
 # the k-th job call (counted across processes in FAKE_COUNTER) die with os._exit at step 2: a kill.
@@ -193,6 +193,20 @@ def test_failures_are_recorded_and_retried(fake_jobs):
     outcome = run_grid(grid, job="fakejobs:resumable", log=lambda s: None)
     assert set(outcome) == failed and set(outcome.values()) == {"done"}
     assert len(load_results(grid.table_path)) == 12
+
+
+def test_interrupted_run_is_not_called_failed(fake_jobs):
+    grid = load_grid(write_grid(fake_jobs / "g.yaml"))
+    spec = grid.runs[0]
+
+    def stopped(cfg, run_dir):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_one(spec, grid.run_dir(spec.run_id), grid.table_path, stopped)
+    st = sweep_status(grid)
+    assert [e["run"] for e in st["interrupted"]] == [spec.run_id] and not st["failed"]
+    assert pending_runs(grid, retry_failed=False)[0] == spec  # resumed by the next sweep
 
 
 def test_subprocess_mode_runs_each_run_in_a_worker(fake_jobs):

@@ -157,9 +157,10 @@ def run_one(spec: RunSpec, run_dir: Path, table_path: Path, job: str | JobFn) ->
         metrics = dict(resolve_job(job)(spec.config, run_dir))
         row = result_row(spec, metrics, time.time() - start)
     except BaseException as exc:
-        if lead:
+        if lead:  # Ctrl-C, or submitit's exit on preemption: interrupted (resumable), not failed
             status = _read_status(run_dir)
-            status.update(state="failed", error=f"{type(exc).__name__}: {exc}", ended=_now(),
+            status.update(state="failed" if isinstance(exc, Exception) else "interrupted",
+                          error=f"{type(exc).__name__}: {exc}", ended=_now(),
                           traceback=traceback.format_exc(limit=20))
             _write_json(run_dir / "status.json", status)
         raise
