@@ -22,11 +22,12 @@ import shlex
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
+
+from mae_fast.train.checkpoint_io import atomic_write_bytes
 
 from .grid import Grid, RunSpec, load_grid
 from .table import append_result, read_rows
@@ -100,11 +101,7 @@ def git_commit() -> str:
 
 # --- per-run status ------------------------------------------------------------------------------
 def _write_json(path: Path, data: Mapping) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(data, indent=1, default=str).encode())
 
 
 def _read_status(run_dir: Path) -> dict:

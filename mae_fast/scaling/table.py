@@ -14,11 +14,12 @@ import fcntl
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from mae_fast.train.checkpoint_io import atomic_write_bytes
 
 __all__ = [
     "TableError", "ResultsTable", "load_results", "append_result", "read_rows",
@@ -248,9 +249,9 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
 def append_result(path: str | os.PathLike, row: Mapping, columns: Sequence[str] = RESULT_COLUMNS) -> None:
     """Add (or replace, same ``run`` id) one row, atomically.
 
-    Under a lock, the whole table is rewritten to a temporary file in the same directory, fsynced
-    and moved over the old one with ``os.replace``: a kill at any moment leaves either the old or the
-    new table, never a torn line, and two writers cannot lose each other's rows.
+    Under a lock, the whole table is rewritten to a temporary file, fsynced and moved over the old
+    one (``atomic_write_bytes``): a kill at any moment leaves either the old or the new table, never
+    a torn line, and two writers cannot lose each other's rows.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -260,21 +261,8 @@ def append_result(path: str | os.PathLike, row: Mapping, columns: Sequence[str] 
         for r in rows:
             names.extend(k for k in r if k not in names)
         rows.append({k: _to_cell(v) for k, v in row.items()})
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=names, restval="")
-                writer.writeheader()
-                writer.writerows(rows)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=names, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(path, text.getvalue().encode())
