@@ -181,7 +181,7 @@ def model_num_patches(model):
     return model.patch_embed.num_patches
 
 
-def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_only=None):
+def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_only=None, impls=None):
     peak_rate = measured_matmul_flops(device)
     rows = []
     for name, img_size, batch in configs:
@@ -200,6 +200,8 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
             if compile_ and compile_only and f"{name}:{img_size}" not in compile_only:
                 continue
             for kind, model in models.items():
+                if impls and kind not in impls:
+                    continue
                 if compile_ and kind == "hf_vitmae":  # HF compiles slowly; the reference is the baseline to beat
                     continue
                 try:
@@ -263,6 +265,7 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="comma list of model:px to run, e.g. mae_vit_huge_patch14:476")
     ap.add_argument("--compile-only", default=None, help="with --compile: only these model:px (comma list)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face ViTMAE baseline")
+    ap.add_argument("--impls", default=None, help="comma list of implementations to time (default: all)")
     ap.add_argument("--out", default=None, help="write JSON here")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -273,7 +276,8 @@ def main(argv=None):
     steps = args.steps or (5 if device.type == "cpu" else 10)
     warmup = args.warmup or (2 if device.type == "cpu" else 3)
     result = run(configs, device, steps, warmup, [False, True] if args.compile else [False], with_hf=not args.no_hf,
-                 compile_only=set(args.compile_only.split(",")) if args.compile_only else None)
+                 compile_only=set(args.compile_only.split(",")) if args.compile_only else None,
+                 impls=set(args.impls.split(",")) if args.impls else None)
     print("\n" + table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

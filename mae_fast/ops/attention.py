@@ -127,7 +127,9 @@ def rank_from_row(row: dict | None, name: str, train: bool) -> float:
 
 
 def _measured_entry(q, cu_seqlens, max_seqlen) -> dict | None:
-    if not q.is_cuda:
+    # Under torch.compile the table lookup (file and device queries) would break the graph: skip it,
+    # keeping sdpa first and letting PyTorch pick its kernel.
+    if not q.is_cuda or torch.compiler.is_compiling():
         return None
     name = _device_name(q.device.index if q.device.index is not None else torch.cuda.current_device())
     layout = "varlen" if cu_seqlens is not None else "dense"

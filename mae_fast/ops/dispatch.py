@@ -4,7 +4,8 @@ Every op has an ordered list of backends. A backend says which inputs it cannot 
 *reasons* (an empty list means it can run). ``backend="auto"`` picks the first backend in the op's
 preference order that has no reasons; a named backend is used or refused with its reasons; when
 nothing can run, the error lists every backend with its reasons. ``MAE_FAST_BACKEND=<name>`` forces
-a backend for every op that has one of that name (ops without it keep ``auto``).
+a backend for every op that has one of that name (ops without it keep ``auto``);
+``MAE_FAST_BACKEND=attention=sdpa,masked_patch_mse=torch`` forces per op.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def select_backend(op: str, backend: str, *args, **kwargs) -> Backend:
     """Return the backend that will run ``op`` on these inputs, or raise with every reason."""
     table = backends_for(op)
     if backend == "auto":
-        forced = os.environ.get("MAE_FAST_BACKEND", "").strip()
+        forced = forced_backend(op)
         if forced and forced != "auto" and forced in table:
             backend = forced
     if backend != "auto":
@@ -85,6 +86,18 @@ def select_backend(op: str, backend: str, *args, **kwargs) -> Backend:
             return cand
         report.append(f"  {cand.name}: " + "; ".join(why))
     raise NoBackendError(f"{op}: no backend can run these inputs:\n" + "\n".join(report))
+
+
+def forced_backend(op: str) -> str | None:
+    """The backend ``MAE_FAST_BACKEND`` names for ``op``: either one name for every op that has it
+    (``MAE_FAST_BACKEND=torch``) or per-op pairs (``MAE_FAST_BACKEND=attention=sdpa,gather_visible=cuda``)."""
+    spec = os.environ.get("MAE_FAST_BACKEND", "").strip()
+    if not spec:
+        return None
+    if "=" not in spec:
+        return spec
+    pairs = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
+    return pairs.get(op, "").strip() or None
 
 
 def describe(op: str, *args, **kwargs) -> dict[str, list[str]]:
