@@ -10,6 +10,7 @@ replays the uninterrupted one (bit-exactly on the CPU in fp32).
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -441,6 +442,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
         _say(info, f"resuming from {cfg['resume']}")
 
     start_step, images_seen, bad_total, bad_run, wall_before, last_loss = 0, 0, 0, 0, 0.0, float("nan")
+    recent_losses = collections.deque(maxlen=20)  # final_loss: their mean (one step's loss is noisy)
     if state is not None:
         if "optimizer" not in state or "step" not in state:
             raise RuntimeError("the checkpoint holds weights only (no optimizer/step); pass it as an init, "
@@ -642,6 +644,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
                     optimizer.step()
                 bad_run = 0
                 last_loss = step_loss
+                recent_losses.append(step_loss)
                 losses_window.append(step_loss)
             else:
                 optimizer.zero_grad(set_to_none=True)
@@ -683,17 +686,20 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
         last_ckpt = save(step, last_loss)
     picture(step)
     wall = wall_before + time.perf_counter() - t_loop
+    final_loss = float(np.mean(recent_losses)) if recent_losses else last_loss
     # throughput after the first logging window (which holds compilation and warm-up), else the last
     steady_rate = steady["images"] / steady["seconds"] if steady["seconds"] > 0 else rate
     steady_mfu = flops_per_image * steady_rate / (peak * info.world_size) if peak else None
     result = {"checkpoint": str(last_ckpt) if last_ckpt else None, "images_seen": images_seen,
-              "wall_time_s": wall, "final_loss": last_loss, "run_dir": str(run_dir), "steps": step,
+              "wall_time_s": wall, "final_loss": final_loss, "last_step_loss": last_loss,
+              "run_dir": str(run_dir), "steps": step,
               "total_steps": total_steps, "skipped_steps": bad_total, "stopped": stopped,
               "images_per_s": steady_rate, "mfu": steady_mfu, "startup_s": t_loop - t_start,
               "reconstruction": str(run_dir / "reconstruction.png")}
     if info.is_main:
         (run_dir / "result.json").write_text(json.dumps(result, indent=1))
-        _say(info, f"{stopped} at step {step}/{total_steps}: loss {last_loss:.4f}, {images_seen} images, "
+        _say(info, f"{stopped} at step {step}/{total_steps}: loss {final_loss:.4f} (mean of the last "
+                   f"{max(1, len(recent_losses))} steps), {images_seen} images, "
                    f"{wall:.1f} s training ({bad_total} skipped steps)\n"
                    f"  checkpoint: {last_ckpt}\n  metrics:    {run_dir / 'metrics.jsonl'}\n"
                    f"  picture:    {run_dir / 'reconstruction.png'}")
