@@ -1,0 +1,30 @@
+"""Smoke of the end-to-end benchmark (CI runs it): every implementation gives mae_fast's loss on the same
+weights and noise, and the timing harness produces a complete row for each. Numbers come from e2e.py."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e  # noqa: E402
+
+
+def test_e2e_smoke_rows_and_same_loss():
+    result = e2e.run([("mae_vit_demo_patch8", 64, 2)], torch.device("cpu"), steps=2, warmup=1,
+                     compile_modes=[False])
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert {"mae_fast", "reference"} <= set(rows)
+    for impl, row in rows.items():
+        assert row["step_ms_median"] > 0 and row["images_per_s"] > 0 and 0 < row["mfu"]
+        assert row["loss_diff_vs_mae_fast"] < 1e-4, impl
+    assert rows["reference"]["mae_fast_speedup"] > 0
+    assert "| mae_vit_demo_patch8 |" in e2e.table(result)
+
+
+def test_baseline_with_a_different_computation_is_refused():
+    ours, ref = e2e.build_pair("mae_vit_demo_patch8", 64, torch.device("cpu"))
+    with torch.no_grad():
+        ref.decoder_pred.bias.add_(0.5)  # a baseline that no longer computes the same function
+    with pytest.raises(RuntimeError, match="not the same computation"):
+        e2e.check_same_loss({"mae_fast": ours, "reference": ref}, torch.device("cpu"))
