@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -55,3 +56,15 @@ class SkippingDataset(torch.utils.data.Dataset):
 
     def _load(self, index):  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def list_files(root, extensions: tuple[str, ...]) -> list[str]:
+    """Files under ``root`` ending in one of ``extensions`` (recursive, sorted; hidden files and folders
+    ignored); a single matching file is a list of one."""
+    root = Path(root)
+    def wanted(p: Path) -> bool:
+        return str(p).lower().endswith(extensions)
+    if root.is_file():
+        return [str(root)] if wanted(root) else []
+    return sorted(str(p) for p in root.rglob("*") if p.is_file() and wanted(p)
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))

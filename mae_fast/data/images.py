@@ -6,23 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import SkippingDataset
+from .base import SkippingDataset, list_files
 from .transforms import to_uint8_hwc
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def is_image(path) -> bool:
-    return str(path).lower().endswith(IMAGE_EXTENSIONS)
-
-
 def list_images(root) -> list[str]:
     """Image files under ``root``, recursive and sorted; hidden files are ignored."""
-    root = Path(root)
-    if root.is_file():
-        return [str(root)] if is_image(root) else []
-    return sorted(str(p) for p in root.rglob("*") if p.is_file() and is_image(p)
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return list_files(root, IMAGE_EXTENSIONS)
 
 
 def load_image(path) -> np.ndarray:

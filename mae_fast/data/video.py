@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .base import SkippingDataset
+from .base import SkippingDataset, list_files
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 
@@ -32,16 +32,9 @@ class VideoInfo:
     height: int
 
 
-def is_video(path) -> bool:
-    return str(path).lower().endswith(VIDEO_EXTENSIONS)
-
-
 def list_videos(root) -> list[str]:
     """Video files under ``root`` (recursive, sorted); a single video file is a list of one."""
-    root = Path(root)
-    if root.is_file():
-        return [str(root)] if is_video(root) else []
-    return sorted(str(p) for p in root.rglob("*") if p.is_file() and is_video(p) and not p.name.startswith("."))
+    return list_files(root, VIDEO_EXTENSIONS)
 
 
 def torchcodec_available() -> bool:
