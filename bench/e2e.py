@@ -1,7 +1,10 @@
 """End-to-end MAE pretraining step: mae_fast against the reference formulation (and HF ViTMAE when installed).
 
 One training step = forward, backward and a fused AdamW update, bf16 autocast on CUDA (fp32 on the CPU).
-Before timing, every baseline must give the same loss as mae_fast on the same weights and noise.
+Before timing, every baseline must give the same loss as mae_fast on the same weights and noise. Steps of
+the implementations alternate (order rotated each round) so a busy machine slows them alike; peak memory
+is taken in a separate step per implementation, and "saved act" counts the bytes one forward keeps for
+backward (unique storages, parameters excluded), which the CPU can measure too.
 
     python bench/e2e.py                  # the GPU table (ViT-B/16 224 ... ViT-H/14 952)
     python bench/e2e.py --smoke          # CPU: ViT-S/16 at 112 and 224 px
@@ -122,7 +125,7 @@ def hf_vitmae(ours, device):
 
 def _loss(kind, model, imgs, noise):
     if kind == "mae_fast":
-        return model(imgs, 0.75, noise).loss
+        return model(imgs, 0.75, noise, masked_only=True).loss
     if kind == "reference":
         return model(imgs, 0.75, noise)[0]
     return model(pixel_values=imgs, noise=noise).loss
@@ -143,31 +146,78 @@ def check_same_loss(models: dict, device) -> dict:
     return diffs
 
 
-def time_steps(kind, model, batch, device, steps, warmup, compile_):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
-    fwd = torch.compile(model) if compile_ else model
-    imgs = torch.randn(batch, 3, *model_img_size(model), device=device)
-    L = model_num_patches(model)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
-        noise = torch.rand(batch, L, device=device)
-        _sync(device)
+class Stepper:
+    """One implementation's training step (forward, backward, AdamW), ready to be called repeatedly."""
+
+    def __init__(self, kind, model, batch, device, compile_):
+        self.kind, self.model, self.batch, self.device = kind, model, batch, device
+        model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+        self.fwd = torch.compile(model) if compile_ else model
+        self.imgs = torch.randn(batch, 3, *model_img_size(model), device=device)
+        self.L = model_num_patches(model)
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def __call__(self) -> float:
+        noise = torch.rand(self.batch, self.L, device=self.device)
+        _sync(self.device)
         t = time.perf_counter()
-        with amp:
-            loss = _loss(kind, fwd, imgs, noise)
+        with self.autocast():
+            loss = _loss(self.kind, self.fwd, self.imgs, noise)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return times, peak
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        _sync(self.device)
+        return time.perf_counter() - t
+
+    def peak_memory_gib(self) -> float | None:
+        """Peak memory of one step attributable to this implementation: everything allocated during the step
+        on top of what was resident before, plus its own parameters (other models' weights excluded)."""
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        self()
+        own = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return (torch.cuda.max_memory_allocated() - base + own) / 2**30
+
+    def saved_activation_gib(self) -> float:
+        """Bytes held for backward by one forward (unique storages, parameters excluded): the activation
+        memory, measurable on any device. Uses the eager model (compiled graphs save differently)."""
+        param_ptrs = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in param_ptrs:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        noise = torch.rand(self.batch, self.L, device=self.device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.autocast():
+            loss = _loss(self.kind, self.model, self.imgs, noise)
+        del loss
+        return sum(seen.values()) / 2**30
+
+
+def time_interleaved(steppers: dict, steps: int, warmup: int) -> dict:
+    """Median-ready step times per implementation, taken in alternating rounds (order rotated each round) so
+    drifting clocks or a busy machine affect every implementation alike."""
+    for st in steppers.values():
+        for _ in range(warmup):
+            st()
+    times = {k: [] for k in steppers}
+    kinds = list(steppers)
+    for i in range(steps):
+        for k in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
+            times[k].append(steppers[k]())
+    return times
 
 
 def model_img_size(model):
@@ -199,25 +249,33 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
         for compile_ in compile_modes:
             if compile_ and compile_only and f"{name}:{img_size}" not in compile_only:
                 continue
+            steppers = {}
             for kind, model in models.items():
                 if impls and kind not in impls:
                     continue
                 if compile_ and kind == "hf_vitmae":  # HF compiles slowly; the reference is the baseline to beat
                     continue
-                try:
-                    times, peak = time_steps(kind, model, batch, device, steps, warmup, compile_)
-                except torch.OutOfMemoryError:
-                    rows.append(dict(model=name, img_size=img_size, batch=batch, impl=kind, compile=compile_, oom=True))
-                    torch.cuda.empty_cache()
-                    continue
-                med = statistics.median(times)
+                steppers[kind] = Stepper(kind, model, batch, device, compile_)
+            try:
+                times = time_interleaved(steppers, steps, warmup)
+                peaks = {k: st.peak_memory_gib() for k, st in steppers.items()}
+                acts = {k: None if compile_ else st.saved_activation_gib() for k, st in steppers.items()}
+            except torch.OutOfMemoryError:
+                rows += [dict(model=name, img_size=img_size, batch=batch, impl=k, compile=compile_, oom=True)
+                         for k in steppers]
+                del steppers
+                torch.cuda.empty_cache()
+                continue
+            for kind, ts in times.items():
+                med = statistics.median(ts)
+                q = statistics.quantiles(ts, n=4) if len(ts) >= 4 else None
                 rows.append(dict(model=name, img_size=img_size, batch=batch, impl=kind, compile=compile_,
-                                 step_ms_median=med * 1e3,
-                                 step_ms_iqr=(statistics.quantiles(times, n=4)[2] - statistics.quantiles(times, n=4)[0]) * 1e3
-                                 if len(times) >= 4 else None,
-                                 images_per_s=batch / med, peak_mem_gib=peak,
+                                 step_ms_median=med * 1e3, step_ms_iqr=(q[2] - q[0]) * 1e3 if q else None,
+                                 step_ms_all=[t * 1e3 for t in ts], images_per_s=batch / med,
+                                 peak_mem_gib=peaks[kind], saved_act_gib=acts[kind],
                                  mfu=flops / med / peak_rate, loss_diff_vs_mae_fast=diffs.get(kind, 0.0)))
                 print(_fmt(rows[-1]), flush=True)
+            del steppers
         del ours, ref, models
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -229,6 +287,8 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
                 row["mae_fast_speedup"] = row["step_ms_median"] / ours["step_ms_median"]
                 if row["peak_mem_gib"]:
                     row["mae_fast_mem_ratio"] = ours["peak_mem_gib"] / row["peak_mem_gib"]
+                if row.get("saved_act_gib"):
+                    row["mae_fast_act_ratio"] = ours["saved_act_gib"] / row["saved_act_gib"]
     return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 matmul_flops=peak_rate, rows=rows)
 
@@ -237,22 +297,29 @@ def _fmt(r):
     if r.get("oom"):
         return f"{r['model']:<24}{r['img_size']:>5} {r['impl']:<10} compile={r['compile']!s:<5} OOM"
     mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] else "-"
+    act = f"{r['saved_act_gib']:.2f} GiB saved" if r.get("saved_act_gib") else ""
     return (f"{r['model']:<24}{r['img_size']:>5} b={r['batch']:<4}{r['impl']:<10} compile={r['compile']!s:<5} "
-            f"{r['step_ms_median']:9.1f} ms {r['images_per_s']:8.1f} img/s  MFU {100 * r['mfu']:5.1f}%  {mem}")
+            f"{r['step_ms_median']:9.1f} ms {r['images_per_s']:8.1f} img/s  MFU {100 * r['mfu']:5.1f}%  {mem}  {act}")
 
 
 def table(result) -> str:
-    lines = ["| model | px | batch | compile | impl | step ms | img/s | MFU | peak GiB | mae_fast speedup | mem ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | px | batch | compile | impl | step ms (IQR) | img/s | MFU | peak GiB | saved act GiB | "
+             "mae_fast speedup | mem ratio | act ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if r.get("oom"):
-            lines.append(f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['compile']} | {r['impl']} | OOM | | | | | |")
+            lines.append(f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['compile']} | {r['impl']} | OOM "
+                         "| | | | | | | |")
             continue
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
+        act = f"{r['saved_act_gib']:.3f}" if r.get("saved_act_gib") else "-"
+        iqr = f" ({r['step_ms_iqr']:.1f})" if r.get("step_ms_iqr") is not None else ""
         sp = f"{r['mae_fast_speedup']:.2f}x" if "mae_fast_speedup" in r else ""
         mr = f"{r['mae_fast_mem_ratio']:.2f}" if "mae_fast_mem_ratio" in r else ""
+        ar = f"{r['mae_fast_act_ratio']:.2f}" if "mae_fast_act_ratio" in r else ""
         lines.append(f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['compile']} | {r['impl']} | "
-                     f"{r['step_ms_median']:.1f} | {r['images_per_s']:.1f} | {100 * r['mfu']:.1f}% | {mem} | {sp} | {mr} |")
+                     f"{r['step_ms_median']:.1f}{iqr} | {r['images_per_s']:.1f} | {100 * r['mfu']:.1f}% | {mem} | "
+                     f"{act} | {sp} | {mr} | {ar} |")
     return "\n".join(lines)
 
 

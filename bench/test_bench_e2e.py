@@ -18,7 +18,10 @@ def test_e2e_smoke_rows_and_same_loss():
     for impl, row in rows.items():
         assert row["step_ms_median"] > 0 and row["images_per_s"] > 0 and 0 < row["mfu"]
         assert row["loss_diff_vs_mae_fast"] < 1e-4, impl
+        assert len(row["step_ms_all"]) == 2 and row["saved_act_gib"] > 0
     assert rows["reference"]["mae_fast_speedup"] > 0
+    # mae_fast keeps less for backward: it never embeds, decodes or scores the visible patches' pixels twice
+    assert 0 < rows["reference"]["mae_fast_act_ratio"] < 1
     assert "| mae_vit_demo_patch8 |" in e2e.table(result)
 
 

@@ -39,6 +39,49 @@ def test_matches_official_formulas(norm_pix, mask_ratio):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=n)
 
 
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("mask_ratio,decoder_depth", [(0.75, 2), (0.5, 1), (0.9, 0)])
+def test_masked_only_matches_official_formulas(norm_pix, mask_ratio, decoder_depth):
+    """The training path (shuffled decoder order, last block on mask-token rows only) computes the same
+    loss, the same removed-patch predictions and the same gradients as the official formulation."""
+    ref, ours = _pair(norm_pix, decoder_depth=decoder_depth)
+    for p in ours.parameters():  # non-trivial norms, biases and mask token
+        p.data.add_(0.05 * torch.randn_like(p))
+    ref.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(2)
+    imgs = torch.randn(3, 3, 48, 48, generator=g, dtype=torch.float64)
+    noise = torch.rand(3, 36, generator=g, dtype=torch.float64)
+    loss_r, pred_r, mask_r = ref(imgs, mask_ratio, noise)
+    out = ours(imgs, mask_ratio, noise, masked_only=True)
+    K = int(36 * (1 - mask_ratio))
+    assert out.pred.shape == (3, 36 - K, 8 * 8 * 3) and out.ids_masked.shape == (3, 36 - K)
+    assert torch.equal(out.mask, mask_r.float())
+    # every removed patch exactly once, each pred row the reference's prediction for that patch
+    assert torch.equal(out.ids_masked.sort(1).values, mask_r.nonzero()[:, 1].reshape(3, -1))
+    want = torch.gather(pred_r, 1, out.ids_masked[..., None].expand(-1, -1, pred_r.shape[-1]))
+    torch.testing.assert_close(out.pred, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.loss.double(), loss_r, rtol=1e-6, atol=1e-7)
+    out.loss.backward()
+    loss_r.backward()
+    for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=n)
+
+
+def test_masked_only_with_grad_checkpointing_matches():
+    _, ours = _pair(True)
+    imgs = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    noise = torch.rand(2, 36, dtype=torch.float64)
+    plain = ours(imgs, 0.75, noise, masked_only=True)
+    grads = torch.autograd.grad(plain.loss, [p for p in ours.parameters() if p.requires_grad])
+    ours.set_grad_checkpointing(True)
+    ckpt = ours(imgs, 0.75, noise, masked_only=True)
+    grads_ckpt = torch.autograd.grad(ckpt.loss, [p for p in ours.parameters() if p.requires_grad])
+    torch.testing.assert_close(ckpt.loss, plain.loss, rtol=0, atol=0)
+    for a, b in zip(grads, grads_ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_matches_official_fp32():
     ref, ours = _pair(True)
     ref, ours = ref.float(), ours.float()

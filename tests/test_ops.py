@@ -133,10 +133,32 @@ def test_attention_packed_equals_each_sequence(backend):
         torch.testing.assert_close(out[a:b], alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_attention_fewer_queries_equals_tail_rows(backend):
+    # queries for the last rows only (MAE's last decoder block): rows of full self-attention, fwd and bwd
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 13, 3, 24, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    do = torch.randn(2, 4, 3, 24, generator=g, dtype=torch.float64)
+    full = ops.attention(q, k, v, backend="torch")[:, 9:]
+    want = torch.autograd.grad(full, (q, k, v), do)
+    tail = ops.attention(q[:, 9:].float(), k.float(), v.float(), backend=backend)
+    got = torch.autograd.grad(tail, (q, k, v), do.float())
+    assert tail.shape == (2, 4, 3, 24)
+    torch.testing.assert_close(tail.double(), full, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got[0][:, :9].abs().max() == 0  # rows without a query get no gradient
+
+
 def test_attention_bad_inputs():
     q = torch.randn(1, 4, 2, 8)
-    with pytest.raises(ValueError, match="shapes differ"):
+    with pytest.raises(ValueError, match="shapes do not match"):
         ops.attention(q, q[:, :3], q)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        ops.attention(q, q[:, :, :1], q[:, :, :1])  # heads differ
+    pq, pk, pv, cu = _packed([3, 4], 2, 8)
+    with pytest.raises(ValueError, match="shapes do not match"):  # packed: no query subsets
+        ops.attention(pq[:5], pk, pv, cu_seqlens=cu)
     with pytest.raises(ValueError, match=r"\(batch, seqlen, heads, head_dim\)"):
         ops.attention(q[0], q[0], q[0])
     with pytest.raises(TypeError, match="dtypes differ"):

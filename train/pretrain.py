@@ -619,7 +619,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
                     train_model.set_requires_gradient_sync(sync)
                 with ctx:
                     with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                        loss = train_model(imgs, mask_ratio=cfg["mask_ratio"], noise=noise).loss
+                        loss = train_model(imgs, mask_ratio=cfg["mask_ratio"], noise=noise, masked_only=True).loss
                     if step in debug_nan:
                         loss = loss * float("nan")
                     scaled = loss / A

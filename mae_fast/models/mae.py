@@ -21,10 +21,11 @@ from .pos_embed import sincos_2d
 
 class MAEOutput(NamedTuple):
     loss: torch.Tensor      # scalar, mean per-patch MSE over removed patches
-    pred: torch.Tensor      # (B, L, p*p*C), official patchify order
+    pred: torch.Tensor      # (B, L, p*p*C), official patchify order; (B, L-K, p*p*C) with masked_only=True
     mask: torch.Tensor      # (B, L), 1 = removed
     ids_restore: torch.Tensor  # (B, L)
     latent: torch.Tensor    # (B, 1+K, D) encoder output, cls first
+    ids_masked: torch.Tensor | None = None  # (B, L-K) patch index of each ``pred`` row, with masked_only=True
 
 
 class Attention(nn.Module):
@@ -36,10 +37,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, first_query: int = 0) -> torch.Tensor:
+        """Attention output for rows ``first_query:`` of ``x``; keys and values come from every row."""
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).unbind(2)
-        return self.proj(ops.attention(q, k, v).reshape(B, N, D))
+        H = self.num_heads
+        if first_query == 0:
+            q, k, v = self.qkv(x).reshape(B, N, 3, H, D // H).unbind(2)
+        else:  # project queries for the tail rows only: the q block of the fused weight, then k and v
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, first_query:], w[:D], None if b is None else b[:D])
+            q = q.reshape(B, N - first_query, H, D // H)
+            k, v = F.linear(x, w[D:], None if b is None else b[D:]).reshape(B, N, 2, H, D // H).unbind(2)
+        return self.proj(ops.attention(q, k, v).reshape(B, q.shape[1], D))
 
 
 class Block(nn.Module):
@@ -52,8 +61,10 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, first_query: int = 0) -> torch.Tensor:
+        """Block output; with ``first_query`` > 0 only rows ``first_query:`` (which still attend to all rows)."""
+        h = self.attn(self.norm1(x), first_query)
+        x = (x[:, first_query:] if first_query else x) + h
         return x + self.mlp(self.norm2(x))
 
 
@@ -173,12 +184,14 @@ class MaskedAutoencoderViT(nn.Module):
         mask = (ids_restore >= len_keep).to(torch.float32)
         return ids_keep, ids_restore, mask
 
-    def _run_blocks(self, blocks, x):
-        for blk in blocks:
+    def _run_blocks(self, blocks, x, last_first_query: int = 0):
+        """Run ``blocks``; the last one returns only rows ``last_first_query:``."""
+        for i, blk in enumerate(blocks):
+            fq = last_first_query if i == len(blocks) - 1 else 0
             if self.grad_checkpointing and x.requires_grad:
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, fq, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x, fq)
         return x
 
     def _with_cls(self, x):
@@ -201,13 +214,54 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.decoder_norm(self._run_blocks(self.decoder_blocks, x))
         return self.decoder_pred(x)[:, 1:]
 
+    def forward_decoder_masked(self, latent, ids_keep, ids_masked):
+        """Predictions for the removed patches only: (B, L-K, p*p*C), row j for patch ``ids_masked[:, j]``.
+
+        The decoder is permutation-equivariant (bidirectional attention, a position embedding per token),
+        so it runs on [cls, visible tokens, mask tokens] in shuffled order with no unshuffle, and its last
+        block updates only the mask-token rows, the only ones the loss reads. Same loss, less work.
+        """
+        x = self.decoder_embed(latent)
+        Kc = x.shape[1]
+        pos = self.decoder_pos_embed[0].to(x.dtype)
+        visible = x + F.embedding(F.pad(ids_keep + 1, (1, 0)), pos)  # index 0: the cls row
+        masked = self.mask_token.to(x.dtype) + F.embedding(ids_masked + 1, pos)
+        x = torch.cat([visible, masked], dim=1)
+        if len(self.decoder_blocks):
+            x = self._run_blocks(self.decoder_blocks, x, last_first_query=Kc)
+        else:
+            x = x[:, Kc:]
+        return self.decoder_pred(self.decoder_norm(x))
+
     def forward_loss(self, imgs, pred, mask):
         return ops.masked_patch_mse(pred, imgs, mask, self.patch_size, self.norm_pix_loss)
 
-    def forward(self, imgs, mask_ratio: float = 0.75, noise=None) -> MAEOutput:
+    def forward_loss_masked(self, imgs, pred_masked, ids_masked):
+        """The MAE loss from :meth:`forward_decoder_masked`'s rows: equal to :meth:`forward_loss`."""
+        B, M, _ = pred_masked.shape
+        p, C = self.patch_size, self.in_chans
+        target = ops.patchify_gather(imgs, ids_masked, p, check_ids=False)  # (channel, row, col) inside a patch
+        target = target.reshape(B, M, C, p, p).permute(0, 1, 3, 4, 2).reshape(B, M, p * p * C).float()
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as the official code
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return (pred_masked.float() - target).pow(2).mean()  # every image removes the same number of patches
+
+    def forward(self, imgs, mask_ratio: float = 0.75, noise=None, *, masked_only: bool = False) -> MAEOutput:
+        """Loss, predictions and mask of the official MAE.
+
+        ``masked_only=True`` (what training uses) returns predictions for the removed patches only, in the
+        order of ``ids_masked``, and skips the decoder work on visible rows that the loss never reads.
+        """
         self._check_imgs(imgs)
         ids_keep, ids_restore, mask = self.random_masking_ids(imgs.shape[0], mask_ratio, noise, imgs.device)
         latent = self.forward_encoder(imgs, ids_keep)
+        if masked_only:
+            ids_masked = torch.argsort(ids_restore, dim=1)[:, ids_keep.shape[1]:]
+            pred = self.forward_decoder_masked(latent, ids_keep, ids_masked)
+            loss = self.forward_loss_masked(imgs, pred, ids_masked)
+            return MAEOutput(loss, pred, mask, ids_restore, latent, ids_masked)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
         return MAEOutput(loss, pred, mask, ids_restore, latent)

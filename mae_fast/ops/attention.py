@@ -1,6 +1,7 @@
 """Non-causal multi-head attention, laid out (batch, seqlen, heads, head_dim) as ``flash_attn_func``.
 
-With ``cu_seqlens`` the inputs are packed (total_tokens, heads, head_dim) and sequence i occupies rows
+Dense queries may be fewer than keys (q (B, Nq, H, D), k and v (B, Nk, H, D)), e.g. a last block that updates
+only some rows. With ``cu_seqlens`` the inputs are packed (total_tokens, heads, head_dim) and sequence i occupies rows
 ``cu_seqlens[i]:cu_seqlens[i+1]``; sequences never attend across each other.
 Backends here: ``torch`` (fp32 math reference) and ``sdpa`` (PyTorch's scaled_dot_product_attention,
 which itself picks flash / cuDNN / efficient / math). Triton, flash-attn and xformers register elsewhere.
@@ -37,8 +38,11 @@ def check_attention_inputs(q, k, v, cu_seqlens=None, max_seqlen=None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != want:
             raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"{op}: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    # dense inputs may have fewer queries than keys (queries for some rows only); packed ones may not
+    if k.shape != v.shape or (cu_seqlens is not None and q.shape != k.shape) or \
+            q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"{op}: q, k, v shapes do not match: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+                         f" (k and v must be equal; q may differ from them only in its query length)")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{op}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
