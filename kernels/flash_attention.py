@@ -494,7 +494,13 @@ def _bucket(head_dim: int) -> int:
 
 
 def pick_config(kind: str, head_dim: int, max_seqlen: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Launch config for one kernel; small blocks under the interpreter (CPU tests), tuned ones on GPU."""
+    """Launch config for one kernel; small blocks under the interpreter (CPU tests), tuned ones on GPU.
+
+    kind: "fwd", "delta", "dkdv" or "dq". Pure Python, so tests can ask for the CUDA configs on a CPU
+    machine (``device=torch.device("cuda")``) and run them through the interpreter.
+    """
+    if kind == "delta":  # row-sum kernel: no tiles worth tuning
+        return dict(BLOCK_M=64 if device.type == "cuda" else 32, num_warps=4)
     if device.type != "cuda":
         blk = 16 if max_seqlen <= 16 else 32
         return dict(BLOCK_M=blk, BLOCK_N=blk, num_warps=4, num_stages=1)
@@ -583,7 +589,10 @@ def flash_attn_forward(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=
 
 def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
                         dlse=None, configs=None):
-    """Returns (dq, dk, dv). ``dlse`` (optional) is the gradient flowing into the returned LSE."""
+    """Returns (dq, dk, dv). ``dlse`` (optional) is the gradient flowing into the returned LSE.
+
+    ``configs`` (optional) maps "delta"/"dkdv"/"dq" to launch configs overriding :func:`pick_config`.
+    """
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     varlen, batch, seqlen, heads, head_dim, max_seqlen = _geometry(q, cu_seqlens, max_seqlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
@@ -600,13 +609,14 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
     configs = configs or {}
     prec = _dot_precision(q.dtype, q.device)
 
-    bm_delta = 64 if q.is_cuda else 32
+    cfg = dict(configs.get("delta") or pick_config("delta", head_dim, max_seqlen, q.dtype, q.device))
+    bm = cfg.pop("BLOCK_M")
     has_dlse = dlse is not None
     dlse_arg = dlse.contiguous().float() if has_dlse else delta
-    _bwd_delta_kernel[(triton.cdiv(max_seqlen, bm_delta), batch * heads)](
+    _bwd_delta_kernel[(triton.cdiv(max_seqlen, bm), batch * heads)](
         out, dout, dlse_arg, delta, cu, *_strides3(out, varlen), *_strides3(dout, varlen), slb, slh,
         heads, seqlen, HEAD_DIM=head_dim, D_TILE=max(16, triton.next_power_of_2(head_dim)), VARLEN=varlen,
-        HAS_DLSE=has_dlse, BLOCK_M=bm_delta, num_warps=4,
+        HAS_DLSE=has_dlse, BLOCK_M=bm, **cfg,
     )
 
     cfg = dict(configs.get("dkdv") or pick_config("dkdv", head_dim, max_seqlen, q.dtype, q.device))

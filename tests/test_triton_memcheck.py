@@ -1,0 +1,263 @@
+"""Bounds-check the Triton kernels under the CPU interpreter (tests/triton_memcheck.py).
+
+The interpreter reads raw host memory, so out-of-bounds pointers normally go unnoticed on CPU. Here every
+masked-in load/store of the attention and masking kernels must stay inside its argument's own view, with
+the CPU test configs and with the exact launch configs used on CUDA (``pick_config(..., cuda)``), and the
+outputs must match an fp64 reference (NaN-poisoned buffers, so unwritten elements fail).
+"""
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("the memory checker hooks the Triton CPU interpreter (TRITON_INTERPRET=1)",
+                allow_module_level=True)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from triton_memcheck import OutOfBoundsAccess, triton_memcheck  # noqa: E402
+
+from mae_fast.ops._triton_attention import _kernels  # noqa: E402
+
+BF16, FP32 = torch.bfloat16, torch.float32
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+ATTN_KERNELS = {"_attn_fwd_kernel", "_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+
+
+# ---- the checker itself must be able to fail ------------------------------------------------------
+
+@triton.jit
+def _copy_kernel(X, Y, n, MASK_EXTRA: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n + MASK_EXTRA, other=0.0)  # MASK_EXTRA=1: off-by-one read
+    tl.store(Y + offs, x, mask=offs < n)
+
+
+@triton.jit
+def _copy_store_kernel(X, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n, other=0.0)
+    tl.store(Y + offs, x, mask=offs <= n)  # off-by-one write
+
+
+@triton.jit
+def _scalar_load_kernel(X, Y, idx):
+    tl.store(Y, tl.load(X + idx))  # unmasked scalar load
+
+
+def test_checker_passes_a_correct_kernel():
+    x = torch.randn(37)
+    y = torch.full((37,), float("nan"))
+    with triton_memcheck(span=True) as stats:
+        _copy_kernel[(3,)](x, y, 37, MASK_EXTRA=0, BLOCK=16)
+    assert torch.equal(x, y)
+    assert stats.kernels == {"_copy_kernel": 1} and stats.elements_checked == 2 * 37
+
+
+def test_checker_catches_off_by_one_load():
+    x, y = torch.randn(37), torch.empty(37)
+    with pytest.raises(OutOfBoundsAccess, match=r"_copy_kernel: out-of-bounds load .* program \(2, 0, 0\).*"
+                                                r"byte offset 148 \(\+37\.0 elements\) from argument 'X'"):
+        with triton_memcheck():
+            _copy_kernel[(3,)](x, y, 37, MASK_EXTRA=1, BLOCK=16)
+
+
+def test_checker_catches_off_by_one_store_and_unmasked_load():
+    x, y = torch.randn(37), torch.empty(37)
+    with pytest.raises(OutOfBoundsAccess, match="_copy_store_kernel: out-of-bounds store .* argument 'Y'"):
+        with triton_memcheck():
+            _copy_store_kernel[(3,)](x, y, 37, BLOCK=16)
+    with triton_memcheck():
+        _scalar_load_kernel[(1,)](x, y, 36)
+    with pytest.raises(OutOfBoundsAccess, match="_scalar_load_kernel: out-of-bounds load .*offset -4 \\(-1\\.0 elements\\)"):
+        with triton_memcheck():
+            _scalar_load_kernel[(1,)](x, y, -1)
+
+
+def test_span_mode_catches_reads_past_a_view_within_its_storage():
+    whole = torch.randn(2, 37)
+    x, y = whole[0], torch.empty(37)  # x's storage continues into whole[1]
+    with triton_memcheck():  # storage mode: inside the storage, allowed
+        _copy_kernel[(3,)](x, y, 37, MASK_EXTRA=1, BLOCK=16)
+    with pytest.raises(OutOfBoundsAccess, match="argument 'X'"):
+        with triton_memcheck(span=True):
+            _copy_kernel[(3,)](x, y, 37, MASK_EXTRA=1, BLOCK=16)
+
+
+def test_checker_restores_the_interpreter():
+    from triton.runtime import interpreter as interp
+
+    before = interp.InterpreterBuilder.create_masked_load
+    with triton_memcheck():
+        assert interp.InterpreterBuilder.create_masked_load is not before
+    assert interp.InterpreterBuilder.create_masked_load is before
+    x, y = torch.randn(37), torch.empty(37)
+    _copy_kernel[(3,)](x, y, 37, MASK_EXTRA=1, BLOCK=16)  # unchecked again (reads one element past x)
+
+
+# ---- attention kernels ----------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    fa = _kernels()
+
+    def nan_alloc(shape, dtype=None, device=None, **kw):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(fa, "_alloc", nan_alloc)
+
+
+def _configs(head_dim, max_seqlen, dtype, device):
+    fa = _kernels()
+    return {kind: fa.pick_config(kind, head_dim, max_seqlen, dtype, device) for kind in ("fwd", "delta", "dkdv", "dq")}
+
+
+def _inputs(head_dim, lengths, batch, heads, dtype, packed):
+    """q, k, v (non-contiguous views of one qkv projection when dense), cu_seqlens or None, max_seqlen."""
+    gen = torch.Generator().manual_seed(head_dim * 1000 + sum(lengths) + batch)
+    if packed:
+        total = sum(lengths)
+        qkv = torch.randn(total, 3, heads, head_dim, generator=gen).to(dtype)
+        q, k, v = qkv.unbind(1)
+        cu = torch.tensor([0] + list(lengths)).cumsum(0).to(torch.int32)
+        return q, k, v, cu, max(lengths)
+    (seqlen,) = lengths
+    qkv = torch.randn(batch, seqlen, 3, heads, head_dim, generator=gen).to(dtype)
+    q, k, v = qkv.unbind(2)
+    return q, k, v, None, seqlen
+
+
+def _reference(q, k, v, do, dlse, cu, dtype):
+    fa = _kernels()
+    ins = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+    out, lse = fa.attention_reference_lse(*ins, None, cu)
+    loss = (out * do.to(dtype)).sum()
+    if dlse is not None:
+        loss = loss + (lse * dlse.to(dtype)).sum()
+    loss.backward()
+    return [out.detach(), lse.detach()] + [t.grad for t in ins]
+
+
+def _check_attention(head_dim, lengths, batch, heads, dtype, packed, device_configs, with_dlse=False):
+    fa = _kernels()
+    q, k, v, cu, max_seqlen = _inputs(head_dim, lengths, batch, heads, dtype, packed)
+    assert not q.is_contiguous()
+    cfg = _configs(head_dim, max_seqlen, dtype, device_configs)
+    gen = torch.Generator().manual_seed(7)
+    do = torch.randn(q.shape, generator=gen).to(dtype)
+    lse_shape = (heads, q.shape[0]) if packed else (batch, heads, max_seqlen)
+    dlse = torch.randn(lse_shape, generator=gen) if with_dlse else None
+    with triton_memcheck(span=True) as stats:
+        out, lse = fa.flash_attn_forward(q, k, v, None, cu, max_seqlen, config=cfg["fwd"])
+        dq, dk, dv = fa.flash_attn_backward(do, q, k, v, out, lse, None, cu, max_seqlen, dlse=dlse, configs=cfg)
+    assert set(stats.kernels) == ATTN_KERNELS, stats.kernels
+    assert stats.elements_checked > 0
+
+    ref = _reference(q, k, v, do, dlse, cu, torch.float64)
+    low = _reference(q, k, v, do, dlse, cu, dtype)  # PyTorch doing the same math in the input dtype
+    for name, t, lo, r, mult in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), low, ref,
+                                    (2, 2, 3, 3, 3)):
+        assert t.shape == r.shape, name
+        assert torch.isfinite(t).all(), f"{name}: non-finite values (unwritten or overflow)"
+        floor = 4 * torch.finfo(t.dtype).eps * max(r.abs().max().item(), 1.0)  # unit-scale inputs
+        err = (t.double() - r).abs().max().item()
+        err_torch = (lo.double() - r).abs().max().item()
+        assert err <= mult * err_torch + floor, f"{name}: triton err {err:.3g} > {mult}x torch err {err_torch:.3g}"
+
+
+# (head_dim, lengths, batch, heads, dtype, packed): every head-dim tiling (D1 = 0, 32 with 8/16/24/32 used),
+# sequence tails against every block size, an empty sequence and a length-1 one when packed.
+DENSE_CASES = [
+    (32, (17,), 2, 2, BF16), (40, (67,), 2, 2, BF16), (64, (1,), 2, 2, FP32), (80, (130,), 1, 2, BF16),
+    (88, (17,), 2, 2, FP32), (96, (67,), 2, 2, BF16), (128, (67,), 1, 2, BF16), (128, (197,), 1, 1, BF16),
+]
+PACKED_CASES = [
+    (40, (17, 0, 67, 1), 4, 2, BF16), (96, (130, 0, 5), 3, 2, BF16), (128, (1, 67, 0), 3, 2, FP32),
+]
+
+
+@pytest.mark.parametrize("device_configs", [CPU, CUDA], ids=["cpu_configs", "cuda_configs"])
+@pytest.mark.parametrize("head_dim,lengths,batch,heads,dtype", DENSE_CASES,
+                         ids=[f"d{c[0]}-n{c[1][0]}-{str(c[4])[6:]}" for c in DENSE_CASES])
+def test_attention_in_bounds_dense(head_dim, lengths, batch, heads, dtype, device_configs):
+    _check_attention(head_dim, lengths, batch, heads, dtype, False, device_configs)
+
+
+@pytest.mark.parametrize("device_configs", [CPU, CUDA], ids=["cpu_configs", "cuda_configs"])
+@pytest.mark.parametrize("head_dim,lengths,batch,heads,dtype", PACKED_CASES,
+                         ids=[f"d{c[0]}-{'_'.join(map(str, c[1]))}-{str(c[4])[6:]}" for c in PACKED_CASES])
+def test_attention_in_bounds_packed(head_dim, lengths, batch, heads, dtype, device_configs):
+    _check_attention(head_dim, lengths, batch, heads, dtype, True, device_configs, with_dlse=True)
+
+
+SWEEP = [(d, n, dt, cfg) for d in (32, 40, 64, 80, 88, 96, 128) for n in (1, 17, 67, 130)
+         for dt in (BF16, FP32) for cfg in (CPU, CUDA)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_dim,seqlen,dtype,device_configs", SWEEP)
+def test_attention_in_bounds_sweep(head_dim, seqlen, dtype, device_configs):
+    _check_attention(head_dim, (seqlen,), 2, 2, dtype, False, device_configs)
+    _check_attention(head_dim, (seqlen, 0, max(1, seqlen // 3), 1), 4, 2, dtype, True, device_configs,
+                     with_dlse=True)
+
+
+# ---- masking kernels ------------------------------------------------------------------------------
+
+def test_masking_kernels_in_bounds():
+    """All masking kernels, forward and backward, including out-of-range ids (which must give NaN rows
+    without reading out of bounds) and the masked-row-sum gradient of the mask token."""
+    import importlib
+
+    from mae_fast.kernels import masking as masking_kernels
+    from mae_fast.ops import _triton_masking as T
+    from mae_fast.ops.masking import gather_visible, masked_patch_mse, patchify_gather, unshuffle_with_mask_token
+
+    if not T.kernels_interpreted():
+        importlib.reload(masking_kernels)
+    gen = torch.Generator().manual_seed(3)
+    B, L, K, D, p = 2, 12, 5, 40, 4
+    x = torch.randn(B, L, D, generator=gen).requires_grad_(True)
+    pos = torch.randn(1, L, D, generator=gen)
+    ids_shuffle = torch.stack([torch.randperm(L, generator=gen) for _ in range(B)])
+    ids_keep, ids_restore = ids_shuffle[:, :K], ids_shuffle.argsort(1)
+    x_vis = torch.randn(B, 1 + K, D, generator=gen).requires_grad_(True)
+    token = torch.randn(1, 1, D, generator=gen).requires_grad_(True)
+    dec_pos = torch.randn(1, 1 + L, D, generator=gen)
+    imgs = torch.randn(B, 3, 3 * p, 4 * p, generator=gen)
+    pred = torch.randn(B, L, p * p * 3, generator=gen).requires_grad_(True)
+    mask = torch.zeros(B, L)
+    mask.scatter_(1, ids_shuffle[:, K:], 1.0)
+
+    def run(backend):
+        outs = [gather_visible(x, ids_keep, pos, backend=backend),
+                unshuffle_with_mask_token(x_vis, ids_restore, token, dec_pos, backend=backend),
+                patchify_gather(imgs, ids_keep, p, backend=backend),
+                masked_patch_mse(pred, imgs, mask, p, backend=backend)]
+        loss = sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, (x, x_vis, token, pred))
+        return [o.detach() for o in outs] + list(grads)
+
+    with triton_memcheck(span=True) as stats:
+        got = run("triton")
+        bad_ids = ids_keep.clone()
+        bad_ids[0, 0], bad_ids[1, -1] = -1, L + 5  # out of range: NaN rows, never an out-of-bounds read
+        bad_rows = gather_visible(x.detach(), bad_ids, pos, backend="triton", check_ids=False)
+        bad_patches = patchify_gather(imgs, bad_ids, p, backend="triton", check_ids=False)
+    assert set(stats.kernels) >= {"gather_or_fill_rows_kernel", "masked_row_sum_kernel", "patchify_gather_kernel",
+                                  "masked_patch_mse_fwd_kernel", "masked_patch_mse_bwd_kernel"}, stats.kernels
+    for g, r in zip(got, run("torch")):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    for t in (bad_rows, bad_patches):
+        assert torch.isnan(t[0, 0]).all() and torch.isnan(t[1, -1]).all()
+        assert torch.isfinite(t[0, 1:]).all()
