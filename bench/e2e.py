@@ -4,7 +4,8 @@ One training step = forward, backward and a fused AdamW update, bf16 autocast on
 Before timing, every baseline must give the same loss as mae_fast on the same weights and noise. Steps of
 the implementations alternate (order rotated each round) so a busy machine slows them alike; peak memory
 is taken in a separate step per implementation, and "saved act" counts the bytes one forward keeps for
-backward (unique storages, parameters excluded), which the CPU can measure too.
+backward (unique storages, parameters excluded), which the CPU can measure too. ``mae_fast_lean`` is
+mae_fast with ``set_lean_activations(True)`` (LayerNorm inputs and fc1 outputs kept, the rest recomputed).
 
     python bench/e2e.py                  # the GPU table (ViT-B/16 224 ... ViT-H/14 952)
     python bench/e2e.py --smoke          # CPU: ViT-S/16 at 112 and 224 px
@@ -13,6 +14,7 @@ backward (unique storages, parameters excluded), which the CPU can measure too.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -124,7 +126,7 @@ def hf_vitmae(ours, device):
 
 
 def _loss(kind, model, imgs, noise):
-    if kind == "mae_fast":
+    if kind.startswith("mae_fast"):
         return model(imgs, 0.75, noise, masked_only=True).loss
     if kind == "reference":
         return model(imgs, 0.75, noise)[0]
@@ -236,7 +238,9 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
     rows = []
     for name, img_size, batch in configs:
         ours, ref = build_pair(name, img_size, device)
-        models = {"mae_fast": ours, "reference": ref}
+        lean = copy.deepcopy(ours)
+        lean.set_lean_activations(True)
+        models = {"mae_fast": ours, "mae_fast_lean": lean, "reference": ref}
         try:
             hf = hf_vitmae(ours, device) if with_hf else None
         except Exception as e:  # noqa: BLE001 - a baseline we cannot build is reported, not fatal
@@ -276,19 +280,20 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
                                  mfu=flops / med / peak_rate, loss_diff_vs_mae_fast=diffs.get(kind, 0.0)))
                 print(_fmt(rows[-1]), flush=True)
             del steppers
-        del ours, ref, models
+        del ours, lean, ref, models
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for row in rows:  # ratios measured side by side in this run
-        if row["impl"] != "mae_fast" and not row.get("oom"):
-            ours = next((r for r in rows if r["impl"] == "mae_fast" and r["model"] == row["model"]
-                         and r["img_size"] == row["img_size"] and r["compile"] == row["compile"] and not r.get("oom")), None)
-            if ours:
-                row["mae_fast_speedup"] = row["step_ms_median"] / ours["step_ms_median"]
-                if row["peak_mem_gib"]:
-                    row["mae_fast_mem_ratio"] = ours["peak_mem_gib"] / row["peak_mem_gib"]
-                if row.get("saved_act_gib"):
-                    row["mae_fast_act_ratio"] = ours["saved_act_gib"] / row["saved_act_gib"]
+    for row in rows:  # ratios against the reference, measured side by side in this run
+        ref_row = next((r for r in rows if r["impl"] == "reference" and r["model"] == row["model"]
+                        and r["img_size"] == row["img_size"] and r["compile"] == row["compile"]
+                        and not r.get("oom")), None)
+        if ref_row is None or row.get("oom"):
+            continue
+        row["speedup_vs_reference"] = ref_row["step_ms_median"] / row["step_ms_median"]
+        if row["peak_mem_gib"] and ref_row["peak_mem_gib"]:
+            row["mem_vs_reference"] = row["peak_mem_gib"] / ref_row["peak_mem_gib"]
+        if row.get("saved_act_gib") and ref_row.get("saved_act_gib"):
+            row["act_vs_reference"] = row["saved_act_gib"] / ref_row["saved_act_gib"]
     return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 matmul_flops=peak_rate, rows=rows)
 
@@ -304,7 +309,7 @@ def _fmt(r):
 
 def table(result) -> str:
     lines = ["| model | px | batch | compile | impl | step ms (IQR) | img/s | MFU | peak GiB | saved act GiB | "
-             "mae_fast speedup | mem ratio | act ratio |",
+             "speed vs reference | peak mem vs reference | saved act vs reference |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if r.get("oom"):
@@ -314,9 +319,9 @@ def table(result) -> str:
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
         act = f"{r['saved_act_gib']:.3f}" if r.get("saved_act_gib") else "-"
         iqr = f" ({r['step_ms_iqr']:.1f})" if r.get("step_ms_iqr") is not None else ""
-        sp = f"{r['mae_fast_speedup']:.2f}x" if "mae_fast_speedup" in r else ""
-        mr = f"{r['mae_fast_mem_ratio']:.2f}" if "mae_fast_mem_ratio" in r else ""
-        ar = f"{r['mae_fast_act_ratio']:.2f}" if "mae_fast_act_ratio" in r else ""
+        sp = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else ""
+        mr = f"{r['mem_vs_reference']:.2f}" if "mem_vs_reference" in r else ""
+        ar = f"{r['act_vs_reference']:.2f}" if "act_vs_reference" in r else ""
         lines.append(f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['compile']} | {r['impl']} | "
                      f"{r['step_ms_median']:.1f}{iqr} | {r['images_per_s']:.1f} | {100 * r['mfu']:.1f}% | {mem} | "
                      f"{act} | {sp} | {mr} | {ar} |")

@@ -312,6 +312,14 @@ def test_options_grad_checkpointing_clip_bf16_run(tmp_path):
     assert res["steps"] == 2 and res["final_loss"] == res["final_loss"]
 
 
+def test_lean_activations_run_matches_plain(tmp_path):
+    a = pretrain(tiny(tmp_path, name="plain", steps=3))
+    b = pretrain(tiny(tmp_path, name="lean", steps=3, lean_activations=True))
+    pa, pb = params(a["checkpoint"]), params(b["checkpoint"])
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-4)
+
+
 def test_no_weight_decay_on_biases_norms_tokens_pos_embed():
     import mae_fast
     from mae_fast.train.pretrain import param_groups

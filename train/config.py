@@ -64,6 +64,8 @@ PRETRAIN_KEYS: dict[str, tuple] = {
     "compile": _spec(False, "torch.compile the model"),
     "compile_scope": _spec("model", "model (whole graph) | blocks (each transformer block: faster to compile)"),
     "grad_checkpointing": _spec(False, "recompute block activations in backward (saves memory)"),
+    "lean_activations": _spec(False, "keep only LayerNorm inputs and fc1 outputs for backward, recompute "
+                                     "the rest (about half the saved activations under bf16; same loss)"),
     "distributed": _spec("auto", "auto | ddp | fsdp | none (with torchrun; auto: FSDP2 if DDP would not fit)"),
     "device": _spec("auto", "auto | cpu | cuda"),
     "peak_flops": _spec(None, "peak FLOP/s of one device for MFU (null: from a table of known GPUs)"),

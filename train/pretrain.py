@@ -392,6 +392,8 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
     model = create_model(cfg["model"], **kw).to(device)
     if cfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
+    if cfg["lean_activations"]:
+        model.set_lean_activations(True)
     img_size = model.img_size
 
     # data

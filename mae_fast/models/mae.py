@@ -42,13 +42,20 @@ class Attention(nn.Module):
         B, N, D = x.shape
         H = self.num_heads
         if first_query == 0:
-            q, k, v = self.qkv(x).reshape(B, N, 3, H, D // H).unbind(2)
-        else:  # project queries for the tail rows only: the q block of the fused weight, then k and v
-            w, b = self.qkv.weight, self.qkv.bias
-            q = F.linear(x[:, first_query:], w[:D], None if b is None else b[:D])
-            q = q.reshape(B, N - first_query, H, D // H)
-            k, v = F.linear(x, w[D:], None if b is None else b[D:]).reshape(B, N, 2, H, D // H).unbind(2)
+            return self.from_qkv(self.qkv(x))
+        # project queries for the tail rows only: the q block of the fused weight, then k and v
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, first_query:], w[:D], None if b is None else b[:D])
+        q = q.reshape(B, N - first_query, H, D // H)
+        k, v = F.linear(x, w[D:], None if b is None else b[D:]).reshape(B, N, 2, H, D // H).unbind(2)
         return self.proj(ops.attention(q, k, v).reshape(B, q.shape[1], D))
+
+    def from_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention and output projection from the fused (B, N, 3*D) qkv projection."""
+        B, N, D3 = qkv.shape
+        D, H = D3 // 3, self.num_heads
+        q, k, v = qkv.reshape(B, N, 3, H, D // H).unbind(2)
+        return self.proj(ops.attention(q, k, v).reshape(B, N, D))
 
 
 class Block(nn.Module):
@@ -60,9 +67,13 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.lean = False  # see set_lean_activations
 
     def forward(self, x: torch.Tensor, first_query: int = 0) -> torch.Tensor:
         """Block output; with ``first_query`` > 0 only rows ``first_query:`` (which still attend to all rows)."""
+        if self.lean and first_query == 0:
+            x = x + self.attn.from_qkv(ops.layer_norm_linear(x, self.norm1, self.attn.qkv))
+            return x + ops.layer_norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2)
         h = self.attn(self.norm1(x), first_query)
         x = (x[:, first_query:] if first_query else x) + h
         return x + self.mlp(self.norm2(x))
@@ -102,6 +113,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.mlp_ratio = mlp_ratio
         self.decoder_embed_dim, self.decoder_depth = decoder_embed_dim, decoder_depth
         self.grad_checkpointing = False
+        self.lean_activations = False
 
         self.patch_embed = PatchEmbed(self.grid_size, patch_size, in_chans, embed_dim)
         L = self.patch_embed.num_patches
@@ -141,6 +153,18 @@ class MaskedAutoencoderViT(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
+
+    def set_lean_activations(self, enable: bool = True):
+        """Keep about a third less for backward: each block saves its LayerNorm inputs and fc1 outputs only,
+        recomputing the normalised inputs and the GELU in backward (:mod:`mae_fast.ops.lean`). Same loss."""
+        for blk in [*self.blocks, *self.decoder_blocks]:
+            mlp = blk.mlp
+            plain = isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none" and \
+                isinstance(mlp.norm, nn.Identity) and mlp.drop1.p == 0 and mlp.drop2.p == 0
+            if enable and not plain:
+                raise ValueError("lean activations need the plain Linear-GELU-Linear MLP")
+            blk.lean = enable
+        self.lean_activations = enable
 
     @property
     def num_patches(self) -> int:

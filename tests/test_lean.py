@@ -1,0 +1,130 @@
+"""Memory-lean LayerNorm->Linear and LayerNorm->MLP against eager PyTorch: values, gradients, saved bytes."""
+import pytest
+import torch
+import torch.nn as nn
+from timm.layers import Mlp
+
+import mae_fast
+from mae_fast import ops
+from mae_fast.ops.lean import layer_norm_linear_reference, layer_norm_mlp_reference
+
+
+def _layers(D=40, hidden=72, out=56, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    norm, lin, mlp = nn.LayerNorm(D, eps=1e-6), nn.Linear(D, out), Mlp(D, hidden, act_layer=nn.GELU)
+    for p in [*norm.parameters(), *lin.parameters(), *mlp.parameters()]:
+        p.data.normal_(0, 0.3)  # non-trivial norm weights and biases
+    return norm.to(dtype), lin.to(dtype), mlp.to(dtype)
+
+
+def _saved_bytes(fn, *modules):
+    """fn()'s output and the bytes it keeps for backward (unique storages, the modules' parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_gradcheck_fp64():
+    norm, lin, mlp = _layers(D=12, hidden=20, out=9)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    params = [norm.weight, norm.bias, lin.weight, lin.bias]
+    assert torch.autograd.gradcheck(
+        lambda x, *p: ops.lean._LayerNormLinear.apply(x, p[0], p[1], 1e-6, p[2], p[3]), (x, *params))
+    params = [norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+    assert torch.autograd.gradcheck(
+        lambda x, *p: ops.lean._LayerNormMlp.apply(x, p[0], p[1], 1e-6, *p[2:]), (x, *params))
+
+
+@pytest.mark.parametrize("which", ["linear", "mlp"])
+def test_bf16_autocast_matches_eager_and_saves_less(which):
+    norm, lin, mlp = _layers(dtype=torch.float32)
+    x = torch.randn(3, 17, 40, requires_grad=True)  # fp32 residual stream, as under autocast
+    if which == "linear":
+        lean = lambda x: ops.layer_norm_linear(x, norm, lin)  # noqa: E731
+        eager = lambda x: lin(norm(x))  # noqa: E731
+        params = [*norm.parameters(), *lin.parameters()]
+    else:
+        lean = lambda x: ops.layer_norm_mlp(x, norm, mlp.fc1, mlp.fc2)  # noqa: E731
+        eager = lambda x: mlp(norm(x))  # noqa: E731
+        params = [*norm.parameters(), mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+    g = torch.randn(3, 17, lin.out_features if which == "linear" else 40)
+
+    def run(fn, dtype):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y, nbytes = _saved_bytes(lambda: fn(x), norm, lin, mlp)
+        grads = torch.autograd.grad(y, [x, *params], g.to(y.dtype))
+        return y, grads, nbytes
+
+    y_lean, g_lean, b_lean = run(lean, torch.bfloat16)
+    y_eager, g_eager, b_eager = run(eager, torch.bfloat16)
+    y_ref, g_ref, _ = run(eager, torch.float32)
+    assert y_lean.dtype == y_eager.dtype == torch.bfloat16
+    assert torch.equal(y_lean, y_eager)  # forward: bit-identical to eager autocast
+    for name, a, b, r in zip(["x"] + [str(i) for i in range(len(params))], g_lean, g_eager, g_ref):
+        err, err_eager = (a.float() - r).abs().max().item(), (b.float() - r).abs().max().item()
+        assert a.dtype == r.dtype, name
+        assert err <= 2 * err_eager + 1e-3 * r.abs().max().item(), f"grad {name}: {err:.3g} vs eager {err_eager:.3g}"
+    # eager keeps x (fp32), the bf16 normed copy (and for the MLP: fc1 out, GELU out); lean keeps x (+ fc1 out)
+    n, D = 3 * 17, 40
+    if which == "linear":
+        assert b_lean < b_eager and b_eager - b_lean >= n * D * 2
+    else:
+        assert b_lean < b_eager and b_eager - b_lean >= n * D * 2 + n * 72 * 2
+
+
+def test_fp32_matches_reference_and_compiles():
+    norm, lin, mlp = _layers(dtype=torch.float32)
+    x = torch.randn(2, 9, 40)
+    torch.testing.assert_close(ops.layer_norm_linear(x, norm, lin),
+                               layer_norm_linear_reference(x, norm.weight, norm.bias, 1e-6, lin.weight, lin.bias))
+    torch.testing.assert_close(ops.layer_norm_mlp(x, norm, mlp.fc1, mlp.fc2),
+                               layer_norm_mlp_reference(x, norm.weight, norm.bias, 1e-6, mlp.fc1.weight, mlp.fc1.bias,
+                                                        mlp.fc2.weight, mlp.fc2.bias))
+    xg = x.clone().requires_grad_()
+    fn = torch.compile(lambda t: ops.layer_norm_mlp(t, norm, mlp.fc1, mlp.fc2), backend="aot_eager", fullgraph=True)
+    fn(xg).square().sum().backward()
+    x2 = x.clone().requires_grad_()
+    mlp(norm(x2)).square().sum().backward()
+    torch.testing.assert_close(xg.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs():
+    norm, lin, mlp = _layers(dtype=torch.float32)
+    with pytest.raises(ValueError, match="weight must be"):
+        ops.layer_norm_linear(torch.randn(2, 3, 41), nn.LayerNorm(41), lin)
+    with pytest.raises(ValueError, match="norm weight must be"):
+        ops.layer_norm_linear(torch.randn(2, 3, 40), nn.LayerNorm(39), lin)
+    with pytest.raises(ValueError, match="fc2 takes"):
+        ops.layer_norm_mlp(torch.randn(2, 3, 40), norm, mlp.fc1, nn.Linear(71, 40))
+
+
+def test_model_lean_activations_same_loss_and_grads_less_memory():
+    torch.manual_seed(0)
+    m = mae_fast.create_model("mae_vit_small_patch16", img_size=64, depth=2, decoder_depth=2)
+    imgs, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 16)
+    params = [p for p in m.parameters() if p.requires_grad]
+    out, b_plain = _saved_bytes(lambda: m(imgs, 0.75, noise, masked_only=True), m)
+    grads = torch.autograd.grad(out.loss, params)
+    m.set_lean_activations(True)
+    out_lean, b_lean = _saved_bytes(lambda: m(imgs, 0.75, noise, masked_only=True), m)
+    grads_lean = torch.autograd.grad(out_lean.loss, params)
+    torch.testing.assert_close(out_lean.loss, out.loss, rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads_lean, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert b_lean < 0.8 * b_plain, (b_lean, b_plain)
+
+
+def test_lean_refuses_a_non_plain_mlp():
+    m = mae_fast.create_model("mae_vit_demo_patch8")
+    m.blocks[0].mlp.act = nn.GELU(approximate="tanh")
+    with pytest.raises(ValueError, match="plain Linear-GELU-Linear"):
+        m.set_lean_activations(True)
