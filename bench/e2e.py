@@ -1,6 +1,7 @@
 """End-to-end MAE pretraining step: mae_fast against the reference formulation (and HF ViTMAE when installed).
 
-One training step = forward, backward and a fused AdamW update, bf16 autocast on CUDA (fp32 on the CPU).
+One training step = forward, backward and a fused AdamW update (as the trainer), bf16 autocast on CUDA (fp32 on
+the CPU).
 Before timing, every baseline must give the same loss as mae_fast on the same weights and noise. Steps of
 the implementations alternate (order rotated each round) so a busy machine slows them alike; peak memory
 is taken in a separate step per implementation, and "saved act" counts the bytes one forward keeps for
@@ -155,7 +156,7 @@ class Stepper:
         self.kind, self.model, self.batch, self.device = kind, model, batch, device
         model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), fused=True)  # as train/pretrain.py
         self.fwd = torch.compile(model) if compile_ else model
         self.imgs = torch.randn(batch, 3, *model_img_size(model), device=device)
         self.L = model_num_patches(model)
