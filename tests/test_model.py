@@ -226,3 +226,26 @@ def test_bad_inputs_have_clear_errors():
         m(x, mask_ratio=1.5)
     with pytest.raises(TypeError, match="floating"):
         m(x.to(torch.int32))
+
+
+def test_training_forward_compiles_as_one_graph_in_a_fresh_process():
+    """torch.compile(fullgraph=True) of the training path, plain and lean, before any eager call: backend
+    registration must not happen inside the trace."""
+    import subprocess
+    import sys
+
+    code = """
+import torch, mae_fast
+m = mae_fast.create_model('mae_vit_demo_patch8')
+imgs = torch.randn(2, 3, *m.img_size); noise = torch.rand(2, m.num_patches)
+for lean in (False, True):
+    m.set_lean_activations(lean)
+    torch._dynamo.reset()
+    out = torch.compile(m, fullgraph=True, backend='aot_eager')(imgs, 0.75, noise, masked_only=True)
+    out.loss.backward()
+    ref = m(imgs, 0.75, noise, masked_only=True).loss
+    assert abs(out.loss.item() - ref.item()) < 1e-5, (out.loss.item(), ref.item())
+print('one graph')
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "one graph" in res.stdout, res.stderr[-3000:]

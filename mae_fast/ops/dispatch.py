@@ -58,7 +58,7 @@ def register_backend(backend: Backend) -> Backend:
 
 
 def backends_for(op: str) -> dict[str, Backend]:
-    _load_optional_backends()
+    load_optional_backends()
     if op not in _REGISTRY:
         raise KeyError(f"unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
     return _REGISTRY[op]
@@ -115,7 +115,7 @@ OPTIONAL_BACKEND_MODULES = (
 )
 
 
-def _load_optional_backends() -> None:
+def load_optional_backends() -> None:
     """Import the modules that register the Triton/CUDA/third-party backends, once."""
     global _OPTIONAL_LOADED
     if _OPTIONAL_LOADED:
