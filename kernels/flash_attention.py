@@ -38,7 +38,12 @@ __all__ = [
 # Triton 3.6 the masked version made the wgmma read past its shared-memory buffer (compute-sanitizer:
 # "Invalid __shared__ read of size 512" in _attn_fwd_kernel, 2026-11-22). MAE_FAST_FA_CLAMP_D=0 restores it.
 # MAE_FAST_FA_MAX_STAGES caps the software-pipelining depth of every launch (diagnostics).
+# MAE_FAST_FA_CLAMP_ROWS=1 also clamps the row (sequence) offsets of every load, so that each lane, masked out
+# or not, points inside its tensor: memory safety then no longer depends on the compiler predicating masked
+# or speculative (pipelined) loads correctly. Same results; off by default until measured on a GPU
+# (tests/test_triton_memcheck.py checks both ways under the interpreter).
 CLAMP_D = tl.constexpr(os.environ.get("MAE_FAST_FA_CLAMP_D", "1") == "1")
+CLAMP_ROWS = tl.constexpr(os.environ.get("MAE_FAST_FA_CLAMP_ROWS", "0") == "1")
 MAX_STAGES = int(os.environ.get("MAE_FAST_FA_MAX_STAGES", "8"))
 
 LOG2E = 1.4426950408889634
@@ -106,16 +111,26 @@ def _seq_bounds(CU_SEQLENS, b, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _row_offsets(offs_rows, row_limit):
+    # rows past the limit point at the last real row (row_limit >= 1 wherever a kernel loads)
+    if CLAMP_ROWS:
+        return tl.minimum(offs_rows, row_limit - 1)
+    else:
+        return offs_rows
+
+
+@triton.jit
 def _load_rows(base, offs_rows, stride_row, offs_d, row_limit, D: tl.constexpr,
                MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr, other):
+    rows = _row_offsets(offs_rows, row_limit)
     if MASK_D and CLAMP_D:
-        safe = base + offs_rows[:, None] * stride_row + tl.minimum(offs_d, D - 1)[None, :]
+        safe = base + rows[:, None] * stride_row + tl.minimum(offs_d, D - 1)[None, :]
         if MASK_ROWS:
             x = tl.load(safe, mask=offs_rows[:, None] < row_limit, other=other)
         else:
             x = tl.load(safe)
         return tl.where(offs_d[None, :] < D, x, other)
-    ptrs = base + offs_rows[:, None] * stride_row + offs_d[None, :]
+    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
     if MASK_ROWS and MASK_D:
         return tl.load(ptrs, mask=(offs_rows[:, None] < row_limit) & (offs_d[None, :] < D), other=other)
     elif MASK_ROWS:
@@ -259,7 +274,8 @@ def _bwd_delta_kernel(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse_off = b64 * stride_lb + h64 * stride_lh + s64 + offs_m
     if HAS_DLSE:
-        delta -= tl.load(DLSE + lse_off, mask=offs_m < L, other=0.0)
+        dlse_off = b64 * stride_lb + h64 * stride_lh + s64 + _row_offsets(offs_m, L)
+        delta -= tl.load(DLSE + dlse_off, mask=offs_m < L, other=0.0)
     tl.store(DELTA + lse_off, delta, mask=offs_m < L)
 
 
@@ -271,12 +287,13 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr
     # transposed formulation: rows are keys, columns are queries
     q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, MASK_M, False, 0.0)
     do0 = _load_rows(do_base, offs_m, stride_dn, offs_d0, L, HEAD_DIM, MASK_M, False, 0.0)
+    rows_m = _row_offsets(offs_m, L)
     if MASK_M:
-        lse2 = tl.load(lse_ptr + offs_m, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_ptr + offs_m, mask=offs_m < L, other=0.0)
+        lse2 = tl.load(lse_ptr + rows_m, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + rows_m, mask=offs_m < L, other=0.0)
     else:
-        lse2 = tl.load(lse_ptr + offs_m) * 1.4426950408889634
-        delta = tl.load(delta_ptr + offs_m)
+        lse2 = tl.load(lse_ptr + rows_m) * 1.4426950408889634
+        delta = tl.load(delta_ptr + rows_m)
     qkT = _mm(k0, tl.trans(q0), None, DOT_PREC)
     if D1 > 0:
         q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, MASK_M, MASK_D1, 0.0)
@@ -440,7 +457,7 @@ def _attn_bwd_dq_kernel(
         q1 = q0
         do1 = do0
         dq1 = dq0
-    lse_off = b64 * stride_lb + h64 * stride_lh + s64 + offs_m
+    lse_off = b64 * stride_lb + h64 * stride_lh + s64 + _row_offsets(offs_m, L)
     lse2 = tl.load(LSE + lse_off, mask=offs_m < L, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + lse_off, mask=offs_m < L, other=0.0)
 

@@ -94,6 +94,24 @@ def test_span_mode_catches_reads_past_a_view_within_its_storage():
             _copy_kernel[(3,)](x, y, 37, MASK_EXTRA=1, BLOCK=16)
 
 
+@triton.jit
+def _clamped_copy_kernel(X, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + tl.minimum(offs, n - 1), mask=offs < n, other=0.0)  # masked-out lanes point in bounds
+    tl.store(Y + offs, x, mask=offs < n)
+
+
+def test_masked_out_loads_mode_wants_addresses_in_bounds_at_every_lane():
+    x, y = torch.randn(37), torch.empty(37)
+    with pytest.raises(OutOfBoundsAccess, match=r"_copy_kernel: out-of-bounds load \(any lane\) of 11 element"):
+        with triton_memcheck(masked_out_loads=True):  # correct mask, but the tail lanes point past X
+            _copy_kernel[(3,)](x, y, 37, MASK_EXTRA=0, BLOCK=16)
+    y.fill_(float("nan"))
+    with triton_memcheck(span=True, masked_out_loads=True):
+        _clamped_copy_kernel[(3,)](x, y, 37, BLOCK=16)
+    assert torch.equal(x, y)
+
+
 def test_checker_restores_the_interpreter():
     from triton.runtime import interpreter as interp
 
@@ -148,7 +166,8 @@ def _reference(q, k, v, do, dlse, cu, dtype):
     return [out.detach(), lse.detach()] + [t.grad for t in ins]
 
 
-def _check_attention(head_dim, lengths, batch, heads, dtype, packed, device_configs, with_dlse=False):
+def _check_attention(head_dim, lengths, batch, heads, dtype, packed, device_configs, with_dlse=False,
+                     masked_out_loads=False):
     fa = _kernels()
     q, k, v, cu, max_seqlen = _inputs(head_dim, lengths, batch, heads, dtype, packed)
     assert not q.is_contiguous()
@@ -157,7 +176,7 @@ def _check_attention(head_dim, lengths, batch, heads, dtype, packed, device_conf
     do = torch.randn(q.shape, generator=gen).to(dtype)
     lse_shape = (heads, q.shape[0]) if packed else (batch, heads, max_seqlen)
     dlse = torch.randn(lse_shape, generator=gen) if with_dlse else None
-    with triton_memcheck(span=True) as stats:
+    with triton_memcheck(span=True, masked_out_loads=masked_out_loads) as stats:
         out, lse = fa.flash_attn_forward(q, k, v, None, cu, max_seqlen, config=cfg["fwd"])
         dq, dk, dv = fa.flash_attn_backward(do, q, k, v, out, lse, None, cu, max_seqlen, dlse=dlse, configs=cfg)
     assert set(stats.kernels) == ATTN_KERNELS, stats.kernels
@@ -203,6 +222,23 @@ def test_attention_in_bounds_packed(head_dim, lengths, batch, heads, dtype, devi
     _check_attention(head_dim, lengths, batch, heads, dtype, True, device_configs, with_dlse=True)
 
 
+@pytest.mark.parametrize("device_configs", [CPU, CUDA], ids=["cpu_configs", "cuda_configs"])
+def test_clamped_rows_keep_every_load_lane_in_bounds(monkeypatch, device_configs):
+    """MAE_FAST_FA_CLAMP_ROWS=1: no load lane, masked out or not, points outside its tensor; same results.
+    (Default formulation: tail lanes point past the end and rely on the mask; the GPU then depends on the
+    compiler predicating every masked or pipelined load.)"""
+    import triton.language as tl
+
+    fa = _kernels()
+    with pytest.raises(OutOfBoundsAccess, match=r"load \(any lane\)"):
+        monkeypatch.setattr(fa, "CLAMP_ROWS", tl.constexpr(False))
+        _check_attention(40, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True, masked_out_loads=True)
+    monkeypatch.setattr(fa, "CLAMP_ROWS", tl.constexpr(True))
+    _check_attention(40, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True, masked_out_loads=True)
+    _check_attention(96, (130,), 1, 2, BF16, False, device_configs, masked_out_loads=True)
+    _check_attention(128, (1, 67, 0), 3, 2, FP32, True, device_configs, with_dlse=True, masked_out_loads=True)
+
+
 def test_cases_cover_every_tuned_cuda_config():
     """The fast cases above launch every distinct CUDA config of every kernel at least once (bf16 and fp32)."""
     fa = _kernels()
@@ -226,6 +262,16 @@ def test_attention_in_bounds_sweep(head_dim, seqlen, dtype, device_configs):
     _check_attention(head_dim, (seqlen,), 2, 2, dtype, False, device_configs)
     _check_attention(head_dim, (seqlen, 0, max(1, seqlen // 3), 1), 4, 2, dtype, True, device_configs,
                      with_dlse=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_dim,seqlen", [(d, n) for d in (32, 40, 64, 80, 88, 96, 128) for n in (1, 17, 67, 130)])
+def test_clamped_rows_sweep(monkeypatch, head_dim, seqlen):
+    import triton.language as tl
+
+    monkeypatch.setattr(_kernels(), "CLAMP_ROWS", tl.constexpr(True))
+    _check_attention(head_dim, (seqlen, 0, max(1, seqlen // 3), 1), 4, 2, BF16, True, CUDA, with_dlse=True,
+                     masked_out_loads=True)
 
 
 # ---- masking kernels ------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ under compute-sanitizer. While :func:`triton_memcheck` is active, every masked-i
 and store must lie (all of its bytes) inside the storage of one of the current launch's tensor arguments;
 otherwise :class:`OutOfBoundsAccess` is raised naming the kernel, the program id and the offending offset.
 
+With ``masked_out_loads=True`` loads are checked at every lane, masked out or not: a kernel then passes
+only if its load addresses are in bounds even where the mask would have saved it (what a compiler that
+speculates or mis-predicates a load, e.g. a software-pipelined prologue, would still read). Stores are
+always checked at masked-in lanes only.
+
 With ``span=True`` the check is stricter: the element must lie between the first and last byte that the
 argument's own view covers (so a kernel reading ``q`` of a packed ``qkv`` tensor past its last row fails,
 even though that memory belongs to the same storage).
@@ -37,6 +42,7 @@ class MemcheckStats:
     accesses: int = 0
     elements_checked: int = 0
     kernels: dict = dataclasses.field(default_factory=dict)  # kernel name -> launch count
+    violations: list = dataclasses.field(default_factory=list)  # messages, with raise_errors=False
 
 
 @dataclasses.dataclass
@@ -132,16 +138,23 @@ def _check(ptrs, mask, what):
         grid_idx = tuple(interpreter_builder.grid_idx)
     except Exception:
         pass
-    raise OutOfBoundsAccess(
+    msg = (
         f"{launch.kernel}: out-of-bounds {what} of {bad.size} element(s) (itemsize {itemsize}) in program "
         f"{grid_idx}: first at byte offset {off} ({off / itemsize:+.1f} elements) from argument "
         f"'{best.name}' [{best.end - best.start} bytes]"
     )
+    if not getattr(_state, "raise_errors", True):
+        stats.violations.append(msg)
+        return
+    raise OutOfBoundsAccess(msg)
 
 
 @contextlib.contextmanager
-def triton_memcheck(span: bool = False):
-    """Context manager: bounds-check every masked-in load/store of interpreted Triton launches."""
+def triton_memcheck(span: bool = False, masked_out_loads: bool = False, raise_errors: bool = True):
+    """Context manager: bounds-check every masked-in load/store of interpreted Triton launches.
+
+    With ``raise_errors=False`` violations are only recorded in ``stats.violations`` (for surveys).
+    """
     from triton.runtime import interpreter as interp
 
     stats = MemcheckStats()
@@ -182,7 +195,9 @@ def triton_memcheck(span: bool = False):
         "create_load": guarded("create_load", orig["create_load"],
                                lambda ptr, *a: _check(ptr, None, "load")),
         "create_masked_load": guarded("create_masked_load", orig["create_masked_load"],
-                                      lambda ptrs, mask, *a: _check(ptrs, mask, "load")),
+                                      lambda ptrs, mask, *a: _check(ptrs, None if masked_out_loads else mask,
+                                                                    "load (any lane)" if masked_out_loads
+                                                                    else "load")),
         "create_store": guarded("create_store", orig["create_store"],
                                 lambda ptr, *a: _check(ptr, None, "store")),
         "create_masked_store": guarded("create_masked_store", orig["create_masked_store"],
@@ -196,6 +211,7 @@ def triton_memcheck(span: bool = False):
     executor_cls._restore_args_dev = restore_args_dev
     _state.stats = stats
     _state.launch = None
+    _state.raise_errors = raise_errors
     try:
         yield stats
     except Exception as e:
