@@ -1,5 +1,6 @@
 #!/bin/bash
-# One device call: end-to-end table, GPU tests, masked-token and attention benchmarks. Everything lands in $OUT.
+# One device call: end-to-end table, GPU tests, masked-token and attention benchmarks, a step profile of
+# ViT-H/14 at 476 px. Everything lands in $OUT (8 files at most come back from a device call).
 #   bash bench/run_gpu_suite.sh        (repo root)
 REPO=$(pwd)
 OUT=${OUT:-/tmp/gpu_suite}
@@ -10,18 +11,22 @@ cd /tmp
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv >"$OUT/gpu.txt" 2>&1
 python3 -m mae_fast.info >"$OUT/info.txt" 2>&1
 (MAE_FAST_BUILD_CUDA=1 python3 -m mae_fast.ops._cuda_masking) >"$OUT/cuda_build.log" 2>&1 &
-timeout ${E2E_S:-230} python3 "$REPO/bench/e2e.py" --compile --compile-only mae_vit_huge_patch14:476 \
+timeout ${E2E_S:-300} python3 "$REPO/bench/e2e.py" --compile --compile-only mae_vit_huge_patch14:476 \
   --steps 8 --warmup 3 --out "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
 echo "e2e rc=$?"
 wait
-timeout ${TESTS_S:-100} python3 -m pytest "$REPO/tests/test_masking_kernels.py" "$REPO/tests/test_attention_triton.py" \
+timeout ${TESTS_S:-90} python3 -m pytest "$REPO/tests/test_masking_kernels.py" "$REPO/tests/test_attention_triton.py" \
   "$REPO/tests/test_model.py" -q -n 8 -p no:cacheprovider >"$OUT/tests.log" 2>&1
 echo "tests rc=$?"
-timeout ${MASK_S:-70} python3 "$REPO/bench/bench_masking.py" --res 476,952 --out "$OUT/masking.json" >"$OUT/masking.log" 2>&1
+timeout ${MASK_S:-55} python3 "$REPO/bench/bench_masking.py" --res 476,952 --out "$OUT/masking.json" >"$OUT/masking.log" 2>&1
 echo "masking rc=$?"
-timeout ${ATTN_S:-60} python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 --out "$OUT/attention.json" >"$OUT/attention.log" 2>&1
+timeout ${ATTN_S:-45} python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 --out "$OUT/attention.json" >"$OUT/attention.log" 2>&1
 echo "attention rc=$?"
+timeout ${PROF_S:-55} python3 "$REPO/bench/profile_step.py" --model mae_vit_huge_patch14 --img-size 476 --batch 24 \
+  --out "$OUT/profile.json" >"$OUT/profile.log" 2>&1
+echo "profile rc=$?"
 grep -E "passed|failed" "$OUT/tests.log" | tail -3
 tail -25 "$OUT/e2e.log" | cut -c1-200
 grep -E "Copy bandwidth|^\| (patchify|gather|unshuffle|masked)" "$OUT/masking.log" | cut -c1-150 | head -20
 tail -15 "$OUT/attention.log" | cut -c1-160
+head -14 "$OUT/profile.log"

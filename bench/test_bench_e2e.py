@@ -31,3 +31,16 @@ def test_baseline_with_a_different_computation_is_refused():
         ref.decoder_pred.bias.add_(0.5)  # a baseline that no longer computes the same function
     with pytest.raises(RuntimeError, match="not the same computation"):
         e2e.check_same_loss({"mae_fast": ours, "reference": ref}, torch.device("cpu"))
+
+
+def test_profile_step_smoke():
+    import profile_step
+
+    res = profile_step.run("mae_vit_demo_patch8", 64, 2, torch.device("cpu"), 1, ["mae_fast", "reference"])
+    for impl in ("mae_fast", "reference"):
+        r = res["results"][impl]
+        assert r["total_ms"] > 0 and r["ms_per_step"].get("matmul", 0) > 0, r
+    assert profile_step.categorize("aten::addmm") == "matmul"
+    assert profile_step.categorize("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernel>") == "elementwise"
+    assert profile_step.categorize("flash_fwd_kernel") == "attention"
+    assert "| total |" in profile_step.table(res)
