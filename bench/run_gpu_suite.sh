@@ -30,3 +30,6 @@ tail -25 "$OUT/e2e.log" | cut -c1-200
 grep -E "Copy bandwidth|^\| (patchify|gather|unshuffle|masked)" "$OUT/masking.log" | cut -c1-150 | head -20
 tail -15 "$OUT/attention.log" | cut -c1-160
 head -14 "$OUT/profile.log"
+# a device call returns at most 8 files: keep the JSONs, pack the logs
+(cd "$OUT" && tar czf logs.tar.gz ./*.log ./*.txt && rm -f ./*.log ./*.txt)
+ls "$OUT"
