@@ -5,7 +5,6 @@ masked-in load/store of the attention and masking kernels must stay inside its a
 the CPU test configs and with the exact launch configs used on CUDA (``pick_config(..., cuda)``), and the
 outputs must match an fp64 reference (NaN-poisoned buffers, so unwritten elements fail).
 """
-import math
 import os
 import sys
 from pathlib import Path
