@@ -53,7 +53,9 @@ def _assert_close_as_torch(q, k, v, cu=None, scale=None, max_seqlen=None):
     low = _grads(lambda a, b, c: attention_reference(a, b, c, scale, cu, upcast=False), q, k, v, do, dtype)
     tri = _grads(lambda a, b, c: flash_attention(a, b, c, scale, cu, max_seqlen), q, k, v, do, dtype)
     for name, t, lo, r, mult in zip(("out", "dq", "dk", "dv"), tri, low, ref, (2, 3, 3, 3)):
-        floor = torch.finfo(dtype).eps * max(r.abs().max().item(), 1e-3)  # one ulp at the largest value
+        # one ulp at the largest value; fp32 gets 32: GPU exp2 is approximate (H100: 13 ulp seen at head dim 128)
+        ulps = 32 if dtype == torch.float32 else 1
+        floor = ulps * torch.finfo(dtype).eps * max(r.abs().max().item(), 1e-3)
         assert t.shape == r.shape and t.dtype == dtype
         assert torch.isfinite(t).all(), f"{name}: non-finite values"
         err = (t.double() - r).abs().max().item()
@@ -161,7 +163,9 @@ def test_random_shapes(head_dim, seqlen, batch, dtype):
 
 def test_bad_inputs_have_clear_errors():
     q = _rand(1, 8, 2, 32)
-    with pytest.raises(ValueError, match="shapes differ"):
+    with pytest.raises(ValueError, match="shapes do not match"):
+        attention(q, _rand(1, 9, 2, 32), _rand(1, 8, 2, 32), backend="triton")
+    with pytest.raises(NoBackendError, match="query length 8 differs from key length 9"):
         attention(q, _rand(1, 9, 2, 32), _rand(1, 9, 2, 32), backend="triton")
     big = _rand(1, 8, 2, 136)
     with pytest.raises(NoBackendError, match="head dim 136"):

@@ -147,6 +147,8 @@ def triton_attention_reasons(q, k, v, softmax_scale, cu_seqlens, max_seqlen) -> 
     elif q.is_cuda and not _verified_on_gpu(d, cu_seqlens is not None):
         out.append(f"head dim {d} {'packed' if cu_seqlens is not None else 'dense'} not verified on GPU "
                    f"(GPU tests failed on an H100; experimental: MAE_FAST_TRITON_UNVERIFIED=1 allows it)")
+    if q.shape != k.shape:
+        out.append(f"query length {q.shape[-3]} differs from key length {k.shape[-3]} (self-attention only)")
     if cu_seqlens is not None and cu_seqlens.device != q.device:
         out.append(f"cu_seqlens on {cu_seqlens.device} but q on {q.device}")
     return out
