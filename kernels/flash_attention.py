@@ -9,6 +9,16 @@ power-of-two chunk ``D0`` and a remainder chunk ``D1`` held in a register tile o
 the head dim are loaded through clamped offsets and zeroed; nothing is padded in memory, and sequence tails
 are masked in-kernel. (40 = 32 + 8 in a 32 tile computes as 64: 16-column tiles miscompile, see split_head_dim.)
 
+Environment switches (read once at import; diagnostics for the H100 illegal-memory-access hunt, all off
+by default; ``bench/triage_triton_attention.sh`` runs the GPU tests under each):
+
+- ``MAE_FAST_FA_SINGLE_TILE=1``: the head dim sits in ONE power-of-two tile (40 -> 64, 72/80/88/96 -> 128),
+  columns past it zeroed on load and masked on store: one dot per product, no 32-wide tail tile. Costs the
+  padding this design avoids; identical to the default for head dims 32/64/128.
+- ``MAE_FAST_FA_MAX_STAGES=n``: caps ``num_stages`` of every launch (1 = no software pipelining).
+- ``MAE_FAST_FA_CLAMP_ROWS=1``: clamps row offsets of every load, so no lane points outside its tensor.
+- ``MAE_FAST_FA_CLAMP_D=0``: column tails loaded with a column mask instead of clamped offsets + tl.where.
+
 Backward is deterministic: dK/dV are computed by one program per key block looping over query blocks,
 dQ by one program per query block looping over key blocks; no atomics.
 
@@ -45,6 +55,9 @@ __all__ = [
 CLAMP_D = tl.constexpr(os.environ.get("MAE_FAST_FA_CLAMP_D", "1") == "1")
 CLAMP_ROWS = tl.constexpr(os.environ.get("MAE_FAST_FA_CLAMP_ROWS", "0") == "1")
 MAX_STAGES = int(os.environ.get("MAE_FAST_FA_MAX_STAGES", "8"))
+# MAE_FAST_FA_SINGLE_TILE=1: one power-of-two head-dim tile (see split_head_dim); a plain bool, as only the
+# launchers read it (the kernels see D0 > HEAD_DIM, D1 = 0), so tests can monkeypatch it.
+SINGLE_TILE = os.environ.get("MAE_FAST_FA_SINGLE_TILE", "0") == "1"
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -78,9 +91,13 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
     No tile is narrower than 32 columns: on H100 with Triton 3.6, 16-column bf16 tiles feeding wgmma read
     past their shared-memory buffer (compute-sanitizer, 2026-11-22) and gave NaNs at head dim 80 (64 + 16).
     So 80 -> 64 + 32 (16 used), 88 -> 64 + 32 (24 used), 96 -> 64 + 32, 40 -> 32 + 32 (8 used).
+    With ``SINGLE_TILE`` (MAE_FAST_FA_SINGLE_TILE=1): (next power of two, 0), e.g. 80 -> (128, 0); the kernels
+    then mask the D0 tile's columns past the head dim.
     """
     if head_dim < 32 or head_dim % 8:
         raise ValueError(f"head dim {head_dim} unsupported: a multiple of 8 from 32 to {MAX_HEAD_DIM}")
+    if SINGLE_TILE:
+        return triton.next_power_of_2(head_dim), 0
     d0 = 1 << (head_dim.bit_length() - 1)
     rest = head_dim - d0
     if rest == 0:
@@ -153,10 +170,10 @@ def _store_rows(base, val, offs_rows, stride_row, offs_d, row_limit, D: tl.const
 @triton.jit
 def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kn, stride_vn, start_n, L, qk_scale,
                offs_n, offs_d0, offs_d1,
-               HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D1: tl.constexpr, MASK_N: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
+               MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     rows = start_n + offs_n
-    k0 = _load_rows(k_base, rows, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, False, 0.0)
+    k0 = _load_rows(k_base, rows, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
     qk = _mm(q0, tl.trans(k0), None, DOT_PREC)
     if D1 > 0:
         k1 = _load_rows(k_base, rows, stride_kn, offs_d1, L, HEAD_DIM, MASK_N, MASK_D1, 0.0)
@@ -168,7 +185,7 @@ def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kn, stride_v
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v0 = _load_rows(v_base, rows, stride_vn, offs_d0, L, HEAD_DIM, MASK_N, False, 0.0)
+    v0 = _load_rows(v_base, rows, stride_vn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
     p_in = p.to(v0.dtype)
     acc0 = _mm(p_in, v0, acc0 * alpha[:, None], DOT_PREC)
     if D1 > 0:
@@ -203,6 +220,7 @@ def _attn_fwd_kernel(
     k_base = K + b64 * stride_kb + s64 * stride_kn + h64 * stride_kh
     v_base = V + b64 * stride_vb + s64 * stride_vn + h64 * stride_vh
     o_base = O + b64 * stride_ob + s64 * stride_on + h64 * stride_oh
+    MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
     MASK_D1: tl.constexpr = D0 + D1 > HEAD_DIM
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -210,7 +228,7 @@ def _attn_fwd_kernel(
     offs_d0 = tl.arange(0, D0)
     offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 32)
 
-    q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, True, False, 0.0)
+    q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, True, MASK_D1, 0.0)
@@ -225,17 +243,17 @@ def _attn_fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base + start_n * stride_kn,
                                           v_base + start_n * stride_vn, stride_kn, stride_vn, 0, L - start_n,
-                                          qk_scale, offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D1, False,
-                                          DOT_PREC)
+                                          qk_scale, offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0,
+                                          MASK_D1, False, DOT_PREC)
     if n_full < L:
         acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base + n_full * stride_kn,
                                           v_base + n_full * stride_vn, stride_kn, stride_vn, 0, L - n_full,
-                                          qk_scale, offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D1, True,
-                                          DOT_PREC)
+                                          qk_scale, offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0,
+                                          MASK_D1, True, DOT_PREC)
 
     inv_l = 1.0 / l_i
     _store_rows(o_base, (acc0 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, stride_on, offs_d0, L,
-                HEAD_DIM, False)
+                HEAD_DIM, MASK_D0)
     if D1 > 0:
         _store_rows(o_base, (acc1 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, stride_on, offs_d1, L,
                     HEAD_DIM, MASK_D1)
@@ -282,11 +300,11 @@ def _bwd_delta_kernel(
 @triton.jit
 def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr,
                     stride_qn, stride_dn, L, qk_scale_log2, offs_m, offs_d0, offs_d1,
-                    HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D1: tl.constexpr, MASK_M: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
+                    MASK_M: tl.constexpr, DOT_PREC: tl.constexpr):
     # transposed formulation: rows are keys, columns are queries
-    q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, MASK_M, False, 0.0)
-    do0 = _load_rows(do_base, offs_m, stride_dn, offs_d0, L, HEAD_DIM, MASK_M, False, 0.0)
+    q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, MASK_M, MASK_D0, 0.0)
+    do0 = _load_rows(do_base, offs_m, stride_dn, offs_d0, L, HEAD_DIM, MASK_M, MASK_D0, 0.0)
     rows_m = _row_offsets(offs_m, L)
     if MASK_M:
         lse2 = tl.load(lse_ptr + rows_m, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
@@ -337,6 +355,7 @@ def _attn_bwd_dkdv_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     s64 = start.to(tl.int64)
+    MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
     MASK_D1: tl.constexpr = D0 + D1 > HEAD_DIM
     q_base = Q + b64 * stride_qb + s64 * stride_qn + h64 * stride_qh
     do_base = DO + b64 * stride_dob + s64 * stride_don + h64 * stride_doh
@@ -349,8 +368,8 @@ def _attn_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, D0)
     offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 32)
-    k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, L, HEAD_DIM, True, False, 0.0)
-    v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, L, HEAD_DIM, True, False, 0.0)
+    k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
+    v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if D1 > 0:
@@ -370,19 +389,19 @@ def _attn_bwd_dkdv_kernel(
                                              q_base + start_m * stride_qn, do_base + start_m * stride_don,
                                              lse_ptr + start_m, delta_ptr + start_m, stride_qn, stride_don,
                                              L - start_m, qk_scale_log2, offs_m, offs_d0, offs_d1,
-                                             HEAD_DIM, D1, MASK_D1, False, DOT_PREC)
+                                             HEAD_DIM, D1, MASK_D0, MASK_D1, False, DOT_PREC)
     if m_full < L:
         dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1,
                                              q_base + m_full * stride_qn, do_base + m_full * stride_don,
                                              lse_ptr + m_full, delta_ptr + m_full, stride_qn, stride_don,
                                              L - m_full, qk_scale_log2, offs_m, offs_d0, offs_d1,
-                                             HEAD_DIM, D1, MASK_D1, True, DOT_PREC)
+                                             HEAD_DIM, D1, MASK_D0, MASK_D1, True, DOT_PREC)
 
     dk_base = DK + b64 * stride_dkb + s64 * stride_dkn + h64 * stride_dkh
     dv_base = DV + b64 * stride_dvb + s64 * stride_dvn + h64 * stride_dvh
     _store_rows(dk_base, (dk0 * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, offs_d0, L,
-                HEAD_DIM, False)
-    _store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d0, L, HEAD_DIM, False)
+                HEAD_DIM, MASK_D0)
+    _store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d0, L, HEAD_DIM, MASK_D0)
     if D1 > 0:
         _store_rows(dk_base, (dk1 * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, offs_d1, L,
                     HEAD_DIM, MASK_D1)
@@ -392,10 +411,10 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, stride_kn, stride_vn, L,
                   qk_scale_log2, offs_n, offs_d0, offs_d1,
-                  HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D1: tl.constexpr, MASK_N: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-    k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, False, 0.0)
-    v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, L, HEAD_DIM, MASK_N, False, 0.0)
+                  HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
+                  MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
+    v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
     qk = _mm(q0, tl.trans(k0), None, DOT_PREC)
     dp = _mm(do0, tl.trans(v0), None, DOT_PREC)
     if D1 > 0:
@@ -436,6 +455,7 @@ def _attn_bwd_dq_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     s64 = start.to(tl.int64)
+    MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
     MASK_D1: tl.constexpr = D0 + D1 > HEAD_DIM
     q_base = Q + b64 * stride_qb + s64 * stride_qn + h64 * stride_qh
     do_base = DO + b64 * stride_dob + s64 * stride_don + h64 * stride_doh
@@ -446,8 +466,8 @@ def _attn_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
     offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 32)
-    q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, True, False, 0.0)
-    do0 = _load_rows(do_base, offs_m, stride_don, offs_d0, L, HEAD_DIM, True, False, 0.0)
+    q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
+    do0 = _load_rows(do_base, offs_m, stride_don, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, True, MASK_D1, 0.0)
@@ -465,15 +485,15 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base + start_n * stride_kn,
                                  v_base + start_n * stride_vn, stride_kn, stride_vn, L - start_n, qk_scale_log2,
-                                 offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D1, False, DOT_PREC)
+                                 offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0, MASK_D1, False, DOT_PREC)
     if n_full < L:
         dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base + n_full * stride_kn,
                                  v_base + n_full * stride_vn, stride_kn, stride_vn, L - n_full, qk_scale_log2,
-                                 offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D1, True, DOT_PREC)
+                                 offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0, MASK_D1, True, DOT_PREC)
 
     dq_base = DQ + b64 * stride_dqb + s64 * stride_dqn + h64 * stride_dqh
     _store_rows(dq_base, (dq0 * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d0, L,
-                HEAD_DIM, False)
+                HEAD_DIM, MASK_D0)
     if D1 > 0:
         _store_rows(dq_base, (dq1 * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d1, L,
                     HEAD_DIM, MASK_D1)
@@ -521,7 +541,7 @@ def pick_config(kind: str, head_dim: int, max_seqlen: int, dtype: torch.dtype, d
     if device.type != "cuda":
         blk = 16 if max_seqlen <= 16 else 32
         return dict(BLOCK_M=blk, BLOCK_N=blk, num_warps=4, num_stages=1)
-    cfg = dict(TUNED_CONFIGS[(kind, _bucket(head_dim))])
+    cfg = dict(TUNED_CONFIGS[(kind, _bucket(sum(split_head_dim(head_dim))))])  # by tile width computed
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: halve the larger block
         cfg["num_stages"] = min(cfg["num_stages"], 2)
         if kind == "dkdv":

@@ -159,6 +159,44 @@ def test_random_shapes(head_dim, seqlen, batch, dtype):
     _assert_close_as_torch(q, k, v)
 
 
+# ---- single-tile mode (MAE_FAST_FA_SINGLE_TILE=1) ---------------------------------------------------
+
+def test_split_head_dim_both_modes(monkeypatch):
+    fa = _kernels()
+    monkeypatch.setattr(fa, "SINGLE_TILE", False)
+    assert [fa.split_head_dim(d) for d in (32, 40, 72, 80, 96, 104, 128)] == [
+        (32, 0), (32, 32), (64, 32), (64, 32), (64, 32), (64, 64), (128, 0)]
+    monkeypatch.setattr(fa, "SINGLE_TILE", True)
+    assert [fa.split_head_dim(d) for d in (32, 40, 48, 72, 80, 88, 96, 104, 128)] == [
+        (32, 0), (64, 0), (64, 0), (128, 0), (128, 0), (128, 0), (128, 0), (128, 0), (128, 0)]
+
+
+SINGLE_TILE_FAST = [(40, 17, 2, 1, BF16), (88, 33, 2, 1, FP16), (72, 40, 1, 1, BF16), (96, 17, 1, 2, FP32)]
+
+
+@pytest.mark.parametrize("head_dim,seqlen,batch,heads,dtype", SINGLE_TILE_FAST)
+def test_single_tile_matches_reference(monkeypatch, head_dim, seqlen, batch, heads, dtype):
+    """One power-of-two tile with masked columns (a GPU diagnostic/fallback) gives the same accuracy."""
+    monkeypatch.setattr(_kernels(), "SINGLE_TILE", True)
+    q, k, v = (_rand(batch, seqlen, heads, head_dim, dtype=dtype) for _ in range(3))
+    _assert_close_as_torch(q, k, v)
+
+
+def test_single_tile_packed(monkeypatch):
+    monkeypatch.setattr(_kernels(), "SINGLE_TILE", True)
+    cu = torch.tensor([0, 5, 5, 38, 39], device=DEVICE, dtype=torch.int32)
+    q, k, v = (_rand(39, 2, 80) for _ in range(3))
+    _assert_close_as_torch(q, k, v, cu=cu, max_seqlen=33)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_dim,seqlen,batch,heads,dtype", CASES)
+def test_single_tile_all_cases(monkeypatch, head_dim, seqlen, batch, heads, dtype):
+    monkeypatch.setattr(_kernels(), "SINGLE_TILE", True)
+    q, k, v = (_rand(batch, seqlen, heads, head_dim, dtype=dtype) for _ in range(3))
+    _assert_close_as_torch(q, k, v)
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 def test_bad_inputs_have_clear_errors():

@@ -238,6 +238,21 @@ def test_clamped_rows_keep_every_load_lane_in_bounds(monkeypatch, device_configs
     _check_attention(128, (1, 67, 0), 3, 2, FP32, True, device_configs, with_dlse=True, masked_out_loads=True)
 
 
+@pytest.mark.parametrize("device_configs", [CPU, CUDA], ids=["cpu_configs", "cuda_configs"])
+def test_single_tile_in_bounds(monkeypatch, device_configs):
+    """MAE_FAST_FA_SINGLE_TILE=1 (head dim in one power-of-two tile, columns past it masked): every
+    masked-in access in bounds, same results; with clamped rows in bounds at every load lane too."""
+    import triton.language as tl
+
+    fa = _kernels()
+    monkeypatch.setattr(fa, "SINGLE_TILE", True)
+    assert fa.split_head_dim(40) == (64, 0) and fa.split_head_dim(96) == (128, 0)
+    _check_attention(40, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True)
+    _check_attention(96, (67,), 2, 2, FP32, False, device_configs)
+    monkeypatch.setattr(fa, "CLAMP_ROWS", tl.constexpr(True))
+    _check_attention(88, (130,), 1, 2, BF16, False, device_configs, masked_out_loads=True)
+
+
 def test_cases_cover_every_tuned_cuda_config():
     """The fast cases above launch every distinct CUDA config of every kernel at least once (bf16 and fp32)."""
     fa = _kernels()
@@ -271,6 +286,15 @@ def test_clamped_rows_sweep(monkeypatch, head_dim, seqlen):
     monkeypatch.setattr(_kernels(), "CLAMP_ROWS", tl.constexpr(True))
     _check_attention(head_dim, (seqlen, 0, max(1, seqlen // 3), 1), 4, 2, BF16, True, CUDA, with_dlse=True,
                      masked_out_loads=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_dim,seqlen", [(d, n) for d in (40, 48, 72, 80, 88, 96, 104) for n in (1, 17, 67, 130)])
+def test_single_tile_sweep(monkeypatch, head_dim, seqlen):
+    monkeypatch.setattr(_kernels(), "SINGLE_TILE", True)
+    for dtype in (BF16, FP32):
+        _check_attention(head_dim, (seqlen,), 2, 2, dtype, False, CUDA)
+    _check_attention(head_dim, (seqlen, 0, max(1, seqlen // 3), 1), 4, 2, BF16, True, CUDA, with_dlse=True)
 
 
 # ---- masking kernels ------------------------------------------------------------------------------
