@@ -528,3 +528,16 @@ def test_resume_with_another_schedule_warns(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"different steps \(3 -> 5\)"):
         res = pretrain(tiny(tmp_path, name="w", steps=5, resume="auto"))
     assert res["steps"] == 5
+
+
+def test_linprobe_with_lars_runs_and_bad_optimizer_errors(tmp_path):
+    from mae_fast.train import config as config_mod
+    from mae_fast.train.finetune import finetune
+
+    base = dict(mode="linprobe", output_dir=str(tmp_path), checkpoint=None, epochs=1, fraction=0.1, batch_size=16,
+                warmup_epochs=0, progress=False)
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        res = finetune(dict(base, linprobe_optimizer="lars"))
+    assert 0 <= res["top1"] <= 100
+    with pytest.raises(config_mod.ConfigError, match="lars or sgd"), pytest.warns(RuntimeWarning):
+        finetune(dict(base, name="bad", linprobe_optimizer="adam"))

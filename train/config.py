@@ -102,7 +102,9 @@ FINETUNE_KEYS: dict[str, tuple] = {
     "lr": _spec(None, "absolute learning rate (overrides base_lr)"),
     "min_lr": _spec(1e-6, "floor of the cosine schedule"),
     "warmup_epochs": _spec(5.0, "linear warmup epochs"),
-    "weight_decay": _spec(None, "null: 0.05 finetune (AdamW), 0.0 linprobe (SGD momentum 0.9)"),
+    "weight_decay": _spec(None, "null: 0.05 finetune (AdamW), 0.0 linprobe"),
+    "linprobe_optimizer": _spec("sgd", "linprobe optimizer: sgd (momentum 0.9) or lars (MAE's protocol, made for "
+                                       "batch 16384: at small batches its trust ratio barely moves the head)"),
     "layer_decay": _spec(0.75, "layer-wise lr decay for finetuning (1.0: off)"),
     "drop_path": _spec(0.1, "stochastic depth rate for finetuning"),
     "label_smoothing": _spec(0.1, "label smoothing for finetuning"),

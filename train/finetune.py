@@ -3,7 +3,8 @@
 * finetune: the whole encoder plus a linear head, AdamW with layer-wise lr decay, warmup + cosine,
   label smoothing, stochastic depth (the low-label protocol: ``fraction=0.02 epochs=50``).
 * linprobe: the encoder frozen; BatchNorm without affine parameters + a linear head on the cls token
-  or the mean-pooled patch tokens (as MAE's linear probe; SGD with momentum here instead of LARS).
+  or the mean-pooled patch tokens, trained with momentum SGD, or with LARS as MAE's linear probe
+  (``linprobe_optimizer=lars``, meant for MAE's batch of 16384).
 
 Encoder weights come from a mae_fast run directory or checkpoint, an official MAE ``.pth``
 (``{"model": state}``) or a timm export, through ``mae_fast.load_pretrained(encoder_only=True)``;
@@ -232,7 +233,14 @@ def finetune(config: dict | None = None, *, datasets=None) -> dict:
     wd = cfg["weight_decay"] if cfg["weight_decay"] is not None else (0.0 if linprobe else 0.05)
     if linprobe:
         groups = [{"params": list(model.head.parameters()), "weight_decay": wd, "lr_scale": 1.0}]
-        optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=0.9)
+        if cfg["linprobe_optimizer"] == "lars":  # MAE's linear probe protocol
+            from mae_fast.optim import LARS
+
+            optimizer = LARS(groups, lr=peak_lr, weight_decay=wd, momentum=0.9)
+        elif cfg["linprobe_optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=0.9, weight_decay=wd)
+        else:
+            raise config_mod.ConfigError(f"linprobe_optimizer must be lars or sgd, got {cfg['linprobe_optimizer']!r}")
         criterion = nn.CrossEntropyLoss()
     else:
         groups = layer_decay_groups(model, wd, cfg["layer_decay"])
