@@ -222,7 +222,7 @@ class MaskedAutoencoderViT(nn.Module):
         return x
 
     def _with_cls(self, x):
-        cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
     # -- forward paths ------------------------------------------------------------------------------
@@ -230,12 +230,13 @@ class MaskedAutoencoderViT(nn.Module):
         pixels = ops.patchify_gather(imgs, ids_keep, self.patch_size, check_ids=False)
         w = self.patch_embed.proj.weight
         x = F.linear(pixels, w.reshape(w.shape[0], -1), self.patch_embed.proj.bias)
-        x = x + F.embedding(ids_keep, self.pos_embed[0, 1:]).to(x.dtype)
+        # adding the parameter-dtype pos embed keeps the residual stream in fp32 under autocast, as official
+        x = x + F.embedding(ids_keep, self.pos_embed[0, 1:])
         x = self._run_blocks(self.blocks, self._with_cls(x))
         return self.norm(x)
 
     def forward_decoder(self, latent, ids_restore):
-        x = self.decoder_embed(latent)
+        x = self.decoder_embed(latent).to(self.mask_token.dtype)  # fp32 stream under autocast, as official
         x = ops.unshuffle_with_mask_token(x, ids_restore, self.mask_token, self.decoder_pos_embed,
                                           cls_token=True, check_ids=False)
         x = self.decoder_norm(self._run_blocks(self.decoder_blocks, x))
@@ -250,9 +251,9 @@ class MaskedAutoencoderViT(nn.Module):
         """
         x = self.decoder_embed(latent)
         Kc = x.shape[1]
-        pos = self.decoder_pos_embed[0].to(x.dtype)
+        pos = self.decoder_pos_embed[0]  # parameter dtype: an fp32 residual stream under autocast, as official
         visible = x + F.embedding(F.pad(ids_keep + 1, (1, 0)), pos)  # index 0: the cls row
-        masked = self.mask_token.to(x.dtype) + F.embedding(ids_masked + 1, pos)
+        masked = self.mask_token + F.embedding(ids_masked + 1, pos)
         x = torch.cat([visible, masked], dim=1)
         if len(self.decoder_blocks):
             x = self._run_blocks(self.decoder_blocks, x, last_first_query=Kc)
@@ -296,6 +297,6 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_features(self, imgs):
         """Encoder on every patch, no masking: (B, 1+L, D), cls first (timm's ``forward_features``)."""
         self._check_imgs(imgs)
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:].to(imgs.dtype)
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
         x = self._run_blocks(self.blocks, self._with_cls(x))
         return self.norm(x)
