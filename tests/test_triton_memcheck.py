@@ -238,10 +238,10 @@ def test_clamped_rows_keep_every_load_lane_in_bounds(monkeypatch, device_configs
     _check_attention(128, (1, 67, 0), 3, 2, FP32, True, device_configs, with_dlse=True, masked_out_loads=True)
 
 
-@pytest.mark.parametrize("device_configs", [CPU, CUDA], ids=["cpu_configs", "cuda_configs"])
-def test_single_tile_in_bounds(monkeypatch, device_configs):
+def test_single_tile_in_bounds(monkeypatch, device_configs=CUDA):
     """MAE_FAST_FA_SINGLE_TILE=1 (head dim in one power-of-two tile, columns past it masked): every
-    masked-in access in bounds, same results; with clamped rows in bounds at every load lane too."""
+    masked-in access in bounds with the CUDA launch configs, same results; with clamped rows in bounds at
+    every load lane too. (CPU configs: tests/test_attention_triton.py and the slow sweep below.)"""
     import triton.language as tl
 
     fa = _kernels()
@@ -294,6 +294,7 @@ def test_single_tile_sweep(monkeypatch, head_dim, seqlen):
     monkeypatch.setattr(_kernels(), "SINGLE_TILE", True)
     for dtype in (BF16, FP32):
         _check_attention(head_dim, (seqlen,), 2, 2, dtype, False, CUDA)
+    _check_attention(head_dim, (seqlen,), 2, 2, BF16, False, CPU)
     _check_attention(head_dim, (seqlen, 0, max(1, seqlen // 3), 1), 4, 2, BF16, True, CUDA, with_dlse=True)
 
 
