@@ -291,6 +291,12 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
         if ref_row is None or row.get("oom"):
             continue
         row["speedup_vs_reference"] = ref_row["step_ms_median"] / row["step_ms_median"]
+        # paired: the reference's step over this one's in the same round (robust to drift), median and IQR
+        pairs = [a / b for a, b in zip(ref_row.get("step_ms_all", []), row.get("step_ms_all", []))]
+        if len(pairs) >= 4:
+            q = statistics.quantiles(pairs, n=4)
+            row["speedup_vs_reference_paired"] = statistics.median(pairs)
+            row["speedup_vs_reference_paired_iqr"] = [q[0], q[2]]
         if row["peak_mem_gib"] and ref_row["peak_mem_gib"]:
             row["mem_vs_reference"] = row["peak_mem_gib"] / ref_row["peak_mem_gib"]
         if row.get("saved_act_gib") and ref_row.get("saved_act_gib"):
@@ -321,6 +327,9 @@ def table(result) -> str:
         act = f"{r['saved_act_gib']:.3f}" if r.get("saved_act_gib") else "-"
         iqr = f" ({r['step_ms_iqr']:.1f})" if r.get("step_ms_iqr") is not None else ""
         sp = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else ""
+        if "speedup_vs_reference_paired" in r and r["impl"] != "reference":
+            lo, hi = r["speedup_vs_reference_paired_iqr"]
+            sp += f" (paired {r['speedup_vs_reference_paired']:.3f}x, IQR {lo:.2f}-{hi:.2f})"
         mr = f"{r['mem_vs_reference']:.2f}" if "mem_vs_reference" in r else ""
         ar = f"{r['act_vs_reference']:.2f}" if "act_vs_reference" in r else ""
         lines.append(f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['compile']} | {r['impl']} | "
