@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mae_fast  # noqa: E402
+from mae_fast.memory import saved_tensor_bytes  # noqa: E402
 from mae_fast.models import mae_train_flops  # noqa: E402
 from reference_mae import ReferenceMAE  # noqa: E402
 
@@ -191,22 +192,12 @@ class Stepper:
         return (torch.cuda.max_memory_allocated() - base + own) / 2**30
 
     def saved_activation_gib(self) -> float:
-        """Bytes held for backward by one forward (unique storages, parameters excluded): the activation
-        memory, measurable on any device. Uses the eager model (compiled graphs save differently)."""
-        param_ptrs = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in param_ptrs:
-                seen[st.data_ptr()] = st.nbytes()
-            return t
-
+        """Bytes one forward keeps for backward (unique storages, parameters excluded): the activation memory,
+        measurable on any device. Uses the eager model (compiled graphs save differently)."""
         noise = torch.rand(self.batch, self.L, device=self.device)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.autocast():
-            loss = _loss(self.kind, self.model, self.imgs, noise)
-        del loss
-        return sum(seen.values()) / 2**30
+        with self.autocast():
+            _, nbytes = saved_tensor_bytes(lambda: _loss(self.kind, self.model, self.imgs, noise), [self.model])
+        return nbytes / 2**30
 
 
 def time_interleaved(steppers: dict, steps: int, warmup: int) -> dict:

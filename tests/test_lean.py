@@ -6,6 +6,7 @@ from timm.layers import Mlp
 
 import mae_fast
 from mae_fast import ops
+from mae_fast.memory import saved_tensor_bytes
 from mae_fast.ops.lean import layer_norm_linear_reference, layer_norm_mlp_reference
 
 
@@ -18,19 +19,18 @@ def _layers(D=40, hidden=72, out=56, dtype=torch.float64, seed=0):
 
 
 def _saved_bytes(fn, *modules):
-    """fn()'s output and the bytes it keeps for backward (unique storages, the modules' parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
-    seen = {}
+    return saved_tensor_bytes(fn, exclude=modules)
 
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
+def test_saved_tensor_bytes_counts_unique_storages():
+    x = torch.randn(6, 5, requires_grad=True)
+    lin = nn.Linear(5, 3)
+    y, n = saved_tensor_bytes(lambda: x.exp(), exclude=[lin])  # exp saves its output
+    assert n == 6 * 5 * 4
+    _, n = saved_tensor_bytes(lambda: lin(x), exclude=[lin])  # the input is saved, the weight excluded
+    assert n == 6 * 5 * 4
+    _, n = saved_tensor_bytes(lambda: x[:3].sin() + x[3:].sin())  # two views of one storage: counted once
+    assert n == 6 * 5 * 4
 
 
 def test_gradcheck_fp64():
