@@ -16,7 +16,7 @@ timeout ${E2E_S:-300} python3 "$REPO/bench/e2e.py" --compile --compile-only mae_
 echo "e2e rc=$?"
 wait
 timeout ${TESTS_S:-90} python3 -m pytest "$REPO/tests/test_masking_kernels.py" "$REPO/tests/test_attention_triton.py" \
-  "$REPO/tests/test_model.py" -q -n 8 -p no:cacheprovider >"$OUT/tests.log" 2>&1
+  "$REPO/tests/test_model.py" "$REPO/tests/test_lean.py" -q -n 8 -p no:cacheprovider >"$OUT/tests.log" 2>&1
 echo "tests rc=$?"
 timeout ${MASK_S:-55} python3 "$REPO/bench/bench_masking.py" --res 476,952 --out "$OUT/masking.json" >"$OUT/masking.log" 2>&1
 echo "masking rc=$?"

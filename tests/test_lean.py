@@ -45,9 +45,11 @@ def test_gradcheck_fp64():
 
 
 @pytest.mark.parametrize("which", ["linear", "mlp"])
-def test_bf16_autocast_matches_eager_and_saves_less(which):
-    norm, lin, mlp = _layers(dtype=torch.float32)
-    x = torch.randn(3, 17, 40, requires_grad=True)  # fp32 residual stream, as under autocast
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_bf16_autocast_matches_eager_and_saves_less(which, device):
+    norm, lin, mlp = (m.to(device) for m in _layers(dtype=torch.float32))
+    x = torch.randn(3, 17, 40, device=device, requires_grad=True)  # fp32 residual stream, as under autocast
     if which == "linear":
         lean = lambda x: ops.layer_norm_linear(x, norm, lin)  # noqa: E731
         eager = lambda x: lin(norm(x))  # noqa: E731
@@ -56,10 +58,10 @@ def test_bf16_autocast_matches_eager_and_saves_less(which):
         lean = lambda x: ops.layer_norm_mlp(x, norm, mlp.fc1, mlp.fc2)  # noqa: E731
         eager = lambda x: mlp(norm(x))  # noqa: E731
         params = [*norm.parameters(), mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
-    g = torch.randn(3, 17, lin.out_features if which == "linear" else 40)
+    g = torch.randn(3, 17, lin.out_features if which == "linear" else 40, device=device)
 
     def run(fn, dtype):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             y, nbytes = _saved_bytes(lambda: fn(x), norm, lin, mlp)
         grads = torch.autograd.grad(y, [x, *params], g.to(y.dtype))
         return y, grads, nbytes

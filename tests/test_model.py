@@ -251,12 +251,14 @@ print('one graph')
     assert res.returncode == 0 and "one graph" in res.stdout, res.stderr[-3000:]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("masked_only,lean", [(False, False), (True, False), (True, True)])
-def test_residual_stream_dtype_under_autocast_is_the_officials(masked_only, lean):
+def test_residual_stream_dtype_under_autocast_is_the_officials(masked_only, lean, device):
     """Under bf16 autocast the official model's residual stream stays fp32 (bf16 patch embedding + fp32 pos
     embed); mae_fast must not run it in bf16, which would change the numbers of deep models."""
     ref, ours = _pair(True)
-    ref, ours = ref.float(), ours.float()
+    ref, ours = ref.float().to(device), ours.float().to(device)
     ours.set_lean_activations(lean)
     seen = {}
 
@@ -266,8 +268,8 @@ def test_residual_stream_dtype_under_autocast_is_the_officials(masked_only, lean
     for name, model in (("ref", ref), ("ours", ours)):
         model.blocks[0].register_forward_pre_hook(hook(f"{name}.enc"))
         model.decoder_blocks[-1].register_forward_pre_hook(hook(f"{name}.dec"))
-    imgs, noise = torch.randn(2, 3, 48, 48), torch.rand(2, 36)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    imgs, noise = torch.randn(2, 3, 48, 48, device=device), torch.rand(2, 36, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         loss_r = ref(imgs, 0.75, noise)[0]
         out = ours(imgs, 0.75, noise, masked_only=masked_only)
     assert seen["ref.enc"] == seen["ours.enc"] == [torch.float32]
