@@ -225,7 +225,8 @@ def model_num_patches(model):
     return model.patch_embed.num_patches
 
 
-def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_only=None, impls=None):
+def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_only=None, impls=None, out=None):
+    """Time every configuration; with ``out``, the JSON is rewritten after each one (a time limit keeps the rest)."""
     peak_rate = measured_matmul_flops(device)
     rows = []
     for name, img_size, batch in configs:
@@ -273,9 +274,22 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
                 print(_fmt(rows[-1]), flush=True)
             del steppers
         del ours, lean, ref, models
+        if out:
+            _write(out, _result(device, peak_rate, rows))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for row in rows:  # ratios against the reference, measured side by side in this run
+    return _result(device, peak_rate, rows)
+
+
+def _result(device, peak_rate, rows) -> dict:
+    add_ratios(rows)
+    return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                matmul_flops=peak_rate, rows=rows)
+
+
+def add_ratios(rows) -> None:
+    """Ratios against the reference of the same model, size and compile mode, measured side by side."""
+    for row in rows:
         ref_row = next((r for r in rows if r["impl"] == "reference" and r["model"] == row["model"]
                         and r["img_size"] == row["img_size"] and r["compile"] == row["compile"]
                         and not r.get("oom")), None)
@@ -292,8 +306,6 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
             row["mem_vs_reference"] = row["peak_mem_gib"] / ref_row["peak_mem_gib"]
         if row.get("saved_act_gib") and ref_row.get("saved_act_gib"):
             row["act_vs_reference"] = row["saved_act_gib"] / ref_row["saved_act_gib"]
-    return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                matmul_flops=peak_rate, rows=rows)
 
 
 def _fmt(r):
@@ -350,12 +362,19 @@ def main(argv=None):
     warmup = args.warmup or (2 if device.type == "cpu" else 3)
     result = run(configs, device, steps, warmup, [False, True] if args.compile else [False], with_hf=not args.no_hf,
                  compile_only=set(args.compile_only.split(",")) if args.compile_only else None,
-                 impls=set(args.impls.split(",")) if args.impls else None)
+                 impls=set(args.impls.split(",")) if args.impls else None, out=args.out)
     print("\n" + table(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        _write(args.out, result)
     return result
+
+
+def _write(path, result) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(p)  # atomic: a reader or a kill never sees half a file
 
 
 if __name__ == "__main__":

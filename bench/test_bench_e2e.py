@@ -10,9 +10,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
 
 
-def test_e2e_smoke_rows_and_same_loss():
+def test_e2e_smoke_rows_and_same_loss(tmp_path):
+    out = tmp_path / "e2e.json"
     result = e2e.run([("mae_vit_demo_patch8", 64, 2)], torch.device("cpu"), steps=2, warmup=1,
-                     compile_modes=[False])
+                     compile_modes=[False], out=out)
+    import json
+
+    assert json.loads(out.read_text())["rows"] == result["rows"]  # written as each configuration finishes
     rows = {r["impl"]: r for r in result["rows"]}
     assert {"mae_fast", "mae_fast_lean", "reference"} <= set(rows)
     for impl, row in rows.items():
