@@ -70,6 +70,22 @@ def build_pair(name: str, img_size: int, device: torch.device):
     return ours.to(device), ref.to(device)
 
 
+def build_models(name: str, img_size: int, device, with_hf: bool = True) -> dict:
+    """mae_fast, mae_fast with lean activations, the reference and (when installed) HF ViTMAE, same weights."""
+    ours, ref = build_pair(name, img_size, device)
+    lean = copy.deepcopy(ours)
+    lean.set_lean_activations(True)
+    models = {"mae_fast": ours, "mae_fast_lean": lean, "reference": ref}
+    try:
+        hf = hf_vitmae(ours, device) if with_hf else None
+    except Exception as e:  # noqa: BLE001 - a baseline we cannot build is reported, not fatal
+        print(f"HF ViTMAE skipped: {type(e).__name__}: {e}", flush=True)
+        hf = None
+    if hf is not None:
+        models["hf_vitmae"] = hf
+    return models
+
+
 def hf_vitmae(ours, device):
     """Hugging Face ViTMAEForPreTraining with SDPA and the same weights, or None when not installed."""
     try:
@@ -230,17 +246,8 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
     peak_rate = measured_matmul_flops(device)
     rows = []
     for name, img_size, batch in configs:
-        ours, ref = build_pair(name, img_size, device)
-        lean = copy.deepcopy(ours)
-        lean.set_lean_activations(True)
-        models = {"mae_fast": ours, "mae_fast_lean": lean, "reference": ref}
-        try:
-            hf = hf_vitmae(ours, device) if with_hf else None
-        except Exception as e:  # noqa: BLE001 - a baseline we cannot build is reported, not fatal
-            print(f"HF ViTMAE skipped: {type(e).__name__}: {e}", flush=True)
-            hf = None
-        if hf is not None:
-            models["hf_vitmae"] = hf
+        models = build_models(name, img_size, device, with_hf)
+        ours = models["mae_fast"]
         diffs = check_same_loss(models, device)
         flops = mae_train_flops(ours, 0.75) * batch
         for compile_ in compile_modes:
@@ -273,7 +280,7 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
                                  mfu=flops / med / peak_rate, loss_diff_vs_mae_fast=diffs.get(kind, 0.0)))
                 print(_fmt(rows[-1]), flush=True)
             del steppers
-        del ours, lean, ref, models
+        del ours, models
         if out:
             _write(out, _result(device, peak_rate, rows))
         if device.type == "cuda":

@@ -66,14 +66,7 @@ def profile_impl(stepper, steps: int, device: torch.device, trace: str | None = 
 
 
 def run(name: str, img_size: int, batch: int, device: torch.device, steps: int, impls, trace_dir=None) -> dict:
-    ours, ref = e2e.build_pair(name, img_size, device)
-    models = {"mae_fast": ours, "reference": ref}
-    if "mae_fast_lean" in impls:
-        import copy
-
-        lean = copy.deepcopy(ours)
-        lean.set_lean_activations(True)
-        models["mae_fast_lean"] = lean
+    models = e2e.build_models(name, img_size, device, with_hf="hf_vitmae" in impls)
     e2e.check_same_loss(models, device)
     out = {}
     for kind in impls:

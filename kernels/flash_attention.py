@@ -128,6 +128,20 @@ def _seq_bounds(CU_SEQLENS, b, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _program_sequence(CU_SEQLENS, pid_bh, num_heads, seqlen, VARLEN: tl.constexpr):
+    """(batch, head, first row) as int64 offsets and the sequence length of this program's (batch, head)."""
+    b = pid_bh // num_heads
+    start, L = _seq_bounds(CU_SEQLENS, b, seqlen, VARLEN)
+    return b.to(tl.int64), (pid_bh % num_heads).to(tl.int64), start.to(tl.int64), L
+
+
+@triton.jit
+def _at(PTR, b64, s64, h64, stride_b, stride_n, stride_h):
+    """Pointer to row 0 of this program's sequence and head (int64 offsets: no overflow on large tensors)."""
+    return PTR + b64 * stride_b + s64 * stride_n + h64 * stride_h
+
+
+@triton.jit
 def _row_offsets(offs_rows, row_limit):
     # rows past the limit point at the last real row (row_limit >= 1 wherever a kernel loads)
     if CLAMP_ROWS:
@@ -207,19 +221,13 @@ def _attn_fwd_kernel(
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    start, L = _seq_bounds(CU_SEQLENS, b, seqlen, VARLEN)
+    b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
     if pid_m * BLOCK_M >= L:
         return
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    s64 = start.to(tl.int64)
-    q_base = Q + b64 * stride_qb + s64 * stride_qn + h64 * stride_qh
-    k_base = K + b64 * stride_kb + s64 * stride_kn + h64 * stride_kh
-    v_base = V + b64 * stride_vb + s64 * stride_vn + h64 * stride_vh
-    o_base = O + b64 * stride_ob + s64 * stride_on + h64 * stride_oh
+    q_base = _at(Q, b64, s64, h64, stride_qb, stride_qn, stride_qh)
+    k_base = _at(K, b64, s64, h64, stride_kb, stride_kn, stride_kh)
+    v_base = _at(V, b64, s64, h64, stride_vb, stride_vn, stride_vh)
+    o_base = _at(O, b64, s64, h64, stride_ob, stride_on, stride_oh)
     MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
     MASK_D1: tl.constexpr = D0 + D1 > HEAD_DIM
 
@@ -274,20 +282,14 @@ def _bwd_delta_kernel(
 ):
     # delta_i = sum_d o_id * do_id (minus dLSE_i when the LSE itself receives a gradient)
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    start, L = _seq_bounds(CU_SEQLENS, b, seqlen, VARLEN)
+    b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
     if pid_m * BLOCK_M >= L:
         return
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    s64 = start.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_TILE)
-    o = _load_rows(O + b64 * stride_ob + s64 * stride_on + h64 * stride_oh, offs_m, stride_on, offs_d, L,
+    o = _load_rows(_at(O, b64, s64, h64, stride_ob, stride_on, stride_oh), offs_m, stride_on, offs_d, L,
                    HEAD_DIM, True, D_TILE > HEAD_DIM, 0.0)
-    do = _load_rows(DO + b64 * stride_db + s64 * stride_dn + h64 * stride_dh, offs_m, stride_dn, offs_d, L,
+    do = _load_rows(_at(DO, b64, s64, h64, stride_db, stride_dn, stride_dh), offs_m, stride_dn, offs_d, L,
                     HEAD_DIM, True, D_TILE > HEAD_DIM, 0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse_off = b64 * stride_lb + h64 * stride_lh + s64 + offs_m
@@ -346,23 +348,17 @@ def _attn_bwd_dkdv_kernel(
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    start, L = _seq_bounds(CU_SEQLENS, b, seqlen, VARLEN)
+    b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
     if pid_n * BLOCK_N >= L:
         return
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    s64 = start.to(tl.int64)
     MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
     MASK_D1: tl.constexpr = D0 + D1 > HEAD_DIM
-    q_base = Q + b64 * stride_qb + s64 * stride_qn + h64 * stride_qh
-    do_base = DO + b64 * stride_dob + s64 * stride_don + h64 * stride_doh
-    k_base = K + b64 * stride_kb + s64 * stride_kn + h64 * stride_kh
-    v_base = V + b64 * stride_vb + s64 * stride_vn + h64 * stride_vh
-    lse_ptr = LSE + b64 * stride_lb + h64 * stride_lh + s64
-    delta_ptr = DELTA + b64 * stride_lb + h64 * stride_lh + s64
+    q_base = _at(Q, b64, s64, h64, stride_qb, stride_qn, stride_qh)
+    do_base = _at(DO, b64, s64, h64, stride_dob, stride_don, stride_doh)
+    k_base = _at(K, b64, s64, h64, stride_kb, stride_kn, stride_kh)
+    v_base = _at(V, b64, s64, h64, stride_vb, stride_vn, stride_vh)
+    lse_ptr = _at(LSE, b64, s64, h64, stride_lb, 1, stride_lh)
+    delta_ptr = _at(DELTA, b64, s64, h64, stride_lb, 1, stride_lh)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -397,8 +393,8 @@ def _attn_bwd_dkdv_kernel(
                                              L - m_full, qk_scale_log2, offs_m, offs_d0, offs_d1,
                                              HEAD_DIM, D1, MASK_D0, MASK_D1, True, DOT_PREC)
 
-    dk_base = DK + b64 * stride_dkb + s64 * stride_dkn + h64 * stride_dkh
-    dv_base = DV + b64 * stride_dvb + s64 * stride_dvn + h64 * stride_dvh
+    dk_base = _at(DK, b64, s64, h64, stride_dkb, stride_dkn, stride_dkh)
+    dv_base = _at(DV, b64, s64, h64, stride_dvb, stride_dvn, stride_dvh)
     _store_rows(dk_base, (dk0 * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, offs_d0, L,
                 HEAD_DIM, MASK_D0)
     _store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d0, L, HEAD_DIM, MASK_D0)
@@ -446,21 +442,15 @@ def _attn_bwd_dq_kernel(
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    start, L = _seq_bounds(CU_SEQLENS, b, seqlen, VARLEN)
+    b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
     if pid_m * BLOCK_M >= L:
         return
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    s64 = start.to(tl.int64)
     MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
     MASK_D1: tl.constexpr = D0 + D1 > HEAD_DIM
-    q_base = Q + b64 * stride_qb + s64 * stride_qn + h64 * stride_qh
-    do_base = DO + b64 * stride_dob + s64 * stride_don + h64 * stride_doh
-    k_base = K + b64 * stride_kb + s64 * stride_kn + h64 * stride_kh
-    v_base = V + b64 * stride_vb + s64 * stride_vn + h64 * stride_vh
+    q_base = _at(Q, b64, s64, h64, stride_qb, stride_qn, stride_qh)
+    do_base = _at(DO, b64, s64, h64, stride_dob, stride_don, stride_doh)
+    k_base = _at(K, b64, s64, h64, stride_kb, stride_kn, stride_kh)
+    v_base = _at(V, b64, s64, h64, stride_vb, stride_vn, stride_vh)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -491,7 +481,7 @@ def _attn_bwd_dq_kernel(
                                  v_base + n_full * stride_vn, stride_kn, stride_vn, L - n_full, qk_scale_log2,
                                  offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0, MASK_D1, True, DOT_PREC)
 
-    dq_base = DQ + b64 * stride_dqb + s64 * stride_dqn + h64 * stride_dqh
+    dq_base = _at(DQ, b64, s64, h64, stride_dqb, stride_dqn, stride_dqh)
     _store_rows(dq_base, (dq0 * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d0, L,
                 HEAD_DIM, MASK_D0)
     if D1 > 0:

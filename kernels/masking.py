@@ -157,15 +157,21 @@ def _normalised_target_and_pred(pred_ptr, imgs_ptr, rows, active, L, grid_w, H, 
 
 
 @triton.jit
+def _loss_rows(mask_ptr, total_rows, BLOCK_R: tl.constexpr):
+    """This program's rows of (B*L), which exist, their mask values, and which are removed patches."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < total_rows
+    m = tl.load(mask_ptr + rows, mask=row_ok, other=0.0)
+    return rows, row_ok, m, row_ok & (m != 0)
+
+
+@triton.jit
 def masked_patch_mse_fwd_kernel(
     pred_ptr, imgs_ptr, mask_ptr, row_loss_ptr, total_rows, L, grid_w, H, W, P, inv_P, inv_P_minus_1,
     C: tl.constexpr, PATCH: tl.constexpr, NORM_PIX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """row_loss[b*L + l] = mask[b, l] * mean_j (pred - target)^2; rows with mask 0 read nothing."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < total_rows
-    m = tl.load(mask_ptr + rows, mask=row_ok, other=0.0)
-    active = row_ok & (m != 0)
+    rows, row_ok, m, active = _loss_rows(mask_ptr, total_rows, BLOCK_R)
     err, e, e_ok = _normalised_target_and_pred(pred_ptr, imgs_ptr, rows, active, L, grid_w, H, W, P, inv_P,
                                                inv_P_minus_1, C, PATCH, NORM_PIX, BLOCK_P)
     loss = _row_sum(err * err, 1) * inv_P * m
@@ -179,10 +185,7 @@ def masked_patch_mse_bwd_kernel(
     C: tl.constexpr, PATCH: tl.constexpr, NORM_PIX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """grad_pred = scale * mask * (pred - target); scale = 2 * dloss / (P * sum(mask)). Kept rows get 0."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < total_rows
-    m = tl.load(mask_ptr + rows, mask=row_ok, other=0.0)
-    active = row_ok & (m != 0)
+    rows, row_ok, m, active = _loss_rows(mask_ptr, total_rows, BLOCK_R)
     err, e, e_ok = _normalised_target_and_pred(pred_ptr, imgs_ptr, rows, active, L, grid_w, H, W, P, inv_P,
                                                inv_P_minus_1, C, PATCH, NORM_PIX, BLOCK_P)
     scale = tl.load(scale_ptr)

@@ -113,7 +113,6 @@ class MaskedAutoencoderViT(nn.Module):
         self.mlp_ratio = mlp_ratio
         self.decoder_embed_dim, self.decoder_depth = decoder_embed_dim, decoder_depth
         self.grad_checkpointing = False
-        self.lean_activations = False
 
         self.patch_embed = PatchEmbed(self.grid_size, patch_size, in_chans, embed_dim)
         L = self.patch_embed.num_patches
@@ -167,7 +166,6 @@ class MaskedAutoencoderViT(nn.Module):
             if enable and not plain:
                 raise ValueError("lean activations need the plain Linear-GELU-Linear MLP")
             blk.lean = enable
-        self.lean_activations = enable
 
     @property
     def num_patches(self) -> int:
@@ -193,6 +191,10 @@ class MaskedAutoencoderViT(nn.Module):
 
     def random_masking_ids(self, batch: int, mask_ratio: float, noise=None, device=None):
         """The official ``argsort(noise)`` masking: returns ids_keep (B, K), ids_restore (B, L), mask (B, L)."""
+        return self._masking(batch, mask_ratio, noise, device)[1:]
+
+    def _masking(self, batch, mask_ratio, noise, device):
+        """(ids_shuffle, ids_keep, ids_restore, mask); ids_shuffle[:, K:] are the removed patches."""
         L = self.num_patches
         if not 0.0 <= float(mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
@@ -209,7 +211,7 @@ class MaskedAutoencoderViT(nn.Module):
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]
         mask = (ids_restore >= len_keep).to(torch.float32)
-        return ids_keep, ids_restore, mask
+        return ids_shuffle, ids_keep, ids_restore, mask
 
     def _run_blocks(self, blocks, x, last_first_query: int = 0):
         """Run ``blocks``; the last one returns only rows ``last_first_query:``."""
@@ -283,10 +285,10 @@ class MaskedAutoencoderViT(nn.Module):
         order of ``ids_masked``, and skips the decoder work on visible rows that the loss never reads.
         """
         self._check_imgs(imgs)
-        ids_keep, ids_restore, mask = self.random_masking_ids(imgs.shape[0], mask_ratio, noise, imgs.device)
+        ids_shuffle, ids_keep, ids_restore, mask = self._masking(imgs.shape[0], mask_ratio, noise, imgs.device)
         latent = self.forward_encoder(imgs, ids_keep)
         if masked_only:
-            ids_masked = torch.argsort(ids_restore, dim=1)[:, ids_keep.shape[1]:]
+            ids_masked = ids_shuffle[:, ids_keep.shape[1]:]
             pred = self.forward_decoder_masked(latent, ids_keep, ids_masked)
             loss = self.forward_loss_masked(imgs, pred, ids_masked)
             return MAEOutput(loss, pred, mask, ids_restore, latent, ids_masked)

@@ -29,7 +29,7 @@ def layer_norm_mlp_reference(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bia
 
 # ---- shared pieces ------------------------------------------------------------------------------
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The autocast dtype when autocast is on for x's device (what eager matmuls would use), else None."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
@@ -81,7 +81,7 @@ def _param_grad(g, p):
 class _LayerNormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias):
-        amp = _compute_dtype(x, weight)
+        amp = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             normed, mean, rstd = _norm(x, norm_weight, norm_bias, eps, amp)
             y = F.linear(_cast(normed, amp), _cast(weight, amp), _cast(bias, amp))
@@ -108,7 +108,7 @@ class _LayerNormLinear(torch.autograd.Function):
 class _LayerNormMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
-        amp = _compute_dtype(x, fc1_weight)
+        amp = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             normed, mean, rstd = _norm(x, norm_weight, norm_bias, eps, amp)
             h = F.linear(_cast(normed, amp), _cast(fc1_weight, amp), _cast(fc1_bias, amp))
