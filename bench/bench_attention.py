@@ -282,10 +282,18 @@ def run_tune(args, device, dtype, deadline):
     return out
 
 
-def best_configs(tune_results) -> dict:
-    """Per (kind, head-dim bucket): the config with the best geometric-mean slowdown over the tuned shapes."""
+def best_configs(tune_results, allowed=None) -> dict:
+    """Per (kind, head-dim bucket): the config with the best geometric-mean slowdown over the tuned shapes.
+
+    ``allowed`` (optional): (kind, bucket) -> set of (BLOCK_M, BLOCK_N, num_warps, num_stages) to choose from,
+    e.g. the spill-free ones of ``compile_report.spill_free``; a bucket left with none keeps no entry.
+    """
     from mae_fast.kernels.flash_attention import _bucket
 
+    if allowed is not None:
+        keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+        tune_results = [r for r in tune_results
+                        if tuple(r["config"][k] for k in keys) in allowed.get((r["kind"], _bucket(r["head_dim"])), ())]
     fastest = {}
     for r in tune_results:
         key = (r["kind"], r["head_dim"], r["seqlen"])
@@ -426,12 +434,27 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop tuning after this long")
     ap.add_argument("--only-head-dim", type=int, nargs="*")
     ap.add_argument("--tuned-configs", help="a --tune JSON whose best configs replace the built-in ones")
+    ap.add_argument("--spill-free", metavar="COMPILE_JSON",
+                    help="with --tuned-configs or --pick-configs: choose only among configs that spilled no "
+                         "register in this bench/compile_report.py JSON (--search)")
+    ap.add_argument("--pick-configs", metavar="TUNE_JSON",
+                    help="print the best configs of a --tune JSON (no GPU needed) and exit")
     ap.add_argument("--write-prefs", nargs="+", metavar="RESULTS_JSON")
     ap.add_argument("--prefs-dest", default=str(Path(__file__).resolve().parents[1] / "mae_fast/ops/attention_prefs.json"))
     args = ap.parse_args(argv)
     if args.write_prefs:
         write_prefs(args.write_prefs, args.prefs_dest)
         print(f"wrote {args.prefs_dest}")
+        return 0
+    allowed = None
+    if args.spill_free:
+        from compile_report import spill_free
+
+        allowed = spill_free(json.loads(Path(args.spill_free).read_text())["rows"])
+    if args.pick_configs:
+        chosen = best_configs(json.loads(Path(args.pick_configs).read_text())["tune"], allowed)
+        for (kind, bucket), cfg in sorted(chosen.items()):
+            print(f'    ("{kind}", {bucket}): dict({", ".join(f"{k}={v}" for k, v in cfg.items())}),')
         return 0
     if args.smoke:
         return smoke()
@@ -450,7 +473,7 @@ def main(argv=None):
     if args.tuned_configs:
         from mae_fast.kernels import flash_attention as fa
 
-        chosen = best_configs(json.loads(Path(args.tuned_configs).read_text())["tune"])
+        chosen = best_configs(json.loads(Path(args.tuned_configs).read_text())["tune"], allowed)
         fa.TUNED_CONFIGS.update(chosen)
         meta["configs"] = {f"{k}/{b}": c for (k, b), c in sorted(fa.TUNED_CONFIGS.items())}
         print("configs:", meta["configs"], flush=True)

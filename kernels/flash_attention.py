@@ -3,11 +3,15 @@
 Layout as ``flash_attn_func``: q/k/v (batch, seqlen, heads, head_dim), or packed (total, heads, head_dim)
 with ``cu_seqlens`` (sequences never attend across). Any last-dim-contiguous strides are accepted.
 
-Head dims that are not a power of two are NOT padded to the next one: the head dim is split into a
-power-of-two chunk ``D0`` and a remainder chunk ``D1`` held in a register tile of at least 32 columns
-(80 = 64 + 16 in a 32 tile, 88 = 64 + 24, 96 = 64 + 32), so 80/88/96 compute as 96 (not 128). Columns past
-the head dim are loaded through clamped offsets and zeroed; nothing is padded in memory, and sequence tails
-are masked in-kernel. (40 = 32 + 8 in a 32 tile computes as 64: 16-column tiles miscompile, see split_head_dim.)
+Head dims that are not a power of two are NOT padded to the next one: the head dim is covered by a
+power-of-two tile ``D0`` over its first columns and a tail tile ``D1`` (at least 32 wide) over its LAST
+columns, so 80/88/96 compute as 64 + 32 = 96 (not 128) and 40 as 32 + 32. Where the two tiles overlap
+(88: columns 56-63) the shared columns are zeroed in one operand of each product, which is loaded once per
+program, and the tail tile does not store them. So every load reads real columns only, unmasked and
+contiguous: no padding in memory, no column masks in the inner loops, and the loads stay vectorised and
+pipelined. Sequence tails are masked in-kernel. Strides that are 16-byte multiples but not 16-element ones
+(a head dim of 88 or 72 in bf16) are passed to the compiler as aligned (``_stride_alignment``), or it would
+fall back to unpipelined scalar loads.
 
 Environment switches (read once at import; diagnostics for the H100 illegal-memory-access hunt, all off
 by default; ``bench/triage_triton_attention.sh`` runs the GPU tests under each):
@@ -17,7 +21,8 @@ by default; ``bench/triage_triton_attention.sh`` runs the GPU tests under each):
   padding this design avoids; identical to the default for head dims 32/64/128.
 - ``MAE_FAST_FA_MAX_STAGES=n``: caps ``num_stages`` of every launch (1 = no software pipelining).
 - ``MAE_FAST_FA_CLAMP_ROWS=1``: clamps row offsets of every load, so no lane points outside its tensor.
-- ``MAE_FAST_FA_CLAMP_D=0``: column tails loaded with a column mask instead of clamped offsets + tl.where.
+- ``MAE_FAST_FA_CLAMP_D=0``: column tails of a masked tile (single-tile mode, delta kernel) loaded with a
+  column mask instead of clamped offsets + tl.where.
 
 Backward is deterministic: dK/dV are computed by one program per key block looping over query blocks,
 dQ by one program per query block looping over key blocks; no atomics.
@@ -43,10 +48,10 @@ __all__ = [
     "TUNED_CONFIGS",
 ]
 
-# A head-dim tail narrower than its register tile (40 = 32 + 8 in a 16 tile, 88 = 64 + 24 in a 32 tile) is
-# loaded through clamped column offsets and zeroed with tl.where, not with a column-masked load: on H100 with
-# Triton 3.6 the masked version made the wgmma read past its shared-memory buffer (compute-sanitizer:
-# "Invalid __shared__ read of size 512" in _attn_fwd_kernel, 2026-11-22). MAE_FAST_FA_CLAMP_D=0 restores it.
+# A tile wider than the columns left (single-tile mode; the delta kernel) is loaded through clamped column
+# offsets and zeroed with tl.where, not with a column-masked load: on H100 with Triton 3.6 the masked version
+# made the wgmma read past its shared-memory buffer (compute-sanitizer: "Invalid __shared__ read of size 512"
+# in _attn_fwd_kernel, 2026-11-22). MAE_FAST_FA_CLAMP_D=0 restores it. (The default split needs neither.)
 # MAE_FAST_FA_MAX_STAGES caps the software-pipelining depth of every launch (diagnostics).
 # MAE_FAST_FA_CLAMP_ROWS=1 also clamps the row (sequence) offsets of every load, so that each lane, masked out
 # or not, points inside its tensor: memory safety then no longer depends on the compiler predicating masked
@@ -86,11 +91,12 @@ def attention_reference_lse(q, k, v, softmax_scale=None, cu_seqlens=None):
 # ---- head-dim split -----------------------------------------------------------------------------
 
 def split_head_dim(head_dim: int) -> tuple[int, int]:
-    """(D0, D1): D0 the largest power of two <= head_dim, D1 the register tile of the rest (0 if none).
+    """(D0, D1): D0 the largest power of two <= head_dim, D1 the width of the tail tile (0 if none).
 
+    The tail tile covers the last D1 columns of the head (it overlaps the D0 tile when D0 + D1 > head_dim).
     No tile is narrower than 32 columns: on H100 with Triton 3.6, 16-column bf16 tiles feeding wgmma read
     past their shared-memory buffer (compute-sanitizer, 2026-11-22) and gave NaNs at head dim 80 (64 + 16).
-    So 80 -> 64 + 32 (16 used), 88 -> 64 + 32 (24 used), 96 -> 64 + 32, 40 -> 32 + 32 (8 used).
+    So 80 -> 64 + 32 (columns 48-79), 88 -> 64 + 32 (56-87), 96 -> 64 + 32, 40 -> 32 + 32 (8-39).
     With ``SINGLE_TILE`` (MAE_FAST_FA_SINGLE_TILE=1): (next power of two, 0), e.g. 80 -> (128, 0); the kernels
     then mask the D0 tile's columns past the head dim.
     """
@@ -142,6 +148,18 @@ def _at(PTR, b64, s64, h64, stride_b, stride_n, stride_h):
 
 
 @triton.jit
+def _aligned(stride, ALIGN: tl.constexpr):
+    # Triton only infers 16-element divisibility: a stride of 88 or 72 (16-byte multiples in 16-bit dtypes) would
+    # otherwise read as unaligned, and its loads fall back to scalar accesses that cannot be pipelined.
+    # (tl.multiple_of does not reach kernel arguments; a product with ALIGN carries the divisibility. Exact: the
+    # launcher checked stride % ALIGN == 0.)
+    if ALIGN > 1:
+        return (stride // ALIGN) * ALIGN
+    else:
+        return stride
+
+
+@triton.jit
 def _row_offsets(offs_rows, row_limit):
     # rows past the limit point at the last real row (row_limit >= 1 wherever a kernel loads)
     if CLAMP_ROWS:
@@ -173,24 +191,46 @@ def _load_rows(base, offs_rows, stride_row, offs_d, row_limit, D: tl.constexpr,
 
 
 @triton.jit
-def _store_rows(base, val, offs_rows, stride_row, offs_d, row_limit, D: tl.constexpr, MASK_D: tl.constexpr):
+def _store_rows(base, val, offs_rows, stride_row, offs_d, row_limit, D: tl.constexpr, MASK_D: tl.constexpr,
+                D_LO: tl.constexpr):
+    # D_LO > 0: an overlapping tail tile; its columns below D_LO belong to the D0 tile and are not stored
     ptrs = base + offs_rows[:, None] * stride_row + offs_d[None, :]
     if MASK_D:
         tl.store(ptrs, val, mask=(offs_rows[:, None] < row_limit) & (offs_d[None, :] < D))
+    elif D_LO > 0:
+        tl.store(ptrs, val, mask=(offs_rows[:, None] < row_limit) & (offs_d[None, :] >= D_LO))
     else:
         tl.store(ptrs, val, mask=offs_rows[:, None] < row_limit)
 
 
 @triton.jit
+def _tail_cols(HEAD_DIM: tl.constexpr, D1: tl.constexpr):
+    """Columns of the tail tile: the LAST D1 columns of the head, so every column is a real one."""
+    if D1 > 0:
+        return (HEAD_DIM - D1) + tl.arange(0, D1)
+    else:
+        return tl.arange(0, 32)  # unused
+
+
+@triton.jit
+def _zero_overlap(x, offs_d1, D0: tl.constexpr, OVERLAP: tl.constexpr):
+    # Columns the tail tile shares with the D0 tile: zeroed in ONE operand of each product, so they count once.
+    if OVERLAP:
+        return tl.where(offs_d1[None, :] >= D0, x, 0.0)
+    else:
+        return x
+
+
+@triton.jit
 def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kn, stride_vn, start_n, L, qk_scale,
                offs_n, offs_d0, offs_d1,
-               HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
+               HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
                MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     rows = start_n + offs_n
     k0 = _load_rows(k_base, rows, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
     qk = _mm(q0, tl.trans(k0), None, DOT_PREC)
     if D1 > 0:
-        k1 = _load_rows(k_base, rows, stride_kn, offs_d1, L, HEAD_DIM, MASK_N, MASK_D1, 0.0)
+        k1 = _load_rows(k_base, rows, stride_kn, offs_d1, L, HEAD_DIM, MASK_N, False, 0.0)
         qk = _mm(q1, tl.trans(k1), qk, DOT_PREC)
     qk = qk * qk_scale
     if MASK_N:
@@ -203,7 +243,7 @@ def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kn, stride_v
     p_in = p.to(v0.dtype)
     acc0 = _mm(p_in, v0, acc0 * alpha[:, None], DOT_PREC)
     if D1 > 0:
-        v1 = _load_rows(v_base, rows, stride_vn, offs_d1, L, HEAD_DIM, MASK_N, MASK_D1, 0.0)
+        v1 = _load_rows(v_base, rows, stride_vn, offs_d1, L, HEAD_DIM, MASK_N, False, 0.0)
         acc1 = _mm(p_in, v1, acc1 * alpha[:, None], DOT_PREC)
     return acc0, acc1, m_new, l_i
 
@@ -219,27 +259,42 @@ def _attn_fwd_kernel(
     num_heads, seqlen, qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
     if pid_m * BLOCK_M >= L:
         return
+    stride_qb = _aligned(stride_qb, STRIDE_ALIGN)
+    stride_qn = _aligned(stride_qn, STRIDE_ALIGN)
+    stride_qh = _aligned(stride_qh, STRIDE_ALIGN)
+    stride_kb = _aligned(stride_kb, STRIDE_ALIGN)
+    stride_kn = _aligned(stride_kn, STRIDE_ALIGN)
+    stride_kh = _aligned(stride_kh, STRIDE_ALIGN)
+    stride_vb = _aligned(stride_vb, STRIDE_ALIGN)
+    stride_vn = _aligned(stride_vn, STRIDE_ALIGN)
+    stride_vh = _aligned(stride_vh, STRIDE_ALIGN)
+    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
+    stride_on = _aligned(stride_on, STRIDE_ALIGN)
+    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
     q_base = _at(Q, b64, s64, h64, stride_qb, stride_qn, stride_qh)
     k_base = _at(K, b64, s64, h64, stride_kb, stride_kn, stride_kh)
     v_base = _at(V, b64, s64, h64, stride_vb, stride_vn, stride_vh)
     o_base = _at(O, b64, s64, h64, stride_ob, stride_on, stride_oh)
     MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
-    MASK_D1: tl.constexpr = D0 + D1 > HEAD_DIM
+    OVERLAP: tl.constexpr = D0 + D1 > HEAD_DIM  # the tail tile starts inside the D0 tile
+    TAIL_LO: tl.constexpr = D0 if D0 + D1 > HEAD_DIM else 0  # its first column to store
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
-    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 32)
+    offs_d1 = _tail_cols(HEAD_DIM, D1)
 
     q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
-        q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, True, MASK_D1, 0.0)
+        q1 = _zero_overlap(_load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, True, False, 0.0),
+                           offs_d1, D0, OVERLAP)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     else:
         q1 = q0
@@ -252,19 +307,19 @@ def _attn_fwd_kernel(
         acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base + start_n * stride_kn,
                                           v_base + start_n * stride_vn, stride_kn, stride_vn, 0, L - start_n,
                                           qk_scale, offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0,
-                                          MASK_D1, False, DOT_PREC)
+                                          False, DOT_PREC)
     if n_full < L:
         acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base + n_full * stride_kn,
                                           v_base + n_full * stride_vn, stride_kn, stride_vn, 0, L - n_full,
                                           qk_scale, offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0,
-                                          MASK_D1, True, DOT_PREC)
+                                          True, DOT_PREC)
 
     inv_l = 1.0 / l_i
     _store_rows(o_base, (acc0 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, stride_on, offs_d0, L,
-                HEAD_DIM, MASK_D0)
+                HEAD_DIM, MASK_D0, 0)
     if D1 > 0:
         _store_rows(o_base, (acc1 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, stride_on, offs_d1, L,
-                    HEAD_DIM, MASK_D1)
+                    HEAD_DIM, False, TAIL_LO)
     # natural-log LSE: m_i and log2(l_i) are in the base-2 scaled domain
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + b64 * stride_lb + h64 * stride_lh + s64 + offs_m, lse, mask=offs_m < L)
@@ -278,13 +333,19 @@ def _bwd_delta_kernel(
     stride_lb, stride_lh,
     num_heads, seqlen,
     HEAD_DIM: tl.constexpr, D_TILE: tl.constexpr, VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     # delta_i = sum_d o_id * do_id (minus dLSE_i when the LSE itself receives a gradient)
     pid_m = tl.program_id(0)
     b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
     if pid_m * BLOCK_M >= L:
         return
+    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
+    stride_on = _aligned(stride_on, STRIDE_ALIGN)
+    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
+    stride_db = _aligned(stride_db, STRIDE_ALIGN)
+    stride_dn = _aligned(stride_dn, STRIDE_ALIGN)
+    stride_dh = _aligned(stride_dh, STRIDE_ALIGN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_TILE)
     o = _load_rows(_at(O, b64, s64, h64, stride_ob, stride_on, stride_oh), offs_m, stride_on, offs_d, L,
@@ -302,7 +363,7 @@ def _bwd_delta_kernel(
 @triton.jit
 def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr,
                     stride_qn, stride_dn, L, qk_scale_log2, offs_m, offs_d0, offs_d1,
-                    HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
                     MASK_M: tl.constexpr, DOT_PREC: tl.constexpr):
     # transposed formulation: rows are keys, columns are queries
     q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, MASK_M, MASK_D0, 0.0)
@@ -316,8 +377,8 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr
         delta = tl.load(delta_ptr + rows_m)
     qkT = _mm(k0, tl.trans(q0), None, DOT_PREC)
     if D1 > 0:
-        q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, MASK_M, MASK_D1, 0.0)
-        do1 = _load_rows(do_base, offs_m, stride_dn, offs_d1, L, HEAD_DIM, MASK_M, MASK_D1, 0.0)
+        q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, MASK_M, False, 0.0)
+        do1 = _load_rows(do_base, offs_m, stride_dn, offs_d1, L, HEAD_DIM, MASK_M, False, 0.0)
         qkT = _mm(k1, tl.trans(q1), qkT, DOT_PREC)
     pT = tl.math.exp2(qkT * qk_scale_log2 - lse2[None, :])
     pT_in = pT.to(q0.dtype)
@@ -346,13 +407,33 @@ def _attn_bwd_dkdv_kernel(
     num_heads, seqlen, softmax_scale, qk_scale_log2,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
     if pid_n * BLOCK_N >= L:
         return
+    stride_qb = _aligned(stride_qb, STRIDE_ALIGN)
+    stride_qn = _aligned(stride_qn, STRIDE_ALIGN)
+    stride_qh = _aligned(stride_qh, STRIDE_ALIGN)
+    stride_kb = _aligned(stride_kb, STRIDE_ALIGN)
+    stride_kn = _aligned(stride_kn, STRIDE_ALIGN)
+    stride_kh = _aligned(stride_kh, STRIDE_ALIGN)
+    stride_vb = _aligned(stride_vb, STRIDE_ALIGN)
+    stride_vn = _aligned(stride_vn, STRIDE_ALIGN)
+    stride_vh = _aligned(stride_vh, STRIDE_ALIGN)
+    stride_dob = _aligned(stride_dob, STRIDE_ALIGN)
+    stride_don = _aligned(stride_don, STRIDE_ALIGN)
+    stride_doh = _aligned(stride_doh, STRIDE_ALIGN)
+    stride_dkb = _aligned(stride_dkb, STRIDE_ALIGN)
+    stride_dkn = _aligned(stride_dkn, STRIDE_ALIGN)
+    stride_dkh = _aligned(stride_dkh, STRIDE_ALIGN)
+    stride_dvb = _aligned(stride_dvb, STRIDE_ALIGN)
+    stride_dvn = _aligned(stride_dvn, STRIDE_ALIGN)
+    stride_dvh = _aligned(stride_dvh, STRIDE_ALIGN)
     MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
-    MASK_D1: tl.constexpr = D0 + D1 > HEAD_DIM
+    OVERLAP: tl.constexpr = D0 + D1 > HEAD_DIM  # the tail tile starts inside the D0 tile
+    TAIL_LO: tl.constexpr = D0 if D0 + D1 > HEAD_DIM else 0  # its first column to store
     q_base = _at(Q, b64, s64, h64, stride_qb, stride_qn, stride_qh)
     do_base = _at(DO, b64, s64, h64, stride_dob, stride_don, stride_doh)
     k_base = _at(K, b64, s64, h64, stride_kb, stride_kn, stride_kh)
@@ -363,14 +444,16 @@ def _attn_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, D0)
-    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 32)
+    offs_d1 = _tail_cols(HEAD_DIM, D1)
     k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
     v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if D1 > 0:
-        k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, L, HEAD_DIM, True, MASK_D1, 0.0)
-        v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, L, HEAD_DIM, True, MASK_D1, 0.0)
+        k1 = _zero_overlap(_load_rows(k_base, offs_n, stride_kn, offs_d1, L, HEAD_DIM, True, False, 0.0),
+                           offs_d1, D0, OVERLAP)
+        v1 = _zero_overlap(_load_rows(v_base, offs_n, stride_vn, offs_d1, L, HEAD_DIM, True, False, 0.0),
+                           offs_d1, D0, OVERLAP)
         dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     else:
@@ -385,37 +468,37 @@ def _attn_bwd_dkdv_kernel(
                                              q_base + start_m * stride_qn, do_base + start_m * stride_don,
                                              lse_ptr + start_m, delta_ptr + start_m, stride_qn, stride_don,
                                              L - start_m, qk_scale_log2, offs_m, offs_d0, offs_d1,
-                                             HEAD_DIM, D1, MASK_D0, MASK_D1, False, DOT_PREC)
+                                             HEAD_DIM, D1, MASK_D0, False, DOT_PREC)
     if m_full < L:
         dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1,
                                              q_base + m_full * stride_qn, do_base + m_full * stride_don,
                                              lse_ptr + m_full, delta_ptr + m_full, stride_qn, stride_don,
                                              L - m_full, qk_scale_log2, offs_m, offs_d0, offs_d1,
-                                             HEAD_DIM, D1, MASK_D0, MASK_D1, True, DOT_PREC)
+                                             HEAD_DIM, D1, MASK_D0, True, DOT_PREC)
 
     dk_base = _at(DK, b64, s64, h64, stride_dkb, stride_dkn, stride_dkh)
     dv_base = _at(DV, b64, s64, h64, stride_dvb, stride_dvn, stride_dvh)
     _store_rows(dk_base, (dk0 * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, offs_d0, L,
-                HEAD_DIM, MASK_D0)
-    _store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d0, L, HEAD_DIM, MASK_D0)
+                HEAD_DIM, MASK_D0, 0)
+    _store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d0, L, HEAD_DIM, MASK_D0, 0)
     if D1 > 0:
         _store_rows(dk_base, (dk1 * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, offs_d1, L,
-                    HEAD_DIM, MASK_D1)
-        _store_rows(dv_base, dv1.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d1, L, HEAD_DIM, MASK_D1)
+                    HEAD_DIM, False, TAIL_LO)
+        _store_rows(dv_base, dv1.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d1, L, HEAD_DIM, False, TAIL_LO)
 
 
 @triton.jit
 def _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, stride_kn, stride_vn, L,
                   qk_scale_log2, offs_n, offs_d0, offs_d1,
-                  HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
                   MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
     v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
     qk = _mm(q0, tl.trans(k0), None, DOT_PREC)
     dp = _mm(do0, tl.trans(v0), None, DOT_PREC)
     if D1 > 0:
-        k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, L, HEAD_DIM, MASK_N, MASK_D1, 0.0)
-        v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, L, HEAD_DIM, MASK_N, MASK_D1, 0.0)
+        k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, L, HEAD_DIM, MASK_N, False, 0.0)
+        v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, L, HEAD_DIM, MASK_N, False, 0.0)
         qk = _mm(q1, tl.trans(k1), qk, DOT_PREC)
         dp = _mm(do1, tl.trans(v1), dp, DOT_PREC)
     p = tl.math.exp2(qk * qk_scale_log2 - lse2[:, None])
@@ -440,13 +523,30 @@ def _attn_bwd_dq_kernel(
     num_heads, seqlen, softmax_scale, qk_scale_log2,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
     if pid_m * BLOCK_M >= L:
         return
+    stride_qb = _aligned(stride_qb, STRIDE_ALIGN)
+    stride_qn = _aligned(stride_qn, STRIDE_ALIGN)
+    stride_qh = _aligned(stride_qh, STRIDE_ALIGN)
+    stride_kb = _aligned(stride_kb, STRIDE_ALIGN)
+    stride_kn = _aligned(stride_kn, STRIDE_ALIGN)
+    stride_kh = _aligned(stride_kh, STRIDE_ALIGN)
+    stride_vb = _aligned(stride_vb, STRIDE_ALIGN)
+    stride_vn = _aligned(stride_vn, STRIDE_ALIGN)
+    stride_vh = _aligned(stride_vh, STRIDE_ALIGN)
+    stride_dob = _aligned(stride_dob, STRIDE_ALIGN)
+    stride_don = _aligned(stride_don, STRIDE_ALIGN)
+    stride_doh = _aligned(stride_doh, STRIDE_ALIGN)
+    stride_dqb = _aligned(stride_dqb, STRIDE_ALIGN)
+    stride_dqn = _aligned(stride_dqn, STRIDE_ALIGN)
+    stride_dqh = _aligned(stride_dqh, STRIDE_ALIGN)
     MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
-    MASK_D1: tl.constexpr = D0 + D1 > HEAD_DIM
+    OVERLAP: tl.constexpr = D0 + D1 > HEAD_DIM  # the tail tile starts inside the D0 tile
+    TAIL_LO: tl.constexpr = D0 if D0 + D1 > HEAD_DIM else 0  # its first column to store
     q_base = _at(Q, b64, s64, h64, stride_qb, stride_qn, stride_qh)
     do_base = _at(DO, b64, s64, h64, stride_dob, stride_don, stride_doh)
     k_base = _at(K, b64, s64, h64, stride_kb, stride_kn, stride_kh)
@@ -455,13 +555,15 @@ def _attn_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
-    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 32)
+    offs_d1 = _tail_cols(HEAD_DIM, D1)
     q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
     do0 = _load_rows(do_base, offs_m, stride_don, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
-        q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, True, MASK_D1, 0.0)
-        do1 = _load_rows(do_base, offs_m, stride_don, offs_d1, L, HEAD_DIM, True, MASK_D1, 0.0)
+        q1 = _zero_overlap(_load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, True, False, 0.0),
+                           offs_d1, D0, OVERLAP)
+        do1 = _zero_overlap(_load_rows(do_base, offs_m, stride_don, offs_d1, L, HEAD_DIM, True, False, 0.0),
+                            offs_d1, D0, OVERLAP)
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     else:
         q1 = q0
@@ -475,33 +577,37 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base + start_n * stride_kn,
                                  v_base + start_n * stride_vn, stride_kn, stride_vn, L - start_n, qk_scale_log2,
-                                 offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0, MASK_D1, False, DOT_PREC)
+                                 offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0, False, DOT_PREC)
     if n_full < L:
         dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base + n_full * stride_kn,
                                  v_base + n_full * stride_vn, stride_kn, stride_vn, L - n_full, qk_scale_log2,
-                                 offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0, MASK_D1, True, DOT_PREC)
+                                 offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0, True, DOT_PREC)
 
     dq_base = _at(DQ, b64, s64, h64, stride_dqb, stride_dqn, stride_dqh)
     _store_rows(dq_base, (dq0 * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d0, L,
-                HEAD_DIM, MASK_D0)
+                HEAD_DIM, MASK_D0, 0)
     if D1 > 0:
         _store_rows(dq_base, (dq1 * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d1, L,
-                    HEAD_DIM, MASK_D1)
+                    HEAD_DIM, False, TAIL_LO)
 
 
 # ---- configs ------------------------------------------------------------------------------------
 
-# (kind, head_dim bucket) -> launch config; filled from the H100 tuning run (bench/bench_attention.py --tune).
-# kind is "fwd", "dkdv" or "dq"; a bucket is the head dim rounded up to one of 32, 64, 96, 128.
-TUNED_CONFIGS: dict[tuple[str, int], dict] = {  # H100 sweep of 2026-11-22 (bench/results/attention-tune-*.json)
+# (kind, head_dim bucket) -> launch config; kind is "fwd", "dkdv" or "dq"; a bucket is the head dim rounded up
+# to one of 32, 64, 96, 128 (by the tile width computed: 40 -> 64, 72-96 -> 96). Chosen from the H100 sweep of
+# 2026-11-22 (bench/results/attention-tune-*.json, Triton 3.6) among the configs that spill no register when
+# compiled for sm_90 (bench/compile_report.py --search; bench_attention.py --pick-configs TUNE --spill-free
+# REPORT). Where no swept config was spill-free (dkdv 96 and 128), the fastest swept tile with 8 warps instead
+# of 4: not yet timed on a GPU.
+TUNED_CONFIGS: dict[tuple[str, int], dict] = {
     ("fwd", 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     ("fwd", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("fwd", 96): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("fwd", 96): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),  # 4 warps: 216-260 B spilled
     ("fwd", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     ("dkdv", 32): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    ("dkdv", 64): dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
-    ("dkdv", 96): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    ("dkdv", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+    ("dkdv", 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),  # 32x128/4w: spilled at hd 40, 64
+    ("dkdv", 96): dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),  # untimed; 4 warps spilled
+    ("dkdv", 128): dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),  # untimed; 64x128/8w/2 spilled
     ("dq", 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     ("dq", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     ("dq", 96): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -581,6 +687,18 @@ def _lse_shape_strides(q, varlen, batch, seqlen, heads):
     return (batch, heads, seqlen), (heads * seqlen, seqlen)
 
 
+def _stride_alignment(*tensors: torch.Tensor) -> int:
+    """Elements per 16 bytes if every tensor starts on 16 bytes and all its strides are 16-byte multiples, else 1.
+
+    Passed to the kernels as a divisibility hint (see _aligned): exact for any layout, as it is checked here.
+    """
+    per16 = 16 // tensors[0].element_size()
+    for t in tensors:
+        if t.data_ptr() % 16 or any(st % per16 for st in t.stride()[:-1]):
+            return 1
+    return per16
+
+
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     if device.type != "cuda" and dtype == torch.bfloat16:
         return "upcast"
@@ -609,7 +727,7 @@ def flash_attn_forward(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         slb, slh, heads, seqlen, scale * LOG2E,
         HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn,
-        DOT_PREC=_dot_precision(q.dtype, q.device), **cfg,
+        DOT_PREC=_dot_precision(q.dtype, q.device), STRIDE_ALIGN=_stride_alignment(q, k, v, out), **cfg,
     )
     return out, lse
 
@@ -635,6 +753,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
     cu = cu_seqlens if varlen else q
     configs = configs or {}
     prec = _dot_precision(q.dtype, q.device)
+    align = _stride_alignment(q, k, v, dout, dq, dk, dv)
 
     cfg = dict(configs.get("delta") or pick_config("delta", head_dim, max_seqlen, q.dtype, q.device))
     bm = cfg.pop("BLOCK_M")
@@ -643,7 +762,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
     _bwd_delta_kernel[(triton.cdiv(max_seqlen, bm), batch * heads)](
         out, dout, dlse_arg, delta, cu, *_strides3(out, varlen), *_strides3(dout, varlen), slb, slh,
         heads, seqlen, HEAD_DIM=head_dim, D_TILE=max(16, triton.next_power_of_2(head_dim)), VARLEN=varlen,
-        HAS_DLSE=has_dlse, BLOCK_M=bm, **cfg,
+        HAS_DLSE=has_dlse, BLOCK_M=bm, STRIDE_ALIGN=_stride_alignment(out, dout), **cfg,
     )
 
     cfg = dict(configs.get("dkdv") or pick_config("dkdv", head_dim, max_seqlen, q.dtype, q.device))
@@ -654,7 +773,8 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen), slb, slh,
         heads, seqlen, scale, scale * LOG2E,
-        HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, **cfg,
+        HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
+        STRIDE_ALIGN=align, **cfg,
     )
     cfg = dict(configs.get("dq") or pick_config("dq", head_dim, max_seqlen, q.dtype, q.device))
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
@@ -664,7 +784,8 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
         *_strides3(dq, varlen), slb, slh,
         heads, seqlen, scale, scale * LOG2E,
-        HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, **cfg,
+        HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
+        STRIDE_ALIGN=align, **cfg,
     )
     return dq, dk, dv
 

@@ -153,13 +153,26 @@ def test_random_shapes(head_dim, seqlen, batch, dtype):
     _assert_close_as_torch(q, k, v)
 
 
+def test_stride_alignment_hint_only_when_true():
+    """The kernels are told strides are 16-byte multiples (so head dims 40/72/88 keep pipelined loads on a GPU).
+    The interpreter ignores the hint, so a wrong one would pass every CPU test: check what it is given."""
+    fa = _kernels()
+    qkv = torch.randn(2, 33, 3, 2, 88, dtype=BF16)  # the model's layout: q, k, v are views of one buffer
+    assert fa._stride_alignment(*qkv.unbind(2)) == 8
+    assert fa._stride_alignment(torch.randn(2, 33, 2, 88, dtype=FP32)) == 4
+    assert fa._stride_alignment(torch.randn(2, 33, 2, 90, dtype=BF16)[..., :88]) == 1  # head stride 90
+    assert fa._stride_alignment(torch.randn(2, 33, 2, 89, dtype=BF16)[..., 1:]) == 1  # starts 2 bytes in
+    assert fa._stride_alignment(qkv[:, :, 0], torch.randn(2, 33, 2, 90, dtype=BF16)[..., 2:]) == 1  # any one
+    assert fa._stride_alignment(torch.randn(2, 33, 2, 64, dtype=BF16)) == 8
+
+
 # ---- single-tile mode (MAE_FAST_FA_SINGLE_TILE=1) ---------------------------------------------------
 
 def test_split_head_dim_both_modes(monkeypatch):
     fa = _kernels()
     monkeypatch.setattr(fa, "SINGLE_TILE", False)
-    assert [fa.split_head_dim(d) for d in (32, 40, 72, 80, 96, 104, 128)] == [
-        (32, 0), (32, 32), (64, 32), (64, 32), (64, 32), (64, 64), (128, 0)]
+    assert [fa.split_head_dim(d) for d in (32, 40, 72, 80, 88, 96, 104, 120, 128)] == [
+        (32, 0), (32, 32), (64, 32), (64, 32), (64, 32), (64, 32), (64, 64), (64, 64), (128, 0)]
     monkeypatch.setattr(fa, "SINGLE_TILE", True)
     assert [fa.split_head_dim(d) for d in (32, 40, 48, 72, 80, 88, 96, 104, 128)] == [
         (32, 0), (64, 0), (64, 0), (128, 0), (128, 0), (128, 0), (128, 0), (128, 0), (128, 0)]

@@ -1,0 +1,63 @@
+"""The Triton attention kernels, compiled for an H100 (sm_90) on this GPU-less machine (bench/compile_report.py).
+
+Register spills, shared-memory overflows and unpipelined loads are decided at compile time, so they are
+checked here with the launch configs the library uses on an H100: every kernel must compile, stay within the
+SM's shared memory, spill no registers, use Hopper tensor-core instructions (wgmma) for its dots, and stage
+its inner-loop loads through shared memory (cp.async) - including head dims such as 88 whose tail tile and
+strides are not 16-element aligned.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ptxas() -> Path | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return path if path.exists() else None
+
+
+pytestmark = pytest.mark.skipif(_ptxas() is None, reason="triton's NVIDIA backend (ptxas) is not installed")
+
+
+def _compile(tmp_path, *args) -> list[dict]:
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from an earlier run's cache
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_report.py"), "--json", str(out), *args],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert out.exists(), f"compile_report failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return json.loads(out.read_text())["rows"]
+
+
+def _check(rows, expected_kernels):
+    assert len(rows) == expected_kernels
+    for r in rows:
+        where = f"{r['kernel']} hd {r['head_dim']} {r['dtype']} packed={r['packed']} config {r['config']}"
+        assert r["registers"] > 0, where
+        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, f"register spills: {where}"
+        assert r["shared_bytes"] <= 227 * 1024, f"shared memory over the H100 limit: {where}"
+        if r["kernel"] != "_bwd_delta_kernel":
+            assert r["wgmma"] > 0, f"dots not on Hopper tensor cores (wgmma): {where}"
+            assert r["async_copies"] > 0, f"loads not staged through shared memory (no cp.async): {where}"
+
+
+def test_unaligned_tail_head_dims_compile_spill_free_and_pipelined(tmp_path):
+    # 40: two overlapping 32-column tiles; 88: 64 + 32 overlapping, 176-byte strides (not 16-element multiples)
+    rows = _compile(tmp_path, "--head-dims", "40", "88", "--dense-only")
+    _check(rows, expected_kernels=2 * 4)
+
+
+@pytest.mark.slow
+def test_every_mae_head_dim_dense_and_packed(tmp_path):
+    rows = _compile(tmp_path, "--head-dims", "32", "40", "64", "72", "80", "88", "96", "128")  # bf16
+    _check(rows, expected_kernels=8 * 2 * 4)
