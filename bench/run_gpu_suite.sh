@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call: end-to-end table, GPU tests, masked-token and attention benchmarks, a step profile of
-# ViT-H/14 at 476 px. Everything lands in $OUT (8 files at most come back from a device call).
+# ViT-H/14 at 476 px, and the attention kernels' compile report (spills with the device's triton).
+# Everything lands in $OUT (8 files at most come back from a device call).
 #   bash bench/run_gpu_suite.sh        (repo root)
 REPO=$(pwd)
 OUT=${OUT:-/tmp/gpu_suite}
@@ -22,6 +23,8 @@ timeout ${MASK_S:-55} python3 "$REPO/bench/bench_masking.py" --res 476,952 --out
 echo "masking rc=$?"
 timeout ${ATTN_S:-45} python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 --out "$OUT/attention.json" >"$OUT/attention.log" 2>&1
 echo "attention rc=$?"
+timeout ${COMPILE_S:-90} python3 "$REPO/bench/compile_report.py" --json "$OUT/compile.json" >"$OUT/compile.log" 2>&1
+echo "compile report rc=$? (registers/spills of the attention kernels with this machine's triton)"
 timeout ${PROF_S:-55} python3 "$REPO/bench/profile_step.py" --model mae_vit_huge_patch14 --img-size 476 --batch 24 \
   --out "$OUT/profile.json" >"$OUT/profile.log" 2>&1
 echo "profile rc=$?"
@@ -30,6 +33,7 @@ tail -25 "$OUT/e2e.log" | cut -c1-200
 grep -E "Copy bandwidth|^\| (patchify|gather|unshuffle|masked)" "$OUT/masking.log" | cut -c1-150 | head -20
 tail -15 "$OUT/attention.log" | cut -c1-160
 head -14 "$OUT/profile.log"
+tail -1 "$OUT/compile.log"
 # a device call returns at most 8 files: keep the JSONs, pack the logs
 (cd "$OUT" && tar czf logs.tar.gz ./*.log ./*.txt && rm -f ./*.log ./*.txt)
 ls "$OUT"

@@ -153,6 +153,25 @@ def test_random_shapes(head_dim, seqlen, batch, dtype):
     _assert_close_as_torch(q, k, v)
 
 
+def test_gpu_reasons_for_fp32_and_unverified_head_dims(monkeypatch):
+    """On CUDA tensors (fake ones: no GPU needed) Triton refuses fp32 and head dims not verified on a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mae_fast.ops._triton_attention import triton_attention_reasons
+
+    monkeypatch.delenv("MAE_FAST_TRITON_UNVERIFIED", raising=False)
+    with FakeTensorMode():
+        q32 = torch.empty(2, 17, 2, 64, device="cuda", dtype=FP32)
+        q16 = torch.empty(2, 17, 2, 64, device="cuda", dtype=BF16)
+        fp32_reasons = triton_attention_reasons(q32, q32, q32, None, None, None)
+        bf16_reasons = triton_attention_reasons(q16, q16, q16, None, None, None)
+        monkeypatch.setenv("MAE_FAST_TRITON_UNVERIFIED", "1")
+        forced = triton_attention_reasons(q32, q32, q32, None, None, None)
+    assert any("float32 on a GPU" in r for r in fp32_reasons)
+    assert not any("float32" in r for r in bf16_reasons) and any("not verified" in r for r in bf16_reasons)
+    assert forced == []
+
+
 def test_stride_alignment_hint_only_when_true():
     """The kernels are told strides are 16-byte multiples (so head dims 40/72/88 keep pipelined loads on a GPU).
     The interpreter ignores the hint, so a wrong one would pass every CPU test: check what it is given."""

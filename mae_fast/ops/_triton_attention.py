@@ -141,6 +141,10 @@ def triton_attention_reasons(q, k, v, softmax_scale, cu_seqlens, max_seqlen) -> 
         out.append("needs a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
     if q.dtype not in TRITON_DTYPES:
         out.append(f"dtype {q.dtype} not supported (float16, bfloat16, float32)")
+    elif q.is_cuda and q.dtype == torch.float32 and os.environ.get("MAE_FAST_TRITON_UNVERIFIED", "0") != "1":
+        # compiled for sm_90 its IEEE fp32 dots spill kilobytes of registers at every tile size tried
+        # (bench/compile_report.py --dtypes float32): correct but slow, so leave fp32 to SDPA on GPUs
+        out.append("float32 on a GPU is not a fast path (fp32 dots spill registers); use bfloat16/float16 or sdpa")
     d = q.shape[-1]
     if d > MAX_HEAD_DIM or d % 8 != 0 or d < 32:
         out.append(f"head dim {d} unsupported (a multiple of 8 from 32 to {MAX_HEAD_DIM})")
