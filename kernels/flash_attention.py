@@ -160,6 +160,11 @@ def _aligned(stride, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _aligned3(stride_b, stride_n, stride_h, ALIGN: tl.constexpr):
+    return _aligned(stride_b, ALIGN), _aligned(stride_n, ALIGN), _aligned(stride_h, ALIGN)
+
+
+@triton.jit
 def _row_offsets(offs_rows, row_limit):
     # rows past the limit point at the last real row (row_limit >= 1 wherever a kernel loads)
     if CLAMP_ROWS:
@@ -265,18 +270,10 @@ def _attn_fwd_kernel(
     b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
     if pid_m * BLOCK_M >= L:
         return
-    stride_qb = _aligned(stride_qb, STRIDE_ALIGN)
-    stride_qn = _aligned(stride_qn, STRIDE_ALIGN)
-    stride_qh = _aligned(stride_qh, STRIDE_ALIGN)
-    stride_kb = _aligned(stride_kb, STRIDE_ALIGN)
-    stride_kn = _aligned(stride_kn, STRIDE_ALIGN)
-    stride_kh = _aligned(stride_kh, STRIDE_ALIGN)
-    stride_vb = _aligned(stride_vb, STRIDE_ALIGN)
-    stride_vn = _aligned(stride_vn, STRIDE_ALIGN)
-    stride_vh = _aligned(stride_vh, STRIDE_ALIGN)
-    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
-    stride_on = _aligned(stride_on, STRIDE_ALIGN)
-    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
+    stride_qb, stride_qn, stride_qh = _aligned3(stride_qb, stride_qn, stride_qh, STRIDE_ALIGN)
+    stride_kb, stride_kn, stride_kh = _aligned3(stride_kb, stride_kn, stride_kh, STRIDE_ALIGN)
+    stride_vb, stride_vn, stride_vh = _aligned3(stride_vb, stride_vn, stride_vh, STRIDE_ALIGN)
+    stride_ob, stride_on, stride_oh = _aligned3(stride_ob, stride_on, stride_oh, STRIDE_ALIGN)
     q_base = _at(Q, b64, s64, h64, stride_qb, stride_qn, stride_qh)
     k_base = _at(K, b64, s64, h64, stride_kb, stride_kn, stride_kh)
     v_base = _at(V, b64, s64, h64, stride_vb, stride_vn, stride_vh)
@@ -340,12 +337,8 @@ def _bwd_delta_kernel(
     b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
     if pid_m * BLOCK_M >= L:
         return
-    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
-    stride_on = _aligned(stride_on, STRIDE_ALIGN)
-    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
-    stride_db = _aligned(stride_db, STRIDE_ALIGN)
-    stride_dn = _aligned(stride_dn, STRIDE_ALIGN)
-    stride_dh = _aligned(stride_dh, STRIDE_ALIGN)
+    stride_ob, stride_on, stride_oh = _aligned3(stride_ob, stride_on, stride_oh, STRIDE_ALIGN)
+    stride_db, stride_dn, stride_dh = _aligned3(stride_db, stride_dn, stride_dh, STRIDE_ALIGN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_TILE)
     o = _load_rows(_at(O, b64, s64, h64, stride_ob, stride_on, stride_oh), offs_m, stride_on, offs_d, L,
@@ -413,24 +406,12 @@ def _attn_bwd_dkdv_kernel(
     b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
     if pid_n * BLOCK_N >= L:
         return
-    stride_qb = _aligned(stride_qb, STRIDE_ALIGN)
-    stride_qn = _aligned(stride_qn, STRIDE_ALIGN)
-    stride_qh = _aligned(stride_qh, STRIDE_ALIGN)
-    stride_kb = _aligned(stride_kb, STRIDE_ALIGN)
-    stride_kn = _aligned(stride_kn, STRIDE_ALIGN)
-    stride_kh = _aligned(stride_kh, STRIDE_ALIGN)
-    stride_vb = _aligned(stride_vb, STRIDE_ALIGN)
-    stride_vn = _aligned(stride_vn, STRIDE_ALIGN)
-    stride_vh = _aligned(stride_vh, STRIDE_ALIGN)
-    stride_dob = _aligned(stride_dob, STRIDE_ALIGN)
-    stride_don = _aligned(stride_don, STRIDE_ALIGN)
-    stride_doh = _aligned(stride_doh, STRIDE_ALIGN)
-    stride_dkb = _aligned(stride_dkb, STRIDE_ALIGN)
-    stride_dkn = _aligned(stride_dkn, STRIDE_ALIGN)
-    stride_dkh = _aligned(stride_dkh, STRIDE_ALIGN)
-    stride_dvb = _aligned(stride_dvb, STRIDE_ALIGN)
-    stride_dvn = _aligned(stride_dvn, STRIDE_ALIGN)
-    stride_dvh = _aligned(stride_dvh, STRIDE_ALIGN)
+    stride_qb, stride_qn, stride_qh = _aligned3(stride_qb, stride_qn, stride_qh, STRIDE_ALIGN)
+    stride_kb, stride_kn, stride_kh = _aligned3(stride_kb, stride_kn, stride_kh, STRIDE_ALIGN)
+    stride_vb, stride_vn, stride_vh = _aligned3(stride_vb, stride_vn, stride_vh, STRIDE_ALIGN)
+    stride_dob, stride_don, stride_doh = _aligned3(stride_dob, stride_don, stride_doh, STRIDE_ALIGN)
+    stride_dkb, stride_dkn, stride_dkh = _aligned3(stride_dkb, stride_dkn, stride_dkh, STRIDE_ALIGN)
+    stride_dvb, stride_dvn, stride_dvh = _aligned3(stride_dvb, stride_dvn, stride_dvh, STRIDE_ALIGN)
     MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
     OVERLAP: tl.constexpr = D0 + D1 > HEAD_DIM  # the tail tile starts inside the D0 tile
     TAIL_LO: tl.constexpr = D0 if D0 + D1 > HEAD_DIM else 0  # its first column to store
@@ -529,21 +510,11 @@ def _attn_bwd_dq_kernel(
     b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
     if pid_m * BLOCK_M >= L:
         return
-    stride_qb = _aligned(stride_qb, STRIDE_ALIGN)
-    stride_qn = _aligned(stride_qn, STRIDE_ALIGN)
-    stride_qh = _aligned(stride_qh, STRIDE_ALIGN)
-    stride_kb = _aligned(stride_kb, STRIDE_ALIGN)
-    stride_kn = _aligned(stride_kn, STRIDE_ALIGN)
-    stride_kh = _aligned(stride_kh, STRIDE_ALIGN)
-    stride_vb = _aligned(stride_vb, STRIDE_ALIGN)
-    stride_vn = _aligned(stride_vn, STRIDE_ALIGN)
-    stride_vh = _aligned(stride_vh, STRIDE_ALIGN)
-    stride_dob = _aligned(stride_dob, STRIDE_ALIGN)
-    stride_don = _aligned(stride_don, STRIDE_ALIGN)
-    stride_doh = _aligned(stride_doh, STRIDE_ALIGN)
-    stride_dqb = _aligned(stride_dqb, STRIDE_ALIGN)
-    stride_dqn = _aligned(stride_dqn, STRIDE_ALIGN)
-    stride_dqh = _aligned(stride_dqh, STRIDE_ALIGN)
+    stride_qb, stride_qn, stride_qh = _aligned3(stride_qb, stride_qn, stride_qh, STRIDE_ALIGN)
+    stride_kb, stride_kn, stride_kh = _aligned3(stride_kb, stride_kn, stride_kh, STRIDE_ALIGN)
+    stride_vb, stride_vn, stride_vh = _aligned3(stride_vb, stride_vn, stride_vh, STRIDE_ALIGN)
+    stride_dob, stride_don, stride_doh = _aligned3(stride_dob, stride_don, stride_doh, STRIDE_ALIGN)
+    stride_dqb, stride_dqn, stride_dqh = _aligned3(stride_dqb, stride_dqn, stride_dqh, STRIDE_ALIGN)
     MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
     OVERLAP: tl.constexpr = D0 + D1 > HEAD_DIM  # the tail tile starts inside the D0 tile
     TAIL_LO: tl.constexpr = D0 if D0 + D1 > HEAD_DIM else 0  # its first column to store
