@@ -23,7 +23,7 @@ timeout ${MASK_S:-55} python3 "$REPO/bench/bench_masking.py" --res 476,952 --out
 echo "masking rc=$?"
 timeout ${ATTN_S:-45} python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 --out "$OUT/attention.json" >"$OUT/attention.log" 2>&1
 echo "attention rc=$?"
-timeout ${COMPILE_S:-90} python3 "$REPO/bench/compile_report.py" --json "$OUT/compile.json" >"$OUT/compile.log" 2>&1
+timeout ${COMPILE_S:-40} python3 "$REPO/bench/compile_report.py" --head-dims 40 80 88 128 --dense-only --json "$OUT/compile.json" >"$OUT/compile.log" 2>&1
 echo "compile report rc=$? (registers/spills of the attention kernels with this machine's triton)"
 timeout ${PROF_S:-55} python3 "$REPO/bench/profile_step.py" --model mae_vit_huge_patch14 --img-size 476 --batch 24 \
   --out "$OUT/profile.json" >"$OUT/profile.log" 2>&1
