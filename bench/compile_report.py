@@ -95,14 +95,14 @@ def compile_only(arch: int):
         return kernel
 
     real = CudaDriver.__new__(CudaDriver)  # no __init__: it would load libcuda
+    previous = triton_driver._active  # None until a real driver was created; creating one needs libcuda
     triton_driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32), real))
     JITFunction.run = run
     try:
         yield compiled
     finally:
         JITFunction.run = real_run
-        triton_driver.reset_active() if triton_driver._default is not None else setattr(triton_driver, "_active",
-                                                                                         None)
+        triton_driver._active = previous
 
 
 def _ptxas_path() -> str:
@@ -258,10 +258,11 @@ def main(argv=None) -> int:
         rows = report(a.head_dims, tuple(getattr(torch, d) for d in a.dtypes),
                       (False,) if a.dense_only else (False, True), a.arch)
     print(format_table(rows))
-    bad = [r for r in rows if r.spills or r.shared_bytes > MAX_SHARED_BYTES.get(a.arch, 227 * 1024)]
+    smem_limit = MAX_SHARED_BYTES.get(a.arch, 227 * 1024)
+    over_smem = sum(r.shared_bytes > smem_limit for r in rows)
     print(f"\n{len(rows)} kernels compiled for sm_{a.arch} with triton {triton.__version__}: "
-          f"{sum(r.spills for r in rows)} spill registers, "
-          f"{sum(r.shared_bytes > MAX_SHARED_BYTES.get(a.arch, 227 * 1024) for r in rows)} over shared memory")
+          f"{sum(r.spills for r in rows)} spill registers, {over_smem} over shared memory")
+    bad = any(r.spills for r in rows) or over_smem
     if a.json:
         meta = dict(arch=a.arch, triton=triton.__version__, torch=torch.__version__)
         with open(a.json, "w") as f:

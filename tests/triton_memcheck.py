@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+from unittest import mock
 
 import numpy as np
 
@@ -205,27 +206,24 @@ def triton_memcheck(span: bool = False, masked_out_loads: bool = False, raise_er
     }
     if getattr(_state, "stats", None) is not None:
         raise RuntimeError("triton_memcheck is not re-entrant")
-    for n, f in patches.items():
-        setattr(builder_cls, n, f)
-    executor_cls._init_args_hst = init_args_hst
-    executor_cls._restore_args_dev = restore_args_dev
-    _state.stats = stats
-    _state.launch = None
-    _state.raise_errors = raise_errors
-    try:
-        yield stats
-    except Exception as e:
-        # the interpreter re-raises kernel exceptions as InterpreterError(repr(e)): surface ours directly
-        cause = e
-        while cause is not None and not isinstance(cause, OutOfBoundsAccess):
-            cause = cause.__cause__
-        if cause is not None and cause is not e:
-            raise cause from None
-        raise
-    finally:
-        for n, f in orig.items():
-            setattr(builder_cls, n, f)
-        executor_cls._init_args_hst = orig_init
-        executor_cls._restore_args_dev = orig_restore
-        _state.stats = None
+    with contextlib.ExitStack() as patched:  # undone on exit, whatever happens
+        for n, f in patches.items():
+            patched.enter_context(mock.patch.object(builder_cls, n, f))
+        patched.enter_context(mock.patch.object(executor_cls, "_init_args_hst", init_args_hst))
+        patched.enter_context(mock.patch.object(executor_cls, "_restore_args_dev", restore_args_dev))
+        _state.stats = stats
         _state.launch = None
+        _state.raise_errors = raise_errors
+        try:
+            yield stats
+        except Exception as e:
+            # the interpreter re-raises kernel exceptions as InterpreterError(repr(e)): surface ours directly
+            cause = e
+            while cause is not None and not isinstance(cause, OutOfBoundsAccess):
+                cause = cause.__cause__
+            if cause is not None and cause is not e:
+                raise cause from None
+            raise
+        finally:
+            _state.stats = None
+            _state.launch = None

@@ -31,10 +31,13 @@ MAX_HEAD_DIM = 128
 GPU_VERIFIED = {"dense": (), "packed": ()}
 
 
+def _unverified_allowed() -> bool:
+    """MAE_FAST_TRITON_UNVERIFIED=1: run the kernel on GPUs wherever it can (experimental)."""
+    return os.environ.get("MAE_FAST_TRITON_UNVERIFIED", "0") == "1"
+
+
 def _verified_on_gpu(head_dim: int, packed: bool) -> bool:
-    if os.environ.get("MAE_FAST_TRITON_UNVERIFIED", "0") == "1":
-        return True
-    return head_dim in GPU_VERIFIED["packed" if packed else "dense"]
+    return _unverified_allowed() or head_dim in GPU_VERIFIED["packed" if packed else "dense"]
 
 
 def _kernels():
@@ -141,7 +144,7 @@ def triton_attention_reasons(q, k, v, softmax_scale, cu_seqlens, max_seqlen) -> 
         out.append("needs a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
     if q.dtype not in TRITON_DTYPES:
         out.append(f"dtype {q.dtype} not supported (float16, bfloat16, float32)")
-    elif q.is_cuda and q.dtype == torch.float32 and os.environ.get("MAE_FAST_TRITON_UNVERIFIED", "0") != "1":
+    elif q.is_cuda and q.dtype == torch.float32 and not _unverified_allowed():
         # compiled for sm_90 its IEEE fp32 dots spill kilobytes of registers at every tile size tried
         # (bench/compile_report.py --dtypes float32): correct but slow, so leave fp32 to SDPA on GPUs
         out.append("float32 on a GPU is not a fast path (fp32 dots spill registers); use bfloat16/float16 or sdpa")
