@@ -72,8 +72,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, first_query: int = 0) -> torch.Tensor:
         """Block output; with ``first_query`` > 0 only rows ``first_query:`` (which still attend to all rows)."""
         if self.lean and first_query == 0:
-            x = x + self.attn.from_qkv(ops.layer_norm_linear(x, self.norm1, self.attn.qkv))
-            return x + ops.layer_norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2)
+            a = self.attn.from_qkv(ops.layer_norm_linear(x, self.norm1, self.attn.qkv))
+            return ops.residual_layer_norm_mlp(x, a, self.norm2, self.mlp.fc1, self.mlp.fc2)
         h = self.attn(self.norm1(x), first_query)
         x = (x[:, first_query:] if first_query else x) + h
         return x + self.mlp(self.norm2(x))

@@ -3,7 +3,7 @@
 See :mod:`mae_fast.ops.dispatch` for how backends are chosen and how to force one.
 """
 from .attention import attention, attention_reference
-from .lean import layer_norm_linear, layer_norm_mlp
+from .lean import layer_norm_linear, layer_norm_mlp, residual_layer_norm_mlp
 from .dispatch import NoBackendError, backends_for, describe, select_backend
 from .masking import (
     gather_visible,
@@ -19,5 +19,6 @@ OPS = ("attention", "gather_visible", "unshuffle_with_mask_token", "patchify_gat
 __all__ = [
     "OPS", "attention", "attention_reference", "gather_visible", "unshuffle_with_mask_token",
     "patchify_gather", "masked_patch_mse", "patchify", "unpatchify", "layer_norm_linear", "layer_norm_mlp",
+    "residual_layer_norm_mlp",
     "NoBackendError", "backends_for", "describe", "select_backend",
 ]

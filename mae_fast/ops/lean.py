@@ -5,6 +5,11 @@ next matmul saves, and for the MLP both the fc1 output and the GELU output (4x w
 only the block input (plus per-row mean and rstd) and the fc1 pre-activation, and recompute the normalised
 input and the GELU in backward: about a third less activation memory for two cheap elementwise passes.
 
+``residual_layer_norm_mlp`` also takes the residual add in front of the MLP: under autocast the mid-block
+stream ``x + branch`` is fp32 while the attention branch is bf16, so keeping ``branch`` (2 bytes/element)
+and the block input ``x`` (already kept for the attention half) instead of ``x + branch`` (4 bytes) saves
+half of that tensor, for one more add in backward.
+
 Numerics follow eager autocast exactly in forward (LayerNorm in fp32, matmuls in the autocast dtype) and
 match it to rounding in backward. Reference -> autograd.Function -> functional API.
 """
@@ -13,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["layer_norm_linear", "layer_norm_mlp", "layer_norm_linear_reference", "layer_norm_mlp_reference"]
+__all__ = ["layer_norm_linear", "layer_norm_mlp", "residual_layer_norm_mlp", "layer_norm_linear_reference",
+           "layer_norm_mlp_reference", "residual_layer_norm_mlp_reference"]
 
 
 # ---- references ---------------------------------------------------------------------------------
@@ -25,6 +31,13 @@ def layer_norm_linear_reference(x, norm_weight, norm_bias, eps, weight, bias):
 def layer_norm_mlp_reference(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     h = F.linear(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps), fc1_weight, fc1_bias)
     return F.linear(F.gelu(h), fc2_weight, fc2_bias)
+
+
+def residual_layer_norm_mlp_reference(x, branch, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight,
+                                      fc2_bias):
+    x_mid = x + branch
+    return x_mid + layer_norm_mlp_reference(x_mid, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight,
+                                            fc2_bias)
 
 
 # ---- shared pieces ------------------------------------------------------------------------------
@@ -105,32 +118,72 @@ class _LayerNormLinear(torch.autograd.Function):
 
 # ---- LayerNorm -> fc1 -> GELU -> fc2 -------------------------------------------------------------
 
+def _mlp_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, amp):
+    """(MLP output, mean, rstd, fc1 pre-activation): what the MLP Functions compute and keep."""
+    normed, mean, rstd = _norm(x, norm_weight, norm_bias, eps, amp)
+    h = F.linear(_cast(normed, amp), _cast(w1, amp), _cast(b1, amp))
+    return F.linear(F.gelu(h), _cast(w2, amp), _cast(b2, amp)), mean, rstd, h
+
+
+def _mlp_backward(grad_y, x, mean, rstd, h, norm_weight, norm_bias, eps, w1, b1, w2, b2, amp):
+    """(dx, d norm weight, d norm bias, d w1, d b1, d w2, d b2), recomputing the normalised x and the GELU."""
+    h2 = _rows(h)
+    g = _rows(grad_y).to(h2.dtype)
+    d_act, d_w2, d_b2 = _linear_grads(g, F.gelu(h2), _cast(w2, amp), b2)
+    d_h = torch.ops.aten.gelu_backward(d_act, h2)
+    normed = _rows(_cast(_norm(x, norm_weight, norm_bias, eps, amp)[0], amp))
+    d_in, d_w1, d_b1 = _linear_grads(d_h, normed, _cast(w1, amp), b1)
+    dx, dnw, dnb = _norm_backward(d_in.reshape(x.shape), x, mean, rstd, norm_weight, norm_bias, amp)
+    return (dx, _param_grad(dnw, norm_weight), _param_grad(dnb, norm_bias),
+            d_w1.to(w1.dtype), _param_grad(d_b1, b1), d_w2.to(w2.dtype), _param_grad(d_b2, b2))
+
+
 class _LayerNormMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
         amp = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            normed, mean, rstd = _norm(x, norm_weight, norm_bias, eps, amp)
-            h = F.linear(_cast(normed, amp), _cast(fc1_weight, amp), _cast(fc1_bias, amp))
-            y = F.linear(F.gelu(h), _cast(fc2_weight, amp), _cast(fc2_bias, amp))
+            y, mean, rstd, h = _mlp_forward(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight,
+                                            fc2_bias, amp)
         ctx.save_for_backward(x, mean, rstd, h, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
         ctx.eps, ctx.amp = eps, amp
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, mean, rstd, h, norm_weight, norm_bias, w1, b1, w2, b2 = ctx.saved_tensors
-        amp = ctx.amp
+        x, mean, rstd, h, *params = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            h2 = _rows(h)
-            g = _rows(grad_y).to(h2.dtype)
-            d_act, d_w2, d_b2 = _linear_grads(g, F.gelu(h2), _cast(w2, amp), b2)  # GELU recomputed
-            d_h = torch.ops.aten.gelu_backward(d_act, h2)
-            normed = _rows(_cast(_norm(x, norm_weight, norm_bias, ctx.eps, amp)[0], amp))  # recomputed
-            d_in, d_w1, d_b1 = _linear_grads(d_h, normed, _cast(w1, amp), b1)
-            dx, dnw, dnb = _norm_backward(d_in.reshape(x.shape), x, mean, rstd, norm_weight, norm_bias, amp)
-        return (dx, _param_grad(dnw, norm_weight), _param_grad(dnb, norm_bias), None,
-                d_w1.to(w1.dtype), _param_grad(d_b1, b1), d_w2.to(w2.dtype), _param_grad(d_b2, b2))
+            dx, dnw, dnb, *d_fc = _mlp_backward(grad_y, x, mean, rstd, h, params[0], params[1], ctx.eps,
+                                                *params[2:], ctx.amp)
+        return dx, dnw, dnb, None, *d_fc
+
+
+# ---- (x + branch) + LayerNorm -> fc1 -> GELU -> fc2 ---------------------------------------------
+
+class _ResidualLayerNormMlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, branch, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+        amp = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x_mid = x + branch  # type promotion as in eager: fp32 stream + bf16 branch -> fp32
+            y, mean, rstd, h = _mlp_forward(x_mid, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight,
+                                            fc2_bias, amp)
+            out = x_mid + y
+        # x_mid is not kept: x (kept anyway by the attention half of the block) and the narrower branch are
+        ctx.save_for_backward(x, branch, mean, rstd, h, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+                              fc2_bias)
+        ctx.eps, ctx.amp, ctx.y_dtype = eps, amp, y.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, branch, mean, rstd, h, *params = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            x_mid = x + branch  # the forward's add, so bit-identical
+            dx_mlp, dnw, dnb, *d_fc = _mlp_backward(grad_out.to(ctx.y_dtype), x_mid, mean, rstd, h, params[0],
+                                                    params[1], ctx.eps, *params[2:], ctx.amp)
+            d_mid = grad_out.to(x_mid.dtype) + dx_mlp
+        return d_mid.to(x.dtype), d_mid.to(branch.dtype), dnw, dnb, None, *d_fc
 
 
 # ---- functional API -----------------------------------------------------------------------------
@@ -151,9 +204,32 @@ def layer_norm_linear(x, norm: torch.nn.LayerNorm, linear: torch.nn.Linear) -> t
     return _LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
 
 
+def _check_mlp(op, x, norm_weight, fc1_weight, fc2_weight):
+    _check(op, x, norm_weight, fc1_weight)
+    if fc2_weight.dim() != 2 or fc2_weight.shape[1] != fc1_weight.shape[0]:
+        raise ValueError(f"{op}: fc2 takes {fc2_weight.shape[-1]} inputs but fc1 gives {fc1_weight.shape[0]}")
+
+
 def layer_norm_mlp(x, norm: torch.nn.LayerNorm, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> torch.Tensor:
     """``fc2(gelu(fc1(norm(x))))`` keeping only ``x`` and the fc1 output for backward."""
-    _check("layer_norm_mlp", x, norm.weight, fc1.weight)
-    if fc2.weight.shape[1] != fc1.weight.shape[0]:
-        raise ValueError(f"layer_norm_mlp: fc2 takes {fc2.weight.shape[1]} inputs but fc1 gives {fc1.weight.shape[0]}")
+    _check_mlp("layer_norm_mlp", x, norm.weight, fc1.weight, fc2.weight)
     return _LayerNormMlp.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+
+
+def residual_layer_norm_mlp(x, branch, norm: torch.nn.LayerNorm, fc1: torch.nn.Linear,
+                            fc2: torch.nn.Linear) -> torch.Tensor:
+    """``x_mid + fc2(gelu(fc1(norm(x_mid))))`` with ``x_mid = x + branch``, the second half of a pre-norm block.
+
+    Keeps ``x`` and ``branch`` (in its own dtype) for backward instead of ``x_mid``, and the fc1 output."""
+    op = "residual_layer_norm_mlp"
+    _check_mlp(op, x, norm.weight, fc1.weight, fc2.weight)
+    if not isinstance(branch, torch.Tensor) or branch.shape != x.shape:
+        got = tuple(branch.shape) if isinstance(branch, torch.Tensor) else type(branch).__name__
+        raise ValueError(f"{op}: branch must have x's shape {tuple(x.shape)}, got {got}")
+    if branch.device != x.device:
+        raise ValueError(f"{op}: branch is on {branch.device} but x on {x.device}")
+    if fc2.weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"{op}: fc2 must give {x.shape[-1]} outputs for the residual add, "
+                         f"gives {fc2.weight.shape[0]}")
+    return _ResidualLayerNormMlp.apply(x, branch, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias,
+                                       fc2.weight, fc2.bias)
