@@ -63,7 +63,8 @@ PRETRAIN_KEYS: dict[str, tuple] = {
     "precision": _spec("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32"),
     "compile": _spec(False, "torch.compile the model"),
     "compile_scope": _spec("model", "model (whole graph) | blocks (each transformer block: faster to compile)"),
-    "grad_checkpointing": _spec(False, "recompute block activations in backward (saves memory)"),
+    "grad_checkpointing": _spec(False, "recompute block activations in backward (saves memory): true for all "
+                                        "blocks, or a number of blocks, decoder first (see mae-fast memory)"),
     "lean_activations": _spec(False, "keep only LayerNorm inputs and fc1 outputs for backward, recompute "
                                      "the rest (about half the saved activations under bf16; same loss)"),
     "distributed": _spec("auto", "auto | ddp | fsdp | none (with torchrun; auto: FSDP2 if DDP would not fit)"),
@@ -157,6 +158,10 @@ def _coerce(key: str, value, default):
     """Check ``value`` against the default's type (ints are fine where floats are expected)."""
     if value is None:
         return value
+    if key == "grad_checkpointing" and not isinstance(value, bool):
+        if isinstance(value, int) and value >= 0:
+            return value
+        raise ConfigError(f"grad_checkpointing must be true, false or a number of blocks, got {value!r}")
     if default is None:
         if key == "img_size":
             if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):

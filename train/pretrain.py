@@ -391,8 +391,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
         kw["img_size"] = cfg["img_size"]
     kw["norm_pix_loss"] = bool(cfg["norm_pix_loss"])
     model = create_model(cfg["model"], **kw).to(device)
-    if cfg["grad_checkpointing"]:
-        model.set_grad_checkpointing(True)
+    model.set_grad_checkpointing(cfg["grad_checkpointing"])
     if cfg["lean_activations"]:
         model.set_lean_activations(True)
     img_size = model.img_size

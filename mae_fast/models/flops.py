@@ -25,3 +25,11 @@ def mae_forward_flops(model, mask_ratio: float = 0.75) -> float:
 def mae_train_flops(model, mask_ratio: float = 0.75) -> float:
     """Forward + backward (backward = 2x forward)."""
     return 3.0 * mae_forward_flops(model, mask_ratio)
+
+
+def mae_recompute_flops(model, mask_ratio: float = 0.75) -> float:
+    """Extra forward FLOPs per image that gradient checkpointing adds: the checkpointed blocks run twice."""
+    L = model.num_patches
+    keep = int(L * (1 - mask_ratio))
+    return float(_block_flops(keep + 1, model.embed_dim, model.mlp_ratio, model._checkpointed_encoder)
+                 + _block_flops(L + 1, model.decoder_embed_dim, model.mlp_ratio, model._checkpointed_decoder))

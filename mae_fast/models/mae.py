@@ -112,7 +112,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
         self.mlp_ratio = mlp_ratio
         self.decoder_embed_dim, self.decoder_depth = decoder_embed_dim, decoder_depth
-        self.grad_checkpointing = False
+        self.grad_checkpointing: bool | int = False
+        self._checkpointed_encoder = self._checkpointed_decoder = 0  # leading blocks run under checkpoint
 
         self.patch_embed = PatchEmbed(self.grid_size, patch_size, in_chans, embed_dim)
         L = self.patch_embed.num_patches
@@ -153,8 +154,21 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
-    def set_grad_checkpointing(self, enable: bool = True):
+    def set_grad_checkpointing(self, enable: bool | int = True):
+        """Recompute block activations in backward instead of keeping them: ``True`` for every block, or a
+        number of blocks, decoder blocks first. A block keeps about tokens x width bytes and recomputes about
+        tokens x width x (24 width + 4 tokens) FLOPs, so the narrow decoder, which sees every token, frees the
+        most memory per recomputed FLOP (``mae-fast memory`` finds the fewest blocks that fit a budget)."""
+        total = len(self.blocks) + len(self.decoder_blocks)
+        if isinstance(enable, bool):
+            n = total if enable else 0
+        elif isinstance(enable, int) and enable >= 0:
+            n = min(enable, total)
+        else:
+            raise ValueError(f"grad checkpointing takes true/false or a number of blocks >= 0, got {enable!r}")
         self.grad_checkpointing = enable
+        self._checkpointed_decoder = min(n, len(self.decoder_blocks))
+        self._checkpointed_encoder = n - self._checkpointed_decoder
 
     def set_lean_activations(self, enable: bool = True):
         """Keep about a third less for backward: each block saves its LayerNorm inputs and fc1 outputs only,
@@ -215,9 +229,10 @@ class MaskedAutoencoderViT(nn.Module):
 
     def _run_blocks(self, blocks, x, last_first_query: int = 0):
         """Run ``blocks``; the last one returns only rows ``last_first_query:``."""
+        checkpointed = self._checkpointed_decoder if blocks is self.decoder_blocks else self._checkpointed_encoder
         for i, blk in enumerate(blocks):
             fq = last_first_query if i == len(blocks) - 1 else 0
-            if self.grad_checkpointing and x.requires_grad:
+            if i < checkpointed and x.requires_grad:
                 x = checkpoint(blk, x, fq, use_reentrant=False)
             else:
                 x = blk(x, fq)
