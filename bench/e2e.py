@@ -39,6 +39,8 @@ GPU_CONFIGS = [  # (model, img_size, batch)
     ("mae_vit_huge_patch14", 952, 4),
 ]
 CPU_CONFIGS = [("mae_vit_small_patch16", 112, 8), ("mae_vit_small_patch16", 224, 4)]
+# what peak_mem_gib counts (results before this field counted every resident model's weights)
+PEAK_MEM_DEFINITION = "own weights + own optimizer state + everything the step allocates"
 
 
 def measured_matmul_flops(device: torch.device) -> float:
@@ -197,7 +199,8 @@ class Stepper:
 
     def peak_memory_gib(self) -> float | None:
         """Peak memory of one step attributable to this implementation: everything allocated during the step
-        on top of what was resident before, plus its own parameters (other models' weights excluded)."""
+        on top of what was resident before, plus its own parameters and optimizer state (other models'
+        weights and optimizer states excluded): what this implementation alone needs on the device."""
         if self.device.type != "cuda":
             return None
         torch.cuda.synchronize()
@@ -205,6 +208,8 @@ class Stepper:
         torch.cuda.reset_peak_memory_stats()
         self()
         own = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        own += sum(t.numel() * t.element_size() for s in self.opt.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor))
         return (torch.cuda.max_memory_allocated() - base + own) / 2**30
 
     def saved_activation_gib(self) -> float:
@@ -291,7 +296,7 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
 def _result(device, peak_rate, rows) -> dict:
     add_ratios(rows)
     return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                matmul_flops=peak_rate, rows=rows)
+                matmul_flops=peak_rate, peak_mem_definition=PEAK_MEM_DEFINITION, rows=rows)
 
 
 def add_ratios(rows) -> None:

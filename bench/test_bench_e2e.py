@@ -48,3 +48,34 @@ def test_profile_step_smoke():
     assert profile_step.categorize("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernel>") == "elementwise"
     assert profile_step.categorize("flash_fwd_kernel") == "attention"
     assert "| total |" in profile_step.table(res)
+
+
+def test_memory_estimate_table_and_validation(tmp_path):
+    """bench/memory_estimate.py on a small shape: the reference is 1.00x, mae_fast keeps less, lean less again,
+    and the checkpointed plan (when lean is not enough) is the fewest blocks within the target. Validation
+    reads an e2e JSON in either peak definition and reports the relative error."""
+    import json
+
+    import memory_estimate as me
+
+    rows = {r["impl"]: r for r in me.table_rows([("mae_vit_small_patch16", 112, 256)], target=0.55)}
+    assert rows["reference"]["mem_vs_reference"] == 1.0
+    assert rows["mae_fast_lean"]["peak"] < rows["mae_fast"]["peak"] < rows["reference"]["peak"]
+    ck = rows["mae_fast_lean_ckpt"]
+    assert ck["mem_vs_reference"] <= 0.55 and ck["checkpointed_blocks"] >= 1 and ck["recompute_flops_pct"] > 0
+    fewer = me.estimate_peak("mae_fast", "mae_vit_small_patch16", 112, 256, lean=True,
+                             checkpointed=ck["checkpointed_blocks"] - 1)
+    assert fewer.peak > 0.55 * rows["reference"]["peak"] * 2**30 * 0.999
+
+    est = me.estimate_peak("reference", "mae_vit_demo_patch8", 64, 8)
+    own = {"peak_mem_definition": e2e.PEAK_MEM_DEFINITION, "rows": [
+        dict(model="mae_vit_demo_patch8", img_size=64, batch=8, impl="reference", compile=False,
+             peak_mem_gib=1.1 * est.peak / 2**30)]}
+    legacy = {"rows": [dict(own["rows"][0], peak_mem_gib=(est.peak + 2 * est.parameters) / 2**30, source="a"),
+                       dict(own["rows"][0], impl="mae_fast", source="a"),
+                       dict(own["rows"][0], impl="hf_vitmae", source="a")]}
+    for data, resident, error in ((own, 0, 1 / 1.1 - 1), (legacy, 2, 0.0)):
+        path = tmp_path / "measured.json"
+        path.write_text(json.dumps(data))
+        (v,) = me.validation_rows(path)
+        assert v["other_models_resident"] == resident and abs(v["error"] - error) < 2e-3, v

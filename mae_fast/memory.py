@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["saved_tensor_bytes", "StorageTracker", "StepMemory", "estimate_train_step", "estimate_mae_step",
-           "fit_batch", "main"]
+           "fit_batch", "Plan", "plan_for_budget", "main"]
 
 GiB = 2**30
 ALLOC_ROUND = 512  # the CUDA caching allocator hands out multiples of 512 bytes
@@ -262,9 +262,9 @@ def fit_batch(peak_of: Callable[[int], int], budget: int, limit: int = 1 << 16) 
 
 # ---- command line -----------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """A way to train: which memory savers are on, and what they cost."""
+    """A way to train: which memory savers are on."""
 
     lean: bool
     checkpointed: int  # blocks under gradient checkpointing, decoder first
@@ -280,6 +280,31 @@ class Plan:
     def overrides(self) -> str:
         ck = "true" if self.checkpointed >= self.total_blocks else str(self.checkpointed)
         return f"lean_activations={str(self.lean).lower()} grad_checkpointing={ck if self.checkpointed else 'false'}"
+
+
+def plan_for_budget(peak_of: Callable[[Plan], int], budget: int, total_blocks: int, lean: bool = False,
+                    checkpointed: int = 0) -> tuple[Plan | None, dict]:
+    """The cheapest plan, at least as lean as the one given, whose ``peak_of(plan)`` fits ``budget`` bytes:
+    the given plan, else with lean activations (no extra FLOPs), else the fewest checkpointed blocks (by
+    bisection). Returns (the plan or None if every block checkpointed does not fit, {plan: peak} estimated)."""
+    tried: dict[Plan, int] = {}
+
+    def fits(plan):
+        if plan not in tried:
+            tried[plan] = peak_of(plan)
+        return tried[plan] <= budget
+
+    checkpointed = min(checkpointed, total_blocks)
+    for plan in (Plan(lean, checkpointed, total_blocks), Plan(True, checkpointed, total_blocks)):
+        if fits(plan):
+            return plan, tried
+    if not fits(Plan(True, total_blocks, total_blocks)):
+        return None, tried
+    lo, hi = checkpointed, total_blocks  # lo does not fit, hi does
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(Plan(True, mid, total_blocks)) else (mid, hi)
+    return Plan(True, hi, total_blocks), tried
 
 
 def _plan_row(name, img_size, batch, plan: Plan, mask_ratio, amp_dtype) -> dict:
@@ -345,10 +370,15 @@ def main(argv=None) -> int:
     label = f"{args.model} at {img_size} px, {args.precision}, mask {args.mask_ratio}"
     rows = []
 
-    def row(batch, plan):
-        print(f"  estimating {plan.describe()} at batch {batch} ...", file=sys.stderr, flush=True)
-        return _plan_row(args.model, img_size, batch, plan, args.mask_ratio, amp)
+    cache: dict = {}
 
+    def row(batch, plan):
+        if (batch, plan) not in cache:
+            print(f"  estimating {plan.describe()} at batch {batch} ...", file=sys.stderr, flush=True)
+            cache[batch, plan] = _plan_row(args.model, img_size, batch, plan, args.mask_ratio, amp)
+        return cache[batch, plan]
+
+    chosen = None
     if args.budget is None:
         rows = [row(args.batch, p) for p in (plain, lean, everything)]
         _print_rows(rows, f"{label}, batch {args.batch}:")
@@ -356,19 +386,9 @@ def main(argv=None) -> int:
         budget = int(args.budget * (1 - args.headroom) * GiB)
         budget_text = f"{args.budget:g} GiB budget ({budget / GiB:.1f} GiB usable, headroom {args.headroom:g})"
         if args.batch is not None:
-            rows = [row(args.batch, plain), row(args.batch, lean)]
-            fits = next((r for r in rows if r["peak_bytes"] <= budget), None)
-            if fits is None:  # fewest checkpointed blocks that fit
-                peak = lambda n: row(args.batch, Plan(True, n, blocks))["peak_bytes"]  # noqa: E731
-                lo, hi = 0, blocks
-                if peak(hi) > budget:
-                    rows.append(row(args.batch, everything))
-                else:
-                    while hi - lo > 1:
-                        mid = (lo + hi) // 2
-                        lo, hi = (lo, mid) if peak(mid) <= budget else (mid, hi)
-                    rows.append(row(args.batch, Plan(True, hi, blocks)))
-                    fits = rows[-1]
+            found, tried = plan_for_budget(lambda p: row(args.batch, p)["peak_bytes"], budget, blocks)
+            rows = [row(args.batch, p) for p in sorted(tried, key=lambda p: (p.lean, p.checkpointed))]
+            fits = chosen = row(args.batch, found) if found else None
             _print_rows(rows, f"{label}, batch {args.batch}, {budget_text}:")
             print(f"\nfits: {fits['plan']}  ->  mae-fast pretrain ... {fits['overrides']}" if fits else
                   f"\ndoes not fit even with every block checkpointed: lower the batch (accum_steps keeps the "
@@ -390,5 +410,5 @@ def main(argv=None) -> int:
         from pathlib import Path
         Path(args.json).write_text(json.dumps(dict(model=args.model, img_size=img_size, precision=args.precision,
                                                    mask_ratio=args.mask_ratio, budget_gib=args.budget,
-                                                   headroom=args.headroom, rows=rows), indent=1))
+                                                   headroom=args.headroom, rows=rows, chosen=chosen), indent=1))
     return 0

@@ -212,7 +212,7 @@ def test_cli_table_budget_and_errors(capsys, tmp_path):
     assert main(["memory", *small, "--batch", "48", "--budget", str(budget), "--headroom", "0",
                  "--json", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
-    chosen = json.loads((tmp_path / "b.json").read_text())["rows"][-1]
+    chosen = json.loads((tmp_path / "b.json").read_text())["chosen"]
     assert "fits: lean + checkpoint" in out and chosen["peak_bytes"] <= budget * GiB and "grad_checkpointing=" in out
     n = int(chosen["overrides"].split("grad_checkpointing=")[1])
     fewer = estimate_mae_step("mae_vit_demo_patch8", 48, 48, lean=True, grad_checkpointing=n - 1)
