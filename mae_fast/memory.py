@@ -190,32 +190,37 @@ def estimate_train_step(build_model: Callable[[], torch.nn.Module],
 
 # ---- MAE pretraining --------------------------------------------------------------------------
 
-def estimate_mae_step(name: str, img_size: int, batch: int, *, lean: bool = False,
+def estimate_mae_step(name: str, img_size, batch: int, *, lean: bool = False,
                       grad_checkpointing: bool | int = False, mask_ratio: float = 0.75,
-                      amp_dtype: torch.dtype | None = torch.bfloat16, **model_kwargs) -> StepMemory:
+                      amp_dtype: torch.dtype | None = torch.bfloat16, extra_bytes: int = 0,
+                      **model_kwargs) -> StepMemory:
     """Peak memory of one ``mae-fast pretrain`` step (masked-only training path, fused AdamW) for a registered
-    model at ``img_size`` and per-device ``batch``: what ``torch.cuda.max_memory_allocated`` would report."""
+    model (``model_kwargs``: create_model overrides) at ``img_size`` (int or (H, W)) and per-device ``batch``:
+    what ``torch.cuda.max_memory_allocated`` would report. ``extra_bytes`` is added to the peak (e.g. DDP's
+    gradient buckets)."""
     from .models import create_model
 
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
     model_kwargs.setdefault("norm_pix_loss", True)
+    built = {}
 
     def build():
-        m = create_model(name, img_size=img_size, **model_kwargs)
+        m = built["model"] = create_model(name, img_size=img_size, **model_kwargs)
         m.set_lean_activations(lean)
         m.set_grad_checkpointing(grad_checkpointing)
         return m
 
     def inputs():
-        side = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        L = (side[0] // build.patch) * (side[1] // build.patch)
-        return torch.randn(batch, 3, *side), torch.rand(batch, L)
+        m = built["model"]
+        return torch.randn(batch, m.in_chans, *m.img_size), torch.rand(batch, m.num_patches)
 
-    from .models import model_config
-    build.patch = model_config(name, img_size=img_size)["patch_size"]
-    return estimate_train_step(build, inputs, lambda m, x, noise: m(x, mask_ratio, noise, masked_only=True).loss,
-                               amp_dtype=amp_dtype)
+    est = estimate_train_step(build, inputs, lambda m, x, noise: m(x, mask_ratio, noise, masked_only=True).loss,
+                              amp_dtype=amp_dtype)
+    if extra_bytes:
+        est.peak += extra_bytes
+        est.activations += extra_bytes
+    return est
 
 
 def fit_batch(peak_of: Callable[[int], int], budget: int, limit: int = 1 << 16) -> int:

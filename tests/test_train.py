@@ -541,3 +541,33 @@ def test_linprobe_with_lars_runs_and_bad_optimizer_errors(tmp_path):
     assert 0 <= res["top1"] <= 100
     with pytest.raises(config_mod.ConfigError, match="lars or sgd"), pytest.warns(RuntimeWarning):
         finetune(dict(base, name="bad", linprobe_optimizer="adam"))
+
+
+def test_memory_budget_turns_on_the_fewest_savers(tmp_path):
+    """A budget between the lean and the plain estimate turns lean on; one below lean checkpoints the fewest
+    blocks that fit; one below everything is a clear error before any step; a roomy one changes nothing."""
+    from mae_fast.memory import GiB, estimate_mae_step
+
+    base = tiny(tmp_path, steps=1, checkpoint_every=1)
+    micro, img = base["batch_size"], base["img_size"]
+
+    def est(**kw):
+        return estimate_mae_step("mae_vit_demo_patch8", img, micro, amp_dtype=None, norm_pix_loss=False, **TINY_MODEL,
+                                 **kw).peak / GiB
+
+    plain, lean, everything = est(), est(lean=True), est(lean=True, grad_checkpointing=True)
+    assert plain > lean > everything
+    res = pretrain(dict(base, name="roomy", memory_budget_gib=2 * plain))
+    assert res["memory_plan"]["changed"] is False and res["memory_plan"]["lean_activations"] is False
+    res = pretrain(dict(base, name="lean", memory_budget_gib=(plain + lean) / 2))
+    assert res["memory_plan"]["lean_activations"] and res["memory_plan"]["checkpointed_blocks"] == 0
+    assert abs(res["memory_plan"]["estimated_peak_gib"] - lean) < 1e-3
+    res = pretrain(dict(base, name="ckpt", memory_budget_gib=(lean + everything) / 2))
+    n = res["memory_plan"]["checkpointed_blocks"]
+    assert n >= 1 and res["memory_plan"]["recompute_flops_pct"] > 0
+    assert est(lean=True, grad_checkpointing=n) <= (lean + everything) / 2 < est(lean=True, grad_checkpointing=n - 1)
+    with pytest.raises(config_mod.ConfigError, match="even with every block checkpointed"):
+        pretrain(dict(base, name="tight", memory_budget_gib=everything / 2))
+    assert pretrain(dict(base, name="off", memory_budget_gib=None))["memory_plan"] is None
+    with pytest.raises(config_mod.ConfigError, match="memory_budget_gib"):
+        pretrain(dict(base, name="bad", memory_budget_gib="lots"))

@@ -65,6 +65,10 @@ PRETRAIN_KEYS: dict[str, tuple] = {
     "compile_scope": _spec("model", "model (whole graph) | blocks (each transformer block: faster to compile)"),
     "grad_checkpointing": _spec(False, "recompute block activations in backward (saves memory): true for all "
                                         "blocks, or a number of blocks, decoder first (see mae-fast memory)"),
+    "memory_budget_gib": _spec("auto", "GiB a training step may allocate per device: a number, auto (90% of the "
+                                       "GPU's memory; off on the CPU) or null (off). If the estimated peak does "
+                                       "not fit, lean activations and then the fewest checkpointed blocks are "
+                                       "turned on (see mae-fast memory)"),
     "lean_activations": _spec(False, "keep only LayerNorm inputs and fc1 outputs for backward, recompute "
                                      "the rest (about half the saved activations under bf16; same loss)"),
     "distributed": _spec("auto", "auto | ddp | fsdp | none (with torchrun; auto: FSDP2 if DDP would not fit)"),
@@ -158,6 +162,10 @@ def _coerce(key: str, value, default):
     """Check ``value`` against the default's type (ints are fine where floats are expected)."""
     if value is None:
         return value
+    if key == "memory_budget_gib" and value != "auto":
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        raise ConfigError(f"memory_budget_gib must be a positive number of GiB, auto or null, got {value!r}")
     if key == "grad_checkpointing" and not isinstance(value, bool):
         if isinstance(value, int) and value >= 0:
             return value

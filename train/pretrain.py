@@ -374,6 +374,53 @@ def _check(cfg: dict, world: int) -> None:
         raise config_mod.ConfigError("checkpoint_every and log_every must be at least 1")
 
 
+def fit_memory_budget(cfg: dict, model, micro: int, strategy: str, device, amp_dtype, info) -> dict | None:
+    """Make the step fit ``memory_budget_gib``: estimate its peak (``mae_fast.memory``, fake tensors, a few
+    seconds) and, when the configured plan would not fit, turn on lean activations, then checkpoint the
+    fewest blocks (decoder first). Neither changes the data order or the loss. Returns what was decided."""
+    from mae_fast.memory import GiB, Plan, estimate_mae_step, plan_for_budget
+    from mae_fast.models import mae_recompute_flops, mae_train_flops
+
+    budget = cfg["memory_budget_gib"]
+    if budget is None or (budget == "auto" and device.type != "cuda"):
+        return None
+    if strategy == "fsdp":
+        _say(info, "memory: the estimate does not model FSDP sharding, so memory_budget_gib is not checked")
+        return None
+    limit = int(0.9 * torch.cuda.get_device_properties(device).total_memory if budget == "auto" else budget * GiB)
+    blocks = len(model.blocks) + len(model.decoder_blocks)
+    ck = cfg["grad_checkpointing"]
+    start = Plan(bool(cfg["lean_activations"]), blocks if ck is True else int(ck), blocks)
+    kw = {k: v for k, v in (cfg["model_kwargs"] or {}).items() if k != "img_size"}
+    extra = 4 * sum(p.numel() for p in model.parameters()) if strategy == "ddp" else 0  # DDP's gradient buckets
+
+    def peak_of(plan):
+        return estimate_mae_step(cfg["model"], model.img_size, micro, lean=plan.lean,
+                                 grad_checkpointing=plan.checkpointed, mask_ratio=cfg["mask_ratio"],
+                                 amp_dtype=amp_dtype, extra_bytes=extra, norm_pix_loss=bool(cfg["norm_pix_loss"]),
+                                 **kw).peak
+
+    found, tried = plan_for_budget(peak_of, limit, blocks, start.lean, start.checkpointed)
+    if found is None:
+        raise config_mod.ConfigError(
+            f"a micro-batch of {micro} needs about {tried[Plan(True, blocks, blocks)] / GiB:.1f} GiB per device even "
+            f"with every block checkpointed, over the {limit / GiB:.1f} GiB budget: raise accum_steps (the batch "
+            f"stays {cfg['batch_size']}), shard with distributed=fsdp, or set memory_budget_gib")
+    model.set_lean_activations(found.lean)
+    model.set_grad_checkpointing(found.checkpointed if found.checkpointed < blocks else True)
+    recompute = 100 * mae_recompute_flops(model, cfg["mask_ratio"]) / mae_train_flops(model, cfg["mask_ratio"])
+    if found != start:
+        _say(info, f"memory: estimated peak {tried[start] / GiB:.1f} GiB per device is over the {limit / GiB:.1f} GiB "
+                   f"budget; training with {found.describe()} instead (estimated {tried[found] / GiB:.1f} GiB, "
+                   f"{recompute:.1f}% more FLOPs)")
+    else:
+        _say(info, f"memory: estimated peak {tried[found] / GiB:.1f} GiB per device, within the "
+                   f"{limit / GiB:.1f} GiB budget ({found.describe()})")
+    return dict(budget_gib=round(limit / GiB, 3), estimated_peak_gib=round(tried[found] / GiB, 3),
+                lean_activations=found.lean, checkpointed_blocks=found.checkpointed,
+                recompute_flops_pct=round(recompute, 2), changed=found != start)
+
+
 def _pretrain(cfg: dict, info, dataset) -> dict:
     from mae_fast import create_model
     from mae_fast.models import mae_train_flops
@@ -421,6 +468,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
     peak_lr = float(cfg["lr"]) if cfg["lr"] is not None else cfg["base_lr"] * B / 256
 
     strategy = dist_mod.choose_strategy(cfg["distributed"], model, info)
+    memory_plan = fit_memory_budget(cfg, model, micro, strategy, device, amp_dtype, info)
     train_model = dist_mod.wrap_model(model, strategy, info)
     optimizer = build_optimizer(model, cfg, peak_lr, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -697,7 +745,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
               "run_dir": str(run_dir), "steps": step,
               "total_steps": total_steps, "skipped_steps": bad_total, "stopped": stopped,
               "images_per_s": steady_rate, "mfu": steady_mfu, "startup_s": t_loop - t_start,
-              "reconstruction": str(run_dir / "reconstruction.png")}
+              "reconstruction": str(run_dir / "reconstruction.png"), "memory_plan": memory_plan}
     if info.is_main:
         (run_dir / "result.json").write_text(json.dumps(result, indent=1))
         _say(info, f"{stopped} at step {step}/{total_steps}: loss {final_loss:.4f} (mean of the last "
