@@ -3,6 +3,8 @@
 # ViT-H/14 at 476 px, and the attention kernels' compile report (spills with the device's triton).
 # Everything lands in $OUT (8 files at most come back from a device call).
 #   bash bench/run_gpu_suite.sh        (repo root)
+# Afterwards, on any machine: python bench/memory_estimate.py --measured <the e2e.json> checks the memory
+# estimator against every eager peak of this run (no device time needed).
 REPO=$(pwd)
 OUT=${OUT:-/tmp/gpu_suite}
 mkdir -p "$OUT"

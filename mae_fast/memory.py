@@ -312,11 +312,11 @@ def plan_for_budget(peak_of: Callable[[Plan], int], budget: int, total_blocks: i
     return Plan(True, hi, total_blocks), tried
 
 
-def _plan_row(name, img_size, batch, plan: Plan, mask_ratio, amp_dtype) -> dict:
+def _plan_row(name, img_size, batch, plan: Plan, mask_ratio, amp_dtype, extra_bytes=0) -> dict:
     from .models import create_model, mae_recompute_flops, mae_train_flops
 
     est = estimate_mae_step(name, img_size, batch, lean=plan.lean, grad_checkpointing=plan.checkpointed,
-                            mask_ratio=mask_ratio, amp_dtype=amp_dtype)
+                            mask_ratio=mask_ratio, amp_dtype=amp_dtype, extra_bytes=extra_bytes)
     with torch.device("meta"):
         m = create_model(name, img_size=img_size)
     m.set_grad_checkpointing(plan.checkpointed)
@@ -351,6 +351,7 @@ def main(argv=None) -> int:
                     help="fraction of --budget kept free for allocator fragmentation and the CUDA context (0.1)")
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    ap.add_argument("--ddp", action="store_true", help="add DDP's gradient buckets (4 bytes per parameter, counted with the activations)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
 
@@ -371,8 +372,9 @@ def main(argv=None) -> int:
     with torch.device("meta"):
         shape = create_model(args.model, img_size=img_size)
     blocks = len(shape.blocks) + len(shape.decoder_blocks)
+    extra = 4 * sum(p.numel() for p in shape.parameters()) if args.ddp else 0
     plain, lean, everything = Plan(False, 0, blocks), Plan(True, 0, blocks), Plan(True, blocks, blocks)
-    label = f"{args.model} at {img_size} px, {args.precision}, mask {args.mask_ratio}"
+    label = f"{args.model} at {img_size} px, {args.precision}, mask {args.mask_ratio}{', DDP' if args.ddp else ''}"
     rows = []
 
     cache: dict = {}
@@ -380,7 +382,7 @@ def main(argv=None) -> int:
     def row(batch, plan):
         if (batch, plan) not in cache:
             print(f"  estimating {plan.describe()} at batch {batch} ...", file=sys.stderr, flush=True)
-            cache[batch, plan] = _plan_row(args.model, img_size, batch, plan, args.mask_ratio, amp)
+            cache[batch, plan] = _plan_row(args.model, img_size, batch, plan, args.mask_ratio, amp, extra)
         return cache[batch, plan]
 
     chosen = None
@@ -402,7 +404,7 @@ def main(argv=None) -> int:
             for plan in (plain, lean, everything):
                 b = fit_batch(lambda n, p=plan: estimate_mae_step(
                     args.model, img_size, n, lean=p.lean, grad_checkpointing=p.checkpointed,
-                    mask_ratio=args.mask_ratio, amp_dtype=amp).peak, budget, limit=4096)
+                    mask_ratio=args.mask_ratio, amp_dtype=amp, extra_bytes=extra).peak, budget, limit=4096)
                 print(f"  {plan.describe()}: largest batch {b}", file=sys.stderr, flush=True)
                 rows.append(row(b, plan) if b else dict(plan=plan.describe(), batch=0))
             fitting = [r for r in rows if r["batch"]]

@@ -218,6 +218,11 @@ def test_cli_table_budget_and_errors(capsys, tmp_path):
     fewer = estimate_mae_step("mae_vit_demo_patch8", 48, 48, lean=True, grad_checkpointing=n - 1)
     assert fewer.peak / GiB > budget  # and one block fewer would not have fit
 
+    assert main(["memory", *small, "--batch", "48", "--ddp", "--json", str(tmp_path / "d.json")]) == 0
+    ddp_rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    n_params = sum(p.numel() for p in mae_fast.create_model("mae_vit_demo_patch8", img_size=48).parameters())
+    assert [d["peak_bytes"] - r["peak_bytes"] for d, r in zip(ddp_rows, rows)] == [4 * n_params] * 3
+
     assert main(["memory", *small, "--budget", "0.05", "--json", str(tmp_path / "c.json")]) == 0
     for r in json.loads((tmp_path / "c.json").read_text())["rows"]:
         assert r["batch"] >= 1 and r["peak_bytes"] <= 0.05 * 0.9 * GiB
