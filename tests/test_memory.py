@@ -229,3 +229,29 @@ def test_cli_table_budget_and_errors(capsys, tmp_path):
     for bad in (["memory", "mae_vit_nope"], ["memory", *small], ["memory", *small, "--batch", "0"]):
         with pytest.raises(SystemExit):
             main(bad)
+
+
+def test_scale_memory_plans_every_model_and_resolution_of_a_grid(tmp_path, capsys):
+    from mae_fast.scaling.cli import main as scale_main
+    from mae_fast.scaling.cli import memory_plans
+    from mae_fast.scaling.grid import load_grid
+
+    grid = load_grid(ROOT / "train/grids/demo.yaml")
+    roomy = memory_plans(grid, devices=2, budget_gib=100.0)
+    assert [(r["arch"], r["img_size"]) for r in roomy] == [(a, s) for a in ("demo_w32", "demo_w64") for s in (32, 48)]
+    batch = grid.runs[0].config["budget"]["batch_size"]
+    for r in roomy:
+        assert r["micro_batch"] == batch // 2 and r["plan"] == "plain" and r["planned_bytes"] == r["configured_bytes"]
+    w = {"demo_w32": 32, "demo_w64": 64}
+    direct = estimate_mae_step("mae_vit_demo_patch8", 48, batch // 2, embed_dim=w[roomy[3]["arch"]], depth=2,
+                               num_heads=2, amp_dtype=torch.bfloat16, norm_pix_loss=False)
+    assert direct.peak == roomy[3]["configured_bytes"]
+    # a budget just under the largest cell's plain peak: that cell needs a saver, the smallest does not
+    tight = roomy[3]["configured_bytes"] * 0.98
+    planned = memory_plans(grid, devices=2, budget_gib=tight / GiB)
+    assert planned[3]["plan"] != "plain" and planned[3]["planned_bytes"] <= tight
+    assert planned[0]["plan"] == "plain" and roomy[0]["configured_bytes"] < tight
+    assert scale_main(["memory", str(ROOT / "train/grids/demo.yaml"), "--devices", "2", "--budget", "0.001",
+                       "--json", str(tmp_path / "g.json")]) == 1  # nothing fits: non-zero exit, said per row
+    assert all("does not fit" in r["plan"] for r in json.loads((tmp_path / "g.json").read_text()))
+    assert "does not fit" in capsys.readouterr().out

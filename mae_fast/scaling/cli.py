@@ -2,6 +2,7 @@
 
     mae-fast scale run GRID [--executor local|slurm] [--mode inprocess|subprocess|torchrun] [--fit]
     mae-fast scale status GRID [--json]
+    mae-fast scale memory GRID [--devices 8] [--budget 80]
     mae-fast scale fit TABLE [--out DIR] [--target-accuracy 50] [--project PARAMS,HOURS,IMG_SIZE ...]
     mae-fast scale worker GRID RUN_ID     (internal: one run, used by the subprocess/torchrun modes)
 """
@@ -106,6 +107,66 @@ def _cmd_worker(args) -> int:
     return 0
 
 
+def memory_plans(grid, devices: int, budget_gib: float) -> list[dict]:
+    """Per distinct (model, resolution) of a grid: the per-device micro-batch and the memory plan the trainer's
+    ``memory_budget_gib`` would choose for it (lean activations, then the fewest checkpointed blocks)."""
+    import torch
+
+    from mae_fast.memory import GiB, Plan, estimate_mae_step, plan_for_budget
+    from mae_fast.models import create_model
+    from mae_fast.train import config as config_mod
+
+    rows, seen = [], set()
+    for spec in grid.runs:
+        c = spec.config
+        key = (c["model"]["name"], json.dumps(c["model"]["overrides"], sort_keys=True), c["img_size"])
+        if key in seen:
+            continue
+        seen.add(key)
+        pre = config_mod.build_config(dict(c["pretrain"]), config_mod.PRETRAIN_KEYS)
+        batch, accum = c["budget"]["batch_size"], pre["accum_steps"]
+        if batch % (devices * accum):
+            raise config_mod.ConfigError(f"{spec.run_id}: batch_size {batch} is not divisible by {devices} devices "
+                                         f"x accum_steps {accum}")
+        micro = batch // (devices * accum)
+        name, img, overrides = key[0], c["img_size"], dict(c["model"]["overrides"])
+        with torch.device("meta"):
+            shape = create_model(name, img_size=img, **overrides)
+        blocks = len(shape.blocks) + len(shape.decoder_blocks)
+        amp = {"fp32": None, "fp16": torch.float16}.get(pre["precision"], torch.bfloat16)  # auto: bf16 on a GPU
+
+        def peak(plan, name=name, img=img, overrides=overrides, micro=micro, amp=amp, pre=pre):
+            return estimate_mae_step(name, img, micro, lean=plan.lean, grad_checkpointing=plan.checkpointed,
+                                     mask_ratio=pre["mask_ratio"], amp_dtype=amp,
+                                     norm_pix_loss=bool(pre["norm_pix_loss"]), **overrides).peak
+
+        ck = pre["grad_checkpointing"]
+        start = Plan(bool(pre["lean_activations"]), blocks if ck is True else int(ck), blocks)
+        found, tried = plan_for_budget(peak, int(budget_gib * GiB), blocks, start.lean, start.checkpointed)
+        rows.append(dict(arch=c["arch"], img_size=c["img_size"], micro_batch=micro,
+                         configured_gib=round(tried[start] / GiB, 2), configured_bytes=tried[start],
+                         plan=found.describe() if found else "does not fit: raise accum_steps or use fsdp",
+                         planned_gib=round(tried[found] / GiB, 2) if found else None,
+                         planned_bytes=tried[found] if found else None))
+    return rows
+
+
+def _cmd_memory(args) -> int:
+    from .grid import load_grid
+
+    grid = load_grid(args.grid)
+    budget = args.budget * (1 - args.headroom)
+    print(f"grid {grid.name}: {args.devices} devices, {args.budget:g} GiB each ({budget:.1f} usable)", flush=True)
+    rows = memory_plans(grid, args.devices, budget)
+    print(f"{'model':<28}{'px':>5}{'micro':>7}{'configured GiB':>16}  plan (estimated GiB)")
+    for r in rows:
+        est = f" ({r['planned_gib']:.1f})" if r["planned_gib"] is not None else ""
+        print(f"{r['arch']:<28}{r['img_size']:>5}{r['micro_batch']:>7}{r['configured_gib']:>16.1f}  {r['plan']}{est}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0 if all(r["planned_gib"] is not None for r in rows) else 1
+
+
 def add_subparsers(subparsers) -> None:
     """Add run / status / fit / worker to an argparse ``subparsers`` object."""
     p = subparsers.add_parser("run", help="run what is left of a sweep grid")
@@ -125,6 +186,15 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("grid")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)
+
+    p = subparsers.add_parser("memory", help="per model and resolution: estimated peak memory and the plan "
+                                             "that fits the devices (no GPU needed)")
+    p.add_argument("grid")
+    p.add_argument("--devices", type=int, default=1, help="data-parallel devices per run (the batch is split)")
+    p.add_argument("--budget", type=float, default=80.0, help="GiB per device (default 80)")
+    p.add_argument("--headroom", type=float, default=0.1, help="fraction of --budget kept free (0.1)")
+    p.add_argument("--json", help="also write the rows here")
+    p.set_defaults(func=_cmd_memory)
 
     p = subparsers.add_parser("fit", help="fit scaling laws to a results table and project")
     p.add_argument("table", help="results CSV (columns params, hours, img_size and the target at least)")
