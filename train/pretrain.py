@@ -400,7 +400,11 @@ def fit_memory_budget(cfg: dict, model, micro: int, strategy: str, device, amp_d
                                  amp_dtype=amp_dtype, extra_bytes=extra, norm_pix_loss=bool(cfg["norm_pix_loss"]),
                                  **kw).peak
 
-    found, tried = plan_for_budget(peak_of, limit, blocks, start.lean, start.checkpointed)
+    try:
+        found, tried = plan_for_budget(peak_of, limit, blocks, start.lean, start.checkpointed)
+    except Exception as e:  # noqa: BLE001 - a planning aid must not stop a run it cannot model
+        _say(info, f"memory: could not estimate the step ({type(e).__name__}: {e}); memory_budget_gib not checked")
+        return None
     if found is None:
         raise config_mod.ConfigError(
             f"a micro-batch of {micro} needs about {tried[Plan(True, blocks, blocks)] / GiB:.1f} GiB per device even "
