@@ -141,7 +141,8 @@ def estimate_train_step(build_model: Callable[[], torch.nn.Module],
     """Peak memory of ``loss_fn(model, *make_inputs())``, its backward and an optimizer step, without
     allocating any of it.
 
-    Everything runs on fake tensors on the CPU; ``amp_dtype`` is the autocast dtype (None: full precision);
+    ``build_model`` runs on the meta device; the step runs on fake tensors on the CPU (shapes, no data);
+    ``amp_dtype`` is the autocast dtype (None: full precision);
     the default optimizer is the trainer's fused AdamW. Two steps run, so the second sees the optimizer
     state the first created; gradients are released with ``zero_grad(set_to_none=True)`` as the trainer does.
     Sizes are rounded up to ``round_to`` bytes, as the CUDA allocator rounds them.
@@ -151,8 +152,13 @@ def estimate_train_step(build_model: Callable[[], torch.nn.Module],
     make_optimizer = make_optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-4, betas=(0.9, 0.95), fused=True))
     tracker = StorageTracker(round_to)
     amp = torch.autocast("cpu", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    with FakeTensorMode(), torch.device("cpu"):
-        model = build_model().train()
+    with torch.device("meta"):  # shapes only: initialisers skip meta tensors (some need real data)
+        model = build_model()
+    fake = FakeTensorMode()
+    with fake, torch.device("cpu"):
+        fake.allow_non_fake_inputs = True  # only to turn the meta parameters into fake CPU ones
+        model = model.to_empty(device="cpu").train()
+        fake.allow_non_fake_inputs = False
         model_serials = {tracker.track(t) for t in [*model.parameters(), *model.buffers()]}
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(params)

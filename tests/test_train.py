@@ -580,3 +580,28 @@ def test_memory_budget_turns_on_the_fewest_savers(tmp_path, monkeypatch, capsys)
     assert "could not estimate" in capsys.readouterr().out
     with pytest.raises(config_mod.ConfigError, match="memory_budget_gib"):
         pretrain(dict(base, name="bad", memory_budget_gib="lots"))
+
+
+def test_finetune_memory_budget_turns_on_checkpointing_with_the_same_results(tmp_path):
+    from mae_fast.train import config as config_mod
+    from mae_fast.train.finetune import finetune
+
+    pre = pretrain(tiny(tmp_path, name="pre", steps=1))
+    base = dict(mode="finetune", checkpoint=pre["run_dir"], output_dir=str(tmp_path), epochs=1, batch_size=16,
+                warmup_epochs=0, lr=3e-3, progress=False, drop_path=0.0)
+    data = (Shapes(32), Shapes(16, seed=1), ["a", "b", "c", "d"])
+    roomy = finetune(dict(base, name="roomy", memory_budget_gib=100.0), datasets=data)
+    plan = roomy["memory_plan"]
+    assert plan["changed"] is False and plan["grad_checkpointing"] is False and plan["estimated_peak_bytes"] > 0
+    squeezed = finetune(dict(base, name="squeezed", memory_budget_gib=plan["estimated_peak_bytes"] * 0.999 / 2**30),
+                        datasets=data)
+    plan2 = squeezed["memory_plan"]
+    assert plan2["changed"] and plan2["grad_checkpointing"]
+    assert plan2["estimated_peak_bytes"] < plan["estimated_peak_bytes"] * 0.999
+    assert [h["top1"] for h in squeezed["history"]] == [h["top1"] for h in roomy["history"]]  # checkpointing is exact
+    with pytest.raises(config_mod.ConfigError, match="lower batch_size"):
+        finetune(dict(base, name="tight", memory_budget_gib=1e-4), datasets=data)
+    with_drop_path = finetune(dict(base, name="dp", drop_path=0.1, memory_budget_gib=100.0), datasets=data)
+    assert with_drop_path["memory_plan"]["estimated_peak_bytes"] > 0  # timm's drop-path set-up is estimable
+    with pytest.raises(config_mod.ConfigError, match="true or false"):
+        finetune(dict(base, name="partial", grad_checkpointing=3), datasets=data)

@@ -115,6 +115,10 @@ FINETUNE_KEYS: dict[str, tuple] = {
     "label_smoothing": _spec(0.1, "label smoothing for finetuning"),
     "pool": _spec("cls", "cls | mean: the feature the head sees"),
     "precision": _spec("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32"),
+    "grad_checkpointing": _spec(False, "recompute the encoder blocks' activations in backward (saves memory)"),
+    "memory_budget_gib": _spec("auto", "GiB a step may allocate: a number, auto (90% of the GPU; off on the "
+                                       "CPU) or null; when the estimated peak does not fit, gradient "
+                                       "checkpointing is turned on"),
     "device": _spec("auto", "auto | cpu | cuda"),
     "progress": _spec(True, "show a tqdm progress bar"),
     "seed": _spec(0, "seed"),

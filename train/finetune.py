@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -195,6 +196,63 @@ def evaluate(model: nn.Module, loader, device, amp_dtype, num_classes: int) -> t
     return 100.0 * correct1 / total, 100.0 * correct5 / total, loss_sum / total
 
 
+def fit_memory_budget(cfg: dict, spec: tuple, num_classes: int, linprobe: bool, batch: int, device,
+                      amp_dtype) -> dict | None:
+    """Estimate a finetuning step's peak (``mae_fast.memory``: fake tensors, random weights of the same shape)
+    and say whether it fits ``memory_budget_gib``; when it does not, checkpointing every encoder block is the
+    plan (timm's gradient checkpointing: same numbers, about a third more encoder FLOPs)."""
+    from mae_fast.memory import GiB, estimate_train_step
+
+    budget = cfg["memory_budget_gib"]
+    if budget is None or (budget == "auto" and device.type != "cuda"):
+        return None
+    limit = int(0.9 * torch.cuda.get_device_properties(device).total_memory if budget == "auto" else budget * GiB)
+    size = None
+
+    def build(checkpointing):
+        nonlocal size
+        # the model is built on the meta device, where timm's drop-path rates (a tensor turned into floats)
+        # cannot be read: that one helper runs on the CPU
+        import timm.models.vision_transformer as vit
+
+        rates = vit.calculate_drop_path_rates
+
+        def real_rates(*args, **kwargs):
+            with torch.device("cpu"):
+                return rates(*args, **kwargs)
+
+        with mock.patch.object(vit, "calculate_drop_path_rates", real_rates):
+            model, size, _, _ = build_classifier(cfg, num_classes, linprobe, (None, *spec[1:]))
+        model.encoder.set_grad_checkpointing(checkpointing)
+        return model
+
+    def peak(checkpointing):
+        trainable = (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)) if linprobe else None
+        return estimate_train_step(
+            lambda: build(checkpointing), lambda: (torch.randn(batch, 3, *size), torch.randint(num_classes, (batch,))),
+            lambda m, x, y: nn.functional.cross_entropy(m(x).float(), y), amp_dtype=amp_dtype,
+            make_optimizer=trainable).peak
+
+    try:
+        configured = peak(bool(cfg["grad_checkpointing"]))
+        if configured <= limit or cfg["grad_checkpointing"] or linprobe:
+            plan, est = bool(cfg["grad_checkpointing"]), configured
+        else:
+            plan, est = True, peak(True)
+    except Exception as e:  # noqa: BLE001 - a planning aid must not stop a run it cannot model
+        print(f"memory: could not estimate the step ({type(e).__name__}: {e}); memory_budget_gib not checked")
+        return None
+    if est > limit:
+        raise config_mod.ConfigError(f"a batch of {batch} needs about {est / GiB:.1f} GiB even with gradient "
+                                     f"checkpointing, over the {limit / GiB:.1f} GiB budget: lower batch_size")
+    changed = plan != bool(cfg["grad_checkpointing"])
+    print(f"memory: estimated peak {configured / GiB:.1f} GiB" + (
+        f" is over the {limit / GiB:.1f} GiB budget; checkpointing every encoder block (estimated {est / GiB:.1f} GiB)"
+        if changed else f", within the {limit / GiB:.1f} GiB budget"), flush=True)
+    return dict(budget_gib=round(limit / GiB, 3), estimated_peak_gib=round(est / GiB, 3), estimated_peak_bytes=est,
+                grad_checkpointing=plan, changed=changed)
+
+
 def finetune(config: dict | None = None, *, datasets=None) -> dict:
     """Finetune or linearly probe an encoder (``config['mode']``). Returns top1, top5 (best over
     epochs, %), best_epoch, top5_at_best, history, results (path), checkpoint (the encoder source).
@@ -224,7 +282,13 @@ def finetune(config: dict | None = None, *, datasets=None) -> dict:
     else:
         train_ds, val_ds, classes = datasets
     num_classes = len(classes)
+    if not isinstance(cfg["grad_checkpointing"], bool):
+        raise config_mod.ConfigError("finetuning checkpoints every encoder block or none: grad_checkpointing must "
+                                     "be true or false")
+    memory_plan = fit_memory_budget(cfg, spec, num_classes, linprobe, cfg["batch_size"], device, amp_dtype)
     model, img_size, ckpt, model_name = build_classifier(cfg, num_classes, linprobe, spec)
+    model.encoder.set_grad_checkpointing(memory_plan["grad_checkpointing"] if memory_plan else
+                                         cfg["grad_checkpointing"])
     model.to(device)
 
     B = cfg["batch_size"]
@@ -318,7 +382,7 @@ def finetune(config: dict | None = None, *, datasets=None) -> dict:
               "train_images": n_train, "val_images": len(val_ds), "num_classes": num_classes,
               "checkpoint": str(ckpt) if ckpt else None, "model": model_name,
               "wall_time_s": time.perf_counter() - t0, "run_dir": str(run_dir),
-              "results": str(run_dir / "results.json"), "history": history}
+              "results": str(run_dir / "results.json"), "memory_plan": memory_plan, "history": history}
     checkpoint_io.atomic_write_bytes(run_dir / "results.json", json.dumps(result, indent=1).encode())
     print(f"{mode}: best top-1 {result['top1']:.2f}% (epoch {result['best_epoch']}), best top-5 "
           f"{result['top5']:.2f}%; {result['results']}", flush=True)
