@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
 import torch
+import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -318,13 +319,14 @@ def plan_for_budget(peak_of: Callable[[Plan], int], budget: int, total_blocks: i
     return Plan(True, hi, total_blocks), tried
 
 
-def _plan_row(name, img_size, batch, plan: Plan, mask_ratio, amp_dtype, extra_bytes=0) -> dict:
+def _plan_row(name, img_size, batch, plan: Plan, mask_ratio, amp_dtype, extra_bytes=0, overrides=None) -> dict:
     from .models import create_model, mae_recompute_flops, mae_train_flops
 
+    overrides = overrides or {}
     est = estimate_mae_step(name, img_size, batch, lean=plan.lean, grad_checkpointing=plan.checkpointed,
-                            mask_ratio=mask_ratio, amp_dtype=amp_dtype, extra_bytes=extra_bytes)
+                            mask_ratio=mask_ratio, amp_dtype=amp_dtype, extra_bytes=extra_bytes, **overrides)
     with torch.device("meta"):
-        m = create_model(name, img_size=img_size)
+        m = create_model(name, img_size=img_size, **overrides)
     m.set_grad_checkpointing(plan.checkpointed)
     return dict(plan=plan.describe(), overrides=plan.overrides(), batch=batch, **est.gib(), peak_bytes=est.peak,
                 recompute_flops_pct=round(100 * mae_recompute_flops(m, mask_ratio) / mae_train_flops(m, mask_ratio), 2))
@@ -358,6 +360,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     ap.add_argument("--ddp", action="store_true", help="add DDP's gradient buckets (4 bytes per parameter, counted with the activations)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="create_model override, repeatable (e.g. --set embed_dim=512 --set depth=16)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
 
@@ -373,14 +377,24 @@ def main(argv=None) -> int:
         ap.error("--budget must be positive")
     if not 0 <= args.headroom < 1:
         ap.error("--headroom must be in [0, 1)")
-    img_size = args.img_size or model_config(args.model).get("img_size", 224)
+    overrides = {}
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            ap.error(f"--set wants KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(text)
+    try:
+        img_size = args.img_size or model_config(args.model, **overrides).get("img_size", 224)
+        with torch.device("meta"):
+            shape = create_model(args.model, img_size=img_size, **overrides)
+    except (TypeError, ValueError) as e:
+        ap.error(str(e))
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
-    with torch.device("meta"):
-        shape = create_model(args.model, img_size=img_size)
     blocks = len(shape.blocks) + len(shape.decoder_blocks)
     extra = 4 * sum(p.numel() for p in shape.parameters()) if args.ddp else 0
     plain, lean, everything = Plan(False, 0, blocks), Plan(True, 0, blocks), Plan(True, blocks, blocks)
-    label = f"{args.model} at {img_size} px, {args.precision}, mask {args.mask_ratio}{', DDP' if args.ddp else ''}"
+    label = (f"{args.model}{''.join(f' {k}={v}' for k, v in overrides.items())} at {img_size} px, {args.precision}, "
+             f"mask {args.mask_ratio}{', DDP' if args.ddp else ''}")
     rows = []
 
     cache: dict = {}
@@ -388,7 +402,7 @@ def main(argv=None) -> int:
     def row(batch, plan):
         if (batch, plan) not in cache:
             print(f"  estimating {plan.describe()} at batch {batch} ...", file=sys.stderr, flush=True)
-            cache[batch, plan] = _plan_row(args.model, img_size, batch, plan, args.mask_ratio, amp, extra)
+            cache[batch, plan] = _plan_row(args.model, img_size, batch, plan, args.mask_ratio, amp, extra, overrides)
         return cache[batch, plan]
 
     chosen = None
@@ -410,7 +424,8 @@ def main(argv=None) -> int:
             for plan in (plain, lean, everything):
                 b = fit_batch(lambda n, p=plan: estimate_mae_step(
                     args.model, img_size, n, lean=p.lean, grad_checkpointing=p.checkpointed,
-                    mask_ratio=args.mask_ratio, amp_dtype=amp, extra_bytes=extra).peak, budget, limit=4096)
+                    mask_ratio=args.mask_ratio, amp_dtype=amp, extra_bytes=extra, **overrides).peak, budget,
+                    limit=4096)
                 print(f"  {plan.describe()}: largest batch {b}", file=sys.stderr, flush=True)
                 rows.append(row(b, plan) if b else dict(plan=plan.describe(), batch=0))
             fitting = [r for r in rows if r["batch"]]
@@ -421,7 +436,8 @@ def main(argv=None) -> int:
                     print(f"{r['plan']}: not even one image fits")
     if args.json:
         from pathlib import Path
-        Path(args.json).write_text(json.dumps(dict(model=args.model, img_size=img_size, precision=args.precision,
+        Path(args.json).write_text(json.dumps(dict(model=args.model, overrides=overrides, img_size=img_size,
+                                                   precision=args.precision,
                                                    mask_ratio=args.mask_ratio, budget_gib=args.budget,
                                                    headroom=args.headroom, rows=rows, chosen=chosen), indent=1))
     return 0

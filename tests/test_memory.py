@@ -226,7 +226,15 @@ def test_cli_table_budget_and_errors(capsys, tmp_path):
     assert main(["memory", *small, "--budget", "0.05", "--json", str(tmp_path / "c.json")]) == 0
     for r in json.loads((tmp_path / "c.json").read_text())["rows"]:
         assert r["batch"] >= 1 and r["peak_bytes"] <= 0.05 * 0.9 * GiB
-    for bad in (["memory", "mae_vit_nope"], ["memory", *small], ["memory", *small, "--batch", "0"]):
+    # create_model overrides: a narrower, shallower model is estimated as built
+    assert main(["memory", *small, "--batch", "48", "--set", "embed_dim=64", "--set", "depth=2",
+                 "--json", str(tmp_path / "s.json")]) == 0
+    narrow = json.loads((tmp_path / "s.json").read_text())
+    assert narrow["overrides"] == {"embed_dim": 64, "depth": 2}
+    direct = estimate_mae_step("mae_vit_demo_patch8", 48, 48, embed_dim=64, depth=2)
+    assert narrow["rows"][0]["peak_bytes"] == direct.peak < rows[0]["peak_bytes"]
+    for bad in (["memory", "mae_vit_nope"], ["memory", *small], ["memory", *small, "--batch", "0"],
+                ["memory", *small, "--batch", "2", "--set", "dept=2"], ["memory", *small, "--batch", "2", "--set", "x"]):
         with pytest.raises(SystemExit):
             main(bad)
 
