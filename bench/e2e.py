@@ -72,12 +72,16 @@ def build_pair(name: str, img_size: int, device: torch.device):
     return ours.to(device), ref.to(device)
 
 
-def build_models(name: str, img_size: int, device, with_hf: bool = True) -> dict:
-    """mae_fast, mae_fast with lean activations, the reference and (when installed) HF ViTMAE, same weights."""
+def build_models(name: str, img_size: int, device, with_hf: bool = True, checkpointed: int = 0) -> dict:
+    """mae_fast, mae_fast with lean activations, the reference and (when installed) HF ViTMAE, same weights;
+    with ``checkpointed`` > 0 also ``mae_fast_lean_ckpt``: lean with that many checkpointed blocks."""
     ours, ref = build_pair(name, img_size, device)
     lean = copy.deepcopy(ours)
     lean.set_lean_activations(True)
     models = {"mae_fast": ours, "mae_fast_lean": lean, "reference": ref}
+    if checkpointed:
+        models["mae_fast_lean_ckpt"] = copy.deepcopy(lean)
+        models["mae_fast_lean_ckpt"].set_grad_checkpointing(checkpointed)
     try:
         hf = hf_vitmae(ours, device) if with_hf else None
     except Exception as e:  # noqa: BLE001 - a baseline we cannot build is reported, not fatal
@@ -246,12 +250,22 @@ def model_num_patches(model):
     return model.patch_embed.num_patches
 
 
-def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_only=None, impls=None, out=None):
-    """Time every configuration; with ``out``, the JSON is rewritten after each one (a time limit keeps the rest)."""
+def load_plans(path) -> dict:
+    """{(model, img_size): checkpointed blocks} from a ``memory_estimate.py`` JSON: the lean plans that reach its
+    memory target (configurations where lean alone does)."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    return {(r["model"], r["img_size"]): r["checkpointed_blocks"] for r in rows if r["impl"] == "mae_fast_lean_ckpt"}
+
+
+def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_only=None, impls=None, out=None,
+        plans=None):
+    """Time every configuration; with ``out``, the JSON is rewritten after each one (a time limit keeps the rest).
+    ``plans`` ({(model, img_size): blocks}, see :func:`load_plans`) adds a ``mae_fast_lean_ckpt`` row there."""
     peak_rate = measured_matmul_flops(device)
     rows = []
     for name, img_size, batch in configs:
-        models = build_models(name, img_size, device, with_hf)
+        checkpointed = (plans or {}).get((name, img_size), 0)
+        models = build_models(name, img_size, device, with_hf, checkpointed)
         ours = models["mae_fast"]
         diffs = check_same_loss(models, device)
         flops = mae_train_flops(ours, 0.75) * batch
@@ -279,6 +293,7 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
                 med = statistics.median(ts)
                 q = statistics.quantiles(ts, n=4) if len(ts) >= 4 else None
                 rows.append(dict(model=name, img_size=img_size, batch=batch, impl=kind, compile=compile_,
+                                 checkpointed_blocks=checkpointed if kind == "mae_fast_lean_ckpt" else 0,
                                  step_ms_median=med * 1e3, step_ms_iqr=(q[2] - q[0]) * 1e3 if q else None,
                                  step_ms_all=[t * 1e3 for t in ts], images_per_s=batch / med,
                                  peak_mem_gib=peaks[kind], saved_act_gib=acts[kind],
@@ -363,6 +378,8 @@ def main(argv=None):
     ap.add_argument("--compile-only", default=None, help="with --compile: only these model:px (comma list)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face ViTMAE baseline")
     ap.add_argument("--impls", default=None, help="comma list of implementations to time (default: all)")
+    ap.add_argument("--plans", default=None, help="a memory_estimate.py JSON: also time lean with its checkpointed "
+                                                  "blocks where lean alone misses the memory target")
     ap.add_argument("--out", default=None, help="write JSON here")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -374,7 +391,8 @@ def main(argv=None):
     warmup = args.warmup or (2 if device.type == "cpu" else 3)
     result = run(configs, device, steps, warmup, [False, True] if args.compile else [False], with_hf=not args.no_hf,
                  compile_only=set(args.compile_only.split(",")) if args.compile_only else None,
-                 impls=set(args.impls.split(",")) if args.impls else None, out=args.out)
+                 impls=set(args.impls.split(",")) if args.impls else None, out=args.out,
+                 plans=load_plans(args.plans) if args.plans else None)
     print("\n" + table(result))
     if args.out:
         _write(args.out, result)

@@ -95,7 +95,7 @@ def validation_rows(measured_path: Path) -> list[dict]:
     code has changed since: only the reference is compared, after adding those weights."""
     measured = json.loads(measured_path.read_text())
     own = measured.get("peak_mem_definition") == PEAK_MEM_DEFINITION
-    impls = ("reference", "mae_fast", "mae_fast_lean") if own else ("reference",)
+    impls = ("reference", "mae_fast", "mae_fast_lean", "mae_fast_lean_ckpt") if own else ("reference",)
     rows = []
     for r in measured["rows"]:
         if r["impl"] not in impls or r["compile"] or r.get("oom") or not r.get("peak_mem_gib"):
@@ -103,7 +103,8 @@ def validation_rows(measured_path: Path) -> list[dict]:
         resident = 0 if own else sum(1 for o in measured["rows"] if o["model"] == r["model"] and not o["compile"]
                                      and o["img_size"] == r["img_size"] and o.get("source") == r.get("source")) - 1
         est = estimate_peak("reference" if r["impl"] == "reference" else "mae_fast", r["model"], r["img_size"],
-                            r["batch"], lean=r["impl"] == "mae_fast_lean")
+                            r["batch"], lean=r["impl"].startswith("mae_fast_lean"),
+                            checkpointed=r.get("checkpointed_blocks", 0))
         predicted = (est.peak + resident * est.parameters) / GiB
         rows.append(dict(model=r["model"], img_size=r["img_size"], batch=r["batch"], impl=r["impl"],
                          other_models_resident=resident, measured_gib=r["peak_mem_gib"],

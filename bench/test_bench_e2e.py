@@ -13,12 +13,15 @@ import e2e  # noqa: E402
 def test_e2e_smoke_rows_and_same_loss(tmp_path):
     out = tmp_path / "e2e.json"
     result = e2e.run([("mae_vit_demo_patch8", 64, 2)], torch.device("cpu"), steps=2, warmup=1,
-                     compile_modes=[False], out=out)
+                     compile_modes=[False], out=out, plans={("mae_vit_demo_patch8", 64): 2})
     import json
 
     assert json.loads(out.read_text())["rows"] == result["rows"]  # written as each configuration finishes
     rows = {r["impl"]: r for r in result["rows"]}
-    assert {"mae_fast", "mae_fast_lean", "reference"} <= set(rows)
+    assert {"mae_fast", "mae_fast_lean", "mae_fast_lean_ckpt", "reference"} <= set(rows)
+    assert rows["mae_fast_lean_ckpt"]["checkpointed_blocks"] == 2 and rows["mae_fast_lean"]["checkpointed_blocks"] == 0
+    # checkpointed blocks keep only their inputs for backward
+    assert rows["mae_fast_lean_ckpt"]["saved_act_gib"] < rows["mae_fast_lean"]["saved_act_gib"]
     for impl, row in rows.items():
         assert row["step_ms_median"] > 0 and row["images_per_s"] > 0 and 0 < row["mfu"]
         assert row["loss_diff_vs_mae_fast"] < 1e-4, impl
@@ -79,3 +82,9 @@ def test_memory_estimate_table_and_validation(tmp_path):
         path.write_text(json.dumps(data))
         (v,) = me.validation_rows(path)
         assert v["other_models_resident"] == resident and abs(v["error"] - error) < 2e-3, v
+    # a checkpointed row is estimated with its blocks checkpointed
+    ck = me.estimate_peak("mae_fast", "mae_vit_demo_patch8", 64, 8, lean=True, checkpointed=1)
+    own["rows"] = [dict(own["rows"][0], impl="mae_fast_lean_ckpt", checkpointed_blocks=1, peak_mem_gib=ck.peak / 2**30)]
+    path.write_text(json.dumps(own))
+    (v,) = me.validation_rows(path)
+    assert v["impl"] == "mae_fast_lean_ckpt" and abs(v["error"]) < 1e-4
