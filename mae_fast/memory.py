@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["saved_tensor_bytes", "StorageTracker", "StepMemory", "estimate_train_step", "estimate_mae_step",
-           "fit_batch", "Plan", "plan_for_budget", "main"]
+           "fit_batch", "Plan", "plan_for_budget", "fake_process_group", "main"]
 
 GiB = 2**30
 ALLOC_ROUND = 512  # the CUDA caching allocator hands out multiples of 512 bytes
@@ -78,7 +78,7 @@ class StorageTracker(TorchDispatchMode):
         self._at_peak = False  # nothing freed since the peak was set: the live set *is* the peak's
 
     def track(self, t: torch.Tensor) -> int:
-        st = t.untyped_storage()
+        st = _local(t).untyped_storage()
         key = id(st)
         if key in self._live:
             return self._live[key]
@@ -98,7 +98,7 @@ class StorageTracker(TorchDispatchMode):
         del self._refs[key]
 
     def serial(self, t: torch.Tensor) -> int | None:
-        return self._live.get(id(t.untyped_storage()))
+        return self._live.get(id(_local(t).untyped_storage()))
 
     def live(self) -> frozenset[int]:
         return frozenset(self._live.values())
@@ -109,12 +109,53 @@ class StorageTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak, self.peak_phase, self._at_peak = self.current, self.phase, True
 
+    def _resized(self, st: torch.UntypedStorage, nbytes: int) -> None:
+        """A storage grew or shrank in place (FSDP2 frees and refills unsharded parameters this way)."""
+        serial = self._live.get(id(st))
+        if serial is None:
+            if nbytes:
+                self.track(torch.empty(0, dtype=torch.uint8, device=st.device).set_(st))
+            return
+        new = -(-nbytes // self.round_to) * self.round_to
+        if new < self.sizes[serial] and self._at_peak:
+            self._peak_live, self._at_peak = frozenset(self._live.values()), False
+        self.current += new - self.sizes[serial]
+        self.sizes[serial] = new
+        if self.current > self.peak:
+            self.peak, self.peak_phase, self._at_peak = self.current, self.phase, True
+
+    def __enter__(self):
+        original = self._original_resize = torch.UntypedStorage.resize_
+
+        def resize_(st, nbytes):
+            out = original(st, nbytes)
+            self._resized(st, int(nbytes))
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._original_resize
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(_is_dtensor_type(t) for t in types):
+            return NotImplemented  # let DTensor (FSDP2) run its local ops, which come back here
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.track(t)
         return out
+
+
+def _is_dtensor_type(t) -> bool:
+    return getattr(t, "__name__", "") == "DTensor"
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (what occupies memory), else the tensor itself."""
+    return t.to_local() if _is_dtensor_type(type(t)) else t
 
 
 @dataclass
@@ -138,7 +179,8 @@ def estimate_train_step(build_model: Callable[[], torch.nn.Module],
                         loss_fn: Callable[..., torch.Tensor], *,
                         amp_dtype: torch.dtype | None = torch.bfloat16,
                         make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None,
-                        round_to: int = ALLOC_ROUND) -> StepMemory:
+                        round_to: int = ALLOC_ROUND,
+                        prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> StepMemory:
     """Peak memory of ``loss_fn(model, *make_inputs())``, its backward and an optimizer step, without
     allocating any of it.
 
@@ -160,6 +202,8 @@ def estimate_train_step(build_model: Callable[[], torch.nn.Module],
         fake.allow_non_fake_inputs = True  # only to turn the meta parameters into fake CPU ones
         model = model.to_empty(device="cpu").train()
         fake.allow_non_fake_inputs = False
+        if prepare is not None:  # e.g. sharding
+            model = prepare(model)
         model_serials = {tracker.track(t) for t in [*model.parameters(), *model.buffers()]}
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(params)
@@ -195,16 +239,38 @@ def estimate_train_step(build_model: Callable[[], torch.nn.Module],
                       after_forward=after_forward - steady)
 
 
+@contextlib.contextmanager
+def fake_process_group(world_size: int):
+    """A process group of ``world_size`` ranks inside this one process whose collectives move no data, and a CPU
+    device mesh over it: FSDP2 shards and gathers as it would on that many devices, for :func:`estimate_train_step`.
+    Needs a process without a process group of its own (the trainer plans from a subprocess)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised here: estimate FSDP in a fresh process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield init_device_mesh("cpu", (world_size,))
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- MAE pretraining --------------------------------------------------------------------------
 
 def estimate_mae_step(name: str, img_size, batch: int, *, lean: bool = False,
                       grad_checkpointing: bool | int = False, mask_ratio: float = 0.75,
                       amp_dtype: torch.dtype | None = torch.bfloat16, extra_bytes: int = 0,
+                      prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                       **model_kwargs) -> StepMemory:
     """Peak memory of one ``mae-fast pretrain`` step (masked-only training path, fused AdamW) for a registered
     model (``model_kwargs``: create_model overrides) at ``img_size`` (int or (H, W)) and per-device ``batch``:
     what ``torch.cuda.max_memory_allocated`` would report. ``extra_bytes`` is added to the peak (e.g. DDP's
-    gradient buckets)."""
+    gradient buckets); ``prepare`` wraps the model before its optimizer is made (e.g. FSDP2 sharding inside
+    :func:`fake_process_group`)."""
     from .models import create_model
 
     if batch < 1:
@@ -223,7 +289,7 @@ def estimate_mae_step(name: str, img_size, batch: int, *, lean: bool = False,
         return torch.randn(batch, m.in_chans, *m.img_size), torch.rand(batch, m.num_patches)
 
     est = estimate_train_step(build, inputs, lambda m, x, noise: m(x, mask_ratio, noise, masked_only=True).loss,
-                              amp_dtype=amp_dtype)
+                              amp_dtype=amp_dtype, prepare=prepare)
     if extra_bytes:
         est.peak += extra_bytes
         est.activations += extra_bytes
@@ -319,19 +385,6 @@ def plan_for_budget(peak_of: Callable[[Plan], int], budget: int, total_blocks: i
     return Plan(True, hi, total_blocks), tried
 
 
-def _plan_row(name, img_size, batch, plan: Plan, mask_ratio, amp_dtype, extra_bytes=0, overrides=None) -> dict:
-    from .models import create_model, mae_recompute_flops, mae_train_flops
-
-    overrides = overrides or {}
-    est = estimate_mae_step(name, img_size, batch, lean=plan.lean, grad_checkpointing=plan.checkpointed,
-                            mask_ratio=mask_ratio, amp_dtype=amp_dtype, extra_bytes=extra_bytes, **overrides)
-    with torch.device("meta"):
-        m = create_model(name, img_size=img_size, **overrides)
-    m.set_grad_checkpointing(plan.checkpointed)
-    return dict(plan=plan.describe(), overrides=plan.overrides(), batch=batch, **est.gib(), peak_bytes=est.peak,
-                recompute_flops_pct=round(100 * mae_recompute_flops(m, mask_ratio) / mae_train_flops(m, mask_ratio), 2))
-
-
 def _print_rows(rows, title):
     print(title)
     print(f"{'plan':<34}{'batch':>6}{'peak GiB':>10}{'params':>8}{'optim':>8}{'grads':>8}{'activ.':>8}"
@@ -349,7 +402,8 @@ def main(argv=None) -> int:
         epilog="examples:\n"
                "  mae-fast memory mae_vit_huge_patch14 --img-size 476 --batch 24             # plain / lean / all\n"
                "  mae-fast memory mae_vit_huge_patch14 --img-size 476 --batch 24 --budget 20 # cheapest plan that fits\n"
-               "  mae-fast memory mae_vit_huge_patch14 --img-size 952 --budget 80            # largest batch per plan",
+               "  mae-fast memory mae_vit_huge_patch14 --img-size 952 --budget 80            # largest batch per plan\n"
+               "  mae-fast memory mae_vit_2b_patch14 --img-size 476 --batch 8 --fsdp 8       # sharded over 8 GPUs",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="registered model name (mae_fast.list_models())")
     ap.add_argument("--img-size", type=int, default=None, help="resolution (default: the model's)")
@@ -359,7 +413,10 @@ def main(argv=None) -> int:
                     help="fraction of --budget kept free for allocator fragmentation and the CUDA context (0.1)")
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
-    ap.add_argument("--ddp", action="store_true", help="add DDP's gradient buckets (4 bytes per parameter, counted with the activations)")
+    ap.add_argument("--ddp", action="store_true",
+                    help="add DDP's gradient buckets (4 bytes per parameter, counted with the activations)")
+    ap.add_argument("--fsdp", type=int, default=None, metavar="N",
+                    help="shard with FSDP2 over N devices, as distributed=fsdp does (simulated in this process)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="create_model override, repeatable (e.g. --set embed_dim=512 --set depth=16)")
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -377,6 +434,8 @@ def main(argv=None) -> int:
         ap.error("--budget must be positive")
     if not 0 <= args.headroom < 1:
         ap.error("--headroom must be in [0, 1)")
+    if args.fsdp is not None and (args.fsdp < 1 or args.ddp):
+        ap.error("--fsdp takes a number of devices >= 1, and excludes --ddp")
     overrides = {}
     for item in args.set:
         key, sep, text = item.partition("=")
@@ -392,52 +451,77 @@ def main(argv=None) -> int:
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
     blocks = len(shape.blocks) + len(shape.decoder_blocks)
     extra = 4 * sum(p.numel() for p in shape.parameters()) if args.ddp else 0
-    plain, lean, everything = Plan(False, 0, blocks), Plan(True, 0, blocks), Plan(True, blocks, blocks)
     label = (f"{args.model}{''.join(f' {k}={v}' for k, v in overrides.items())} at {img_size} px, {args.precision}, "
-             f"mask {args.mask_ratio}{', DDP' if args.ddp else ''}")
-    rows = []
+             f"mask {args.mask_ratio}{', DDP' if args.ddp else ''}{f', FSDP2 over {args.fsdp}' if args.fsdp else ''}")
 
+    with contextlib.ExitStack() as stack:
+        prepare = None
+        if args.fsdp:
+            from .train.distributed import shard_model
+
+            mesh = stack.enter_context(fake_process_group(args.fsdp))
+            prepare = lambda m: shard_model(m, mesh=mesh)  # noqa: E731
+
+        def estimate(batch, plan):
+            return estimate_mae_step(args.model, img_size, batch, lean=plan.lean, grad_checkpointing=plan.checkpointed,
+                                     mask_ratio=args.mask_ratio, amp_dtype=amp, extra_bytes=extra, prepare=prepare,
+                                     **overrides)
+
+        rows, chosen = _cli_rows(args, estimate, blocks, label, lambda plan: _recompute_pct(shape, plan, args))
+    if args.json:
+        from pathlib import Path
+        Path(args.json).write_text(json.dumps(dict(model=args.model, overrides=overrides, img_size=img_size,
+                                                   precision=args.precision, fsdp=args.fsdp, ddp=args.ddp,
+                                                   mask_ratio=args.mask_ratio, budget_gib=args.budget,
+                                                   headroom=args.headroom, rows=rows, chosen=chosen), indent=1))
+    return 0
+
+
+def _recompute_pct(shape, plan: Plan, args) -> float:
+    from .models import mae_recompute_flops, mae_train_flops
+
+    shape.set_grad_checkpointing(plan.checkpointed)
+    return round(100 * mae_recompute_flops(shape, args.mask_ratio) / mae_train_flops(shape, args.mask_ratio), 2)
+
+
+def _cli_rows(args, estimate, blocks: int, label: str, recompute_pct) -> tuple[list, dict | None]:
+    """What ``mae-fast memory`` prints: the peak per plan, the cheapest plan within the budget, or the largest
+    batch per plan. Returns (rows, the chosen row or None)."""
+    plain, lean, everything = Plan(False, 0, blocks), Plan(True, 0, blocks), Plan(True, blocks, blocks)
     cache: dict = {}
 
     def row(batch, plan):
         if (batch, plan) not in cache:
             print(f"  estimating {plan.describe()} at batch {batch} ...", file=sys.stderr, flush=True)
-            cache[batch, plan] = _plan_row(args.model, img_size, batch, plan, args.mask_ratio, amp, extra, overrides)
+            est = estimate(batch, plan)
+            cache[batch, plan] = dict(plan=plan.describe(), overrides=plan.overrides(), batch=batch, **est.gib(),
+                                      peak_bytes=est.peak, recompute_flops_pct=recompute_pct(plan))
         return cache[batch, plan]
 
-    chosen = None
     if args.budget is None:
         rows = [row(args.batch, p) for p in (plain, lean, everything)]
         _print_rows(rows, f"{label}, batch {args.batch}:")
-    else:
-        budget = int(args.budget * (1 - args.headroom) * GiB)
-        budget_text = f"{args.budget:g} GiB budget ({budget / GiB:.1f} GiB usable, headroom {args.headroom:g})"
-        if args.batch is not None:
-            found, tried = plan_for_budget(lambda p: row(args.batch, p)["peak_bytes"], budget, blocks)
-            rows = [row(args.batch, p) for p in sorted(tried, key=lambda p: (p.lean, p.checkpointed))]
-            fits = chosen = row(args.batch, found) if found else None
-            _print_rows(rows, f"{label}, batch {args.batch}, {budget_text}:")
-            print(f"\nfits: {fits['plan']}  ->  mae-fast pretrain ... {fits['overrides']}" if fits else
-                  f"\ndoes not fit even with every block checkpointed: lower the batch (accum_steps keeps the "
-                  f"global batch) or shard with distributed=fsdp")
-        else:
-            for plan in (plain, lean, everything):
-                b = fit_batch(lambda n, p=plan: estimate_mae_step(
-                    args.model, img_size, n, lean=p.lean, grad_checkpointing=p.checkpointed,
-                    mask_ratio=args.mask_ratio, amp_dtype=amp, extra_bytes=extra, **overrides).peak, budget,
-                    limit=4096)
-                print(f"  {plan.describe()}: largest batch {b}", file=sys.stderr, flush=True)
-                rows.append(row(b, plan) if b else dict(plan=plan.describe(), batch=0))
-            fitting = [r for r in rows if r["batch"]]
-            if fitting:
-                _print_rows(fitting, f"{label}: largest batch per device within {budget_text}:")
-            for r in rows:
-                if not r["batch"]:
-                    print(f"{r['plan']}: not even one image fits")
-    if args.json:
-        from pathlib import Path
-        Path(args.json).write_text(json.dumps(dict(model=args.model, overrides=overrides, img_size=img_size,
-                                                   precision=args.precision,
-                                                   mask_ratio=args.mask_ratio, budget_gib=args.budget,
-                                                   headroom=args.headroom, rows=rows, chosen=chosen), indent=1))
-    return 0
+        return rows, None
+    budget = int(args.budget * (1 - args.headroom) * GiB)
+    budget_text = f"{args.budget:g} GiB budget ({budget / GiB:.1f} GiB usable, headroom {args.headroom:g})"
+    if args.batch is not None:
+        found, tried = plan_for_budget(lambda p: row(args.batch, p)["peak_bytes"], budget, blocks)
+        rows = [row(args.batch, p) for p in sorted(tried, key=lambda p: (p.lean, p.checkpointed))]
+        chosen = row(args.batch, found) if found else None
+        _print_rows(rows, f"{label}, batch {args.batch}, {budget_text}:")
+        print(f"\nfits: {chosen['plan']}  ->  mae-fast pretrain ... {chosen['overrides']}" if chosen else
+              "\ndoes not fit even with every block checkpointed: lower the batch (accum_steps keeps the "
+              "global batch) or shard with distributed=fsdp")
+        return rows, chosen
+    rows = []
+    for plan in (plain, lean, everything):
+        b = fit_batch(lambda n, p=plan: estimate(n, p).peak, budget, limit=4096)
+        print(f"  {plan.describe()}: largest batch {b}", file=sys.stderr, flush=True)
+        rows.append(row(b, plan) if b else dict(plan=plan.describe(), batch=0))
+    fitting = [r for r in rows if r["batch"]]
+    if fitting:
+        _print_rows(fitting, f"{label}: largest batch per device within {budget_text}:")
+    for r in rows:
+        if not r["batch"]:
+            print(f"{r['plan']}: not even one image fits")
+    return rows, None

@@ -263,3 +263,78 @@ def test_scale_memory_plans_every_model_and_resolution_of_a_grid(tmp_path, capsy
                        "--json", str(tmp_path / "g.json")]) == 1  # nothing fits: non-zero exit, said per row
     assert all("does not fit" in r["plan"] for r in json.loads((tmp_path / "g.json").read_text()))
     assert "does not fit" in capsys.readouterr().out
+
+
+FSDP_CHECK = r"""
+import json, sys, torch
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+import mae_fast
+from mae_fast.memory import estimate_train_step, fake_process_group
+from mae_fast.train.distributed import shard_model
+
+def build():
+    m = mae_fast.create_model("mae_vit_demo_patch8", img_size=40, depth=3, decoder_depth=2, norm_pix_loss=True)
+    m.pos_embed.requires_grad_(True)  # FSDPMemTracker hooks every parameter's gradient
+    m.decoder_pos_embed.requires_grad_(True)
+    m.set_lean_activations(sys.argv[2] == "lean")
+    return m
+
+g = torch.Generator().manual_seed(1)
+inputs = lambda: (torch.randn(3, 3, 40, 40, generator=g), torch.rand(3, 25, generator=g))
+loss_fn = lambda m, x, noise: m(x, 0.75, noise, masked_only=True).loss
+with fake_process_group(int(sys.argv[1])) as mesh:
+    est = estimate_train_step(build, inputs, loss_fn, amp_dtype=None, round_to=1,
+                              prepare=lambda m: shard_model(m, mesh=mesh))
+    torch.manual_seed(0)
+    model = shard_model(build(), mesh=mesh)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95), fused=True)
+    mt = FSDPMemTracker(model, opt)
+    mt.track_inputs(inputs())
+    with mt:
+        for step in range(2):
+            if step:
+                mt.reset_mod_stats()
+            x = inputs(); loss = loss_fn(model, *x); loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+            del loss, x
+    print(json.dumps(dict(estimate=est.peak, params=est.parameters, state=est.optimizer_state,
+                          fsdp_mem_tracker=mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])))
+"""
+
+
+@pytest.mark.parametrize("world,lean", [(4, "plain"), (3, "lean")])
+def test_fsdp_estimate_equals_pytorch_fsdp_mem_tracker(tmp_path, world, lean):
+    """FSDP2 sharding simulated over a fake process group: the fake-tensor estimate equals torch's
+    FSDPMemTracker on real tensors (an independent implementation), byte for byte. In a subprocess: the fake
+    process group is global state."""
+    import subprocess
+
+    pytest.importorskip("torch.distributed._tools.fsdp2_mem_tracker")
+    script = tmp_path / "fsdp_check.py"
+    script.write_text(FSDP_CHECK)
+    out = subprocess.run([sys.executable, str(script), str(world), lean], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["estimate"] == r["fsdp_mem_tracker"]
+    n = sum(p.numel() * 4 for p in mae_fast.create_model("mae_vit_demo_patch8", img_size=40, depth=3,
+                                                          decoder_depth=2).parameters())
+    assert r["params"] < n / world * 1.2  # each rank keeps about its shard
+
+
+def test_cli_fsdp_shards_weights_and_optimizer_state(tmp_path):
+    """``mae-fast memory --fsdp N`` (in a subprocess: it sets up a fake process group) keeps about 1/N of the
+    weights and optimizer state per device and less in all than one unsharded device."""
+    import subprocess
+
+    rows = {}
+    for flag in ([], ["--fsdp", "4"]):
+        path = tmp_path / f"f{len(flag)}.json"
+        out = subprocess.run([sys.executable, "-m", "mae_fast.cli", "memory", "mae_vit_small_patch16", "--img-size",
+                              "112", "--batch", "16", *flag, "--json", str(path)], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows[len(flag)] = json.loads(path.read_text())["rows"][0]
+    alone, sharded = rows[0], rows[2]
+    assert abs(sharded["parameters"] * 4 - alone["parameters"]) < 0.01
+    assert abs(sharded["optimizer_state"] * 4 - alone["optimizer_state"]) < 0.01
+    assert sharded["peak_bytes"] < alone["peak_bytes"]

@@ -55,10 +55,24 @@ def _compare(a: dict, b: dict):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, single, strategy):
-    two = _torchrun(tmp_path, strategy, f"distributed={strategy}")
+    two = _torchrun(tmp_path, strategy, f"distributed={strategy}", "memory_budget_gib=50")
     _compare(single, two)
     # the optimizer state is saved whole (unsharded), keyed like the single-process one
     assert two["optimizer"]["state"].keys() == single["optimizer"]["state"].keys()
+    # the memory plan was made for this strategy (FSDP2: simulated in a subprocess of rank 0) and fits
+    import json
+
+    from mae_fast.memory import estimate_mae_step
+
+    plan = json.loads((tmp_path / strategy / "result.json").read_text())["memory_plan"]
+    assert plan["strategy"] == strategy and not plan["changed"]
+    kw = dict(embed_dim=48, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    alone = estimate_mae_step("mae_vit_demo_patch8", 32, 4, amp_dtype=None, norm_pix_loss=False, **kw)
+    n_params = sum(p.numel() for p in single["model"].values())
+    if strategy == "ddp":  # one process's peak plus DDP's gradient buckets
+        assert plan["estimated_peak_bytes"] == alone.peak + 4 * n_params
+    else:  # FSDP2 shards weights and optimizer state over the 2 ranks
+        assert plan["estimated_peak_bytes"] < alone.peak - (alone.parameters + alone.optimizer_state) / 4
 
 
 @pytest.mark.slow

@@ -87,11 +87,12 @@ def choose_strategy(request: str, model: nn.Module, info: DistInfo) -> str:
     return request
 
 
-def shard_model(model: nn.Module, mp_dtype: torch.dtype | None = None) -> nn.Module:
-    """FSDP2: shard each transformer block, then the root (which keeps embeddings, norms, heads)."""
+def shard_model(model: nn.Module, mp_dtype: torch.dtype | None = None, mesh=None) -> nn.Module:
+    """FSDP2: shard each transformer block, then the root (which keeps embeddings, norms, heads); over
+    ``mesh`` (default: every rank of the default process group)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kwargs = {}
+    kwargs = {} if mesh is None else {"mesh": mesh}
     if mp_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)
     for name in ("blocks", "decoder_blocks"):

@@ -11,6 +11,7 @@ replays the uninterrupted one (bit-exactly on the CPU in fp32).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -374,37 +375,68 @@ def _check(cfg: dict, world: int) -> None:
         raise config_mod.ConfigError("checkpoint_every and log_every must be at least 1")
 
 
+def plan_memory(job: dict) -> tuple:
+    """(plan or None, {plan: estimated peak}) for ``job`` (see :func:`fit_memory_budget`). With ``fsdp_world`` the
+    model is sharded as ``distributed=fsdp`` shards it, over a simulated process group: call it in a process
+    that has no process group of its own."""
+    from mae_fast.memory import estimate_mae_step, fake_process_group, plan_for_budget
+
+    with contextlib.ExitStack() as stack:
+        prepare = None
+        if job["fsdp_world"]:
+            mesh = stack.enter_context(fake_process_group(job["fsdp_world"]))
+            prepare = lambda m: dist_mod.shard_model(m, mesh=mesh)  # noqa: E731
+
+        def peak_of(plan):
+            return estimate_mae_step(job["model"], job["img_size"], job["micro"], lean=plan.lean,
+                                     grad_checkpointing=plan.checkpointed, mask_ratio=job["mask_ratio"],
+                                     amp_dtype=job["amp_dtype"], extra_bytes=job["extra"], prepare=prepare,
+                                     norm_pix_loss=job["norm_pix_loss"], **job["model_kwargs"]).peak
+
+        return plan_for_budget(peak_of, job["limit"], job["blocks"], job["lean"], job["checkpointed"])
+
+
+def _plan_in_subprocess(job: dict) -> tuple:
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(plan_memory, job).result()
+
+
 def fit_memory_budget(cfg: dict, model, micro: int, strategy: str, device, amp_dtype, info) -> dict | None:
-    """Make the step fit ``memory_budget_gib``: estimate its peak (``mae_fast.memory``, fake tensors, a few
-    seconds) and, when the configured plan would not fit, turn on lean activations, then checkpoint the
-    fewest blocks (decoder first). Neither changes the data order or the loss. Returns what was decided."""
-    from mae_fast.memory import GiB, Plan, estimate_mae_step, plan_for_budget
+    """Make the step fit ``memory_budget_gib``: estimate its peak per device (``mae_fast.memory``: fake tensors,
+    seconds; DDP's gradient buckets counted, FSDP2's sharding simulated in a subprocess on rank 0) and, when the
+    configured plan would not fit, turn on lean activations, then checkpoint the fewest blocks (decoder first).
+    Neither changes the data order or the loss. Returns what was decided."""
+    from mae_fast.memory import GiB, Plan
     from mae_fast.models import mae_recompute_flops, mae_train_flops
 
     budget = cfg["memory_budget_gib"]
     if budget is None or (budget == "auto" and device.type != "cuda"):
         return None
-    if strategy == "fsdp":
-        _say(info, "memory: the estimate does not model FSDP sharding, so memory_budget_gib is not checked")
-        return None
     limit = int(0.9 * torch.cuda.get_device_properties(device).total_memory if budget == "auto" else budget * GiB)
     blocks = len(model.blocks) + len(model.decoder_blocks)
     ck = cfg["grad_checkpointing"]
     start = Plan(bool(cfg["lean_activations"]), blocks if ck is True else int(ck), blocks)
-    kw = {k: v for k, v in (cfg["model_kwargs"] or {}).items() if k != "img_size"}
-    extra = 4 * sum(p.numel() for p in model.parameters()) if strategy == "ddp" else 0  # DDP's gradient buckets
-
-    def peak_of(plan):
-        return estimate_mae_step(cfg["model"], model.img_size, micro, lean=plan.lean,
-                                 grad_checkpointing=plan.checkpointed, mask_ratio=cfg["mask_ratio"],
-                                 amp_dtype=amp_dtype, extra_bytes=extra, norm_pix_loss=bool(cfg["norm_pix_loss"]),
-                                 **kw).peak
-
-    try:
-        found, tried = plan_for_budget(peak_of, limit, blocks, start.lean, start.checkpointed)
-    except Exception as e:  # noqa: BLE001 - a planning aid must not stop a run it cannot model
-        _say(info, f"memory: could not estimate the step ({type(e).__name__}: {e}); memory_budget_gib not checked")
+    job = dict(model=cfg["model"], img_size=model.img_size, micro=micro, mask_ratio=cfg["mask_ratio"],
+               amp_dtype=amp_dtype, norm_pix_loss=bool(cfg["norm_pix_loss"]),
+               model_kwargs={k: v for k, v in (cfg["model_kwargs"] or {}).items() if k != "img_size"},
+               extra=4 * sum(p.numel() for p in model.parameters()) if strategy == "ddp" else 0,  # DDP's buckets
+               fsdp_world=info.world_size if strategy == "fsdp" else None,
+               limit=limit, blocks=blocks, lean=start.lean, checkpointed=start.checkpointed)
+    outcome = None
+    if info.is_main or strategy != "fsdp":
+        try:
+            outcome = _plan_in_subprocess(job) if strategy == "fsdp" else plan_memory(job)
+        except Exception as e:  # noqa: BLE001 - a planning aid must not stop a run it cannot model
+            outcome = f"{type(e).__name__}: {e}"
+    if strategy == "fsdp":
+        outcome = dist_mod.broadcast_object(outcome)
+    if isinstance(outcome, str):
+        _say(info, f"memory: could not estimate the step ({outcome}); memory_budget_gib not checked")
         return None
+    found, tried = outcome
     if found is None:
         raise config_mod.ConfigError(
             f"a micro-batch of {micro} needs about {tried[Plan(True, blocks, blocks)] / GiB:.1f} GiB per device even "
@@ -421,8 +453,8 @@ def fit_memory_budget(cfg: dict, model, micro: int, strategy: str, device, amp_d
         _say(info, f"memory: estimated peak {tried[found] / GiB:.1f} GiB per device, within the "
                    f"{limit / GiB:.1f} GiB budget ({found.describe()})")
     return dict(budget_gib=round(limit / GiB, 3), estimated_peak_gib=round(tried[found] / GiB, 3),
-                lean_activations=found.lean, checkpointed_blocks=found.checkpointed,
-                recompute_flops_pct=round(recompute, 2), changed=found != start)
+                estimated_peak_bytes=tried[found], lean_activations=found.lean, checkpointed_blocks=found.checkpointed,
+                recompute_flops_pct=round(recompute, 2), changed=found != start, strategy=strategy)
 
 
 def _pretrain(cfg: dict, info, dataset) -> dict:
