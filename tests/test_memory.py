@@ -251,9 +251,13 @@ def test_scale_memory_plans_every_model_and_resolution_of_a_grid(tmp_path, capsy
     for r in roomy:
         assert r["micro_batch"] == batch // 2 and r["plan"] == "plain" and r["planned_bytes"] == r["configured_bytes"]
     w = {"demo_w32": 32, "demo_w64": 64}
-    direct = estimate_mae_step("mae_vit_demo_patch8", 48, batch // 2, embed_dim=w[roomy[3]["arch"]], depth=2,
-                               num_heads=2, amp_dtype=torch.bfloat16, norm_pix_loss=False)
-    assert direct.peak == roomy[3]["configured_bytes"]
+    kw = dict(embed_dim=w[roomy[3]["arch"]], depth=2, num_heads=2)
+    direct = estimate_mae_step("mae_vit_demo_patch8", 48, batch // 2, amp_dtype=torch.bfloat16, norm_pix_loss=False,
+                               **kw)
+    n_params = sum(p.numel() for p in mae_fast.create_model("mae_vit_demo_patch8", img_size=48, **kw).parameters())
+    assert direct.peak + 4 * n_params == roomy[3]["configured_bytes"]  # 2 devices: DDP's gradient buckets
+    sharded = memory_plans(grid, devices=2, budget_gib=100.0, fsdp=True)
+    assert all(s["configured_bytes"] < r["configured_bytes"] for s, r in zip(sharded, roomy))
     # a budget just under the largest cell's plain peak: that cell needs a saver, the smallest does not
     tight = roomy[3]["configured_bytes"] * 0.98
     planned = memory_plans(grid, devices=2, budget_gib=tight / GiB)

@@ -2,7 +2,7 @@
 
     mae-fast scale run GRID [--executor local|slurm] [--mode inprocess|subprocess|torchrun] [--fit]
     mae-fast scale status GRID [--json]
-    mae-fast scale memory GRID [--devices 8] [--budget 80]
+    mae-fast scale memory GRID [--devices 8] [--budget 80] [--fsdp]
     mae-fast scale fit TABLE [--out DIR] [--target-accuracy 50] [--project PARAMS,HOURS,IMG_SIZE ...]
     mae-fast scale worker GRID RUN_ID     (internal: one run, used by the subprocess/torchrun modes)
 """
@@ -107,14 +107,16 @@ def _cmd_worker(args) -> int:
     return 0
 
 
-def memory_plans(grid, devices: int, budget_gib: float) -> list[dict]:
+def memory_plans(grid, devices: int, budget_gib: float, fsdp: bool = False) -> list[dict]:
     """Per distinct (model, resolution) of a grid: the per-device micro-batch and the memory plan the trainer's
-    ``memory_budget_gib`` would choose for it (lean activations, then the fewest checkpointed blocks)."""
+    ``memory_budget_gib`` would choose for it (lean activations, then the fewest checkpointed blocks), under
+    DDP over ``devices`` (FSDP2 with ``fsdp``)."""
     import torch
 
-    from mae_fast.memory import GiB, Plan, estimate_mae_step, plan_for_budget
+    from mae_fast.memory import GiB, Plan
     from mae_fast.models import create_model
     from mae_fast.train import config as config_mod
+    from mae_fast.train.pretrain import plan_memory
 
     rows, seen = [], set()
     for spec in grid.runs:
@@ -128,22 +130,21 @@ def memory_plans(grid, devices: int, budget_gib: float) -> list[dict]:
         if batch % (devices * accum):
             raise config_mod.ConfigError(f"{spec.run_id}: batch_size {batch} is not divisible by {devices} devices "
                                          f"x accum_steps {accum}")
-        micro = batch // (devices * accum)
-        name, img, overrides = key[0], c["img_size"], dict(c["model"]["overrides"])
+        overrides = dict(c["model"]["overrides"])
         with torch.device("meta"):
-            shape = create_model(name, img_size=img, **overrides)
+            shape = create_model(key[0], img_size=c["img_size"], **overrides)
         blocks = len(shape.blocks) + len(shape.decoder_blocks)
-        amp = {"fp32": None, "fp16": torch.float16}.get(pre["precision"], torch.bfloat16)  # auto: bf16 on a GPU
-
-        def peak(plan, name=name, img=img, overrides=overrides, micro=micro, amp=amp, pre=pre):
-            return estimate_mae_step(name, img, micro, lean=plan.lean, grad_checkpointing=plan.checkpointed,
-                                     mask_ratio=pre["mask_ratio"], amp_dtype=amp,
-                                     norm_pix_loss=bool(pre["norm_pix_loss"]), **overrides).peak
-
         ck = pre["grad_checkpointing"]
         start = Plan(bool(pre["lean_activations"]), blocks if ck is True else int(ck), blocks)
-        found, tried = plan_for_budget(peak, int(budget_gib * GiB), blocks, start.lean, start.checkpointed)
-        rows.append(dict(arch=c["arch"], img_size=c["img_size"], micro_batch=micro,
+        ddp = devices > 1 and not fsdp
+        job = dict(model=key[0], img_size=c["img_size"], micro=batch // (devices * accum),
+                   mask_ratio=pre["mask_ratio"], norm_pix_loss=bool(pre["norm_pix_loss"]), model_kwargs=overrides,
+                   amp_dtype={"fp32": None, "fp16": torch.float16}.get(pre["precision"], torch.bfloat16),  # auto: bf16
+                   extra=4 * sum(p.numel() for p in shape.parameters()) if ddp else 0,
+                   fsdp_world=devices if fsdp else None, limit=int(budget_gib * GiB), blocks=blocks,
+                   lean=start.lean, checkpointed=start.checkpointed)
+        found, tried = plan_memory(job)
+        rows.append(dict(arch=c["arch"], img_size=c["img_size"], micro_batch=job["micro"],
                          configured_gib=round(tried[start] / GiB, 2), configured_bytes=tried[start],
                          plan=found.describe() if found else "does not fit: raise accum_steps or use fsdp",
                          planned_gib=round(tried[found] / GiB, 2) if found else None,
@@ -156,8 +157,9 @@ def _cmd_memory(args) -> int:
 
     grid = load_grid(args.grid)
     budget = args.budget * (1 - args.headroom)
-    print(f"grid {grid.name}: {args.devices} devices, {args.budget:g} GiB each ({budget:.1f} usable)", flush=True)
-    rows = memory_plans(grid, args.devices, budget)
+    print(f"grid {grid.name}: {args.devices} devices{' (FSDP2)' if args.fsdp else ''}, {args.budget:g} GiB each "
+          f"({budget:.1f} usable)", flush=True)
+    rows = memory_plans(grid, args.devices, budget, fsdp=args.fsdp)
     print(f"{'model':<28}{'px':>5}{'micro':>7}{'configured GiB':>16}  plan (estimated GiB)")
     for r in rows:
         est = f" ({r['planned_gib']:.1f})" if r["planned_gib"] is not None else ""
@@ -193,6 +195,7 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--devices", type=int, default=1, help="data-parallel devices per run (the batch is split)")
     p.add_argument("--budget", type=float, default=80.0, help="GiB per device (default 80)")
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of --budget kept free (0.1)")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 over the devices (default: DDP)")
     p.add_argument("--json", help="also write the rows here")
     p.set_defaults(func=_cmd_memory)
 
