@@ -31,6 +31,11 @@ from torch.utils._pytree import tree_flatten
 __all__ = ["saved_tensor_bytes", "StorageTracker", "StepMemory", "estimate_train_step", "estimate_mae_step",
            "fit_batch", "Plan", "plan_for_budget", "fake_process_group", "main"]
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = None
+
 GiB = 2**30
 ALLOC_ROUND = 512  # the CUDA caching allocator hands out multiples of 512 bytes
 
@@ -79,22 +84,34 @@ class StorageTracker(TorchDispatchMode):
         self._at_peak = False  # nothing freed since the peak was set: the live set *is* the peak's
 
     def track(self, t: torch.Tensor) -> int:
-        st = _local(t).untyped_storage()
+        return self._track_storage(_local(t).untyped_storage())
+
+    def _track_storage(self, st: torch.UntypedStorage) -> int:
         key = id(st)
         if key in self._live:
             return self._live[key]
         serial = len(self.sizes)
-        self.sizes[serial] = -(-st.nbytes() // self.round_to) * self.round_to
+        self.sizes[serial] = 0
         self._live[key] = serial
         self._refs[key] = weakref.ref(st, lambda _, key=key: self._free(key))
-        self.current += self.sizes[serial]
-        if self.current > self.peak:
-            self.peak, self.peak_phase, self._at_peak = self.current, self.phase, True
+        self._set_size(serial, st.nbytes())
         return serial
 
-    def _free(self, key: int) -> None:
-        if self._at_peak:  # the first free after a new peak: remember what the peak was made of
+    def _set_size(self, serial: int, nbytes: int) -> None:
+        new = -(-nbytes // self.round_to) * self.round_to
+        if new < self.sizes[serial]:
+            self._leaving_peak()
+        self.current += new - self.sizes[serial]
+        self.sizes[serial] = new
+        if self.current > self.peak:
+            self.peak, self.peak_phase, self._at_peak = self.current, self.phase, True
+
+    def _leaving_peak(self) -> None:
+        if self._at_peak:  # the first decrease after a new peak: remember what the peak was made of
             self._peak_live, self._at_peak = frozenset(self._live.values()), False
+
+    def _free(self, key: int) -> None:
+        self._leaving_peak()
         self.current -= self.sizes[self._live.pop(key)]
         del self._refs[key]
 
@@ -110,27 +127,20 @@ class StorageTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak, self.peak_phase, self._at_peak = self.current, self.phase, True
 
-    def _resized(self, st: torch.UntypedStorage, nbytes: int) -> None:
+    def _resized(self, st: torch.UntypedStorage) -> None:
         """A storage grew or shrank in place (FSDP2 frees and refills unsharded parameters this way)."""
         serial = self._live.get(id(st))
         if serial is None:
-            if nbytes:
-                self.track(torch.empty(0, dtype=torch.uint8, device=st.device).set_(st))
-            return
-        new = -(-nbytes // self.round_to) * self.round_to
-        if new < self.sizes[serial] and self._at_peak:
-            self._peak_live, self._at_peak = frozenset(self._live.values()), False
-        self.current += new - self.sizes[serial]
-        self.sizes[serial] = new
-        if self.current > self.peak:
-            self.peak, self.peak_phase, self._at_peak = self.current, self.phase, True
+            self._track_storage(st)
+        else:
+            self._set_size(serial, st.nbytes())
 
     def __enter__(self):
         original = self._original_resize = torch.UntypedStorage.resize_
 
         def resize_(st, nbytes):
             out = original(st, nbytes)
-            self._resized(st, int(nbytes))
+            self._resized(st)
             return out
 
         torch.UntypedStorage.resize_ = resize_
@@ -151,7 +161,7 @@ class StorageTracker(TorchDispatchMode):
 
 
 def _is_dtensor_type(t) -> bool:
-    return getattr(t, "__name__", "") == "DTensor"
+    return DTensor is not None and isinstance(t, type) and issubclass(t, DTensor)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
