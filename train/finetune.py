@@ -19,8 +19,8 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn as nn
