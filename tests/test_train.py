@@ -551,8 +551,8 @@ def test_memory_budget_turns_on_the_fewest_savers(tmp_path, monkeypatch, capsys)
     base = tiny(tmp_path, steps=1, checkpoint_every=1)
     micro, img = base["batch_size"], base["img_size"]
 
-    def est(**kw):
-        return estimate_mae_step("mae_vit_demo_patch8", img, micro, amp_dtype=None, norm_pix_loss=False, **TINY_MODEL,
+    def est(batch=micro, **kw):
+        return estimate_mae_step("mae_vit_demo_patch8", img, batch, amp_dtype=None, norm_pix_loss=False, **TINY_MODEL,
                                  **kw).peak / GiB
 
     plain, lean, everything = est(), est(lean=True), est(lean=True, grad_checkpointing=True)
@@ -568,6 +568,10 @@ def test_memory_budget_turns_on_the_fewest_savers(tmp_path, monkeypatch, capsys)
     assert est(lean=True, grad_checkpointing=n) <= (lean + everything) / 2 < est(lean=True, grad_checkpointing=n - 1)
     with pytest.raises(config_mod.ConfigError, match="even with every block checkpointed"):
         pretrain(dict(base, name="tight", memory_budget_gib=everything / 2))
+    # a budget that fits a smaller micro-batch fully checkpointed: the error names the accum_steps that works
+    half = est(lean=True, grad_checkpointing=True, batch=micro // 2)
+    with pytest.raises(config_mod.ConfigError, match=r"raise accum_steps to 2 \(a micro-batch of [4-7] fits"):
+        pretrain(dict(base, name="accum", memory_budget_gib=(half + everything) / 2))
     assert pretrain(dict(base, name="off", memory_budget_gib=None))["memory_plan"] is None
     import mae_fast.memory
 

@@ -396,6 +396,18 @@ def plan_memory(job: dict) -> tuple:
         return plan_for_budget(peak_of, job["limit"], job["blocks"], job["lean"], job["checkpointed"])
 
 
+def largest_micro_batch(job: dict, limit: int) -> int:
+    """The largest micro-batch (at most ``limit``) whose step fits ``job['limit']`` with every block checkpointed."""
+    from mae_fast.memory import estimate_mae_step, fit_batch
+
+    def peak(n):
+        return estimate_mae_step(job["model"], job["img_size"], n, lean=True, grad_checkpointing=True,
+                                 mask_ratio=job["mask_ratio"], amp_dtype=job["amp_dtype"], extra_bytes=job["extra"],
+                                 norm_pix_loss=job["norm_pix_loss"], **job["model_kwargs"]).peak
+
+    return fit_batch(peak, job["limit"], limit=max(limit, 1))
+
+
 def _plan_in_subprocess(job: dict) -> tuple:
     import concurrent.futures
     import multiprocessing
@@ -438,10 +450,22 @@ def fit_memory_budget(cfg: dict, model, micro: int, strategy: str, device, amp_d
         return None
     found, tried = outcome
     if found is None:
+        hint = "raise accum_steps"
+        if strategy != "fsdp":  # the largest micro-batch that fits, fully checkpointed, makes the hint concrete
+            try:
+                fits = largest_micro_batch(job, micro - 1)
+                A, world = cfg["accum_steps"], info.world_size
+                accum = next((a for a in range(A + 1, cfg["batch_size"] // world + 1)
+                              if cfg["batch_size"] % (a * world) == 0 and cfg["batch_size"] // (a * world) <= fits),
+                             None) if fits else None
+                if accum:
+                    hint = f"raise accum_steps to {accum} (a micro-batch of {fits} fits with every block checkpointed)"
+            except Exception:  # noqa: BLE001 - only a hint
+                pass
         raise config_mod.ConfigError(
             f"a micro-batch of {micro} needs about {tried[Plan(True, blocks, blocks)] / GiB:.1f} GiB per device even "
-            f"with every block checkpointed, over the {limit / GiB:.1f} GiB budget: raise accum_steps (the batch "
-            f"stays {cfg['batch_size']}), shard with distributed=fsdp, or set memory_budget_gib")
+            f"with every block checkpointed, over the {limit / GiB:.1f} GiB budget: {hint} (the batch stays "
+            f"{cfg['batch_size']}), shard with distributed=fsdp, or set memory_budget_gib")
     model.set_lean_activations(found.lean)
     model.set_grad_checkpointing(found.checkpointed if found.checkpointed < blocks else True)
     recompute = 100 * mae_recompute_flops(model, cfg["mask_ratio"]) / mae_train_flops(model, cfg["mask_ratio"])
