@@ -88,3 +88,26 @@ def test_memory_estimate_table_and_validation(tmp_path):
     path.write_text(json.dumps(own))
     (v,) = me.validation_rows(path)
     assert v["impl"] == "mae_fast_lean_ckpt" and abs(v["error"]) < 1e-4
+
+
+def test_memory_capacity_is_the_largest_fitting_batch(tmp_path):
+    """bench/memory_capacity.py: each point is the largest batch whose estimate fits (one more does not), the
+    savers fit more, and the plot is written."""
+    import json
+
+    import memory_capacity as mc
+    from mae_fast.memory import estimate_mae_step
+
+    budget = 40 * 2**20
+    rows = mc.capacity(["mae_vit_demo_patch8"], [32, 64], budget, limit=512)
+    by = {(r["img_size"], r["plan"]): r["largest_batch"] for r in rows}
+    for img in (32, 64):
+        plain, lean, ckpt = (by[img, p] for p in ("plain", "lean", "lean + checkpoint all blocks"))
+        assert 0 < plain <= lean <= ckpt < 512
+        assert estimate_mae_step("mae_vit_demo_patch8", img, plain).peak <= budget
+        assert estimate_mae_step("mae_vit_demo_patch8", img, plain + 1).peak > budget
+    assert by[64, "plain"] < by[32, "plain"]
+    out = tmp_path / "cap.json"
+    mc.plot(dict(budget_gib=budget / 2**30, img_sizes=[32, 64], rows=rows), out.with_suffix(".png"))
+    assert out.with_suffix(".png").stat().st_size > 1000
+    json.dumps(rows)
