@@ -24,28 +24,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mae_fast  # noqa: E402
 from e2e import GPU_CONFIGS, PEAK_MEM_DEFINITION, _loss, _write  # noqa: E402
-from mae_fast.memory import GiB, Plan, estimate_train_step, plan_for_budget  # noqa: E402
-from mae_fast.models import mae_recompute_flops, mae_train_flops  # noqa: E402
+from mae_fast.memory import GiB, Plan, estimate_mae_step, estimate_train_step, plan_for_budget  # noqa: E402
+from mae_fast.models import mae_recompute_pct  # noqa: E402
 from reference_mae import ReferenceMAE  # noqa: E402
 
 MEASURED = Path(__file__).resolve().parent / "results" / "nvidia-h100-80gb-hbm3-2026-11-22-e2e.json"
 
 
 def estimate_peak(kind: str, name: str, img_size: int, batch: int, lean: bool = False, checkpointed: int = 0):
-    """The step's peak memory on a GPU as :func:`mae_fast.memory.estimate_train_step` predicts it (bf16 autocast,
-    fused AdamW; weights and optimizer state included), for mae_fast or the reference; needs no GPU."""
+    """The step's peak memory on a GPU as :mod:`mae_fast.memory` predicts it (bf16 autocast, fused AdamW; weights
+    and optimizer state included), for mae_fast (:func:`estimate_mae_step`) or the reference; needs no GPU."""
+    if kind != "reference":
+        return estimate_mae_step(name, img_size, batch, lean=lean, grad_checkpointing=checkpointed)
     cfg = mae_fast.models.model_config(name, img_size=img_size, norm_pix_loss=True)
     L = (img_size // cfg["patch_size"]) ** 2
-
-    def build():
-        if kind == "reference":
-            return ReferenceMAE(**cfg)
-        m = mae_fast.create_model(name, img_size=img_size, norm_pix_loss=True)
-        m.set_lean_activations(lean)
-        m.set_grad_checkpointing(checkpointed)
-        return m
-
-    return estimate_train_step(build, lambda: (torch.randn(batch, 3, img_size, img_size), torch.rand(batch, L)),
+    return estimate_train_step(lambda: ReferenceMAE(**cfg),
+                               lambda: (torch.randn(batch, 3, img_size, img_size), torch.rand(batch, L)),
                                lambda m, x, noise: _loss(kind, m, x, noise))
 
 
@@ -53,7 +47,7 @@ def recompute_pct(name, img_size, checkpointed) -> float:
     with torch.device("meta"):
         m = mae_fast.create_model(name, img_size=img_size)
     m.set_grad_checkpointing(checkpointed)
-    return 100 * mae_recompute_flops(m) / mae_train_flops(m)
+    return mae_recompute_pct(m)
 
 
 def table_rows(configs, target: float) -> list[dict]:

@@ -491,10 +491,10 @@ def main(argv=None) -> int:
 
 
 def _recompute_pct(shape, plan: Plan, args) -> float:
-    from .models import mae_recompute_flops, mae_train_flops
+    from .models import mae_recompute_pct
 
     shape.set_grad_checkpointing(plan.checkpointed)
-    return round(100 * mae_recompute_flops(shape, args.mask_ratio) / mae_train_flops(shape, args.mask_ratio), 2)
+    return round(mae_recompute_pct(shape, args.mask_ratio), 2)
 
 
 def _cli_rows(args, estimate, blocks: int, label: str, recompute_pct) -> tuple[list, dict | None]:

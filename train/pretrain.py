@@ -375,6 +375,19 @@ def _check(cfg: dict, world: int) -> None:
         raise config_mod.ConfigError("checkpoint_every and log_every must be at least 1")
 
 
+def memory_job(cfg: dict, model, micro: int, amp_dtype, strategy: str, world_size: int, limit: int) -> dict:
+    """What :func:`plan_memory` needs for a run of ``cfg`` (pretraining keys) on ``model`` (built or on the meta
+    device): the per-device micro-batch, the configured savers, DDP's gradient buckets or the FSDP2 world."""
+    blocks = len(model.blocks) + len(model.decoder_blocks)
+    ck = cfg["grad_checkpointing"]
+    return dict(model=cfg["model"], img_size=model.img_size, micro=micro, mask_ratio=cfg["mask_ratio"],
+                amp_dtype=amp_dtype, norm_pix_loss=bool(cfg["norm_pix_loss"]),
+                model_kwargs={k: v for k, v in (cfg["model_kwargs"] or {}).items() if k != "img_size"},
+                extra=4 * sum(p.numel() for p in model.parameters()) if strategy == "ddp" else 0,  # DDP's buckets
+                fsdp_world=world_size if strategy == "fsdp" else None, limit=limit, blocks=blocks,
+                lean=bool(cfg["lean_activations"]), checkpointed=blocks if ck is True else int(ck))
+
+
 def plan_memory(job: dict) -> tuple:
     """(plan or None, {plan: estimated peak}) for ``job`` (see :func:`fit_memory_budget`). With ``fsdp_world`` the
     model is sharded as ``distributed=fsdp`` shards it, over a simulated process group: call it in a process
@@ -422,21 +435,15 @@ def fit_memory_budget(cfg: dict, model, micro: int, strategy: str, device, amp_d
     configured plan would not fit, turn on lean activations, then checkpoint the fewest blocks (decoder first).
     Neither changes the data order or the loss. Returns what was decided."""
     from mae_fast.memory import GiB, Plan
-    from mae_fast.models import mae_recompute_flops, mae_train_flops
+    from mae_fast.models import mae_recompute_pct
 
     budget = cfg["memory_budget_gib"]
     if budget is None or (budget == "auto" and device.type != "cuda"):
         return None
     limit = int(0.9 * torch.cuda.get_device_properties(device).total_memory if budget == "auto" else budget * GiB)
-    blocks = len(model.blocks) + len(model.decoder_blocks)
-    ck = cfg["grad_checkpointing"]
-    start = Plan(bool(cfg["lean_activations"]), blocks if ck is True else int(ck), blocks)
-    job = dict(model=cfg["model"], img_size=model.img_size, micro=micro, mask_ratio=cfg["mask_ratio"],
-               amp_dtype=amp_dtype, norm_pix_loss=bool(cfg["norm_pix_loss"]),
-               model_kwargs={k: v for k, v in (cfg["model_kwargs"] or {}).items() if k != "img_size"},
-               extra=4 * sum(p.numel() for p in model.parameters()) if strategy == "ddp" else 0,  # DDP's buckets
-               fsdp_world=info.world_size if strategy == "fsdp" else None,
-               limit=limit, blocks=blocks, lean=start.lean, checkpointed=start.checkpointed)
+    job = memory_job(cfg, model, micro, amp_dtype, strategy, info.world_size, limit)
+    blocks = job["blocks"]
+    start = Plan(job["lean"], job["checkpointed"], blocks)
     outcome = None
     if info.is_main or strategy != "fsdp":
         try:
@@ -468,7 +475,7 @@ def fit_memory_budget(cfg: dict, model, micro: int, strategy: str, device, amp_d
             f"{cfg['batch_size']}), shard with distributed=fsdp, or set memory_budget_gib")
     model.set_lean_activations(found.lean)
     model.set_grad_checkpointing(found.checkpointed if found.checkpointed < blocks else True)
-    recompute = 100 * mae_recompute_flops(model, cfg["mask_ratio"]) / mae_train_flops(model, cfg["mask_ratio"])
+    recompute = mae_recompute_pct(model, cfg["mask_ratio"])
     if found != start:
         _say(info, f"memory: estimated peak {tried[start] / GiB:.1f} GiB per device is over the {limit / GiB:.1f} GiB "
                    f"budget; training with {found.describe()} instead (estimated {tried[found] / GiB:.1f} GiB, "

@@ -33,3 +33,8 @@ def mae_recompute_flops(model, mask_ratio: float = 0.75) -> float:
     keep = int(L * (1 - mask_ratio))
     return float(_block_flops(keep + 1, model.embed_dim, model.mlp_ratio, model._checkpointed_encoder)
                  + _block_flops(L + 1, model.decoder_embed_dim, model.mlp_ratio, model._checkpointed_decoder))
+
+
+def mae_recompute_pct(model, mask_ratio: float = 0.75) -> float:
+    """Gradient checkpointing's extra FLOPs as a percentage of the training step's."""
+    return 100 * mae_recompute_flops(model, mask_ratio) / mae_train_flops(model, mask_ratio)

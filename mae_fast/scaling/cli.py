@@ -116,7 +116,7 @@ def memory_plans(grid, devices: int, budget_gib: float, fsdp: bool = False) -> l
     from mae_fast.memory import GiB, Plan
     from mae_fast.models import create_model
     from mae_fast.train import config as config_mod
-    from mae_fast.train.pretrain import plan_memory
+    from mae_fast.train.pretrain import memory_job, plan_memory
 
     rows, seen = [], set()
     for spec in grid.runs:
@@ -133,16 +133,11 @@ def memory_plans(grid, devices: int, budget_gib: float, fsdp: bool = False) -> l
         overrides = dict(c["model"]["overrides"])
         with torch.device("meta"):
             shape = create_model(key[0], img_size=c["img_size"], **overrides)
-        blocks = len(shape.blocks) + len(shape.decoder_blocks)
-        ck = pre["grad_checkpointing"]
-        start = Plan(bool(pre["lean_activations"]), blocks if ck is True else int(ck), blocks)
-        ddp = devices > 1 and not fsdp
-        job = dict(model=key[0], img_size=c["img_size"], micro=batch // (devices * accum),
-                   mask_ratio=pre["mask_ratio"], norm_pix_loss=bool(pre["norm_pix_loss"]), model_kwargs=overrides,
-                   amp_dtype={"fp32": None, "fp16": torch.float16}.get(pre["precision"], torch.bfloat16),  # auto: bf16
-                   extra=4 * sum(p.numel() for p in shape.parameters()) if ddp else 0,
-                   fsdp_world=devices if fsdp else None, limit=int(budget_gib * GiB), blocks=blocks,
-                   lean=start.lean, checkpointed=start.checkpointed)
+        strategy = "fsdp" if fsdp else "ddp" if devices > 1 else "none"
+        amp = {"fp32": None, "fp16": torch.float16}.get(pre["precision"], torch.bfloat16)  # auto: bf16 on a GPU
+        job = memory_job(dict(pre, model=key[0], model_kwargs=overrides), shape, batch // (devices * accum), amp,
+                         strategy, devices, int(budget_gib * GiB))
+        start = Plan(job["lean"], job["checkpointed"], job["blocks"])
         found, tried = plan_memory(job)
         rows.append(dict(arch=c["arch"], img_size=c["img_size"], micro_batch=job["micro"],
                          configured_gib=round(tried[start] / GiB, 2), configured_bytes=tried[start],
