@@ -191,7 +191,8 @@ def estimate_train_step(build_model: Callable[[], torch.nn.Module],
                         amp_dtype: torch.dtype | None = torch.bfloat16,
                         make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None,
                         round_to: int = ALLOC_ROUND,
-                        prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> StepMemory:
+                        prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                        observe: TorchDispatchMode | None = None) -> StepMemory:
     """Peak memory of ``loss_fn(model, *make_inputs())``, its backward and an optimizer step, without
     allocating any of it.
 
@@ -200,6 +201,8 @@ def estimate_train_step(build_model: Callable[[], torch.nn.Module],
     the default optimizer is the trainer's fused AdamW. Two steps run, so the second sees the optimizer
     state the first created; gradients are released with ``zero_grad(set_to_none=True)`` as the trainer does.
     Sizes are rounded up to ``round_to`` bytes, as the CUDA allocator rounds them.
+    ``observe``, a dispatch mode, sees every op of the second (steady-state) step, e.g. to count FLOPs and bytes;
+    its ``phase`` attribute is kept up to date ("forward", "backward", "optimizer").
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -222,20 +225,26 @@ def estimate_train_step(build_model: Callable[[], torch.nn.Module],
         with tracker, warnings.catch_warnings():
             # FSDP2 warns that the model returns views (MAEOutput's fields), which the step never edits in place
             warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
+            def phase(name):
+                tracker.phase = name
+                if observe is not None:
+                    observe.phase = name
+
             for step in range(2):
                 inputs = make_inputs()
-                tracker.phase = "forward"
+                phase("forward")
                 if step:
                     tracker.reset_peak()
-                with amp:
-                    loss = loss_fn(model, *inputs)
-                after_forward = tracker.current
-                tracker.phase = "backward"
-                loss.backward()
-                grad_serials = {tracker.serial(p.grad) for p in params if p.grad is not None}
-                tracker.phase = "optimizer"
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                with (observe if step and observe is not None else contextlib.nullcontext()):
+                    with amp:
+                        loss = loss_fn(model, *inputs)
+                    after_forward = tracker.current
+                    phase("backward")
+                    loss.backward()
+                    grad_serials = {tracker.serial(p.grad) for p in params if p.grad is not None}
+                    phase("optimizer")
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
                 del loss, inputs
         state_serials = {tracker.serial(t) for s in opt.state.values() for t in s.values()
                          if isinstance(t, torch.Tensor) and t.numel() > 0}
@@ -278,12 +287,12 @@ def estimate_mae_step(name: str, img_size, batch: int, *, lean: bool = False,
                       grad_checkpointing: bool | int = False, mask_ratio: float = 0.75,
                       amp_dtype: torch.dtype | None = torch.bfloat16, extra_bytes: int = 0,
                       prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                      **model_kwargs) -> StepMemory:
+                      observe: TorchDispatchMode | None = None, **model_kwargs) -> StepMemory:
     """Peak memory of one ``mae-fast pretrain`` step (masked-only training path, fused AdamW) for a registered
     model (``model_kwargs``: create_model overrides) at ``img_size`` (int or (H, W)) and per-device ``batch``:
     what ``torch.cuda.max_memory_allocated`` would report. ``extra_bytes`` is added to the peak (e.g. DDP's
     gradient buckets); ``prepare`` wraps the model before its optimizer is made (e.g. FSDP2 sharding inside
-    :func:`fake_process_group`)."""
+    :func:`fake_process_group`); ``observe``: see :func:`estimate_train_step`."""
     from .models import create_model
 
     if batch < 1:
@@ -302,7 +311,7 @@ def estimate_mae_step(name: str, img_size, batch: int, *, lean: bool = False,
         return torch.randn(batch, m.in_chans, *m.img_size), torch.rand(batch, m.num_patches)
 
     est = estimate_train_step(build, inputs, lambda m, x, noise: m(x, mask_ratio, noise, masked_only=True).loss,
-                              amp_dtype=amp_dtype, prepare=prepare)
+                              amp_dtype=amp_dtype, prepare=prepare, observe=observe)
     if extra_bytes:
         est.peak += extra_bytes
         est.activations += extra_bytes

@@ -1,0 +1,107 @@
+"""The step-floor counter (bench/step_floor.py): FLOPs and bytes per op against hand counts, and the traced
+reference step against an independent analytic FLOP count of the MAE."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_floor  # noqa: E402
+
+import mae_fast  # noqa: E402
+
+
+def _records(fn):
+    counter = step_floor.OpCounter()
+    with counter:
+        fn()
+    return counter.records
+
+
+def test_linear_add_and_copy_are_counted_by_hand():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(7, 13, generator=g), torch.randn(5, 13, generator=g), torch.randn(5, generator=g)
+    (rec,) = _records(lambda: F.linear(x, w, b))
+    assert (rec.category, rec.flops) == ("matmul", 2 * 7 * 5 * 13)
+    # t() is a view (not recorded); addmm reads bias, x and w and writes the output
+    assert rec.bytes_read == 4 * (5 + 7 * 13 + 5 * 13) and rec.bytes_written == 4 * 7 * 5
+
+    y = torch.randn(7, 13, generator=g)
+    (rec,) = _records(lambda: x + y)
+    assert (rec.category, rec.flops, rec.bytes_read, rec.bytes_written) == ("elementwise", 0, 8 * 91, 4 * 91)
+
+    half = torch.empty(7, 13, dtype=torch.bfloat16)
+    (rec,) = _records(lambda: half.copy_(x))  # reads the fp32 source only, writes bf16
+    assert (rec.category, rec.bytes_read, rec.bytes_written) == ("copy/cast", 4 * 91, 2 * 91)
+
+
+def test_views_are_free_and_broadcasts_read_their_storage_once():
+    x = torch.randn(6, 8)
+    assert _records(lambda: x.t().reshape(8, 6)[1:].unsqueeze(0)) == []
+    row = torch.randn(1, 8)
+    (rec,) = _records(lambda: x * row.expand(6, 8))
+    assert rec.bytes_read == 4 * (48 + 8) and rec.bytes_written == 4 * 48
+
+
+def test_attention_flops_forward_and_backward_with_fewer_queries():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 5, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, 3, 11, 16, generator=g, requires_grad=True)
+    v = torch.randn(2, 3, 11, 16, generator=g, requires_grad=True)
+    recs = _records(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
+    attn = [r for r in recs if r.category == "attention"]
+    fwd = 4 * 2 * 3 * 5 * 11 * 16
+    assert sorted(r.flops for r in attn) == [fwd, 2.5 * fwd]
+
+
+def _analytic_reference_train_flops(name, img_size, batch, mask_ratio=0.75):
+    """The reference step's matmul + attention FLOPs written out from the architecture: every patch embedded (its
+    backward computes the weight gradient only: images need no gradient), encoder on the visible tokens + cls,
+    decoder and prediction head on every token + cls; attention backward counted 2.5x its forward."""
+    cfg = mae_fast.models.model_config(name, img_size=img_size)
+    p, D, Dd = cfg["patch_size"], cfg["embed_dim"], cfg["decoder_embed_dim"]
+    L = (img_size // p) ** 2
+    keep = int(L * (1 - mask_ratio))
+    p2c, r = p * p * 3, cfg.get("mlp_ratio", 4.0)
+
+    def blocks(tokens, width, depth):
+        return depth * 2 * tokens * width * width * (4 + 2 * r), depth * 4 * tokens * tokens * width
+
+    enc_lin, enc_attn = blocks(keep + 1, D, cfg["depth"])
+    dec_lin, dec_attn = blocks(L + 1, Dd, cfg["decoder_depth"])
+    linear = enc_lin + dec_lin + 2 * (keep + 1) * D * Dd + 2 * (L + 1) * Dd * p2c
+    embed = 2 * L * p2c * D
+    return batch * (3 * linear + 2 * embed + 3.5 * (enc_attn + dec_attn))
+
+
+def test_traced_reference_step_matches_the_analytic_flop_count():
+    name, img_size, batch = "mae_vit_demo_patch8", 64, 3
+    records = step_floor.trace_step("reference", name, img_size, batch)
+    traced = sum(r.flops for r in records)
+    assert traced == pytest.approx(_analytic_reference_train_flops(name, img_size, batch), rel=1e-9)
+    phases = {r.phase for r in records}
+    assert phases == {"forward", "backward", "optimizer"}
+    # one fused AdamW over every parameter: reads param, grad, both moments (and steps), writes three
+    (adam,) = [r for r in records if r.name == "_fused_adamw_"]
+    with torch.device("meta"):
+        n = sum(q.numel() for q in mae_fast.create_model(name, img_size=img_size).parameters() if q.requires_grad)
+    assert adam.bytes_written >= 12 * n and adam.bytes_read >= 16 * n
+    assert adam.bytes_written < 12 * n + 4096 and adam.bytes_read < 16 * n + 4096  # + the step counters
+
+
+def test_summary_floors_and_smoke_cli(tmp_path):
+    out, md = tmp_path / "floor.json", tmp_path / "floor.md"
+    assert step_floor.main(["--smoke", "--impls", "reference", "mae_fast", "--out", str(out), "--md", str(md)]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"reference", "mae_fast"}
+    for r in rows.values():
+        cats = r["categories"]
+        assert sum(c["floor_ms"] for c in cats.values()) == pytest.approx(r["eager_floor_ms"], rel=1e-3)
+        assert 0 < r["fused_floor_ms"] < r["eager_floor_ms"]
+        assert 0 < r["eager_mfu_ceiling"] < r["fused_mfu_ceiling"]
+    # mae_fast embeds only visible patches and skips unread decoder rows: fewer FLOPs than the reference
+    assert rows["mae_fast"]["traced_tflops"] < rows["reference"]["traced_tflops"]
+    assert "| small_patch16 | 112 |" in md.read_text()
