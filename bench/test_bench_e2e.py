@@ -111,3 +111,17 @@ def test_memory_capacity_is_the_largest_fitting_batch(tmp_path):
     mc.plot(dict(budget_gib=budget / 2**30, img_sizes=[32, 64], rows=rows), out.with_suffix(".png"))
     assert out.with_suffix(".png").stat().st_size > 1000
     json.dumps(rows)
+
+
+def test_compiled_rows_are_also_compared_with_the_eager_reference():
+    base = dict(model="m", img_size=64, batch=2, peak_mem_gib=None, images_per_s=1.0, mfu=0.1)
+    rows = [dict(base, impl="reference", compile=False, step_ms_median=120.0),
+            dict(base, impl="mae_fast", compile=False, step_ms_median=100.0),
+            dict(base, impl="reference", compile=True, step_ms_median=90.0),
+            dict(base, impl="mae_fast", compile=True, step_ms_median=80.0)]
+    e2e.add_ratios(rows)
+    eager_fast, compiled_ref, compiled_fast = rows[1], rows[2], rows[3]
+    assert eager_fast["speedup_vs_reference"] == 1.2 and "speedup_vs_eager_reference" not in eager_fast
+    assert compiled_fast["speedup_vs_reference"] == 90 / 80 and compiled_fast["speedup_vs_eager_reference"] == 1.5
+    assert compiled_ref["speedup_vs_eager_reference"] == 120 / 90
+    assert "1.50x eager reference" in e2e.table({"rows": rows})
