@@ -14,7 +14,7 @@ cd /tmp
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv >"$OUT/gpu.txt" 2>&1
 python3 -m mae_fast.info >"$OUT/info.txt" 2>&1
 (MAE_FAST_BUILD_CUDA=1 python3 -m mae_fast.ops._cuda_masking) >"$OUT/cuda_build.log" 2>&1 &
-timeout ${E2E_S:-270} python3 "$REPO/bench/e2e.py" --compile --compile-only mae_vit_huge_patch14:476 \
+timeout ${E2E_S:-270} python3 "$REPO/bench/e2e.py" --compile --compile-scope blocks --compile-only mae_vit_huge_patch14:476 \
   --plans "$REPO/bench/results/memory-estimate-h100-shapes-2026-11-22.json" \
   --steps 8 --warmup 3 --out "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
 echo "e2e rc=$?"
