@@ -74,9 +74,10 @@ class Block(nn.Module):
         if self.lean and first_query == 0:
             a = self.attn.from_qkv(ops.layer_norm_linear(x, self.norm1, self.attn.qkv))
             return ops.residual_layer_norm_mlp(x, a, self.norm2, self.mlp.fc1, self.mlp.fc2)
-        h = self.attn(self.norm1(x), first_query)
-        x = (x[:, first_query:] if first_query else x) + h
-        return x + self.mlp(self.norm2(x))
+        # norm outputs come in the next matmul's dtype (fused with the residual add where a backend can)
+        h = self.attn(ops.layer_norm(x, self.norm1), first_query)
+        x, y = ops.add_layer_norm(x[:, first_query:] if first_query else x, h, self.norm2)
+        return x + self.mlp(y)
 
 
 class PatchEmbed(nn.Module):

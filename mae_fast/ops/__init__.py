@@ -3,6 +3,7 @@
 See :mod:`mae_fast.ops.dispatch` for how backends are chosen and how to force one.
 """
 from .attention import attention, attention_reference
+from .layer_norm import add_layer_norm, layer_norm
 from .lean import layer_norm_linear, layer_norm_mlp, residual_layer_norm_mlp
 from .dispatch import NoBackendError, backends_for, describe, select_backend
 from .masking import (
@@ -19,6 +20,6 @@ OPS = ("attention", "gather_visible", "unshuffle_with_mask_token", "patchify_gat
 __all__ = [
     "OPS", "attention", "attention_reference", "gather_visible", "unshuffle_with_mask_token",
     "patchify_gather", "masked_patch_mse", "patchify", "unpatchify", "layer_norm_linear", "layer_norm_mlp",
-    "residual_layer_norm_mlp",
+    "residual_layer_norm_mlp", "layer_norm", "add_layer_norm",
     "NoBackendError", "backends_for", "describe", "select_backend",
 ]

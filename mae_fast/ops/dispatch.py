@@ -111,6 +111,7 @@ OPTIONAL_BACKEND_MODULES = (
     "mae_fast.ops._triton_masking",   # Triton masked-token kernels (kernels/masking.py)
     "mae_fast.ops._cuda_masking",     # CUDA masked-token kernels (csrc/)
     "mae_fast.ops._triton_attention", # Triton flash attention (kernels/flash_attention.py)
+    "mae_fast.ops._triton_layer_norm",  # Triton fused residual add + LayerNorm (kernels/layer_norm.py)
     "mae_fast.ops._thirdparty_attention",  # flash-attn and xformers, when installed
 )
 
