@@ -94,9 +94,11 @@ def test_traced_reference_step_matches_the_analytic_flop_count():
 
 def test_summary_floors_and_smoke_cli(tmp_path):
     out, md = tmp_path / "floor.json", tmp_path / "floor.md"
-    assert step_floor.main(["--smoke", "--impls", "reference", "mae_fast", "--out", str(out), "--md", str(md)]) == 0
+    assert step_floor.main(["--smoke", "--impls", "reference", "mae_fast", "mae_fast_fused_ln", "--out", str(out),
+                            "--md", str(md)]) == 0
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"reference", "mae_fast"}
+    assert set(rows) == {"reference", "mae_fast", "mae_fast_fused_ln"}
+    assert "MAE_FAST_BACKEND" not in os.environ  # the forced backend does not leak
     for r in rows.values():
         cats = r["categories"]
         assert sum(c["floor_ms"] for c in cats.values()) == pytest.approx(r["eager_floor_ms"], rel=1e-3)
@@ -105,3 +107,8 @@ def test_summary_floors_and_smoke_cli(tmp_path):
     # mae_fast embeds only visible patches and skips unread decoder rows: fewer FLOPs than the reference
     assert rows["mae_fast"]["traced_tflops"] < rows["reference"]["traced_tflops"]
     assert "| small_patch16 | 112 |" in md.read_text()
+    # the fused LayerNorm moves fewer bytes for the same FLOPs
+    fused, plain = rows["mae_fast_fused_ln"], rows["mae_fast"]
+    assert fused["traced_tflops"] == pytest.approx(plain["traced_tflops"]) and fused["gbytes"] < plain["gbytes"]
+    for absorbed in ("elementwise", "copy/cast"):  # the residual adds and the casts to bf16
+        assert fused["categories"][absorbed]["ops"] < plain["categories"][absorbed]["ops"]
