@@ -42,7 +42,8 @@ def _norm(D, affine, dtype, seed=0):
     norm = nn.LayerNorm(D, eps=1e-5, elementwise_affine=affine != "none", bias=affine == "both")
     g = torch.Generator().manual_seed(seed)
     for p in norm.parameters():
-        p.data = (1 + 0.5 * torch.randn(p.shape, generator=g)) if p is norm.weight else 0.3 * torch.randn(p.shape, generator=g)
+        noise = torch.randn(p.shape, generator=g)
+        p.data = 1 + 0.5 * noise if p is norm.weight else 0.3 * noise
     return norm.to(DEVICE, dtype)
 
 
