@@ -125,3 +125,52 @@ def test_compiled_rows_are_also_compared_with_the_eager_reference():
     assert compiled_fast["speedup_vs_reference"] == 90 / 80 and compiled_fast["speedup_vs_eager_reference"] == 1.5
     assert compiled_ref["speedup_vs_eager_reference"] == 120 / 90
     assert "1.50x eager reference" in e2e.table({"rows": rows})
+
+
+def test_forced_env_is_set_for_its_implementation_only_and_restored(monkeypatch):
+    monkeypatch.delenv("MAE_FAST_BACKEND", raising=False)
+    monkeypatch.setenv("MAE_FAST_TRITON_UNVERIFIED", "0")
+    with e2e.forced_env("mae_fast_fused_ln"):
+        assert os.environ["MAE_FAST_BACKEND"] == "layer_norm=triton,add_layer_norm=triton"
+        assert os.environ["MAE_FAST_TRITON_UNVERIFIED"] == "1"
+    assert "MAE_FAST_BACKEND" not in os.environ and os.environ["MAE_FAST_TRITON_UNVERIFIED"] == "0"
+    with e2e.forced_env("mae_fast"):
+        assert "MAE_FAST_BACKEND" not in os.environ
+    assert "mae_fast_fused_ln" not in e2e.build_models("mae_vit_demo_patch8", 64, torch.device("cpu"), with_hf=False)
+
+
+def test_fused_ln_implementation_runs_the_triton_layer_norm_with_mae_fasts_loss():
+    """The wiring of the GPU-only row, checked on the CPU through the Triton interpreter (in a fresh process, so
+    the interpreter is on before triton is imported): its forward really dispatches to the fused kernels and
+    gives mae_fast's loss."""
+    import subprocess
+
+    code = """
+import sys, torch
+sys.path.insert(0, %r)
+import e2e
+from torch.utils._python_dispatch import TorchDispatchMode
+
+class Ops(TorchDispatchMode):
+    names = []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+ours, _ = e2e.build_pair("mae_vit_demo_patch8", 32, torch.device("cpu"))
+g = torch.Generator().manual_seed(3)
+imgs, noise = torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, ours.num_patches, generator=g)
+with torch.no_grad():
+    plain = e2e._loss("mae_fast", ours, imgs, noise)
+    seen = Ops()
+    with seen:
+        fused = e2e._loss("mae_fast_fused_ln", ours, imgs, noise)
+assert any("add_layer_norm_fwd" in n for n in seen.names), sorted(set(seen.names))
+torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+print("fused", fused.item(), "plain", plain.item())
+""" % os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("MAE_FAST_BACKEND", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "fused" in res.stdout
