@@ -16,7 +16,8 @@ inputs once and writing its outputs once (per element, N = rows x D; row statist
     layer_norm fwd       eager: LayerNorm 4 -> 4, cast 4 -> 2 = 14 B;  fused: 4 -> 2 = 6 B
     layer_norm bwd       eager: cast-back 2 -> 4, LN bwd 4+4 -> 4 = 18 B; fused: dy 2 + x 4 -> dx 4 = 10 B
 
-Each row reports both counts, the time (median of CUDA-event timings after warm-up, L2 flushed between runs:
+``--inductor`` adds ``torch.compile`` (inductor) of the eager sequence, charged the fused byte counts (what a
+complete fusion would move). Each row reports both counts, the time (median of CUDA-event timings after warm-up, L2 flushed between runs:
 ``triton.testing.do_bench``), the achieved bandwidth on its own bytes (``GBps``) and the eager byte count
 over the time (``eager_equiv_GBps``: what the unfused sequence would need to match it). Backward time is
 (forward + backward) - forward. The Triton backend is experimental on GPUs until verified; this script
@@ -48,7 +49,7 @@ ELEMENT_BYTES = {  # (op, direction, impl): bytes per element, as in the module 
     ("layer_norm", "fwd", "eager"): 14, ("layer_norm", "fwd", "fused"): 6,
     ("layer_norm", "bwd", "eager"): 18, ("layer_norm", "bwd", "fused"): 10,
 }
-IMPLS = {"eager": "torch", "fused": "triton"}
+IMPLS = {"eager": "torch", "fused": "triton"}  # implementation: the ops backend it runs
 
 
 def traffic(op: str, direction: str, impl: str, rows: int, D: int, partial_rows: int = 0) -> int:
@@ -59,7 +60,8 @@ def traffic(op: str, direction: str, impl: str, rows: int, D: int, partial_rows:
     stats = 8 * rows
     params = 8 * D if direction == "fwd" else 16 * D
     partials = 2 * 2 * 4 * partial_rows * D if (direction == "bwd" and impl == "fused") else 0
-    return ELEMENT_BYTES[(op, direction, impl)] * n + stats + params + partials
+    per_element = ELEMENT_BYTES[(op, direction, "fused" if impl == "inductor" else impl)]
+    return per_element * n + stats + params + partials
 
 
 def make_inputs(rows: int, D: int, device, gen: torch.Generator) -> dict:
@@ -87,8 +89,9 @@ def forward(op: str, backend: str, inp: dict, x=None, branch=None):
         return y, x_mid
 
 
-def forward_backward(op: str, backend: str, inp: dict):
-    """Gradients (x, [branch], weight, bias) of the op's outputs given dy (and d_x_mid)."""
+def forward_backward(op: str, backend: str, inp: dict, fwd=None):
+    """Gradients (x, [branch], weight, bias) of the op's outputs given dy (and d_x_mid); ``fwd(x, branch)``
+    replaces :func:`forward` (a compiled one)."""
     x = inp["x"].detach().requires_grad_()
     leaves = [x]
     branch = None
@@ -97,7 +100,7 @@ def forward_backward(op: str, backend: str, inp: dict):
         leaves.append(branch)
     norm = inp["norm"]
     leaves += [norm.weight, norm.bias]
-    outs = forward(op, backend, inp, x, branch)
+    outs = fwd(x, branch) if fwd is not None else forward(op, backend, inp, x, branch)
     grads = [inp["dy"], inp["d_x_mid"]][:len(outs)]
     return torch.autograd.grad(outs, leaves, grads)
 
@@ -130,7 +133,8 @@ def partial_rows(rows: int, D: int, device) -> int:
     return k._backward_programs(rows, block_r, device, None)[0]
 
 
-def bench_shape(name: str, rows: int, D: int, ops_: list[str], device, timed: bool) -> list[dict]:
+def bench_shape(name: str, rows: int, D: int, ops_: list[str], device, timed: bool,
+                inductor: bool = False) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(0)
     inp = make_inputs(rows, D, device, gen)
     n_part = partial_rows(rows, D, device)
@@ -138,7 +142,11 @@ def bench_shape(name: str, rows: int, D: int, ops_: list[str], device, timed: bo
     for op in ops_:
         ref_fwd = forward(op, "torch", inp)
         ref_grads = forward_backward(op, "torch", inp)
-        for impl, backend in IMPLS.items():
+        impls = dict(IMPLS, **({"inductor": "torch"} if inductor else {}))
+        for impl, backend in impls.items():
+            compiled = None
+            if impl == "inductor":
+                compiled = torch.compile(lambda x, branch, op=op: forward(op, "torch", inp, x, branch))
             row = dict(op=op, shape=name, rows=rows, D=D, impl=impl, backend=backend,
                        stream="float32", branch="bfloat16" if op == "add_layer_norm" else None, y="bfloat16",
                        fwd_bytes=traffic(op, "fwd", impl, rows, D),
@@ -146,14 +154,18 @@ def bench_shape(name: str, rows: int, D: int, ops_: list[str], device, timed: bo
                        eager_fwd_bytes=traffic(op, "fwd", "eager", rows, D),
                        eager_bwd_bytes=traffic(op, "bwd", "eager", rows, D))
             try:
-                got = forward(op, backend, inp)
-                grads = forward_backward(op, backend, inp)
+                def fwd(op=op, backend=backend, compiled=compiled):
+                    return compiled(inp["x"], inp["branch"]) if compiled else forward(op, backend, inp)
+
+                def both(op=op, backend=backend, compiled=compiled):
+                    return forward_backward(op, backend, inp, compiled)
+
+                got, grads = fwd(), both()
                 row["max_abs_err_fwd"] = max_err(got, ref_fwd)
                 row["max_rel_err_fwd"] = rel_err(got, ref_fwd)
                 row["max_rel_err_grad"] = rel_err(grads, ref_grads)
                 if timed:
-                    fwd_ms = time_ms(lambda: forward(op, backend, inp))
-                    both_ms = time_ms(lambda: forward_backward(op, backend, inp))
+                    fwd_ms, both_ms = time_ms(fwd), time_ms(both)
                     bwd_ms = max(both_ms - fwd_ms, 1e-6)
                     row.update(fwd_ms=fwd_ms, fwd_bwd_ms=both_ms, bwd_ms=bwd_ms,
                                fwd_GBps=row["fwd_bytes"] / fwd_ms / 1e6, bwd_GBps=row["bwd_bytes"] / bwd_ms / 1e6,
@@ -206,6 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter), no timing")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list from {list(SHAPES)}")
     ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--inductor", action="store_true", help="also torch.compile (inductor) of the eager sequence")
     args = ap.parse_args(argv)
 
     gpu = torch.cuda.is_available() and not args.smoke
@@ -237,7 +250,7 @@ def _run(args, gpu: bool) -> int:
                 element_bytes={f"{k[0]} {k[1]} {k[2]}": v for k, v in ELEMENT_BYTES.items()})
     rows = []
     for name, (n_rows, D) in shapes.items():
-        rows += bench_shape(name, n_rows, D, args.ops.split(","), device, timed=gpu)
+        rows += bench_shape(name, n_rows, D, args.ops.split(","), device, timed=gpu, inductor=args.inductor)
         if gpu:
             torch.cuda.empty_cache()
         print(f"done {name}", file=sys.stderr, flush=True)

@@ -283,7 +283,7 @@ def test_compiles_fullgraph_with_backward():
         assert torch.equal(a, b)
 
 
-def test_torch_backend_is_the_eager_ops_under_bf16_autocast():
+def test_torch_backend_is_the_eager_ops_under_bf16_autocast():  # CPU autocast here, CUDA's on a GPU
     """What Block.forward ran before: norm(x) and x + h, then the next Linear's autocast cast; bit for bit."""
     torch.manual_seed(7)
     D = 72
@@ -303,7 +303,7 @@ def test_torch_backend_is_the_eager_ops_under_bf16_autocast():
         x_mid = x + h
         return lin(norm(x)) + lin(norm(x_mid)) * x_mid.sum()
 
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast(DEVICE.type, dtype=BF16):
         out_f, out_e = fused(), eager()
         assert torch.equal(F.layer_norm(x, (D,), norm.weight, norm.bias, norm.eps).to(BF16),
                            ops.layer_norm(x, norm, backend="torch"))
