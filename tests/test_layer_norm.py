@@ -475,3 +475,48 @@ def test_gpu_model_under_autocast_matches_torch_norms(monkeypatch):
         assert torch.isfinite(a).all()
         rel = (a - b).norm() / b.norm().clamp_min(1e-12)
         assert rel < 5e-2, rel
+
+
+# ---- compiled for an H100 (sm_90) on this GPU-less machine: no spills, 16-byte loads -------------------------
+
+_COMPILE_SCRIPT = r"""
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from compile_report import compile_only, ptxas_resources
+from mae_fast.kernels import layer_norm as K
+
+rows_out = []
+for rows, D in ((6960, 1280), (27768, 512), (12800, 768), (4, 8192)):
+    x, branch, w, b = torch.randn(rows, D), torch.randn(rows, D, dtype=torch.bfloat16), torch.randn(D), torch.randn(D)
+    with compile_only(90) as compiled:  # launches compile for sm_90 and run nothing
+        y, x_mid, mean, rstd = K.add_layer_norm_forward(x, branch, w, b, 1e-6, torch.bfloat16)
+        K.add_layer_norm_backward(y, x_mid, mean, rstd, w, b, d_x_mid=x, branch_dtype=torch.bfloat16)
+    for name, kernel, kw in compiled:
+        regs, spill_st, spill_ld, _ = ptxas_resources(kernel.asm["ptx"], 90)
+        rows_out.append(dict(kernel=name, D=D, registers=regs, spills=spill_st + spill_ld,
+                             v4_loads=kernel.asm["ptx"].count("ld.global.v4"),
+                             v4_stores=kernel.asm["ptx"].count("st.global.v4")))
+print(json.dumps(rows_out))
+"""
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("triton.backends.nvidia"),
+                    reason="triton's NVIDIA backend is not installed")
+def test_kernels_compile_for_sm90_without_spills_and_with_vector_loads(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from an earlier run's cache
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(bench)], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(rows) == 8
+    for r in rows:
+        assert r["registers"] > 0 and r["spills"] == 0, r
+        assert r["v4_loads"] > 0 and r["v4_stores"] > 0, f"rows not read/written as 16-byte vectors: {r}"
