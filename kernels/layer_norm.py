@@ -178,6 +178,8 @@ def _as_outer_inner(t: torch.Tensor) -> torch.Tensor:
 
 def _tile(D: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_D, num_warps): a whole row per tile, several short rows together, ~4K elements."""
+    if D > MAX_D:
+        raise ValueError(f"add_layer_norm kernels take rows of at most {MAX_D} elements, got {D}")
     block_d = triton.next_power_of_2(max(D, 1))
     block_r = max(1, min(16 if not backward else 8, 4096 // block_d))
     warps = min(16, max(4, block_r * block_d // 512))

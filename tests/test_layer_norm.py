@@ -341,10 +341,13 @@ def test_dispatch_reasons_and_ranking(monkeypatch):
     assert any("x dtype float64" in r for r in why) and any("out_dtype float64" in r for r in why)
     why = describe("add_layer_norm", x.to(BF16), torch.randn(4, 64), None, None, 1e-6, BF16)["triton"]
     assert any("wider than the stream" in r for r in why)
+    assert tln.MAX_D == tln._kernels().MAX_D  # the backend's copy (it does not import the kernels to check)
     big = torch.randn(2, tln.MAX_D + 1)
     assert any("too large" in r for r in describe("layer_norm", big, None, None, 1e-6, FP32)["triton"])
     with pytest.raises(NoBackendError, match="too large"):
         ops.layer_norm(big, nn.LayerNorm(tln.MAX_D + 1), backend="triton")
+    with pytest.raises(ValueError, match="at most"):
+        tln._kernels().add_layer_norm_forward(big, None, None, None, 1e-6)
     # on (fake) CUDA tensors: refused until verified on a GPU, unless asked for
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
