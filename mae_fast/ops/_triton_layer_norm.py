@@ -24,7 +24,7 @@ __all__ = ["add_layer_norm_fwd_op", "add_layer_norm_bwd_op", "triton_layer_norm_
            "triton_add_layer_norm_reasons", "GPU_VERIFIED"]
 
 # Not run on a GPU yet: on CUDA tensors the kernels run only with MAE_FAST_TRITON_UNVERIFIED=1 until
-# ``pytest -m gpu tests/test_layer_norm.py`` passes on one (then flip this).
+# ``pytest tests/test_layer_norm.py`` passes on one (every test there runs on CUDA when it can; then flip this).
 GPU_VERIFIED = False
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_D = 8192  # mirrors mae_fast.kernels.layer_norm.MAX_D (not imported here: that would import triton)
