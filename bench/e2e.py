@@ -429,9 +429,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     configs = CPU_CONFIGS if device.type == "cpu" else GPU_CONFIGS
-    if args.only:
-        keep = {tuple(s.split(":")) for s in args.only.split(",")}
-        configs = [c for c in configs if (c[0], str(c[1])) in keep]
+    if args.only:  # in the order given, so a time limit cuts the least wanted
+        order = [tuple(s.split(":")) for s in args.only.split(",")]
+        configs = sorted((c for c in configs if (c[0], str(c[1])) in order), key=lambda c: order.index((c[0], str(c[1]))))
     steps = args.steps or (5 if device.type == "cpu" else 10)
     warmup = args.warmup or (2 if device.type == "cpu" else 3)
     result = run(configs, device, steps, warmup, [False, True] if args.compile else [False], with_hf=not args.no_hf,
