@@ -53,7 +53,7 @@ GPU_CONFIGS = [  # as bench/e2e.py
     ("mae_vit_huge_patch14", 952, 4),
 ]
 SMOKE_CONFIGS = [("mae_vit_small_patch16", 112, 8)]
-IMPLS = ("reference", "mae_fast", "mae_fast_lean", "mae_fast_fused_ln")
+IMPLS = ("reference", "mae_fast", "mae_fast_lean", "mae_fast_fused_ln", "mae_fast_lean_fused_ln")
 # mae_fast_fused_ln: mae_fast with the Triton fused (residual add +) LayerNorm forced (ops.add_layer_norm); on fake
 # tensors only its custom op's I/O counts, so no GPU (or interpreter run) is needed to count it
 
@@ -172,12 +172,13 @@ class OpCounter(TorchDispatchMode):
 def trace_step(impl: str, name: str, img_size: int, batch: int, mask_ratio: float = 0.75) -> list[OpRecord]:
     """Every op of one steady-state bf16 training step of ``impl`` (one of ``IMPLS``)."""
     counter = OpCounter()
-    if impl == "mae_fast_fused_ln":
+    if impl in ("mae_fast_fused_ln", "mae_fast_lean_fused_ln"):
         forced = {"MAE_FAST_BACKEND": "layer_norm=triton,add_layer_norm=triton", "TRITON_INTERPRET": "1"}
         saved = {k: os.environ.get(k) for k in forced}
         os.environ.update(forced)  # lets the Triton backend take CPU (fake) tensors; no kernel runs
         try:
-            estimate_mae_step(name, img_size, batch, mask_ratio=mask_ratio, observe=counter)
+            estimate_mae_step(name, img_size, batch, lean=impl == "mae_fast_lean_fused_ln", mask_ratio=mask_ratio,
+                              observe=counter)
         finally:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

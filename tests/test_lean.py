@@ -239,3 +239,72 @@ def test_lean_refuses_a_non_plain_mlp():
     m.blocks[0].mlp.act = nn.GELU(approximate="tanh")
     with pytest.raises(ValueError, match="plain Linear-GELU-Linear"):
         m.set_lean_activations(True)
+
+
+# ---- with the Triton fused (add +) LayerNorm (interpreter on the CPU) ---------------------------
+
+@pytest.mark.parametrize("which", ["linear", "mlp", "residual"])
+@pytest.mark.parametrize("amp", [False, True])
+def test_lean_with_the_fused_layer_norm_matches_the_torch_path(which, amp, monkeypatch):
+    """Where dispatch picks the Triton add_layer_norm, the lean ops run it: same output as the torch path up to
+    rounding, and gradients at least as close to fp32 eager as 2x the torch path's own error (plus a floor)."""
+    if amp:
+        pytest.importorskip("triton")
+    norm1, qkv, norm2, mlp = _residual_layers(D=72, hidden=104)
+    x = torch.randn(2, 19, 72, requires_grad=True)
+    branch = torch.randn(2, 19, 72, dtype=torch.bfloat16 if amp else torch.float32).requires_grad_()
+    if which == "linear":
+        fn, params = (lambda: ops.layer_norm_linear(x, norm1, qkv)), [*norm1.parameters(), *qkv.parameters()]
+        ins = [x]
+    elif which == "mlp":
+        fn, params = (lambda: ops.layer_norm_mlp(x, norm2, mlp.fc1, mlp.fc2)), [*norm2.parameters(), *mlp.parameters()]
+        ins = [x]
+    else:
+        fn = lambda: ops.residual_layer_norm_mlp(x, branch, norm2, mlp.fc1, mlp.fc2)  # noqa: E731
+        params, ins = [*norm2.parameters(), *mlp.parameters()], [x, branch]
+    wrt = [*ins, *params]
+
+    def run(backend, autocast):
+        if backend:
+            monkeypatch.setenv("MAE_FAST_BACKEND", f"layer_norm={backend},add_layer_norm={backend}")
+        else:
+            monkeypatch.delenv("MAE_FAST_BACKEND", raising=False)
+        seen = []
+        orig = ops.lean._fused_forward
+        monkeypatch.setattr(ops.lean, "_fused_forward", lambda *a: seen.append(1) or orig(*a))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn()
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+        return y, torch.autograd.grad(y, wrt, g), len(seen)
+
+    y_f, g_f, n_fused = run("triton", amp)
+    y_t, g_t, n_torch = run("torch", amp)
+    y_r, g_r, _ = run("torch", False)  # fp32 eager math: the reference
+    assert n_fused >= 2 and n_torch == 0  # forward and the backward's recompute ran the fused kernel
+    tol = 2 ** -7 if amp else 1e-5
+    torch.testing.assert_close(y_f.float(), y_t.float(), rtol=tol, atol=tol * y_t.abs().max().item())
+    for i, (a, b, r) in enumerate(zip(g_f, g_t, g_r)):
+        assert a.dtype == b.dtype and a.shape == b.shape, i
+        err, err_torch = (a.float() - r).abs().max().item(), (b.float() - r).abs().max().item()
+        assert err <= 2 * err_torch + (1e-3 if amp else 1e-5) * r.abs().max().item(), \
+            f"grad {i}: fused {err:.3g} vs torch path {err_torch:.3g}"
+
+
+def test_model_lean_with_the_fused_layer_norm_trains_like_plain_lean(monkeypatch):
+    model = mae_fast.create_model("mae_vit_demo_patch8", img_size=32)
+    model.set_lean_activations(True)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, model.num_patches)
+
+    def loss_and_grads(backend):
+        monkeypatch.setenv("MAE_FAST_BACKEND", f"layer_norm={backend},add_layer_norm={backend}")
+        model.zero_grad(set_to_none=True)
+        loss = model(imgs, 0.75, noise, masked_only=True).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_f, grads_f = loss_and_grads("triton")
+    loss_t, grads_t = loss_and_grads("torch")
+    torch.testing.assert_close(loss_f, loss_t, rtol=1e-5, atol=1e-6)
+    assert grads_f.keys() == grads_t.keys()
+    for n in grads_t:
+        torch.testing.assert_close(grads_f[n], grads_t[n], rtol=1e-4, atol=1e-5, msg=n)

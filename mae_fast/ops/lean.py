@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dispatch import NoBackendError, select_backend
+
 __all__ = ["layer_norm_linear", "layer_norm_mlp", "residual_layer_norm_mlp", "layer_norm_linear_reference",
            "layer_norm_mlp_reference", "residual_layer_norm_mlp_reference"]
 
@@ -89,72 +91,134 @@ def _param_grad(g, p):
     return None if g is None or p is None else g.to(p.dtype)
 
 
+def _fused_norm_ops(x, branch, norm_weight, norm_bias, eps, amp):
+    """The Triton (add +) LayerNorm custom-op module when dispatch picks it for these inputs, else None."""
+    out_dtype = amp or x.dtype
+    op, args = ("layer_norm", (x, norm_weight, norm_bias, eps, out_dtype)) if branch is None else \
+        ("add_layer_norm", (x, branch, norm_weight, norm_bias, eps, out_dtype))
+    try:
+        if select_backend(op, "auto", *args).name != "triton":
+            return None
+    except NoBackendError:
+        return None
+    return _triton_ops()
+
+
+def _triton_ops():
+    from . import _triton_layer_norm
+    return _triton_layer_norm
+
+
+def _fused_forward(fused, x, branch, norm_weight, norm_bias, eps, amp):
+    """(normalised input in the matmul dtype, x_mid or None, mean, rstd) from the fused kernel."""
+    y, x_mid, mean, rstd = fused.add_layer_norm_fwd_op(x, branch, norm_weight, norm_bias, eps, amp or x.dtype)
+    return y, (x_mid if branch is not None else None), mean, rstd
+
+
+def _fused_backward(fused, d_in, x_norm, mean, rstd, norm_weight, norm_bias, d_x_mid=None, branch_dtype=None):
+    """(dx, dbranch, d norm weight, d norm bias) from the fused kernel (dbranch is dx in the stream's dtype)."""
+    dx, dbranch, dw, db = fused.add_layer_norm_bwd_op(d_in, d_x_mid, x_norm, mean, rstd, norm_weight, norm_bias,
+                                                      branch_dtype, norm_weight is not None, norm_bias is not None)
+    if branch_dtype is not None and dbranch.numel() == 0 and dx.numel() != 0:
+        dbranch = dx  # same dtype as the stream: the op returns a placeholder
+    return dx, dbranch, (dw if norm_weight is not None else None), (db if norm_bias is not None else None)
+
+
 # ---- LayerNorm -> Linear -------------------------------------------------------------------------
 
 class _LayerNormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias):
         amp = _compute_dtype(x)
+        fused = _fused_norm_ops(x, None, norm_weight, norm_bias, eps, amp)
         with torch.autocast(x.device.type, enabled=False):
-            normed, mean, rstd = _norm(x, norm_weight, norm_bias, eps, amp)
-            y = F.linear(_cast(normed, amp), _cast(weight, amp), _cast(bias, amp))
+            if fused is not None:
+                normed_c, _, mean, rstd = _fused_forward(fused, x, None, norm_weight, norm_bias, eps, amp)
+            else:
+                normed, mean, rstd = _norm(x, norm_weight, norm_bias, eps, amp)
+                normed_c = _cast(normed, amp)
+            y = F.linear(normed_c, _cast(weight, amp), _cast(bias, amp))
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight, bias)
-        ctx.eps, ctx.amp = eps, amp
+        ctx.eps, ctx.amp, ctx.fused = eps, amp, fused is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, mean, rstd, norm_weight, norm_bias, weight, bias = ctx.saved_tensors
-        amp = ctx.amp
+        amp, fused = ctx.amp, _triton_ops() if ctx.fused else None
         with torch.autocast(x.device.type, enabled=False):
-            normed = _norm(x, norm_weight, norm_bias, ctx.eps, amp)[0]  # recomputed, not stored
-            inp = _rows(_cast(normed, amp))
+            if fused is not None:  # recomputed, not stored
+                inp = _rows(_fused_forward(fused, x, None, norm_weight, norm_bias, ctx.eps, amp)[0])
+            else:
+                inp = _rows(_cast(_norm(x, norm_weight, norm_bias, ctx.eps, amp)[0], amp))
             g = _rows(grad_y).to(inp.dtype)
             d_in, d_w, d_b = _linear_grads(g, inp, _cast(weight, amp), bias)
-            dx, dnw, dnb = _norm_backward(d_in.reshape(x.shape), x, mean, rstd, norm_weight, norm_bias, amp)
+            if fused is not None:
+                dx, _, dnw, dnb = _fused_backward(fused, d_in.reshape(x.shape), x, mean, rstd, norm_weight, norm_bias)
+            else:
+                dx, dnw, dnb = _norm_backward(d_in.reshape(x.shape), x, mean, rstd, norm_weight, norm_bias, amp)
         return dx, _param_grad(dnw, norm_weight), _param_grad(dnb, norm_bias), None, d_w.to(weight.dtype), \
             _param_grad(d_b, bias)
 
 
 # ---- LayerNorm -> fc1 -> GELU -> fc2 -------------------------------------------------------------
 
-def _mlp_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, amp):
-    """(MLP output, mean, rstd, fc1 pre-activation): what the MLP Functions compute and keep."""
-    normed, mean, rstd = _norm(x, norm_weight, norm_bias, eps, amp)
-    h = F.linear(_cast(normed, amp), _cast(w1, amp), _cast(b1, amp))
+def _mlp_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, amp, normed_c=None, stats=None):
+    """(MLP output, mean, rstd, fc1 pre-activation): what the MLP Functions compute and keep. ``normed_c`` and
+    ``stats`` (mean, rstd): the normalised input in the matmul dtype when the fused kernel already made it."""
+    if normed_c is None:
+        normed, mean, rstd = _norm(x, norm_weight, norm_bias, eps, amp)
+        normed_c = _cast(normed, amp)
+    else:
+        mean, rstd = stats
+    h = F.linear(normed_c, _cast(w1, amp), _cast(b1, amp))
     return F.linear(F.gelu(h), _cast(w2, amp), _cast(b2, amp)), mean, rstd, h
 
 
-def _mlp_backward(grad_y, x, mean, rstd, h, norm_weight, norm_bias, eps, w1, b1, w2, b2, amp):
-    """(dx, d norm weight, d norm bias, d w1, d b1, d w2, d b2), recomputing the normalised x and the GELU."""
+def _mlp_input_grads(grad_y, normed_c, h, w1, b1, w2, b2, amp):
+    """(d normalised input, d w1, d b1, d w2, d b2), recomputing the GELU; ``normed_c`` as fc1 saw it."""
     h2 = _rows(h)
     g = _rows(grad_y).to(h2.dtype)
     d_act, d_w2, d_b2 = _linear_grads(g, F.gelu(h2), _cast(w2, amp), b2)
     d_h = torch.ops.aten.gelu_backward(d_act, h2)
-    normed = _rows(_cast(_norm(x, norm_weight, norm_bias, eps, amp)[0], amp))
-    d_in, d_w1, d_b1 = _linear_grads(d_h, normed, _cast(w1, amp), b1)
+    d_in, d_w1, d_b1 = _linear_grads(d_h, _rows(normed_c), _cast(w1, amp), b1)
+    return d_in, d_w1.to(w1.dtype), _param_grad(d_b1, b1), d_w2.to(w2.dtype), _param_grad(d_b2, b2)
+
+
+def _mlp_backward(grad_y, x, mean, rstd, h, norm_weight, norm_bias, eps, w1, b1, w2, b2, amp):
+    """(dx, d norm weight, d norm bias, d w1, d b1, d w2, d b2), recomputing the normalised x and the GELU."""
+    normed_c = _cast(_norm(x, norm_weight, norm_bias, eps, amp)[0], amp)
+    d_in, *d_fc = _mlp_input_grads(grad_y, normed_c, h, w1, b1, w2, b2, amp)
     dx, dnw, dnb = _norm_backward(d_in.reshape(x.shape), x, mean, rstd, norm_weight, norm_bias, amp)
-    return (dx, _param_grad(dnw, norm_weight), _param_grad(dnb, norm_bias),
-            d_w1.to(w1.dtype), _param_grad(d_b1, b1), d_w2.to(w2.dtype), _param_grad(d_b2, b2))
+    return (dx, _param_grad(dnw, norm_weight), _param_grad(dnb, norm_bias), *d_fc)
 
 
 class _LayerNormMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
         amp = _compute_dtype(x)
+        fused = _fused_norm_ops(x, None, norm_weight, norm_bias, eps, amp)
         with torch.autocast(x.device.type, enabled=False):
+            normed_c = stats = None
+            if fused is not None:
+                normed_c, _, *stats = _fused_forward(fused, x, None, norm_weight, norm_bias, eps, amp)
             y, mean, rstd, h = _mlp_forward(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight,
-                                            fc2_bias, amp)
+                                            fc2_bias, amp, normed_c, stats)
         ctx.save_for_backward(x, mean, rstd, h, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-        ctx.eps, ctx.amp = eps, amp
+        ctx.eps, ctx.amp, ctx.fused = eps, amp, fused is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, mean, rstd, h, *params = ctx.saved_tensors
+        x, mean, rstd, h, nw, nb, *fc = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            dx, dnw, dnb, *d_fc = _mlp_backward(grad_y, x, mean, rstd, h, params[0], params[1], ctx.eps,
-                                                *params[2:], ctx.amp)
+            if not ctx.fused:
+                dx, dnw, dnb, *d_fc = _mlp_backward(grad_y, x, mean, rstd, h, nw, nb, ctx.eps, *fc, ctx.amp)
+            else:
+                fused = _triton_ops()
+                normed_c = _fused_forward(fused, x, None, nw, nb, ctx.eps, ctx.amp)[0]
+                d_in, *d_fc = _mlp_input_grads(grad_y, normed_c, h, *fc, ctx.amp)
+                dx, _, dnw, dnb = _fused_backward(fused, d_in.reshape(x.shape), x, mean, rstd, nw, nb)
         return dx, dnw, dnb, None, *d_fc
 
 
@@ -164,26 +228,39 @@ class _ResidualLayerNormMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, branch, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
         amp = _compute_dtype(x)
+        fused = _fused_norm_ops(x, branch, norm_weight, norm_bias, eps, amp)
         with torch.autocast(x.device.type, enabled=False):
-            x_mid = x + branch  # type promotion as in eager: fp32 stream + bf16 branch -> fp32
+            normed_c = stats = None
+            if fused is not None:  # the add, the LayerNorm and the cast in one pass
+                normed_c, x_mid, *stats = _fused_forward(fused, x, branch, norm_weight, norm_bias, eps, amp)
+            else:
+                x_mid = x + branch  # type promotion as in eager: fp32 stream + bf16 branch -> fp32
             y, mean, rstd, h = _mlp_forward(x_mid, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight,
-                                            fc2_bias, amp)
+                                            fc2_bias, amp, normed_c, stats)
             out = x_mid + y
         # x_mid is not kept: x (kept anyway by the attention half of the block) and the narrower branch are
         ctx.save_for_backward(x, branch, mean, rstd, h, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
                               fc2_bias)
-        ctx.eps, ctx.amp, ctx.y_dtype = eps, amp, y.dtype
+        ctx.eps, ctx.amp, ctx.y_dtype, ctx.fused = eps, amp, y.dtype, fused is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, branch, mean, rstd, h, *params = ctx.saved_tensors
+        x, branch, mean, rstd, h, nw, nb, *fc = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            x_mid = x + branch  # the forward's add, so bit-identical
-            dx_mlp, dnw, dnb, *d_fc = _mlp_backward(grad_out.to(ctx.y_dtype), x_mid, mean, rstd, h, params[0],
-                                                    params[1], ctx.eps, *params[2:], ctx.amp)
-            d_mid = grad_out.to(x_mid.dtype) + dx_mlp
-        return d_mid.to(x.dtype), d_mid.to(branch.dtype), dnw, dnb, None, *d_fc
+            if not ctx.fused:
+                x_mid = x + branch  # the forward's add, so bit-identical
+                dx_mlp, dnw, dnb, *d_fc = _mlp_backward(grad_out.to(ctx.y_dtype), x_mid, mean, rstd, h, nw, nb,
+                                                        ctx.eps, *fc, ctx.amp)
+                d_mid = grad_out.to(x_mid.dtype) + dx_mlp
+                return d_mid.to(x.dtype), d_mid.to(branch.dtype), dnw, dnb, None, *d_fc
+            fused = _triton_ops()
+            normed_c, x_mid, _, _ = _fused_forward(fused, x, branch, nw, nb, ctx.eps, ctx.amp)
+            d_in, *d_fc = _mlp_input_grads(grad_out.to(ctx.y_dtype), normed_c, h, *fc, ctx.amp)
+            # the LayerNorm backward and the residual path's gradient into x_mid, in one pass
+            d_mid, d_branch, dnw, dnb = _fused_backward(fused, d_in.reshape(x.shape), x_mid, mean, rstd, nw, nb,
+                                                        d_x_mid=grad_out, branch_dtype=branch.dtype)
+        return d_mid.to(x.dtype), d_branch, dnw, dnb, None, *d_fc
 
 
 # ---- functional API -----------------------------------------------------------------------------
