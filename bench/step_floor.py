@@ -38,20 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mae_fast  # noqa: E402
 from mae_fast.memory import estimate_mae_step, estimate_train_step  # noqa: E402
 from mae_fast.models import mae_train_flops  # noqa: E402
+from e2e import GPU_CONFIGS  # noqa: E402  (the same shapes as the end-to-end table)
 from reference_mae import ReferenceMAE  # noqa: E402
 
 H100_MATMUL_FLOPS = 794e12   # measured bf16 matmul rate (stop 8, H100 80GB HBM3)
 H100_COPY_BYTES = 3.0e12     # a large device-to-device copy, bytes read + written per second (the higher of two
                              # measurements, so the floor stays a lower bound)
 
-GPU_CONFIGS = [  # as bench/e2e.py
-    ("mae_vit_base_patch16", 224, 256),
-    ("mae_vit_large_patch14", 224, 128),
-    ("mae_vit_large_patch14", 476, 32),
-    ("mae_vit_huge_patch14", 224, 96),
-    ("mae_vit_huge_patch14", 476, 24),
-    ("mae_vit_huge_patch14", 952, 4),
-]
 SMOKE_CONFIGS = [("mae_vit_small_patch16", 112, 8)]
 IMPLS = ("reference", "mae_fast", "mae_fast_lean", "mae_fast_fused_ln", "mae_fast_lean_fused_ln")
 # mae_fast_fused_ln: mae_fast with the Triton fused (residual add +) LayerNorm forced (ops.add_layer_norm); on fake

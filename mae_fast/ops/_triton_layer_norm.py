@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._triton_attention import _interpreting, _unverified_allowed
+from ._triton_attention import _interpreting, _triton_available, _unverified_allowed
 from .dispatch import Backend, register_backend
 
 __all__ = ["add_layer_norm_fwd_op", "add_layer_norm_bwd_op", "triton_layer_norm_reasons",
@@ -181,15 +181,7 @@ def _priority(x, *args, **kwargs) -> float:
     return 10.0 if x.device.type == "cuda" else 2000.0
 
 
-def _available() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton not installed"
-    return None
-
-
 register_backend(Backend(op="layer_norm", name="triton", fn=_triton_layer_norm, reasons=triton_layer_norm_reasons,
-                         priority=_priority, available=_available))
+                         priority=_priority, available=_triton_available))
 register_backend(Backend(op="add_layer_norm", name="triton", fn=_triton_add_layer_norm,
-                         reasons=triton_add_layer_norm_reasons, priority=_priority, available=_available))
+                         reasons=triton_add_layer_norm_reasons, priority=_priority, available=_triton_available))
