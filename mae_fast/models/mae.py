@@ -69,15 +69,29 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.lean = False  # see set_lean_activations
 
-    def forward(self, x: torch.Tensor, first_query: int = 0) -> torch.Tensor:
-        """Block output; with ``first_query`` > 0 only rows ``first_query:`` (which still attend to all rows)."""
+    def forward(self, x: torch.Tensor, first_query: int = 0, pending: torch.Tensor | None = None,
+                defer: bool = False):
+        """Block output; with ``first_query`` > 0 only rows ``first_query:`` (which still attend to all rows).
+
+        ``pending``: the previous block's MLP branch, not yet added to ``x`` (the input is ``x + pending``).
+        ``defer=True`` returns ``(stream, MLP branch)`` without this block's last add, so the next LayerNorm
+        can fuse it (``ops.add_layer_norm``): one pass over the stream fewer per block each way.
+        """
         if self.lean and first_query == 0:
+            if pending is not None:
+                x = x + pending
             a = self.attn.from_qkv(ops.layer_norm_linear(x, self.norm1, self.attn.qkv))
-            return ops.residual_layer_norm_mlp(x, a, self.norm2, self.mlp.fc1, self.mlp.fc2)
+            out = ops.residual_layer_norm_mlp(x, a, self.norm2, self.mlp.fc1, self.mlp.fc2)
+            return (out, None) if defer else out
         # norm outputs come in the next matmul's dtype (fused with the residual add where a backend can)
-        h = self.attn(ops.layer_norm(x, self.norm1), first_query)
+        if pending is None:
+            h = ops.layer_norm(x, self.norm1)
+        else:
+            x, h = ops.add_layer_norm(x, pending, self.norm1)
+        h = self.attn(h, first_query)
         x, y = ops.add_layer_norm(x[:, first_query:] if first_query else x, h, self.norm2)
-        return x + self.mlp(y)
+        m = self.mlp(y)
+        return (x, m) if defer else x + m
 
 
 class PatchEmbed(nn.Module):
@@ -228,16 +242,25 @@ class MaskedAutoencoderViT(nn.Module):
         mask = (ids_restore >= len_keep).to(torch.float32)
         return ids_shuffle, ids_keep, ids_restore, mask
 
-    def _run_blocks(self, blocks, x, last_first_query: int = 0):
-        """Run ``blocks``; the last one returns only rows ``last_first_query:``."""
+    def _run_blocks(self, blocks, x, norm, last_first_query: int = 0):
+        """``norm`` of the output of ``blocks``; the last block returns only rows ``last_first_query:``.
+
+        Each block hands its last residual add to the next LayerNorm (the next block's, or ``norm``), which
+        fuses it where the ``add_layer_norm`` backend can. Blocks are called as modules, so hooks (FSDP2,
+        regional compilation) still run."""
         checkpointed = self._checkpointed_decoder if blocks is self.decoder_blocks else self._checkpointed_encoder
+        pending = None
         for i, blk in enumerate(blocks):
             fq = last_first_query if i == len(blocks) - 1 else 0
             if i < checkpointed and x.requires_grad:
-                x = checkpoint(blk, x, fq, use_reentrant=False)
+                x, pending = checkpoint(blk, x, fq, pending, True, use_reentrant=False)
             else:
-                x = blk(x, fq)
-        return x
+                x, pending = blk(x, fq, pending, True)
+        if pending is None:
+            return norm(x)
+        # the dtype eager LayerNorm gives (fp32 under autocast): this is the model's output, not a matmul input
+        out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return ops.add_layer_norm(x, pending, norm, out_dtype=out_dtype)[1]
 
     def _with_cls(self, x):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
@@ -250,14 +273,13 @@ class MaskedAutoencoderViT(nn.Module):
         x = F.linear(pixels, w.reshape(w.shape[0], -1), self.patch_embed.proj.bias)
         # adding the parameter-dtype pos embed keeps the residual stream in fp32 under autocast, as official
         x = x + F.embedding(ids_keep, self.pos_embed[0, 1:])
-        x = self._run_blocks(self.blocks, self._with_cls(x))
-        return self.norm(x)
+        return self._run_blocks(self.blocks, self._with_cls(x), self.norm)
 
     def forward_decoder(self, latent, ids_restore):
         x = self.decoder_embed(latent).to(self.mask_token.dtype)  # fp32 stream under autocast, as official
         x = ops.unshuffle_with_mask_token(x, ids_restore, self.mask_token, self.decoder_pos_embed,
                                           cls_token=True, check_ids=False)
-        x = self.decoder_norm(self._run_blocks(self.decoder_blocks, x))
+        x = self._run_blocks(self.decoder_blocks, x, self.decoder_norm)
         return self.decoder_pred(x)[:, 1:]
 
     def forward_decoder_masked(self, latent, ids_keep, ids_masked):
@@ -274,10 +296,10 @@ class MaskedAutoencoderViT(nn.Module):
         masked = self.mask_token + F.embedding(ids_masked + 1, pos)
         x = torch.cat([visible, masked], dim=1)
         if len(self.decoder_blocks):
-            x = self._run_blocks(self.decoder_blocks, x, last_first_query=Kc)
+            x = self._run_blocks(self.decoder_blocks, x, self.decoder_norm, last_first_query=Kc)
         else:
-            x = x[:, Kc:]
-        return self.decoder_pred(self.decoder_norm(x))
+            x = self.decoder_norm(x[:, Kc:])
+        return self.decoder_pred(x)
 
     def forward_loss(self, imgs, pred, mask):
         return ops.masked_patch_mse(pred, imgs, mask, self.patch_size, self.norm_pix_loss)
@@ -316,5 +338,4 @@ class MaskedAutoencoderViT(nn.Module):
         """Encoder on every patch, no masking: (B, 1+L, D), cls first (timm's ``forward_features``)."""
         self._check_imgs(imgs)
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        x = self._run_blocks(self.blocks, self._with_cls(x))
-        return self.norm(x)
+        return self._run_blocks(self.blocks, self._with_cls(x), self.norm)
