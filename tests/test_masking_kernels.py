@@ -276,9 +276,10 @@ def test_gradcheck_torch_reference_float64():
     assert torch.autograd.gradcheck(lambda a: M.patchify_gather(a, shuffle[:1, :3] % 6, 2, backend="torch"), (imgs,))
     pred = torch.randn(1, 6, 8, **dd)
     mask = torch.tensor([[1.0, 0, 1, 1, 0, 1]], device=DEV)
-    # the reference loss computes in float32 by design: a coarser step keeps rounding out of the check
+    # the reference loss computes in float32 by design. The loss is quadratic in pred, so central differences are
+    # exact at any step: a coarse one keeps float32 rounding (which failed eps=1e-3 on some draws) out of the check
     assert torch.autograd.gradcheck(
-        lambda a: M.masked_patch_mse(a, imgs.detach(), mask, 2, True, backend="torch"), (pred,), eps=1e-3, atol=1e-4)
+        lambda a: M.masked_patch_mse(a, imgs.detach(), mask, 2, True, backend="torch"), (pred,), eps=1e-1, atol=1e-4)
 
 
 # ---- torch.library integration ----------------------------------------------------------------------
