@@ -20,6 +20,10 @@ def _probe_inputs(op: str, device: torch.device):
     if op == "attention":
         q = torch.randn(1, 197, 12, 64, generator=g).to(device, dt)
         return (q, q, q, None, None, None)
+    if op in ("layer_norm", "add_layer_norm"):  # an fp32 residual stream, the branch and output in the matmul dtype
+        x, w = torch.randn(1, 197, 768, generator=g).to(device), torch.ones(768, device=device)
+        norm = (w, torch.zeros_like(w), 1e-6, dt)
+        return (x, *norm) if op == "layer_norm" else (x, x.to(dt), *norm)
     ids = torch.randperm(196, generator=g)[None].to(device)
     x = torch.randn(1, 196, 768, generator=g).to(device, dt)
     if op == "gather_visible":

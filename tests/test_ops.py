@@ -241,3 +241,5 @@ def test_info_runs():
 
     text = report()
     assert "attention" in text and "auto ->" in text and "torch" in text
+    for op in ops.OPS:  # every op of the layer is probed, the fused LayerNorm included
+        assert f"  {op} " in text, op

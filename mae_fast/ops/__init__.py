@@ -15,7 +15,8 @@ from .masking import (
     unshuffle_with_mask_token,
 )
 
-OPS = ("attention", "gather_visible", "unshuffle_with_mask_token", "patchify_gather", "masked_patch_mse")
+OPS = ("attention", "gather_visible", "unshuffle_with_mask_token", "patchify_gather", "masked_patch_mse", "layer_norm",
+       "add_layer_norm")
 
 __all__ = [
     "OPS", "attention", "attention_reference", "gather_visible", "unshuffle_with_mask_token",
