@@ -1,5 +1,6 @@
 """Smoke of the end-to-end benchmark (CI runs it): every implementation gives mae_fast's loss on the same
 weights and noise, and the timing harness produces a complete row for each. Numbers come from e2e.py."""
+import copy
 import os
 import sys
 
@@ -174,3 +175,22 @@ print("fused", fused.item(), "plain", plain.item())
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "fused" in res.stdout
+
+
+def test_an_experimental_row_with_a_wrong_loss_is_dropped_not_fatal(monkeypatch, capsys):
+    real_build = e2e.build_models
+
+    def with_a_broken_row(*args, **kwargs):
+        models = real_build(*args, **kwargs)
+        broken = copy.deepcopy(models["mae_fast"])
+        with torch.no_grad():
+            broken.decoder_pred.bias.add_(0.5)
+        models["mae_fast_fused_ln"] = broken  # an experimental row that computes something else
+        return models
+
+    monkeypatch.setattr(e2e, "build_models", with_a_broken_row)
+    result = e2e.run([("mae_vit_demo_patch8", 32, 2)], torch.device("cpu"), steps=1, warmup=0, compile_modes=[False],
+                     with_hf=False)
+    impls = {r["impl"] for r in result["rows"]}
+    assert "mae_fast_fused_ln" not in impls and {"mae_fast", "reference"} <= impls
+    assert "mae_fast_fused_ln dropped" in capsys.readouterr().out
