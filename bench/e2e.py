@@ -161,9 +161,13 @@ FORCED_ENV = {"mae_fast_fused_ln": {"MAE_FAST_BACKEND": "layer_norm=triton,add_l
                                     "MAE_FAST_TRITON_UNVERIFIED": "1"}}
 
 
-@contextlib.contextmanager
 def forced_env(kind):
-    env = FORCED_ENV.get(kind, {})
+    return env_vars(FORCED_ENV.get(kind, {}))
+
+
+@contextlib.contextmanager
+def env_vars(env: dict):
+    """Environment variables set for the ``with`` block, restored (or removed) after it."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

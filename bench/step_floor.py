@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mae_fast  # noqa: E402
 from mae_fast.memory import estimate_mae_step, estimate_train_step  # noqa: E402
 from mae_fast.models import mae_train_flops  # noqa: E402
-from e2e import GPU_CONFIGS  # noqa: E402  (the same shapes as the end-to-end table)
+from e2e import GPU_CONFIGS, env_vars  # noqa: E402  (the same shapes as the end-to-end table)
 from reference_mae import ReferenceMAE  # noqa: E402
 
 H100_MATMUL_FLOPS = 794e12   # measured bf16 matmul rate (stop 8, H100 80GB HBM3)
@@ -166,15 +165,10 @@ def trace_step(impl: str, name: str, img_size: int, batch: int, mask_ratio: floa
     """Every op of one steady-state bf16 training step of ``impl`` (one of ``IMPLS``)."""
     counter = OpCounter()
     if impl in ("mae_fast_fused_ln", "mae_fast_lean_fused_ln"):
-        forced = {"MAE_FAST_BACKEND": "layer_norm=triton,add_layer_norm=triton", "TRITON_INTERPRET": "1"}
-        saved = {k: os.environ.get(k) for k in forced}
-        os.environ.update(forced)  # lets the Triton backend take CPU (fake) tensors; no kernel runs
-        try:
+        # the interpreter flag lets the Triton backend take CPU (fake) tensors; no kernel runs
+        with env_vars({"MAE_FAST_BACKEND": "layer_norm=triton,add_layer_norm=triton", "TRITON_INTERPRET": "1"}):
             estimate_mae_step(name, img_size, batch, lean=impl == "mae_fast_lean_fused_ln", mask_ratio=mask_ratio,
                               observe=counter)
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     elif impl in ("mae_fast", "mae_fast_lean"):
         estimate_mae_step(name, img_size, batch, lean=impl == "mae_fast_lean", mask_ratio=mask_ratio,
                           observe=counter)

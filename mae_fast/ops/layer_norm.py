@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import Backend, register_backend, select_backend
+from .lean import _compute_dtype
 
 __all__ = ["layer_norm", "add_layer_norm", "resolve_out_dtype"]
 
@@ -44,12 +45,7 @@ register_backend(Backend(op="add_layer_norm", name="torch", fn=_torch_add_layer_
 
 def resolve_out_dtype(x: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
     """``out_dtype``, or the autocast dtype if autocast is on for x's device, else x's dtype."""
-    if out_dtype is not None:
-        return out_dtype
-    device_type = x.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+    return out_dtype or _compute_dtype(x) or x.dtype
 
 
 def _check(op: str, x, norm, out_dtype) -> None:

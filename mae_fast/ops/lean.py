@@ -47,9 +47,11 @@ def residual_layer_norm_mlp_reference(x, branch, norm_weight, norm_bias, eps, fc
 def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The autocast dtype when autocast is on for x's device (what eager matmuls would use), else None."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return None
+    try:
+        on = torch.is_autocast_enabled(dev)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta): no autocast there
+        return None
+    return torch.get_autocast_dtype(dev) if on else None
 
 
 def _norm(x, norm_weight, norm_bias, eps, amp):
@@ -119,8 +121,8 @@ def _fused_backward(fused, d_in, x_norm, mean, rstd, norm_weight, norm_bias, d_x
     """(dx, dbranch, d norm weight, d norm bias) from the fused kernel (dbranch is dx in the stream's dtype)."""
     dx, dbranch, dw, db = fused.add_layer_norm_bwd_op(d_in, d_x_mid, x_norm, mean, rstd, norm_weight, norm_bias,
                                                       branch_dtype, norm_weight is not None, norm_bias is not None)
-    if branch_dtype is not None and dbranch.numel() == 0 and dx.numel() != 0:
-        dbranch = dx  # same dtype as the stream: the op returns a placeholder
+    if branch_dtype == x_norm.dtype:
+        dbranch = dx  # same dtype as the stream: the op returns a placeholder (as its own autograd does)
     return dx, dbranch, (dw if norm_weight is not None else None), (db if norm_bias is not None else None)
 
 
