@@ -1,6 +1,7 @@
 """mae_fast: fast masked-autoencoder pretraining of Vision Transformers at high resolution."""
 from . import ops
 from .models import (
+    CheckpointError,
     MAEOutput,
     MaskedAutoencoderViT,
     create_model,
@@ -12,4 +13,4 @@ from .models import (
 
 __version__ = "0.1.0"
 __all__ = ["ops", "create_model", "list_models", "export_timm", "load_pretrained", "create_timm_encoder",
-           "MaskedAutoencoderViT", "MAEOutput", "__version__"]
+           "MaskedAutoencoderViT", "MAEOutput", "CheckpointError", "__version__"]

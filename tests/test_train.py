@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import mae_fast
 from mae_fast.train import checkpoint_io, config as config_mod, visualize
 from mae_fast.train.pretrain import NonFiniteLossError, SeededItems, StepBatchSampler, pretrain
 
@@ -97,6 +98,27 @@ def test_bad_config_from_cli_exits_2_with_message(capsys):
     assert main(["not_a_key=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'not_a_key'" in err and "valid keys" in err
+
+
+def test_missing_data_and_damaged_checkpoints_exit_2_with_one_line(tmp_path, capsys):
+    """A wrong path or a damaged file is the user's input: one line on stderr, exit code 2, no traceback."""
+    from mae_fast.train.finetune import main as finetune_main
+    from mae_fast.train.pretrain import main as pretrain_main
+
+    missing = tmp_path / "no_such_dir"
+    assert pretrain_main([f"data_source={missing}", f"output_dir={tmp_path}"]) == 2
+    assert f"data source '{missing}' does not exist" in capsys.readouterr().err
+
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"\x80\x02 this is not a checkpoint")
+    assert pretrain_main([f"resume={damaged}", f"output_dir={tmp_path}", "steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {damaged} could not be read" in err and "Traceback" not in err
+
+    assert finetune_main([f"checkpoint={damaged}", f"output_dir={tmp_path}"]) == 2
+    assert f"could not read checkpoint {damaged}" in capsys.readouterr().err
+    with pytest.raises(mae_fast.CheckpointError):  # the library raises it, a RuntimeError like before
+        mae_fast.load_pretrained(mae_fast.create_model("mae_vit_small_patch16"), damaged)
 
 
 def test_bad_values_are_rejected_before_training(tmp_path):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from mae_fast.models.checkpoint import CheckpointError
+
 CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
@@ -88,20 +90,22 @@ def clean_temporaries(run_dir) -> None:
 
 
 def load_checkpoint(path) -> dict:
-    """Read a checkpoint, checking its digest when one is there; raises ``RuntimeError`` if damaged."""
+    """Read a checkpoint, checking its digest when one is there; raises ``CheckpointError`` if damaged."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     data = path.read_bytes()
     digest_file = path.with_name(path.name + ".sha256")
     if digest_file.exists():
         want = digest_file.read_text().strip()
         if want and hashlib.sha256(data).hexdigest() != want:
-            raise RuntimeError(f"checkpoint {path} does not match its sha256 (damaged)")
+            raise CheckpointError(f"checkpoint {path} does not match its sha256 (damaged)")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as e:
-        raise RuntimeError(f"checkpoint {path} could not be read: {e}") from e
+        raise CheckpointError(f"checkpoint {path} could not be read: {e}") from e
     if not isinstance(state, dict) or "model" not in state:
-        raise RuntimeError(f"checkpoint {path} has no 'model' entry")
+        raise CheckpointError(f"checkpoint {path} has no 'model' entry")
     return state
 
 

@@ -25,6 +25,7 @@ from unittest import mock
 import torch
 import torch.nn as nn
 
+from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.train import checkpoint_io, config as config_mod
 from mae_fast.train.distributed import pick_device
 from mae_fast.train.pretrain import NO_DECAY_NAMES, SeededItems, _mix, autocast_dtype
@@ -398,7 +399,7 @@ def main(argv=None, mode: str = "finetune") -> int:
     try:
         cfg = config_mod.config_from_argv(argv, config_mod.FINETUNE_KEYS, None, fixed={"mode": mode})
         finetune(cfg)
-    except (config_mod.ConfigError, FileNotFoundError) as e:
+    except (config_mod.ConfigError, FileNotFoundError, CheckpointError) as e:  # the user's input: no traceback
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.train import checkpoint_io, config as config_mod, distributed as dist_mod
 
 CHECKPOINT_VERSION = 1
@@ -562,7 +563,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
     recent_losses = collections.deque(maxlen=20)  # final_loss: their mean (one step's loss is noisy)
     if state is not None:
         if "optimizer" not in state or "step" not in state:
-            raise RuntimeError("the checkpoint holds weights only (no optimizer/step); pass it as an init, "
+            raise CheckpointError("the checkpoint holds weights only (no optimizer/step); pass it as an init, "
                                "not as resume")
         dist_mod.load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
         if scaler is not None and state.get("scaler"):
@@ -835,7 +836,7 @@ def main(argv=None) -> int:
         return 2
     try:
         pretrain(dict(cfg, recipe=None))
-    except config_mod.ConfigError as e:
+    except (config_mod.ConfigError, FileNotFoundError, CheckpointError) as e:  # the user's input: no traceback
         print(f"mae-fast pretrain: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

@@ -11,6 +11,10 @@ from .pos_embed import resample_pos_embed, sincos_2d
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used: unreadable, damaged (digest mismatch) or missing entries."""
+
+
 def _read(path_or_state) -> dict:
     if isinstance(path_or_state, dict):
         state = path_or_state
@@ -26,7 +30,7 @@ def _read(path_or_state) -> dict:
             else:
                 state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # corrupt or truncated file
-            raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+            raise CheckpointError(f"could not read checkpoint {path}: {e}") from e
     for key in ("model", "state_dict", "model_state"):
         if key in state and isinstance(state[key], dict):
             return state[key]
