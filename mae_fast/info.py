@@ -36,12 +36,23 @@ def _probe_inputs(op: str, device: torch.device):
     return (x[..., :768], imgs, torch.ones(1, 196, device=device), 16, True)
 
 
+def _video_decoding() -> str:
+    from .data.video import torchcodec_unusable_reason
+
+    why_not = torchcodec_unusable_reason()
+    pyav = _version("av")
+    if why_not is None:
+        return f"auto -> torchcodec {_version('torchcodec')} (PyAV {pyav})"
+    return f"auto -> PyAV {pyav}; torchcodec no: {why_not}"
+
+
 def report() -> str:
     from . import __version__, ops
 
     lines = [f"mae_fast {__version__}", f"python {platform.python_version()} on {platform.machine()}"]
     for mod in ("torch", "triton", "timm", "xformers", "flash_attn"):
         lines.append(f"{mod:<12} {_version(mod)}")
+    lines.append(f"{'video':<12} {_video_decoding()}")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))

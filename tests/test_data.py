@@ -18,7 +18,7 @@ from mae_fast.data import (IMAGENET_MEAN, IMAGENET_STD, build_labelled_datasets,
 from mae_fast.data import demo as demo_mod  # noqa: E402
 from mae_fast.data.shards import ShardDataset, write_shards  # noqa: E402
 from mae_fast.data.transforms import EvalTransform, TrainTransform, crop_resize  # noqa: E402
-from mae_fast.data.video import read_frames_at  # noqa: E402
+from mae_fast.data.video import RandomAccessReader, probe_video, read_frames_at  # noqa: E402
 
 SMALL = dict(n_videos=2, seconds=6, video_fps=8, video_size=48, n_train=3, n_val=2, image_size=32,
              world_size=512, n_objects=80)
@@ -432,6 +432,75 @@ def test_containers_durations_and_frames(tmp_path, ext, codec, first_pts):
         assert np.array_equal(lazy.frame(i), ds.frame(i))
 
 
+def test_torchcodec_without_ffmpeg_falls_back_to_pyav(demo, monkeypatch):
+    """pip's torchcodec imports without FFmpeg and fails at the first decode: auto must pick PyAV then, and an
+    explicit request must say why it cannot."""
+    import sys
+    import types
+
+    from mae_fast.data import video
+
+    def load_core_libraries():
+        raise RuntimeError("Could not load libtorchcodec. Likely causes:\n  1. FFmpeg is not properly installed")
+
+    package, decoders, utils = (types.ModuleType(n) for n in
+                                ("torchcodec", "torchcodec.decoders", "torchcodec._internally_replaced_utils"))
+    decoders.VideoDecoder = lambda *a, **k: pytest.fail("auto must not decode with an unusable torchcodec")
+    utils.load_core_libraries = load_core_libraries
+    package.decoders, package._internally_replaced_utils = decoders, utils
+    for name, mod in (("torchcodec", package), ("torchcodec.decoders", decoders),
+                      ("torchcodec._internally_replaced_utils", utils)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    assert video.resolve_backend("auto") == "pyav"
+    reason = video.torchcodec_unusable_reason()
+    assert "cannot load FFmpeg's libraries" in reason and "Could not load libtorchcodec" in reason
+    with pytest.raises(ImportError, match="'torchcodec' requested, but torchcodec is installed but cannot load"):
+        video.resolve_backend("torchcodec")
+    ds = build_pretrain_dataset(None, video_backend="auto", img_size=32, hours=0.01, subset="uniform", seed=3,
+                                demo_root=demo.root.parent)
+    assert ds.backend == "pyav" and len(ds) > 0 and ds.frame(0).shape[-1] == 3
+
+
+def _real_torchcodec_or_skip(path):
+    """torchcodec when it is installed and can load FFmpeg here (it does not bundle it), else skip."""
+    pytest.importorskip("torchcodec.decoders")
+    try:
+        probe_video(path, backend="torchcodec")
+    except (OSError, RuntimeError, ImportError) as e:
+        pytest.skip(f"torchcodec installed but cannot decode here: {str(e).splitlines()[0][:120]}")
+
+
+@pytest.mark.parametrize("ext,codec,first_pts", [("mkv", "mpeg4", 14), ("webm", "libvpx-vp9", 0),
+                                                 ("ts", "mpeg4", 14), ("avi", "mjpeg", 0)])
+def test_real_torchcodec_reads_the_frames_pyav_reads(tmp_path, ext, codec, first_pts):
+    """Where torchcodec is installed (auto then prefers it), it must give the same frames at the same times as
+    PyAV: the frame played at t, streams that start late, seeks backwards, and times past the end."""
+    if codec not in av.codecs_available:
+        pytest.skip(f"{codec} not in this ffmpeg")
+    rng = np.random.default_rng(2)
+    frames = [np.clip(rng.integers(0, 255, (48, 64, 3)) * 0.3 + 5 * i, 0, 255).astype(np.uint8) for i in range(40)]
+    path = tmp_path / f"clip.{ext}"
+    _write_video(path, frames, codec, first_pts=first_pts)
+    _real_torchcodec_or_skip(path)
+    assert probe_video(path, "torchcodec").duration_s == pytest.approx(probe_video(path, "pyav").duration_s, abs=0.11)
+    times = [3.95, 0.0, 0.05, 0.1, 1.37, 2.0, 0.99, 3.9]  # unsorted: read_frames_at keeps the given order
+    tc, pa = read_frames_at(path, times, "torchcodec"), read_frames_at(path, times, "pyav")
+    assert tc.shape == pa.shape == (len(times), 48, 64, 3) and np.array_equal(tc, pa)
+    ref = all_frames(path)
+    assert np.array_equal(tc[3], ref[1]) and np.array_equal(tc[5], ref[20])  # 10 fps from the stream start
+    reader = RandomAccessReader(backend="torchcodec")
+    assert all(np.array_equal(reader.read(str(path), t), pa[i]) for i, t in enumerate(times))
+
+
+def test_real_torchcodec_and_pyav_build_the_same_demo_dataset(demo):
+    _real_torchcodec_or_skip(next(iter(sorted(demo.videos.glob("*.mp4")))))
+    kw = dict(img_size=32, hours=0.02, subset="uniform", seed=9, demo_root=demo.root.parent)
+    tc = build_pretrain_dataset(None, video_backend="torchcodec", **kw)
+    pa = build_pretrain_dataset(None, video_backend="pyav", **kw)
+    assert tc.backend == "torchcodec" and tc.record == pa.record and len(tc) > 50
+    assert all(np.array_equal(tc.frame(i), pa.frame(i)) for i in range(len(tc)))
+
+
 def test_torchcodec_adapter_with_a_stand_in(demo, monkeypatch):
     """The torchcodec path (not installed here) against a stand-in with its documented interface."""
     import sys
@@ -454,10 +523,13 @@ def test_torchcodec_adapter_with_a_stand_in(demo, monkeypatch):
 
     decoders = types.ModuleType("torchcodec.decoders")
     decoders.VideoDecoder = FakeDecoder
+    utils = types.ModuleType("torchcodec._internally_replaced_utils")
+    utils.load_core_libraries = lambda: (7, "libtorchcodec_core7.so")  # FFmpeg found
     package = types.ModuleType("torchcodec")
-    package.decoders = decoders
+    package.decoders, package._internally_replaced_utils = decoders, utils
     monkeypatch.setitem(sys.modules, "torchcodec", package)
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", decoders)
+    monkeypatch.setitem(sys.modules, "torchcodec._internally_replaced_utils", utils)
     kw = dict(img_size=32, hours=0.02, subset="uniform", seed=9, demo_root=demo.root.parent)
     tc = build_pretrain_dataset(None, video_backend="auto", **kw)
     pa = build_pretrain_dataset(None, video_backend="pyav", **kw)

@@ -243,3 +243,7 @@ def test_info_runs():
     assert "attention" in text and "auto ->" in text and "torch" in text
     for op in ops.OPS:  # every op of the layer is probed, the fused LayerNorm included
         assert f"  {op} " in text, op
+    from mae_fast.data.video import resolve_backend
+
+    video = next(line for line in text.splitlines() if line.startswith("video "))
+    assert f"auto -> {'PyAV' if resolve_backend('auto') == 'pyav' else 'torchcodec'}" in video

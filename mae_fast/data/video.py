@@ -37,12 +37,30 @@ def list_videos(root) -> list[str]:
     return list_files(root, VIDEO_EXTENSIONS)
 
 
-def torchcodec_available() -> bool:
+def torchcodec_unusable_reason() -> str | None:
+    """Why torchcodec cannot decode video here, or None when it can.
+
+    Importing torchcodec succeeds without FFmpeg (it does not bundle it): the FFmpeg-linked core loads at the
+    first decode. So load it now, where this torchcodec exposes its loader, and let ``auto`` fall back to PyAV
+    rather than fail on every file."""
     try:
         import torchcodec.decoders  # noqa: F401
-    except Exception:
-        return False
-    return True
+    except Exception as e:
+        return f"torchcodec is not installed ({type(e).__name__}: {e})"
+    try:
+        from torchcodec._internally_replaced_utils import load_core_libraries
+    except ImportError:  # a torchcodec without this loader: a decode error will say what is missing
+        return None
+    try:
+        load_core_libraries()
+    except Exception as e:
+        return (f"torchcodec is installed but cannot load FFmpeg's libraries (install FFmpeg's shared libraries, "
+                f"or use video_backend=pyav): {str(e).splitlines()[0][:200]}")
+    return None
+
+
+def torchcodec_available() -> bool:
+    return torchcodec_unusable_reason() is None
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -51,7 +69,7 @@ def resolve_backend(backend: str = "auto") -> str:
     if backend not in ("pyav", "torchcodec"):
         raise ValueError(f"video backend must be 'auto', 'pyav' or 'torchcodec', got {backend!r}")
     if backend == "torchcodec" and not torchcodec_available():
-        raise ImportError("video backend 'torchcodec' requested but torchcodec is not installed")
+        raise ImportError(f"video backend 'torchcodec' requested, but {torchcodec_unusable_reason()}")
     return backend
 
 
