@@ -13,6 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# With torch 2.11, FSDP2 peaked above one unsharded device at the tests' small sizes (so did its own FSDPMemTracker,
+# which test_memory's estimate matches exactly); with torch 2.14 it peaks below. Tests assert the saving only there.
+FSDP2_PEAKS_BELOW_UNSHARDED = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+
 
 @pytest.fixture
 def poison_flash_attention_outputs(monkeypatch):
