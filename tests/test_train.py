@@ -646,3 +646,30 @@ def test_finetune_memory_budget_turns_on_checkpointing_with_the_same_results(tmp
     assert with_drop_path["memory_plan"]["estimated_peak_bytes"] > 0  # timm's drop-path set-up is estimable
     with pytest.raises(config_mod.ConfigError, match="true or false"):
         finetune(dict(base, name="partial", grad_checkpointing=3), datasets=data)
+
+
+def test_time_waiting_for_data_is_measured_and_a_slow_loader_is_named(tmp_path, monkeypatch, capsys):
+    """metrics.jsonl and result.json carry the share of each window spent blocked on the loader; when it is large
+    the run ends by saying so and what to do. A slow step with fast data must not read as data-bound."""
+    import time as time_mod
+
+    from mae_fast.train import pretrain as pretrain_mod
+
+    fast = pretrain(tiny(tmp_path / "fast", steps=4, debug_step_sleep_s=0.4))
+    assert 0 <= fast["data_wait"] < 0.1
+    assert "waited for data" not in capsys.readouterr().out
+
+    slow_item = pretrain_mod.SyntheticImages.__getitem__
+
+    def slow(self, i):
+        time_mod.sleep(0.02)  # 8 items a step: 0.16 s of loading against a few ms of compute
+        return slow_item(self, i)
+
+    monkeypatch.setattr(pretrain_mod.SyntheticImages, "__getitem__", slow)
+    res = pretrain(tiny(tmp_path / "slow"))
+    assert 0.5 < res["data_wait"] <= 1.0
+    out = capsys.readouterr().out
+    assert "training waited for data" in out and "num_workers (now 0)" in out and "mae_fast.data.shards" in out
+    rows = [json.loads(line) for line in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    waits = [r["data_wait"] for r in rows if "data_wait" in r]
+    assert len(waits) == 8 and all(0.5 < w <= 1.0 for w in waits[1:])

@@ -183,6 +183,10 @@ class SyntheticImages(torch.utils.data.Dataset):
         return (img - 0.45) / 0.25
 
 
+# the share of a logging window spent blocked on the data loader above which the trainer says so
+DATA_WAIT_WARN = 0.1
+
+
 def build_dataset(cfg: dict, img_size, is_main: bool):
     if cfg["data_source"] == "synthetic":
         return SyntheticImages(cfg["synthetic_size"], img_size, cfg["seed"])
@@ -680,16 +684,16 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
     L = model.num_patches
     it = iter(loader)
     t_loop = time.perf_counter()
-    t_window, imgs_window = time.perf_counter(), 0
+    t_window, imgs_window, data_wait_window = time.perf_counter(), 0, 0.0
     losses_window = []
     step = start_step
     last_ckpt, last_ckpt_step = None, None
     stopped = "finished"
     rate, mfu = 0.0, None
-    steady = {"images": 0, "seconds": 0.0, "windows": 0}  # all windows but the first (compilation, warm-up)
+    steady = {"images": 0, "seconds": 0.0, "windows": 0, "data_wait_s": 0.0}  # all windows but the first (warm-up)
 
     def log_window(lr, grad_norm):
-        nonlocal t_window, imgs_window, losses_window, rate, mfu
+        nonlocal t_window, imgs_window, losses_window, rate, mfu, data_wait_window
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t_window
@@ -698,10 +702,13 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
         if steady["windows"] > 0:
             steady["images"] += imgs_window
             steady["seconds"] += dt
+            steady["data_wait_s"] += data_wait_window
         steady["windows"] += 1
+        data_wait = min(1.0, data_wait_window / dt) if dt > 0 else 0.0
         row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                "loss": float(np.mean(losses_window)) if losses_window else None,
-               "lr": lr, "images_per_s": round(rate, 2), "mfu": mfu, "grad_norm": grad_norm,
+               "lr": lr, "images_per_s": round(rate, 2), "mfu": mfu, "data_wait": round(data_wait, 4),
+               "grad_norm": grad_norm,
                "skipped_steps": bad_total, "images_seen": images_seen,
                "time_s": round(wall_before + time.perf_counter() - t_loop, 3)}
         metrics.write(row)
@@ -710,8 +717,10 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
                     "lr": f"{lr:.2e}", "img/s": f"{rate:.1f}"}
             if mfu is not None:
                 post["mfu"] = f"{100 * mfu:.1f}%"
+            if data_wait >= DATA_WAIT_WARN:
+                post["data wait"] = f"{100 * data_wait:.0f}%"
             bar.set_postfix(post, refresh=False)
-        t_window, imgs_window, losses_window = time.perf_counter(), 0, []
+        t_window, imgs_window, losses_window, data_wait_window = time.perf_counter(), 0, [], 0.0
     train_model.train()
     try:
         while step < total_steps:
@@ -729,7 +738,10 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device)
             for a in range(A):
-                imgs = next(it).to(device, non_blocking=True)
+                t_data = time.perf_counter()
+                imgs = next(it)  # the time blocked here is the time the GPU (or CPU) waited for data
+                data_wait_window += time.perf_counter() - t_data
+                imgs = imgs.to(device, non_blocking=True)
                 noise = noise_all[a, info.rank].to(device, non_blocking=True)
                 sync = a == A - 1
                 ctx = train_model.no_sync() if (strategy == "ddp" and not sync) else nullcontext()
@@ -808,11 +820,12 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
     # throughput after the first logging window (which holds compilation and warm-up), else the last
     steady_rate = steady["images"] / steady["seconds"] if steady["seconds"] > 0 else rate
     steady_mfu = flops_per_image * steady_rate / (peak * info.world_size) if peak else None
+    steady_wait = steady["data_wait_s"] / steady["seconds"] if steady["seconds"] > 0 else None
     result = {"checkpoint": str(last_ckpt) if last_ckpt else None, "images_seen": images_seen,
               "wall_time_s": wall, "final_loss": final_loss, "last_step_loss": last_loss,
               "run_dir": str(run_dir), "steps": step,
               "total_steps": total_steps, "skipped_steps": bad_total, "stopped": stopped,
-              "images_per_s": steady_rate, "mfu": steady_mfu, "startup_s": t_loop - t_start,
+              "images_per_s": steady_rate, "mfu": steady_mfu, "data_wait": steady_wait, "startup_s": t_loop - t_start,
               "reconstruction": str(run_dir / "reconstruction.png"), "memory_plan": memory_plan}
     if info.is_main:
         (run_dir / "result.json").write_text(json.dumps(result, indent=1))
@@ -821,6 +834,10 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
                    f"{wall:.1f} s training ({bad_total} skipped steps)\n"
                    f"  checkpoint: {last_ckpt}\n  metrics:    {run_dir / 'metrics.jsonl'}\n"
                    f"  picture:    {run_dir / 'reconstruction.png'}")
+        if steady_wait is not None and steady_wait >= DATA_WAIT_WARN:
+            _say(info, f"  data:       training waited for data {100 * steady_wait:.0f}% of the time (rank 0): raise "
+                       f"num_workers (now {cfg['num_workers']}), or write shards once (python -m mae_fast.data.shards; "
+                       f"bench/bench_data.py measures the options)")
     return result
 
 
