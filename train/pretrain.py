@@ -835,9 +835,10 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
                    f"  checkpoint: {last_ckpt}\n  metrics:    {run_dir / 'metrics.jsonl'}\n"
                    f"  picture:    {run_dir / 'reconstruction.png'}")
         if steady_wait is not None and steady_wait >= DATA_WAIT_WARN:
+            spare = " if the CPU has cores to spare (training shares them here)" if device.type == "cpu" else ""
             _say(info, f"  data:       training waited for data {100 * steady_wait:.0f}% of the time (rank 0): raise "
-                       f"num_workers (now {cfg['num_workers']}), or write shards once (python -m mae_fast.data.shards; "
-                       f"bench/bench_data.py measures the options)")
+                       f"num_workers (now {cfg['num_workers']}){spare}, or write shards once (python -m "
+                       f"mae_fast.data.shards; bench/bench_data.py measures the options)")
     return result
 
 
