@@ -16,7 +16,7 @@ from .images import (ImageFileDataset, list_images, per_class_fraction, scan_ima
 from .subset import SUBSET_MODES, check_fps, make_record, select, selection_from_record
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, as_size, build_transform,
                          denormalize)
-from .video import VideoFrameDataset, list_videos, probe_video
+from .video import VideoFrameDataset, list_videos, probe_video, resolve_backend
 
 __all__ = [
     "ensure_demo_data", "build_pretrain_dataset", "build_labelled_datasets", "IMAGENET_MEAN", "IMAGENET_STD",
@@ -45,6 +45,7 @@ def is_shard_source(source) -> bool:
 def _probe_all(files, backend):
     """{path: VideoInfo} of the readable videos, and [(path, reason)] of the others."""
     infos, skipped = {}, []
+    backend = resolve_backend(backend)  # once, not per file (checking torchcodec loads FFmpeg)
     for f in files:
         try:
             info = probe_video(f, backend)

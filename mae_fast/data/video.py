@@ -64,12 +64,15 @@ def torchcodec_available() -> bool:
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    if backend == "auto":
-        return "torchcodec" if torchcodec_available() else "pyav"
-    if backend not in ("pyav", "torchcodec"):
+    if backend not in ("auto", "pyav", "torchcodec"):
         raise ValueError(f"video backend must be 'auto', 'pyav' or 'torchcodec', got {backend!r}")
-    if backend == "torchcodec" and not torchcodec_available():
-        raise ImportError(f"video backend 'torchcodec' requested, but {torchcodec_unusable_reason()}")
+    if backend == "pyav":
+        return backend
+    why_not = torchcodec_unusable_reason()
+    if backend == "auto":
+        return "pyav" if why_not else "torchcodec"
+    if why_not:
+        raise ImportError(f"video backend 'torchcodec' requested, but {why_not}")
     return backend
 
 
