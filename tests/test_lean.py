@@ -1,4 +1,6 @@
 """Memory-lean LayerNorm->Linear and LayerNorm->MLP against eager PyTorch: values, gradients, saved bytes."""
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -243,8 +245,15 @@ def test_lean_refuses_a_non_plain_mlp():
 
 # ---- with the Triton fused (add +) LayerNorm (interpreter on the CPU) ---------------------------
 
+# these run the Triton LayerNorm on CPU tensors, so only in the interpreter (the CPU CI); the GPU runs of the same
+# kernels are tests/test_layer_norm.py's
+cpu_triton = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+
 @pytest.mark.parametrize("which", ["linear", "mlp", "residual"])
 @pytest.mark.parametrize("amp", [False, True])
+@cpu_triton
 def test_lean_with_the_fused_layer_norm_matches_the_torch_path(which, amp, monkeypatch):
     """Where dispatch picks the Triton add_layer_norm, the lean ops run it: same output as the torch path up to
     rounding, and gradients at least as close to fp32 eager as 2x the torch path's own error (plus a floor)."""
@@ -290,6 +299,7 @@ def test_lean_with_the_fused_layer_norm_matches_the_torch_path(which, amp, monke
             f"grad {i}: fused {err:.3g} vs torch path {err_torch:.3g}"
 
 
+@cpu_triton
 def test_model_lean_with_the_fused_layer_norm_trains_like_plain_lean(monkeypatch):
     model = mae_fast.create_model("mae_vit_demo_patch8", img_size=32)
     model.set_lean_activations(True)
