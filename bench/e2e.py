@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import os
 import statistics
@@ -304,7 +305,13 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
     rows = []
     for name, img_size, batch in configs:
         checkpointed = (plans or {}).get((name, img_size), 0)
+        if device.type == "cuda":
+            print(f"{name} {img_size}px batch {batch}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB resident "
+                  "before building", flush=True)
         models = build_models(name, img_size, device, with_hf, checkpointed)
+        if impls:  # fewer resident models: each baseline's weights stay on the device for the whole configuration
+            for kind in [k for k in models if k not in impls and k != "mae_fast"]:
+                del models[kind]
         ours = models["mae_fast"]
         for kind in [k for k in models if k in FORCED_ENV]:  # experimental rows: a wrong loss drops the row only
             try:
@@ -331,8 +338,10 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
             except torch.OutOfMemoryError:
                 rows += [dict(model=name, img_size=img_size, batch=batch, impl=k, compile=compile_, oom=True)
                          for k in steppers]
+                print(f"{name} {img_size}px batch {batch} compile={compile_}: out of memory with "
+                      f"{len(steppers)} implementations resident ({', '.join(steppers)})", flush=True)
                 del steppers
-                torch.cuda.empty_cache()
+                _release(models.values(), device)
                 continue
             for kind, ts in times.items():
                 med = statistics.median(ts)
@@ -346,12 +355,24 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
                                  mfu=flops / med / peak_rate, loss_diff_vs_mae_fast=diffs.get(kind, 0.0)))
                 print(_fmt(rows[-1]), flush=True)
             del steppers
+        _release(models.values(), device)
         del ours, models
+        _release((), device)
         if out:
             _write(out, _result(device, peak_rate, rows))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return _result(device, peak_rate, rows)
+
+
+def _release(models, device) -> None:
+    """Free what a configuration left behind: gradients, and the compiled graphs (dynamo's caches hold the
+    modules they were traced from, so without a reset every compiled model of every configuration stays resident
+    and the next configuration runs out of memory)."""
+    for m in models:
+        m.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _result(device, peak_rate, rows) -> dict:
@@ -437,6 +458,9 @@ def main(argv=None):
     ap.add_argument("--plans", default=None, help="a memory_estimate.py JSON: also time lean with its checkpointed "
                                                   "blocks where lean alone misses the memory target")
     ap.add_argument("--out", default=None, help="write JSON here")
+    ap.add_argument("--in-process", action="store_true",
+                    help="on a GPU, run every configuration in this process (default: one child process each, "
+                         "since memory a configuration leaves behind, compiled graphs included, starved the next)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     configs = CPU_CONFIGS if device.type == "cpu" else GPU_CONFIGS
@@ -445,6 +469,10 @@ def main(argv=None):
         configs = sorted((c for c in configs if (c[0], str(c[1])) in order), key=lambda c: order.index((c[0], str(c[1]))))
     steps = args.steps or (5 if device.type == "cpu" else 10)
     warmup = args.warmup or (2 if device.type == "cpu" else 3)
+    if device.type == "cuda" and len(configs) > 1 and not args.in_process:
+        result = run_isolated(configs, argv if argv is not None else sys.argv[1:], args.out)
+        print("\n" + table(result))
+        return result
     result = run(configs, device, steps, warmup, [False, True] if args.compile else [False], with_hf=not args.no_hf,
                  compile_only=set(args.compile_only.split(",")) if args.compile_only else None,
                  impls=set(args.impls.split(",")) if args.impls else None, out=args.out,
@@ -453,6 +481,47 @@ def main(argv=None):
     if args.out:
         _write(args.out, result)
     return result
+
+
+def run_isolated(configs, argv, out) -> dict:
+    """Each configuration in a child process (same arguments, ``--only`` that one); rows merged in order and the
+    merged JSON rewritten after each, so a time limit keeps what finished."""
+    import subprocess
+    import tempfile
+
+    rows, result = [], None
+    keep = _drop_option(_drop_option(argv, "--only"), "--out")
+    for name, img_size, _ in configs:
+        with tempfile.TemporaryDirectory() as tmp:
+            part = Path(tmp) / "part.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), *keep, "--in-process", "--only",
+                   f"{name}:{img_size}", "--out", str(part)]
+            rc = subprocess.run(cmd).returncode
+            if not part.exists():
+                print(f"{name} {img_size}px: child exited with {rc} and no result", flush=True)
+                continue
+            sub = json.loads(part.read_text())
+        rows += sub["rows"]
+        result = dict(sub, rows=rows)
+        add_ratios(rows)
+        if out:
+            _write(out, result)
+    if result is None:
+        raise SystemExit("no configuration produced a result")
+    return result
+
+
+def _drop_option(argv, flag) -> list:
+    """argv without ``flag VALUE`` / ``flag=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
 
 
 def _write(path, result) -> None:
