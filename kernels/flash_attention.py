@@ -3,7 +3,13 @@
 Layout as ``flash_attn_func``: q/k/v (batch, seqlen, heads, head_dim), or packed (total, heads, head_dim)
 with ``cu_seqlens`` (sequences never attend across). Any last-dim-contiguous strides are accepted.
 
-Head dims that are not a power of two are NOT padded to the next one: the head dim is covered by a
+Head dims that are not a power of two: by default (since 2026-11-23) the head dim sits in ONE power-of-two
+tile (80 -> 128), columns past it zeroed on load and masked on store. That is the only mode that passed every
+GPU test on an H100 (Triton 3.6); the split mode below gave illegal memory accesses and wrong results there at
+head dims 72/80/88/96 (``bench/results/attention-triage-h100-2026-11-23.json``), so it is opt-in
+(``MAE_FAST_FA_SINGLE_TILE=0``) until it passes on a GPU. It is tested in the CPU interpreter.
+
+Split mode: the head dim is covered by a
 power-of-two tile ``D0`` over its first columns and a tail tile ``D1`` (at least 32 wide) over its LAST
 columns, so 80/88/96 compute as 64 + 32 = 96 (not 128) and 40 as 32 + 32. Where the two tiles overlap
 (88: columns 56-63) the shared columns are zeroed in one operand of each product, which is loaded once per
@@ -13,12 +19,12 @@ pipelined. Sequence tails are masked in-kernel. Strides that are 16-byte multipl
 (a head dim of 88 or 72 in bf16) are passed to the compiler as aligned (``_stride_alignment``), or it would
 fall back to unpipelined scalar loads.
 
-Environment switches (read once at import; diagnostics for the H100 illegal-memory-access hunt, all off
-by default; ``bench/triage_triton_attention.sh`` runs the GPU tests under each):
+Environment switches (read once at import; diagnostics for the H100 illegal-memory-access hunt;
+``bench/triage_triton_attention.sh`` runs the GPU tests under each):
 
-- ``MAE_FAST_FA_SINGLE_TILE=1``: the head dim sits in ONE power-of-two tile (40 -> 64, 72/80/88/96 -> 128),
-  columns past it zeroed on load and masked on store: one dot per product, no 32-wide tail tile. Costs the
-  padding this design avoids; identical to the default for head dims 32/64/128.
+- ``MAE_FAST_FA_SINGLE_TILE=0``: the split mode above (64 + 32 for 80/88/96). ``=1`` (the default): the head
+  dim sits in ONE power-of-two tile (40 -> 64, 72/80/88/96 -> 128): one dot per product, no 32-wide tail tile,
+  at the cost of the padded columns' FLOPs; identical to split mode for head dims 32/64/128.
 - ``MAE_FAST_FA_MAX_STAGES=n``: caps ``num_stages`` of every launch (1 = no software pipelining).
 - ``MAE_FAST_FA_CLAMP_ROWS=1``: clamps row offsets of every load, so no lane points outside its tensor.
 - ``MAE_FAST_FA_CLAMP_D=0``: column tails of a masked tile (single-tile mode, delta kernel) loaded with a
@@ -60,9 +66,9 @@ __all__ = [
 CLAMP_D = tl.constexpr(os.environ.get("MAE_FAST_FA_CLAMP_D", "1") == "1")
 CLAMP_ROWS = tl.constexpr(os.environ.get("MAE_FAST_FA_CLAMP_ROWS", "0") == "1")
 MAX_STAGES = int(os.environ.get("MAE_FAST_FA_MAX_STAGES", "8"))
-# MAE_FAST_FA_SINGLE_TILE=1: one power-of-two head-dim tile (see split_head_dim); a plain bool, as only the
-# launchers read it (the kernels see D0 > HEAD_DIM, D1 = 0), so tests can monkeypatch it.
-SINGLE_TILE = os.environ.get("MAE_FAST_FA_SINGLE_TILE", "0") == "1"
+# MAE_FAST_FA_SINGLE_TILE (default 1): one power-of-two head-dim tile (see split_head_dim); a plain bool, as only
+# the launchers read it (the kernels see D0 > HEAD_DIM, D1 = 0), so tests can monkeypatch it.
+SINGLE_TILE = os.environ.get("MAE_FAST_FA_SINGLE_TILE", "1") == "1"
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -97,8 +103,8 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
     No tile is narrower than 32 columns: on H100 with Triton 3.6, 16-column bf16 tiles feeding wgmma read
     past their shared-memory buffer (compute-sanitizer, 2026-11-22) and gave NaNs at head dim 80 (64 + 16).
     So 80 -> 64 + 32 (columns 48-79), 88 -> 64 + 32 (56-87), 96 -> 64 + 32, 40 -> 32 + 32 (8-39).
-    With ``SINGLE_TILE`` (MAE_FAST_FA_SINGLE_TILE=1): (next power of two, 0), e.g. 80 -> (128, 0); the kernels
-    then mask the D0 tile's columns past the head dim.
+    With ``SINGLE_TILE`` (MAE_FAST_FA_SINGLE_TILE=1, the default): (next power of two, 0), e.g. 80 -> (128, 0);
+    the kernels then mask the D0 tile's columns past the head dim.
     """
     if head_dim < 32 or head_dim % 8:
         raise ValueError(f"head dim {head_dim} unsupported: a multiple of 8 from 32 to {MAX_HEAD_DIM}")

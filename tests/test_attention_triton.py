@@ -154,21 +154,28 @@ def test_random_shapes(head_dim, seqlen, batch, dtype):
 
 
 def test_gpu_reasons_for_fp32_and_unverified_head_dims(monkeypatch):
-    """On CUDA tensors (fake ones: no GPU needed) Triton refuses fp32 and head dims not verified on a GPU."""
+    """On CUDA tensors (fake ones: no GPU needed) Triton refuses fp32, head dims not verified on a GPU, and
+    split mode (verified in single-tile mode only)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from mae_fast.ops._triton_attention import triton_attention_reasons
+    from mae_fast.ops._triton_attention import GPU_VERIFIED, triton_attention_reasons
 
     monkeypatch.delenv("MAE_FAST_TRITON_UNVERIFIED", raising=False)
+    assert 64 in GPU_VERIFIED["dense"] and 80 in GPU_VERIFIED["dense"] and 104 not in GPU_VERIFIED["dense"]
+
+    def reasons(d, dtype=BF16):
+        q = torch.empty(2, 17, 2, d, device="cuda", dtype=dtype)
+        return triton_attention_reasons(q, q, q, None, None, None)
+
     with FakeTensorMode():
-        q32 = torch.empty(2, 17, 2, 64, device="cuda", dtype=FP32)
-        q16 = torch.empty(2, 17, 2, 64, device="cuda", dtype=BF16)
-        fp32_reasons = triton_attention_reasons(q32, q32, q32, None, None, None)
-        bf16_reasons = triton_attention_reasons(q16, q16, q16, None, None, None)
+        fp32, bf16_64, bf16_80, bf16_104 = reasons(64, FP32), reasons(64), reasons(80), reasons(104)
+        monkeypatch.setattr(_kernels(), "SINGLE_TILE", False)
+        split_80, split_64 = reasons(80), reasons(64)
         monkeypatch.setenv("MAE_FAST_TRITON_UNVERIFIED", "1")
-        forced = triton_attention_reasons(q32, q32, q32, None, None, None)
-    assert any("float32 on a GPU" in r for r in fp32_reasons)
-    assert not any("float32" in r for r in bf16_reasons) and any("not verified" in r for r in bf16_reasons)
+        forced = reasons(64, FP32) + reasons(104) + reasons(80)
+    assert any("float32 on a GPU" in r for r in fp32)
+    assert bf16_64 == [] and bf16_80 == [] and split_64 == []  # 64: one tile in either mode
+    assert any("not verified" in r for r in bf16_104) and any("not verified" in r for r in split_80)
     assert forced == []
 
 
@@ -185,7 +192,7 @@ def test_stride_alignment_hint_only_when_true():
     assert fa._stride_alignment(torch.randn(2, 33, 2, 64, dtype=BF16)) == 8
 
 
-# ---- single-tile mode (MAE_FAST_FA_SINGLE_TILE=1) ---------------------------------------------------
+# ---- split mode (MAE_FAST_FA_SINGLE_TILE=0; the default is one power-of-two tile) ---------------------
 
 def test_split_head_dim_both_modes(monkeypatch):
     fa = _kernels()
@@ -197,28 +204,39 @@ def test_split_head_dim_both_modes(monkeypatch):
         (32, 0), (64, 0), (64, 0), (128, 0), (128, 0), (128, 0), (128, 0), (128, 0), (128, 0)]
 
 
-SINGLE_TILE_FAST = [(40, 17, 2, 1, BF16), (88, 33, 2, 1, FP16), (72, 40, 1, 1, BF16), (96, 17, 1, 2, FP32)]
+@pytest.mark.skipif(os.environ.get("MAE_FAST_FA_SINGLE_TILE") is not None, reason="mode chosen by the environment")
+def test_single_tile_is_the_default():
+    assert _kernels().SINGLE_TILE is True and _kernels().split_head_dim(80) == (128, 0)
 
 
-@pytest.mark.parametrize("head_dim,seqlen,batch,heads,dtype", SINGLE_TILE_FAST)
-def test_single_tile_matches_reference(monkeypatch, head_dim, seqlen, batch, heads, dtype):
-    """One power-of-two tile with masked columns (a GPU diagnostic/fallback) gives the same accuracy."""
-    monkeypatch.setattr(_kernels(), "SINGLE_TILE", True)
+SPLIT_FAST = [(40, 17, 2, 1, BF16), (88, 33, 2, 1, FP16), (72, 40, 1, 1, BF16), (96, 17, 1, 2, FP32)]
+# split mode faulted on an H100 (triton 3.6): its GPU runs are for the triage script, not the suite
+split_mode_here = pytest.mark.skipif(torch.cuda.is_available(), reason="split mode is unverified on GPUs "
+                                     "(bench/triage_triton_attention.sh runs it there)")
+
+
+@split_mode_here
+@pytest.mark.parametrize("head_dim,seqlen,batch,heads,dtype", SPLIT_FAST)
+def test_split_mode_matches_reference(monkeypatch, head_dim, seqlen, batch, heads, dtype):
+    """Two overlapping power-of-two tiles (64 + 32 for 88) give the same accuracy as the default single tile."""
+    monkeypatch.setattr(_kernels(), "SINGLE_TILE", False)
     q, k, v = (_rand(batch, seqlen, heads, head_dim, dtype=dtype) for _ in range(3))
     _assert_close_as_torch(q, k, v)
 
 
-def test_single_tile_packed(monkeypatch):
-    monkeypatch.setattr(_kernels(), "SINGLE_TILE", True)
+@split_mode_here
+def test_split_mode_packed(monkeypatch):
+    monkeypatch.setattr(_kernels(), "SINGLE_TILE", False)
     cu = torch.tensor([0, 5, 5, 38, 39], device=DEVICE, dtype=torch.int32)
     q, k, v = (_rand(39, 2, 80) for _ in range(3))
     _assert_close_as_torch(q, k, v, cu=cu, max_seqlen=33)
 
 
 @pytest.mark.slow
+@split_mode_here
 @pytest.mark.parametrize("head_dim,seqlen,batch,heads,dtype", CASES)
-def test_single_tile_all_cases(monkeypatch, head_dim, seqlen, batch, heads, dtype):
-    monkeypatch.setattr(_kernels(), "SINGLE_TILE", True)
+def test_split_mode_all_cases(monkeypatch, head_dim, seqlen, batch, heads, dtype):
+    monkeypatch.setattr(_kernels(), "SINGLE_TILE", False)
     q, k, v = (_rand(batch, seqlen, heads, head_dim, dtype=dtype) for _ in range(3))
     _assert_close_as_torch(q, k, v)
 

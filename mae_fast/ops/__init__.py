@@ -5,6 +5,7 @@ See :mod:`mae_fast.ops.dispatch` for how backends are chosen and how to force on
 from .attention import attention, attention_reference
 from .layer_norm import add_layer_norm, layer_norm
 from .lean import layer_norm_linear, layer_norm_mlp, residual_layer_norm_mlp
+from . import dispatch
 from .dispatch import NoBackendError, backends_for, describe, select_backend
 from .masking import (
     gather_visible,
@@ -14,6 +15,10 @@ from .masking import (
     unpatchify,
     unshuffle_with_mask_token,
 )
+
+# The Triton/CUDA/third-party backends register now, not at the first call: that call may be inside
+# torch.compile(fullgraph=True), which cannot trace an import.
+dispatch.load_optional_backends()
 
 OPS = ("attention", "gather_visible", "unshuffle_with_mask_token", "patchify_gather", "masked_patch_mse", "layer_norm",
        "add_layer_norm")

@@ -25,10 +25,11 @@ __all__ = ["flash_attention", "triton_attention_reasons"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
-# Head dims whose tiling passed every GPU test. None yet: on an H100 (2026-11-22, triton 3.6) the GPU test run
-# hit illegal memory accesses (head dims 40, 96, 128 among the first failures) and one wrong result, so on
-# CUDA the Triton kernel runs only when asked for with MAE_FAST_TRITON_UNVERIFIED=1 (experimental).
-GPU_VERIFIED = {"dense": (), "packed": ()}
+# Head dims that passed every GPU test, in single-tile mode (the default): an H100 with triton 3.6, 2026-11-23
+# (bench/results/gpu-tests-h100-2026-11-23.txt; bench_attention --check at MAE shapes for 32/64/80, packed too).
+# Split mode (MAE_FAST_FA_SINGLE_TILE=0) faulted there (attention-triage-h100-2026-11-23.json): unverified.
+# Elsewhere on CUDA the kernel runs only with MAE_FAST_TRITON_UNVERIFIED=1 (experimental).
+GPU_VERIFIED = {"dense": (32, 40, 48, 64, 72, 80, 88, 96, 128), "packed": (32, 40, 64, 80)}
 
 
 def _unverified_allowed() -> bool:
@@ -37,7 +38,8 @@ def _unverified_allowed() -> bool:
 
 
 def _verified_on_gpu(head_dim: int, packed: bool) -> bool:
-    return _unverified_allowed() or head_dim in GPU_VERIFIED["packed" if packed else "dense"]
+    single_tile = _kernels().SINGLE_TILE or head_dim & (head_dim - 1) == 0  # powers of two: one tile either way
+    return _unverified_allowed() or (single_tile and head_dim in GPU_VERIFIED["packed" if packed else "dense"])
 
 
 def _kernels():
@@ -153,7 +155,7 @@ def triton_attention_reasons(q, k, v, softmax_scale, cu_seqlens, max_seqlen) -> 
         out.append(f"head dim {d} unsupported (a multiple of 8 from 32 to {MAX_HEAD_DIM})")
     elif q.is_cuda and not _verified_on_gpu(d, cu_seqlens is not None):
         out.append(f"head dim {d} {'packed' if cu_seqlens is not None else 'dense'} not verified on GPU "
-                   f"(GPU tests failed on an H100; experimental: MAE_FAST_TRITON_UNVERIFIED=1 allows it)")
+                   f"(in this tiling mode; experimental: MAE_FAST_TRITON_UNVERIFIED=1 allows it)")
     if q.shape != k.shape:
         out.append(f"query length {q.shape[-3]} differs from key length {k.shape[-3]} (self-attention only)")
     if cu_seqlens is not None and cu_seqlens.device != q.device:
