@@ -18,11 +18,12 @@ python3 -m mae_fast.info >"$OUT/info.txt" 2>&1
 (MAE_FAST_BUILD_CUDA=1 python3 -m mae_fast.ops._cuda_masking) >"$OUT/cuda_build.log" 2>&1 &
 # the fused LayerNorm's GPU tests first: the e2e table times it only if they pass (a GPU fault there would end
 # the e2e process and lose every row)
-timeout ${LN_TESTS_S:-60} python3 -m pytest "$REPO/tests/test_layer_norm.py" -q -p no:cacheprovider >"$OUT/layer_norm_tests.log" 2>&1
+timeout ${LN_TESTS_S:-120} python3 -m pytest "$REPO/tests/test_layer_norm.py" -q -p no:cacheprovider >"$OUT/layer_norm_tests.log" 2>&1
 LN_RC=$?
 echo "layer_norm tests rc=$LN_RC (0: set GPU_VERIFIED = True in mae_fast/ops/_triton_layer_norm.py)"
-IMPLS=""
-[ $LN_RC -eq 0 ] || IMPLS="--impls mae_fast,mae_fast_lean,mae_fast_lean_ckpt,reference,hf_vitmae"
+# at most four ViT-H/14 models with their AdamW state fit beside one step at 476 px on 80 GB (2026-11-23: five OOMed)
+IMPLS="--impls mae_fast,reference,mae_fast_lean_ckpt"
+[ $LN_RC -eq 0 ] && IMPLS="$IMPLS,mae_fast_fused_ln"
 # the issue-7 targets first (ViT-H/14 476 and 224 px), so the time limit cuts the rest
 ONLY=mae_vit_huge_patch14:476,mae_vit_huge_patch14:224,mae_vit_base_patch16:224,mae_vit_huge_patch14:952,mae_vit_large_patch14:476,mae_vit_large_patch14:224
 timeout ${E2E_S:-220} python3 "$REPO/bench/e2e.py" --only $ONLY $IMPLS --compile --compile-scope blocks --compile-only mae_vit_huge_patch14:476 \
