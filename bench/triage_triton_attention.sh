@@ -3,7 +3,7 @@
 # Every fast test id of tests/test_attention_triton.py runs in its own process (an illegal memory access
 # poisons only its own CUDA context), under each variant below, with MAE_FAST_TRITON_UNVERIFIED=1 and
 # CUDA_LAUNCH_BLOCKING=1 (a fault then surfaces at the launch of the kernel that made it). Then
-# compute-sanitizer memcheck on the first 2 failing ids of the default variant, in the background while
+# compute-sanitizer memcheck on the first 2 failing ids of the first variant with failures, in the background while
 # the other variants run. Results: $OUT/triage.json (status per id per variant) and $OUT/triage-logs.tar.gz.
 #
 #   bash bench/triage_triton_attention.sh                       (repo root, device call)
@@ -31,10 +31,10 @@ if [ "$DRY" = 1 ]; then TEST_S=${TRIAGE_TEST_S:-120}; SANITIZE=${TRIAGE_SANITIZE
 # name|environment (word-split into `env`)
 ALL_VARIANTS=(
   "default|"
-  "max_stages1|MAE_FAST_FA_MAX_STAGES=1"
-  "single_tile|MAE_FAST_FA_SINGLE_TILE=1"
-  "clamp_rows|MAE_FAST_FA_CLAMP_ROWS=1"
-  "single_tile+max_stages1|MAE_FAST_FA_SINGLE_TILE=1 MAE_FAST_FA_MAX_STAGES=1"
+  "wrap_d|MAE_FAST_FA_WRAP_D=1"
+  "split|MAE_FAST_FA_SINGLE_TILE=0"
+  "split+max_stages1|MAE_FAST_FA_SINGLE_TILE=0 MAE_FAST_FA_MAX_STAGES=1"
+  "split+clamp_rows|MAE_FAST_FA_SINGLE_TILE=0 MAE_FAST_FA_CLAMP_ROWS=1"
 )
 VARIANTS=()
 for v in "${ALL_VARIANTS[@]}"; do
@@ -83,8 +83,8 @@ echo "$rc $(( $(date +%s) - t ))" >"$dir/$i.rc"
 EOF
 
 SAN_PID=""
-run_sanitizer() {  # the first 2 failing ids of the default variant, one after the other
-  local bin="" cand
+run_sanitizer() {  # $1: the variant's environment; its first 2 failing ids, one after the other
+  local envs=$1 bin="" cand
   for cand in "$(command -v compute-sanitizer 2>/dev/null)" "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" \
       /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
       "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /nonexistent)")")/compute-sanitizer"; do
@@ -100,7 +100,7 @@ run_sanitizer() {  # the first 2 failing ids of the default variant, one after t
     k=$((k + 1))
     local t=$(( HARD_END - $(date +%s) )); [ "$t" -gt "$SAN_S" ] && t=$SAN_S
     [ "$t" -lt 20 ] && break
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "$bin" --tool memcheck --print-limit 12 \
+    env $envs PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "$bin" --tool memcheck --print-limit 12 \
       python3 -m pytest -q -x -p no:cacheprovider --tb=short "$TEST_FILE::$id" >"$LOGS/sanitizer/$k.log" 2>&1
     echo "$? $id" >"$LOGS/sanitizer/$k.rc"
   done <"$LOGS/sanitizer/ids.txt"
@@ -119,13 +119,14 @@ for vi in "${!VARIANTS[@]}"; do
     "$TEST_FILE" "$WORK/ids.txt" {}
   fails=$(for f in "$dir"/*.rc; do read -r rc _ <"$f"; [ "$rc" != 0 ] && [ "$rc" != not_run ] && echo x; done | wc -l)
   echo "variant $name [$envs]: done at +$(( $(date +%s) - T0 ))s, $fails not passed"
-  if [ "$name" = default ] && [ "$SANITIZE" = 1 ] && [ -z "$SAN_PID" ]; then
+  if [ "$SANITIZE" = 1 ] && [ -z "$SAN_PID" ] && [ "$fails" -gt 0 ]; then  # the first variant with failures
     mkdir -p "$LOGS/sanitizer"
     for i in $(seq 1 "$N_IDS"); do
       read -r rc _ <"$dir/$i.rc" 2>/dev/null || continue
       if [ "$rc" != 0 ] && [ "$rc" != not_run ] && [ "$rc" != 5 ]; then sed -n "${i}p" "$WORK/ids.txt"; fi
     done | head -2 >"$LOGS/sanitizer/ids.txt"
-    if [ -s "$LOGS/sanitizer/ids.txt" ]; then run_sanitizer & SAN_PID=$!; fi
+    echo "$name" >"$LOGS/sanitizer/variant.txt"
+    if [ -s "$LOGS/sanitizer/ids.txt" ]; then run_sanitizer "$envs" & SAN_PID=$!; fi
   fi
 done
 if [ -n "$SAN_PID" ]; then
@@ -203,7 +204,7 @@ except Exception as e:  # the summary must still come out
     result["meta"]["version_error"] = repr(e)
 
 variant_dirs = [d for d in os.listdir(logs) if os.path.isfile(os.path.join(logs, d, "env.txt"))]
-order = ["default", "max_stages1", "single_tile", "clamp_rows", "single_tile+max_stages1"]
+order = ["default", "wrap_d", "split", "split+max_stages1", "split+clamp_rows"]
 variant_dirs.sort(key=lambda d: (order.index(d) if d in order else 99, d))
 for name in variant_dirs:
     d = os.path.join(logs, name)
@@ -228,6 +229,7 @@ for name in variant_dirs:
 san_dir = os.path.join(logs, "sanitizer")
 if os.path.isdir(san_dir):
     result["sanitizer_binary"] = read(os.path.join(san_dir, "binary.txt")).strip() or None
+    result["sanitizer_variant"] = read(os.path.join(san_dir, "variant.txt")).strip() or None
     for k in (1, 2):
         rc_txt = read(os.path.join(san_dir, f"{k}.rc")).split(maxsplit=1)
         if not rc_txt:

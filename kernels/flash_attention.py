@@ -25,6 +25,9 @@ Environment switches (read once at import; diagnostics for the H100 illegal-memo
 - ``MAE_FAST_FA_SINGLE_TILE=0``: the split mode above (64 + 32 for 80/88/96). ``=1`` (the default): the head
   dim sits in ONE power-of-two tile (40 -> 64, 72/80/88/96 -> 128): one dot per product, no 32-wide tail tile,
   at the cost of the padded columns' FLOPs; identical to split mode for head dims 32/64/128.
+- ``MAE_FAST_FA_WRAP_D=1`` (single-tile mode; experimental, not yet run on a GPU): the tile's columns past the
+  head dim load real columns further left (contiguous, so sm_90 keeps cp.async pipelining, which clamped offsets
+  lose), zeroed only in the operands each program loads once.
 - ``MAE_FAST_FA_MAX_STAGES=n``: caps ``num_stages`` of every launch (1 = no software pipelining).
 - ``MAE_FAST_FA_CLAMP_ROWS=1``: clamps row offsets of every load, so no lane points outside its tensor.
 - ``MAE_FAST_FA_CLAMP_D=0``: column tails of a masked tile (single-tile mode, delta kernel) loaded with a
@@ -64,6 +67,11 @@ __all__ = [
 # or speculative (pipelined) loads correctly. Same results; off by default until measured on a GPU
 # (tests/test_triton_memcheck.py checks both ways under the interpreter).
 CLAMP_D = tl.constexpr(os.environ.get("MAE_FAST_FA_CLAMP_D", "1") == "1")
+# MAE_FAST_FA_WRAP_D=1 (experimental, off until run on a GPU): the tile's columns past the head dim load real
+# columns further left instead of clamped ones. Clamping (tl.minimum) leaves the offsets without contiguity, so
+# sm_90 gets no cp.async pipelining at head dim 80 (bench/compile_report.py: 0 cp.async in the forward, where
+# head dim 64 has 20), which is how head dim 80 in one 128 tile ran at 0.10-0.25x SDPA on the H100.
+WRAP_D = tl.constexpr(os.environ.get("MAE_FAST_FA_WRAP_D", "0") == "1")
 CLAMP_ROWS = tl.constexpr(os.environ.get("MAE_FAST_FA_CLAMP_ROWS", "0") == "1")
 MAX_STAGES = int(os.environ.get("MAE_FAST_FA_MAX_STAGES", "8"))
 # MAE_FAST_FA_SINGLE_TILE (default 1): one power-of-two head-dim tile (see split_head_dim); a plain bool, as only
@@ -182,7 +190,33 @@ def _row_offsets(offs_rows, row_limit):
 @triton.jit
 def _load_rows(base, offs_rows, stride_row, offs_d, row_limit, D: tl.constexpr,
                MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr, other):
+    return _load_tile(base, offs_rows, stride_row, offs_d, row_limit, D, MASK_ROWS, MASK_D, other, True)
+
+
+@triton.jit
+def _load_rows_any_tail(base, offs_rows, stride_row, offs_d, row_limit, D: tl.constexpr,
+                        MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr, other):
+    # for inner-loop operands whose columns past the head dim need not be zero: each product they enter either
+    # meets a zeroed operand (loaded once per program) or lands in output columns that are never stored
+    return _load_tile(base, offs_rows, stride_row, offs_d, row_limit, D, MASK_ROWS, MASK_D, other, False)
+
+
+@triton.jit
+def _load_tile(base, offs_rows, stride_row, offs_d, row_limit, D: tl.constexpr,
+               MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr, other, ZERO_TAIL: tl.constexpr):
     rows = _row_offsets(offs_rows, row_limit)
+    if MASK_D and WRAP_D:
+        # columns past the head dim read real columns (c - D + D % 32 lies in [0, D)), contiguous in runs of D's
+        # largest power-of-two divisor, so the load stays vectorised and pipelined
+        cols = tl.where(offs_d < D, offs_d, offs_d - (D - D % 32))
+        safe = base + rows[:, None] * stride_row + cols[None, :]
+        if MASK_ROWS:
+            x = tl.load(safe, mask=offs_rows[:, None] < row_limit, other=other)
+        else:
+            x = tl.load(safe)
+        if ZERO_TAIL:
+            x = tl.where(offs_d[None, :] < D, x, other)
+        return x
     if MASK_D and CLAMP_D:
         safe = base + rows[:, None] * stride_row + tl.minimum(offs_d, D - 1)[None, :]
         if MASK_ROWS:
@@ -238,7 +272,7 @@ def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kn, stride_v
                HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
                MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     rows = start_n + offs_n
-    k0 = _load_rows(k_base, rows, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
+    k0 = _load_rows_any_tail(k_base, rows, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
     qk = _mm(q0, tl.trans(k0), None, DOT_PREC)
     if D1 > 0:
         k1 = _load_rows(k_base, rows, stride_kn, offs_d1, L, HEAD_DIM, MASK_N, False, 0.0)
@@ -250,7 +284,7 @@ def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kn, stride_v
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v0 = _load_rows(v_base, rows, stride_vn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
+    v0 = _load_rows_any_tail(v_base, rows, stride_vn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
     p_in = p.to(v0.dtype)
     acc0 = _mm(p_in, v0, acc0 * alpha[:, None], DOT_PREC)
     if D1 > 0:
@@ -365,8 +399,8 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr
                     HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
                     MASK_M: tl.constexpr, DOT_PREC: tl.constexpr):
     # transposed formulation: rows are keys, columns are queries
-    q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, MASK_M, MASK_D0, 0.0)
-    do0 = _load_rows(do_base, offs_m, stride_dn, offs_d0, L, HEAD_DIM, MASK_M, MASK_D0, 0.0)
+    q0 = _load_rows_any_tail(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, MASK_M, MASK_D0, 0.0)
+    do0 = _load_rows_any_tail(do_base, offs_m, stride_dn, offs_d0, L, HEAD_DIM, MASK_M, MASK_D0, 0.0)
     rows_m = _row_offsets(offs_m, L)
     if MASK_M:
         lse2 = tl.load(lse_ptr + rows_m, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
@@ -479,8 +513,8 @@ def _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, strid
                   qk_scale_log2, offs_n, offs_d0, offs_d1,
                   HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
                   MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
-    v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
+    k0 = _load_rows_any_tail(k_base, offs_n, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
+    v0 = _load_rows_any_tail(v_base, offs_n, stride_vn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
     qk = _mm(q0, tl.trans(k0), None, DOT_PREC)
     dp = _mm(do0, tl.trans(v0), None, DOT_PREC)
     if D1 > 0:

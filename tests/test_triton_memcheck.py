@@ -248,6 +248,22 @@ def test_single_tile_in_bounds(monkeypatch, device_configs=CUDA):
     _check_attention(88, (130,), 1, 2, BF16, False, device_configs, masked_out_loads=True)
 
 
+@pytest.mark.parametrize("device_configs", [CPU, CUDA], ids=["cpu_configs", "cuda_configs"])
+def test_wrapped_tail_columns(monkeypatch, device_configs):
+    """MAE_FAST_FA_WRAP_D=1 (single tile; columns past the head dim read real columns further left, zeroed only
+    in the operands loaded once per program): as accurate, and with clamped rows every load lane in bounds."""
+    import triton.language as tl
+
+    fa = _kernels()
+    monkeypatch.setattr(fa, "SINGLE_TILE", True)
+    monkeypatch.setattr(fa, "WRAP_D", tl.constexpr(True))
+    _check_attention(40, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True)
+    _check_attention(80, (130,), 1, 2, BF16, False, device_configs)
+    _check_attention(72, (33,), 2, 2, FP32, False, device_configs)
+    monkeypatch.setattr(fa, "CLAMP_ROWS", tl.constexpr(True))
+    _check_attention(88, (67,), 1, 2, BF16, False, device_configs, masked_out_loads=True)
+
+
 def test_cases_cover_every_tuned_cuda_config():
     """The fast cases above launch every distinct CUDA config of every kernel at least once (bf16 and fp32)."""
     fa = _kernels()
