@@ -158,6 +158,8 @@ def test_gpu_reasons_for_fp32_and_unverified_head_dims(monkeypatch):
     split mode (verified in single-tile mode only)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    import triton.language as tl
+
     from mae_fast.ops._triton_attention import GPU_VERIFIED, triton_attention_reasons
 
     monkeypatch.delenv("MAE_FAST_TRITON_UNVERIFIED", raising=False)
@@ -171,12 +173,25 @@ def test_gpu_reasons_for_fp32_and_unverified_head_dims(monkeypatch):
         fp32, bf16_64, bf16_80, bf16_104 = reasons(64, FP32), reasons(64), reasons(80), reasons(104)
         monkeypatch.setattr(_kernels(), "SINGLE_TILE", False)
         split_80, split_64 = reasons(80), reasons(64)
+        monkeypatch.setattr(_kernels(), "SINGLE_TILE", True)
+        monkeypatch.setattr(_kernels(), "WRAP_D", tl.constexpr(True))
+        wrap_80, wrap_64 = reasons(80), reasons(64)
         monkeypatch.setenv("MAE_FAST_TRITON_UNVERIFIED", "1")
         forced = reasons(64, FP32) + reasons(104) + reasons(80)
     assert any("float32 on a GPU" in r for r in fp32)
-    assert bf16_64 == [] and bf16_80 == [] and split_64 == []  # 64: one tile in either mode
-    assert any("not verified" in r for r in bf16_104) and any("not verified" in r for r in split_80)
+    assert bf16_64 == [] and bf16_80 == [] and split_64 == [] and wrap_64 == []  # 64: one tile in every mode
+    assert all(any("not verified" in r for r in rs) for rs in (bf16_104, split_80, wrap_80))
     assert forced == []
+
+
+def test_tiling_check_traces_under_compile():
+    """Dispatch asks which tiling is on (a module lookup) on every CUDA call; under torch.compile(fullgraph=True)
+    that must trace (as a constant), or the first compiled call fails."""
+    from mae_fast.ops._triton_attention import _verified_on_gpu
+
+    f = torch.compile(lambda x: x * 2 if _verified_on_gpu(80, False) else x, fullgraph=True, backend="eager")
+    x = torch.randn(3)
+    assert torch.equal(f(x), x * 2 if _verified_on_gpu(80, False) else x)
 
 
 def test_stride_alignment_hint_only_when_true():
