@@ -194,3 +194,39 @@ def test_an_experimental_row_with_a_wrong_loss_is_dropped_not_fatal(monkeypatch,
     impls = {r["impl"] for r in result["rows"]}
     assert "mae_fast_fused_ln" not in impls and {"mae_fast", "reference"} <= impls
     assert "mae_fast_fused_ln dropped" in capsys.readouterr().out
+
+
+def test_isolated_run_gives_each_configuration_a_child_and_merges_in_order(tmp_path, monkeypatch):
+    """GPU default: one child per configuration with the caller's options (``--only`` and ``--out`` its own);
+    rows merged in order, the merged JSON rewritten after each child, a child without a result skipped."""
+    import json
+    import subprocess
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        only, out = cmd[cmd.index("--only") + 1], cmd[cmd.index("--out") + 1]
+        name, px = only.split(":")
+        if px != "999":  # the third configuration's child dies before writing
+            rows = [dict(model=name, img_size=int(px), batch=2, impl=impl, compile=False, step_ms_median=ms,
+                         step_ms_all=[ms] * 4, peak_mem_gib=1.0, saved_act_gib=0.5) for impl, ms in (("mae_fast", 5.0), ("reference", 10.0))]
+            Path(out).write_text(json.dumps(dict(device="fake", matmul_flops=1.0, rows=rows)))
+        return subprocess.CompletedProcess(cmd, 0 if px != "999" else 1)
+
+    from pathlib import Path
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    out = tmp_path / "merged.json"
+    configs = [("m_a", 112, 2), ("m_b", 224, 2), ("m_c", 999, 2)]
+    result = e2e.run_isolated(configs, ["--steps", "3", "--only", "x:1", "--out=old.json", "--compile"], str(out))
+    assert len(calls) == 3
+    for cmd, (name, px, _) in zip(calls, configs):
+        assert "--in-process" in cmd and "--compile" in cmd and cmd[cmd.index("--steps") + 1] == "3"
+        assert cmd.count("--only") == 1 and cmd[cmd.index("--only") + 1] == f"{name}:{px}"
+        assert cmd.count("--out") == 1 and "--out=old.json" not in cmd and "x:1" not in cmd
+    assert [(r["model"], r["impl"]) for r in result["rows"]] == [
+        ("m_a", "mae_fast"), ("m_a", "reference"), ("m_b", "mae_fast"), ("m_b", "reference")]
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert all(r["speedup_vs_reference"] == (2.0 if r["impl"] == "mae_fast" else 1.0) for r in result["rows"])
+    assert e2e._drop_option(["--a", "1", "--out", "f", "--out=g", "--b"], "--out") == ["--a", "1", "--b"]
