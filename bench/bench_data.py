@@ -100,7 +100,8 @@ def run(width=854, height=480, seconds=120.0, rate=30, gop=60, sample_fps=1.0, n
     random_times = sorted(rng.uniform(0, info.duration_s - 1.0 / rate, n_random).tolist())
     rng.shuffle(random_times)
 
-    backends = ["pyav"] + (["torchcodec"] if torchcodec_unusable_reason() is None else [])
+    torchcodec_why_not = torchcodec_unusable_reason()  # loads FFmpeg's libraries: once
+    backends = ["pyav"] + (["torchcodec"] if torchcodec_why_not is None else [])
     # ---- correctness before timing
     sampled = {b: np.stack([f for _, f in iter_frames_at(video, times, b)]) for b in backends}
     assert sampled["pyav"].shape == (len(times), height, width, 3)
@@ -115,8 +116,10 @@ def run(width=854, height=480, seconds=120.0, rate=30, gop=60, sample_fps=1.0, n
     shard_dir = work / "shards"
     write_shards(str(video), shard_dir, fps=sample_fps, maxcount=200, quality=90, video_backend="pyav",
                  overwrite=True)
-    shard_frames = [np.asarray(x) for x in ShardDataset(str(shard_dir), transform=None, shuffle_buffer=0,
-                                                        shardshuffle=False)]
+    def read_shards():  # in order, untransformed
+        return list(ShardDataset(str(shard_dir), transform=None, shuffle_buffer=0, shardshuffle=False))
+
+    shard_frames = [np.asarray(x) for x in read_shards()]
     assert len(shard_frames) == len(times)
     jpeg_err = max(float(np.abs(a.astype(np.float32) - b).mean()) for a, b in zip(shard_frames, sampled["pyav"]))
     assert jpeg_err < 8.0, f"shard frames differ from the video's by {jpeg_err:.1f} grey levels on average"
@@ -132,9 +135,7 @@ def run(width=854, height=480, seconds=120.0, rate=30, gop=60, sample_fps=1.0, n
             for t in random_times:
                 reader.read(str(video), t)
         rows.append(dict(mode="random", backend=b, **_rate(random_reads, len(random_times), repeats)))
-    rows.append(dict(mode="shards", backend="jpeg", **_rate(
-        lambda: [x for x in ShardDataset(str(shard_dir), transform=None, shuffle_buffer=0, shardshuffle=False)],
-        len(times), repeats)))
+    rows.append(dict(mode="shards", backend="jpeg", **_rate(read_shards, len(times), repeats)))
     transform = TrainTransform(img_size)
     frames = sampled["pyav"][: min(len(times), 60)]
     rows.append(dict(mode="transform", backend=f"train {img_size}px", **_rate(
@@ -144,7 +145,7 @@ def run(width=854, height=480, seconds=120.0, rate=30, gop=60, sample_fps=1.0, n
                 video=dict(width=width, height=height, seconds=seconds, rate=rate, gop=gop,
                            codec=_codec(video), bytes=video.stat().st_size),
                 sample_fps=sample_fps, n_random=n_random, repeats=repeats, jpeg_mean_abs_err=jpeg_err,
-                torchcodec=torchcodec_unusable_reason() or "usable", rows=rows)
+                torchcodec=torchcodec_why_not or "usable", rows=rows)
 
 
 def _codec(path) -> str:

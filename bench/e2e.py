@@ -341,7 +341,9 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
                 print(f"{name} {img_size}px batch {batch} compile={compile_}: out of memory with "
                       f"{len(steppers)} implementations resident ({', '.join(steppers)})", flush=True)
                 del steppers
-                _release(models.values(), device)
+                for m in models.values():  # the next compile mode reuses the models
+                    m.zero_grad(set_to_none=True)
+                _release(device)
                 continue
             for kind, ts in times.items():
                 med = statistics.median(ts)
@@ -355,20 +357,17 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
                                  mfu=flops / med / peak_rate, loss_diff_vs_mae_fast=diffs.get(kind, 0.0)))
                 print(_fmt(rows[-1]), flush=True)
             del steppers
-        _release(models.values(), device)
         del ours, models
-        _release((), device)
+        _release(device)
         if out:
             _write(out, _result(device, peak_rate, rows))
     return _result(device, peak_rate, rows)
 
 
-def _release(models, device) -> None:
-    """Free what a configuration left behind: gradients, and the compiled graphs (dynamo's caches hold the
-    modules they were traced from, so without a reset every compiled model of every configuration stays resident
-    and the next configuration runs out of memory)."""
-    for m in models:
-        m.zero_grad(set_to_none=True)
+def _release(device) -> None:
+    """Free what dropped models left cached: compiled graphs (dynamo's caches hold the modules they were traced
+    from) and the allocator's blocks. Not enough on an H100 (2026-11-23), hence a child process per configuration
+    there (:func:`run_isolated`); kept for the in-process path."""
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":

@@ -145,9 +145,6 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
         self.initialize_weights()
-        # register the optional Triton/CUDA backends now: importing them inside a torch.compile trace would
-        # break the graph (an error with fullgraph=True)
-        ops.dispatch.load_optional_backends()
 
     # -- initialisation, as official ------------------------------------------------------------
     def initialize_weights(self):
