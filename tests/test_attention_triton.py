@@ -3,6 +3,7 @@
 Accuracy is judged flash-attention style: the kernel's error vs fp64 must be within 2x (outputs) or
 3x (gradients) of the error PyTorch makes doing the same math in the input dtype, plus a small floor.
 """
+import importlib
 import math
 import os
 
@@ -328,6 +329,52 @@ def test_preference_table_ranks_triton_only_where_measured_faster():
                         assert rank_from_row(found, "triton", train) == want
     assert lookup_pref_row(prefs, "Some Other GPU", "dense", 64, 100) is None
     assert rank_from_row(None, "triton", True) == SLOWER_THAN_SDPA_RANK
+
+
+def _fake_table(monkeypatch):
+    """A preference table for a made-up GPU (index 0): triton faster than SDPA at 1000 tokens only."""
+    attn = importlib.import_module("mae_fast.ops.attention")  # the module: the package exports a function of that name
+
+    def row(seqlen, triton_ms):
+        times = {"sdpa:flash": 1.0, "sdpa:efficient": 1.5, "triton": triton_ms}
+        return {"seqlen": seqlen, "fwd_ms": dict(times), "train_ms": dict(times)}
+
+    prefs = {"devices": {"Fake GPU": {"dense": {"32": [row(100, 2.0), row(1000, 0.5), row(4000, 3.0)]},
+                                      "varlen": {"32": [row(300, 0.5), row(900, 2.0), row(2000, 0.5)]}}}}
+    monkeypatch.setattr(attn, "attention_prefs", lambda path=None: prefs)
+    monkeypatch.setattr(attn, "_device_name", lambda index: "Fake GPU")
+    return attn, prefs
+
+
+def test_compiled_rank_matches_the_nearest_row(monkeypatch):
+    """The steps ``auto`` uses (eager and compiled) pick what ``lookup_pref_row`` picks, at every length."""
+    attn, prefs = _fake_table(monkeypatch)
+    for varlen, layout in ((False, "dense"), (True, "varlen")):
+        for seqlen in [1, 2, 99, 100, 101, 315, 316, 317, 999, 1000, 1999, 2000, 2001, 3999, 4000, 10 ** 6, None]:
+            for train in (False, True):
+                want = rank_from_row(lookup_pref_row(prefs, "Fake GPU", layout, 32, seqlen), "triton", train)
+                assert attn.rank_on_device(0, varlen, 32, seqlen, "triton", train) == want, (layout, seqlen)
+        assert attn.rank_on_device(0, varlen, 64, 1000, "triton", True) == SLOWER_THAN_SDPA_RANK  # no row
+    # the boundary between the 100- and 1000-token rows is their geometric mean (316.2)
+    assert attn.rank_on_device(0, False, 32, 316, "triton", True) == SLOWER_THAN_SDPA_RANK
+    assert attn.rank_on_device(0, False, 32, 317, "triton", True) == FASTER_THAN_SDPA_RANK
+
+
+def test_compiled_rank_traces_with_symbolic_lengths(monkeypatch):
+    """Under torch.compile(fullgraph=True) the table lookup traces, sequence lengths that vary between calls
+    (symbolic after the first recompile) included, and answers as eager does."""
+    attn, _ = _fake_table(monkeypatch)
+
+    def f(x):
+        rank = attn.rank_on_device(0, False, x.shape[-1], x.shape[1], "triton", True)
+        return x * 2 if rank < attn.SDPA_RANK else x * 3
+
+    torch._dynamo.reset()
+    g = torch.compile(f, fullgraph=True, backend="eager")
+    for n in (100, 1000, 700, 250, 3000, 5000, 1200):
+        x = torch.randn(1, n, 2, 32)
+        torch.testing.assert_close(g(x), f(x), rtol=0, atol=0)
+    torch._dynamo.reset()
 
 
 # ---- torch integration --------------------------------------------------------------------------

@@ -131,8 +131,7 @@ def rank_from_row(row: dict | None, name: str, train: bool) -> float:
 
 
 def _measured_entry(q, cu_seqlens, max_seqlen) -> dict | None:
-    # Under torch.compile the table lookup (file and device queries) would break the graph: skip it,
-    # keeping sdpa first and letting PyTorch pick its kernel.
+    # eager only (the SDPA kernel order, which compiled graphs leave to PyTorch); ranks use _rank_steps
     if not q.is_cuda or torch.compiler.is_compiling():
         return None
     name = _device_name(q.device.index if q.device.index is not None else torch.cuda.current_device())
@@ -145,10 +144,46 @@ def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+@torch.compiler.assume_constant_result  # traced as its value: the file and device queries cannot be traced
+def _rank_steps(device_index: int, layout: str, name: str, train: bool) -> tuple:
+    """``((head_dim, ((largest seqlen, rank), ...)), ...)``: ``rank_from_row`` of the row nearest each seqlen
+    (log scale, as ``lookup_pref_row``), as steps that compare symbolic sizes too; the last bound is inf."""
+    table = attention_prefs().get("devices", {}).get(_device_name(device_index), {}).get(layout, {})
+    out = []
+    for head_dim, rows in table.items():
+        rows = sorted(rows, key=lambda r: r["seqlen"])
+        steps = []
+        for i, row in enumerate(rows):
+            nxt = rows[i + 1]["seqlen"] if i + 1 < len(rows) else None
+            bound = math.sqrt(max(row["seqlen"], 1) * max(nxt, 1)) if nxt is not None else math.inf
+            steps.append((bound, rank_from_row(row, name, train)))
+        mid = rank_from_row(rows[len(rows) // 2], name, train)  # no max_seqlen given: the middle row
+        out.append((int(head_dim), tuple(steps), mid))
+    return tuple(out)
+
+
+def rank_on_device(device_index: int, varlen: bool, head_dim, seqlen, name: str, train: bool) -> float:
+    """``rank_from_row`` of the table row nearest ``seqlen``; traces under torch.compile, where
+    ``head_dim`` and ``seqlen`` may be symbolic: the comparisons below become guards."""
+    for dim, steps, mid in _rank_steps(device_index, "varlen" if varlen else "dense", name, train):
+        if head_dim == dim:
+            if seqlen is None:
+                return mid
+            for bound, rank in steps:
+                if seqlen <= bound:
+                    return rank
+    return SLOWER_THAN_SDPA_RANK
+
+
 def preferred_backend_rank(name: str, q, k, v, cu_seqlens=None, max_seqlen=None) -> float:
     """Rank for ``auto``: ahead of sdpa only where the table measured ``name`` faster than every SDPA kernel
-    (fwd+bwd time when gradients are needed, forward time otherwise)."""
-    return rank_from_row(_measured_entry(q, cu_seqlens, max_seqlen), name, _wants_grad(q, k, v))
+    (fwd+bwd time when gradients are needed, forward time otherwise), eager and compiled alike."""
+    if not q.is_cuda:
+        return SLOWER_THAN_SDPA_RANK
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    varlen = cu_seqlens is not None
+    return rank_on_device(index, varlen, q.shape[-1], max_seqlen if varlen else q.shape[1], name,
+                          _wants_grad(q, k, v))
 
 
 _SDPA_KERNELS = {"sdpa:flash": "FLASH_ATTENTION", "sdpa:cudnn": "CUDNN_ATTENTION",
