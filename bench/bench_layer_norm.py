@@ -19,7 +19,9 @@ inputs once and writing its outputs once (per element, N = rows x D; row statist
 ``--inductor`` adds ``torch.compile`` (inductor) of the eager sequence, charged the fused byte counts (what a
 complete fusion would move). Each row reports both counts, the time (median of CUDA-event timings after warm-up, L2 flushed between runs:
 ``triton.testing.do_bench``), the achieved bandwidth on its own bytes (``GBps``) and the eager byte count
-over the time (``eager_equiv_GBps``: what the unfused sequence would need to match it). Backward time is
+over the time (``eager_equiv_GBps``: what the unfused sequence would need to match it), and the GPU time alone
+(``fwd_kernel_ms``, ``fwd_bwd_kernel_ms``: kernels summed from ``torch.profiler``): far below the timed
+time means the host (dispatch and launches) is the bottleneck, not the kernels. Backward time is
 (forward + backward) - forward. The Triton backend is experimental on GPUs until verified; this script
 sets ``MAE_FAST_TRITON_UNVERIFIED=1`` for itself and records correctness against the eager result.
 
@@ -125,6 +127,25 @@ def time_ms(fn) -> float:
     return tt.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def device_time_ms(events, iters: int) -> float:
+    """Summed GPU time of the profiled kernels (and memsets/copies) per iteration: what the device spent,
+    without the host gaps between launches that ``time_ms`` includes when the host is the bottleneck."""
+    us = sum(e.device_time for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    return us / iters / 1e3
+
+
+def kernel_ms(fn, iters: int = 20) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return device_time_ms(prof.events(), iters)
+
+
 def partial_rows(rows: int, D: int, device) -> int:
     from mae_fast.ops._triton_layer_norm import _kernels
 
@@ -171,6 +192,11 @@ def bench_shape(name: str, rows: int, D: int, ops_: list[str], device, timed: bo
                                fwd_GBps=row["fwd_bytes"] / fwd_ms / 1e6, bwd_GBps=row["bwd_bytes"] / bwd_ms / 1e6,
                                fwd_eager_equiv_GBps=row["eager_fwd_bytes"] / fwd_ms / 1e6,
                                bwd_eager_equiv_GBps=row["eager_bwd_bytes"] / bwd_ms / 1e6)
+                    try:  # GPU time alone: far below the timed ms means launches (host) bound the op
+                        row.update(fwd_kernel_ms=kernel_ms(fwd), fwd_bwd_kernel_ms=kernel_ms(both))
+                        row["host_bound_fwd"] = row["fwd_kernel_ms"] < 0.5 * fwd_ms
+                    except Exception as e:  # noqa: BLE001 - a profiler failure must not lose the timings
+                        row["kernel_ms_error"] = f"{type(e).__name__}: {e}"[:300]
             except Exception as e:  # noqa: BLE001 - one failing implementation must not lose the table
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
             out.append(row)
@@ -194,8 +220,8 @@ def table(rows: list[dict], timed: bool) -> str:
                          + " |")
         return "\n".join(lines)
     head = ("| op | shape | impl | fwd MB | fwd µs | fwd GB/s | fwd × eager | bwd MB | bwd µs | bwd GB/s "
-            "| bwd × eager | fwd+bwd × eager |")
-    lines = [head, "|" + "---|" * 12]
+            "| bwd × eager | fwd+bwd × eager | GPU µs fwd, fwd+bwd |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['error'][:100]} |" + " |" * 8)
@@ -204,7 +230,8 @@ def table(rows: list[dict], timed: bool) -> str:
             f"| {r['op']} | {r['shape']} | {r['impl']} | {r['fwd_bytes'] / 1e6:.1f} | {r['fwd_ms'] * 1e3:.1f} "
             f"| {r['fwd_GBps']:.0f} | {r.get('fwd_speedup_vs_eager', float('nan')):.2f} | {r['bwd_bytes'] / 1e6:.1f} "
             f"| {r['bwd_ms'] * 1e3:.1f} | {r['bwd_GBps']:.0f} | {r.get('bwd_speedup_vs_eager', float('nan')):.2f} "
-            f"| {r.get('fwd_bwd_speedup_vs_eager', float('nan')):.2f} |")
+            f"| {r.get('fwd_bwd_speedup_vs_eager', float('nan')):.2f} "
+            f"| {r.get('fwd_kernel_ms', float('nan')) * 1e3:.1f}, {r.get('fwd_bwd_kernel_ms', float('nan')) * 1e3:.1f} |")
     return "\n".join(lines)
 
 

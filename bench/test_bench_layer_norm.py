@@ -89,3 +89,14 @@ def test_forward_backward(benchmark, case, op, impl):
 
     grads = benchmark(run)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_device_time_counts_gpu_events_only():
+    """The GPU-time column sums device events (kernels, memsets) per iteration and ignores host events,
+    which also carry device totals (their kernels'), so counting them would double the time."""
+    from types import SimpleNamespace as E
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [E(device_type=cuda, device_time=30.0), E(device_type=cpu, device_time=30.0),
+              E(device_type=cuda, device_time=12.5), E(device_type=cpu, device_time=999.0), E(device_time=7.0)]
+    assert bln.device_time_ms(events, iters=5) == pytest.approx((30.0 + 12.5) / 5 / 1e3)

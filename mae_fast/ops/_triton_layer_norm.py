@@ -50,8 +50,7 @@ def _empty(like: Tensor) -> Tensor:
 def add_layer_norm_fwd_op(x: Tensor, branch: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                           eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, x_mid or empty, mean, rstd)."""
-    y, x_mid, mean, rstd = _kernels().add_layer_norm_forward(x, branch, weight, bias, eps, out_dtype)
-    return y, (x_mid if x_mid is not None else _empty(x)), mean, rstd
+    return _forward_kernels(x, branch, weight, bias, eps, out_dtype)
 
 
 @add_layer_norm_fwd_op.register_fake
@@ -67,6 +66,17 @@ def add_layer_norm_bwd_op(dy: Tensor, d_x_mid: Optional[Tensor], x_norm: Tensor,
                           weight: Optional[Tensor], bias: Optional[Tensor], branch_dtype: Optional[torch.dtype],
                           need_weight_grad: bool, need_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dbranch or empty when it is dx's dtype, dweight or empty, dbias or empty)."""
+    return _backward_kernels(dy, d_x_mid, x_norm, mean, rstd, weight, bias, branch_dtype, need_weight_grad,
+                             need_bias_grad)
+
+
+def _forward_kernels(x, branch, weight, bias, eps, out_dtype):
+    y, x_mid, mean, rstd = _kernels().add_layer_norm_forward(x, branch, weight, bias, eps, out_dtype)
+    return y, (x_mid if x_mid is not None else _empty(x)), mean, rstd
+
+
+def _backward_kernels(dy, d_x_mid, x_norm, mean, rstd, weight, bias, branch_dtype, need_weight_grad,
+                      need_bias_grad):
     dx, dbranch, dw, db = _kernels().add_layer_norm_backward(
         dy, x_norm, mean, rstd, weight, bias, d_x_mid=d_x_mid, branch_dtype=branch_dtype,
         need_weight_grad=need_weight_grad, need_bias_grad=need_bias_grad)
@@ -95,7 +105,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused x_mid (or y) gradient is then None, not a tensor of zeros
 
 
-def _backward(ctx, dy, d_x_mid, _d_mean, _d_rstd):
+def _backward(ctx, dy, d_x_mid, _d_mean, _d_rstd, backward_fn=None):
     x_norm, mean, rstd, weight, bias = ctx.saved_tensors
     need_x, need_branch, need_w, need_b = ctx.needs_input_grad[:4]
     if ctx.branch_dtype is None:
@@ -104,8 +114,8 @@ def _backward(ctx, dy, d_x_mid, _d_mean, _d_rstd):
         if d_x_mid is None:
             return None, None, None, None, None, None
         dy = x_norm.new_zeros(x_norm.shape, dtype=ctx.y_dtype)
-    dx, dbranch, dw, db = add_layer_norm_bwd_op(dy, d_x_mid, x_norm, mean, rstd, weight, bias,
-                                                ctx.branch_dtype, bool(need_w), bool(need_b))
+    dx, dbranch, dw, db = (backward_fn or add_layer_norm_bwd_op)(
+        dy, d_x_mid, x_norm, mean, rstd, weight, bias, ctx.branch_dtype, bool(need_w), bool(need_b))
     if not need_branch:
         dbranch = None
     elif ctx.branch_dtype == x_norm.dtype:
@@ -117,16 +127,37 @@ def _backward(ctx, dy, d_x_mid, _d_mean, _d_rstd):
 add_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAddLayerNorm(torch.autograd.Function):
+    """The custom op's autograd with the kernels called directly: in eager mode the dispatcher round trips of
+    the two custom ops (and an autocast context) cost more host time than the kernels take at ViT sizes.
+    torch.compile traces the custom ops instead (``_fused``)."""
+
+    @staticmethod
+    def forward(x, branch, weight, bias, eps, out_dtype):
+        return _forward_kernels(x, branch, weight, bias, eps, out_dtype)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, dy, d_x_mid, d_mean, d_rstd):
+        return _backward(ctx, dy, d_x_mid, d_mean, d_rstd, backward_fn=_backward_kernels)
+
+
+def _fused(x, branch, weight, bias, eps, out_dtype):
+    if torch.compiler.is_compiling():
+        with torch.autocast(x.device.type, enabled=False):
+            return add_layer_norm_fwd_op(x, branch, weight, bias, eps, out_dtype)
+    return _EagerAddLayerNorm.apply(x, branch, weight, bias, eps, out_dtype)
+
+
 # ---- backend functions (receive exactly the args of the public API's select_backend call) --------
 
 def _triton_layer_norm(x, weight, bias, eps, out_dtype):
-    with torch.autocast(x.device.type, enabled=False):
-        return add_layer_norm_fwd_op(x, None, weight, bias, eps, out_dtype)[0]
+    return _fused(x, None, weight, bias, eps, out_dtype)[0]
 
 
 def _triton_add_layer_norm(x, branch, weight, bias, eps, out_dtype):
-    with torch.autocast(x.device.type, enabled=False):
-        y, x_mid, _, _ = add_layer_norm_fwd_op(x, branch, weight, bias, eps, out_dtype)
+    y, x_mid, _, _ = _fused(x, branch, weight, bias, eps, out_dtype)
     return x_mid, y
 
 
