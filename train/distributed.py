@@ -8,6 +8,7 @@ checkpoint from any layout loads into any other.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +64,15 @@ def setup(device_request: str = "auto") -> DistInfo:
     return DistInfo(rank, dist.get_world_size(), local_rank, dev, here)
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, finished: bool = True) -> None:
+    """Leave the process group this process joined. After a finished run, first a barrier: gloo frees a
+    collective's work on its worker thread, which takes the GIL to release the tensors, and if that happens
+    while the interpreter shuts down the process aborts ("terminate called without an active exception").
+    The barrier's wait releases the GIL, so the last collective's work is freed before exit. Not after an
+    error: another rank may never reach the barrier."""
     if info.initialized_here and dist.is_initialized():
+        if finished:
+            barrier()
         dist.destroy_process_group()
 
 
@@ -92,6 +100,11 @@ def shard_model(model: nn.Module, mp_dtype: torch.dtype | None = None, mesh=None
     ``mesh`` (default: every rank of the default process group)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # FSDP2 warns when a module returns a view (an in-place op on it would skip the hook that all-gathers
+    # for backward). A Linear with bias on (B, N, D) input returns one (addmm, then a view), so every block and
+    # the root would warn; nothing here modifies their outputs in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDPBlock|FSDPMaskedAutoencoderViT)\) "
+                                              r"returned a view tensor")
     kwargs = {} if mesh is None else {"mesh": mesh}
     if mp_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)

@@ -354,10 +354,16 @@ def pretrain(config: dict | None = None, *, dataset=None) -> dict:
     of (3, H, W) tensors)."""
     cfg = config_mod.build_config(config, config_mod.PRETRAIN_KEYS)
     info = dist_mod.setup(cfg["device"])
+    finished = False
     try:
-        return _pretrain(cfg, info, dataset)
+        result = _pretrain(cfg, info, dataset)
+        finished = True
+        return result
+    except NonFiniteLossError:
+        finished = True  # every rank stops at the same step: the loss it checks is reduced over ranks
+        raise
     finally:
-        dist_mod.teardown(info)
+        dist_mod.teardown(info, finished)
 
 
 def _check(cfg: dict, world: int) -> None:
@@ -689,6 +695,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
     step = start_step
     last_ckpt, last_ckpt_step = None, None
     stopped = "finished"
+    time_up = False
     rate, mfu = 0.0, None
     steady = {"images": 0, "seconds": 0.0, "windows": 0, "data_wait_s": 0.0}  # all windows but the first (warm-up)
 
@@ -727,7 +734,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
             if stop_at is not None and step >= int(stop_at):
                 stopped = f"stop_at_step={stop_at}"
                 break
-            if cfg["time_limit_s"] is not None and time.perf_counter() - t_loop > cfg["time_limit_s"]:
+            if time_up:
                 stopped = f"time_limit_s={cfg['time_limit_s']}"
                 break
             lr = lr_at(step, peak_lr, total_steps, warmup, cfg["lr_schedule"], cfg["min_lr"])
@@ -755,9 +762,13 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
                     scaled = loss / A
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 loss_sum += loss.detach().float()
-            # one number for all ranks: the mean loss, and whether any rank saw a non-finite one
-            loss_sum = dist_mod.all_reduce_sum(loss_sum / (A * info.world_size))
-            step_loss = float(loss_sum)
+            # one all-reduce gives every rank the mean loss (non-finite if any rank's is) and whether any
+            # rank is past the time limit, so all ranks stop at the same step
+            over_time = cfg["time_limit_s"] is not None and time.perf_counter() - t_loop > cfg["time_limit_s"]
+            shared = torch.stack([loss_sum / (A * info.world_size),
+                                  torch.tensor(float(over_time), device=device)])
+            shared = dist_mod.all_reduce_sum(shared).tolist()
+            step_loss, time_up = shared[0], shared[1] > 0
             grad_norm = None
             ok = math.isfinite(step_loss)
             if ok:
