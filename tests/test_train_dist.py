@@ -84,3 +84,22 @@ def test_fsdp_run_resumes_and_accumulates(tmp_path, single):
     _torchrun(tmp_path, "fsdp_resume", "distributed=fsdp", "accum_steps=2", "stop_at_step=2", step=2)
     two = _torchrun(tmp_path, "fsdp_resume", "distributed=fsdp", "accum_steps=2", "resume=auto")
     _compare(single, two)
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_teardown_waits_for_the_other_ranks_only_after_a_finished_run(monkeypatch, finished):
+    """A finished run meets the other ranks at a barrier before leaving the group (so gloo's worker threads
+    are done with the last collective before the interpreter exits); a failed one leaves at once, since
+    the other ranks may never get there."""
+    from mae_fast.train import distributed as dist_mod
+
+    calls = []
+    monkeypatch.setattr(dist_mod.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist_mod.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist_mod.dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(dist_mod.dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    dist_mod.teardown(dist_mod.DistInfo(rank=1, world_size=2, initialized_here=True), finished)
+    assert calls == (["barrier", "destroy"] if finished else ["destroy"])
+    calls.clear()
+    dist_mod.teardown(dist_mod.DistInfo(rank=1, world_size=2, initialized_here=False), finished)
+    assert calls == []  # a group the caller set up is the caller's to leave
