@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import platform
+import sys
 
 import torch
 
@@ -74,8 +75,67 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def attention_shapes(model: str, img_size: int | None = None, mask_ratio: float = 0.75) -> dict:
+    """The attention calls one training step of ``model`` makes: {"encoder"/"decoder": (tokens, heads,
+    head_dim)}, from the registry's config alone (no weights are built)."""
+    import inspect
+
+    from .models.mae import MaskedAutoencoderViT
+    from .models.registry import model_config
+
+    defaults = {k: v.default for k, v in inspect.signature(MaskedAutoencoderViT).parameters.items()}
+    cfg = {**defaults, **model_config(model, **({"img_size": img_size} if img_size else {}))}
+    size = cfg["img_size"] if isinstance(cfg["img_size"], (tuple, list)) else (cfg["img_size"],) * 2
+    L = (size[0] // cfg["patch_size"]) * (size[1] // cfg["patch_size"])
+    keep = max(1, int(L * (1 - mask_ratio)))  # as MaskedAutoencoderViT._masking
+    return {"encoder": (keep + 1, cfg["num_heads"], cfg["embed_dim"] // cfg["num_heads"]),
+            "decoder": (L + 1, cfg["decoder_num_heads"], cfg["decoder_embed_dim"] // cfg["decoder_num_heads"])}
+
+
+def model_report(model: str, img_size: int | None = None, mask_ratio: float = 0.75) -> str:
+    """Which attention backend ``auto`` picks for this model's encoder and decoder, in training (with
+    gradients) and inference, on every device here, with every backend's reasons."""
+    from . import ops
+
+    shapes = attention_shapes(model, img_size, mask_ratio)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    lines = [f"attention in {model}" + (f" at {img_size} px" if img_size else "") + f", mask ratio {mask_ratio}:"]
+    for device in devices:
+        dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+        for part, (n, h, d) in shapes.items():
+            q = torch.randn(1, n, h, d, device=device, dtype=dt)
+            picks = []
+            for train in (True, False):
+                t = q.detach().requires_grad_(train)
+                try:
+                    picks.append(("train" if train else "inference") + " -> "
+                                 + ops.select_backend("attention", "auto", t, t, t, None, None, None).name)
+                except ops.NoBackendError:
+                    picks.append(("train" if train else "inference") + " -> none")
+            lines.append(f"  {device} {part:<8} {n} tokens x {h} heads x head dim {d}: " + ", ".join(picks))
+            for name, why in ops.describe("attention", q, q, q, None, None, None).items():
+                lines.append(f"      {name:<10} {'ok' if not why else 'no: ' + '; '.join(why)}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="mae-fast info", description=__doc__)
+    ap.add_argument("--model", help="also show the attention backend auto picks for this registered model's "
+                                    "encoder and decoder (e.g. mae_vit_huge_patch14)")
+    ap.add_argument("--img-size", type=int, help="with --model: image size (default: the model's)")
+    ap.add_argument("--mask-ratio", type=float, default=0.75)
+    args = ap.parse_args(argv)
     print(report())
+    if args.model:
+        from .models.registry import list_models
+
+        if args.model not in list_models():
+            print(f"mae-fast info: unknown model {args.model!r}; available: {', '.join(list_models())}",
+                  file=sys.stderr)
+            return 2
+        print("\n" + model_report(args.model, args.img_size, args.mask_ratio))
     return 0
 
 

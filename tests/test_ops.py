@@ -247,3 +247,32 @@ def test_info_runs():
 
     video = next(line for line in text.splitlines() if line.startswith("video "))
     assert f"auto -> {'PyAV' if resolve_backend('auto') == 'pyav' else 'torchcodec'}" in video
+
+
+@pytest.mark.parametrize("img_size,mask_ratio", [(None, 0.75), (40, 0.6)])
+def test_info_model_shapes_are_the_ones_a_training_step_runs(monkeypatch, img_size, mask_ratio):
+    """``mae-fast info --model`` reports the attention shapes of a step from the config alone: the same
+    (tokens of keys, heads, head dim) the model's attention calls get."""
+    import importlib
+
+    import mae_fast
+    from mae_fast.info import attention_shapes, main
+
+    attn_mod = importlib.import_module("mae_fast.ops.attention")
+    seen = set()
+    real = attn_mod.attention
+
+    def spy(q, k, v, **kw):
+        seen.add(tuple(k.shape[1:]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(mae_fast.models.mae.ops, "attention", spy)
+    kw = {"img_size": img_size} if img_size else {}
+    m = mae_fast.create_model("mae_vit_demo_patch8", **kw)
+    side = img_size or m.patch_embed.grid_size[0] * 8
+    m(torch.randn(2, 3, side, side), mask_ratio, masked_only=True)
+    want = attention_shapes("mae_vit_demo_patch8", img_size, mask_ratio)
+    assert seen == set(want.values())
+    assert main(["--model", "mae_vit_demo_patch8", "--mask-ratio", str(mask_ratio)]
+                + (["--img-size", str(img_size)] if img_size else [])) == 0
+    assert main(["--model", "no_such_model"]) == 2
