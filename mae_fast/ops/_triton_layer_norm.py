@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._triton_attention import _interpreting, _triton_available, _unverified_allowed
 from .dispatch import Backend, register_backend
@@ -130,7 +131,7 @@ add_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class _EagerAddLayerNorm(torch.autograd.Function):
     """The custom op's autograd with the kernels called directly: in eager mode the dispatcher round trips of
     the two custom ops (and an autocast context) cost more host time than the kernels take at ViT sizes.
-    torch.compile traces the custom ops instead (``_fused``)."""
+    Traced calls (``_traced``: torch.compile, fake tensors, dispatch modes) get the custom ops instead."""
 
     @staticmethod
     def forward(x, branch, weight, bias, eps, out_dtype):
@@ -143,8 +144,15 @@ class _EagerAddLayerNorm(torch.autograd.Function):
         return _backward(ctx, dy, d_x_mid, d_mean, d_rstd, backward_fn=_backward_kernels)
 
 
+def _traced(x) -> bool:
+    """Compiling, under a dispatch mode (FakeTensorMode, an op counter) or on a tensor subclass or the meta
+    device: the custom ops, with their fake implementations, must be what is seen."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None \
+        or type(x) is not torch.Tensor or x.device.type == "meta"
+
+
 def _fused(x, branch, weight, bias, eps, out_dtype):
-    if torch.compiler.is_compiling():
+    if _traced(x):
         with torch.autocast(x.device.type, enabled=False):
             return add_layer_norm_fwd_op(x, branch, weight, bias, eps, out_dtype)
     return _EagerAddLayerNorm.apply(x, branch, weight, bias, eps, out_dtype)
