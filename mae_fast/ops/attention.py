@@ -146,9 +146,15 @@ def _wants_grad(*tensors) -> bool:
 
 @torch.compiler.assume_constant_result  # traced as its value: the file and device queries cannot be traced
 def _rank_steps(device_index: int, layout: str, name: str, train: bool) -> tuple:
-    """``((head_dim, ((largest seqlen, rank), ...)), ...)``: ``rank_from_row`` of the row nearest each seqlen
-    (log scale, as ``lookup_pref_row``), as steps that compare symbolic sizes too; the last bound is inf."""
-    table = attention_prefs().get("devices", {}).get(_device_name(device_index), {}).get(layout, {})
+    """``((head_dim, ((largest seqlen, rank), ...), rank with no seqlen), ...)``: ``rank_from_row`` of the row
+    nearest each seqlen (log scale, as ``lookup_pref_row``), as steps that compare symbolic sizes too."""
+    return _rank_steps_for(_device_name(device_index), layout, name, train, id(attention_prefs()))
+
+
+# cached: eager dispatch asks on every CUDA attention call; ``_table_id`` makes a swapped table recompute
+@functools.lru_cache(maxsize=256)
+def _rank_steps_for(device_name: str, layout: str, name: str, train: bool, _table_id: int) -> tuple:
+    table = attention_prefs().get("devices", {}).get(device_name, {}).get(layout, {})
     out = []
     for head_dim, rows in table.items():
         rows = sorted(rows, key=lambda r: r["seqlen"])
