@@ -5,17 +5,19 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import mae_fast
 from mae_fast.train import checkpoint_io, config as config_mod, visualize
-from mae_fast.train.pretrain import NonFiniteLossError, SeededItems, StepBatchSampler, pretrain
+from mae_fast.train.pretrain import NonFiniteLossError, SeededItems, StepBatchSampler, SyntheticImages, pretrain
 
 TINY_MODEL = dict(embed_dim=48, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 
@@ -155,12 +157,32 @@ def test_seeded_items_are_reproducible_and_leave_global_rng_alone():
         def __getitem__(self, i):
             return torch.rand(3) + i
 
-    items = SeededItems(Noisy(), seed=5)
-    torch.manual_seed(0)
-    before = torch.get_rng_state()
-    a, b = items[(1, 2)], items[(1, 2)]
-    assert torch.equal(a, b) and not torch.equal(a, items[(2, 2)])
-    assert torch.equal(before, torch.get_rng_state())
+    class NumpyAndPython(Noisy):
+        def __getitem__(self, i):
+            return torch.tensor([np.random.rand(), random.random()]) + super().__getitem__(i)[:2]
+
+    class TorchOnly(Noisy):
+        draws_only_torch_rng = True
+
+    for dataset in (Noisy(), NumpyAndPython(), TorchOnly()):
+        items = SeededItems(dataset, seed=5)
+        torch.manual_seed(0)
+        np.random.seed(1)
+        random.seed(2)
+        before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+        a, b = items[(1, 2)], items[(1, 2)]
+        assert torch.equal(a, b) and not torch.equal(a, items[(2, 2)])
+        assert torch.equal(before[0], torch.get_rng_state())
+        assert (before[1] == np.random.get_state()[1]).all() and before[2] == random.getstate()
+    # a torch-only dataset draws what it drew when numpy and python were seeded as well
+    assert torch.equal(SeededItems(TorchOnly(), 5)[(3, 1)], SeededItems(Noisy(), 5)[(3, 1)])
+    # the datasets here declare it: the synthetic source, and file/video data with the built-in transforms
+    from mae_fast.data.images import ImageFileDataset
+    from mae_fast.data.transforms import build_transform
+
+    assert SyntheticImages(4, 8).draws_only_torch_rng
+    assert ImageFileDataset([], transform=build_transform(8, train=True)).draws_only_torch_rng
+    assert not ImageFileDataset([], transform=lambda im: np.random.rand()).draws_only_torch_rng
 
 
 # ---------------------------------------------------------------------------------------------

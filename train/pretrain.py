@@ -58,7 +58,8 @@ def _mix(*parts: int) -> int:
 
 class SeededItems(torch.utils.data.Dataset):
     """Serves ``(epoch, index)`` keys; each item's random draws (torch, numpy, python) are seeded
-    from (seed, epoch, index) and the caller's RNG states are left untouched."""
+    from (seed, epoch, index) and the caller's RNG states are left untouched. A dataset whose
+    ``draws_only_torch_rng`` is true gets only torch's CPU generator seeded (and restored)."""
 
     def __init__(self, dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -69,17 +70,20 @@ class SeededItems(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key
         s = _mix(self.seed, epoch, index)
-        py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+            # the CPU generator only: torch.manual_seed would also seed (and, before CUDA starts, queue with a
+            # formatted stack) every accelerator's generator, which fork_rng(devices=[]) does not restore
+            torch.default_generator.manual_seed(s)
+            if getattr(self.dataset, "draws_only_torch_rng", False):
+                return self.dataset[int(index)]
+            py_state, np_state = random.getstate(), np.random.get_state()
             random.seed(s)
             np.random.seed(s % (2**32))
             try:
-                item = self.dataset[int(index)]
+                return self.dataset[int(index)]
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
-        return item
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -170,6 +174,8 @@ class SyntheticImages(torch.utils.data.Dataset):
 
     def __len__(self):
         return self.size
+
+    draws_only_torch_rng = True  # see SeededItems
 
     def __getitem__(self, index):
         if not 0 <= index < self.size:
