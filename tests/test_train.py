@@ -248,6 +248,25 @@ def test_time_limit_stops_with_a_checkpoint_at_the_step_it_ran_out(tmp_path):
     assert ckpt["step"] == res["steps"] and ckpt["images_seen"] == res["steps"] * 8
 
 
+def test_a_rank_past_the_time_limit_stops_every_rank(tmp_path, monkeypatch):
+    """The over-time flag travels in the loss all-reduce: here a simulated other rank reports being past the
+    limit from step 3 on, and this process (nowhere near it) stops there too, as a rank of that run would."""
+    from mae_fast.train import distributed as dist_mod
+
+    calls = []
+
+    def all_reduce_sum(t):
+        calls.append(t.clone())
+        if t.numel() == 2 and len(calls) >= 3:
+            t[1] += 1.0  # the other rank's flag
+        return t
+
+    monkeypatch.setattr(dist_mod, "all_reduce_sum", all_reduce_sum)
+    res = pretrain(tiny(tmp_path, name="peer", time_limit_s=1e6))
+    assert res["stopped"] == "time_limit_s=1000000.0" and res["steps"] == 3
+    assert all(c.numel() == 2 and c[1] == 0 for c in calls)  # this rank's own flag stayed down
+
+
 def test_resume_skips_a_corrupt_newest_checkpoint_and_stays_exact(tmp_path):
     straight = pretrain(tiny(tmp_path, name="straight", steps=7))
     first = pretrain(tiny(tmp_path, name="run", steps=7, stop_at_step=6))
