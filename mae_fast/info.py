@@ -77,19 +77,14 @@ def report() -> str:
 
 def attention_shapes(model: str, img_size: int | None = None, mask_ratio: float = 0.75) -> dict:
     """The attention calls one training step of ``model`` makes: {"encoder"/"decoder": (tokens, heads,
-    head_dim)}, from the registry's config alone (no weights are built)."""
-    import inspect
+    head_dim)}, read from the model built on the meta device (no weights are allocated)."""
+    from .models.registry import create_model
 
-    from .models.mae import MaskedAutoencoderViT
-    from .models.registry import model_config
-
-    defaults = {k: v.default for k, v in inspect.signature(MaskedAutoencoderViT).parameters.items()}
-    cfg = {**defaults, **model_config(model, **({"img_size": img_size} if img_size else {}))}
-    size = cfg["img_size"] if isinstance(cfg["img_size"], (tuple, list)) else (cfg["img_size"],) * 2
-    L = (size[0] // cfg["patch_size"]) * (size[1] // cfg["patch_size"])
-    keep = max(1, int(L * (1 - mask_ratio)))  # as MaskedAutoencoderViT._masking
-    return {"encoder": (keep + 1, cfg["num_heads"], cfg["embed_dim"] // cfg["num_heads"]),
-            "decoder": (L + 1, cfg["decoder_num_heads"], cfg["decoder_embed_dim"] // cfg["decoder_num_heads"])}
+    with torch.device("meta"):
+        m = create_model(model, **({"img_size": img_size} if img_size else {}))
+    enc, dec = m.blocks[0].attn.num_heads, m.decoder_blocks[0].attn.num_heads
+    return {"encoder": (max(1, m.num_visible(mask_ratio)) + 1, enc, m.embed_dim // enc),
+            "decoder": (m.num_patches + 1, dec, m.decoder_embed_dim // dec)}
 
 
 def model_report(model: str, img_size: int | None = None, mask_ratio: float = 0.75) -> str:

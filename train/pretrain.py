@@ -166,6 +166,8 @@ class SyntheticImages(torch.utils.data.Dataset):
     Deterministic per index; learnable structure so the loss falls. For tests and benchmarks.
     """
 
+    draws_only_torch_rng = True  # see SeededItems
+
     def __init__(self, size: int, img_size: int | tuple[int, int], seed: int = 0):
         self.size, self.seed = size, seed
         self.hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -174,8 +176,6 @@ class SyntheticImages(torch.utils.data.Dataset):
 
     def __len__(self):
         return self.size
-
-    draws_only_torch_rng = True  # see SeededItems
 
     def __getitem__(self, index):
         if not 0 <= index < self.size:
@@ -771,8 +771,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
             # one all-reduce gives every rank the mean loss (non-finite if any rank's is) and whether any
             # rank is past the time limit, so all ranks stop at the same step
             over_time = cfg["time_limit_s"] is not None and time.perf_counter() - t_loop > cfg["time_limit_s"]
-            shared = torch.stack([loss_sum / (A * info.world_size),
-                                  torch.tensor(float(over_time), device=device)])
+            shared = torch.stack([loss_sum / (A * info.world_size), loss_sum.new_full((), float(over_time))])
             shared = dist_mod.all_reduce_sum(shared).tolist()
             step_loss, time_up = shared[0], shared[1] > 0
             grad_norm = None

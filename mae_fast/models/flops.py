@@ -11,7 +11,7 @@ def _block_flops(tokens: int, width: int, mlp_ratio: float, layers: int) -> floa
 def mae_forward_flops(model, mask_ratio: float = 0.75) -> float:
     """FLOPs of one image's MAE forward pass as mae_fast runs it (visible patches only in the encoder)."""
     L = model.num_patches
-    keep = int(L * (1 - mask_ratio))
+    keep = model.num_visible(mask_ratio)
     p2c = model.patch_size**2 * model.in_chans
     D, Dd = model.embed_dim, model.decoder_embed_dim
     f = 2 * keep * p2c * D                                          # patch embedding
@@ -30,7 +30,7 @@ def mae_train_flops(model, mask_ratio: float = 0.75) -> float:
 def mae_recompute_flops(model, mask_ratio: float = 0.75) -> float:
     """Extra forward FLOPs per image that gradient checkpointing adds: the checkpointed blocks run twice."""
     L = model.num_patches
-    keep = int(L * (1 - mask_ratio))
+    keep = model.num_visible(mask_ratio)
     return float(_block_flops(keep + 1, model.embed_dim, model.mlp_ratio, model._checkpointed_encoder)
                  + _block_flops(L + 1, model.decoder_embed_dim, model.mlp_ratio, model._checkpointed_decoder))
 

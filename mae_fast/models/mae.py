@@ -219,12 +219,16 @@ class MaskedAutoencoderViT(nn.Module):
         """The official ``argsort(noise)`` masking: returns ids_keep (B, K), ids_restore (B, L), mask (B, L)."""
         return self._masking(batch, mask_ratio, noise, device)[1:]
 
+    def num_visible(self, mask_ratio: float) -> int:
+        """Patches the encoder sees at ``mask_ratio``: ``int(L * (1 - mask_ratio))``, as the official code."""
+        return int(self.num_patches * (1 - mask_ratio))
+
     def _masking(self, batch, mask_ratio, noise, device):
         """(ids_shuffle, ids_keep, ids_restore, mask); ids_shuffle[:, K:] are the removed patches."""
         L = self.num_patches
         if not 0.0 <= float(mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        len_keep = int(L * (1 - mask_ratio))
+        len_keep = self.num_visible(mask_ratio)
         if len_keep < 1:
             raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch out of {L}")
         if noise is None:
