@@ -55,6 +55,20 @@ FAKE_JOBS = textwrap.dedent('''
         return {"top1": truth(cfg), "top5": min(100.0, truth(cfg) + 20), "checkpoint": str(ck),
                 "images_seen": cfg["budget"]["images_seen"]}
 
+    def distributed(cfg, run_dir):
+        # what one task of a multi-task job sees: it must be one rank of one process group
+        import torch
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        total = torch.tensor([float(dist.get_rank())])
+        dist.all_reduce(total)
+        seen = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+        seen["rank_sum"] = float(total)
+        Path(run_dir, f"task{os.environ['SUBMITIT_LOCAL_GLOBALID']}.json").write_text(json.dumps(seen))
+        dist.barrier()
+        dist.destroy_process_group()
+        return {"top1": truth(cfg), "checkpoint": "", "images_seen": cfg["budget"]["images_seen"]}
+
     def broken(cfg, run_dir):
         if cfg["hours"] == 5:
             raise RuntimeError("out of memory (on purpose)")
@@ -247,6 +261,50 @@ def test_slurm_array_through_submitit_local_executor(fake_jobs):
     assert sorted(table["run"]) == sorted(r.run_id for r in grid.runs)
     assert len(sweep_status(grid)["done"]) == 2
     assert run_grid(grid, log=lambda s: None, wait=True) == []  # submitting again finds nothing to do
+
+
+def test_multi_task_slurm_run_is_one_process_group_recorded_once(fake_jobs, monkeypatch):
+    """``tasks_per_node: 8`` (one task per GPU, as train/grids/humanlike.yaml asks) must make one run of
+    8 ranks, not 8 copies of the run: each task gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR from
+    the SLURM (here: submitit local) environment, and only rank 0 records the result."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    grid = load_grid(write_grid(fake_jobs / "g.yaml", job="fakejobs:distributed", models=["mae_vit_small_patch14"],
+                                hours=[5], img_sizes=[224], seeds=[1],
+                                executor={"name": "slurm", "cluster": "local",
+                                          "slurm": {"timeout_min": 5, "tasks_per_node": 2}}))
+    logged = []
+    jobs = run_grid(grid, log=logged.append, wait=True)
+    assert len(jobs) == 1 and jobs[0].state == "FINISHED" and not any("FAILED" in line for line in logged)
+    run_dir = grid.run_dir(grid.runs[0].run_id)
+    seen = [json.loads((run_dir / f"task{i}.json").read_text()) for i in (0, 1)]
+    assert [s["RANK"] for s in seen] == ["0", "1"] and {s["WORLD_SIZE"] for s in seen} == {"2"}
+    assert [s["LOCAL_RANK"] for s in seen] == ["0", "1"] and all(s["MASTER_ADDR"] for s in seen)
+    assert [s["rank_sum"] for s in seen] == [1.0, 1.0]  # one group of both tasks
+    assert list(load_results(grid.table_path)["run"]) == [grid.runs[0].run_id]  # recorded once
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "done" and status["attempt"] == 1
+
+
+def test_default_job_over_two_slurm_tasks_trains_with_ddp_and_evaluates_once(tmp_path, monkeypatch):
+    """The real job (demo pretraining, then the linear probe) as a 2-task job: pretraining is one DDP run
+    over both tasks (global batch split in two), the probe and the table row come from rank 0 only."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "train" / "grids" / "demo.yaml").read_text())
+    raw.update(name="two_tasks", out_dir=str(tmp_path / "sweep"), models=raw["models"][:1], hours=[0.03],
+               img_sizes=[32], executor={"name": "slurm", "cluster": "local",
+                                         "slurm": {"timeout_min": 5, "tasks_per_node": 2}})
+    raw["eval"]["epochs"] = 1
+    grid = grid_from_dict(raw)
+    logged = []
+    (job,) = run_grid(grid, log=logged.append, wait=True)
+    assert job.state == "FINISHED" and not any("FAILED" in line for line in logged)
+    rank0, rank1 = job.results()
+    assert rank0["run"] == rank1["run"] == grid.runs[0].run_id and rank1["rank"] == 1 and "top1" not in rank1
+    assert rank0["images_seen"] == rank1["images_seen"] == 960 and rank1["checkpoint"] is None  # rank 0 saves
+    assert list(load_results(grid.table_path)["run"]) == [grid.runs[0].run_id]
+    assert "batch 32 (micro 16 x accum 1 x 2 ranks)" in job.task(0).stdout() and ", ddp," in job.task(0).stdout()
 
 
 def test_preempted_task_requeues_itself_and_resumes(fake_jobs, monkeypatch):

@@ -103,3 +103,29 @@ def test_teardown_waits_for_the_other_ranks_only_after_a_finished_run(monkeypatc
     calls.clear()
     dist_mod.teardown(dist_mod.DistInfo(rank=1, world_size=2, initialized_here=False), finished)
     assert calls == []  # a group the caller set up is the caller's to leave
+
+
+@pytest.mark.parametrize("local_rank, visible, expect", [(3, 8, 3), (3, 1, 0), (0, 1, 0), (3, 2, "sees 2 GPUs")])
+def test_each_rank_takes_its_own_gpu_or_the_only_one_it_sees(monkeypatch, local_rank, visible, expect):
+    """torchrun (and SLURM tasks that see the node's GPUs): the GPU at LOCAL_RANK. SLURM with one GPU bound
+    per task: that GPU, whatever LOCAL_RANK says. Fewer GPUs than local ranks: a clear error, not a crash
+    inside CUDA."""
+    from mae_fast.train import distributed as dist_mod
+
+    chosen, group = [], []
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(dist_mod, "pick_device", lambda request: torch.device("cuda"))
+    monkeypatch.setattr(dist_mod.torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(dist_mod.torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist_mod.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist_mod.dist, "get_world_size", lambda group=None: 8)
+    monkeypatch.setattr(dist_mod.dist, "init_process_group", lambda backend, **kw: group.append((backend, kw)))
+    if isinstance(expect, str):
+        with pytest.raises(RuntimeError, match=expect):
+            dist_mod.setup("auto")
+        return
+    info = dist_mod.setup("auto")
+    assert chosen == [expect] and info.device == torch.device("cuda", expect) and info.local_rank == local_rank
+    assert group == [("nccl", {"device_id": torch.device("cuda", expect)})]

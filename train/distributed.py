@@ -52,8 +52,9 @@ def setup(device_request: str = "auto") -> DistInfo:
         return DistInfo(device=dev)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if base.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        index = cuda_index_for(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = base
     here = False
@@ -62,6 +63,17 @@ def setup(device_request: str = "auto") -> DistInfo:
                                 device_id=dev if dev.type == "cuda" else None)
         here = True
     return DistInfo(rank, dist.get_world_size(), local_rank, dev, here)
+
+
+def cuda_index_for(local_rank: int, visible: int) -> int:
+    """This process's GPU: the one at LOCAL_RANK among those it sees (torchrun; SLURM tasks that see the
+    node's GPUs), or the only one it sees (SLURM with one GPU bound per task)."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise RuntimeError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPUs: start one process per "
+                           "GPU (torchrun --nproc_per_node, or SLURM tasks_per_node = gpus_per_node)")
+    return local_rank
 
 
 def teardown(info: DistInfo, finished: bool = True) -> None:

@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - exercised only without submitit
 
 __all__ = [
     "default_job", "resolve_job", "run_one", "pending_runs", "sweep_status", "run_local", "submit_slurm",
-    "SweepTask", "JobFn",
+    "SweepTask", "JobFn", "export_task_rank",
 ]
 
 JobFn = Callable[[dict, Path], Mapping]
@@ -65,6 +65,8 @@ def default_job(config: dict, run_dir: Path) -> dict:
         "data_source": data.get("source"), "hours": config["hours"], "fps": data.get("fps", 1.0),
         "batch_size": budget["batch_size"], "steps": budget["steps"],
     })
+    if not _is_rank_zero():  # pretraining ran over every rank; the evaluation (one process) and the row: rank 0
+        return {"images_seen": pre["images_seen"], "checkpoint": pre["checkpoint"]}
     # evaluation is short and not resumable: a finished one (same encoder checkpoint) is reused
     saved = run_dir / "eval" / "results.json"
     ev = json.loads(saved.read_text()) if saved.exists() else {}
@@ -152,6 +154,8 @@ def run_one(spec: RunSpec, run_dir: Path, table_path: Path, job: str | JobFn) ->
     start = time.time()
     try:
         metrics = dict(resolve_job(job)(spec.config, run_dir))
+        if not lead:  # another rank of a multi-process run: rank 0 evaluates and records it
+            return {"run": spec.run_id, "rank": int(os.environ["RANK"]), **metrics}
         row = result_row(spec, metrics, time.time() - start)
     except BaseException as exc:
         if lead:  # Ctrl-C, or submitit's exit on preemption: interrupted (resumable), not failed
@@ -261,12 +265,36 @@ def run_local(grid: Grid, runs: Sequence[RunSpec], job: str | JobFn | None = Non
     return outcome
 
 
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def export_task_rank() -> dict[str, str]:
+    """In a job of several SLURM tasks (``tasks_per_node`` x ``nodes``, one task per GPU), make this task
+    one rank of the run's process group: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT (env:// initialisation, as torchrun sets them) from the job's environment. Without them
+    every task would train and record the same run on its own. Returns what it set; nothing for a
+    single task or where a launcher already set RANK. CUDA_VISIBLE_DEVICES is left as SLURM set it (the
+    training picks the GPU by LOCAL_RANK, or the only one a task sees)."""
+    import submitit
+
+    try:
+        job_env = submitit.JobEnvironment()
+    except RuntimeError:  # called outside a submitit job (e.g. a requeued call run in this process)
+        return {}
+    if job_env.num_tasks <= 1 or "RANK" in os.environ:
+        return {}
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return {k: os.environ[k] for k in _DIST_ENV}
+
+
 class SweepTask(_Checkpointable):
     """What a SLURM array task runs: one run. On preemption or timeout submitit calls ``checkpoint``
     (inherited from :class:`submitit.helpers.Checkpointable`), which requeues the same call; the job
-    then resumes from the checkpoint it keeps in the run directory."""
+    then resumes from the checkpoint it keeps in the run directory. A job of several tasks is one run
+    over all of them (:func:`export_task_rank`); rank 0 records it."""
 
     def __call__(self, spec: dict, run_dir: str, table_path: str, job: str) -> dict:
+        export_task_rank()
         run_spec = RunSpec(spec["run_id"], spec["config"])
         if spec["run_id"] in {r["run"] for r in read_rows(table_path)}:
             return {"run": spec["run_id"], "skipped": "already done"}  # e.g. requeued after it finished
@@ -310,7 +338,7 @@ def submit_slurm(grid: Grid, runs: Sequence[RunSpec], job: str | None = None, cl
     if wait:
         for spec, j in zip(runs, jobs):
             try:
-                j.result()
+                j.results()  # every task's (result() refuses jobs of several tasks)
             except Exception as exc:  # noqa: BLE001 - the run's status.json has the details
                 log(f"    {spec.run_id} FAILED {type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}")
     return jobs
