@@ -287,8 +287,8 @@ def test_multi_task_slurm_run_is_one_process_group_recorded_once(fake_jobs, monk
 
 
 def test_default_job_over_two_slurm_tasks_trains_with_ddp_and_evaluates_once(tmp_path, monkeypatch):
-    """The real job (demo pretraining, then the linear probe) as a 2-task job: pretraining is one DDP run
-    over both tasks (global batch split in two), the probe and the table row come from rank 0 only."""
+    """The real job (demo pretraining, then the linear probe) as a 2-task job: pretraining and the probe are
+    each one DDP run over both tasks (global batch split in two); rank 0 alone records the row."""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "train" / "grids" / "demo.yaml").read_text())
@@ -301,10 +301,12 @@ def test_default_job_over_two_slurm_tasks_trains_with_ddp_and_evaluates_once(tmp
     (job,) = run_grid(grid, log=logged.append, wait=True)
     assert job.state == "FINISHED" and not any("FAILED" in line for line in logged)
     rank0, rank1 = job.results()
-    assert rank0["run"] == rank1["run"] == grid.runs[0].run_id and rank1["rank"] == 1 and "top1" not in rank1
-    assert rank0["images_seen"] == rank1["images_seen"] == 960 and rank1["checkpoint"] is None  # rank 0 saves
+    assert rank0["run"] == rank1["run"] == grid.runs[0].run_id and rank1["rank"] == 1
+    assert rank0["top1"] == rank1["top1"] and rank0["checkpoint"] == rank1["checkpoint"]  # one run, one result
     assert list(load_results(grid.table_path)["run"]) == [grid.runs[0].run_id]
-    assert "batch 32 (micro 16 x accum 1 x 2 ranks)" in job.task(0).stdout() and ", ddp," in job.task(0).stdout()
+    log = job.task(0).stdout()
+    assert "batch 32 (micro 16 x accum 1 x 2 ranks)" in log and ", ddp," in log and "(16 x 2 ranks)" in log
+    assert json.loads((grid.run_dir(grid.runs[0].run_id) / "eval" / "results.json").read_text())["world_size"] == 2
 
 
 def test_preempted_task_requeues_itself_and_resumes(fake_jobs, monkeypatch):

@@ -129,3 +129,50 @@ def test_each_rank_takes_its_own_gpu_or_the_only_one_it_sees(monkeypatch, local_
     info = dist_mod.setup("auto")
     assert chosen == [expect] and info.device == torch.device("cuda", expect) and info.local_rank == local_rank
     assert group == [("nccl", {"device_id": torch.device("cuda", expect)})]
+
+
+FINETUNE = REPO / "train" / "finetune.py"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_finetune_batches_are_the_global_batches_shared_by_rank(world):
+    """Every rank sees its every-world-th share of the same global batches, each item once per epoch; a last
+    batch too small to give each rank an item (and BatchNorm two in all) joins the previous one."""
+    from mae_fast.train.finetune import _epoch_batches
+
+    for n, batch in [(11, 4), (13, 6), (9, 4), (40, 7)]:
+        whole = _epoch_batches(n, batch, seed=3, epoch=1)
+        shares = [_epoch_batches(n, batch, 3, 1, world, r) for r in range(world)]
+        assert all(len(s) == len(whole) for s in shares)  # every rank takes the same number of steps
+        for i, b in enumerate(whole):
+            parts = [s[i] for s in shares]
+            assert all(parts) and sorted(x for part in parts for x in part) == sorted(b)
+        assert sorted(j for _, j in sum(whole, [])) == list(range(n))
+        assert len(whole[-1]) >= max(2, world) and all(e == 1 for e, _ in whole[0])
+
+
+@pytest.mark.parametrize("mode, lr", [("finetune", 3e-3), ("linprobe", 0.05)])
+def test_two_process_finetune_matches_one(tmp_path, mode, lr):
+    """torchrun over 2 processes gives the numbers of one process with the same global batch: DDP gradients,
+    the probe's BatchNorm statistics over both ranks' rows, validation split and summed across ranks."""
+    from mae_fast.train.finetune import finetune
+
+    args = dict(mode=mode, output_dir=str(tmp_path), epochs=2, batch_size=14, warmup_epochs=1, lr=lr,
+                drop_path=0.0, fraction=0.5, progress=False, pool="mean")
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        one = finetune(dict(args, name="one"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(FINETUNE),
+           *(f"{k}={v}" for k, v in args.items()), "name=two"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "steps of 14 (7 x 2 ranks)" in out.stdout
+    import json
+
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1 and two["val_images"] == one["val_images"]
+    assert abs(one["history"][-1]["train_loss"] - one["history"][0]["train_loss"]) > 2e-3  # the weights moved
+    for a, b in zip(one["history"], two["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+        assert (a["top1"], a["top5"]) == (b["top1"], b["top5"])

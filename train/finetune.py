@@ -10,6 +10,11 @@ Encoder weights come from a mae_fast run directory or checkpoint, an official MA
 (``{"model": state}``) or a timm export, through ``mae_fast.load_pretrained(encoder_only=True)``;
 the classifier is timm's ``VisionTransformer`` (``mae_fast.create_timm_encoder``) plus a head.
 Reports the best top-1 and top-5 over epochs and writes them to ``<output_dir>/<name>/results.json``.
+
+Under ``torchrun`` (or a SLURM job of several tasks) the ranks share each global batch (DDP, gradients
+averaged as one batch of ``batch_size``), the linear probe's BatchNorm takes its statistics over every
+rank's rows, and the validation set is split across ranks: the same numbers as one process, N times the
+throughput. Rank 0 prints and writes the results.
 """
 from __future__ import annotations
 
@@ -23,12 +28,44 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.train import checkpoint_io, config as config_mod
-from mae_fast.train.distributed import pick_device
+from mae_fast.train import distributed as dist_mod
 from mae_fast.train.pretrain import NO_DECAY_NAMES, SeededItems, _mix, autocast_dtype
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class FeatureBatchNorm(nn.BatchNorm1d):
+    """The linear probe's affine-free BatchNorm, its batch statistics taken over every rank's rows (the
+    global batch), as one process would. The features come from the frozen encoder without gradient, so the
+    statistics are constants: two all-reduces (mean, then centred squares), no backward through them.
+    (``nn.SyncBatchNorm`` does the same only on GPUs.) One process: plain BatchNorm1d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _world() > 1):
+            return super().forward(x)
+        if x.requires_grad:
+            raise RuntimeError("FeatureBatchNorm syncs statistics of features without gradient only")
+        count = torch.tensor([float(x.shape[0])], device=x.device)
+        total = torch.cat([x.sum(0), count])
+        dist.all_reduce(total)
+        n = total[-1]
+        mean = total[:-1] / n
+        sq = ((x - mean) ** 2).sum(0)
+        dist.all_reduce(sq)
+        var = sq / n
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean)
+            self.running_var.mul_(1 - m).add_(m * var * n / (n - 1))  # unbiased, as BatchNorm1d keeps it
+            self.num_batches_tracked.add_(1)
+        return (x - mean) * torch.rsqrt(var + self.eps)
 
 
 class Classifier(nn.Module):
@@ -40,7 +77,7 @@ class Classifier(nn.Module):
             raise config_mod.ConfigError(f"pool must be cls or mean, got {pool!r}")
         self.encoder, self.pool, self.linprobe = encoder, pool, linprobe
         dim = encoder.embed_dim
-        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if linprobe else nn.Identity()
+        self.bn = FeatureBatchNorm(dim, affine=False, eps=1e-6) if linprobe else nn.Identity()
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.01 if linprobe else 2e-5)
         nn.init.zeros_(self.head.bias)
@@ -161,14 +198,16 @@ def build_classifier(cfg: dict, num_classes: int, linprobe: bool, spec: tuple | 
     return Classifier(encoder, num_classes, cfg["pool"], linprobe), mae.img_size, ckpt, model_name
 
 
-def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
-    """Shuffled (epoch, index) batches covering every item; a last batch of one joins the previous
-    (BatchNorm needs two samples)."""
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int, world: int = 1,
+                   rank: int = 0) -> list[list[tuple[int, int]]]:
+    """Shuffled (epoch, index) batches covering every item, the same global batches on every rank, each
+    rank taking every ``world``-th item of each. A last batch too small to give every rank one item
+    (and BatchNorm two in all) joins the previous one."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, 31, epoch))).tolist()
     batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-    if len(batches) > 1 and len(batches[-1]) == 1:
+    if len(batches) > 1 and len(batches[-1]) < max(2, world):
         batches[-2].extend(batches.pop())
-    return [[(epoch, j) for j in b] for b in batches]
+    return [[(epoch, j) for j in b[rank::world]] for b in batches]
 
 
 def _collate(batch):
@@ -179,7 +218,7 @@ def _collate(batch):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device, amp_dtype, num_classes: int) -> tuple[float, float, float]:
-    """(top-1 %, top-5 %, mean loss) over the loader."""
+    """(top-1 %, top-5 %, mean loss) over the loader (over every rank's loader when distributed)."""
     model.eval()
     k = min(5, num_classes)
     correct1 = correct5 = total = 0
@@ -194,6 +233,10 @@ def evaluate(model: nn.Module, loader, device, amp_dtype, num_classes: int) -> t
         correct1 += int((top[:, 0] == labels).sum())
         correct5 += int((top == labels[:, None]).any(dim=1).sum())
         total += labels.numel()
+    if _world() > 1:
+        sums = torch.tensor([correct1, correct5, total, loss_sum], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        correct1, correct5, total, loss_sum = sums.tolist()
     return 100.0 * correct1 / total, 100.0 * correct5 / total, loss_sum / total
 
 
@@ -259,6 +302,17 @@ def finetune(config: dict | None = None, *, datasets=None) -> dict:
     epochs, %), best_epoch, top5_at_best, history, results (path), checkpoint (the encoder source).
     ``datasets`` = (train_ds, val_ds, classes) replaces the configured labelled data."""
     cfg = config_mod.build_config(config, config_mod.FINETUNE_KEYS, default_recipe=None)
+    info = dist_mod.setup(cfg["device"])
+    finished = False
+    try:
+        result = _finetune(cfg, info, datasets)
+        finished = True
+        return result
+    finally:
+        dist_mod.teardown(info, finished)
+
+
+def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
     mode = cfg["mode"]
     if mode not in ("finetune", "linprobe"):
         raise config_mod.ConfigError(f"mode must be finetune or linprobe, got {mode!r}")
@@ -267,7 +321,9 @@ def finetune(config: dict | None = None, *, datasets=None) -> dict:
         raise config_mod.ConfigError(f"fraction must be in (0, 1], got {cfg['fraction']}")
     if cfg["epochs"] < 1 or cfg["batch_size"] < 2:
         raise config_mod.ConfigError("epochs must be >= 1 and batch_size >= 2")
-    device = pick_device(cfg["device"])
+    world, rank, device = info.world_size, info.rank, info.device
+    if cfg["batch_size"] % world:
+        raise config_mod.ConfigError(f"batch_size {cfg['batch_size']} must be a multiple of the {world} processes")
     amp_dtype = autocast_dtype(cfg["precision"], device)
     torch.manual_seed(cfg["seed"])
 
@@ -286,11 +342,17 @@ def finetune(config: dict | None = None, *, datasets=None) -> dict:
     if not isinstance(cfg["grad_checkpointing"], bool):
         raise config_mod.ConfigError("finetuning checkpoints every encoder block or none: grad_checkpointing must "
                                      "be true or false")
-    memory_plan = fit_memory_budget(cfg, spec, num_classes, linprobe, cfg["batch_size"], device, amp_dtype)
+    memory_plan = fit_memory_budget(cfg, spec, num_classes, linprobe, cfg["batch_size"] // world, device, amp_dtype)
     model, img_size, ckpt, model_name = build_classifier(cfg, num_classes, linprobe, spec)
     model.encoder.set_grad_checkpointing(memory_plan["grad_checkpointing"] if memory_plan else
                                          cfg["grad_checkpointing"])
     model.to(device)
+    # DDP averages the ranks' gradients; each rank's loss is its share of the global batch's sum (below)
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     B = cfg["batch_size"]
     base_lr = cfg["base_lr"] if cfg["base_lr"] is not None else (0.1 if linprobe else 1e-3)
@@ -306,17 +368,19 @@ def finetune(config: dict | None = None, *, datasets=None) -> dict:
             optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=0.9, weight_decay=wd)
         else:
             raise config_mod.ConfigError(f"linprobe_optimizer must be lars or sgd, got {cfg['linprobe_optimizer']!r}")
-        criterion = nn.CrossEntropyLoss()
+        criterion = nn.CrossEntropyLoss(reduction="sum")
     else:
         groups = layer_decay_groups(model, wd, cfg["layer_decay"])
         kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
         optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), **kw)
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"], reduction="sum")
 
     n_train = len(train_ds)
     if n_train < 2:
         raise config_mod.ConfigError(f"only {n_train} training image(s) after fraction={cfg['fraction']}")
-    steps_per_epoch = len(_epoch_batches(n_train, B, cfg["seed"], 0))
+    if n_train < world:
+        raise config_mod.ConfigError(f"{n_train} training images cannot be shared by {world} processes")
+    steps_per_epoch = len(_epoch_batches(n_train, B, cfg["seed"], 0, world, rank))
     total = cfg["epochs"] * steps_per_epoch
     warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
 
@@ -327,17 +391,20 @@ def finetune(config: dict | None = None, *, datasets=None) -> dict:
         return cfg["min_lr"] + (peak_lr - cfg["min_lr"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     items = SeededItems(train_ds, cfg["seed"])
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(B, 64), shuffle=False,
+    val_share = val_ds if world == 1 else torch.utils.data.Subset(val_ds, range(rank, len(val_ds), world))
+    val_loader = torch.utils.data.DataLoader(val_share, batch_size=max(B // world, 64), shuffle=False,
                                              num_workers=cfg["num_workers"], collate_fn=_collate)
     name = cfg["name"] or mode
     run_dir = Path(cfg["output_dir"]) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{mode}: {model_name} encoder from {ckpt or 'random init'}; {n_train} train / {len(val_ds)} val "
-          f"images, {num_classes} classes; {cfg['epochs']} epochs x {steps_per_epoch} steps, lr {peak_lr:.3g}, "
-          f"device {device}; results -> {run_dir}", flush=True)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ranks = f" ({B // world} x {world} ranks)" if world > 1 else ""
+        print(f"{mode}: {model_name} encoder from {ckpt or 'random init'}; {n_train} train / {len(val_ds)} val "
+              f"images, {num_classes} classes; {cfg['epochs']} epochs x {steps_per_epoch} steps of {B}{ranks}, "
+              f"lr {peak_lr:.3g}, device {device}; results -> {run_dir}", flush=True)
 
     bar = None
-    if cfg["progress"]:
+    if cfg["progress"] and info.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg["epochs"], desc=mode, dynamic_ncols=True, file=sys.stdout)
@@ -346,22 +413,28 @@ def finetune(config: dict | None = None, *, datasets=None) -> dict:
     try:
         for epoch in range(cfg["epochs"]):
             model.train()
-            loader = torch.utils.data.DataLoader(items, batch_sampler=_epoch_batches(n_train, B, cfg["seed"], epoch),
-                                                 num_workers=cfg["num_workers"], collate_fn=_collate)
+            batches = _epoch_batches(n_train, B, cfg["seed"], epoch, world, rank)
+            global_sizes = [len(b) for b in _epoch_batches(n_train, B, cfg["seed"], epoch)]
+            loader = torch.utils.data.DataLoader(items, batch_sampler=batches, num_workers=cfg["num_workers"],
+                                                 collate_fn=_collate)
             losses = []
-            for imgs, labels in loader:
+            for (imgs, labels), global_size in zip(loader, global_sizes):
                 lr = lr_at(step)
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                    logits = model(imgs)
-                loss = criterion(logits.float(), labels)
+                    logits = train_model(imgs)
+                # this rank's share of the global batch's mean: DDP's gradient average makes it the whole mean
+                loss = criterion(logits.float(), labels) * (world / global_size)
+                mean_loss = loss.detach() / world
+                if world > 1:
+                    dist.all_reduce(mean_loss)  # every rank takes the same decision below
                 optimizer.zero_grad(set_to_none=True)
-                if math.isfinite(float(loss.detach())):
+                if math.isfinite(float(mean_loss)):
                     loss.backward()
                     optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(float(mean_loss))
                 step += 1
             top1, top5, val_loss = evaluate(model, val_loader, device, amp_dtype, num_classes)
             row = {"epoch": epoch, "train_loss": sum(losses) / len(losses), "val_loss": val_loss,
@@ -384,9 +457,11 @@ def finetune(config: dict | None = None, *, datasets=None) -> dict:
               "checkpoint": str(ckpt) if ckpt else None, "model": model_name,
               "wall_time_s": time.perf_counter() - t0, "run_dir": str(run_dir),
               "results": str(run_dir / "results.json"), "memory_plan": memory_plan, "history": history}
-    checkpoint_io.atomic_write_bytes(run_dir / "results.json", json.dumps(result, indent=1).encode())
-    print(f"{mode}: best top-1 {result['top1']:.2f}% (epoch {result['best_epoch']}), best top-5 "
-          f"{result['top5']:.2f}%; {result['results']}", flush=True)
+    result["world_size"] = world
+    if info.is_main:
+        checkpoint_io.atomic_write_bytes(run_dir / "results.json", json.dumps(result, indent=1).encode())
+        print(f"{mode}: best top-1 {result['top1']:.2f}% (epoch {result['best_epoch']}), best top-5 "
+              f"{result['top5']:.2f}%; {result['results']}", flush=True)
     return result
 
 

@@ -667,8 +667,9 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
                     "wall_time_s": wall_before + time.perf_counter() - t_loop, "version": CHECKPOINT_VERSION,
                     "note": tag, "stream_positions": positions}
             path = checkpoint_io.save_checkpoint(ckpt, run_dir, step, cfg["keep_checkpoints"])
-        dist_mod.barrier()
-        return path
+        # every rank returns the path (a later stage, e.g. the scaling runner's evaluation, loads it on every
+        # rank); receiving it also waits for rank 0 to finish writing
+        return dist_mod.broadcast_object(path, src=0)
 
     def picture(step: int) -> Path | None:
         if vis_batch is None:

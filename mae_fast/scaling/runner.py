@@ -65,9 +65,8 @@ def default_job(config: dict, run_dir: Path) -> dict:
         "data_source": data.get("source"), "hours": config["hours"], "fps": data.get("fps", 1.0),
         "batch_size": budget["batch_size"], "steps": budget["steps"],
     })
-    if not _is_rank_zero():  # pretraining ran over every rank; the evaluation (one process) and the row: rank 0
-        return {"images_seen": pre["images_seen"], "checkpoint": pre["checkpoint"]}
-    # evaluation is short and not resumable: a finished one (same encoder checkpoint) is reused
+    # evaluation is short and not resumable: a finished one (same encoder checkpoint) is reused. Over several
+    # ranks (torchrun, SLURM tasks) both stages run on all of them.
     saved = run_dir / "eval" / "results.json"
     ev = json.loads(saved.read_text()) if saved.exists() else {}
     if ev.get("checkpoint") != str(pre["checkpoint"]):
