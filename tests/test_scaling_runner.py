@@ -309,6 +309,71 @@ def test_default_job_over_two_slurm_tasks_trains_with_ddp_and_evaluates_once(tmp
     assert json.loads((grid.run_dir(grid.runs[0].run_id) / "eval" / "results.json").read_text())["world_size"] == 2
 
 
+def test_running_the_grid_again_does_not_start_runs_still_in_flight(fake_jobs, monkeypatch):
+    """A second ``scale run`` while the first one's jobs are queued or running must not submit them again
+    (two jobs would train one run into one directory); once a job is gone, its run is started again."""
+    monkeypatch.setenv("FAKE_SLEEP", "1.5")  # 4 steps: about 6 s of job
+    grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5], img_sizes=[224],
+                                seeds=[1, 2], executor={"name": "slurm", "cluster": "local",
+                                                        "slurm": {"timeout_min": 5}}))
+    first = run_grid(grid, log=lambda s: None)
+    assert len(first) == 2
+    logged = []
+    assert run_grid(grid, log=logged.append) == []  # both still in flight
+    assert "0 done, 0 to run, 2 in flight" in logged[0] and sum("not started again" in x for x in logged) == 2
+    assert {e["run"] for e in sweep_status(grid)["submitted"] + sweep_status(grid)["running"]} == \
+        {r.run_id for r in grid.runs}
+    for j in first:
+        j.result()
+    assert run_grid(grid, log=lambda s: None) == [] and len(load_results(grid.table_path)) == 2
+    # a run whose job died without a word (node lost, scancel): not in flight, so it is started again
+    lost = grid.runs[0]
+    grid.table_path.unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (grid.run_dir(lost.run_id) / "status.json").write_text(json.dumps(
+        {"state": "submitted", "slurm_job_id": dead.stdout.strip(), "cluster": "local",
+         "controller_pid": int(dead.stdout), "host": __import__("socket").gethostname()}))
+    assert [e["run"] for e in sweep_status(grid)["interrupted"]] == [lost.run_id]
+    monkeypatch.setenv("FAKE_SLEEP", "0")
+    assert len(run_grid(grid, log=lambda s: None, wait=True)) == 2
+
+
+def test_slurm_liveness_comes_from_squeue(fake_jobs, monkeypatch):
+    """Runs submitted to a real SLURM are alive while squeue lists their job as queued or running; without
+    squeue (another machine) nobody can tell, so they are left alone unless --resubmit."""
+    from mae_fast.scaling.runner import in_flight, slurm_job_alive
+
+    bin_dir = fake_jobs / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    squeue.write_text(textwrap.dedent('''\
+        #!/bin/sh
+        case "$3" in
+          7_1) echo RUNNING ;;
+          7_2) echo PENDING ;;
+          8) ;;
+          9) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1 ;;
+          *) echo "slurm_load_jobs error: Unable to contact slurm controller" >&2; exit 1 ;;
+        esac
+        '''))
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert [slurm_job_alive(j) for j in ("7_1", "7_2", "8", "9", "10")] == [True, True, False, False, None]
+
+    grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5, 50],
+                                img_sizes=[224, 448], seeds=[1]))
+    ids = [r.run_id for r in grid.runs]
+    for run_id, state, job in zip(ids, ["submitted", "running", "submitted", "submitted"], ["7_1", "7_2", "8", "10"]):
+        grid.run_dir(run_id).mkdir(parents=True)
+        (grid.run_dir(run_id) / "status.json").write_text(json.dumps({"state": state, "slurm_job_id": job}))
+    busy = in_flight(grid)
+    assert sorted(busy) == sorted([ids[0], ids[1], ids[3]]) and "state unknown" in busy[ids[3]]
+    assert [r.run_id for r in pending_runs(grid, skip=busy)] == [ids[2]]
+    assert scale_main(["run", str(fake_jobs / "g.yaml"), "--dry-run"]) == 0
+    monkeypatch.setenv("PATH", str(fake_jobs / "nowhere"))  # no squeue at all
+    assert all("state unknown" in why for why in in_flight(grid).values()) and len(in_flight(grid)) == 4
+
+
 def test_preempted_task_requeues_itself_and_resumes(fake_jobs, monkeypatch):
     """What submitit does on preemption, step by step: the task is interrupted, its ``checkpoint``
     gives the call to requeue, and the requeued call resumes from the run's checkpoint."""

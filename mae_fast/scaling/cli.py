@@ -19,18 +19,20 @@ __all__ = ["main", "add_subparsers", "build_parser"]
 
 def _cmd_run(args) -> int:
     from .grid import load_grid
-    from .runner import pending_runs, run_grid
+    from .runner import in_flight, pending_runs, run_grid
 
     grid = load_grid(args.grid)
     if args.mode:
         grid.executor["mode"] = args.mode
     if args.dry_run:
+        busy = in_flight(grid)
         todo = {r.run_id for r in pending_runs(grid)}
         for r in grid.runs:
-            print(("todo " if r.run_id in todo else "done ") + r.run_id)
+            print(("busy " if r.run_id in busy else "todo " if r.run_id in todo else "done ") + r.run_id
+                  + (f"  {busy[r.run_id]}" if r.run_id in busy else ""))
         return 0
     outcome = run_grid(grid, job=args.job, executor=args.executor, cluster=args.cluster,
-                       retry_failed=not args.skip_failed, wait=args.wait)
+                       retry_failed=not args.skip_failed, wait=args.wait, resubmit=args.resubmit)
     failed = {k: v for k, v in outcome.items() if v != "done"} if isinstance(outcome, dict) else {}
     if args.fit and grid.table_path.exists():
         # the grid's optional `fit:` block: {projections: [{label, params, hours, img_size}], target_accuracy}
@@ -173,6 +175,8 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--cluster", help="submitit cluster: slurm (default when found), local, debug")
     p.add_argument("--job", help="job function as module:function (default: the grid's job)")
     p.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
+    p.add_argument("--resubmit", action="store_true",
+                   help="also start runs whose SLURM job or sweep process seems to be still queued or running")
     p.add_argument("--wait", action="store_true", help="slurm: block until the jobs end")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
     p.add_argument("--fit", action="store_true", help="fit the table afterwards (report in OUT_DIR/fit)")

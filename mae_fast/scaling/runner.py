@@ -187,10 +187,60 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# squeue states of a job that is queued or holds its resources
+_SLURM_LIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+               "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+
+def slurm_job_alive(job_id: str) -> bool | None:
+    """Whether SLURM still has the job (queued or running), from ``squeue``; None when squeue cannot say
+    (not on a SLURM login node, or it failed for another reason than an unknown job)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return False if "invalid job id" in (out.stderr or "").lower() else None
+    return any(line.strip() in _SLURM_LIVE for line in out.stdout.splitlines())
+
+
+def run_alive(status: Mapping) -> bool | None:
+    """Whether the process or job that a run's status.json names (submitted or running) still exists:
+    True / False, or None when it cannot be told from here."""
+    state, host = status.get("state"), status.get("host")
+    if state not in ("submitted", "running"):
+        return False
+    job_id = status.get("slurm_job_id")
+    if job_id and status.get("cluster", "slurm") == "slurm":
+        return slurm_job_alive(job_id)
+    if host != socket.gethostname():
+        return None  # a local process on another machine
+    if state == "submitted" and status.get("cluster") == "debug":
+        return False  # submitit's debug executor ran it inside the submitting process
+    pid = status.get("pid") if state == "running" else status.get("controller_pid")
+    return _pid_alive(int(pid)) if pid else False
+
+
+def in_flight(grid: Grid) -> dict[str, str]:
+    """Runs without a result whose submitted job or running process still exists (or may: liveness unknown),
+    {run_id: why}: running the grid again must not start them twice."""
+    done, out = done_ids(grid), {}
+    for spec in grid.runs:
+        if spec.run_id in done:
+            continue
+        st = _read_status(grid.run_dir(spec.run_id))
+        alive = run_alive(st)
+        if alive is not False:
+            where = f"SLURM job {st['slurm_job_id']}" if st.get("slurm_job_id") else \
+                f"pid {st.get('pid') or st.get('controller_pid')} on {st.get('host')}"
+            out[spec.run_id] = f"{st['state']} ({where}{'' if alive else ', state unknown from here'})"
+    return out
+
+
 def sweep_status(grid: Grid) -> dict[str, list[dict]]:
     """Runs by state: done, running, submitted, failed (with error), interrupted, left."""
     done = done_ids(grid)
-    host = socket.gethostname()
     out: dict[str, list[dict]] = {k: [] for k in ("done", "running", "submitted", "failed", "interrupted", "left")}
     for spec in grid.runs:
         entry = {"run": spec.run_id}
@@ -199,9 +249,8 @@ def sweep_status(grid: Grid) -> dict[str, list[dict]]:
             continue
         st = _read_status(grid.run_dir(spec.run_id))
         state = st.get("state")
-        if state == "running" and st.get("host") == host and not st.get("slurm_job_id") \
-                and not _pid_alive(int(st.get("pid", 0))):
-            state = "interrupted"  # its process is gone: it was killed, the next sweep resumes it
+        if state in ("running", "submitted") and run_alive(st) is False:
+            state = "interrupted"  # its process or job is gone: killed, or lost; the next sweep resumes it
         if state in ("running", "submitted", "failed", "interrupted"):
             entry.update({k: st[k] for k in ("error", "host", "started", "slurm_job_id", "attempt") if st.get(k)})
             out[state].append(entry)
@@ -210,9 +259,9 @@ def sweep_status(grid: Grid) -> dict[str, list[dict]]:
     return out
 
 
-def pending_runs(grid: Grid, retry_failed: bool = True) -> list[RunSpec]:
-    """Runs without a result row (failed ones too unless ``retry_failed=False``)."""
-    done = done_ids(grid)
+def pending_runs(grid: Grid, retry_failed: bool = True, skip: Sequence[str] = ()) -> list[RunSpec]:
+    """Runs without a result row (failed ones too unless ``retry_failed=False``), except those in ``skip``."""
+    done = done_ids(grid) | set(skip)
     todo = []
     for spec in grid.runs:
         if spec.run_id in done:
@@ -330,9 +379,14 @@ def submit_slurm(grid: Grid, runs: Sequence[RunSpec], job: str | None = None, cl
         SweepTask(), [r.as_dict() for r in runs], [str(grid.run_dir(r.run_id)) for r in runs],
         [str(grid.table_path)] * len(runs), [job] * len(runs),
     )
+    kind = getattr(executor, "cluster", None) or {"LocalExecutor": "local", "DebugExecutor": "debug"}.get(
+        type(executor).__name__, "slurm")
     for spec, j in zip(runs, jobs):
-        _write_json(grid.run_dir(spec.run_id) / "status.json",
-                    {"state": "submitted", "slurm_job_id": j.job_id, "submitted": _now()})
+        record = {"state": "submitted", "slurm_job_id": j.job_id, "cluster": kind, "host": socket.gethostname(),
+                  "submitted": _now()}
+        if kind == "local":  # submitit's local job id is its controller's pid
+            record["controller_pid"] = int(str(j.job_id).split("_")[0])
+        _write_json(grid.run_dir(spec.run_id) / "status.json", record)
     log(f"submitted {len(jobs)} runs as {jobs[0].job_id.split('_')[0]} ({type(executor).__name__})")
     if wait:
         for spec, j in zip(runs, jobs):
@@ -345,13 +399,20 @@ def submit_slurm(grid: Grid, runs: Sequence[RunSpec], job: str | None = None, cl
 
 def run_grid(grid: Grid | str | os.PathLike, job: str | JobFn | None = None, executor: str | None = None,
              cluster: str | None = None, retry_failed: bool = True, wait: bool = False,
-             log: Callable[[str], None] = print):
-    """Run what is left of a grid with its executor (or ``executor`` = local | slurm)."""
+             log: Callable[[str], None] = print, resubmit: bool = False):
+    """Run what is left of a grid with its executor (or ``executor`` = local | slurm). Runs whose job or process
+    still exists (queued or running on SLURM, or running in another sweep) are left alone unless ``resubmit``."""
     if not isinstance(grid, Grid):
         grid = load_grid(grid)
-    todo = pending_runs(grid, retry_failed)
-    log(f"grid {grid.name}: {len(grid.runs)} runs, {len(grid.runs) - len(todo)} done, {len(todo)} to run "
-        f"-> {grid.table_path}")
+    busy = {} if resubmit else in_flight(grid)
+    todo = pending_runs(grid, retry_failed, skip=busy)
+    done = len(grid.runs) - len(todo) - len(busy)
+    flying = f", {len(busy)} in flight" if busy else ""
+    log(f"grid {grid.name}: {len(grid.runs)} runs, {done} done, {len(todo)} to run{flying} -> {grid.table_path}")
+    for run_id, why in busy.items():
+        log(f"    not started again: {run_id} is {why}")
+    if busy:
+        log("    (--resubmit starts them anyway, e.g. when their jobs are gone but this machine cannot tell)")
     name = executor or grid.executor.get("name", "local")
     if name == "local":
         return run_local(grid, todo, job, grid.executor.get("mode", "inprocess"),
