@@ -9,6 +9,7 @@ COMMANDS = {
     "finetune": ("mae_fast.train.finetune", "main", {"mode": "finetune"}, "finetune an encoder on labelled images"),
     "linprobe": ("mae_fast.train.finetune", "main", {"mode": "linprobe"}, "linear probe on labelled images"),
     "scale": ("mae_fast.scaling.cli", "main", {}, "scaling sweeps: run / status / fit"),
+    "plot": ("mae_fast.train.curves", "main", {}, "training curves of one or more runs as a PNG"),
     "memory": ("mae_fast.memory", "main", {}, "peak memory of a training step, and what fits a budget (no GPU needed)"),
     "info": ("mae_fast.info", "main", {}, "device, versions and which backends can run here"),
 }

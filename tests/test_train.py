@@ -213,6 +213,7 @@ def test_demo_recipe_loss_falls_and_writes_everything(tmp_path):
 
     img = Image.open(run / "reconstruction.png")
     assert img.size[0] > 8 * 64 and img.size[1] > 4 * 64
+    assert res["curves"] == str(run / "curves.png") and Image.open(run / "curves.png").size[0] > 500
     # the checkpoint loads as pretrained weights
     import mae_fast
 
@@ -501,6 +502,7 @@ def test_finetune_and_linprobe_smoke(tmp_path, mode):
     assert res["best_epoch"] in range(3) and len(res["history"]) == 3
     saved = json.loads(Path(res["results"]).read_text())
     assert saved["top1"] == res["top1"] and saved["checkpoint"].endswith("checkpoint-00000002.pt")
+    assert Path(saved["curves"]).is_file() and Path(saved["curves"]).parent == Path(res["results"]).parent
     assert res["model"] == "mae_vit_demo_patch8"
 
 

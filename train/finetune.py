@@ -32,9 +32,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from mae_fast.models.checkpoint import CheckpointError
-from mae_fast.train import checkpoint_io, config as config_mod
+from mae_fast.train import checkpoint_io, config as config_mod, curves
 from mae_fast.train import distributed as dist_mod
-from mae_fast.train.pretrain import NO_DECAY_NAMES, SeededItems, _mix, autocast_dtype
+from mae_fast.train.pretrain import NO_DECAY_NAMES, SeededItems, _mix, autocast_dtype, draw_curves
 
 
 def _world() -> int:
@@ -459,9 +459,15 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
               "results": str(run_dir / "results.json"), "memory_plan": memory_plan, "history": history}
     result["world_size"] = world
     if info.is_main:
+        def draw():
+            curves.plot_finetune({name: history}, run_dir / "curves.png")
+            return run_dir / "curves.png"
+
+        result["curves"] = draw_curves(run_dir, draw)
         checkpoint_io.atomic_write_bytes(run_dir / "results.json", json.dumps(result, indent=1).encode())
         print(f"{mode}: best top-1 {result['top1']:.2f}% (epoch {result['best_epoch']}), best top-5 "
-              f"{result['top5']:.2f}%; {result['results']}", flush=True)
+              f"{result['top5']:.2f}%; {result['results']}" + (f"; curves {result['curves']}" if result["curves"]
+                                                                  else ""), flush=True)
     return result
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from mae_fast.models.checkpoint import CheckpointError
-from mae_fast.train import checkpoint_io, config as config_mod, distributed as dist_mod
+from mae_fast.train import checkpoint_io, config as config_mod, curves, distributed as dist_mod
 
 CHECKPOINT_VERSION = 1
 
@@ -343,6 +343,17 @@ class MetricsLog:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+def draw_curves(run_dir: Path, draw) -> str | None:
+    """``draw()`` a run's curves; a picture that cannot be drawn (no metrics logged, a plotting failure)
+    costs a warning, never the run."""
+    try:
+        return str(draw())
+    except Exception as e:  # noqa: BLE001 - the run's results matter more than its picture
+        if (run_dir / "metrics.jsonl").exists() or (run_dir / "results.json").exists():
+            warnings.warn(f"training curves not drawn: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+        return None
 
 
 def _say(info, msg: str) -> None:
@@ -845,12 +856,14 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
               "images_per_s": steady_rate, "mfu": steady_mfu, "data_wait": steady_wait, "startup_s": t_loop - t_start,
               "reconstruction": str(run_dir / "reconstruction.png"), "memory_plan": memory_plan}
     if info.is_main:
+        result["curves"] = draw_curves(run_dir, lambda: curves.plot_runs([run_dir], run_dir / "curves.png"))
         (run_dir / "result.json").write_text(json.dumps(result, indent=1))
         _say(info, f"{stopped} at step {step}/{total_steps}: loss {final_loss:.4f} (mean of the last "
                    f"{max(1, len(recent_losses))} steps), {images_seen} images, "
                    f"{wall:.1f} s training ({bad_total} skipped steps)\n"
                    f"  checkpoint: {last_ckpt}\n  metrics:    {run_dir / 'metrics.jsonl'}\n"
-                   f"  picture:    {run_dir / 'reconstruction.png'}")
+                   f"  picture:    {run_dir / 'reconstruction.png'}"
+                   + (f"\n  curves:     {result['curves']}" if result["curves"] else ""))
         if steady_wait is not None and steady_wait >= DATA_WAIT_WARN:
             spare = " if the CPU has cores to spare (training shares them here)" if device.type == "cpu" else ""
             _say(info, f"  data:       training waited for data {100 * steady_wait:.0f}% of the time (rank 0): raise "
