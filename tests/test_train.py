@@ -725,3 +725,53 @@ def test_time_waiting_for_data_is_measured_and_a_slow_loader_is_named(tmp_path, 
     rows = [json.loads(line) for line in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     waits = [r["data_wait"] for r in rows if "data_wait" in r]
     assert len(waits) == 8 and all(0.5 < w <= 1.0 for w in waits[1:])
+
+
+def test_interrupted_finetune_resumes_after_its_last_epoch_with_the_same_numbers(tmp_path, monkeypatch, capsys):
+    """Killed during epoch 3 of 4, the run continues after epoch 2 (model, optimizer, schedule, RNG and
+    history restored) and ends with the numbers of a run never interrupted; a finished run leaves no
+    epoch checkpoint; a checkpoint of other settings is not resumed."""
+    import mae_fast.train.finetune as ft
+
+    data = (Shapes(40), Shapes(20, seed=1), ["a", "b", "c", "d"])
+    base = dict(mode="finetune", output_dir=str(tmp_path), epochs=4, batch_size=8, warmup_epochs=1, lr=3e-3,
+                drop_path=0.1, progress=False, pool="mean", checkpoint=None, img_size=32)
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        straight = ft.finetune(dict(base, name="straight"), datasets=data)
+    assert not (tmp_path / "straight" / "checkpoints").exists() or \
+        not list((tmp_path / "straight" / "checkpoints").glob("*.pt"))
+
+    real_evaluate, calls = ft.evaluate, []
+
+    def killed_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "evaluate", killed_in_epoch_3)
+    with pytest.warns(RuntimeWarning, match="random weights"), pytest.raises(KeyboardInterrupt):
+        ft.finetune(dict(base, name="killed"), datasets=data)
+    monkeypatch.setattr(ft, "evaluate", real_evaluate)
+    saved = [p.name for p in (tmp_path / "killed" / "checkpoints").glob("*.pt")]
+    assert saved == ["checkpoint-00000002.pt"]
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        resumed = ft.finetune(dict(base, name="killed"), datasets=data)
+    assert "resumed after epoch 1" in capsys.readouterr().out
+    assert resumed["history"] == straight["history"] and resumed["top1"] == straight["top1"]
+    assert not list((tmp_path / "killed" / "checkpoints").glob("*.pt"))
+
+    # other settings in the same directory: a warning, and a fresh run (not a resume of the old state)
+    monkeypatch.setattr(ft, "evaluate", killed_in_epoch_3)
+    calls.clear()
+    with pytest.warns(RuntimeWarning), pytest.raises(KeyboardInterrupt):
+        ft.finetune(dict(base, name="changed"), datasets=data)
+    monkeypatch.setattr(ft, "evaluate", real_evaluate)
+    with pytest.warns(RuntimeWarning, match=r"other settings \(lr\): starting over"):
+        fresh = ft.finetune(dict(base, name="changed", lr=1e-3), datasets=data)
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        reference = ft.finetune(dict(base, name="reference", lr=1e-3), datasets=data)
+    assert fresh["history"] == reference["history"]
+    with pytest.raises(config_mod.ConfigError, match="resume must be auto or null"):
+        ft.finetune(dict(base, name="bad", resume="yes"), datasets=data)

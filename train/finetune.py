@@ -34,7 +34,8 @@ import torch.nn as nn
 from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.train import checkpoint_io, config as config_mod, curves
 from mae_fast.train import distributed as dist_mod
-from mae_fast.train.pretrain import NO_DECAY_NAMES, SeededItems, _mix, autocast_dtype, draw_curves
+from mae_fast.train.pretrain import (NO_DECAY_NAMES, SeededItems, _mix, autocast_dtype, draw_curves, rng_state,
+                                     set_rng_state)
 
 
 def _world() -> int:
@@ -198,6 +199,40 @@ def build_classifier(cfg: dict, num_classes: int, linprobe: bool, spec: tuple | 
     return Classifier(encoder, num_classes, cfg["pool"], linprobe), mae.img_size, ckpt, model_name
 
 
+# the settings that decide a run's numbers: an epoch checkpoint made under other ones is not resumed
+RUN_IDENTITY = ("mode", "model", "model_kwargs", "img_size", "data_root", "fraction", "epochs", "batch_size", "base_lr",
+                "lr", "min_lr", "warmup_epochs", "weight_decay", "linprobe_optimizer", "layer_decay", "drop_path",
+                "label_smoothing", "pool", "precision", "seed")
+
+
+def run_identity(cfg: dict, encoder_checkpoint) -> dict:
+    return {**{k: cfg[k] for k in RUN_IDENTITY}, "encoder": str(encoder_checkpoint) if encoder_checkpoint else None}
+
+
+def _remove_epoch_checkpoints(run_dir: Path) -> None:
+    for _, path in checkpoint_io.list_checkpoints(run_dir):
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+
+
+def _resume_state(cfg: dict, run_dir: Path, identity: dict) -> dict | None:
+    """The newest epoch checkpoint of an interrupted run with the same settings, else None (a checkpoint of
+    other settings is named in a warning and will be replaced)."""
+    if cfg["resume"] not in ("auto", None):
+        raise config_mod.ConfigError(f"resume must be auto or null, got {cfg['resume']!r}")
+    found = checkpoint_io.latest_valid_checkpoint(run_dir) if cfg["resume"] == "auto" else None
+    if found is None:
+        return None
+    path, state = found
+    if state.get("identity") != identity:
+        old = state.get("identity") or {}
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        warnings.warn(f"{path} was made with other settings ({', '.join(diff)}): starting over", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    return state
+
+
 def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int, world: int = 1,
                    rank: int = 0) -> list[list[tuple[int, int]]]:
     """Shuffled (epoch, index) batches covering every item, the same global batches on every rank, each
@@ -319,8 +354,8 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
     linprobe = mode == "linprobe"
     if not 0.0 < cfg["fraction"] <= 1.0:
         raise config_mod.ConfigError(f"fraction must be in (0, 1], got {cfg['fraction']}")
-    if cfg["epochs"] < 1 or cfg["batch_size"] < 2:
-        raise config_mod.ConfigError("epochs must be >= 1 and batch_size >= 2")
+    if cfg["epochs"] < 1 or cfg["batch_size"] < 2 or cfg["checkpoint_every"] < 0:
+        raise config_mod.ConfigError("epochs must be >= 1, batch_size >= 2 and checkpoint_every >= 0")
     world, rank, device = info.world_size, info.rank, info.device
     if cfg["batch_size"] % world:
         raise config_mod.ConfigError(f"batch_size {cfg['batch_size']} must be a multiple of the {world} processes")
@@ -409,9 +444,36 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
 
         bar = tqdm(total=cfg["epochs"], desc=mode, dynamic_ncols=True, file=sys.stdout)
     history, best = [], {"top1": -1.0}
-    step, t0 = 0, time.perf_counter()
+    step, start_epoch, wall_before = 0, 0, 0.0
+    identity = run_identity(cfg, ckpt)
+    state = _resume_state(cfg, run_dir, identity)
+    if state is not None:  # an interrupted run of the same settings: continue after its last saved epoch
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, best, step, wall_before = state["history"], state["best"], state["step"], state["wall_time_s"]
+        start_epoch = state["epoch"] + 1
+        rngs = state["rng"]
+        set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+        if info.is_main:
+            print(f"{mode}: resumed after epoch {state['epoch']} (best top-1 so far {best['top1']:.2f}%)", flush=True)
+    elif info.is_main:
+        _remove_epoch_checkpoints(run_dir)  # another run's, or resume=null
+    if bar is not None:
+        bar.update(start_epoch)
+
+    def save_state(epoch: int) -> None:
+        rngs = dist_mod.all_gather_objects(rng_state())
+        if info.is_main:
+            checkpoint_io.save_checkpoint(
+                {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                 "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "history": history, "best": best,
+                 "rng": rngs, "identity": identity, "wall_time_s": wall_before + time.perf_counter() - t0},
+                run_dir, epoch + 1, keep=1)
+        dist_mod.barrier()
+
+    t0 = time.perf_counter()
     try:
-        for epoch in range(cfg["epochs"]):
+        for epoch in range(start_epoch, cfg["epochs"]):
             model.train()
             batches = _epoch_batches(n_train, B, cfg["seed"], epoch, world, rank)
             global_sizes = [len(b) for b in _epoch_batches(n_train, B, cfg["seed"], epoch)]
@@ -446,6 +508,9 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
                 bar.set_postfix({"loss": f"{row['train_loss']:.3f}", "top1": f"{top1:.1f}",
                                  "best": f"{best['top1']:.1f}"}, refresh=False)
                 bar.update(1)
+            every = cfg["checkpoint_every"]
+            if every and (epoch + 1) % every == 0 and epoch + 1 < cfg["epochs"]:
+                save_state(epoch)
     finally:
         if bar is not None:
             bar.close()
@@ -455,7 +520,7 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
               "final_top1": history[-1]["top1"], "epochs": cfg["epochs"], "fraction": cfg["fraction"],
               "train_images": n_train, "val_images": len(val_ds), "num_classes": num_classes,
               "checkpoint": str(ckpt) if ckpt else None, "model": model_name,
-              "wall_time_s": time.perf_counter() - t0, "run_dir": str(run_dir),
+              "wall_time_s": wall_before + time.perf_counter() - t0, "run_dir": str(run_dir),
               "results": str(run_dir / "results.json"), "memory_plan": memory_plan, "history": history}
     result["world_size"] = world
     if info.is_main:
@@ -465,6 +530,7 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
 
         result["curves"] = draw_curves(run_dir, draw)
         checkpoint_io.atomic_write_bytes(run_dir / "results.json", json.dumps(result, indent=1).encode())
+        _remove_epoch_checkpoints(run_dir)  # finished: results.json is the record
         print(f"{mode}: best top-1 {result['top1']:.2f}% (epoch {result['best_epoch']}), best top-5 "
               f"{result['top5']:.2f}%; {result['results']}" + (f"; curves {result['curves']}" if result["curves"]
                                                                   else ""), flush=True)

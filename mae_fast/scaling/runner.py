@@ -52,8 +52,24 @@ def default_job(config: dict, run_dir: Path) -> dict:
     see ``train/recipes/demo.yaml``) and :mod:`mae_fast.train.finetune`; both are imported here,
     lazily, so the runner itself needs neither. The grid's ``pretrain`` / ``eval`` blocks are passed
     through as recipe keys (``recipe`` picks the base recipe). Pretraining keeps its checkpoints in
-    ``run_dir/pretrain`` and resumes from them (``resume: auto``); a finished evaluation is reused.
+    ``run_dir/pretrain`` and resumes from them (``resume: auto``); the evaluation resumes after its last epoch
+    checkpoint, and a finished one is reused.
     """
+    from mae_fast.train import distributed as dist_mod
+
+    # Over several ranks, one process group serves both stages: a second group on the same MASTER_PORT could
+    # meet the first one's store before rank 0 has closed it.
+    info = dist_mod.setup(config["pretrain"].get("device", "auto"))
+    finished = False
+    try:
+        result = _pretrain_then_evaluate(config, run_dir)
+        finished = True
+        return result
+    finally:
+        dist_mod.teardown(info, finished)
+
+
+def _pretrain_then_evaluate(config: dict, run_dir: Path) -> dict:
     from mae_fast.train.finetune import finetune
     from mae_fast.train.pretrain import pretrain
 
@@ -65,8 +81,8 @@ def default_job(config: dict, run_dir: Path) -> dict:
         "data_source": data.get("source"), "hours": config["hours"], "fps": data.get("fps", 1.0),
         "batch_size": budget["batch_size"], "steps": budget["steps"],
     })
-    # evaluation is short and not resumable: a finished one (same encoder checkpoint) is reused. Over several
-    # ranks (torchrun, SLURM tasks) both stages run on all of them.
+    # a finished evaluation (same encoder checkpoint) is reused; an interrupted one resumes after its last saved
+    # epoch (finetune's resume=auto). Over several ranks (torchrun, SLURM tasks) both stages run on all of them.
     saved = run_dir / "eval" / "results.json"
     ev = json.loads(saved.read_text()) if saved.exists() else {}
     if ev.get("checkpoint") != str(pre["checkpoint"]):
