@@ -176,3 +176,20 @@ def test_two_process_finetune_matches_one(tmp_path, mode, lr):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
         assert (a["top1"], a["top5"]) == (b["top1"], b["top5"])
+
+
+def test_process_group_counts_a_run_finished_only_when_every_rank_gets_there(monkeypatch):
+    """Returning, or an error every rank raises at the same step (finished_on), leaves through the barrier;
+    any other error leaves at once."""
+    from mae_fast.train import distributed as dist_mod
+
+    seen = []
+    monkeypatch.setattr(dist_mod, "setup", lambda request: dist_mod.DistInfo(world_size=2, initialized_here=True))
+    monkeypatch.setattr(dist_mod, "teardown", lambda info, finished: seen.append(finished))
+    with dist_mod.process_group("cpu") as info:
+        assert info.world_size == 2
+    with pytest.raises(FloatingPointError), dist_mod.process_group("cpu", finished_on=(FloatingPointError,)):
+        raise FloatingPointError
+    with pytest.raises(KeyError), dist_mod.process_group("cpu", finished_on=(FloatingPointError,)):
+        raise KeyError
+    assert seen == [True, True, False]

@@ -47,6 +47,14 @@ def _figure(rows: int, cols: int):
     return plt, fig, axes.ravel()
 
 
+def _save(plt, fig, out: str | Path) -> None:
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def _series(rows: list[dict], x: str, key: str, scale: float = 1.0) -> tuple[list, list]:
     pts = [(r[x], r[key] * scale) for r in rows if r.get(key) is not None and r.get(x) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -81,11 +89,7 @@ def plot_pretrain(runs: dict[str, list[dict]], out: str | Path, x: str = "step")
     axes[0].legend(fontsize=8)
     if "data wait (%)" in drawn:
         axes[3].legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out)
     return drawn
 
 
@@ -107,11 +111,7 @@ def plot_finetune(runs: dict[str, list[dict]], out: str | Path) -> dict:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out)
     return drawn
 
 

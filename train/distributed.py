@@ -7,6 +7,7 @@ checkpoint from any layout loads into any other.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -86,6 +87,22 @@ def teardown(info: DistInfo, finished: bool = True) -> None:
         if finished:
             barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device_request: str = "auto", finished_on: tuple = ()):
+    """``setup`` on entry, ``teardown`` on exit: the run counts as finished when the body returns or raises one of
+    ``finished_on`` (errors every rank raises at the same step, so all of them reach teardown's barrier)."""
+    info = setup(device_request)
+    finished = False
+    try:
+        yield info
+        finished = True
+    except finished_on:
+        finished = True
+        raise
+    finally:
+        teardown(info, finished)
 
 
 def _fits_replicated(model: nn.Module, device: torch.device) -> bool:

@@ -337,14 +337,8 @@ def finetune(config: dict | None = None, *, datasets=None) -> dict:
     epochs, %), best_epoch, top5_at_best, history, results (path), checkpoint (the encoder source).
     ``datasets`` = (train_ds, val_ds, classes) replaces the configured labelled data."""
     cfg = config_mod.build_config(config, config_mod.FINETUNE_KEYS, default_recipe=None)
-    info = dist_mod.setup(cfg["device"])
-    finished = False
-    try:
-        result = _finetune(cfg, info, datasets)
-        finished = True
-        return result
-    finally:
-        dist_mod.teardown(info, finished)
+    with dist_mod.process_group(cfg["device"]) as info:
+        return _finetune(cfg, info, datasets)
 
 
 def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:

@@ -370,17 +370,9 @@ def pretrain(config: dict | None = None, *, dataset=None) -> dict:
     (plus steps, skipped_steps, ...). ``dataset`` replaces the configured data (a map-style dataset
     of (3, H, W) tensors)."""
     cfg = config_mod.build_config(config, config_mod.PRETRAIN_KEYS)
-    info = dist_mod.setup(cfg["device"])
-    finished = False
-    try:
-        result = _pretrain(cfg, info, dataset)
-        finished = True
-        return result
-    except NonFiniteLossError:
-        finished = True  # every rank stops at the same step: the loss it checks is reduced over ranks
-        raise
-    finally:
-        dist_mod.teardown(info, finished)
+    # a non-finite-loss stop happens at the same step on every rank: the loss it checks is reduced over ranks
+    with dist_mod.process_group(cfg["device"], finished_on=(NonFiniteLossError,)) as info:
+        return _pretrain(cfg, info, dataset)
 
 
 def _check(cfg: dict, world: int) -> None:

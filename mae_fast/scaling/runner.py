@@ -59,14 +59,8 @@ def default_job(config: dict, run_dir: Path) -> dict:
 
     # Over several ranks, one process group serves both stages: a second group on the same MASTER_PORT could
     # meet the first one's store before rank 0 has closed it.
-    info = dist_mod.setup(config["pretrain"].get("device", "auto"))
-    finished = False
-    try:
-        result = _pretrain_then_evaluate(config, run_dir)
-        finished = True
-        return result
-    finally:
-        dist_mod.teardown(info, finished)
+    with dist_mod.process_group(config["pretrain"].get("device", "auto")):
+        return _pretrain_then_evaluate(config, run_dir)
 
 
 def _pretrain_then_evaluate(config: dict, run_dir: Path) -> dict:
