@@ -75,10 +75,15 @@ def save_checkpoint(state: dict, run_dir, step: int, keep: int = 3) -> Path:
     atomic_write_bytes(path, data)
     atomic_write_bytes(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
     if keep and keep > 0:
-        for _, old in list_checkpoints(run_dir)[keep:]:
-            old.unlink(missing_ok=True)
-            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+        remove_checkpoints(run_dir, keep)
     return path
+
+
+def remove_checkpoints(run_dir, keep: int = 0) -> None:
+    """Delete the run's checkpoints (and their digests) but the newest ``keep``."""
+    for _, old in list_checkpoints(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
 
 
 def clean_temporaries(run_dir) -> None:

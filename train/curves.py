@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["read_metrics", "plot_pretrain", "plot_finetune", "plot_runs", "main"]
+__all__ = ["read_metrics", "plot_pretrain", "plot_finetune", "plot_runs", "draw_or_warn", "main"]
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -113,6 +114,17 @@ def plot_finetune(runs: dict[str, list[dict]], out: str | Path) -> dict:
         ax.legend(fontsize=8)
     _save(plt, fig, out)
     return drawn
+
+
+def draw_or_warn(run_dir: Path, draw) -> str | None:
+    """``draw()`` a run's curves; a picture that cannot be drawn (no metrics logged, a plotting failure)
+    costs a warning, never the run."""
+    try:
+        return str(draw())
+    except Exception as e:  # noqa: BLE001 - the run's results matter more than its picture
+        if (run_dir / "metrics.jsonl").exists() or (run_dir / "results.json").exists():
+            warnings.warn(f"training curves not drawn: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+        return None
 
 
 def _kind(run: Path) -> str:

@@ -34,8 +34,7 @@ import torch.nn as nn
 from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.train import checkpoint_io, config as config_mod, curves
 from mae_fast.train import distributed as dist_mod
-from mae_fast.train.pretrain import (NO_DECAY_NAMES, SeededItems, _mix, autocast_dtype, draw_curves, rng_state,
-                                     set_rng_state)
+from mae_fast.train.pretrain import NO_DECAY_NAMES, SeededItems, _mix, autocast_dtype, rng_state, set_rng_state
 
 
 def _world() -> int:
@@ -207,12 +206,6 @@ RUN_IDENTITY = ("mode", "model", "model_kwargs", "img_size", "data_root", "fract
 
 def run_identity(cfg: dict, encoder_checkpoint) -> dict:
     return {**{k: cfg[k] for k in RUN_IDENTITY}, "encoder": str(encoder_checkpoint) if encoder_checkpoint else None}
-
-
-def _remove_epoch_checkpoints(run_dir: Path) -> None:
-    for _, path in checkpoint_io.list_checkpoints(run_dir):
-        path.unlink(missing_ok=True)
-        path.with_name(path.name + ".sha256").unlink(missing_ok=True)
 
 
 def _resume_state(cfg: dict, run_dir: Path, identity: dict) -> dict | None:
@@ -451,7 +444,7 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
         if info.is_main:
             print(f"{mode}: resumed after epoch {state['epoch']} (best top-1 so far {best['top1']:.2f}%)", flush=True)
     elif info.is_main:
-        _remove_epoch_checkpoints(run_dir)  # another run's, or resume=null
+        checkpoint_io.remove_checkpoints(run_dir)  # another run's, or resume=null
     if bar is not None:
         bar.update(start_epoch)
 
@@ -522,9 +515,9 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
             curves.plot_finetune({name: history}, run_dir / "curves.png")
             return run_dir / "curves.png"
 
-        result["curves"] = draw_curves(run_dir, draw)
+        result["curves"] = curves.draw_or_warn(run_dir, draw)
         checkpoint_io.atomic_write_bytes(run_dir / "results.json", json.dumps(result, indent=1).encode())
-        _remove_epoch_checkpoints(run_dir)  # finished: results.json is the record
+        checkpoint_io.remove_checkpoints(run_dir)  # finished: results.json is the record
         print(f"{mode}: best top-1 {result['top1']:.2f}% (epoch {result['best_epoch']}), best top-5 "
               f"{result['top5']:.2f}%; {result['results']}" + (f"; curves {result['curves']}" if result["curves"]
                                                                   else ""), flush=True)

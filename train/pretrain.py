@@ -345,17 +345,6 @@ class MetricsLog:
             self.tb.close()
 
 
-def draw_curves(run_dir: Path, draw) -> str | None:
-    """``draw()`` a run's curves; a picture that cannot be drawn (no metrics logged, a plotting failure)
-    costs a warning, never the run."""
-    try:
-        return str(draw())
-    except Exception as e:  # noqa: BLE001 - the run's results matter more than its picture
-        if (run_dir / "metrics.jsonl").exists() or (run_dir / "results.json").exists():
-            warnings.warn(f"training curves not drawn: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
-        return None
-
-
 def _say(info, msg: str) -> None:
     if info.is_main:
         print(msg, flush=True)
@@ -848,7 +837,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
               "images_per_s": steady_rate, "mfu": steady_mfu, "data_wait": steady_wait, "startup_s": t_loop - t_start,
               "reconstruction": str(run_dir / "reconstruction.png"), "memory_plan": memory_plan}
     if info.is_main:
-        result["curves"] = draw_curves(run_dir, lambda: curves.plot_runs([run_dir], run_dir / "curves.png"))
+        result["curves"] = curves.draw_or_warn(run_dir, lambda: curves.plot_runs([run_dir], run_dir / "curves.png"))
         (run_dir / "result.json").write_text(json.dumps(result, indent=1))
         _say(info, f"{stopped} at step {step}/{total_steps}: loss {final_loss:.4f} (mean of the last "
                    f"{max(1, len(recent_losses))} steps), {images_seen} images, "

@@ -323,26 +323,21 @@ def run_local(grid: Grid, runs: Sequence[RunSpec], job: str | JobFn | None = Non
     return outcome
 
 
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def export_task_rank() -> dict[str, str]:
+def export_task_rank() -> None:
     """In a job of several SLURM tasks (``tasks_per_node`` x ``nodes``, one task per GPU), make this task
     one rank of the run's process group: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
     MASTER_PORT (env:// initialisation, as torchrun sets them) from the job's environment. Without them
-    every task would train and record the same run on its own. Returns what it set; nothing for a
-    single task or where a launcher already set RANK. CUDA_VISIBLE_DEVICES is left as SLURM set it (the
+    every task would train and record the same run on its own. Nothing for a single task or where a
+    launcher already set RANK. CUDA_VISIBLE_DEVICES is left as SLURM set it (the
     training picks the GPU by LOCAL_RANK, or the only one a task sees)."""
     import submitit
 
     try:
         job_env = submitit.JobEnvironment()
     except RuntimeError:  # called outside a submitit job (e.g. a requeued call run in this process)
-        return {}
-    if job_env.num_tasks <= 1 or "RANK" in os.environ:
-        return {}
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    return {k: os.environ[k] for k in _DIST_ENV}
+        return
+    if job_env.num_tasks > 1 and "RANK" not in os.environ:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 class SweepTask(_Checkpointable):
