@@ -1,57 +1,115 @@
 #!/bin/bash
-# One device call: end-to-end table (eager, regionally compiled, and with the Triton fused add + LayerNorm), GPU
-# tests (fused LayerNorm included: if they pass, set GPU_VERIFIED = True in mae_fast/ops/_triton_layer_norm.py),
-# masked-token, LayerNorm and attention benchmarks, and a step profile of ViT-H/14 at 476 px. The attention
-# kernels' compile report needs no GPU: python bench/compile_report.py with triton 3.6 installed beside.
-# Everything lands in $OUT (8 files at most come back from a device call).
-#   bash bench/run_gpu_suite.sh        (repo root)
+# One device call that fits a GPU session's 15 minutes of device time (machine start included), highest value
+# first, every step cut so the whole call ends by GPU_SUITE_S seconds (default 500) after it starts:
+#   1. issue 4: the Triton attention's GPU tests under MAE_FAST_FA_WRAP_D=1 (head dim 80 in one 128 tile with
+#      contiguous, pipelinable loads), one process per test id (bench/triage_triton_attention.sh);
+#   2. issue 4: attention TFLOP/s against the SDPA backends at head dims 80/88/64/32/128, default and wrap mode;
+#   3. issue 7: the end-to-end step of ViT-H/14 at 476 and 224 px, mae_fast against the reference formulation
+#      (and the fused LayerNorm when its GPU tests pass);
+#   the other GPU tests (model, lean, masking kernels, fused LayerNorm) run beside step 1, correctness only;
+#   4. the LayerNorm / masking benchmarks and a step profile, as far as the time goes.
+# A step with under 20 s left is skipped; $OUT/suite.json records every step's exit code and seconds
+# (124 = cut by its time limit). At most 8 files come back from a device call: the issue JSONs (triage, attention,
+# attention-wrap-d, e2e, suite) and logs.tar.gz (logs, and the masking / LayerNorm / profile JSONs).
+#   device call:  {"command": "bash bench/run_gpu_suite.sh", "timeout_s": 560}
+#   GPU_SUITE_DRY_RUN=1 bash bench/run_gpu_suite.sh     (any machine: prints the plan, runs nothing)
 # Afterwards, on any machine: python bench/memory_estimate.py --measured <the e2e.json> checks the memory
 # estimator against every eager peak of this run (no device time needed).
+set -u
 REPO=$(pwd)
 OUT=${OUT:-/tmp/gpu_suite}
-mkdir -p "$OUT"
+SUITE_S=${GPU_SUITE_S:-500}
+DRY=${GPU_SUITE_DRY_RUN:-0}
+T0=$(date +%s)
+END=$(( T0 + SUITE_S ))
+mkdir -p "$OUT/logs"
+: >"$OUT/logs/steps.tsv"
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/torch_ext TORCH_CUDA_ARCH_LIST=9.0
-python3 -m pip install -q --no-deps --no-build-isolation . >"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
-cd /tmp
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv >"$OUT/gpu.txt" 2>&1
-python3 -m mae_fast.info >"$OUT/info.txt" 2>&1
-(MAE_FAST_BUILD_CUDA=1 python3 -m mae_fast.ops._cuda_masking) >"$OUT/cuda_build.log" 2>&1 &
-# the fused LayerNorm's GPU tests first: the e2e table times it only if they pass (a GPU fault there would end
-# the e2e process and lose every row)
-timeout ${LN_TESTS_S:-120} python3 -m pytest "$REPO/tests/test_layer_norm.py" -q -p no:cacheprovider >"$OUT/layer_norm_tests.log" 2>&1
-LN_RC=$?
-echo "layer_norm tests rc=$LN_RC (0: set GPU_VERIFIED = True in mae_fast/ops/_triton_layer_norm.py)"
-# at most four ViT-H/14 models with their AdamW state fit beside one step at 476 px on 80 GB (2026-11-23: five OOMed)
-IMPLS="--impls mae_fast,reference,mae_fast_lean_ckpt"
-[ $LN_RC -eq 0 ] && IMPLS="$IMPLS,mae_fast_fused_ln"
-# the issue-7 targets first (ViT-H/14 476 and 224 px), so the time limit cuts the rest
-ONLY=mae_vit_huge_patch14:476,mae_vit_huge_patch14:224,mae_vit_base_patch16:224,mae_vit_huge_patch14:952,mae_vit_large_patch14:476,mae_vit_large_patch14:224
-timeout ${E2E_S:-220} python3 "$REPO/bench/e2e.py" --only $ONLY $IMPLS --compile --compile-scope blocks --compile-only mae_vit_huge_patch14:476 \
-  --plans "$REPO/bench/results/memory-estimate-h100-shapes-2026-11-22.json" \
-  --steps 8 --warmup 3 --out "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
-echo "e2e rc=$?"
+
+# step NAME BUDGET_S CMD...: runs CMD (log: $OUT/logs/NAME.log) for at most BUDGET_S and never past END
+step() {
+  local name=$1 budget=$2; shift 2
+  local left=$(( END - $(date +%s) ))
+  [ "$budget" -gt "$left" ] && budget=$left
+  if [ "$budget" -lt 20 ]; then
+    printf '%s\tskipped\t0\t%s\n' "$name" "$budget" >>"$OUT/logs/steps.tsv"; echo "$name: skipped (${left}s left)"
+    return 99
+  fi
+  if [ "$DRY" = 1 ]; then
+    printf '%s\tdry\t0\t%s\n' "$name" "$budget" >>"$OUT/logs/steps.tsv"
+    echo "$name: up to ${budget}s: $*"; END=$(( END - budget )); return 0
+  fi
+  local t=$(date +%s)
+  timeout "$budget" "$@" >"$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t ))" "$budget" >>"$OUT/logs/steps.tsv"
+  echo "$name: rc=$rc in $(( $(date +%s) - t ))s (limit ${budget}s)"
+  return $rc
+}
+
+step install 60 python3 -m pip install -q --no-deps --no-build-isolation .
+[ "$DRY" = 1 ] || nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv \
+  >"$OUT/logs/gpu.txt" 2>&1
+[ "$DRY" = 1 ] || (cd /tmp && python3 -m mae_fast.info >"$OUT/logs/info.txt" 2>&1)
+
+# 1. correctness, all at once (no timing runs beside them): the attention GPU tests under wrap mode, one process
+#    per test id (the default single-tile mode passed them all on 2026-11-23), the fused LayerNorm's and the rest
+step attention_tests_wrap_d 140 env OUT="$OUT" TRIAGE_VARIANTS=wrap_d TRIAGE_TOTAL_S=80 TRIAGE_SANITIZE=0 \
+  TRIAGE_INSTALL=0 TRIAGE_JOBS=6 bash "$REPO/bench/triage_triton_attention.sh" &
+(cd /tmp && step layer_norm_tests 140 python3 -m pytest "$REPO/tests/test_layer_norm.py" -q -x -p no:cacheprovider) &
+(cd /tmp && step gpu_tests 140 python3 -m pytest "$REPO/tests/test_model.py" "$REPO/tests/test_lean.py" \
+  "$REPO/tests/test_masking_kernels.py" -q -p no:cacheprovider) &
 wait
-# parallel only where pytest-xdist is installed; Triton attention last: a GPU fault there ends the process
-XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout ${TESTS_S:-110} python3 -m pytest "$REPO/tests/test_model.py" \
-  "$REPO/tests/test_lean.py" "$REPO/tests/test_masking_kernels.py" "$REPO/tests/test_attention_triton.py" -q $XDIST -p no:cacheprovider \
-  >"$OUT/tests.log" 2>&1
-echo "tests rc=$?"
-timeout ${MASK_S:-55} python3 "$REPO/bench/bench_masking.py" --res 476,952 --out "$OUT/masking.json" >"$OUT/masking.log" 2>&1
-echo "masking rc=$?"
-timeout ${ATTN_S:-45} python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 --out "$OUT/attention.json" >"$OUT/attention.log" 2>&1
-echo "attention rc=$?"
-timeout ${LN_S:-40} python3 "$REPO/bench/bench_layer_norm.py" --out "$OUT/layer_norm.json" >"$OUT/layer_norm.log" 2>&1
-echo "layer_norm bench rc=$?"
-timeout ${PROF_S:-55} python3 "$REPO/bench/profile_step.py" --model mae_vit_huge_patch14 --img-size 476 --batch 24 \
-  --out "$OUT/profile.json" >"$OUT/profile.log" 2>&1
-echo "profile rc=$?"
-grep -E "passed|failed" "$OUT/tests.log" | tail -3
-tail -25 "$OUT/e2e.log" | cut -c1-200
-grep -E "Copy bandwidth|^\| (patchify|gather|unshuffle|masked)" "$OUT/masking.log" | cut -c1-150 | head -20
-tail -15 "$OUT/attention.log" | cut -c1-160
-head -14 "$OUT/profile.log"
-tail -16 "$OUT/layer_norm.log" | cut -c1-160
-# a device call returns at most 8 files: keep the JSONs, pack the logs
-(cd "$OUT" && tar czf logs.tar.gz ./*.log ./*.txt && rm -f ./*.log ./*.txt)
-ls "$OUT"
+[ "$DRY" = 1 ] && END=$(( END - 140 ))  # the three ran side by side (in subshells, so their dry step() left END alone)
+[ -f "$OUT/triage-logs.tar.gz" ] && mv "$OUT/triage-logs.tar.gz" "$OUT/logs/"
+
+# 2. issue 4: attention TFLOP/s, checked against an fp32 reference on every row; wrap mode where it differs
+cd /tmp
+step attention_bench 80 python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 64 32 128 \
+  --out "$OUT/attention.json"
+step attention_bench_wrap_d 50 env MAE_FAST_FA_WRAP_D=1 MAE_FAST_TRITON_UNVERIFIED=1 \
+  python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 --out "$OUT/attention-wrap-d.json"
+
+# 3. issue 7; the fused LayerNorm only if its GPU tests passed (a fault would end that configuration's process)
+IMPLS="mae_fast,reference,mae_fast_lean_ckpt"
+grep -qP "^layer_norm_tests\t0\t" "$OUT/logs/steps.tsv" && IMPLS="$IMPLS,mae_fast_fused_ln"
+step e2e 150 python3 "$REPO/bench/e2e.py" --only mae_vit_huge_patch14:476,mae_vit_huge_patch14:224 \
+  --impls "$IMPLS" --plans "$REPO/bench/results/memory-estimate-h100-shapes-2026-11-22.json" --no-hf \
+  --steps 8 --warmup 3 --out "$OUT/e2e.json"
+
+# 4. as far as the time goes
+step layer_norm_bench 35 python3 "$REPO/bench/bench_layer_norm.py" --out "$OUT/logs/layer_norm.json"
+step masking_bench 45 python3 "$REPO/bench/bench_masking.py" --res 476,952 --out "$OUT/logs/masking.json"
+step profile 50 python3 "$REPO/bench/profile_step.py" --model mae_vit_huge_patch14 --img-size 476 --batch 24 \
+  --out "$OUT/logs/profile.json"
+
+# summary: steps as JSON, the tables people read, then pack the logs (8 files come back at most)
+python3 - "$OUT" "$SUITE_S" "$DRY" <<'EOF'
+import json, sys, time
+out, suite_s, dry = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+steps = []
+for line in open(f"{out}/logs/steps.tsv"):
+    name, rc, secs, limit = line.rstrip("\n").split("\t")
+    steps.append({"step": name, "rc": rc if rc in ("skipped", "dry") else int(rc), "seconds": int(secs),
+                  "limit_s": int(limit)})
+meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "suite_s": suite_s, "dry_run": dry}
+try:
+    import torch, triton
+    meta.update(torch=torch.__version__, triton=triton.__version__,
+                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+except Exception as e:  # the step table must still come out
+    meta["version_error"] = repr(e)
+json.dump({"meta": meta, "steps": steps}, open(f"{out}/suite.json", "w"), indent=1)
+print(f"\n{'step':24s} {'rc':>7s} {'s':>5s} {'limit':>5s}")
+for s in steps:
+    print(f"{s['step']:24s} {str(s['rc']):>7s} {s['seconds']:5d} {s['limit_s']:5d}")
+EOF
+if [ "$DRY" != 1 ]; then
+  grep -E "^[a-z_+]+ +[0-9]+ +[0-9]+" "$OUT/logs/attention_tests_wrap_d.log" | head -3
+  tail -12 "$OUT/logs/attention_bench.log" | cut -c1-160
+  tail -6 "$OUT/logs/attention_bench_wrap_d.log" | cut -c1-160
+  tail -14 "$OUT/logs/e2e.log" | cut -c1-200
+  grep -E "passed|failed" "$OUT/logs/gpu_tests.log" "$OUT/logs/layer_norm_tests.log" | tail -3
+fi
+(cd "$OUT" && tar czf logs.tar.gz logs && rm -rf logs)
+echo "total $(( $(date +%s) - T0 ))s"; ls "$OUT"

@@ -12,7 +12,8 @@
 # Knobs: TRIAGE_JOBS (parallel processes, 8), TRIAGE_TEST_S (per id, 150), TRIAGE_TOTAL_S (420 s from the
 # start for all variants: ids not started by then are "not_run", running ones and the sanitizer are cut 45 s
 # later), TRIAGE_SAN_S (per sanitizer run, 150), TRIAGE_MAX_IDS (0 = all), TRIAGE_IDS (space-separated test
-# ids instead of collecting), TRIAGE_VARIANTS (names to run), TRIAGE_SANITIZE (1; 0 skips compute-sanitizer).
+# ids instead of collecting), TRIAGE_VARIANTS (names to run), TRIAGE_SANITIZE (1; 0 skips compute-sanitizer),
+# TRIAGE_INSTALL (1; 0 when the caller installed the project already, as bench/run_gpu_suite.sh does).
 # Device call: {"command": "timeout 560 bash bench/triage_triton_attention.sh", "timeout_s": 600}
 set -u
 REPO=$(pwd)
@@ -48,7 +49,7 @@ export PYTHONUNBUFFERED=1 MAE_FAST_TRITON_UNVERIFIED=1 CUDA_LAUNCH_BLOCKING=1
 T0=$(date +%s)
 HARD_END=$(( T0 + TOTAL_S + 45 ))  # nothing (test or sanitizer) runs past this
 
-if [ "$DRY" != 1 ]; then
+if [ "$DRY" != 1 ] && [ "${TRIAGE_INSTALL:-1}" = 1 ]; then
   timeout 120 python3 -m pip install -q --no-deps --no-build-isolation . >"$LOGS/install.log" 2>&1 \
     || { echo "install failed"; tail -5 "$LOGS/install.log"; }
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv >"$LOGS/gpu.txt" 2>&1
