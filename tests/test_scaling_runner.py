@@ -338,38 +338,65 @@ def test_running_the_grid_again_does_not_start_runs_still_in_flight(fake_jobs, m
     assert len(run_grid(grid, log=lambda s: None, wait=True)) == 2
 
 
-def test_slurm_liveness_comes_from_squeue(fake_jobs, monkeypatch):
-    """Runs submitted to a real SLURM are alive while squeue lists their job as queued or running; without
-    squeue (another machine) nobody can tell, so they are left alone unless --resubmit."""
-    from mae_fast.scaling.runner import in_flight, slurm_job_alive
+def test_slurm_liveness_comes_from_one_squeue_call(fake_jobs, monkeypatch):
+    """Runs submitted to a real SLURM are alive while squeue lists their job as queued or running; a sweep asks
+    squeue once for all of them; without squeue (another machine) or with the controller down nobody can tell,
+    so they are left alone unless --resubmit."""
+    from mae_fast.scaling.runner import in_flight, slurm_job_alive, slurm_jobs_alive, sweep_status
 
     bin_dir = fake_jobs / "bin"
     bin_dir.mkdir()
+    calls = fake_jobs / "squeue_calls.txt"
     squeue = bin_dir / "squeue"
     squeue.write_text(textwrap.dedent('''\
         #!/bin/sh
-        case "$3" in
-          7_1) echo RUNNING ;;
-          7_2) echo PENDING ;;
-          8) ;;
-          9) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1 ;;
-          *) echo "slurm_load_jobs error: Unable to contact slurm controller" >&2; exit 1 ;;
-        esac
+        # squeue -h -r -j IDS -o FORMAT
+        echo "$4" >>"$SQUEUE_CALLS"
+        [ "$1 $2 $3 $5 $6" = "-h -r -j -o %i %T" ] || { echo "unexpected arguments: $*" >&2; exit 2; }
+        [ -n "$SQUEUE_DOWN" ] && { echo "slurm_load_jobs error: Unable to contact slurm controller" >&2; exit 1; }
+        ids=$(echo "$4" | tr , " ")
+        for id in $ids; do  # as some SLURM versions do: one purged id fails the whole list
+          [ "$id" = 9 ] && { echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; }
+        done
+        for id in $ids; do
+          case "$id" in 7_1) echo "7_1 RUNNING" ;; 7_2) echo "7_2 PENDING" ;; 11) echo "11 COMPLETED" ;; esac
+        done
         '''))
     squeue.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert [slurm_job_alive(j) for j in ("7_1", "7_2", "8", "9", "10")] == [True, True, False, False, None]
+    monkeypatch.setenv("SQUEUE_CALLS", str(calls))
+
+    def n_calls():
+        return len(calls.read_text().splitlines()) if calls.exists() else 0
+
+    assert slurm_jobs_alive(["7_1", "7_2", "8", "11", "7_1"]) == {"7_1": True, "7_2": True, "8": False, "11": False}
+    assert n_calls() == 1 and calls.read_text().split() == ["7_1,7_2,8,11"]
+    # an id squeue refuses: each id asked alone, the refused one is gone
+    assert slurm_jobs_alive(["7_1", "9", "8"]) == {"7_1": True, "9": False, "8": False}
+    assert [slurm_job_alive(j) for j in ("7_2", "9", "11")] == [True, False, False]
+    assert slurm_jobs_alive([]) == {}
 
     grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5, 50],
                                 img_sizes=[224, 448], seeds=[1]))
     ids = [r.run_id for r in grid.runs]
-    for run_id, state, job in zip(ids, ["submitted", "running", "submitted", "submitted"], ["7_1", "7_2", "8", "10"]):
+    for run_id, state, job in zip(ids, ["submitted", "running", "submitted", "submitted"], ["7_1", "7_2", "8", "11"]):
         grid.run_dir(run_id).mkdir(parents=True)
         (grid.run_dir(run_id) / "status.json").write_text(json.dumps({"state": state, "slurm_job_id": job}))
+    before = n_calls()
     busy = in_flight(grid)
-    assert sorted(busy) == sorted([ids[0], ids[1], ids[3]]) and "state unknown" in busy[ids[3]]
-    assert [r.run_id for r in pending_runs(grid, skip=busy)] == [ids[2]]
+    assert sorted(busy) == sorted(ids[:2]) and not any("state unknown" in why for why in busy.values())
+    assert n_calls() == before + 1
+    assert [r.run_id for r in pending_runs(grid, skip=busy)] == ids[2:]
+    status = sweep_status(grid)
+    assert n_calls() == before + 2
+    assert [e["run"] for e in status["interrupted"]] == ids[2:]
+    assert [e["run"] for e in status["submitted"]] == ids[:1] and [e["run"] for e in status["running"]] == ids[1:2]
     assert scale_main(["run", str(fake_jobs / "g.yaml"), "--dry-run"]) == 0
+
+    monkeypatch.setenv("SQUEUE_DOWN", "1")  # the controller does not answer: unknown, not gone
+    busy = in_flight(grid)
+    assert len(busy) == 4 and all("state unknown" in why for why in busy.values())
+    monkeypatch.delenv("SQUEUE_DOWN")
     monkeypatch.setenv("PATH", str(fake_jobs / "nowhere"))  # no squeue at all
     assert all("state unknown" in why for why in in_flight(grid).values()) and len(in_flight(grid)) == 4
 

@@ -25,7 +25,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from mae_fast.train.checkpoint_io import atomic_write_bytes
 
@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - exercised only without submitit
 
 __all__ = [
     "default_job", "resolve_job", "run_one", "pending_runs", "sweep_status", "run_local", "submit_slurm",
-    "SweepTask", "JobFn", "export_task_rank",
+    "SweepTask", "JobFn", "export_task_rank", "in_flight", "slurm_jobs_alive",
 ]
 
 JobFn = Callable[[dict, Path], Mapping]
@@ -202,28 +202,54 @@ _SLURM_LIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "
                "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
 
 
-def slurm_job_alive(job_id: str) -> bool | None:
-    """Whether SLURM still has the job (queued or running), from ``squeue``; None when squeue cannot say
-    (not on a SLURM login node, or it failed for another reason than an unknown job)."""
+def slurm_jobs_alive(job_ids: Iterable[str]) -> dict[str, bool | None]:
+    """Whether SLURM still has each job (queued or running), {job_id: True / False / None}, from ONE ``squeue``
+    call for them all (a large grid asks the scheduler once, not once per run). None where squeue cannot say
+    (not on a SLURM login node, or it failed for another reason than an unknown job). Array tasks as submitit
+    names them (``12345_3``); ``-r`` lists pending array tasks one per line under the same names."""
+    ids = list(dict.fromkeys(str(j) for j in job_ids))
+    if not ids:
+        return {}
     try:
-        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i %T"], capture_output=True,
+                             text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return dict.fromkeys(ids)
     if out.returncode != 0:
-        return False if "invalid job id" in (out.stderr or "").lower() else None
-    return any(line.strip() in _SLURM_LIVE for line in out.stdout.splitlines())
+        if "invalid job id" not in (out.stderr or "").lower():
+            return dict.fromkeys(ids)
+        if len(ids) == 1:
+            return {ids[0]: False}
+        # some SLURM versions refuse the whole list when one id is long gone: ask for each alone
+        return {j: slurm_jobs_alive([j])[j] for j in ids}
+    live = set()
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1] in _SLURM_LIVE:
+            live.add(parts[0])
+    return {j: j in live for j in ids}
 
 
-def run_alive(status: Mapping) -> bool | None:
+def slurm_job_alive(job_id: str) -> bool | None:
+    """:func:`slurm_jobs_alive` for one job."""
+    return slurm_jobs_alive([job_id])[str(job_id)]
+
+
+def _slurm_job(status: Mapping) -> str | None:
+    job_id = status.get("slurm_job_id")
+    return str(job_id) if job_id and status.get("cluster", "slurm") == "slurm" else None
+
+
+def run_alive(status: Mapping, slurm_alive: Mapping[str, bool | None] | None = None) -> bool | None:
     """Whether the process or job that a run's status.json names (submitted or running) still exists:
-    True / False, or None when it cannot be told from here."""
+    True / False, or None when it cannot be told from here. ``slurm_alive``: SLURM answers already fetched
+    (:func:`slurm_jobs_alive`), so that a sweep asks squeue once."""
     state, host = status.get("state"), status.get("host")
     if state not in ("submitted", "running"):
         return False
-    job_id = status.get("slurm_job_id")
-    if job_id and status.get("cluster", "slurm") == "slurm":
-        return slurm_job_alive(job_id)
+    job_id = _slurm_job(status)
+    if job_id:
+        return slurm_alive[job_id] if slurm_alive is not None and job_id in slurm_alive else slurm_job_alive(job_id)
     if host != socket.gethostname():
         return None  # a local process on another machine
     if state == "submitted" and status.get("cluster") == "debug":
@@ -232,34 +258,40 @@ def run_alive(status: Mapping) -> bool | None:
     return _pid_alive(int(pid)) if pid else False
 
 
+def _unfinished_statuses(grid: Grid) -> tuple[dict[str, dict], dict[str, bool | None]]:
+    """status.json of every run without a result row, and SLURM's word on their jobs (one squeue call)."""
+    done = done_ids(grid)
+    statuses = {spec.run_id: _read_status(grid.run_dir(spec.run_id)) for spec in grid.runs if spec.run_id not in done}
+    jobs = [_slurm_job(st) for st in statuses.values() if st.get("state") in ("submitted", "running")]
+    return statuses, slurm_jobs_alive(j for j in jobs if j)
+
+
 def in_flight(grid: Grid) -> dict[str, str]:
     """Runs without a result whose submitted job or running process still exists (or may: liveness unknown),
     {run_id: why}: running the grid again must not start them twice."""
-    done, out = done_ids(grid), {}
-    for spec in grid.runs:
-        if spec.run_id in done:
-            continue
-        st = _read_status(grid.run_dir(spec.run_id))
-        alive = run_alive(st)
+    statuses, slurm_alive = _unfinished_statuses(grid)
+    out = {}
+    for run_id, st in statuses.items():
+        alive = run_alive(st, slurm_alive)
         if alive is not False:
             where = f"SLURM job {st['slurm_job_id']}" if st.get("slurm_job_id") else \
                 f"pid {st.get('pid') or st.get('controller_pid')} on {st.get('host')}"
-            out[spec.run_id] = f"{st['state']} ({where}{'' if alive else ', state unknown from here'})"
+            out[run_id] = f"{st['state']} ({where}{'' if alive else ', state unknown from here'})"
     return out
 
 
 def sweep_status(grid: Grid) -> dict[str, list[dict]]:
     """Runs by state: done, running, submitted, failed (with error), interrupted, left."""
-    done = done_ids(grid)
+    statuses, slurm_alive = _unfinished_statuses(grid)
     out: dict[str, list[dict]] = {k: [] for k in ("done", "running", "submitted", "failed", "interrupted", "left")}
     for spec in grid.runs:
         entry = {"run": spec.run_id}
-        if spec.run_id in done:
+        if spec.run_id not in statuses:
             out["done"].append(entry)
             continue
-        st = _read_status(grid.run_dir(spec.run_id))
+        st = statuses[spec.run_id]
         state = st.get("state")
-        if state in ("running", "submitted") and run_alive(st) is False:
+        if state in ("running", "submitted") and run_alive(st, slurm_alive) is False:
             state = "interrupted"  # its process or job is gone: killed, or lost; the next sweep resumes it
         if state in ("running", "submitted", "failed", "interrupted"):
             entry.update({k: st[k] for k in ("error", "host", "started", "slurm_job_id", "attempt") if st.get(k)})
