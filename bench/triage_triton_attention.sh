@@ -13,7 +13,8 @@
 # start for all variants: ids not started by then are "not_run", running ones and the sanitizer are cut 45 s
 # later), TRIAGE_SAN_S (per sanitizer run, 150), TRIAGE_MAX_IDS (0 = all), TRIAGE_IDS (space-separated test
 # ids instead of collecting), TRIAGE_VARIANTS (names to run), TRIAGE_SANITIZE (1; 0 skips compute-sanitizer),
-# TRIAGE_INSTALL (1; 0 when the caller installed the project already, as bench/run_gpu_suite.sh does).
+# TRIAGE_INSTALL (1; 0 when the caller installed the project already, as bench/run_gpu_suite.sh does),
+# TRIAGE_EXCLUDE (an extended regex: test ids matching it are not run).
 # Device call: {"command": "timeout 560 bash bench/triage_triton_attention.sh", "timeout_s": 600}
 set -u
 REPO=$(pwd)
@@ -64,6 +65,7 @@ else
     >"$LOGS/collect.log" 2>&1
   grep "::" "$LOGS/collect.log" | sed 's/^[^:]*:://' >"$WORK/ids.txt"
 fi
+if [ -n "${TRIAGE_EXCLUDE:-}" ]; then grep -vE "$TRIAGE_EXCLUDE" "$WORK/ids.txt" >"$WORK/ids.tmp"; mv "$WORK/ids.tmp" "$WORK/ids.txt"; fi
 if [ "$MAX_IDS" -gt 0 ]; then head -n "$MAX_IDS" "$WORK/ids.txt" >"$WORK/ids.tmp" && mv "$WORK/ids.tmp" "$WORK/ids.txt"; fi
 N_IDS=$(wc -l <"$WORK/ids.txt")
 echo "$N_IDS test ids x ${#VARIANTS[@]} variants, $JOBS parallel; collected at +$(( $(date +%s) - T0 ))s"
