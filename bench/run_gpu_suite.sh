@@ -70,9 +70,9 @@ wait
 
 # 2. issue 4: attention TFLOP/s, checked against an fp32 reference on every row; wrap mode where it differs
 cd /tmp
-step attention_bench 80 python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 64 32 128 \
+step attention_bench 100 python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 64 32 128 \
   --out "$OUT/attention.json"
-step attention_bench_wrap_d 50 env MAE_FAST_FA_WRAP_D=1 MAE_FAST_TRITON_UNVERIFIED=1 \
+step attention_bench_wrap_d 45 env MAE_FAST_FA_WRAP_D=1 MAE_FAST_TRITON_UNVERIFIED=1 \
   python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 --out "$OUT/attention-wrap-d.json"
 
 # 3. issue 7; the fused LayerNorm only if its GPU tests passed (a fault would end that configuration's process)
