@@ -1,24 +1,26 @@
 #!/bin/bash
 # One device call that fits a GPU session's 15 minutes of device time (machine start included), highest value
-# first, every step cut so the whole call ends by GPU_SUITE_S seconds (default 500) after it starts:
+# first, every step cut so the whole call ends by GPU_SUITE_S seconds (default 570) after it starts:
 #   1. issue 4: the Triton attention's GPU tests under MAE_FAST_FA_WRAP_D=1 (head dim 80 in one 128 tile with
-#      contiguous, pipelinable loads), one process per test id (bench/triage_triton_attention.sh);
-#   2. issue 4: attention TFLOP/s against the SDPA backends at head dims 80/88/64/32/128, default and wrap mode;
+#      contiguous, pipelinable loads) and MAE_FAST_FA_EQUAL_TILES=1 (80 as three 32-column tiles: 96 columns of
+#      work instead of 128), one process per test id (bench/triage_triton_attention.sh);
+#   2. issue 4: attention TFLOP/s against the SDPA backends at head dims 80/88/64/32/128, default, wrap mode and
+#      equal tiles;
 #   3. issue 7: the end-to-end step of ViT-H/14 at 476 and 224 px, mae_fast against the reference formulation
 #      (and the fused LayerNorm when its GPU tests pass);
 #   the other GPU tests (model, lean, masking kernels, fused LayerNorm) run beside step 1, correctness only;
 #   4. the LayerNorm / masking benchmarks and a step profile, as far as the time goes.
 # A step with under 20 s left is skipped; $OUT/suite.json records every step's exit code and seconds
 # (124 = cut by its time limit). At most 8 files come back from a device call: the issue JSONs (triage, attention,
-# attention-wrap-d, e2e, suite) and logs.tar.gz (logs, and the masking / LayerNorm / profile JSONs).
-#   device call:  {"command": "bash bench/run_gpu_suite.sh", "timeout_s": 560}
+# attention-wrap-d, attention-equal-tiles, e2e, suite) and logs.tar.gz (logs, and the masking / LayerNorm / profile JSONs).
+#   device call:  {"command": "bash bench/run_gpu_suite.sh", "timeout_s": 600}
 #   GPU_SUITE_DRY_RUN=1 bash bench/run_gpu_suite.sh     (any machine: prints the plan, runs nothing)
 # Afterwards, on any machine: python bench/memory_estimate.py --measured <the e2e.json> checks the memory
 # estimator against every eager peak of this run (no device time needed).
 set -u
 REPO=$(pwd)
 OUT=${OUT:-/tmp/gpu_suite}
-SUITE_S=${GPU_SUITE_S:-500}
+SUITE_S=${GPU_SUITE_S:-570}
 DRY=${GPU_SUITE_DRY_RUN:-0}
 T0=$(date +%s)
 END=$(( T0 + SUITE_S ))
@@ -52,20 +54,20 @@ step install 60 python3 -m pip install -q --no-deps --no-build-isolation .
   >"$OUT/logs/gpu.txt" 2>&1
 [ "$DRY" = 1 ] || (cd /tmp && python3 -m mae_fast.info >"$OUT/logs/info.txt" 2>&1)
 
-# 1. correctness, all at once (no timing runs beside them): the attention GPU tests under wrap mode, one process
-#    per test id (the default single-tile mode passed them all on 2026-11-23), the fused LayerNorm's and the rest
-#    (only ids that run the kernels at a head dim wrap mode changes: not power-of-two head dims, split mode, or
-#    dispatch and input checks)
-WRAP_EXCLUDE='^test_(split_mode|split_head_dim|single_tile_is|gpu_reasons|cpu_dispatch|thirdparty|preference_table'
-WRAP_EXCLUDE+='|compiled_rank|bad_inputs|stride_alignment)|\[(32|64|128)-'
-step attention_tests_wrap_d 140 env OUT="$OUT" TRIAGE_VARIANTS=wrap_d TRIAGE_TOTAL_S=80 TRIAGE_SANITIZE=0 \
+# 1. correctness, all at once (no timing runs beside them): the attention GPU tests under wrap mode and equal
+#    tiles, one process per test id (the default single-tile mode passed them all on 2026-11-23), the fused
+#    LayerNorm's and the rest (only ids that run the kernels at a head dim the two modes change: not power-of-two
+#    head dims, split mode, tiling tables, or dispatch and input checks)
+WRAP_EXCLUDE='^test_(split_mode|split_head_dim|head_dim_tiles|equal_tiles|single_tile_is|gpu_reasons|cpu_dispatch'
+WRAP_EXCLUDE+='|thirdparty|preference_table|compiled_rank|bad_inputs|stride_alignment)|\[(32|64|128)-'
+step attention_tests 165 env OUT="$OUT" TRIAGE_VARIANTS="wrap_d equal_tiles" TRIAGE_TOTAL_S=105 TRIAGE_SANITIZE=0 \
   TRIAGE_INSTALL=0 TRIAGE_JOBS=6 TRIAGE_EXCLUDE="$WRAP_EXCLUDE" \
   bash "$REPO/bench/triage_triton_attention.sh" &
-(cd /tmp && step layer_norm_tests 140 python3 -m pytest "$REPO/tests/test_layer_norm.py" -q -x -p no:cacheprovider) &
-(cd /tmp && step gpu_tests 140 python3 -m pytest "$REPO/tests/test_model.py" "$REPO/tests/test_lean.py" \
+(cd /tmp && step layer_norm_tests 165 python3 -m pytest "$REPO/tests/test_layer_norm.py" -q -x -p no:cacheprovider) &
+(cd /tmp && step gpu_tests 165 python3 -m pytest "$REPO/tests/test_model.py" "$REPO/tests/test_lean.py" \
   "$REPO/tests/test_masking_kernels.py" -q -p no:cacheprovider) &
 wait
-[ "$DRY" = 1 ] && END=$(( END - 140 ))  # the three ran side by side (in subshells, so their dry step() left END alone)
+[ "$DRY" = 1 ] && END=$(( END - 165 ))  # the three ran side by side (in subshells, so their dry step() left END alone)
 [ -f "$OUT/triage-logs.tar.gz" ] && mv "$OUT/triage-logs.tar.gz" "$OUT/logs/"
 
 # 2. issue 4: attention TFLOP/s, checked against an fp32 reference on every row; wrap mode where it differs
@@ -74,6 +76,8 @@ step attention_bench 100 python3 "$REPO/bench/bench_attention.py" --check --only
   --out "$OUT/attention.json"
 step attention_bench_wrap_d 45 env MAE_FAST_FA_WRAP_D=1 MAE_FAST_TRITON_UNVERIFIED=1 \
   python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 --out "$OUT/attention-wrap-d.json"
+step attention_bench_equal_tiles 45 env MAE_FAST_FA_EQUAL_TILES=1 MAE_FAST_TRITON_UNVERIFIED=1 \
+  python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 --out "$OUT/attention-equal-tiles.json"
 
 # 3. issue 7; the fused LayerNorm only if its GPU tests passed (a fault would end that configuration's process)
 IMPLS="mae_fast,reference,mae_fast_lean_ckpt"
@@ -110,9 +114,10 @@ for s in steps:
     print(f"{s['step']:24s} {str(s['rc']):>7s} {s['seconds']:5d} {s['limit_s']:5d}")
 EOF
 if [ "$DRY" != 1 ]; then
-  grep -E "^[a-z_+]+ +[0-9]+ +[0-9]+" "$OUT/logs/attention_tests_wrap_d.log" | head -3
+  grep -E "^[a-z_+]+ +[0-9]+ +[0-9]+" "$OUT/logs/attention_tests.log" | head -3
   tail -12 "$OUT/logs/attention_bench.log" | cut -c1-160
   tail -6 "$OUT/logs/attention_bench_wrap_d.log" | cut -c1-160
+  tail -6 "$OUT/logs/attention_bench_equal_tiles.log" | cut -c1-160
   tail -14 "$OUT/logs/e2e.log" | cut -c1-200
   grep -E "passed|failed" "$OUT/logs/gpu_tests.log" "$OUT/logs/layer_norm_tests.log" | tail -3
 fi

@@ -34,6 +34,7 @@ if [ "$DRY" = 1 ]; then TEST_S=${TRIAGE_TEST_S:-120}; SANITIZE=${TRIAGE_SANITIZE
 ALL_VARIANTS=(
   "default|"
   "wrap_d|MAE_FAST_FA_WRAP_D=1"
+  "equal_tiles|MAE_FAST_FA_EQUAL_TILES=1"
   "split|MAE_FAST_FA_SINGLE_TILE=0"
   "split+max_stages1|MAE_FAST_FA_SINGLE_TILE=0 MAE_FAST_FA_MAX_STAGES=1"
   "split+clamp_rows|MAE_FAST_FA_SINGLE_TILE=0 MAE_FAST_FA_CLAMP_ROWS=1"
@@ -207,7 +208,7 @@ except Exception as e:  # the summary must still come out
     result["meta"]["version_error"] = repr(e)
 
 variant_dirs = [d for d in os.listdir(logs) if os.path.isfile(os.path.join(logs, d, "env.txt"))]
-order = ["default", "wrap_d", "split", "split+max_stages1", "split+clamp_rows"]
+order = ["default", "wrap_d", "equal_tiles", "split", "split+max_stages1", "split+clamp_rows"]
 variant_dirs.sort(key=lambda d: (order.index(d) if d in order else 99, d))
 for name in variant_dirs:
     d = os.path.join(logs, name)

@@ -28,6 +28,11 @@ Environment switches (read once at import; diagnostics for the H100 illegal-memo
 - ``MAE_FAST_FA_WRAP_D=1`` (single-tile mode; experimental, not yet run on a GPU): the tile's columns past the
   head dim load real columns further left (contiguous, so sm_90 keeps cp.async pipelining, which clamped offsets
   lose), zeroed only in the operands each program loads once.
+- ``MAE_FAST_FA_EQUAL_TILES=1`` (experimental, not yet run on a GPU): split mode with 32-column tiles only, so
+  72-96 compute as 32 + 32 + a last 32 (the middle tile ``DM``), 40-56 as 32 + a last 32. Split mode failed on the
+  H100 exactly at the 64 + 32 head dims and passed at 32 + 32; this keeps its 96 columns of work with one tile
+  width. Compiled for sm_90 (Triton 3.8): no spills, wgmma and cp.async in every kernel
+  (``bench/results/compile-sm90-triton3.8-attention-equal-tiles-2026-12-06.json``).
 - ``MAE_FAST_FA_MAX_STAGES=n``: caps ``num_stages`` of every launch (1 = no software pipelining).
 - ``MAE_FAST_FA_CLAMP_ROWS=1``: clamps row offsets of every load, so no lane points outside its tensor.
 - ``MAE_FAST_FA_CLAMP_D=0``: column tails of a masked tile (single-tile mode, delta kernel) loaded with a
@@ -53,6 +58,7 @@ __all__ = [
     "flash_attn_backward",
     "flash_attention",
     "split_head_dim",
+    "head_dim_tiles",
     "pick_config",
     "TUNED_CONFIGS",
 ]
@@ -77,6 +83,11 @@ MAX_STAGES = int(os.environ.get("MAE_FAST_FA_MAX_STAGES", "8"))
 # MAE_FAST_FA_SINGLE_TILE (default 1): one power-of-two head-dim tile (see split_head_dim); a plain bool, as only
 # the launchers read it (the kernels see D0 > HEAD_DIM, D1 = 0), so tests can monkeypatch it.
 SINGLE_TILE = os.environ.get("MAE_FAST_FA_SINGLE_TILE", "1") == "1"
+# MAE_FAST_FA_EQUAL_TILES=1 (experimental, not yet run on a GPU): head dims 40-96 that are not powers of two in
+# 32-column tiles only (72-96: 32 + 32 + a last 32; 40-56: 32 + a last 32), the same columns of work as split
+# mode's 64 + 32. Split mode failed on the H100 exactly where it tiles 64 + 32 and passed at 32 + 32 (bench/README,
+# next-GPU list item 5). A plain bool read by the launchers, like SINGLE_TILE; it takes precedence over it.
+EQUAL_TILES = os.environ.get("MAE_FAST_FA_EQUAL_TILES", "0") == "1"
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -123,6 +134,15 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
     if rest == 0:
         return d0, 0
     return d0, max(32, triton.next_power_of_2(rest))
+
+
+def head_dim_tiles(head_dim: int) -> tuple[int, int, int]:
+    """(D0, DM, D1): the head tile over columns [0, D0), a middle tile over [D0, D0 + DM) (0: none; only with
+    ``EQUAL_TILES``) and the tail tile over the LAST D1 columns (0: none), as the kernels compute them."""
+    if EQUAL_TILES and head_dim & (head_dim - 1) and 32 < head_dim <= 96 and head_dim % 8 == 0:
+        return 32, (32 if head_dim > 64 else 0), 32
+    d0, d1 = split_head_dim(head_dim)
+    return d0, 0, d1
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -258,6 +278,15 @@ def _tail_cols(HEAD_DIM: tl.constexpr, D1: tl.constexpr):
 
 
 @triton.jit
+def _mid_cols(D0: tl.constexpr, DM: tl.constexpr):
+    """Columns of the middle tile (EQUAL_TILES): [D0, D0 + DM), all real columns."""
+    if DM > 0:
+        return D0 + tl.arange(0, DM)
+    else:
+        return tl.arange(0, 32)  # unused
+
+
+@triton.jit
 def _zero_overlap(x, offs_d1, D0: tl.constexpr, OVERLAP: tl.constexpr):
     # Columns the tail tile shares with the D0 tile: zeroed in ONE operand of each product, so they count once.
     if OVERLAP:
@@ -267,13 +296,16 @@ def _zero_overlap(x, offs_d1, D0: tl.constexpr, OVERLAP: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kn, stride_vn, start_n, L, qk_scale,
-               offs_n, offs_d0, offs_d1,
-               HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
+def _fwd_inner(acc0, accm, acc1, m_i, l_i, q0, qm, q1, k_base, v_base, stride_kn, stride_vn, start_n, L, qk_scale,
+               offs_n, offs_d0, offs_dm, offs_d1,
+               HEAD_DIM: tl.constexpr, DM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
                MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     rows = start_n + offs_n
     k0 = _load_rows_any_tail(k_base, rows, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
     qk = _mm(q0, tl.trans(k0), None, DOT_PREC)
+    if DM > 0:
+        km = _load_rows(k_base, rows, stride_kn, offs_dm, L, HEAD_DIM, MASK_N, False, 0.0)
+        qk = _mm(qm, tl.trans(km), qk, DOT_PREC)
     if D1 > 0:
         k1 = _load_rows(k_base, rows, stride_kn, offs_d1, L, HEAD_DIM, MASK_N, False, 0.0)
         qk = _mm(q1, tl.trans(k1), qk, DOT_PREC)
@@ -287,10 +319,13 @@ def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kn, stride_v
     v0 = _load_rows_any_tail(v_base, rows, stride_vn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
     p_in = p.to(v0.dtype)
     acc0 = _mm(p_in, v0, acc0 * alpha[:, None], DOT_PREC)
+    if DM > 0:
+        vm = _load_rows(v_base, rows, stride_vn, offs_dm, L, HEAD_DIM, MASK_N, False, 0.0)
+        accm = _mm(p_in, vm, accm * alpha[:, None], DOT_PREC)
     if D1 > 0:
         v1 = _load_rows(v_base, rows, stride_vn, offs_d1, L, HEAD_DIM, MASK_N, False, 0.0)
         acc1 = _mm(p_in, v1, acc1 * alpha[:, None], DOT_PREC)
-    return acc0, acc1, m_new, l_i
+    return acc0, accm, acc1, m_new, l_i
 
 
 @triton.jit
@@ -302,7 +337,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_on, stride_oh,
     stride_lb, stride_lh,
     num_heads, seqlen, qk_scale,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, DM: tl.constexpr, D1: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     STRIDE_ALIGN: tl.constexpr,
 ):
@@ -319,19 +354,26 @@ def _attn_fwd_kernel(
     v_base = _at(V, b64, s64, h64, stride_vb, stride_vn, stride_vh)
     o_base = _at(O, b64, s64, h64, stride_ob, stride_on, stride_oh)
     MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
-    OVERLAP: tl.constexpr = D0 + D1 > HEAD_DIM  # the tail tile starts inside the D0 tile
-    TAIL_LO: tl.constexpr = D0 if D0 + D1 > HEAD_DIM else 0  # its first column to store
+    OVERLAP: tl.constexpr = D0 + DM + D1 > HEAD_DIM  # the tail tile starts inside the D0 (or middle) tile
+    TAIL_LO: tl.constexpr = D0 + DM if D0 + DM + D1 > HEAD_DIM else 0  # its first column to store
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
+    offs_dm = _mid_cols(D0, DM)
     offs_d1 = _tail_cols(HEAD_DIM, D1)
 
     q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if DM > 0:
+        qm = _load_rows(q_base, offs_m, stride_qn, offs_dm, L, HEAD_DIM, True, False, 0.0)
+        accm = tl.zeros([BLOCK_M, DM], dtype=tl.float32)
+    else:
+        qm = q0
+        accm = acc0
     if D1 > 0:
         q1 = _zero_overlap(_load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, True, False, 0.0),
-                           offs_d1, D0, OVERLAP)
+                           offs_d1, D0 + DM, OVERLAP)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     else:
         q1 = q0
@@ -341,19 +383,22 @@ def _attn_fwd_kernel(
 
     n_full = (L // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base + start_n * stride_kn,
-                                          v_base + start_n * stride_vn, stride_kn, stride_vn, 0, L - start_n,
-                                          qk_scale, offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0,
-                                          False, DOT_PREC)
+        acc0, accm, acc1, m_i, l_i = _fwd_inner(acc0, accm, acc1, m_i, l_i, q0, qm, q1,
+                                                k_base + start_n * stride_kn, v_base + start_n * stride_vn,
+                                                stride_kn, stride_vn, 0, L - start_n, qk_scale, offs_n, offs_d0,
+                                                offs_dm, offs_d1, HEAD_DIM, DM, D1, MASK_D0, False, DOT_PREC)
     if n_full < L:
-        acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base + n_full * stride_kn,
-                                          v_base + n_full * stride_vn, stride_kn, stride_vn, 0, L - n_full,
-                                          qk_scale, offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0,
-                                          True, DOT_PREC)
+        acc0, accm, acc1, m_i, l_i = _fwd_inner(acc0, accm, acc1, m_i, l_i, q0, qm, q1,
+                                                k_base + n_full * stride_kn, v_base + n_full * stride_vn,
+                                                stride_kn, stride_vn, 0, L - n_full, qk_scale, offs_n, offs_d0,
+                                                offs_dm, offs_d1, HEAD_DIM, DM, D1, MASK_D0, True, DOT_PREC)
 
     inv_l = 1.0 / l_i
     _store_rows(o_base, (acc0 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, stride_on, offs_d0, L,
                 HEAD_DIM, MASK_D0, 0)
+    if DM > 0:
+        _store_rows(o_base, (accm * inv_l[:, None]).to(O.dtype.element_ty), offs_m, stride_on, offs_dm, L,
+                    HEAD_DIM, False, 0)
     if D1 > 0:
         _store_rows(o_base, (acc1 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, stride_on, offs_d1, L,
                     HEAD_DIM, False, TAIL_LO)
@@ -394,9 +439,9 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr,
-                    stride_qn, stride_dn, L, qk_scale_log2, offs_m, offs_d0, offs_d1,
-                    HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
+def _bwd_dkdv_inner(dk0, dkm, dk1, dv0, dvm, dv1, k0, km, k1, v0, vm, v1, q_base, do_base, lse_ptr, delta_ptr,
+                    stride_qn, stride_dn, L, qk_scale_log2, offs_m, offs_d0, offs_dm, offs_d1,
+                    HEAD_DIM: tl.constexpr, DM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
                     MASK_M: tl.constexpr, DOT_PREC: tl.constexpr):
     # transposed formulation: rows are keys, columns are queries
     q0 = _load_rows_any_tail(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, MASK_M, MASK_D0, 0.0)
@@ -409,6 +454,10 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr
         lse2 = tl.load(lse_ptr + rows_m) * 1.4426950408889634
         delta = tl.load(delta_ptr + rows_m)
     qkT = _mm(k0, tl.trans(q0), None, DOT_PREC)
+    if DM > 0:
+        qm = _load_rows(q_base, offs_m, stride_qn, offs_dm, L, HEAD_DIM, MASK_M, False, 0.0)
+        dom = _load_rows(do_base, offs_m, stride_dn, offs_dm, L, HEAD_DIM, MASK_M, False, 0.0)
+        qkT = _mm(km, tl.trans(qm), qkT, DOT_PREC)
     if D1 > 0:
         q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, MASK_M, False, 0.0)
         do1 = _load_rows(do_base, offs_m, stride_dn, offs_d1, L, HEAD_DIM, MASK_M, False, 0.0)
@@ -417,14 +466,19 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr
     pT_in = pT.to(q0.dtype)
     dv0 = _mm(pT_in, do0, dv0, DOT_PREC)
     dpT = _mm(v0, tl.trans(do0), None, DOT_PREC)
+    if DM > 0:
+        dvm = _mm(pT_in, dom, dvm, DOT_PREC)
+        dpT = _mm(vm, tl.trans(dom), dpT, DOT_PREC)
     if D1 > 0:
         dv1 = _mm(pT_in, do1, dv1, DOT_PREC)
         dpT = _mm(v1, tl.trans(do1), dpT, DOT_PREC)
     dsT = (pT * (dpT - delta[None, :])).to(q0.dtype)
     dk0 = _mm(dsT, q0, dk0, DOT_PREC)
+    if DM > 0:
+        dkm = _mm(dsT, qm, dkm, DOT_PREC)
     if D1 > 0:
         dk1 = _mm(dsT, q1, dk1, DOT_PREC)
-    return dk0, dk1, dv0, dv1
+    return dk0, dkm, dk1, dv0, dvm, dv1
 
 
 @triton.jit
@@ -438,7 +492,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvn, stride_dvh,
     stride_lb, stride_lh,
     num_heads, seqlen, softmax_scale, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, DM: tl.constexpr, D1: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     STRIDE_ALIGN: tl.constexpr,
 ):
@@ -453,8 +507,8 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh = _aligned3(stride_dkb, stride_dkn, stride_dkh, STRIDE_ALIGN)
     stride_dvb, stride_dvn, stride_dvh = _aligned3(stride_dvb, stride_dvn, stride_dvh, STRIDE_ALIGN)
     MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
-    OVERLAP: tl.constexpr = D0 + D1 > HEAD_DIM  # the tail tile starts inside the D0 tile
-    TAIL_LO: tl.constexpr = D0 if D0 + D1 > HEAD_DIM else 0  # its first column to store
+    OVERLAP: tl.constexpr = D0 + DM + D1 > HEAD_DIM  # the tail tile starts inside the D0 (or middle) tile
+    TAIL_LO: tl.constexpr = D0 + DM if D0 + DM + D1 > HEAD_DIM else 0  # its first column to store
     q_base = _at(Q, b64, s64, h64, stride_qb, stride_qn, stride_qh)
     do_base = _at(DO, b64, s64, h64, stride_dob, stride_don, stride_doh)
     k_base = _at(K, b64, s64, h64, stride_kb, stride_kn, stride_kh)
@@ -465,16 +519,27 @@ def _attn_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, D0)
+    offs_dm = _mid_cols(D0, DM)
     offs_d1 = _tail_cols(HEAD_DIM, D1)
     k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
     v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    if DM > 0:
+        km = _load_rows(k_base, offs_n, stride_kn, offs_dm, L, HEAD_DIM, True, False, 0.0)
+        vm = _load_rows(v_base, offs_n, stride_vn, offs_dm, L, HEAD_DIM, True, False, 0.0)
+        dkm = tl.zeros([BLOCK_N, DM], dtype=tl.float32)
+        dvm = tl.zeros([BLOCK_N, DM], dtype=tl.float32)
+    else:
+        km = k0
+        vm = v0
+        dkm = dk0
+        dvm = dv0
     if D1 > 0:
         k1 = _zero_overlap(_load_rows(k_base, offs_n, stride_kn, offs_d1, L, HEAD_DIM, True, False, 0.0),
-                           offs_d1, D0, OVERLAP)
+                           offs_d1, D0 + DM, OVERLAP)
         v1 = _zero_overlap(_load_rows(v_base, offs_n, stride_vn, offs_d1, L, HEAD_DIM, True, False, 0.0),
-                           offs_d1, D0, OVERLAP)
+                           offs_d1, D0 + DM, OVERLAP)
         dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     else:
@@ -485,23 +550,27 @@ def _attn_bwd_dkdv_kernel(
 
     m_full = (L // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1,
-                                             q_base + start_m * stride_qn, do_base + start_m * stride_don,
-                                             lse_ptr + start_m, delta_ptr + start_m, stride_qn, stride_don,
-                                             L - start_m, qk_scale_log2, offs_m, offs_d0, offs_d1,
-                                             HEAD_DIM, D1, MASK_D0, False, DOT_PREC)
+        dk0, dkm, dk1, dv0, dvm, dv1 = _bwd_dkdv_inner(
+            dk0, dkm, dk1, dv0, dvm, dv1, k0, km, k1, v0, vm, v1,
+            q_base + start_m * stride_qn, do_base + start_m * stride_don, lse_ptr + start_m, delta_ptr + start_m,
+            stride_qn, stride_don, L - start_m, qk_scale_log2, offs_m, offs_d0, offs_dm, offs_d1,
+            HEAD_DIM, DM, D1, MASK_D0, False, DOT_PREC)
     if m_full < L:
-        dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1,
-                                             q_base + m_full * stride_qn, do_base + m_full * stride_don,
-                                             lse_ptr + m_full, delta_ptr + m_full, stride_qn, stride_don,
-                                             L - m_full, qk_scale_log2, offs_m, offs_d0, offs_d1,
-                                             HEAD_DIM, D1, MASK_D0, True, DOT_PREC)
+        dk0, dkm, dk1, dv0, dvm, dv1 = _bwd_dkdv_inner(
+            dk0, dkm, dk1, dv0, dvm, dv1, k0, km, k1, v0, vm, v1,
+            q_base + m_full * stride_qn, do_base + m_full * stride_don, lse_ptr + m_full, delta_ptr + m_full,
+            stride_qn, stride_don, L - m_full, qk_scale_log2, offs_m, offs_d0, offs_dm, offs_d1,
+            HEAD_DIM, DM, D1, MASK_D0, True, DOT_PREC)
 
     dk_base = _at(DK, b64, s64, h64, stride_dkb, stride_dkn, stride_dkh)
     dv_base = _at(DV, b64, s64, h64, stride_dvb, stride_dvn, stride_dvh)
     _store_rows(dk_base, (dk0 * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, offs_d0, L,
                 HEAD_DIM, MASK_D0, 0)
     _store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d0, L, HEAD_DIM, MASK_D0, 0)
+    if DM > 0:
+        _store_rows(dk_base, (dkm * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, offs_dm, L,
+                    HEAD_DIM, False, 0)
+        _store_rows(dv_base, dvm.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_dm, L, HEAD_DIM, False, 0)
     if D1 > 0:
         _store_rows(dk_base, (dk1 * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, offs_d1, L,
                     HEAD_DIM, False, TAIL_LO)
@@ -509,14 +578,19 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, stride_kn, stride_vn, L,
-                  qk_scale_log2, offs_n, offs_d0, offs_d1,
-                  HEAD_DIM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
+def _bwd_dq_inner(dq0, dqm, dq1, q0, qm, q1, do0, dom, do1, lse2, delta, k_base, v_base, stride_kn, stride_vn, L,
+                  qk_scale_log2, offs_n, offs_d0, offs_dm, offs_d1,
+                  HEAD_DIM: tl.constexpr, DM: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
                   MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     k0 = _load_rows_any_tail(k_base, offs_n, stride_kn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
     v0 = _load_rows_any_tail(v_base, offs_n, stride_vn, offs_d0, L, HEAD_DIM, MASK_N, MASK_D0, 0.0)
     qk = _mm(q0, tl.trans(k0), None, DOT_PREC)
     dp = _mm(do0, tl.trans(v0), None, DOT_PREC)
+    if DM > 0:
+        km = _load_rows(k_base, offs_n, stride_kn, offs_dm, L, HEAD_DIM, MASK_N, False, 0.0)
+        vm = _load_rows(v_base, offs_n, stride_vn, offs_dm, L, HEAD_DIM, MASK_N, False, 0.0)
+        qk = _mm(qm, tl.trans(km), qk, DOT_PREC)
+        dp = _mm(dom, tl.trans(vm), dp, DOT_PREC)
     if D1 > 0:
         k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, L, HEAD_DIM, MASK_N, False, 0.0)
         v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, L, HEAD_DIM, MASK_N, False, 0.0)
@@ -527,9 +601,11 @@ def _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, strid
         p = tl.where(offs_n[None, :] < L, p, 0.0)
     ds = (p * (dp - delta[:, None])).to(k0.dtype)
     dq0 = _mm(ds, k0, dq0, DOT_PREC)
+    if DM > 0:
+        dqm = _mm(ds, km, dqm, DOT_PREC)
     if D1 > 0:
         dq1 = _mm(ds, k1, dq1, DOT_PREC)
-    return dq0, dq1
+    return dq0, dqm, dq1
 
 
 @triton.jit
@@ -542,7 +618,7 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqn, stride_dqh,
     stride_lb, stride_lh,
     num_heads, seqlen, softmax_scale, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, DM: tl.constexpr, D1: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     STRIDE_ALIGN: tl.constexpr,
 ):
@@ -556,8 +632,8 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_don, stride_doh = _aligned3(stride_dob, stride_don, stride_doh, STRIDE_ALIGN)
     stride_dqb, stride_dqn, stride_dqh = _aligned3(stride_dqb, stride_dqn, stride_dqh, STRIDE_ALIGN)
     MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
-    OVERLAP: tl.constexpr = D0 + D1 > HEAD_DIM  # the tail tile starts inside the D0 tile
-    TAIL_LO: tl.constexpr = D0 if D0 + D1 > HEAD_DIM else 0  # its first column to store
+    OVERLAP: tl.constexpr = D0 + DM + D1 > HEAD_DIM  # the tail tile starts inside the D0 (or middle) tile
+    TAIL_LO: tl.constexpr = D0 + DM if D0 + DM + D1 > HEAD_DIM else 0  # its first column to store
     q_base = _at(Q, b64, s64, h64, stride_qb, stride_qn, stride_qh)
     do_base = _at(DO, b64, s64, h64, stride_dob, stride_don, stride_doh)
     k_base = _at(K, b64, s64, h64, stride_kb, stride_kn, stride_kh)
@@ -566,15 +642,24 @@ def _attn_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
+    offs_dm = _mid_cols(D0, DM)
     offs_d1 = _tail_cols(HEAD_DIM, D1)
     q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
     do0 = _load_rows(do_base, offs_m, stride_don, offs_d0, L, HEAD_DIM, True, MASK_D0, 0.0)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if DM > 0:
+        qm = _load_rows(q_base, offs_m, stride_qn, offs_dm, L, HEAD_DIM, True, False, 0.0)
+        dom = _load_rows(do_base, offs_m, stride_don, offs_dm, L, HEAD_DIM, True, False, 0.0)
+        dqm = tl.zeros([BLOCK_M, DM], dtype=tl.float32)
+    else:
+        qm = q0
+        dom = do0
+        dqm = dq0
     if D1 > 0:
         q1 = _zero_overlap(_load_rows(q_base, offs_m, stride_qn, offs_d1, L, HEAD_DIM, True, False, 0.0),
-                           offs_d1, D0, OVERLAP)
+                           offs_d1, D0 + DM, OVERLAP)
         do1 = _zero_overlap(_load_rows(do_base, offs_m, stride_don, offs_d1, L, HEAD_DIM, True, False, 0.0),
-                            offs_d1, D0, OVERLAP)
+                            offs_d1, D0 + DM, OVERLAP)
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     else:
         q1 = q0
@@ -586,17 +671,22 @@ def _attn_bwd_dq_kernel(
 
     n_full = (L // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base + start_n * stride_kn,
-                                 v_base + start_n * stride_vn, stride_kn, stride_vn, L - start_n, qk_scale_log2,
-                                 offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0, False, DOT_PREC)
+        dq0, dqm, dq1 = _bwd_dq_inner(dq0, dqm, dq1, q0, qm, q1, do0, dom, do1, lse2, delta,
+                                      k_base + start_n * stride_kn, v_base + start_n * stride_vn, stride_kn,
+                                      stride_vn, L - start_n, qk_scale_log2, offs_n, offs_d0, offs_dm, offs_d1,
+                                      HEAD_DIM, DM, D1, MASK_D0, False, DOT_PREC)
     if n_full < L:
-        dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base + n_full * stride_kn,
-                                 v_base + n_full * stride_vn, stride_kn, stride_vn, L - n_full, qk_scale_log2,
-                                 offs_n, offs_d0, offs_d1, HEAD_DIM, D1, MASK_D0, True, DOT_PREC)
+        dq0, dqm, dq1 = _bwd_dq_inner(dq0, dqm, dq1, q0, qm, q1, do0, dom, do1, lse2, delta,
+                                      k_base + n_full * stride_kn, v_base + n_full * stride_vn, stride_kn,
+                                      stride_vn, L - n_full, qk_scale_log2, offs_n, offs_d0, offs_dm, offs_d1,
+                                      HEAD_DIM, DM, D1, MASK_D0, True, DOT_PREC)
 
     dq_base = _at(DQ, b64, s64, h64, stride_dqb, stride_dqn, stride_dqh)
     _store_rows(dq_base, (dq0 * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d0, L,
                 HEAD_DIM, MASK_D0, 0)
+    if DM > 0:
+        _store_rows(dq_base, (dqm * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_dm, L,
+                    HEAD_DIM, False, 0)
     if D1 > 0:
         _store_rows(dq_base, (dq1 * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d1, L,
                     HEAD_DIM, False, TAIL_LO)
@@ -648,7 +738,7 @@ def pick_config(kind: str, head_dim: int, max_seqlen: int, dtype: torch.dtype, d
     if device.type != "cuda":
         blk = 16 if max_seqlen <= 16 else 32
         return dict(BLOCK_M=blk, BLOCK_N=blk, num_warps=4, num_stages=1)
-    cfg = dict(TUNED_CONFIGS[(kind, _bucket(sum(split_head_dim(head_dim))))])  # by tile width computed
+    cfg = dict(TUNED_CONFIGS[(kind, _bucket(sum(head_dim_tiles(head_dim))))])  # by tile width computed
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: halve the larger block
         cfg["num_stages"] = min(cfg["num_stages"], 2)
         if kind == "dkdv":
@@ -721,7 +811,7 @@ def flash_attn_forward(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     varlen, batch, seqlen, heads, head_dim, max_seqlen = _geometry(q, cu_seqlens, max_seqlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    d0, d1 = split_head_dim(head_dim)
+    d0, dm, d1 = head_dim_tiles(head_dim)
     out = _alloc(q.shape, dtype=q.dtype, device=q.device)
     lse_shape, (slb, slh) = _lse_shape_strides(q, varlen, batch, seqlen, heads)
     lse = _alloc(lse_shape, dtype=torch.float32, device=q.device)
@@ -737,7 +827,7 @@ def flash_attn_forward(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=
         q, k, v, out, lse, cu,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         slb, slh, heads, seqlen, scale * LOG2E,
-        HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn,
+        HEAD_DIM=head_dim, D0=d0, DM=dm, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn,
         DOT_PREC=_dot_precision(q.dtype, q.device), STRIDE_ALIGN=_stride_alignment(q, k, v, out), **cfg,
     )
     return out, lse
@@ -752,7 +842,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     varlen, batch, seqlen, heads, head_dim, max_seqlen = _geometry(q, cu_seqlens, max_seqlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    d0, d1 = split_head_dim(head_dim)
+    d0, dm, d1 = head_dim_tiles(head_dim)
     dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
     dk = _alloc(k.shape, dtype=k.dtype, device=k.device)
     dv = _alloc(v.shape, dtype=v.dtype, device=v.device)
@@ -784,7 +874,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen), slb, slh,
         heads, seqlen, scale, scale * LOG2E,
-        HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
+        HEAD_DIM=head_dim, D0=d0, DM=dm, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
         STRIDE_ALIGN=align, **cfg,
     )
     cfg = dict(configs.get("dq") or pick_config("dq", head_dim, max_seqlen, q.dtype, q.device))
@@ -795,7 +885,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
         *_strides3(dq, varlen), slb, slh,
         heads, seqlen, scale, scale * LOG2E,
-        HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
+        HEAD_DIM=head_dim, D0=d0, DM=dm, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
         STRIDE_ALIGN=align, **cfg,
     )
     return dq, dk, dv

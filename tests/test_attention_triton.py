@@ -177,11 +177,14 @@ def test_gpu_reasons_for_fp32_and_unverified_head_dims(monkeypatch):
         monkeypatch.setattr(_kernels(), "SINGLE_TILE", True)
         monkeypatch.setattr(_kernels(), "WRAP_D", tl.constexpr(True))
         wrap_80, wrap_64 = reasons(80), reasons(64)
+        monkeypatch.setattr(_kernels(), "WRAP_D", tl.constexpr(False))
+        monkeypatch.setattr(_kernels(), "EQUAL_TILES", True)
+        equal_80, equal_64 = reasons(80), reasons(64)
         monkeypatch.setenv("MAE_FAST_TRITON_UNVERIFIED", "1")
         forced = reasons(64, FP32) + reasons(104) + reasons(80)
     assert any("float32 on a GPU" in r for r in fp32)
-    assert bf16_64 == [] and bf16_80 == [] and split_64 == [] and wrap_64 == []  # 64: one tile in every mode
-    assert all(any("not verified" in r for r in rs) for rs in (bf16_104, split_80, wrap_80))
+    assert bf16_64 == [] and bf16_80 == [] and split_64 == [] and wrap_64 == [] and equal_64 == []  # one tile
+    assert all(any("not verified" in r for r in rs) for rs in (bf16_104, split_80, wrap_80, equal_80))
     assert forced == []
 
 
@@ -255,6 +258,46 @@ def test_split_mode_all_cases(monkeypatch, head_dim, seqlen, batch, heads, dtype
     monkeypatch.setattr(_kernels(), "SINGLE_TILE", False)
     q, k, v = (_rand(batch, seqlen, heads, head_dim, dtype=dtype) for _ in range(3))
     _assert_close_as_torch(q, k, v)
+
+
+# ---- equal tiles (MAE_FAST_FA_EQUAL_TILES=1: 32-column tiles only, e.g. 80 as 32 + 32 + a last 32) ------
+
+def test_head_dim_tiles(monkeypatch):
+    fa = _kernels()
+    monkeypatch.setattr(fa, "EQUAL_TILES", True)
+    dims = (32, 40, 56, 64, 72, 80, 88, 96, 104, 128)
+    assert [fa.head_dim_tiles(d) for d in dims] == [
+        (32, 0, 0), (32, 0, 32), (32, 0, 32), (64, 0, 0), (32, 32, 32), (32, 32, 32), (32, 32, 32), (32, 32, 32),
+        (128, 0, 0), (128, 0, 0)]  # 104-120 keep the single 128 tile: 4 x 32 columns would be no fewer
+    # every column covered, none past the head dim, the tail tile overlapping only the tiles before it
+    for d in dims:
+        d0, dm, d1 = fa.head_dim_tiles(d)
+        cols = set(range(min(d0, d))) | set(range(d0, d0 + dm)) | set(range(d - d1, d) if d1 else ())
+        assert cols == set(range(d)) and d0 + dm <= d or d0 >= d, d
+    monkeypatch.setattr(fa, "EQUAL_TILES", False)
+    for single in (True, False):  # off: the tiles of the mode in force, with no middle tile
+        monkeypatch.setattr(fa, "SINGLE_TILE", single)
+        assert all(fa.head_dim_tiles(d) == (fa.split_head_dim(d)[0], 0, fa.split_head_dim(d)[1]) for d in dims)
+
+
+EQUAL_FAST = [(72, 40, 1, 1, BF16), (80, 67, 1, 1, BF16), (88, 33, 2, 1, FP16), (96, 17, 1, 2, FP32),
+              (56, 9, 2, 1, BF16)]
+
+
+@split_mode_here
+@pytest.mark.parametrize("head_dim,seqlen,batch,heads,dtype", EQUAL_FAST)
+def test_equal_tiles_match_reference(monkeypatch, head_dim, seqlen, batch, heads, dtype):
+    monkeypatch.setattr(_kernels(), "EQUAL_TILES", True)
+    q, k, v = (_rand(batch, seqlen, heads, head_dim, dtype=dtype) for _ in range(3))
+    _assert_close_as_torch(q, k, v)
+
+
+@split_mode_here
+def test_equal_tiles_packed(monkeypatch):
+    monkeypatch.setattr(_kernels(), "EQUAL_TILES", True)
+    cu = torch.tensor([0, 5, 5, 38, 39], device=DEVICE, dtype=torch.int32)
+    q, k, v = (_rand(39, 2, 88) for _ in range(3))
+    _assert_close_as_torch(q, k, v, cu=cu, max_seqlen=33)
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -68,6 +68,13 @@ def test_split_mode_unaligned_tail_head_dims_compile_spill_free_and_pipelined(tm
     _check(rows, expected_kernels=2 * 4)
 
 
+def test_equal_tiles_compile_spill_free_and_pipelined(tmp_path):
+    # MAE_FAST_FA_EQUAL_TILES=1: 80 as three 32-column tiles (the last overlapping the middle one); 72: 144-byte
+    # strides. The alternative to split mode's 64 + 32, which faulted on an H100 (bench/README, item 5).
+    rows = _compile(tmp_path, "--head-dims", "72", "80", "--dense-only", env_extra={"MAE_FAST_FA_EQUAL_TILES": "1"})
+    _check(rows, expected_kernels=2 * 4)
+
+
 def test_default_single_tile_compiles(tmp_path):
     """The GPU-verified default (one 128 tile for 88): compiles within shared memory. Not yet fast: see below."""
     rows = _compile(tmp_path, "--head-dims", "88", "--dense-only")

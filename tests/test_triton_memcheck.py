@@ -264,6 +264,22 @@ def test_wrapped_tail_columns(monkeypatch, device_configs):
     _check_attention(88, (67,), 1, 2, BF16, False, device_configs, masked_out_loads=True)
 
 
+@pytest.mark.parametrize("device_configs", [CPU, CUDA], ids=["cpu_configs", "cuda_configs"])
+def test_equal_tiles_in_bounds(monkeypatch, device_configs):
+    """MAE_FAST_FA_EQUAL_TILES=1 (32-column tiles: 80 as 32 + 32 + a last 32 overlapping the middle one): every
+    access in bounds with the launch configs, same accuracy; with clamped rows every load lane in bounds too."""
+    import triton.language as tl
+
+    fa = _kernels()
+    monkeypatch.setattr(fa, "EQUAL_TILES", True)
+    assert fa.head_dim_tiles(80) == (32, 32, 32)
+    _check_attention(88, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True)
+    _check_attention(80, (130,), 1, 2, BF16, False, device_configs)
+    _check_attention(72, (33,), 2, 2, FP32, False, device_configs)
+    monkeypatch.setattr(fa, "CLAMP_ROWS", tl.constexpr(True))
+    _check_attention(96, (67,), 1, 2, BF16, False, device_configs, masked_out_loads=True)
+
+
 def test_cases_cover_every_tuned_cuda_config():
     """The fast cases above launch every distinct CUDA config of every kernel at least once (bf16 and fp32)."""
     fa = _kernels()

@@ -39,9 +39,10 @@ def _unverified_allowed() -> bool:
 
 @torch.compiler.assume_constant_result  # traced as its value: torch.compile cannot trace the module import
 def _verified_tiling() -> bool:
-    """The tiling the GPU tests passed with: single tile, columns past the head dim clamped (not WRAP_D)."""
+    """The tiling the GPU tests passed with: single tile, columns past the head dim clamped (not WRAP_D, not
+    EQUAL_TILES)."""
     k = _kernels()
-    return bool(k.SINGLE_TILE) and not bool(getattr(k.WRAP_D, "value", k.WRAP_D))
+    return bool(k.SINGLE_TILE) and not k.EQUAL_TILES and not bool(getattr(k.WRAP_D, "value", k.WRAP_D))
 
 
 def _verified_on_gpu(head_dim: int, packed: bool) -> bool:
