@@ -9,10 +9,13 @@ Times are ``triton.testing.do_bench`` medians on GPU. Usage:
     python bench/bench_attention.py --write-prefs bench/results/attention-h100-DATE.json  # preference table
 
 ``--check`` also compares Triton's output and gradients with an fp32 reference on every row.
+``--equal-tiles`` adds ``triton:equal_tiles`` (MAE_FAST_FA_EQUAL_TILES: 32-column tiles) as one more backend on
+the rows whose tiling it changes, timed (and checked) in the same run as the default tiling.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -128,6 +131,30 @@ def backends(device, include_reference, include_triton=True):
     return out
 
 
+@contextlib.contextmanager
+def equal_tiles(on: bool = True):
+    """The Triton launchers use 32-column tiles (EQUAL_TILES) inside, forward and backward alike."""
+    from mae_fast.ops._triton_attention import _kernels
+
+    fa = _kernels()
+    before = fa.EQUAL_TILES
+    fa.EQUAL_TILES = on
+    try:
+        yield
+    finally:
+        fa.EQUAL_TILES = before
+
+
+def equal_tiles_change(head_dim: int) -> bool:
+    from mae_fast.ops._triton_attention import _kernels
+
+    fa = _kernels()
+    with equal_tiles(False):
+        off = fa.head_dim_tiles(head_dim)
+    with equal_tiles(True):
+        return fa.head_dim_tiles(head_dim) != off
+
+
 # ---- timing -------------------------------------------------------------------------------------
 
 def _bench(fn, device, grad_to_none=None):
@@ -187,13 +214,17 @@ def run_table(args, device, dtype):
     for row in rows:
         include_ref = row["seqlen"] <= REFERENCE_MAX_SEQLEN and not row.get("packed")
         fns = backends(device, include_ref)
+        with_equal = getattr(args, "equal_tiles", False) and "triton" in fns and equal_tiles_change(row["head_dim"])
+        if with_equal:
+            fns["triton:equal_tiles"] = fns["triton"]
         qkv, cu, m = make_inputs(row, device, dtype)
         flops = fwd_flops(row)
         rec = dict(row, dtype=str(dtype).replace("torch.", ""), fwd_flops=flops, fwd_ms={}, bwd_ms={},
                    fwd_tflops={}, bwd_tflops={}, errors={})
         for name, fn in fns.items():
             try:
-                f_ms, b_ms = time_backend(fn, qkv, cu, m, device)
+                with equal_tiles(name == "triton:equal_tiles") if with_equal else contextlib.nullcontext():
+                    f_ms, b_ms = time_backend(fn, qkv, cu, m, device)
             except Exception as e:  # an SDPA kernel refusing a shape is a result, not a crash
                 rec["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 continue
@@ -202,6 +233,9 @@ def run_table(args, device, dtype):
             rec["bwd_tflops"][name] = 2.5 * flops / b_ms / 1e9
         if args.check and "triton" in fns:
             rec["check"] = check_triton(row, device, dtype)
+            if with_equal:
+                with equal_tiles():
+                    rec["check_equal_tiles"] = check_triton(row, device, dtype)
         results.append(rec)
         print_row(rec)
         if args.out:  # keep partial results if a later row dies
@@ -224,6 +258,11 @@ def print_row(rec):
     chk = ""
     if "check" in rec:
         chk = " chk " + ",".join(f"{k}:{a:.1e}/{b:.1e}" for k, (a, b) in rec["check"].items())
+    if "check_equal_tiles" in rec:
+        chk += " chk(equal) " + ",".join(f"{k}:{a:.1e}" for k, (a, _) in rec["check_equal_tiles"].items())
+    if "triton:equal_tiles" in rec["fwd_tflops"]:
+        e_f, e_b = rec["fwd_tflops"]["triton:equal_tiles"], rec["bwd_tflops"]["triton:equal_tiles"]
+        chk = f" | equal tiles vs SDPA fwd {e_f / best_f:4.2f}x bwd {e_b / best_b:4.2f}x" + chk
     print(f"{rec['name']:<24} N={rec['seqlen']:<5} D={rec['head_dim']:<3} B={rec['batch']:<4} "
           f"triton/bestSDPA fwd {tri_f:6.1f}/{best_f:6.1f} ({tri_f / best_f:4.2f}x) "
           f"bwd {tri_b:6.1f}/{best_b:6.1f} ({tri_b / best_b:4.2f}x) | {cols}{chk}"
@@ -340,8 +379,10 @@ def write_prefs(result_paths, dest):
                 prefs["excluded"].append(f"{rec['name']} N={rec['seqlen']} D={rec['head_dim']}: {why}")
                 continue
             layout = "varlen" if rec.get("packed") else "dense"
-            fwd = {b: round(t, 5) for b, t in rec["fwd_ms"].items()}
-            train = {b: round(t + rec["bwd_ms"][b], 5) for b, t in rec["fwd_ms"].items()}
+            # kernel variants timed beside the default (triton:equal_tiles) are no backend auto can pick
+            times = {b: t for b, t in rec["fwd_ms"].items() if not b.startswith("triton:")}
+            fwd = {b: round(t, 5) for b, t in times.items()}
+            train = {b: round(t + rec["bwd_ms"][b], 5) for b, t in times.items()}
             entry = dict(seqlen=rec["seqlen"], batch=rec["batch"], name=rec["name"], fwd_ms=fwd, train_ms=train)
             rows = dev.setdefault(layout, {}).setdefault(str(rec["head_dim"]), [])
             rows[:] = [r for r in rows if r["seqlen"] != rec["seqlen"]] + [entry]
@@ -433,6 +474,8 @@ def main(argv=None):
     ap.add_argument("--tune-seqlens", type=int, nargs="+", default=[257, 1157, 4625])
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop tuning after this long")
     ap.add_argument("--only-head-dim", type=int, nargs="*")
+    ap.add_argument("--equal-tiles", action="store_true",
+                    help="also time Triton with 32-column tiles (MAE_FAST_FA_EQUAL_TILES) where that changes the tiling")
     ap.add_argument("--tuned-configs", help="a --tune JSON whose best configs replace the built-in ones")
     ap.add_argument("--spill-free", metavar="COMPILE_JSON",
                     help="with --tuned-configs or --pick-configs: choose only among configs that spilled no "

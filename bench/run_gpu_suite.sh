@@ -4,15 +4,15 @@
 #   1. issue 4: the Triton attention's GPU tests under MAE_FAST_FA_WRAP_D=1 (head dim 80 in one 128 tile with
 #      contiguous, pipelinable loads) and MAE_FAST_FA_EQUAL_TILES=1 (80 as three 32-column tiles: 96 columns of
 #      work instead of 128), one process per test id (bench/triage_triton_attention.sh);
-#   2. issue 4: attention TFLOP/s against the SDPA backends at head dims 80/88/64/32/128, default, wrap mode and
-#      equal tiles;
+#   2. issue 4: attention TFLOP/s against the SDPA backends at head dims 80/88/64/32/128, the default tiling and
+#      equal tiles side by side, then wrap mode;
 #   3. issue 7: the end-to-end step of ViT-H/14 at 476 and 224 px, mae_fast against the reference formulation
 #      (and the fused LayerNorm when its GPU tests pass);
 #   the other GPU tests (model, lean, masking kernels, fused LayerNorm) run beside step 1, correctness only;
 #   4. the LayerNorm / masking benchmarks and a step profile, as far as the time goes.
 # A step with under 20 s left is skipped; $OUT/suite.json records every step's exit code and seconds
 # (124 = cut by its time limit). At most 8 files come back from a device call: the issue JSONs (triage, attention,
-# attention-wrap-d, attention-equal-tiles, e2e, suite) and logs.tar.gz (logs, and the masking / LayerNorm / profile JSONs).
+# attention-wrap-d, e2e, suite) and logs.tar.gz (logs, and the masking / LayerNorm / profile JSONs).
 #   device call:  {"command": "bash bench/run_gpu_suite.sh", "timeout_s": 600}
 #   GPU_SUITE_DRY_RUN=1 bash bench/run_gpu_suite.sh     (any machine: prints the plan, runs nothing)
 # Afterwards, on any machine: python bench/memory_estimate.py --measured <the e2e.json> checks the memory
@@ -70,14 +70,13 @@ wait
 [ "$DRY" = 1 ] && END=$(( END - 165 ))  # the three ran side by side (in subshells, so their dry step() left END alone)
 [ -f "$OUT/triage-logs.tar.gz" ] && mv "$OUT/triage-logs.tar.gz" "$OUT/logs/"
 
-# 2. issue 4: attention TFLOP/s, checked against an fp32 reference on every row; wrap mode where it differs
+# 2. issue 4: attention TFLOP/s, checked against an fp32 reference on every row; equal tiles beside the default
+#    in the same run (triton:equal_tiles, rows 80/88), wrap mode (chosen at import) in its own run
 cd /tmp
-step attention_bench 100 python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 64 32 128 \
-  --out "$OUT/attention.json"
+step attention_bench 125 env MAE_FAST_TRITON_UNVERIFIED=1 python3 "$REPO/bench/bench_attention.py" --check \
+  --equal-tiles --only-head-dim 80 88 64 32 128 --out "$OUT/attention.json"
 step attention_bench_wrap_d 45 env MAE_FAST_FA_WRAP_D=1 MAE_FAST_TRITON_UNVERIFIED=1 \
   python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 --out "$OUT/attention-wrap-d.json"
-step attention_bench_equal_tiles 45 env MAE_FAST_FA_EQUAL_TILES=1 MAE_FAST_TRITON_UNVERIFIED=1 \
-  python3 "$REPO/bench/bench_attention.py" --check --only-head-dim 80 88 --out "$OUT/attention-equal-tiles.json"
 
 # 3. issue 7; the fused LayerNorm only if its GPU tests passed (a fault would end that configuration's process)
 IMPLS="mae_fast,reference,mae_fast_lean_ckpt"
@@ -117,7 +116,6 @@ if [ "$DRY" != 1 ]; then
   grep -E "^[a-z_+]+ +[0-9]+ +[0-9]+" "$OUT/logs/attention_tests.log" | head -3
   tail -12 "$OUT/logs/attention_bench.log" | cut -c1-160
   tail -6 "$OUT/logs/attention_bench_wrap_d.log" | cut -c1-160
-  tail -6 "$OUT/logs/attention_bench_equal_tiles.log" | cut -c1-160
   tail -14 "$OUT/logs/e2e.log" | cut -c1-200
   grep -E "passed|failed" "$OUT/logs/gpu_tests.log" "$OUT/logs/layer_norm_tests.log" | tail -3
 fi
