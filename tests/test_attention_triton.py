@@ -234,20 +234,28 @@ split_mode_here = pytest.mark.skipif(torch.cuda.is_available(), reason="split mo
                                      "(bench/triage_triton_attention.sh runs it there)")
 
 
+# the two ways of splitting a head dim that is not a power of two: 64 + 32 (split) and 32 + 32 + 32 (equal tiles)
+SPLIT_TILINGS = {"split": ("SINGLE_TILE", False), "equal_tiles": ("EQUAL_TILES", True)}
+EQUAL_FAST = [(72, 40, 1, 1, BF16), (80, 67, 1, 1, BF16), (88, 33, 2, 1, FP16), (96, 17, 1, 2, FP32),
+              (56, 9, 2, 1, BF16)]
+
+
 @split_mode_here
-@pytest.mark.parametrize("head_dim,seqlen,batch,heads,dtype", SPLIT_FAST)
-def test_split_mode_matches_reference(monkeypatch, head_dim, seqlen, batch, heads, dtype):
-    """Two overlapping power-of-two tiles (64 + 32 for 88) give the same accuracy as the default single tile."""
-    monkeypatch.setattr(_kernels(), "SINGLE_TILE", False)
+@pytest.mark.parametrize("tiling,head_dim,seqlen,batch,heads,dtype",
+                         [("split", *c) for c in SPLIT_FAST] + [("equal_tiles", *c) for c in EQUAL_FAST])
+def test_split_mode_matches_reference(monkeypatch, tiling, head_dim, seqlen, batch, heads, dtype):
+    """Overlapping tiles (64 + 32, or 32 + 32 + 32, for 88) give the same accuracy as the default single tile."""
+    monkeypatch.setattr(_kernels(), *SPLIT_TILINGS[tiling])
     q, k, v = (_rand(batch, seqlen, heads, head_dim, dtype=dtype) for _ in range(3))
     _assert_close_as_torch(q, k, v)
 
 
 @split_mode_here
-def test_split_mode_packed(monkeypatch):
-    monkeypatch.setattr(_kernels(), "SINGLE_TILE", False)
+@pytest.mark.parametrize("tiling,head_dim", [("split", 80), ("equal_tiles", 88)])
+def test_split_mode_packed(monkeypatch, tiling, head_dim):
+    monkeypatch.setattr(_kernels(), *SPLIT_TILINGS[tiling])
     cu = torch.tensor([0, 5, 5, 38, 39], device=DEVICE, dtype=torch.int32)
-    q, k, v = (_rand(39, 2, 80) for _ in range(3))
+    q, k, v = (_rand(39, 2, head_dim) for _ in range(3))
     _assert_close_as_torch(q, k, v, cu=cu, max_seqlen=33)
 
 
@@ -269,35 +277,13 @@ def test_head_dim_tiles(monkeypatch):
     assert [fa.head_dim_tiles(d) for d in dims] == [
         (32, 0, 0), (32, 0, 32), (32, 0, 32), (64, 0, 0), (32, 32, 32), (32, 32, 32), (32, 32, 32), (32, 32, 32),
         (128, 0, 0), (128, 0, 0)]  # 104-120 keep the single 128 tile: 4 x 32 columns would be no fewer
-    # every column covered, none past the head dim, the tail tile overlapping only the tiles before it
-    for d in dims:
+    for d in dims:  # one (masked) tile, or tiles of real columns only whose last one reaches the head dim's end
         d0, dm, d1 = fa.head_dim_tiles(d)
-        cols = set(range(min(d0, d))) | set(range(d0, d0 + dm)) | set(range(d - d1, d) if d1 else ())
-        assert cols == set(range(d)) and d0 + dm <= d or d0 >= d, d
+        assert (d0 >= d and dm == d1 == 0) or (d0 + dm <= d <= d0 + dm + d1), (d, d0, dm, d1)
     monkeypatch.setattr(fa, "EQUAL_TILES", False)
     for single in (True, False):  # off: the tiles of the mode in force, with no middle tile
         monkeypatch.setattr(fa, "SINGLE_TILE", single)
         assert all(fa.head_dim_tiles(d) == (fa.split_head_dim(d)[0], 0, fa.split_head_dim(d)[1]) for d in dims)
-
-
-EQUAL_FAST = [(72, 40, 1, 1, BF16), (80, 67, 1, 1, BF16), (88, 33, 2, 1, FP16), (96, 17, 1, 2, FP32),
-              (56, 9, 2, 1, BF16)]
-
-
-@split_mode_here
-@pytest.mark.parametrize("head_dim,seqlen,batch,heads,dtype", EQUAL_FAST)
-def test_equal_tiles_match_reference(monkeypatch, head_dim, seqlen, batch, heads, dtype):
-    monkeypatch.setattr(_kernels(), "EQUAL_TILES", True)
-    q, k, v = (_rand(batch, seqlen, heads, head_dim, dtype=dtype) for _ in range(3))
-    _assert_close_as_torch(q, k, v)
-
-
-@split_mode_here
-def test_equal_tiles_packed(monkeypatch):
-    monkeypatch.setattr(_kernels(), "EQUAL_TILES", True)
-    cu = torch.tensor([0, 5, 5, 38, 39], device=DEVICE, dtype=torch.int32)
-    q, k, v = (_rand(39, 2, 88) for _ in range(3))
-    _assert_close_as_torch(q, k, v, cu=cu, max_seqlen=33)
 
 
 # ---- bad input ----------------------------------------------------------------------------------
