@@ -47,6 +47,28 @@ def _video_decoding() -> str:
     return f"auto -> PyAV {pyav}; torchcodec no: {why_not}"
 
 
+def _attention_tiling() -> str:
+    """How the Triton attention tiles a head dim that is not a power of two (the MAE_FAST_FA_* switches)."""
+    from .ops._triton_attention import _kernels, _verified_tiling
+
+    try:
+        fa = _kernels()
+    except Exception as exc:  # noqa: BLE001 - a report line, not a failure
+        return f"unavailable ({type(exc).__name__}: {exc})"
+    if fa.EQUAL_TILES:
+        mode = "32-column tiles (MAE_FAST_FA_EQUAL_TILES=1)"
+    elif not fa.SINGLE_TILE:
+        mode = "64 + 32 split (MAE_FAST_FA_SINGLE_TILE=0)"
+    elif bool(getattr(fa.WRAP_D, "value", fa.WRAP_D)):
+        mode = "one power-of-two tile, wrapped columns (MAE_FAST_FA_WRAP_D=1)"
+    else:
+        mode = "one power-of-two tile (default)"
+    status = "GPU-verified" if _verified_tiling() else "not GPU-verified (CUDA only with MAE_FAST_TRITON_UNVERIFIED=1)"
+    d0, dm, d1 = fa.head_dim_tiles(80)
+    tiles = " + ".join(str(t) for t in (d0, dm, d1) if t)
+    return f"{mode}, {status}; head dim 80 -> {tiles} columns"
+
+
 def report() -> str:
     from . import __version__, ops
 
@@ -54,6 +76,7 @@ def report() -> str:
     for mod in ("torch", "triton", "timm", "xformers", "flash_attn"):
         lines.append(f"{mod:<12} {_version(mod)}")
     lines.append(f"{'video':<12} {_video_decoding()}")
+    lines.append(f"{'fa tiling':<12} {_attention_tiling()}")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))

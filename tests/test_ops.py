@@ -249,6 +249,25 @@ def test_info_runs():
     assert f"auto -> {'PyAV' if resolve_backend('auto') == 'pyav' else 'torchcodec'}" in video
 
 
+def test_info_names_the_attention_tiling(monkeypatch):
+    from mae_fast.info import report
+    from mae_fast.ops._triton_attention import _kernels
+
+    def tiling_line():
+        return next(line for line in report().splitlines() if line.startswith("fa tiling "))
+
+    fa = _kernels()
+    monkeypatch.setattr(fa, "SINGLE_TILE", True)
+    monkeypatch.setattr(fa, "EQUAL_TILES", False)
+    assert tiling_line().endswith("one power-of-two tile (default), GPU-verified; head dim 80 -> 128 columns")
+    monkeypatch.setattr(fa, "EQUAL_TILES", True)
+    line = tiling_line()
+    assert "MAE_FAST_FA_EQUAL_TILES=1" in line and "not GPU-verified" in line and "80 -> 32 + 32 + 32" in line
+    monkeypatch.setattr(fa, "EQUAL_TILES", False)
+    monkeypatch.setattr(fa, "SINGLE_TILE", False)
+    assert "64 + 32 split" in tiling_line() and "80 -> 64 + 32 columns" in tiling_line()
+
+
 @pytest.mark.parametrize("img_size,mask_ratio", [(None, 0.75), (40, 0.6)])
 def test_info_model_shapes_are_the_ones_a_training_step_runs(monkeypatch, img_size, mask_ratio):
     """``mae-fast info --model`` reports the attention shapes of a step from the config alone: the same
