@@ -214,7 +214,7 @@ def run_table(args, device, dtype):
     for row in rows:
         include_ref = row["seqlen"] <= REFERENCE_MAX_SEQLEN and not row.get("packed")
         fns = backends(device, include_ref)
-        with_equal = getattr(args, "equal_tiles", False) and "triton" in fns and equal_tiles_change(row["head_dim"])
+        with_equal = args.equal_tiles and "triton" in fns and equal_tiles_change(row["head_dim"])
         if with_equal:
             fns["triton:equal_tiles"] = fns["triton"]
         qkv, cu, m = make_inputs(row, device, dtype)

@@ -49,7 +49,7 @@ def _video_decoding() -> str:
 
 def _attention_tiling() -> str:
     """How the Triton attention tiles a head dim that is not a power of two (the MAE_FAST_FA_* switches)."""
-    from .ops._triton_attention import _kernels, _verified_tiling
+    from .ops._triton_attention import _kernels, _verified_tiling, wrap_d_on
 
     try:
         fa = _kernels()
@@ -59,7 +59,7 @@ def _attention_tiling() -> str:
         mode = "32-column tiles (MAE_FAST_FA_EQUAL_TILES=1)"
     elif not fa.SINGLE_TILE:
         mode = "64 + 32 split (MAE_FAST_FA_SINGLE_TILE=0)"
-    elif bool(getattr(fa.WRAP_D, "value", fa.WRAP_D)):
+    elif wrap_d_on(fa):
         mode = "one power-of-two tile, wrapped columns (MAE_FAST_FA_WRAP_D=1)"
     else:
         mode = "one power-of-two tile (default)"

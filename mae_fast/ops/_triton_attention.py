@@ -42,7 +42,12 @@ def _verified_tiling() -> bool:
     """The tiling the GPU tests passed with: single tile, columns past the head dim clamped (not WRAP_D, not
     EQUAL_TILES)."""
     k = _kernels()
-    return bool(k.SINGLE_TILE) and not k.EQUAL_TILES and not bool(getattr(k.WRAP_D, "value", k.WRAP_D))
+    return bool(k.SINGLE_TILE) and not k.EQUAL_TILES and not wrap_d_on(k)
+
+
+def wrap_d_on(k) -> bool:
+    """The kernels module's WRAP_D switch (a tl.constexpr, or a plain bool where tests patched one in)."""
+    return bool(getattr(k.WRAP_D, "value", k.WRAP_D))
 
 
 def _verified_on_gpu(head_dim: int, packed: bool) -> bool:
