@@ -264,7 +264,8 @@ def main(argv=None) -> int:
           f"{sum(r.spills for r in rows)} spill registers, {over_smem} over shared memory")
     bad = any(r.spills for r in rows) or over_smem
     if a.json:
-        meta = dict(arch=a.arch, triton=triton.__version__, torch=torch.__version__)
+        from mae_fast.info import _attention_tiling
+        meta = dict(arch=a.arch, triton=triton.__version__, torch=torch.__version__, tiling=_attention_tiling())
         with open(a.json, "w") as f:
             json.dump(dict(meta=meta, rows=[asdict(r) for r in rows]), f, indent=1)
     return 1 if bad and not a.search else 0
