@@ -275,3 +275,131 @@ def test_residual_stream_dtype_under_autocast_is_the_officials(masked_only, lean
     assert seen["ref.enc"] == seen["ours.enc"] == [torch.float32]
     assert seen["ref.dec"] == seen["ours.dec"] == [torch.float32]
     assert abs(out.loss.item() - loss_r.item()) < 2e-2 * abs(loss_r.item())
+
+
+def _sincos_np(dim, h, w):
+    """Official MAE 2-D sin-cos table (cls row first) for an h x w grid, in fp64 numpy."""
+    import numpy as np
+
+    def one(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    cols, rows = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+    emb = np.concatenate([one(dim // 2, cols), one(dim // 2, rows)], axis=1)
+    return torch.from_numpy(np.concatenate([np.zeros((1, dim)), emb], axis=0)).float()
+
+
+def _randomised(**kw):
+    m = mae_fast.MaskedAutoencoderViT(**{**SMALL, **kw})
+    for n, p in m.named_parameters():
+        if "pos_embed" not in n:
+            p.data.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def _assert_same_weights(dst, src, skip=("pos_embed", "decoder_pos_embed")):
+    s = src.state_dict()
+    for k, v in dst.state_dict().items():
+        if k not in skip:
+            torch.testing.assert_close(v, s[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_load_strips_ddp_and_compile_prefixes(tmp_path, prefix):
+    src = _randomised(img_size=(40, 56), depth=1, decoder_depth=1)
+    path = tmp_path / "wrapped.pth"
+    torch.save({"model": {prefix + k: v for k, v in src.state_dict().items()}, "epoch": 1}, path)
+    dst = mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": (40, 56), "depth": 1, "decoder_depth": 1})
+    mae_fast.load_pretrained(dst, path)
+    _assert_same_weights(dst, src, skip=())
+
+
+@pytest.mark.parametrize("src_size,dst_size", [((40, 56), 48), ((40, 56), (56, 40)), ((24, 72), (72, 24)),
+                                               (40, (24, 88))])
+def test_load_non_square_sincos_checkpoint_into_another_grid(src_size, dst_size):
+    """An official (sin-cos) table is regenerated for the model's grid, whatever the checkpoint's grid was,
+    also when both grids have the same number of patches (a transposed image)."""
+    src = _randomised(img_size=src_size)
+    dst = mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": dst_size})
+    dst.pos_embed.data.zero_()
+    dst.decoder_pos_embed.data.zero_()
+    mae_fast.load_pretrained(dst, src.state_dict())
+    h, w = dst.grid_size
+    torch.testing.assert_close(dst.pos_embed[0], _sincos_np(64, h, w), rtol=0, atol=1e-6)
+    torch.testing.assert_close(dst.decoder_pos_embed[0], _sincos_np(32, h, w), rtol=0, atol=1e-6)
+    _assert_same_weights(dst, src)
+
+
+def test_load_learned_non_square_table_into_another_grid_errors_clearly():
+    state = mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": (40, 56)}).state_dict()
+    state["pos_embed"] = torch.randn_like(state["pos_embed"])
+    dst = mae_fast.MaskedAutoencoderViT(**SMALL)
+    with pytest.raises(ValueError, match=r"pos_embed: cannot map checkpoint shape \(1, 36, 64\)"):
+        mae_fast.load_pretrained(dst, state)
+
+
+def test_learned_square_table_resamples_as_timm():
+    from timm.layers import resample_abs_pos_embed
+
+    state = mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": 56}).state_dict()  # 7 x 7
+    state["pos_embed"] = torch.randn_like(state["pos_embed"])
+    dst = mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": (40, 72)})
+    mae_fast.load_pretrained(dst, state)
+    torch.testing.assert_close(dst.pos_embed, resample_abs_pos_embed(state["pos_embed"], [5, 9], [7, 7]))
+
+
+def test_encoder_only_ignores_the_checkpoints_decoder():
+    src = _randomised(img_size=(40, 56), decoder_embed_dim=48, decoder_depth=3)
+    dst = mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": (56, 40)})
+    mae_fast.load_pretrained(dst, {"model": src.state_dict()}, encoder_only=True)
+    s = src.state_dict()
+    for k, v in dst.state_dict().items():
+        if k.startswith(("blocks.", "patch_embed.", "norm.", "cls_token")):
+            torch.testing.assert_close(v, s[k], rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(dst.pos_embed[0], _sincos_np(64, 7, 5), rtol=0, atol=1e-6)
+
+
+def test_checkpoint_of_another_architecture_lists_the_mismatches():
+    dst = mae_fast.MaskedAutoencoderViT(**SMALL)
+    wide = mae_fast.MaskedAutoencoderViT(**{**SMALL, "embed_dim": 96, "num_heads": 4}).state_dict()
+    with pytest.raises(mae_fast.models.CheckpointError,
+                       match=r"another architecture.*blocks\.0\.attn\.qkv\.weight: checkpoint \(288, 96\), model \(192, 64\)"):
+        mae_fast.load_pretrained(dst, wide)
+    with pytest.raises(mae_fast.models.CheckpointError, match=r"pos_embed: checkpoint \(1, 37, 96\), model \(1, 37, 64\)"):
+        mae_fast.load_pretrained(dst, wide, encoder_only=True)
+    p16 = mae_fast.MaskedAutoencoderViT(**{**SMALL, "patch_size": 16}).state_dict()
+    with pytest.raises(mae_fast.models.CheckpointError, match=r"patch_embed\.proj\.weight: checkpoint \(64, 3, 16, 16\)"):
+        mae_fast.load_pretrained(dst, p16)
+
+
+def test_checkpoint_that_is_not_a_state_dict(tmp_path):
+    src = _randomised()
+    torch.save(src, tmp_path / "whole.pth")  # a pickled module
+    dst = mae_fast.MaskedAutoencoderViT(**SMALL)
+    mae_fast.load_pretrained(dst, tmp_path / "whole.pth")
+    _assert_same_weights(dst, src, skip=())
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(mae_fast.models.CheckpointError, match="not a state dict"):
+        mae_fast.load_pretrained(dst, tmp_path / "list.pth")
+
+
+@pytest.mark.parametrize("img_size", [-16, 0, (48, -8), (0, 48)])
+def test_non_positive_img_size_is_rejected(img_size):
+    with pytest.raises(ValueError, match="must be positive"):
+        mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": img_size})
+
+
+@pytest.mark.parametrize("img_size", [(40, 56), 72, (24, 88)])
+def test_export_timm_round_trip_at_odd_resolutions(img_size):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(3)
+    ours = _randomised(img_size=img_size, embed_dim=48, num_heads=3, mlp_ratio=3.0)
+    vit = VisionTransformer(img_size=img_size, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_ratio=3.0,
+                            num_classes=0)
+    vit.load_state_dict(mae_fast.export_timm(ours), strict=True)
+    imgs = torch.randn(2, 3, *ours.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(vit.forward_features(imgs), ours.forward_features(imgs), rtol=1e-5, atol=1e-5)

@@ -199,3 +199,87 @@ def test_shared_table_fits_and_projects():
     assert abs(near.estimate - table["top1"][(table["img_size"] == 476) & (table["hours"] == 500)].mean()) < 3
     far = law.predict(632e6, 5000, 476)
     assert near.estimate < far.estimate < 70
+
+
+# --- degenerate input, extrapolation, random truths --------------------------------------------------
+def _random_log_table(rng, n_rows=24, sizes=(224, 336, 448)):
+    a, b = rng.uniform(30, 50), rng.uniform(0.5, 3, 3)
+    cols = {"params": rng.choice(list(MODELS.values()), n_rows), "hours": rng.choice([1.0, 7.0, 50.0, 300.0], n_rows),
+            "img_size": rng.choice(sizes, n_rows).astype(float)}
+    from mae_fast.scaling.laws import features
+
+    cols["top1"] = a + features(cols["params"], cols["hours"], cols["img_size"]) @ b + rng.normal(0, 0.2, n_rows)
+    return cols, np.r_[a, b]
+
+
+@pytest.mark.parametrize("column,value", [("top1", math.nan), ("top1", math.inf), ("hours", 0.0),
+                                          ("params", -3e7), ("img_size", math.nan)])
+def test_fit_of_a_table_built_in_code_rejects_bad_values_clearly(column, value):
+    rng = np.random.default_rng(7)
+    cols, _ = _random_log_table(rng)
+    row = int(rng.integers(len(cols["top1"])))
+    cols[column] = cols[column].copy()
+    cols[column][row] = value
+    with pytest.raises(TableError, match=rf"{column} .*row {row}\b"):
+        fit(ResultsTable(cols, source="<mine>"), forms=["log_additive"], n_boot=5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_truths_are_recovered(seed):
+    """Parameters drawn at random (not a hand-picked law) come back from noisy runs, both families."""
+    from mae_fast.scaling.laws import FORMS, features
+
+    rng = np.random.default_rng(1000 + seed)
+    cols, truth = _random_log_table(rng, n_rows=60)
+    law = fit(ResultsTable(cols), forms=["log_additive"], n_boot=5)
+    np.testing.assert_allclose(law.theta, truth, atol=0.25)
+
+    sat = np.array([rng.uniform(20, 45), rng.uniform(4, 12), rng.uniform(0.2, 0.6), rng.uniform(5, 15),
+                    rng.uniform(0.15, 0.5), rng.uniform(2, 6), rng.uniform(0.5, 1.5)])
+    n, d, r = (v.ravel().repeat(2) for v in np.meshgrid(list(MODELS.values()), [0.5, 5, 50, 500, 5000],
+                                                        [112, 224, 448], indexing="ij"))
+    x = features(n, d, r)
+    y = FORMS["saturating"].predict(sat, x) + rng.normal(0, 0.05, len(n))
+    theta = FORMS["saturating"].fit(x, y, np.ones(3, bool))
+    np.testing.assert_allclose(theta, sat, rtol=0.15, atol=0.3)
+
+
+def test_projection_far_outside_the_data_warns():
+    import warnings
+
+    from mae_fast.scaling.laws import ExtrapolationWarning
+
+    rng = np.random.default_rng(11)
+    cols, _ = _random_log_table(rng)
+    law = fit(ResultsTable(cols), forms=["log_additive"], n_boot=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        law.predict(1e9, 3000.0, 448)  # inside 10x params, 100x hours, 2x img_size
+    with pytest.warns(ExtrapolationWarning, match="hours 1e\\+06 is more than 100x outside"):
+        law.predict(1e8, [10.0, 1e6], 224)
+    with pytest.warns(ExtrapolationWarning, match="params"):
+        law.predict(1e12, 10.0, 224)
+    one_size, _ = _random_log_table(rng, sizes=(224,))
+    flat = fit(ResultsTable(one_size), forms=["log_additive"], n_boot=5)
+    with pytest.warns(ExtrapolationWarning, match="img_size never varies"):
+        flat.predict(1e8, 10.0, 448)
+
+
+def test_report_when_no_held_out_split_can_be_scored(tmp_path):
+    """One model at one data size: no split can be scored; the report says so instead of 'missed by inf'."""
+    rng = np.random.default_rng(5)
+    rows = [{"run": f"r{i}", "params": 3e8, "hours": 40.0, "img_size": r, "seed": s,
+             "top1": 30 + 3 * math.log(r / 224) + rng.normal(0, 0.3)} for i, (r, s) in
+            enumerate((r, s) for r in (112, 224, 448) for s in range(3))]
+    table = ResultsTable.from_rows(rows)
+    law = fit(table, forms=["log_additive"], n_boot=5)
+    from mae_fast.scaling.report import write_report
+
+    write_report(table, law, tmp_path, projections=[("p", 3e8, 40.0, 336.0)])
+    md = (tmp_path / "report.md").read_text()
+    assert "inf" not in md and "nan" not in md
+    head = next(i for i, line in enumerate(md.splitlines()) if line.startswith("| form |"))
+    lines = md.splitlines()
+    assert lines[head].count("|") == lines[head + 1].count("|") == lines[head + 2].count("|")
+    for name in ("accuracy_vs_hours.png", "projections.png", "holdout.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

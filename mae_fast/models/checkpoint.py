@@ -1,6 +1,7 @@
 """Loading official MAE checkpoints (with position-embedding resampling) and exporting to timm."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -31,26 +32,67 @@ def _read(path_or_state) -> dict:
                 state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # corrupt or truncated file
             raise CheckpointError(f"could not read checkpoint {path}: {e}") from e
+    if isinstance(state, torch.nn.Module):  # torch.save(model) rather than its state dict
+        state = state.state_dict()
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint holds a {type(state).__name__}, not a state dict")
     for key in ("model", "state_dict", "model_state"):
         if key in state and isinstance(state[key], dict):
-            return state[key]
+            state = state[key]
+            break
+    # saved from a DDP-wrapped ("module.") or torch.compile'd ("_orig_mod.") model
+    for prefix in ("module.", "_orig_mod.", "module."):
+        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
+def _sincos_grid(table: torch.Tensor, first: tuple[int, int]) -> tuple[int, int] | None:
+    """The (h, w) grid whose official sin-cos table (cls row first) ``table`` is, else None (a learned one)."""
+    n, dim = table.shape[1] - 1, table.shape[-1]
+    if table.dim() != 3 or n < 1 or dim % 4 or not table.is_floating_point():
+        return None
+    atol = max(1e-5, 2 * torch.finfo(table.dtype).eps)
+    side = math.isqrt(n)
+    grids = [g for g in (first, (side, side)) if g[0] * g[1] == n] + [(h, n // h) for h in range(1, n + 1) if n % h == 0]
+    for g in dict.fromkeys(grids):
+        if torch.allclose(table[0].float(), sincos_2d(dim, g), atol=atol):
+            return g
+    return None
+
+
 def _fit_pos(state: dict, key: str, target: torch.Tensor, grid: tuple[int, int]) -> None:
-    if key not in state or state[key].shape == target.shape:
+    if key not in state:
         return
     old = state[key]
-    n_old = old.shape[1] - 1
-    side = int(round(n_old**0.5))
-    if side * side == n_old and old.shape[-1] == target.shape[-1]:
-        # MAE's tables are fixed sin-cos: regenerate exactly when the checkpoint's is one, else resample
-        if torch.allclose(old[0].float(), sincos_2d(old.shape[-1], (side, side)), atol=1e-5):
-            state[key] = sincos_2d(target.shape[-1], grid)[None].to(old.dtype)
-        else:
+    if old.dim() == 3 and old.shape[-1] == target.shape[-1]:
+        # MAE's tables are fixed sin-cos: regenerate exactly when the checkpoint's is one (of any grid, also one
+        # with the model's number of patches but another shape), else resample a square learned one
+        old_grid = _sincos_grid(old, grid)
+        if old_grid is not None:
+            if old_grid != tuple(grid):
+                state[key] = sincos_2d(target.shape[-1], grid)[None].to(old.dtype)
+            return
+        if old.shape == target.shape:
+            return
+        n_old = old.shape[1] - 1
+        side = math.isqrt(n_old)
+        if side * side == n_old:
             state[key] = resample_pos_embed(old, grid, (side, side))
-    else:
-        raise ValueError(f"{key}: cannot map checkpoint shape {tuple(old.shape)} to {tuple(target.shape)}")
+            return
+    raise ValueError(f"{key}: cannot map checkpoint shape {tuple(old.shape)} to {tuple(target.shape)}"
+                     + (" (a learned table of a non-square grid)" if old.shape[-1] == target.shape[-1] else ""))
+
+
+def _shape_mismatches(state: dict, own: dict) -> list[str]:
+    """Tensors whose shapes differ from the model's (position tables: in width only, grids are resampled)."""
+    bad = []
+    for k, v in state.items():
+        if k in own and isinstance(v, torch.Tensor):
+            pos = k in ("pos_embed", "decoder_pos_embed")
+            if (v.dim() != 3 or v.shape[-1] != own[k].shape[-1]) if pos else v.shape != own[k].shape:
+                bad.append(f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
+    return bad
 
 
 def load_pretrained(model: MaskedAutoencoderViT, checkpoint, strict: bool = True, encoder_only: bool = False):
@@ -61,10 +103,15 @@ def load_pretrained(model: MaskedAutoencoderViT, checkpoint, strict: bool = True
     """
     state = dict(_read(checkpoint))
     own = model.state_dict()
+    if encoder_only:  # before anything looks at the decoder's tensors
+        state = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+    bad = _shape_mismatches(state, own)
+    if bad:
+        raise CheckpointError(f"checkpoint made for another architecture: {len(bad)} tensor(s) of another shape: "
+                              + "; ".join(bad[:12]) + (f"; and {len(bad) - 12} more" if len(bad) > 12 else ""))
     _fit_pos(state, "pos_embed", own["pos_embed"], model.grid_size)
     _fit_pos(state, "decoder_pos_embed", own["decoder_pos_embed"], model.grid_size)
     if encoder_only:
-        state = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
         missing = [k for k in own if k.startswith(ENCODER_PREFIXES) and k not in state]
         if strict and missing:
             raise KeyError(f"encoder keys missing from checkpoint: {missing[:8]}")

@@ -119,6 +119,8 @@ class MaskedAutoencoderViT(nn.Module):
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False):
         super().__init__()
         H, W = _pair(img_size)
+        if H <= 0 or W <= 0:
+            raise ValueError(f"img_size must be positive, got {img_size!r}")
         if patch_size <= 0 or H % patch_size or W % patch_size:
             raise ValueError(f"img_size {H}x{W} must be divisible by patch_size {patch_size}")
         self.img_size, self.patch_size, self.in_chans = (H, W), patch_size, in_chans

@@ -37,11 +37,11 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import optimize
 
-from .table import ResultsTable, load_results
+from .table import ResultsTable, TableError, load_results
 
 __all__ = [
-    "FORMS", "fit", "ScalingLaw", "Prediction", "FormScore", "UnreachableTarget", "compute_cost",
-    "N0", "D0", "R0",
+    "FORMS", "fit", "ScalingLaw", "Prediction", "FormScore", "UnreachableTarget", "ExtrapolationWarning",
+    "compute_cost", "N0", "D0", "R0",
 ]
 
 N0, D0, R0 = 1e8, 100.0, 224.0
@@ -50,6 +50,15 @@ FACTORS = ("params", "hours", "img_size")
 
 class UnreachableTarget(ValueError):
     """The law never reaches the requested accuracy (above its ceiling or outside the search bounds)."""
+
+
+class ExtrapolationWarning(UserWarning):
+    """A prediction far outside the fitted runs, or at another value of a factor the runs never vary."""
+
+
+# how far past the fitted range (a factor, either way) a prediction may go before it warns: the same reach
+# as :meth:`ScalingLaw.solve`'s default search bounds
+EXTRAPOLATION_LIMITS = {"params": 10.0, "hours": 100.0, "img_size": 2.0}
 
 
 @contextlib.contextmanager
@@ -464,9 +473,35 @@ class ScalingLaw:
     def _boot(self, x) -> np.ndarray:
         return np.clip(np.stack([self.form.predict(t, x) for t in self.boot_thetas]), 0.0, 100.0)
 
+    def _warn_if_extrapolating(self, values) -> None:
+        dr = self.data_range
+        if not all(k in dr for k in FACTORS):
+            return
+        notes = []
+        for i, (k, v) in enumerate(zip(FACTORS, values)):
+            v, (lo, hi) = np.asarray(v, float), dr[k]
+            if not self.active[i]:
+                off = (v > hi * math.exp(MIN_LOG_SPAN)) | (v < lo * math.exp(-MIN_LOG_SPAN))
+                if np.any(off):
+                    notes.append(f"{k} never varies in the fitted runs ({lo:g}), so the law ignores {k} "
+                                 f"{np.ravel(v[off])[0]:g}")
+            else:
+                f = EXTRAPOLATION_LIMITS[k]
+                if np.any(v > hi * f):
+                    notes.append(f"{k} {np.max(v):g} is more than {f:g}x outside the fitted {lo:g}..{hi:g}")
+                elif np.any(v < lo / f):
+                    notes.append(f"{k} {np.min(v):g} is more than {f:g}x outside the fitted {lo:g}..{hi:g}")
+        if notes:
+            warnings.warn(f"{self.name} law extrapolated far from its data: " + "; ".join(notes)
+                          + " (the band covers seed noise only)", ExtrapolationWarning, stacklevel=3)
+
     def predict(self, params, hours, img_size) -> Prediction:
-        """Predicted ``target`` (e.g. top-1 %) with a ``ci`` bootstrap band; broadcasts over its arguments."""
+        """Predicted ``target`` (e.g. top-1 %) with a ``ci`` bootstrap band; broadcasts over its arguments.
+
+        Warns (:class:`ExtrapolationWarning`) far outside the fitted runs (past :data:`EXTRAPOLATION_LIMITS`)
+        and at another value of a factor the runs never vary (the law has no term for it)."""
         x = features(params, hours, img_size)
+        self._warn_if_extrapolating((params, hours, img_size))
         est = self._point(x)
         if len(self.boot_thetas):
             lo, hi = np.percentile(self._boot(x), [(1 - self.ci) / 2 * 100, (1 + self.ci) / 2 * 100], axis=0)
@@ -577,6 +612,14 @@ def _fit(table, target, forms, n_boot, ci, seed, choose) -> ScalingLaw:
     unknown = [f for f in forms if f not in FORMS]
     if unknown:
         raise ValueError(f"unknown form(s) {unknown}; known: {list(FORMS)}")
+    for k in FACTORS + (target,):  # a table built in code skips load_results' checks
+        v = np.asarray(table[k], float)
+        ok = np.isfinite(v) & ((v > 0) if k in FACTORS else (v >= 0) & (v <= 100))
+        if not ok.all():
+            rows = np.flatnonzero(~ok)
+            raise TableError(f"{table.source}: {k} must be " + ("finite and > 0 (the laws use its log)" if k in FACTORS
+                             else "a finite percentage in [0, 100]") + f"; row {rows[0]} has {v[rows[0]]:g}"
+                             + (f" ({len(rows)} rows are bad)" if len(rows) > 1 else ""))
     x = features(table["params"], table["hours"], table["img_size"])
     y = np.asarray(table[target], float)
     active = _active(x)

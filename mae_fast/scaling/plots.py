@@ -2,6 +2,7 @@
 projections to targets, and the held-out check."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -11,12 +12,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .laws import ScalingLaw  # noqa: E402
+from .laws import ExtrapolationWarning, ScalingLaw  # noqa: E402
 from .table import ResultsTable  # noqa: E402
 
 __all__ = ["plot_accuracy_vs_hours", "plot_projections", "plot_holdout"]
 
 _STYLES = ["-", "--", ":", "-."]
+
+
+def _predict(law: ScalingLaw, params, hours, img_size):
+    """``law.predict`` for drawing: curves go past the data on purpose (the projections table warns)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExtrapolationWarning)
+        return law.predict(params, hours, img_size)
 
 
 def _configs(table: ResultsTable):
@@ -50,7 +58,7 @@ def plot_accuracy_vs_hours(table: ResultsTable, law: ScalingLaw, path: str | Pat
         uh = np.unique(hours[mask])
         means = [np.mean(table[target][mask & (hours == u)]) for u in uh]
         ax.plot(uh, means, marker, color=c, ms=5)
-        pred = law.predict(params, h, res)
+        pred = _predict(law, params, h, res)
         ax.plot(h, pred.estimate, style, color=c, lw=1.6, label=label)
         ax.fill_between(h, pred.lower, pred.upper, color=c, alpha=0.15, lw=0)
     ax.axvspan(hours.max(), h.max(), color="0.9", zorder=0)
@@ -77,10 +85,10 @@ def plot_projections(law: ScalingLaw, projections: Sequence[tuple[str, float, fl
     h = np.geomspace(law.data_range["hours"][0], top * 2, 200)
     for i, (label, params, hours, res) in enumerate(projections):
         c = plt.cm.tab10(i)
-        curve = law.predict(params, h, res)
+        curve = _predict(law, params, h, res)
         ax.plot(h, curve.estimate, color=c, lw=1.6, label=f"{label}")
         ax.fill_between(h, curve.lower, curve.upper, color=c, alpha=0.15, lw=0)
-        pt = law.predict(params, hours, res)
+        pt = _predict(law, params, hours, res)
         # a percentile band need not contain the point estimate (a biased bootstrap): clip the bars
         ax.errorbar([hours], [pt.estimate], yerr=[[max(0.0, pt.estimate - pt.lower)], [max(0.0, pt.upper - pt.estimate)]],
                     fmt="o", color=c, capsize=4)

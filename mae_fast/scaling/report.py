@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .laws import ScalingLaw, UnreachableTarget, compute_cost
+from .laws import ExtrapolationWarning, ScalingLaw, UnreachableTarget, compute_cost
 from .plots import plot_accuracy_vs_hours, plot_holdout, plot_projections
 from .table import ResultsTable
 
@@ -25,10 +26,13 @@ def projections_table(law: ScalingLaw, projections) -> list[dict]:
     rows = []
     for label, n, d, r in projections:
         p = law.predict(n, d, r)
+        with warnings.catch_warnings():  # the chosen law's prediction has warned already
+            warnings.simplefilter("ignore", ExtrapolationWarning)
+            by_form = {s.name: float(law.alternative(s.name).predict(n, d, r).estimate) for s in law.scores}
         rows.append({
             "label": label, "params": n, "hours": d, "img_size": r, "estimate": p.estimate,
             "lower": p.lower, "upper": p.upper, "compute": float(compute_cost(n, d, r, law.patch_size)),
-            "by_form": {s.name: float(law.alternative(s.name).predict(n, d, r).estimate) for s in law.scores},
+            "by_form": by_form,
         })
     return rows
 
@@ -70,14 +74,14 @@ def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
            "the mean RMSE over splits decides (ties within 1% go to fewer parameters). Held-out runs at a "
            "factor value the training part never varies (e.g. resolutions other models never ran at) cannot be "
            "scored and are left out.", "",
-           "| form | params | in-sample RMSE | " + " | ".join(f"held out: {s}" for s in splits) + " | mean held-out |",
+           "| form | params | in-sample RMSE | " + "".join(f"held out: {s} | " for s in splits) + "mean held-out |",
            "|---|---|---|" + "---|" * len(splits) + "---|"]
     for s in sorted(law.scores, key=lambda s: s.holdout_rmse):
         cells = [f"{_fmt(s.holdout[k]['rmse'])} ({s.holdout[k].get('bias', math.nan):+.2f}, n={s.holdout[k]['n_test']})"
                  for k in splits]
         name = f"**{s.name}** (chosen)" if s.name == law.name else s.name
-        md.append(f"| {name} | {s.n_params} | {_fmt(s.rmse_in_sample)} | " + " | ".join(cells)
-                  + f" | {_fmt(s.holdout_rmse)} |")
+        md.append(f"| {name} | {s.n_params} | {_fmt(s.rmse_in_sample)} | " + "".join(c + " | " for c in cells)
+                  + f"{_fmt(s.holdout_rmse)} |")
     md += ["", "## Chosen law", "", f"`{law.form.formula}`", "",
            f"Parameters with {band} bootstrap intervals ({len(law.boot_thetas)} resamples of "
            f"{'seeds within each configuration' if law.bootstrap_by == 'seeds' else 'whole configurations'}); "
@@ -102,7 +106,11 @@ def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
         md.append(f"| {p['label']} | **{p['estimate']:.2f}** | [{p['lower']:.2f}, {p['upper']:.2f}] | "
                   + " | ".join(f"{p['by_form'][s.name]:.2f}" for s in law.scores) + f" | {p['compute']:.3g} |")
     half_band = max((p["upper"] - p["lower"]) / 2 for p in proj)
-    if law.score.holdout_rmse > half_band:
+    if not math.isfinite(law.score.holdout_rmse):
+        md += ["", "**Caution:** no held-out split could be scored (the table does not vary the held-out factors "
+               "enough), so how well the law extrapolates is untested: the bands are a lower bound on the "
+               "uncertainty of an extrapolation."]
+    elif law.score.holdout_rmse > half_band:
         biases = [h["bias"] for h in law.score.holdout.values() if np.isfinite(h["rmse"])]
         md += ["", f"**Caution:** on held-out runs the chosen law missed by {law.score.holdout_rmse:.2f} points RMSE "
                f"(mean signed error {np.mean(biases):+.2f}), more than the half-width of these bands "
