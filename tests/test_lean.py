@@ -199,6 +199,25 @@ def test_bad_inputs():
         ops.residual_layer_norm_mlp(x, torch.randn(2, 3, 40), norm, mlp.fc1, nn.Linear(71, 40))
 
 
+def test_norm_without_weight_must_still_normalise_over_the_last_dim():
+    # a LayerNorm without affine parameters has no weight to compare: its normalized_shape must be checked,
+    # or the op normalised over x's last dim while norm(x) normalises over others (or raises)
+    _, lin, mlp = _layers(D=13, hidden=23, out=7)
+    x = torch.randn(3, 5, 13, dtype=torch.float64)
+    for norm in (nn.LayerNorm(12, elementwise_affine=False), nn.LayerNorm((5, 13), elementwise_affine=False)):
+        norm = norm.double()
+        with pytest.raises(ValueError, match="layer_norm_linear: norm normalises over"):
+            ops.layer_norm_linear(x, norm, lin)
+        with pytest.raises(ValueError, match="layer_norm_mlp: norm normalises over"):
+            ops.layer_norm_mlp(x, norm, mlp.fc1, mlp.fc2)
+        with pytest.raises(ValueError, match="residual_layer_norm_mlp: norm normalises over"):
+            ops.residual_layer_norm_mlp(x, torch.randn_like(x), norm, mlp.fc1, mlp.fc2)
+    norm = nn.LayerNorm(13, elementwise_affine=False).double()  # the matching one still runs, as eager
+    torch.testing.assert_close(ops.layer_norm_linear(x, norm, lin), lin(norm(x)))
+    with pytest.raises(TypeError, match="layer_norm_linear: x must be floating point"):
+        ops.layer_norm_linear(torch.randint(0, 9, (3, 5, 13)), norm, lin)
+
+
 def test_model_lean_activations_same_loss_and_grads_less_memory():
     torch.manual_seed(0)
     m = mae_fast.create_model("mae_vit_small_patch16", img_size=64, depth=2, decoder_depth=2)

@@ -423,6 +423,23 @@ def test_wrong_id_dtype_is_rejected(backend):
 
 
 @pytest.mark.parametrize("backend", ROW_BACKENDS)
+def test_integer_pos_embed_or_mask_token_is_refused_not_mangled(backend):
+    # the kernels read pos_embed / mask_token in their own dtype: an integer one (with bf16 rows, the pos rows were
+    # silently dropped by the interpreter) goes to the torch backend under auto, and forcing the kernel names it
+    B, L, D = 2, 7, 5
+    x = randn(B, L, D, dtype=torch.bfloat16)
+    keep, restore = perm(B, L)
+    pos = torch.randint(1, 9, (L, D), device=DEV)
+    with pytest.raises(NoBackendError, match="pos_embed dtype torch.int64"):
+        M.gather_visible(x, keep[:, :3], pos, backend=backend)
+    with pytest.raises(NoBackendError, match="mask_token dtype torch.int64"):
+        M.unshuffle_with_mask_token(x[:, :4], restore, torch.randint(1, 9, (D,), device=DEV), backend=backend)
+    assert select_backend("gather_visible", "auto", x, keep[:, :3], pos).name == "torch"
+    want = x[torch.arange(B)[:, None], keep[:, :3].cpu()].float() + pos.cpu()[keep[:, :3].cpu()].to(x.dtype).float()
+    close(M.gather_visible(x, keep[:, :3], pos), want.to(DEV), torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
 def test_non_contiguous_inputs(backend):
     B, L, D, K = 2, 9, 12, 4
     x = randn(B, D, L).transpose(1, 2)                     # (B, L, D), strided

@@ -199,6 +199,42 @@ def test_masking_bad_inputs():
         ops.masked_patch_mse(torch.randn(1, 3, 10), torch.randn(1, 3, 16, 16), torch.ones(1, 4), 8)
 
 
+def test_attention_odd_argument_types_are_named():
+    q, k, v, cu = _packed([4, 1, 6], 3, 32, seed=5)
+    with pytest.raises(TypeError, match="cu_seqlens must be a tensor"):
+        ops.attention(q, k, v, cu_seqlens=cu.tolist())
+    with pytest.raises(TypeError, match="max_seqlen must be an int"):
+        ops.attention(q, k, v, cu_seqlens=cu, max_seqlen="6")
+    for backend in ("torch", "sdpa", "triton"):
+        with pytest.raises(TypeError, match="softmax_scale must be a number"):
+            ops.attention(q, k, v, cu_seqlens=cu, softmax_scale="0.5", backend=backend)
+    with pytest.raises(ValueError, match="softmax_scale must hold one value"):
+        ops.attention(q, k, v, cu_seqlens=cu, softmax_scale=torch.rand(2) + 0.1)
+    # numbers of other types, and one-element tensors, still work and agree with the formula
+    want = ops.attention_reference(q.double(), k.double(), v.double(), 0.25, cu)
+    for scale in (0.25, torch.tensor(0.25), torch.tensor([0.25], dtype=torch.float64)):
+        got = ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=6, softmax_scale=scale, backend="sdpa")
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_masking_odd_argument_types_are_named():
+    x = torch.randn(2, 9, 5)
+    keep = _perm_ids(2, 9, 4, seed=3)[0]
+    with pytest.raises(TypeError, match="gather_visible: ids must be a tensor"):
+        ops.gather_visible(x, keep.tolist())
+    with pytest.raises(TypeError, match="patchify_gather: ids must be a tensor"):
+        ops.patchify_gather(torch.randn(2, 3, 9, 6), keep[:, :2].tolist(), 3)
+    with pytest.raises(TypeError, match="pos_embed must be a tensor"):
+        ops.gather_visible(x, keep, x[0].tolist())
+    with pytest.raises(TypeError, match="pos_embed must be a tensor"):
+        ops.unshuffle_with_mask_token(x[:, :5], _perm_ids(2, 9, 4)[1], torch.randn(5), 0.5)
+    # True is an int, but not a patch size (it silently patchified with p=1)
+    with pytest.raises(ValueError, match="patch_size must be a positive int"):
+        ops.patchify_gather(torch.randn(2, 3, 9, 6), keep[:, :2], True)
+    with pytest.raises(ValueError, match="patch_size must be a positive int"):
+        ops.masked_patch_mse(torch.randn(2, 54, 3), torch.randn(2, 3, 9, 6), torch.ones(2, 54), True)
+
+
 def test_dispatch_reasons_and_forcing(monkeypatch):
     # another module may have turned the Triton interpreter on for the process; with it on, the
     # triton masking backend (rightly) takes CPU tensors and "every backend refuses" would not hold
@@ -234,6 +270,21 @@ def test_dispatch_reasons_and_forcing(monkeypatch):
         assert "torch: refuses in this test" in str(err.value) and "fake_gpu_only: needs a CUDA" in str(err.value)
     finally:
         del dispatch._REGISTRY["gather_visible"]["fake_gpu_only"]
+
+
+def test_forcing_an_unknown_backend_for_one_op_is_an_error(monkeypatch):
+    # MAE_FAST_BACKEND=op=name names the op: a misspelt backend must not silently fall back to auto
+    q, k, v = (torch.randn(2, 7, 3, 24, dtype=torch.float64) for _ in range(3))
+    monkeypatch.setenv("MAE_FAST_BACKEND", "attention=spda,layer_norm=torch")
+    with pytest.raises(ValueError, match=r"attention: unknown backend 'spda' \(MAE_FAST_BACKEND\)"):
+        ops.attention(q, k, v)
+    monkeypatch.setenv("MAE_FAST_BACKEND", "attention=sdpa,layer_norm=torch")
+    torch.testing.assert_close(ops.attention(q, k, v), ops.attention_reference(q, k, v))
+    # one name for every op stays a preference: ops without a backend of that name keep auto
+    monkeypatch.setenv("MAE_FAST_BACKEND", "sdpa")
+    x = torch.randn(2, 9, 5)
+    keep = _perm_ids(2, 9, 3)[0]
+    torch.testing.assert_close(ops.gather_visible(x, keep), x[torch.arange(2)[:, None], keep])
 
 
 def test_info_runs():

@@ -52,7 +52,9 @@ def kernel_input_reasons(tensors: dict, ids: Optional[Tensor] = None, *, cuda_on
     if len(devices) > 1:
         out.append(f"inputs on several devices {sorted(map(str, devices))}")
     for name, t in tensors.items():
-        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype not in KERNEL_DTYPES:
+        # integer ones too: the kernels read pos_embed / mask_token in their own dtype (an int64 pos_embed with
+        # bf16 rows came out without its pos rows)
+        if isinstance(t, Tensor) and t.dtype not in KERNEL_DTYPES:
             out.append(f"{name} dtype {t.dtype} not float32/float16/bfloat16")
     dev = next(iter(devices)) if devices else torch.device("cpu")
     if dev.type != "cuda" and not (not cuda_only and dev.type == "cpu" and cpu_ok()):

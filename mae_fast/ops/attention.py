@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -25,9 +26,20 @@ __all__ = ["attention", "attention_reference", "check_attention_inputs", "prefer
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_attention_inputs(q, k, v, cu_seqlens=None, max_seqlen=None) -> None:
+def check_attention_inputs(q, k, v, cu_seqlens=None, max_seqlen=None, softmax_scale=None) -> None:
     """Raise a clear error for inputs no backend should accept."""
     op = "attention"
+    if softmax_scale is not None:
+        if not isinstance(softmax_scale, (numbers.Real, torch.Tensor, torch.SymFloat, torch.SymInt)):
+            raise TypeError(f"{op}: softmax_scale must be a number (or a one-element tensor), "
+                            f"got {type(softmax_scale).__name__}")
+        if isinstance(softmax_scale, torch.Tensor) and softmax_scale.numel() != 1:
+            raise ValueError(f"{op}: softmax_scale must hold one value, got shape {tuple(softmax_scale.shape)}")
+    if cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{op}: cu_seqlens must be a tensor of batch+1 offsets, got {type(cu_seqlens).__name__}")
+    if max_seqlen is not None and \
+            not isinstance(max_seqlen, (numbers.Real, torch.Tensor, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{op}: max_seqlen must be an int, got {type(max_seqlen).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a tensor")
@@ -229,6 +241,8 @@ def _sdpa_dense(q, k, v, scale, order=None):
 
 def _sdpa_attention(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(scale, torch.Tensor):
+        scale = scale.reshape(())  # SDPA takes a float or a 0-dim tensor, not a (1,) one
     order = _preferred_sdpa_order(q, k, v, cu_seqlens, max_seqlen) if q.is_cuda else None
     if cu_seqlens is None:
         return _sdpa_dense(q, k, v, scale, order)
@@ -259,6 +273,6 @@ register_backend(Backend(op="attention", name="sdpa", fn=_sdpa_attention, reason
 
 def attention(q, k, v, *, softmax_scale=None, cu_seqlens=None, max_seqlen=None, backend: str = "auto"):
     """softmax(q k^T * softmax_scale) v per head; see the module docstring for layouts."""
-    check_attention_inputs(q, k, v, cu_seqlens, max_seqlen)
+    check_attention_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     impl = select_backend("attention", backend, q, k, v, softmax_scale, cu_seqlens, max_seqlen)
     return impl.fn(q, k, v, softmax_scale, cu_seqlens, max_seqlen)

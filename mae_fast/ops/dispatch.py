@@ -5,7 +5,7 @@ Every op has an ordered list of backends. A backend says which inputs it cannot 
 preference order that has no reasons; a named backend is used or refused with its reasons; when
 nothing can run, the error lists every backend with its reasons. ``MAE_FAST_BACKEND=<name>`` forces
 a backend for every op that has one of that name (ops without it keep ``auto``);
-``MAE_FAST_BACKEND=attention=sdpa,masked_patch_mse=torch`` forces per op.
+``MAE_FAST_BACKEND=attention=sdpa,masked_patch_mse=torch`` forces per op (a name the op lacks is an error there).
 """
 from __future__ import annotations
 
@@ -69,6 +69,9 @@ def select_backend(op: str, backend: str, *args, **kwargs) -> Backend:
     table = backends_for(op)
     if backend == "auto":
         forced = forced_backend(op)
+        if forced and forced != "auto" and forced not in table and "=" in os.environ.get("MAE_FAST_BACKEND", ""):
+            # named for this op (op=name), so a misspelling, not a backend other ops have
+            raise ValueError(f"{op}: unknown backend {forced!r} (MAE_FAST_BACKEND); choose from {['auto', *table]}")
         if forced and forced != "auto" and forced in table:
             backend = forced
     if backend != "auto":

@@ -267,31 +267,38 @@ class _ResidualLayerNormMlp(torch.autograd.Function):
 
 # ---- functional API -----------------------------------------------------------------------------
 
-def _check(op, x, norm_weight, weight):
+def _check(op, x, norm, weight):
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"{op}: x must be a (..., D) tensor with at least 2 dims")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be floating point, got {x.dtype}")
     D = x.shape[-1]
+    norm_weight = norm.weight
     if norm_weight is not None and tuple(norm_weight.shape) != (D,):
         raise ValueError(f"{op}: norm weight must be ({D},), got {tuple(norm_weight.shape)}")
+    shape = tuple(getattr(norm, "normalized_shape", ()))
+    if shape != (D,):  # a norm without weight has nothing else to check: it would normalise over x's last dim
+        raise ValueError(f"{op}: norm normalises over {shape} but x's last dim is {D} "
+                         f"(a LayerNorm over the last dim of x is needed)")
     if weight.dim() != 2 or weight.shape[1] != D:
         raise ValueError(f"{op}: weight must be (out, {D}), got {tuple(weight.shape)}")
 
 
 def layer_norm_linear(x, norm: torch.nn.LayerNorm, linear: torch.nn.Linear) -> torch.Tensor:
     """``linear(norm(x))`` keeping only ``x`` (and row statistics) for backward."""
-    _check("layer_norm_linear", x, norm.weight, linear.weight)
+    _check("layer_norm_linear", x, norm, linear.weight)
     return _LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
 
 
-def _check_mlp(op, x, norm_weight, fc1_weight, fc2_weight):
-    _check(op, x, norm_weight, fc1_weight)
+def _check_mlp(op, x, norm, fc1_weight, fc2_weight):
+    _check(op, x, norm, fc1_weight)
     if fc2_weight.dim() != 2 or fc2_weight.shape[1] != fc1_weight.shape[0]:
         raise ValueError(f"{op}: fc2 takes {fc2_weight.shape[-1]} inputs but fc1 gives {fc1_weight.shape[0]}")
 
 
 def layer_norm_mlp(x, norm: torch.nn.LayerNorm, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> torch.Tensor:
     """``fc2(gelu(fc1(norm(x))))`` keeping only ``x`` and the fc1 output for backward."""
-    _check_mlp("layer_norm_mlp", x, norm.weight, fc1.weight, fc2.weight)
+    _check_mlp("layer_norm_mlp", x, norm, fc1.weight, fc2.weight)
     return _LayerNormMlp.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
 
@@ -301,7 +308,7 @@ def residual_layer_norm_mlp(x, branch, norm: torch.nn.LayerNorm, fc1: torch.nn.L
 
     Keeps ``x`` and ``branch`` (in its own dtype) for backward instead of ``x_mid``, and the fc1 output."""
     op = "residual_layer_norm_mlp"
-    _check_mlp(op, x, norm.weight, fc1.weight, fc2.weight)
+    _check_mlp(op, x, norm, fc1.weight, fc2.weight)
     if not isinstance(branch, torch.Tensor) or branch.shape != x.shape:
         got = tuple(branch.shape) if isinstance(branch, torch.Tensor) else type(branch).__name__
         raise ValueError(f"{op}: branch must have x's shape {tuple(x.shape)}, got {got}")

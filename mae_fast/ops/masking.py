@@ -45,6 +45,8 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], in_chans
 # ---- validation ---------------------------------------------------------------------------------
 
 def _check_ids(op: str, ids: torch.Tensor, batch: int, upper: int, device, check_range: bool) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{op}: ids must be a tensor of int64/int32 indices, got {type(ids).__name__}")
     problems = check_tensor("ids", ids, ndim=2, dtypes=INDEX_DTYPES)
     raise_if(problems, op, TypeError if ids.dtype not in INDEX_DTYPES else ValueError)
     if ids.shape[0] != batch:
@@ -60,6 +62,8 @@ def _check_ids(op: str, ids: torch.Tensor, batch: int, upper: int, device, check
 def _pos_rows(op: str, pos_embed, rows: int, dim: int, x: torch.Tensor) -> torch.Tensor | None:
     if pos_embed is None:
         return None
+    if not isinstance(pos_embed, torch.Tensor):
+        raise TypeError(f"{op}: pos_embed must be a tensor, got {type(pos_embed).__name__}")
     pe = pos_embed[0] if pos_embed.dim() == 3 else pos_embed
     if pos_embed.dim() == 3 and pos_embed.shape[0] != 1:
         raise ValueError(f"{op}: pos_embed must be (1, N, D) or (N, D), got {tuple(pos_embed.shape)}")
@@ -179,7 +183,7 @@ def unshuffle_with_mask_token(x_vis, ids_restore, mask_token, pos_embed=None, *,
 
 def _check_image(op: str, imgs, patch_size: int):
     _float_input(op, "imgs", imgs, 4)
-    if not isinstance(patch_size, int) or patch_size <= 0:
+    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
         raise ValueError(f"{op}: patch_size must be a positive int, got {patch_size!r}")
     B, C, H, W = imgs.shape
     if H % patch_size or W % patch_size:
