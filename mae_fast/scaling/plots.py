@@ -105,7 +105,9 @@ def plot_projections(law: ScalingLaw, projections: Sequence[tuple[str, float, fl
         ax.axhline(law.ceiling, color="r", lw=0.8, ls=":")
         ax.text(h[0], law.ceiling - 1.5, f"law ceiling {law.ceiling:.1f}%", fontsize=8, color="r")
     ax.axvspan(h[0], data_max, color="0.92", zorder=0)
-    ax.text(h[0] * 1.1, ax.get_ylim()[1] - 2, "fitted data range", fontsize=8, color="0.4")
+    # x in data units, y in axes units: stays inside the axes however narrow the accuracy range is
+    ax.text(h[0] * 1.1, 0.97, "fitted data range", fontsize=8, color="0.4", va="top",
+            transform=ax.get_xaxis_transform())
     ax.set_xscale("log")
     ax.set_xlabel("pretraining data (hours)")
     ax.set_ylabel(f"{law.target} (%)")

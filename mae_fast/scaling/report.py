@@ -141,7 +141,8 @@ def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
     (out / "fit.json").write_text(json.dumps(fit_json, indent=1, default=float))
 
     lines = [f"table: {table.source} ({len(table)} runs)",
-             "forms (held-out RMSE, mean over splits " + ", ".join(splits) + "):"]
+             "forms (held-out RMSE, mean over splits " + ", ".join(splits) + "):" if splits
+             else "forms (no held-out split could be scored):"]
     for s in sorted(law.scores, key=lambda s: s.holdout_rmse):
         lines.append(f"  {s.name:16s} {_fmt(s.holdout_rmse):>6s}  ("
                      + ", ".join(f"{k} {_fmt(s.holdout[k]['rmse'])}" for k in splits)
