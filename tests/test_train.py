@@ -242,9 +242,10 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
 
 def test_time_limit_stops_with_a_checkpoint_at_the_step_it_ran_out(tmp_path):
     """Each step sleeps 0.2 s and the limit is 0.5 s: the run stops after the first step whose loss all-reduce
-    comes past the limit (the 3rd or 4th; all ranks see the same flag), well before the 8 scheduled."""
+    comes past the limit (the 3rd or 4th on an idle machine, the 2nd when a busy one adds 0.1 s to a step; all
+    ranks see the same flag), well before the 8 scheduled."""
     res = pretrain(tiny(tmp_path, name="timed", time_limit_s=0.5, debug_step_sleep_s=0.2))
-    assert res["stopped"] == "time_limit_s=0.5" and 3 <= res["steps"] < 8
+    assert res["stopped"] == "time_limit_s=0.5" and 2 <= res["steps"] < 8
     ckpt = torch.load(res["checkpoint"], weights_only=False)
     assert ckpt["step"] == res["steps"] and ckpt["images_seen"] == res["steps"] * 8
 

@@ -185,7 +185,10 @@ def build_classifier(cfg: dict, num_classes: int, linprobe: bool, spec: tuple | 
     from mae_fast.models import create_timm_encoder, export_timm, timm_model_kwargs
 
     ckpt, model_name, kw = spec or encoder_spec(cfg)
-    mae = create_model(model_name, **kw)
+    try:
+        mae = create_model(model_name, **kw)
+    except (ValueError, TypeError) as e:  # unknown model, img_size not a multiple of the patch, bad model_kwargs
+        raise config_mod.ConfigError(f"model {model_name!r}: {e}") from e
     if ckpt is not None:
         load_pretrained(mae, ckpt, encoder_only=True)
     if linprobe or not cfg["drop_path"]:
@@ -330,6 +333,8 @@ def finetune(config: dict | None = None, *, datasets=None) -> dict:
     epochs, %), best_epoch, top5_at_best, history, results (path), checkpoint (the encoder source).
     ``datasets`` = (train_ds, val_ds, classes) replaces the configured labelled data."""
     cfg = config_mod.build_config(config, config_mod.FINETUNE_KEYS, default_recipe=None)
+    if cfg["device"] not in ("auto", "cpu", "cuda"):
+        raise config_mod.ConfigError(f"device must be one of auto, cpu, cuda, got {cfg['device']!r}")
     with dist_mod.process_group(cfg["device"]) as info:
         return _finetune(cfg, info, datasets)
 
@@ -355,7 +360,10 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
         from mae_fast.data import build_labelled_datasets
         from mae_fast.models import model_config
 
-        size = model_config(spec[1], **spec[2]).get("img_size", 224)
+        try:
+            size = model_config(spec[1], **spec[2]).get("img_size", 224)
+        except (ValueError, TypeError) as e:
+            raise config_mod.ConfigError(f"model {spec[1]!r}: {e}") from e
         train_ds, val_ds, classes = build_labelled_datasets(root=cfg["data_root"], img_size=size,
                                                             fraction=cfg["fraction"], seed=cfg["seed"])
     else:

@@ -150,7 +150,11 @@ class StreamBatches:
                 self.index = i + 1
                 yield batch
             if taken == 0 and skip == 0:
-                raise RuntimeError(f"the data stream gave no full micro-batch of {self.micro} in epoch {self.epoch}")
+                source = getattr(self.dataset, "source", None)
+                skipped = getattr(self.dataset, "skipped", None)
+                raise RuntimeError(f"the data stream gave no full micro-batch of {self.micro} in epoch {self.epoch}"
+                                   + (f" from {source}" if source is not None else "")
+                                   + (f"; unreadable: {skipped[:3]}" if skipped else ""))
             skip, self.epoch, self.index = 0, self.epoch + 1, 0
 
 
@@ -359,6 +363,7 @@ def pretrain(config: dict | None = None, *, dataset=None) -> dict:
     (plus steps, skipped_steps, ...). ``dataset`` replaces the configured data (a map-style dataset
     of (3, H, W) tensors)."""
     cfg = config_mod.build_config(config, config_mod.PRETRAIN_KEYS)
+    _check_choices(cfg)
     # a non-finite-loss stop happens at the same step on every rank: the loss it checks is reduced over ranks
     with dist_mod.process_group(cfg["device"], finished_on=(NonFiniteLossError,)) as info:
         return _pretrain(cfg, info, dataset)
@@ -370,8 +375,8 @@ def _check(cfg: dict, world: int) -> None:
         raise config_mod.ConfigError(f"batch_size ({B}) and accum_steps ({A}) must be positive")
     if B % (A * world):
         raise config_mod.ConfigError(f"batch_size {B} must be divisible by accum_steps x world_size = {A * world}")
-    if not 0.0 <= cfg["mask_ratio"] < 1.0:
-        raise config_mod.ConfigError(f"mask_ratio must be in [0, 1), got {cfg['mask_ratio']}")
+    if not 0.0 < cfg["mask_ratio"] < 1.0:  # 0 masks no patch: the loss (over masked patches) would be NaN
+        raise config_mod.ConfigError(f"mask_ratio must be in (0, 1), got {cfg['mask_ratio']}")
     if cfg["lr_schedule"] not in ("cosine", "constant"):
         raise config_mod.ConfigError(f"lr_schedule must be cosine or constant, got {cfg['lr_schedule']!r}")
     if cfg["compile_scope"] not in ("model", "blocks"):
@@ -382,6 +387,35 @@ def _check(cfg: dict, world: int) -> None:
         raise config_mod.ConfigError(f"resume must be null, auto or an existing checkpoint file, got {cfg['resume']!r}")
     if cfg["checkpoint_every"] < 1 or cfg["log_every"] < 1:
         raise config_mod.ConfigError("checkpoint_every and log_every must be at least 1")
+    for key in ("lr", "base_lr", "fps", "clip_grad"):
+        if cfg[key] is not None and not cfg[key] > 0:
+            raise config_mod.ConfigError(f"{key} must be a positive number, got {cfg[key]!r}")
+    for key in ("num_workers", "warmup_steps", "warmup_epochs", "min_lr", "weight_decay", "vis_every", "vis_images",
+                "keep_checkpoints", "synthetic_size"):
+        if cfg[key] is not None and cfg[key] < 0:
+            raise config_mod.ConfigError(f"{key} must not be negative, got {cfg[key]!r}")
+
+
+# keys with a fixed set of values, checked before the process group starts and the data is built
+CHOICES = {"device": ("auto", "cpu", "cuda"), "distributed": ("auto", "ddp", "fsdp", "none"),
+           "precision": ("auto", "bf16", "fp16", "fp32"), "subset": ("contiguous", "uniform")}
+
+
+def _check_choices(cfg: dict, keys=("device", "distributed", "precision", "subset")) -> None:
+    for key in keys:
+        if cfg[key] not in CHOICES[key]:
+            raise config_mod.ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}, got {cfg[key]!r}")
+
+
+def _create_model(name: str, **kw):
+    """``create_model``, its complaints about the name or the overrides (unknown model, img_size not a
+    multiple of the patch size, unknown model_kwargs) raised as ``ConfigError``."""
+    from mae_fast import create_model
+
+    try:
+        return create_model(name, **kw)
+    except (ValueError, TypeError) as e:
+        raise config_mod.ConfigError(f"model {name!r}: {e}") from e
 
 
 def memory_job(cfg: dict, model, micro: int, amp_dtype, strategy: str, world_size: int, limit: int) -> dict:
@@ -498,7 +532,6 @@ def fit_memory_budget(cfg: dict, model, micro: int, strategy: str, device, amp_d
 
 
 def _pretrain(cfg: dict, info, dataset) -> dict:
-    from mae_fast import create_model
     from mae_fast.models import mae_train_flops
     from mae_fast.train import visualize
 
@@ -513,7 +546,10 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
     if cfg["img_size"] is not None:
         kw["img_size"] = cfg["img_size"]
     kw["norm_pix_loss"] = bool(cfg["norm_pix_loss"])
-    model = create_model(cfg["model"], **kw).to(device)
+    model = _create_model(cfg["model"], **kw).to(device)
+    if model.num_visible(cfg["mask_ratio"]) < 1:
+        raise config_mod.ConfigError(f"mask_ratio={cfg['mask_ratio']} leaves no visible patch out of "
+                                     f"{model.num_patches}: lower it")
     model.set_grad_checkpointing(cfg["grad_checkpointing"])
     if cfg["lean_activations"]:
         model.set_lean_activations(True)
@@ -573,11 +609,19 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
         if "optimizer" not in state or "step" not in state:
             raise CheckpointError("the checkpoint holds weights only (no optimizer/step); pass it as an init, "
                                "not as resume")
-        dist_mod.load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
         old = state.get("config") or {}
         changed = [k for k in RESUME_MUST_MATCH if k in old and old[k] != cfg[k]]
+        try:
+            dist_mod.load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:  # another model's weights or optimizer
+            src = state_path if cfg["resume"] == "auto" else cfg["resume"]
+            differs = (" (made with a different " + ", ".join(f"{k} ({old[k]!r} -> {cfg[k]!r})" for k in changed)
+                       + ")") if changed else ""
+            raise CheckpointError(f"cannot resume from {src}: it does not fit this model{differs}; start a new run "
+                                  f"(resume=null or another name) or resume with its settings. "
+                                  f"{' '.join(str(e).split())[:300]}") from e
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if changed and info.is_main:
             warnings.warn("resuming with a different " + ", ".join(f"{k} ({old[k]!r} -> {cfg[k]!r})" for k in changed)
                           + ": the continuation is not the run that was started", RuntimeWarning, stacklevel=2)

@@ -168,6 +168,13 @@ def build_labelled_datasets(root=None, img_size=64, fraction=1.0, seed=0, train_
         bad_val, layout = [], f"single folder split val_fraction={val_fraction}"
     if not files:
         raise RuntimeError(f"no readable training images under {root}")
+    if not val_files:  # evaluating on nothing would divide by zero after the first epoch of training
+        if val_dir is not None and (root / "train").is_dir():
+            raise FileNotFoundError(f"no readable validation images under {val_dir} (expected "
+                                    f"{val_dir}/<class>/<image> for the classes of {root / 'train'}: "
+                                    f"{', '.join(classes)})")
+        raise FileNotFoundError(f"no validation images can be held out of {root}: every class has fewer than 2 "
+                                f"images (give classes 2 or more, or use {root}/train/ and {root}/val/ folders)")
     n_before = len(files)
     files, labels = per_class_fraction(files, labels, classes, float(fraction), seed)
     per_class = {c: 0 for c in classes}

@@ -102,23 +102,32 @@ def write_shards(source, out_dir, fps=1.0, hours=None, subset="contiguous", seed
     out_dir = Path(out_dir)
     if (out_dir / "index.json").exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds shards (index.json); pass overwrite=True")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob(f"{prefix}-*.tar"):
-        old.unlink()
     if source is None:
         source = ensure_demo_data().videos
     src = Path(source).expanduser()
     if not src.exists():
         raise FileNotFoundError(f"data source {source!r} does not exist")
-    writer = _TarShardWriter(out_dir, prefix, maxcount, max_bytes)
-    skipped, lost = [], 0
     videos = list_videos(src) if record is None else [e["file"] for e in record["files"]]
+    images = [] if videos else list_images(src)
+    if not videos and not images:
+        raise FileNotFoundError(f"no videos or images found under {source}")
+    if images and hours is not None:
+        raise ValueError(f"hours applies to video sources; {source} holds images")
+    skipped, lost = [], 0
     if videos:
         infos, skipped = _probe_all(videos, video_backend)
+        if not infos:
+            raise RuntimeError(f"none of the {len(videos)} videos under {source} could be read: {skipped[:3]}")
         durations = {f: infos[f].duration_s for f in videos if f in infos}
         selection = (selection_from_record(record) if record is not None
                      else select(durations, fps, hours, subset, seed, chunk_minutes))
         rec = make_record(selection, durations, src, hours, subset, seed, chunk_minutes, skipped)
+    # only now, with the source checked and its selection made, are the old shards removed
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob(f"{prefix}-*.tar"):
+        old.unlink()
+    writer = _TarShardWriter(out_dir, prefix, maxcount, max_bytes)
+    if videos:
         for fi, (path, slots) in enumerate(zip(selection.files, selection.slots)):
             done = 0
             try:
@@ -136,11 +145,6 @@ def write_shards(source, out_dir, fps=1.0, hours=None, subset="contiguous", seed
             if verbose:
                 print(f"[{fi + 1}/{len(selection.files)}] {path}: {done} frames", flush=True)
     else:
-        images = list_images(src)
-        if not images:
-            raise FileNotFoundError(f"no videos or images found under {source}")
-        if hours is not None:
-            raise ValueError(f"hours applies to video sources; {source} holds images")
         good, skipped = screen_images(images)
         for i, path in enumerate(good):
             try:
@@ -412,11 +416,16 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", default="shard")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    record = json.loads(Path(args.record).read_text()) if args.record else None
-    index = write_shards(args.source, args.out, fps=args.fps, hours=args.hours, subset=args.subset, seed=args.seed,
-                         chunk_minutes=args.chunk_minutes, maxcount=args.maxcount, max_bytes=args.max_mb * 1e6,
-                         image_format=args.format, quality=args.quality, max_side=args.max_side, prefix=args.prefix,
-                         overwrite=args.overwrite, record=record, verbose=True)
+    try:
+        record = json.loads(Path(args.record).read_text()) if args.record else None
+        index = write_shards(args.source, args.out, fps=args.fps, hours=args.hours, subset=args.subset,
+                             seed=args.seed, chunk_minutes=args.chunk_minutes, maxcount=args.maxcount,
+                             max_bytes=args.max_mb * 1e6, image_format=args.format, quality=args.quality,
+                             max_side=args.max_side, prefix=args.prefix, overwrite=args.overwrite, record=record,
+                             verbose=True)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # the user's input: no traceback
+        print(f"{p.prog}: {e}", file=sys.stderr)
+        return 2
     rec = index["record"]
     print(f"wrote {index['n_samples']} samples in {len(index['shards'])} shards to {args.out}"
           + (f" ({rec['hours_selected']:.4f} h at {rec['fps']} fps)" if rec.get("kind") == "video" else "")

@@ -80,9 +80,12 @@ def select(durations: dict, fps: float = 1.0, hours=None, subset: str = "contigu
     lengths = np.array([slots_in(durations[f], fps) for f in files], dtype=np.int64)
     available = int(lengths.sum())
     if available == 0:
-        raise ValueError(f"no frames to sample at fps={fps}: the videos are shorter than one sample period")
-    if hours is None:
-        return Selection(files, [np.arange(n, dtype=np.int64) for n in lengths], fps)
+        raise ValueError(f"no frames to sample at fps={fps}: the videos are shorter than one sample period "
+                         f"({1 / fps:g} s): {', '.join(f'{f} ({durations[f]:.3g} s)' for f in files[:3])}"
+                         + (f" and {len(files) - 3} more" if len(files) > 3 else ""))
+    if hours is None:  # every slot of every video; one shorter than a sample period has none and is left out
+        return Selection([f for f, n in zip(files, lengths) if n], [np.arange(n, dtype=np.int64) for n in lengths
+                                                                     if n], fps)
     hours = float(hours)
     if not math.isfinite(hours) or hours <= 0:
         raise ValueError(f"hours must be positive, got {hours}")
