@@ -452,8 +452,12 @@ def main(argv=None) -> int:
         ap.error("give --batch, --budget or both")
     if args.batch is not None and args.batch < 1:
         ap.error("--batch must be at least 1")
-    if args.budget is not None and args.budget <= 0:
+    if args.budget is not None and not 0 < args.budget < math.inf:  # NaN fails too
         ap.error("--budget must be positive")
+    if args.img_size is not None and args.img_size < 1:
+        ap.error("--img-size must be at least 1")
+    if not 0 <= args.mask_ratio < 1:
+        ap.error("--mask-ratio must be in [0, 1)")
     if not 0 <= args.headroom < 1:
         ap.error("--headroom must be in [0, 1)")
     if args.fsdp is not None and (args.fsdp < 1 or args.ddp):
@@ -463,7 +467,10 @@ def main(argv=None) -> int:
         key, sep, text = item.partition("=")
         if not sep:
             ap.error(f"--set wants KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(text)
+        try:
+            overrides[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            ap.error(f"--set {key.strip()}: cannot parse the value {text!r}")
     try:
         img_size = args.img_size or model_config(args.model, **overrides).get("img_size", 224)
         with torch.device("meta"):

@@ -344,3 +344,36 @@ def test_cli_fsdp_shards_weights_and_optimizer_state(tmp_path):
     assert abs(sharded["optimizer_state"] * 4 - alone["optimizer_state"]) < 0.01
     if FSDP2_PEAKS_BELOW_UNSHARDED:
         assert sharded["peak_bytes"] < alone["peak_bytes"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--budget", "nan"], "--budget must be positive"),
+    (["--budget", "inf"], "--budget must be positive"),
+    (["--budget", "-1"], "--budget must be positive"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--batch", "2", "--img-size", "0"], "--img-size must be at least 1"),
+    (["--batch", "2", "--mask-ratio", "1"], "--mask-ratio must be in [0, 1)"),
+    (["--batch", "2", "--mask-ratio", "-0.5"], "--mask-ratio must be in [0, 1)"),
+    (["--batch", "2", "--set", "depth=[2"], "--set depth: cannot parse the value '[2'"),
+    (["--batch", "2", "--set", "dept=2"], "unknown override(s) ['dept']"),
+    (["--batch", "2", "--fsdp", "0"], "--fsdp takes a number of devices >= 1"),
+    (["--batch", "2", "--fsdp", "2", "--ddp"], "excludes --ddp"),
+])
+def test_cli_bad_arguments_are_one_line_usage_errors(capsys, args, fragment):
+    """Not a traceback (nor, for --img-size 0, a silent fallback to the model's default resolution)."""
+    from mae_fast.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["memory", "mae_vit_demo_patch8", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mae-fast memory: error: ") and fragment in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_fit_batch_is_exact_when_the_budget_equals_a_peak():
+    for slope, base in ((1000, 0), (7, 3), (1, 0)):
+        peak = lambda n: base + slope * n  # noqa: E731
+        for n in (1, 2, 3, 17, 64, 4096):
+            assert fit_batch(peak, peak(n), limit=4096) == n
+            assert fit_batch(peak, peak(n) - 1, limit=4096) == n - 1
+    assert fit_batch(lambda n: 10, 10, limit=4096) == 4096  # flat: everything fits, up to the limit

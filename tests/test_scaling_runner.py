@@ -18,6 +18,7 @@ import yaml
 from mae_fast.scaling import append_result, load_results
 from mae_fast.scaling.grid import GridError, grid_from_dict, load_grid
 from mae_fast.scaling.cli import main as scale_main
+from mae_fast.scaling.table import SweepWarning
 from mae_fast.scaling.runner import SweepTask, pending_runs, run_grid, run_one, submit_slurm, sweep_status
 
 # A resumable fake job: `steps` steps, its state in run_dir/ckpt.json after each. FAKE_KILL_CALL=k makes
@@ -440,3 +441,145 @@ def test_preemption_through_submitit_local_executor(fake_jobs, monkeypatch):
     assert ck == {"step": 5, "starts": 2, "resumed_from": [0, 2]}
     assert list(load_results(grid.table_path)["run"]) == [grid.runs[0].run_id]
     assert json.loads((grid.run_dir(grid.runs[0].run_id) / "status.json").read_text())["attempt"] == 2
+
+
+# --- malformed grids and damaged bookkeeping: clear errors before anything runs, or a report and go on ------
+def _grid_file(tmp_path, text_or_over) -> Path:
+    path = tmp_path / "g.yaml"
+    path.write_text(text_or_over if isinstance(text_or_over, str) else
+                    yaml.safe_dump(grid_dict(tmp_path / "sweep", **text_or_over)))
+    return path
+
+
+@pytest.mark.parametrize("over, fragment", [
+    ("name: x\nmodels: [a, b\n", "g.yaml: not valid YAML"),
+    ({"seed": [1, 2]}, "unknown key 'seed' (did you mean 'seeds'?)"),
+    ({"hours": []}, "hours is empty"),
+    ({"seeds": []}, "seeds is empty"),
+    ({"img_sizes": [], "models": ["mae_vit_small_patch14"]}, "img_sizes is empty"),
+    ({"seeds": [1.5]}, "seeds: expected whole numbers"),
+    ({"img_sizes": [224.5]}, "img_sizes: expected whole numbers"),
+    ({"seeds": [True]}, "seeds: expected whole numbers"),
+    ({"hours": [float("nan")]}, "hours must be > 0 and finite"),
+    ({"hours": [float("inf")]}, "hours must be > 0 and finite"),
+    ({"img_sizes": [0]}, "img_size must be > 0"),
+    ({"img_sizes": [-224]}, "img_size must be > 0"),
+    ({"models": "mae_vit_nope"}, "unknown model 'mae_vit_nope'"),
+    ({"models": [{"name": "x", "base": "mae_vit_tiny_patch14", "embed_dim": "wide"}]}, "models: "),
+    ({"models": [{"name": "x", "base": "mae_vit_tiny_patch14", "img_sizes": "big"}]}, "x: img_sizes: expected"),
+    ({"budget": {"rule": "images_seen", "images_seen": "lots"}}, "budget.images_seen"),
+    ({"budget": {"rule": "images_seen"}}, "budget.images_seen"),
+    ({"budget": {"rule": "epochs"}}, "budget.epochs"),
+    ({"budget": {"images_seen": 1000, "batch_size": 0}}, "budget.batch_size"),
+    ({"budget": {"images_seen": 1000, "batch_size": "x"}}, "budget.batch_size"),
+    ({"budget": [1, 2]}, "budget must be a mapping"),
+    ({"data": "somewhere"}, "data must be a mapping"),
+    ({"data": {"total_hours": "x"}}, "data.total_hours"),
+    ({"data": {"total_hours": 0}}, "data.total_hours"),
+    ({"eval": "linprobe"}, "eval must be a mapping"),
+    ({"eval": {"protocol": "linprobe", "num_classes": "x"}}, "eval.num_classes"),
+    ({"pretrain": [1]}, "pretrain must be a mapping"),
+    ({"executor": "slurm"}, "executor must be a mapping"),
+    ({"executor": {"name": "sluurm"}}, "executor.name must be local or slurm"),
+    ({"executor": {"name": "local", "mode": "thread"}}, "executor.mode must be"),
+])
+def test_malformed_grid_is_a_clear_error_naming_file_and_key(tmp_path, capsys, over, fragment):
+    path = _grid_file(tmp_path, over)
+    with pytest.raises(GridError) as info:
+        load_grid(path)
+    assert fragment in str(info.value) and str(info.value).startswith(str(path))
+    assert scale_main(["run", str(path)]) == 2  # not a traceback, and nothing was started
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and fragment in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_single_values_are_one_element_axes(tmp_path):
+    """``hours: 5`` is one data size; likewise a single model, or a model's single resolution (not its digits)."""
+    one = {"name": "x", "base": "mae_vit_tiny_patch14", "img_sizes": "224"}
+    grid = grid_from_dict(grid_dict(tmp_path, models=one, hours=5, seeds=1))
+    assert [(r.config["arch"], r.config["img_size"], r.config["hours"]) for r in grid.runs] == [("x", 224, 5.0)]
+    grid = grid_from_dict(grid_dict(tmp_path, models="mae_vit_tiny_patch14", img_sizes=224, hours=5, seeds=1))
+    assert [r.config["arch"] for r in grid.runs] == ["vitt14"]
+    headless = grid_from_dict(grid_dict(tmp_path, eval={"protocol": "linprobe", "num_classes": 0}))
+    assert headless.runs[0].config["params"] < grid_from_dict(grid_dict(tmp_path)).runs[0].config["params"]
+
+
+def test_grid_path_that_is_a_directory_is_a_clear_error(tmp_path, capsys):
+    assert scale_main(["status", str(tmp_path)]) == 2
+    assert "error: " in capsys.readouterr().err
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    path = _grid_file(tmp_path, {})
+    assert scale_main(["run", str(path), "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 12 and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("content", [b'{"state": "fail', b"", b"[1, 2]", b"null", b"\xff\xfe\x00garbage", "dir"])
+def test_status_reports_a_damaged_status_json_and_goes_on(tmp_path, capsys, content):
+    path = _grid_file(tmp_path, {})
+    grid = load_grid(path)
+    bad = grid.run_dir(grid.runs[3].run_id) / "status.json"
+    bad.parent.mkdir(parents=True)
+    bad.mkdir() if content == "dir" else bad.write_bytes(content)
+    failed = grid.run_dir(grid.runs[4].run_id)
+    failed.mkdir(parents=True)
+    (failed / "status.json").write_text(json.dumps({"state": "failed", "error": "boom"}))
+    assert scale_main(["status", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "failed 1" in out and "left 11" in out and "boom" in out
+    assert f"warning: {bad}: unreadable" in err
+    assert scale_main(["run", str(path), "--dry-run"]) == 0
+    assert f"todo {grid.runs[3].run_id}" in capsys.readouterr().out
+    with pytest.warns(SweepWarning, match="the run counts as not started"):
+        assert grid.runs[3] in pending_runs(grid, retry_failed=False)
+
+
+def test_status_reports_a_torn_results_line_and_goes_on(tmp_path, capsys):
+    path = _grid_file(tmp_path, {})
+    grid = load_grid(path)
+    for spec in grid.runs[:2]:
+        run_one(spec, grid.run_dir(spec.run_id), grid.table_path, lambda cfg, d: {"top1": 12.5})
+    torn = grid.runs[2].run_id
+    with open(grid.table_path, "ab") as fh:
+        fh.write(f"{torn},vits14,2200".encode() + b"\xff")  # a write cut short, mid-character
+    assert scale_main(["status", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "done 2," in out and "left 10" in out
+    assert "results.csv line 4" in err and "skipped" in err
+    with pytest.warns(SweepWarning, match="line 4: 3 fields, the header has 19; skipped"):
+        assert grid.runs[2] in pending_runs(grid)  # the torn row does not count as done: the run is done again
+        run_one(grid.runs[2], grid.run_dir(torn), grid.table_path, lambda cfg, d: {"top1": 13.0})
+    assert sorted(load_results(grid.table_path)["run"]) == sorted(r.run_id for r in grid.runs[:3])
+
+
+def test_status_reports_a_results_table_without_run_column(tmp_path, capsys):
+    path = _grid_file(tmp_path, {})
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "results.csv").write_text("arch,top1\nvits14,5\n")
+    assert scale_main(["status", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "left 12" in out and "warning: " in err and "no 'run' column" in err
+
+
+def test_scale_memory_bad_arguments_are_clear_errors(tmp_path, capsys):
+    path = _grid_file(tmp_path, {"models": ["mae_vit_small_patch14"], "img_sizes": [224], "hours": [5],
+                                 "seeds": [1]})
+    for bad in (["--devices", "0"], ["--devices", "-2"], ["--budget", "-5"], ["--headroom", "1.5"]):
+        with pytest.raises(SystemExit) as info:
+            scale_main(["memory", str(path), *bad])
+        assert info.value.code == 2
+        assert "error: argument --" in capsys.readouterr().err
+    # 100 images per batch do not split over 3 devices: an error naming the run, not a traceback
+    assert scale_main(["memory", str(path), "--devices", "3"]) == 2
+    assert "is not divisible by 3 devices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04\xff\xfe binary spreadsheet", "dir"])
+def test_fit_on_an_unreadable_table_is_a_clear_error(tmp_path, capsys, content):
+    table = tmp_path / "results.csv"
+    table.mkdir() if content == "dir" else table.write_bytes(content)
+    assert scale_main(["fit", str(table), "--out", str(tmp_path / "fit")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {table}: cannot read it as a CSV text file") and not (tmp_path / "fit").exists()

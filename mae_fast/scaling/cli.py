@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -166,6 +168,19 @@ def _cmd_memory(args) -> int:
     return 0 if all(r["planned_gib"] is not None for r in rows) else 1
 
 
+def _checked(kind, ok, what):
+    """An argparse type: ``kind(text)`` where ``ok`` of it, else a usage error saying it wants ``what``."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"wants {what}, got {text!r}")
+        return value
+    return parse
+
+
 def add_subparsers(subparsers) -> None:
     """Add run / status / fit / worker to an argparse ``subparsers`` object."""
     p = subparsers.add_parser("run", help="run what is left of a sweep grid")
@@ -191,9 +206,12 @@ def add_subparsers(subparsers) -> None:
     p = subparsers.add_parser("memory", help="per model and resolution: estimated peak memory and the plan "
                                              "that fits the devices (no GPU needed)")
     p.add_argument("grid")
-    p.add_argument("--devices", type=int, default=1, help="data-parallel devices per run (the batch is split)")
-    p.add_argument("--budget", type=float, default=80.0, help="GiB per device (default 80)")
-    p.add_argument("--headroom", type=float, default=0.1, help="fraction of --budget kept free (0.1)")
+    p.add_argument("--devices", type=_checked(int, lambda v: v >= 1, "a number of devices >= 1"), default=1,
+                   help="data-parallel devices per run (the batch is split)")
+    p.add_argument("--budget", type=_checked(float, lambda v: 0 < v < math.inf, "a number of GiB > 0"), default=80.0,
+                   help="GiB per device (default 80)")
+    p.add_argument("--headroom", type=_checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)"), default=0.1,
+                   help="fraction of --budget kept free (0.1)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 over the devices (default: DDP)")
     p.add_argument("--json", help="also write the rows here")
     p.set_defaults(func=_cmd_memory)
@@ -226,13 +244,27 @@ def build_parser(prog: str = "mae-fast scale") -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mae_fast.train.config import ConfigError
+
     from .grid import GridError
-    from .table import TableError
+    from .table import SweepWarning, TableError
 
     args = build_parser().parse_args(argv)
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None, _show=warnings.showwarning):
+        if not issubclass(category, SweepWarning):
+            return _show(message, category, filename, lineno, file, line)
+        if str(message) not in shown:  # damaged bookkeeping: reported once, in one line, and the command goes on
+            shown.add(str(message))
+            print(f"warning: {message}", file=sys.stderr)
+
     try:
-        return int(args.func(args) or 0)
-    except (GridError, TableError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", SweepWarning)
+            warnings.showwarning = show
+            return int(args.func(args) or 0)
+    except (GridError, TableError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

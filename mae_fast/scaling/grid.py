@@ -24,6 +24,7 @@ Schema (see ``train/grids/*.yaml``)::
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -40,6 +41,9 @@ __all__ = ["Grid", "RunSpec", "GridError", "load_grid", "expand", "model_spec", 
 _REGISTRY_NAME = re.compile(r"^mae_vit_(tiny|small|base|large|huge|giant)_patch(\d+)$")
 # keys of a model dict that describe the sweep, not the model constructor
 _MODEL_META = {"name", "base", "img_sizes"}
+# the keys of a grid file (see the schema above): anything else is a typo that would be silently ignored
+_GRID_KEYS = ("name", "out_dir", "job", "data", "models", "hours", "img_sizes", "seeds", "budget", "pretrain",
+              "eval", "executor", "fit")
 
 
 class GridError(ValueError):
@@ -106,9 +110,10 @@ def model_spec(entry: str | Mapping) -> dict:
     overrides = {k: v for k, v in entry.items() if k not in _MODEL_META}
     try:
         cfg = model_config(str(base), **overrides)
+        width, depth, heads, patch = (int(cfg[k]) for k in ("embed_dim", "depth", "num_heads", "patch_size"))
+        mlp_ratio = float(cfg.get("mlp_ratio", 4.0))
     except (ValueError, TypeError) as exc:
         raise GridError(f"models: {dict(entry)!r}: {exc}") from None
-    width, depth, heads, patch = (int(cfg[k]) for k in ("embed_dim", "depth", "num_heads", "patch_size"))
     m = _REGISTRY_NAME.match(str(base))
     if entry.get("name") and entry["name"] != base:
         arch = str(entry["name"])
@@ -117,25 +122,54 @@ def model_spec(entry: str | Mapping) -> dict:
     else:
         arch = f"vit_w{width}d{depth}p{patch}"
     return {"name": str(base), "overrides": overrides, "arch": arch, "width": width, "depth": depth,
-            "heads": heads, "patch_size": patch, "mlp_ratio": float(cfg.get("mlp_ratio", 4.0)),
+            "heads": heads, "patch_size": patch, "mlp_ratio": mlp_ratio,
             "img_sizes": entry.get("img_sizes")}
 
 
 def resolve_budget(budget: Mapping, hours: float, fps: float) -> dict:
     """Images seen and optimizer steps of one run under the grid's budget rule."""
+    if not isinstance(budget, Mapping):
+        raise GridError(f"budget must be a mapping, got {budget!r}")
     rule = budget.get("rule", "images_seen")
-    batch = int(budget.get("batch_size", 256))
+    batch = _number(budget, "batch_size", 256, "budget.", whole=True)
     frames = max(1, int(round(hours * 3600 * fps)))  # images in this data subset
     if rule == "images_seen":
-        images = int(float(budget["images_seen"]))
+        images = int(_number(budget, "images_seen", None, "budget."))
     elif rule == "epochs":
-        images = int(math.ceil(float(budget["epochs"]) * frames))
+        images = int(math.ceil(_number(budget, "epochs", None, "budget.") * frames))
     else:
         raise GridError(f"budget.rule must be 'images_seen' or 'epochs', got {rule!r}")
     out = {k: v for k, v in budget.items() if k not in {"images_seen", "epochs"}}
     out.update(rule=rule, batch_size=batch, images_seen=images, steps=int(math.ceil(images / batch)),
                subset_images=frames, epochs=images / frames)
     return out
+
+
+def _number(block: Mapping, key: str, default, where: str, whole: bool = False, zero: bool = False) -> float:
+    """``block[key]`` (or ``default``; None: required) as a finite number > 0 (>= 0 with ``zero``; an int with
+    ``whole``)."""
+    value = block.get(key, default)
+    if value is None:
+        raise GridError(f"{where}{key} is missing")
+    try:
+        number = float(value)
+        ok = not isinstance(value, bool) and math.isfinite(number) and (number > 0 or zero and number == 0) and \
+            (not whole or number.is_integer())
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise GridError(f"{where}{key} must be a {'whole ' if whole else ''}number {'>=' if zero else '>'} 0, "
+                        f"got {value!r}")
+    return int(number) if whole else number
+
+
+def _mapping(raw: Mapping, key: str, default: dict) -> dict:
+    value = raw.get(key)
+    if value is None:
+        return dict(default)
+    if not isinstance(value, Mapping):
+        raise GridError(f"{key} must be a mapping, got {value!r}")
+    return dict(value)
 
 
 def _label(x: float) -> str:
@@ -147,38 +181,49 @@ def run_id(config: Mapping) -> str:
     return f"{config['arch']}-{config['img_size']}px-{_label(config['hours'])}h-s{config['seed']}-{digest}"
 
 
-def _listed(raw: Mapping, key: str, kind=float) -> list:
+def _listed(raw: Mapping, key: str, kind=float, where: str = "") -> list:
     value = raw.get(key)
     if value is None:
         raise GridError(f"grid is missing {key!r}")
     values = value if isinstance(value, list) else [value]
+    if not values:
+        raise GridError(f"{where}{key} is empty")
     try:
-        return [kind(v) for v in values]
-    except (TypeError, ValueError):
-        raise GridError(f"{key}: expected numbers, got {value!r}") from None
+        out = [kind(v) for v in values]
+    except (TypeError, ValueError, OverflowError):
+        raise GridError(f"{where}{key}: expected numbers, got {value!r}") from None
+    if kind is int and any(isinstance(v, bool) or float(v) != int(v) for v in values):
+        raise GridError(f"{where}{key}: expected whole numbers, got {value!r}")
+    return out
 
 
 def expand(raw: Mapping) -> list[RunSpec]:
     """All runs of a grid, in the order models x resolutions x hours x seeds."""
-    data = dict(raw.get("data") or {})
-    total_hours = float(data.get("total_hours", 5000.0))
-    fps = float(data.get("fps", 1.0))
+    data = _mapping(raw, "data", {})
+    total_hours = _number(data, "total_hours", 5000.0, "data.")
+    fps = _number(data, "fps", 1.0, "data.")
     hours_list = _listed(raw, "hours")
-    if any(h <= 0 for h in hours_list):
-        raise GridError(f"hours must be > 0, got {hours_list}")
+    if not all(math.isfinite(h) and h > 0 for h in hours_list):
+        raise GridError(f"hours must be > 0 and finite, got {hours_list}")
     seeds = _listed(raw, "seeds", int) if "seeds" in raw else [0]
-    eval_cfg = dict(raw.get("eval") or {"protocol": "finetune"})
+    eval_cfg = _mapping(raw, "eval", {"protocol": "finetune"})
     if eval_cfg.get("protocol", "finetune") not in ("finetune", "linprobe"):
         raise GridError(f"eval.protocol must be finetune or linprobe, got {eval_cfg.get('protocol')!r}")
-    num_classes = int(eval_cfg.get("num_classes", 1000))
+    num_classes = _number(eval_cfg, "num_classes", 1000, "eval.", whole=True, zero=True)  # 0: no head
+    pretrain = _mapping(raw, "pretrain", {})
     models = raw.get("models") or []
+    if isinstance(models, (str, Mapping)):  # a single model
+        models = [models]
     if not models:
         raise GridError("grid has no models")
     runs: list[RunSpec] = []
     for entry in models:
         spec = model_spec(entry)
-        sizes = [int(s) for s in (spec["img_sizes"] or _listed(raw, "img_sizes", int))]
+        sizes = (_listed(spec, "img_sizes", int, f"{spec['arch']}: ") if spec["img_sizes"] is not None
+                 else _listed(raw, "img_sizes", int))
         for img in sizes:
+            if img <= 0:
+                raise GridError(f"{spec['arch']}: img_size must be > 0, got {img}")
             if img % spec["patch_size"]:
                 raise GridError(f"{spec['arch']}: img_size {img} is not a multiple of patch {spec['patch_size']}")
             for hours in hours_list:
@@ -191,7 +236,7 @@ def expand(raw: Mapping) -> list[RunSpec]:
                                                   num_classes, mlp_ratio=spec["mlp_ratio"]),
                         "img_size": img, "hours": hours, "data_fraction": round(hours / total_hours, 12), "seed": seed,
                         "data": data, "budget": resolve_budget(raw.get("budget") or {"images_seen": 1e6}, hours, fps),
-                        "pretrain": dict(raw.get("pretrain") or {}), "eval": eval_cfg,
+                        "pretrain": dict(pretrain), "eval": eval_cfg,
                     }
                     runs.append(RunSpec(run_id(config), config))
     ids = [r.run_id for r in runs]
@@ -225,15 +270,31 @@ def load_grid(path: str | os.PathLike) -> Grid:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise GridError(f"{path}: no such grid file (packaged grids: {', '.join(_packaged_names()) or 'none'})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GridError(f"{path}: cannot read the grid file: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise GridError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: a grid is a YAML mapping")
-    return grid_from_dict(raw, path)
+    try:
+        return grid_from_dict(raw, path)
+    except GridError as exc:
+        raise GridError(f"{path}: {exc}") from None
 
 
 def grid_from_dict(raw: Mapping, path: Path | None = None) -> Grid:
+    for key in raw:
+        if key not in _GRID_KEYS:
+            close = difflib.get_close_matches(str(key), _GRID_KEYS, n=1)
+            raise GridError(f"unknown key {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                            f"a grid has: {', '.join(_GRID_KEYS)}")
     name = str(raw.get("name") or (path.stem if path else "grid"))
     # relative to the working directory; made absolute so workers and SLURM jobs agree on it
     out_dir = Path(raw.get("out_dir") or Path("runs") / "scaling" / name).resolve()
-    executor = dict(raw.get("executor") or {"name": "local"})
+    executor = _mapping(raw, "executor", {"name": "local"})
+    if executor.get("name", "local") not in ("local", "slurm"):
+        raise GridError(f"executor.name must be local or slurm, got {executor.get('name')!r}")
+    if executor.get("mode", "inprocess") not in ("inprocess", "subprocess", "torchrun"):
+        raise GridError(f"executor.mode must be inprocess, subprocess or torchrun, got {executor.get('mode')!r}")
     return Grid(path=path, name=name, out_dir=out_dir, job=str(raw.get("job", "mae_fast.scaling.runner:default_job")),
                 executor=executor, runs=expand(raw), raw=dict(raw))

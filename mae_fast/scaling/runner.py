@@ -24,13 +24,14 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from mae_fast.train.checkpoint_io import atomic_write_bytes
 
 from .grid import Grid, RunSpec, load_grid
-from .table import append_result, read_rows
+from .table import SweepWarning, append_result, read_rows
 
 try:  # submitit is optional (pip install mae_fast[slurm]); only the SLURM executor needs it
     from submitit.helpers import Checkpointable as _Checkpointable
@@ -116,10 +117,18 @@ def _write_json(path: Path, data: Mapping) -> None:
 
 
 def _read_status(run_dir: Path) -> dict:
+    path = run_dir / "status.json"
     try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        status = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as exc:  # cut short, not UTF-8 (ValueErrors both), a directory, ...
+        status = f"{type(exc).__name__}: {exc}"
+    if not isinstance(status, dict):
+        warnings.warn(f"{path}: unreadable ({str(status)[:100]}); the run counts as not started", SweepWarning,
+                      stacklevel=2)
+        return {}
+    return status
 
 
 def _now() -> str:

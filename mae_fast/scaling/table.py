@@ -14,6 +14,7 @@ import fcntl
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -50,6 +51,10 @@ PERCENT_COLUMNS = ("top1", "top5")
 
 class TableError(ValueError):
     """A results table cannot be used; the message says which file, line and column."""
+
+
+class SweepWarning(UserWarning):
+    """A sweep's bookkeeping (a results row, a status.json) is damaged and was left out; the sweep goes on."""
 
 
 class ResultsTable:
@@ -216,7 +221,11 @@ def load_results(path: str | os.PathLike, target: str = "top1",
     path = Path(path)
     if not path.exists():
         raise TableError(f"{path}: no such results table")
-    return _parse(path.read_text(), str(path), target, required)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, a spreadsheet instead of a CSV, ...
+        raise TableError(f"{path}: cannot read it as a CSV text file ({type(exc).__name__}: {exc})") from None
+    return _parse(text, str(path), target, required)
 
 
 # --- safe appends ------------------------------------------------------------------------------
@@ -238,8 +247,17 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return []
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = []
+    with open(path, newline="", errors="replace") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is not None and "run" not in reader.fieldnames:
+            warnings.warn(f"{path}: no 'run' column, so no row counts as a finished run", SweepWarning, stacklevel=2)
+        for row in reader:
+            if None in row.values():  # fewer fields than the header: a line cut short, not a finished run
+                warnings.warn(f"{path} line {reader.line_num}: {sum(v is not None for v in row.values())} fields, "
+                              f"the header has {len(reader.fieldnames)}; skipped", SweepWarning, stacklevel=2)
+                continue
+            rows.append(row)
     by_run: dict[str, dict] = {}
     for row in rows:
         by_run[row.get("run", "")] = row  # last wins, order of first appearance kept
