@@ -482,12 +482,22 @@ def _grid_file(tmp_path, text_or_over) -> Path:
     ({"executor": "slurm"}, "executor must be a mapping"),
     ({"executor": {"name": "sluurm"}}, "executor.name must be local or slurm"),
     ({"executor": {"name": "local", "mode": "thread"}}, "executor.mode must be"),
+    # the fit block is used only after the sweep: checked when the grid loads all the same
+    ({"fit": {"projections": [{"label": "big", "hours": 10, "img_size": 224}]}}, "fit.projections[0].params is missing"),
+    ({"fit": {"projections": [{"params": 1e9, "hours": "many", "img_size": 224}]}}, "fit.projections[0].hours"),
+    ({"fit": {"projections": [{"params": 1e9, "hours": 9, "img_size": 224, "px": 1}]}}, "unknown key(s) ['px']"),
+    ({"fit": {"projections": {"params": 1e9}}}, "fit.projections must be a list"),
+    ({"fit": {"target_accuracy": 150}}, "fit.target_accuracy is a percentage"),
+    ({"fit": {"target": 50}}, "fit: unknown key(s) ['target']"),
+    ({"job": "mae_fast.scaling.runner:no_such_job"}, "job 'mae_fast.scaling.runner:no_such_job' cannot be loaded"),
+    ({"job": "no_such_module_xyz:job"}, "cannot be loaded (ModuleNotFoundError"),
 ])
 def test_malformed_grid_is_a_clear_error_naming_file_and_key(tmp_path, capsys, over, fragment):
     path = _grid_file(tmp_path, over)
-    with pytest.raises(GridError) as info:
-        load_grid(path)
-    assert fragment in str(info.value) and str(info.value).startswith(str(path))
+    if "job" not in over:  # the job is imported by `scale run`, not by loading the grid
+        with pytest.raises(GridError) as info:
+            load_grid(path)
+        assert fragment in str(info.value) and str(info.value).startswith(str(path))
     assert scale_main(["run", str(path)]) == 2  # not a traceback, and nothing was started
     err = capsys.readouterr().err
     assert err.startswith("error: ") and fragment in err and len(err.strip().splitlines()) == 1
@@ -583,3 +593,17 @@ def test_fit_on_an_unreadable_table_is_a_clear_error(tmp_path, capsys, content):
     assert scale_main(["fit", str(table), "--out", str(tmp_path / "fit")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {table}: cannot read it as a CSV text file") and not (tmp_path / "fit").exists()
+
+
+def test_run_then_fit_projects_to_the_grids_fit_block(fake_jobs, capsys):
+    """`scale run --fit`: the sweep's table is fitted and projected to the grid's own projections and target."""
+    fit_block = {"projections": [{"label": "my big model", "params": 3e9, "hours": 400, "img_size": 448},
+                                 {"params": 2e8, "hours": 60, "img_size": 224}], "target_accuracy": 45}
+    path = write_grid(fake_jobs / "g.yaml", fit=fit_block)
+    assert scale_main(["run", str(path), "--fit", "--n-boot", "5"]) == 0
+    fit_json = json.loads((fake_jobs / "sweep" / "fit" / "fit.json").read_text())
+    projections = fit_json["projections"]
+    assert [(p["params"], p["hours"], p["img_size"]) for p in projections] == [(3e9, 400.0, 448.0),
+                                                                               (2e8, 60.0, 224.0)]
+    assert projections[0]["label"] == "my big model" and projections[1]["label"]  # the second one gets a label
+    assert "Cheapest setting for top1 >= 45%" in (fake_jobs / "sweep" / "fit" / "report.md").read_text()

@@ -20,10 +20,16 @@ __all__ = ["main", "add_subparsers", "build_parser"]
 
 
 def _cmd_run(args) -> int:
-    from .grid import load_grid
-    from .runner import in_flight, pending_runs, run_grid
+    from .grid import GridError, fit_options, load_grid
+    from .runner import in_flight, pending_runs, resolve_job, run_grid
 
     grid = load_grid(args.grid)
+    job = args.job or grid.job
+    try:  # before anything is submitted: a typo here would fail every run of the sweep
+        resolve_job(job)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise GridError(f"{grid.path or grid.name}: job {job!r} cannot be loaded ({type(exc).__name__}: {exc})") \
+            from None
     if args.mode:
         grid.executor["mode"] = args.mode
     if args.dry_run:
@@ -38,11 +44,10 @@ def _cmd_run(args) -> int:
     failed = {k: v for k, v in outcome.items() if v != "done"} if isinstance(outcome, dict) else {}
     if args.fit and grid.table_path.exists():
         # the grid's optional `fit:` block: {projections: [{label, params, hours, img_size}], target_accuracy}
-        opts = grid.raw.get("fit") or {}
-        projections = [(p.get("label") or _projection_label(p["params"], p["hours"], p["img_size"]),
-                        float(p["params"]), float(p["hours"]), float(p["img_size"])) for p in opts.get("projections", [])]
+        entries, target_accuracy = fit_options(grid.raw)
+        projections = [(label or _projection_label(n, d, r), n, d, r) for label, n, d, r in entries]
         _cmd_fit(argparse.Namespace(table=str(grid.table_path), out=str(grid.out_dir / "fit"), target="top1",
-                                    n_boot=args.n_boot, form=None, target_accuracy=opts.get("target_accuracy"),
+                                    n_boot=args.n_boot, form=None, target_accuracy=target_accuracy,
                                     project=projections, seed=0, no_default_projections=bool(projections),
                                     runs={r.run_id for r in grid.runs}))
     return 1 if failed else 0

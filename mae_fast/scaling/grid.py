@@ -21,6 +21,8 @@ Schema (see ``train/grids/*.yaml``)::
     pretrain: {mask_ratio: 0.75, lr: 1.5e-4}       # passed through to pretraining
     eval: {protocol: finetune, fraction: 0.02, epochs: 50, num_classes: 1000}   # or linprobe; finetune keys
     executor: {name: local, mode: inprocess}       # local (inprocess|subprocess|torchrun) or slurm
+    fit: {projections: [{label: ViT-H 476px, params: 632e6, hours: 5000, img_size: 476}], target_accuracy: 60}
+                                                   # what `scale run --fit` projects to (optional)
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from typing import Mapping
 
 import yaml
 
-__all__ = ["Grid", "RunSpec", "GridError", "load_grid", "expand", "model_spec", "vit_param_count", "run_id"]
+__all__ = ["Grid", "RunSpec", "GridError", "load_grid", "expand", "model_spec", "fit_options", "vit_param_count", "run_id"]
 
 _REGISTRY_NAME = re.compile(r"^mae_vit_(tiny|small|base|large|huge|giant)_patch(\d+)$")
 # keys of a model dict that describe the sweep, not the model constructor
@@ -172,6 +174,35 @@ def _mapping(raw: Mapping, key: str, default: dict) -> dict:
     return dict(value)
 
 
+def fit_options(raw: Mapping) -> tuple[list[tuple[str | None, float, float, float]], float | None]:
+    """The grid's optional ``fit:`` block as ([(label or None, params, hours, img_size)], target_accuracy), checked
+    when the grid loads: a mistake here would otherwise show only after the whole sweep has run."""
+    opts = _mapping(raw, "fit", {})
+    unknown = sorted(set(opts) - {"projections", "target_accuracy"})
+    if unknown:
+        raise GridError(f"fit: unknown key(s) {unknown}; it has projections and target_accuracy")
+    entries = opts.get("projections") or []
+    if not isinstance(entries, list):
+        raise GridError(f"fit.projections must be a list of {{label, params, hours, img_size}}, got {entries!r}")
+    projections = []
+    for i, p in enumerate(entries):
+        where = f"fit.projections[{i}]."
+        if not isinstance(p, Mapping):
+            raise GridError(f"{where[:-1]} must be a mapping {{label, params, hours, img_size}}, got {p!r}")
+        extra = sorted(set(p) - {"label", "params", "hours", "img_size"})
+        if extra:
+            raise GridError(f"{where[:-1]}: unknown key(s) {extra}")
+        label = p.get("label")
+        projections.append((None if label is None else str(label), *(_number(p, k, None, where)
+                                                                      for k in ("params", "hours", "img_size"))))
+    target = opts.get("target_accuracy")
+    if target is not None:
+        target = _number(opts, "target_accuracy", None, "fit.")
+        if target > 100:
+            raise GridError(f"fit.target_accuracy is a percentage, got {target:g}")
+    return projections, target
+
+
 def _label(x: float) -> str:
     return f"{x:g}".replace("+", "")
 
@@ -296,5 +327,6 @@ def grid_from_dict(raw: Mapping, path: Path | None = None) -> Grid:
         raise GridError(f"executor.name must be local or slurm, got {executor.get('name')!r}")
     if executor.get("mode", "inprocess") not in ("inprocess", "subprocess", "torchrun"):
         raise GridError(f"executor.mode must be inprocess, subprocess or torchrun, got {executor.get('mode')!r}")
+    fit_options(raw)
     return Grid(path=path, name=name, out_dir=out_dir, job=str(raw.get("job", "mae_fast.scaling.runner:default_job")),
                 executor=executor, runs=expand(raw), raw=dict(raw))
