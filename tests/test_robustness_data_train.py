@@ -209,3 +209,32 @@ def test_resuming_a_checkpoint_of_another_model_says_so(tmp_path):
                                               r"\(made with a different model_kwargs"):
         pretrain(tiny(tmp_path, steps=2, resume=ckpt, model_kwargs=dict(TINY_MODEL, depth=1)))
     assert torch.load(ckpt, weights_only=False)["step"] == 1  # left as it was
+
+
+def test_unreadable_data_is_one_line_from_every_cli(tmp_path, capsys):
+    """A folder whose every image is corrupt: pretrain, linprobe and the shard writer each print one line naming
+    the folder and exit 2 (a DataError, still a RuntimeError for code that caught those)."""
+    from mae_fast.data import DataError
+    from mae_fast.data.shards import main as shards_main
+    from mae_fast.train.finetune import main as finetune_main
+    from mae_fast.train.pretrain import main as pretrain_main
+
+    rng = np.random.default_rng(3)
+    for c in ("a", "b"):
+        (tmp_path / "bad" / c).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "bad" / c / f"{i}.jpg").write_bytes(b"\xff\xd8" + rng.bytes(40))  # a JPEG cut short
+    assert issubclass(DataError, RuntimeError)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each skipped file warns
+        runs = {"pretrain": lambda: pretrain_main([f"output_dir={tmp_path / 'out'}", f"data_source={tmp_path / 'bad'}",
+                                                   "steps=1", "progress=false"]),
+                "linprobe": lambda: finetune_main([f"data_root={tmp_path / 'bad'}", f"output_dir={tmp_path / 'out'}",
+                                                   "epochs=1", "progress=false"], mode="linprobe"),
+                "shards": lambda: shards_main([str(tmp_path / "bad"), str(tmp_path / "shards")])}
+        for name, run in runs.items():
+            rc = run()
+            err = capsys.readouterr().err
+            lines = [line for line in err.splitlines() if "Warning" not in line and line.strip()]
+            assert rc == 2, name
+            assert len(lines) == 1 and str(tmp_path / "bad") in lines[0] and "Traceback" not in err, (name, err)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mae_fast.data.base import DataError
 from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.train import checkpoint_io, config as config_mod, curves
 from mae_fast.train import distributed as dist_mod
@@ -541,7 +542,7 @@ def main(argv=None, mode: str = "finetune") -> int:
     try:
         cfg = config_mod.config_from_argv(argv, config_mod.FINETUNE_KEYS, None, fixed={"mode": mode})
         finetune(cfg)
-    except (config_mod.ConfigError, FileNotFoundError, CheckpointError) as e:  # the user's input: no traceback
+    except (config_mod.ConfigError, FileNotFoundError, CheckpointError, DataError) as e:  # the user's input: no traceback
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     return 0

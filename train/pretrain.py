@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from mae_fast.data.base import DataError
 from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.train import checkpoint_io, config as config_mod, curves, distributed as dist_mod
 
@@ -152,7 +153,7 @@ class StreamBatches:
             if taken == 0 and skip == 0:
                 source = getattr(self.dataset, "source", None)
                 skipped = getattr(self.dataset, "skipped", None)
-                raise RuntimeError(f"the data stream gave no full micro-batch of {self.micro} in epoch {self.epoch}"
+                raise DataError(f"the data stream gave no full micro-batch of {self.micro} in epoch {self.epoch}"
                                    + (f" from {source}" if source is not None else "")
                                    + (f"; unreadable: {skipped[:3]}" if skipped else ""))
             skip, self.epoch, self.index = 0, self.epoch + 1, 0
@@ -909,7 +910,7 @@ def main(argv=None) -> int:
         return 2
     try:
         pretrain(dict(cfg, recipe=None))
-    except (config_mod.ConfigError, FileNotFoundError, CheckpointError) as e:  # the user's input: no traceback
+    except (config_mod.ConfigError, FileNotFoundError, CheckpointError, DataError) as e:  # the user's input: no traceback
         print(f"mae-fast pretrain: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from .base import DataError
 from .demo import DemoPaths, ensure_demo_data
 from .images import (ImageFileDataset, list_images, per_class_fraction, scan_image_folder, screen_images,
                      split_per_class)
@@ -21,7 +22,7 @@ from .video import VideoFrameDataset, list_videos, probe_video, resolve_backend
 __all__ = [
     "ensure_demo_data", "build_pretrain_dataset", "build_labelled_datasets", "IMAGENET_MEAN", "IMAGENET_STD",
     "DemoPaths", "TrainTransform", "EvalTransform", "build_transform", "denormalize", "VideoFrameDataset",
-    "ImageFileDataset", "probe_video", "list_videos", "list_images", "is_shard_source",
+    "ImageFileDataset", "probe_video", "list_videos", "list_images", "is_shard_source", "DataError",
 ]
 
 
@@ -106,7 +107,7 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
     if videos:
         infos, skipped = _probe_all(videos, video_backend)
         if not infos:
-            raise RuntimeError(f"none of the {len(videos)} videos under {source} could be read: {skipped[:3]}")
+            raise DataError(f"none of the {len(videos)} videos under {source} could be read: {skipped[:3]}")
         durations = {f: infos[f].duration_s for f in videos if f in infos}
         if record is not None:
             selection = selection_from_record(record)
@@ -127,7 +128,7 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
             raise ValueError(f"hours applies to video sources; {source} holds images (no videos)")
         good, bad = screen_images(images, check_images)
         if not good:
-            raise RuntimeError(f"none of the {len(images)} images under {source} could be read: {bad[:3]}")
+            raise DataError(f"none of the {len(images)} images under {source} could be read: {bad[:3]}")
         rec = {"kind": "images", "source": str(path), "n_images": len(good), "seed": int(seed),
                "skipped": [[p, r] for p, r in bad]}
         return ImageFileDataset(good, transform=transform, skipped=bad, record=rec)
@@ -167,7 +168,7 @@ def build_labelled_datasets(root=None, img_size=64, fraction=1.0, seed=0, train_
         (files, labels), (val_files, val_labels) = split_per_class(all_files, all_labels, classes, val_fraction, seed)
         bad_val, layout = [], f"single folder split val_fraction={val_fraction}"
     if not files:
-        raise RuntimeError(f"no readable training images under {root}")
+        raise DataError(f"no readable training images under {root}")
     if not val_files:  # evaluating on nothing would divide by zero after the first epoch of training
         if val_dir is not None and (root / "train").is_dir():
             raise FileNotFoundError(f"no readable validation images under {val_dir} (expected "

@@ -7,6 +7,11 @@ from pathlib import Path
 import torch
 
 
+class DataError(RuntimeError):
+    """The data cannot be used: none of its files could be read, or too many in a row are unreadable. A
+    RuntimeError (what these were before) that the command-line tools report in one line."""
+
+
 class SkippingDataset(torch.utils.data.Dataset):
     """Subclasses implement ``_load(index)`` and ``_path(index)``; a failing item is logged in
     ``self.skipped`` (list of (path, reason)), warned about once per file, and replaced by the next
@@ -56,7 +61,7 @@ class SkippingDataset(torch.utils.data.Dataset):
                 return self._load(i)
             except Exception as err:  # noqa: BLE001 (any decoder error means: unreadable)
                 self._skip(path, f"{type(err).__name__}: {err}")
-        raise RuntimeError(f"{self.max_substitutes} consecutive unreadable items from index {index}; "
+        raise DataError(f"{self.max_substitutes} consecutive unreadable items from index {index}; "
                            f"skipped so far: {self.skipped[-5:]}")
 
     def _path(self, index):  # pragma: no cover - abstract

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .base import DataError
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
 
@@ -117,11 +119,15 @@ def write_shards(source, out_dir, fps=1.0, hours=None, subset="contiguous", seed
     if videos:
         infos, skipped = _probe_all(videos, video_backend)
         if not infos:
-            raise RuntimeError(f"none of the {len(videos)} videos under {source} could be read: {skipped[:3]}")
+            raise DataError(f"none of the {len(videos)} videos under {source} could be read: {skipped[:3]}")
         durations = {f: infos[f].duration_s for f in videos if f in infos}
         selection = (selection_from_record(record) if record is not None
                      else select(durations, fps, hours, subset, seed, chunk_minutes))
         rec = make_record(selection, durations, src, hours, subset, seed, chunk_minutes, skipped)
+    else:
+        good, skipped = screen_images(images)
+        if not good:
+            raise DataError(f"none of the {len(images)} images under {source} could be read: {skipped[:3]}")
     # only now, with the source checked and its selection made, are the old shards removed
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob(f"{prefix}-*.tar"):
@@ -145,7 +151,6 @@ def write_shards(source, out_dir, fps=1.0, hours=None, subset="contiguous", seed
             if verbose:
                 print(f"[{fi + 1}/{len(selection.files)}] {path}: {done} frames", flush=True)
     else:
-        good, skipped = screen_images(images)
         for i, path in enumerate(good):
             try:
                 frame = load_image(path)
@@ -328,7 +333,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 if quota == 0:
                     return
             if produced == 0:
-                raise RuntimeError(f"consumer {me} of {consumers} has no readable samples in {self.source}")
+                raise DataError(f"consumer {me} of {consumers} has no readable samples in {self.source}")
             cycle += 1
 
     def _world(self) -> int:
@@ -423,7 +428,7 @@ def main(argv=None) -> int:
                              max_bytes=args.max_mb * 1e6, image_format=args.format, quality=args.quality,
                              max_side=args.max_side, prefix=args.prefix, overwrite=args.overwrite, record=record,
                              verbose=True)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:  # the user's input: no traceback
+    except (FileNotFoundError, FileExistsError, ValueError, DataError) as e:  # the user's input: no traceback
         print(f"{p.prog}: {e}", file=sys.stderr)
         return 2
     rec = index["record"]
