@@ -471,6 +471,8 @@ def main(argv=None) -> int:
             overrides[key.strip()] = yaml.safe_load(text)
         except yaml.YAMLError:
             ap.error(f"--set {key.strip()}: cannot parse the value {text!r}")
+    if "img_size" in overrides:
+        ap.error("give the image size as --img-size, not --set img_size")
     try:
         img_size = args.img_size or model_config(args.model, **overrides).get("img_size", 224)
         with torch.device("meta"):
@@ -499,6 +501,7 @@ def main(argv=None) -> int:
         rows, chosen = _cli_rows(args, estimate, blocks, label, lambda plan: _recompute_pct(shape, plan, args))
     if args.json:
         from pathlib import Path
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(model=args.model, overrides=overrides, img_size=img_size,
                                                    precision=args.precision, fsdp=args.fsdp, ddp=args.ddp,
                                                    mask_ratio=args.mask_ratio, budget_gib=args.budget,

@@ -358,6 +358,8 @@ def test_cli_fsdp_shards_weights_and_optimizer_state(tmp_path):
     (["--batch", "2", "--set", "dept=2"], "unknown override(s) ['dept']"),
     (["--batch", "2", "--fsdp", "0"], "--fsdp takes a number of devices >= 1"),
     (["--batch", "2", "--fsdp", "2", "--ddp"], "excludes --ddp"),
+    (["--batch", "2", "--set", "depth=-1"], "depth=-1"),
+    (["--batch", "2", "--set", "img_size=64"], "give the image size as --img-size"),
 ])
 def test_cli_bad_arguments_are_one_line_usage_errors(capsys, args, fragment):
     """Not a traceback (nor, for --img-size 0, a silent fallback to the model's default resolution)."""

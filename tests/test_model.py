@@ -391,6 +391,17 @@ def test_non_positive_img_size_is_rejected(img_size):
         mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": img_size})
 
 
+@pytest.mark.parametrize("over", [dict(depth=-1), dict(depth=2.0), dict(decoder_depth=-2), dict(num_heads=0),
+                                  dict(embed_dim=48.5), dict(decoder_embed_dim=True), dict(mlp_ratio=0.0),
+                                  dict(in_chans=0)])
+def test_non_positive_or_fractional_model_sizes_are_rejected(over):
+    """A depth of -1 built a model without blocks, with no error."""
+    key = next(iter(over))
+    with pytest.raises(ValueError, match=rf"model sizes must be whole numbers >= 1 \(depths >= 0\) and mlp_ratio > 0, "
+                                         rf"got .*{key}="):
+        mae_fast.MaskedAutoencoderViT(**{**SMALL, **over})
+
+
 @pytest.mark.parametrize("img_size", [(40, 56), 72, (24, 88)])
 def test_export_timm_round_trip_at_odd_resolutions(img_size):
     from timm.models.vision_transformer import VisionTransformer
