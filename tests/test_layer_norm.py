@@ -4,7 +4,9 @@ the ``torch`` backend against the eager ops it replaces in the model.
 Accuracy as for flash attention: the kernel's error vs fp64 must be within 2x (outputs) or 3x (gradients) of the
 error PyTorch makes doing the same computation in the input dtypes, plus a floor of about an ulp.
 """
+import inspect
 import os
+import re
 
 import torch
 
@@ -155,6 +157,19 @@ def test_normalises_the_rounded_sum():
     assert (y.double() - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("eps", [1e-6, 1e-4])
+def test_eps_matters_for_low_variance_rows(eps):
+    """Rows whose variance (~1e-5) is of the order of eps: the kernel must use the norm's eps, inside the sqrt (MAE's
+    norms use 1e-6, nn.LayerNorm's default 1e-5 is the one the other tests use; unit-variance rows hide it)."""
+    torch.manual_seed(13)
+    D = 99
+    norm = _norm(D, "both", FP32)
+    norm.eps = eps
+    x, branch = _rand((5, D), FP32, 3e-3, 0.01), _rand((5, D), FP32, 1e-3)
+    _check_as_torch(x, branch, norm, FP32)
+    _check_as_torch(x, None, norm, FP32)
+
+
 def test_strided_rows_are_read_in_place():
     """x[:, 1:] (rows not evenly strided) as the model's first_query path gives it, a transposed dy."""
     torch.manual_seed(2)
@@ -213,6 +228,12 @@ def test_backward_is_deterministic_and_partials_sum_in_fixed_order():
         assert torch.equal(other[0], first[0]) and torch.equal(other[1], first[1])  # rows do not depend on it
         torch.testing.assert_close(other[2], first[2], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(other[3], first[3], rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_use_no_atomics():
+    """dweight/dbias are deterministic because the partial rows are summed in a fixed order. The interpreter runs
+    programs one after another, so an atomic add into one row passes the test above on a CPU and races only on a GPU."""
+    assert not re.findall(r"\btl\.atomic_\w+", inspect.getsource(tln._kernels()))
 
 
 def test_partial_gradients_skip_what_is_not_needed():

@@ -6,7 +6,9 @@ compiled), on small shapes: odd sizes, K=1, B=1, fp32/fp16/bf16. Outputs are poi
 the kernels write them so unwritten rows show. With a GPU the same tests run on CUDA tensors.
 """
 import importlib
+import inspect
 import os
+import re
 
 import pytest
 import torch
@@ -227,6 +229,12 @@ def test_mask_token_grad_is_deterministic(backend):
     close(runs[0][1], exact, rtol=1e-5, atol=1e-5)
 
 
+def test_kernels_use_no_atomics():
+    """Determinism rests on fixed-order partial sums. The interpreter runs programs one after another, so an atomic
+    add (mask-token partials summed into one row) passes every CPU run above and races only on a GPU: keep them out."""
+    assert not re.findall(r"\btl\.atomic_\w+", inspect.getsource(kernels))
+
+
 def test_patchify_gather_grad_matches_torch():
     B, C, H, W, p, K = 2, 3, 8, 12, 4, 3
     imgs = randn(B, C, H, W)
@@ -260,6 +268,37 @@ def test_masked_patch_mse_grad_poisoned():
     ref = _grads(lambda a: M.masked_patch_mse(a, imgs, mask.reshape(B, 6), p, True, backend="torch"), (pred,),
                  torch.tensor(1.0, device=DEV))
     close(grad, ref[0], rtol=1e-5, atol=1e-6)
+
+
+def _official_mae_loss_fp64(pred, imgs, mask, p, norm_pix):
+    """forward_loss of the official MAE, in float64."""
+    target = M.patchify(imgs.double(), p)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.e-6) ** .5
+    loss = ((pred.double() - target) ** 2).mean(dim=-1)
+    return (loss * mask.double()).sum() / mask.double().sum()
+
+
+def test_masked_patch_mse_norm_pix_on_nearly_flat_patches():
+    """Patches whose pixel variance is near the 1e-6 eps (flat sky, blank walls): there the eps and its place inside
+    the square root decide the target, where unit-variance random images hide both. Loss and gradient vs fp64."""
+    B, C, H, W, p = 2, 3, 9, 15, 3
+    L, P = 15, 27
+    gen = torch.Generator().manual_seed(5)
+    std = torch.tensor([3e-4, 1e-3, 3e-3])[torch.randint(0, 3, (B, 1, H // p, 1, W // p, 1), generator=gen)]
+    imgs = (0.4 + std * torch.randn(B, C, H // p, p, W // p, p, generator=gen)).reshape(B, C, H, W).to(DEV)
+    pred = (torch.randn(B, L, P, generator=gen) + 0.3).to(DEV)
+    mask = (torch.rand(B, L, generator=gen) < 0.7).float().to(DEV)
+    mask[0, 0] = 1.0
+    loss = M.masked_patch_mse(pred, imgs, mask, p, True, backend="triton")
+    close(loss, _official_mae_loss_fp64(pred, imgs, mask, p, True), rtol=1e-4, atol=1e-6)
+    got = _grads(lambda a: M.masked_patch_mse(a, imgs, mask, p, True, backend="triton"), (pred,),
+                 torch.tensor(1.3, device=DEV))
+    want = _grads(lambda a: _official_mae_loss_fp64(a, imgs, mask, p, True), (pred.double(),),
+                  torch.tensor(1.3, device=DEV, dtype=torch.float64))
+    close(got[0], want[0], rtol=1e-4, atol=1e-6)
 
 
 def test_gradcheck_torch_reference_float64():

@@ -1,7 +1,7 @@
 """Bounds-check the Triton kernels under the CPU interpreter (tests/triton_memcheck.py).
 
 The interpreter reads raw host memory, so out-of-bounds pointers normally go unnoticed on CPU. Here every
-masked-in load/store of the attention and masking kernels must stay inside its argument's own view, with
+masked-in load/store of the attention, masking and LayerNorm kernels must stay inside its argument's own view, with
 the CPU test configs and with the exact launch configs used on CUDA (``pick_config(..., cuda)``), and the
 outputs must match an fp64 reference (NaN-poisoned buffers, so unwritten elements fail).
 """
@@ -374,3 +374,38 @@ def test_masking_kernels_in_bounds():
     for t in (bad_rows, bad_patches):
         assert torch.isnan(t[0, 0]).all() and torch.isnan(t[1, -1]).all()
         assert torch.isfinite(t[0, 1:]).all()
+
+
+# ---- fused add + LayerNorm kernels ----------------------------------------------------------------
+
+def test_layer_norm_kernels_in_bounds():
+    """Forward and backward with rows that are not a multiple of the row block, a width that is not a power of two,
+    an x view with uneven row strides and several partial dweight rows. An off-by-one row mask writes past y, mean
+    and rstd while every in-bounds value stays right, which only a bounds check (or luck, a crash) shows."""
+    import torch.nn.functional as F
+
+    from mae_fast.ops import _triton_layer_norm as tln
+
+    k = tln._kernels()
+    gen = torch.Generator().manual_seed(4)
+    B, N, D, eps = 3, 7, 99, 1e-6  # 3 x 5 = 15 rows: blocks of 16 (forward) and 8 (backward) both end part full
+    full = torch.randn(B, N, D, generator=gen) * 1.5 + 0.3
+    x = full[:, 2:]
+    branch = torch.randn(B, N - 2, D, generator=gen).to(BF16)
+    w, b = 1 + 0.5 * torch.randn(D, generator=gen), 0.3 * torch.randn(D, generator=gen)
+    dy, d_mid = torch.randn(B, N - 2, D, generator=gen).to(BF16), torch.randn(B, N - 2, D, generator=gen)
+    with triton_memcheck(span=True) as stats:
+        y, x_mid, mean, rstd = k.add_layer_norm_forward(x, branch, w, b, eps, BF16)
+        dx, dbranch, dw, db = k.add_layer_norm_backward(dy, x_mid, mean, rstd, w, b, d_x_mid=d_mid,
+                                                        branch_dtype=BF16, programs=3)
+    assert set(stats.kernels) >= {"_add_layer_norm_fwd_kernel", "_add_layer_norm_bwd_kernel"}, stats.kernels
+    xr = (x + branch.float()).double().requires_grad_(True)
+    wr, br = w.double().requires_grad_(True), b.double().requires_grad_(True)
+    yr = F.layer_norm(xr, (D,), wr, br, eps)
+    gx, gw, gb = torch.autograd.grad(yr, (xr, wr, br), dy.double())
+    torch.testing.assert_close(x_mid, x + branch.float(), rtol=0, atol=0)
+    torch.testing.assert_close(y.double(), yr.detach(), rtol=1e-2, atol=1e-2)  # bf16 output
+    torch.testing.assert_close(dx.double(), gx + d_mid.double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dbranch.double(), gx + d_mid.double(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(dw.double(), gw, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db.double(), gb, rtol=1e-4, atol=1e-4)
