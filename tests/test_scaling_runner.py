@@ -607,3 +607,23 @@ def test_run_then_fit_projects_to_the_grids_fit_block(fake_jobs, capsys):
                                                                                (2e8, 60.0, 224.0)]
     assert projections[0]["label"] == "my big model" and projections[1]["label"]  # the second one gets a label
     assert "Cheapest setting for top1 >= 45%" in (fake_jobs / "sweep" / "fit" / "report.md").read_text()
+
+
+def test_default_job_stopped_early_is_interrupted_not_recorded(tmp_path):
+    """Pretraining that stops before its end (time_limit_s, stop_at_step) left its checkpoint: evaluating that
+    encoder would record a wrong result. The run is interrupted (resumed by the next sweep), the sweep goes on."""
+    from mae_fast.scaling.runner import RunInterrupted
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "train" / "grids" / "demo.yaml").read_text())
+    raw.update(name="early", out_dir=str(tmp_path / "sweep"), models=raw["models"][:1], hours=[0.01, 0.03],
+               img_sizes=[32])
+    raw["pretrain"].update(stop_at_step=2, progress=False)
+    grid = grid_from_dict(raw)
+    logged = []
+    outcome = run_grid(grid, log=logged.append)
+    assert len(outcome) == 2 and all(v.startswith(RunInterrupted.__name__) for v in outcome.values())
+    assert sum("INTERRUPTED" in line for line in logged) == 2  # the first did not stop the sweep
+    st = sweep_status(grid)
+    assert len(st["interrupted"]) == 2 and not st["failed"] and not st["done"]
+    assert not grid.table_path.exists()  # no row: the runs are not done
+    assert not (grid.run_dir(grid.runs[0].run_id) / "eval").exists()  # nothing was evaluated

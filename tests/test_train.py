@@ -240,6 +240,72 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     assert b["step"] == 8 and (b["epoch"], b["index_in_epoch"]) == divmod(8, 48 // 8)
 
 
+class _SignalAfterSteps:
+    """Stands in for the time module inside pretrain: its debug per-step sleep sends ``signals`` to this process
+    after step ``after`` (the handler runs before the next step starts), so the stop is at a known step."""
+
+    def __init__(self, after: int, *signals):
+        import time
+
+        self._time, self.after, self.signals, self.calls = time, after, signals, 0
+
+    def __getattr__(self, name):
+        return getattr(self._time, name)
+
+    def sleep(self, seconds):
+        import signal
+
+        self.calls += 1
+        if self.calls == self.after:
+            for sig in self.signals:
+                signal.raise_signal(sig)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_at_the_end_of_a_step_with_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch, signame):
+    """Ctrl-C or SIGTERM (SLURM's time limit, preemption) during training: the step under way (the 4th; the
+    signal came after the 3rd, between checkpoints) finishes, a checkpoint of it is written, and the run
+    raises TrainingInterrupted; resume=auto then ends where an uninterrupted run ends, bit for bit."""
+    import signal
+
+    from mae_fast.train import pretrain as pretrain_mod
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    straight = pretrain(tiny(tmp_path, name="straight"))
+    monkeypatch.setattr(pretrain_mod, "time", _SignalAfterSteps(3, getattr(signal, signame)))
+    with pytest.raises(pretrain_mod.TrainingInterrupted) as info:
+        pretrain(tiny(tmp_path, name="sig", debug_step_sleep_s=1e-3))
+    assert info.value.signum == getattr(signal, signame) and info.value.step == 4
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers are put back
+    run_dir = tmp_path / "sig"
+    assert [s for s, _ in checkpoint_io.list_checkpoints(run_dir)][0] == 4
+    assert json.loads((run_dir / "result.json").read_text())["stopped"] == f"signal {signame}"
+    monkeypatch.undo()
+    resumed = pretrain(tiny(tmp_path, name="sig", resume="auto"))
+    assert resumed["steps"] == 8 and resumed["stopped"] == "finished"
+    a = torch.load(straight["checkpoint"], weights_only=False)
+    b = torch.load(resumed["checkpoint"], weights_only=False)
+    assert_same_state(a["model"], b["model"])
+    assert_same_optimizer(a["optimizer"], b["optimizer"])
+
+
+def test_a_second_signal_stops_at_once_and_the_cli_exits_as_the_signal(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from mae_fast.train import pretrain as pretrain_mod
+
+    monkeypatch.setattr(pretrain_mod, "time", _SignalAfterSteps(2, signal.SIGINT, signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt) as info:  # Python's own, raised inside the step: no wait, no checkpoint
+        pretrain(tiny(tmp_path, name="twice", debug_step_sleep_s=1e-3))
+    assert type(info.value) is KeyboardInterrupt
+    monkeypatch.setattr(pretrain_mod, "time", _SignalAfterSteps(2, signal.SIGTERM))
+    args = [f"{k}={json.dumps(v)}" for k, v in tiny(tmp_path, name="cli", debug_step_sleep_s=1e-3).items()
+            if k != "recipe"]
+    assert pretrain_mod.main(args) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "signal SIGTERM at step 3/8" in err and "resume=auto" in err
+
+
 def test_time_limit_stops_with_a_checkpoint_at_the_step_it_ran_out(tmp_path):
     """Each step sleeps 0.2 s and the limit is 0.5 s: the run stops after the first step whose loss all-reduce
     comes past the limit (the 3rd or 4th on an idle machine, the 2nd when a busy one adds 0.1 s to a step; all

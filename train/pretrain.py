@@ -16,7 +16,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -42,6 +44,41 @@ PEAK_FLOPS = (
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row; a checkpoint of the state was written to inspect."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped training at the end of a step, after a checkpoint of that step was
+    written (``checkpoint``; ``resume=auto`` continues from it). A KeyboardInterrupt, so code that stops on
+    Ctrl-C still does; ``signum`` says which signal (every rank raises it at the same step)."""
+
+    def __init__(self, message: str, signum: int, step: int, checkpoint):
+        super().__init__(message)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While training, SIGINT and SIGTERM ask for a stop at the end of the current step, with a checkpoint; a
+    second one acts at once. Yields the list of signals received. Only in the main thread and only where the
+    signal still has Python's default handler, never over one a launcher installed (e.g. submitit's)."""
+    received: list[int] = []
+    previous = {}
+
+    def handler(signum, frame):
+        received.append(signum)
+        signal.signal(signum, previous[signum])  # the next one acts at once
+        print(f"\nmae-fast pretrain: {signal.Signals(signum).name}: stopping at the end of this step with a "
+              f"checkpoint (send it again to stop now)", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) is default:
+                previous[sig] = signal.signal(sig, handler)
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +403,7 @@ def pretrain(config: dict | None = None, *, dataset=None) -> dict:
     cfg = config_mod.build_config(config, config_mod.PRETRAIN_KEYS)
     _check_choices(cfg)
     # a non-finite-loss stop happens at the same step on every rank: the loss it checks is reduced over ranks
-    with dist_mod.process_group(cfg["device"], finished_on=(NonFiniteLossError,)) as info:
+    with dist_mod.process_group(cfg["device"], finished_on=(NonFiniteLossError, TrainingInterrupted)) as info:
         return _pretrain(cfg, info, dataset)
 
 
@@ -740,6 +777,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
     last_ckpt, last_ckpt_step = None, None
     stopped = "finished"
     time_up = False
+    stop_signal = None  # SIGINT / SIGTERM on any rank: all stop at the end of the same step
     rate, mfu = 0.0, None
     steady = {"images": 0, "seconds": 0.0, "windows": 0, "data_wait_s": 0.0}  # all windows but the first (warm-up)
 
@@ -773,6 +811,8 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
             bar.set_postfix(post, refresh=False)
         t_window, imgs_window, losses_window, data_wait_window = time.perf_counter(), 0, [], 0.0
     train_model.train()
+    handlers = contextlib.ExitStack()
+    signals = handlers.enter_context(stop_requests())
     try:
         while step < total_steps:
             if stop_at is not None and step >= int(stop_at):
@@ -780,6 +820,9 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
                 break
             if time_up:
                 stopped = f"time_limit_s={cfg['time_limit_s']}"
+                break
+            if stop_signal is not None:
+                stopped = f"signal {signal.Signals(stop_signal).name}"
                 break
             lr = lr_at(step, peak_lr, total_steps, warmup, cfg["lr_schedule"], cfg["min_lr"])
             for g in optimizer.param_groups:
@@ -807,11 +850,14 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 loss_sum += loss.detach().float()
             # one all-reduce gives every rank the mean loss (non-finite if any rank's is) and whether any
-            # rank is past the time limit, so all ranks stop at the same step
+            # rank is past the time limit or got SIGTERM / SIGINT, so all ranks stop at the same step
             over_time = cfg["time_limit_s"] is not None and time.perf_counter() - t_loop > cfg["time_limit_s"]
-            shared = torch.stack([loss_sum / (A * info.world_size), loss_sum.new_full((), float(over_time))])
+            flags = [float(over_time), float(signal.SIGTERM in signals), float(signal.SIGINT in signals)]
+            shared = torch.stack([loss_sum / (A * info.world_size), *(loss_sum.new_full((), f) for f in flags)])
             shared = dist_mod.all_reduce_sum(shared).tolist()
             step_loss, time_up = shared[0], shared[1] > 0
+            if shared[2] > 0 or shared[3] > 0:
+                stop_signal = signal.SIGTERM if shared[2] > 0 else signal.SIGINT
             grad_norm = None
             ok = math.isfinite(step_loss)
             if ok:
@@ -862,13 +908,15 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
         if imgs_window:
             log_window(lr, grad_norm)
     finally:
+        handlers.close()
         if bar is not None:
             bar.close()
         metrics.close()
 
     if last_ckpt_step != step:
         last_ckpt = save(step, last_loss)
-    picture(step)
+    if stop_signal is None:  # a stop on a signal is kept short (SIGTERM comes with a grace period)
+        picture(step)
     wall = wall_before + time.perf_counter() - t_loop
     final_loss = float(np.mean(recent_losses)) if recent_losses else last_loss
     # throughput after the first logging window (which holds compilation and warm-up), else the last
@@ -895,6 +943,9 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
             _say(info, f"  data:       training waited for data {100 * steady_wait:.0f}% of the time (rank 0): raise "
                        f"num_workers (now {cfg['num_workers']}){spare}, or write shards once (python -m "
                        f"mae_fast.data.shards; bench/bench_data.py measures the options)")
+    if stop_signal is not None:
+        raise TrainingInterrupted(f"{stopped} at step {step}/{total_steps}; checkpoint {last_ckpt} (resume=auto "
+                                  f"continues from it)", stop_signal, step, last_ckpt)
     return result
 
 
@@ -916,6 +967,9 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:
         print(f"mae-fast pretrain: {e}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as e:  # the summary above says where; exit as the signal would have
+        print(f"mae-fast pretrain: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
     return 0
 
 

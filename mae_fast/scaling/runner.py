@@ -46,6 +46,11 @@ __all__ = [
 JobFn = Callable[[dict, Path], Mapping]
 
 
+class RunInterrupted(RuntimeError):
+    """The job stopped before its end (e.g. pretraining's ``time_limit_s``) with its state saved: the run is
+    interrupted, not failed, and the next sweep resumes it; the sweep goes on with the other runs."""
+
+
 def default_job(config: dict, run_dir: Path) -> dict:
     """The adapter from a run's config to the training code: MAE pretraining, then evaluation.
 
@@ -76,6 +81,9 @@ def _pretrain_then_evaluate(config: dict, run_dir: Path) -> dict:
         "data_source": data.get("source"), "hours": config["hours"], "fps": data.get("fps", 1.0),
         "batch_size": budget["batch_size"], "steps": budget["steps"],
     })
+    if pre["stopped"] != "finished":  # evaluating a partly trained encoder would record a wrong result
+        raise RunInterrupted(f"pretraining stopped early ({pre['stopped']} at step {pre['steps']}/"
+                             f"{pre['total_steps']}); the next sweep resumes it from {pre['checkpoint']}")
     # a finished evaluation (same encoder checkpoint) is reused; an interrupted one resumes after its last saved
     # epoch (finetune's resume=auto). Over several ranks (torchrun, SLURM tasks) both stages run on all of them.
     saved = run_dir / "eval" / "results.json"
@@ -178,7 +186,8 @@ def run_one(spec: RunSpec, run_dir: Path, table_path: Path, job: str | JobFn) ->
     except BaseException as exc:
         if lead:  # Ctrl-C, or submitit's exit on preemption: interrupted (resumable), not failed
             status = _read_status(run_dir)
-            status.update(state="failed" if isinstance(exc, Exception) else "interrupted",
+            interrupted = isinstance(exc, RunInterrupted) or not isinstance(exc, Exception)
+            status.update(state="interrupted" if interrupted else "failed",
                           error=f"{type(exc).__name__}: {exc}", ended=_now(),
                           traceback=traceback.format_exc(limit=20))
             _write_json(run_dir / "status.json", status)
@@ -343,7 +352,7 @@ def run_local(grid: Grid, runs: Sequence[RunSpec], job: str | JobFn | None = Non
                 log(f"    top1 {row['top1']:.2f}  ({row['wall_time_s']:.1f} s)")
             except Exception as exc:  # noqa: BLE001 - recorded in status.json, the sweep goes on
                 outcome[spec.run_id] = f"{type(exc).__name__}: {exc}"
-                log(f"    FAILED {outcome[spec.run_id]}")
+                log(f"    {'INTERRUPTED' if isinstance(exc, RunInterrupted) else 'FAILED'} {outcome[spec.run_id]}")
             continue
         if mode not in ("subprocess", "torchrun"):
             raise ValueError(f"local mode must be inprocess, subprocess or torchrun, got {mode!r}")
