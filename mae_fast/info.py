@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import platform
 import sys
 
@@ -69,6 +70,21 @@ def _attention_tiling() -> str:
     return f"{mode}, {status}; head dim 80 -> {tiles} columns"
 
 
+def _attention_prefs() -> str:
+    """Where auto's attention measurements come from and which GPUs they cover."""
+    import warnings
+
+    from .ops.attention import PREFS_PATH, attention_prefs
+
+    path = os.environ.get("MAE_FAST_ATTENTION_PREFS", str(PREFS_PATH))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said in the line itself
+        devices = sorted(attention_prefs().get("devices", {}))
+    if not devices:
+        return f"none measured in {path}: auto ranks attention backends in their default order"
+    return f"measured on {', '.join(devices)} ({path})"
+
+
 def report() -> str:
     from . import __version__, ops
 
@@ -77,6 +93,7 @@ def report() -> str:
         lines.append(f"{mod:<12} {_version(mod)}")
     lines.append(f"{'video':<12} {_video_decoding()}")
     lines.append(f"{'fa tiling':<12} {_attention_tiling()}")
+    lines.append(f"{'attn prefs':<12} {_attention_prefs()}")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))

@@ -300,6 +300,26 @@ def test_info_runs():
     assert f"auto -> {'PyAV' if resolve_backend('auto') == 'pyav' else 'torchcodec'}" in video
 
 
+def test_info_and_auto_say_when_the_attention_preference_table_is_missing(monkeypatch, tmp_path):
+    """An install without the measured table once ranked backends silently; now auto warns and info says so."""
+    from mae_fast.info import report
+    from mae_fast.ops.attention import attention_prefs
+
+    line = next(x for x in report().splitlines() if x.startswith("attn prefs "))
+    assert "measured on NVIDIA H100" in line  # the table the repository ships
+    missing = tmp_path / "nope.json"
+    monkeypatch.setenv("MAE_FAST_ATTENTION_PREFS", str(missing))
+    attention_prefs.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="attention preference table .*nope.json is unreadable"):
+            assert attention_prefs() == {}
+        line = next(x for x in report().splitlines() if x.startswith("attn prefs "))
+        assert line.endswith(f"none measured in {missing}: auto ranks attention backends in their default order")
+    finally:
+        monkeypatch.delenv("MAE_FAST_ATTENTION_PREFS")
+        attention_prefs.cache_clear()
+
+
 def test_info_names_the_attention_tiling(monkeypatch):
     from mae_fast.info import report
     from mae_fast.ops._triton_attention import _kernels

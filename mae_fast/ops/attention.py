@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -111,7 +112,9 @@ def attention_prefs(path: str | None = None) -> dict:
     p = Path(path or os.environ.get("MAE_FAST_ATTENTION_PREFS", PREFS_PATH))
     try:
         return json.loads(p.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:  # said once per path (cached): auto still works, without measurements
+        warnings.warn(f"attention preference table {p} is unreadable ({type(exc).__name__}: {exc}); "
+                      f"backend='auto' ranks attention backends in their default order", RuntimeWarning, stacklevel=2)
         return {}
 
 
