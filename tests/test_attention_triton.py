@@ -53,10 +53,13 @@ def _assert_close_as_torch(q, k, v, cu=None, scale=None, max_seqlen=None):
     ref = _grads(lambda a, b, c: attention_reference(a, b, c, scale, cu, upcast=False), q, k, v, do, torch.float64)
     low = _grads(lambda a, b, c: attention_reference(a, b, c, scale, cu, upcast=False), q, k, v, do, dtype)
     tri = _grads(lambda a, b, c: flash_attention(a, b, c, scale, cu, max_seqlen), q, k, v, do, dtype)
+    # the floor's scale: the largest of the four results, not each one's own (one key per query makes dq and dk
+    # exactly 0 in fp64 and in torch's fp16, while the kernel's p * (dp - delta) rounds dp and delta apart)
+    largest = max(max(r.abs().max().item() for r in ref), 1e-3)
     for name, t, lo, r, mult in zip(("out", "dq", "dk", "dv"), tri, low, ref, (2, 3, 3, 3)):
         # one ulp at the largest value; fp32 gets 32: GPU exp2 is approximate (H100: 13 ulp seen at head dim 128)
         ulps = 32 if dtype == torch.float32 else 1
-        floor = ulps * torch.finfo(dtype).eps * max(r.abs().max().item(), 1e-3)
+        floor = ulps * torch.finfo(dtype).eps * largest
         assert t.shape == r.shape and t.dtype == dtype
         assert torch.isfinite(t).all(), f"{name}: non-finite values"
         err = (t.double() - r).abs().max().item()
@@ -448,3 +451,38 @@ def test_torch_compile_forward_backward():
     f(q, k, v).backward()
     for a, b in zip(grads, (q.grad, k.grad, v.grad)):
         torch.testing.assert_close(a, b)
+
+
+# ---- layouts and numerics the cases above do not reach (mutation audit) -------------------------------
+
+def test_k_and_v_with_different_strides():
+    """q, k, v (and dout) need not share a layout (here k a view of a packed kv projection, q and v of wider
+    buffers, dout contiguous): each is addressed with its own strides, forward and backward."""
+    q = _rand(2, 70, 2, 48)[..., :40]  # 70 rows: blocks at offsets 0, 32 and a partial one at 64
+    k = _rand(2, 70, 2, 2, 40).unbind(2)[0]  # row stride 160, head stride 40
+    v = _rand(2, 70, 2, 56)[..., :40]  # row stride 112, head stride 56
+    assert len({q.stride(), k.stride(), v.stride()}) == 3
+    _assert_close_as_torch(q, k, v)
+
+
+# The padded key rows of a dK/dV program see exp(0 - lse) too and overflow there, harmlessly: they are never stored.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("dtype,mean", [(FP16, 2.0), (BF16, 5.0)])
+def test_rows_whose_scores_are_all_far_below_zero(dtype, mean):
+    """Every score of every row far below 0 (so is the LSE: about -23 in fp16, -140 in bf16): exp(s - lse) of the
+    padded key columns of the last block would overflow the input dtype (or fp32), so dQ must mask them, not rely
+    on the zero-padded keys they multiply."""
+    q = mean + 0.3 * _rand(1, 37, 2, 32, dtype=FP32)
+    k = -(mean + 0.3 * _rand(1, 37, 2, 32, dtype=FP32))
+    v = _rand(1, 37, 2, 32, dtype=FP32)
+    _assert_close_as_torch(q.to(dtype), k.to(dtype), v.to(dtype))
+
+
+def test_many_key_blocks_that_cancel():
+    """Near-uniform attention over 12 key blocks whose values cancel (+3 then -3): the running output must stay
+    in fp32 across blocks; rounded to bf16 between blocks its error is many times PyTorch's."""
+    n = 389
+    q, k = 0.1 * _rand(1, n, 1, 32), 0.1 * _rand(1, n, 1, 32)
+    sign = torch.where(torch.arange(n, device=DEVICE) < n // 2, 1.0, -1.0)[None, :, None, None]
+    v = (3 * sign + 0.1 * _rand(1, n, 1, 32, dtype=FP32)).to(BF16)
+    _assert_close_as_torch(q, k, v)
