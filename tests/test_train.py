@@ -289,6 +289,19 @@ def test_a_signal_stops_at_the_end_of_a_step_with_a_checkpoint_and_resume_is_exa
     assert_same_optimizer(a["optimizer"], b["optimizer"])
 
 
+def test_a_signal_in_the_last_step_is_still_honoured(tmp_path, monkeypatch):
+    """After the last step's all-reduce there is no step left to stop at: the run ends and is saved as usual, then
+    the signal is raised all the same (a sweep or script that got Ctrl-C must not go on to its next stage)."""
+    import signal
+
+    from mae_fast.train import pretrain as pretrain_mod
+
+    monkeypatch.setattr(pretrain_mod, "time", _SignalAfterSteps(8, signal.SIGINT))
+    with pytest.raises(pretrain_mod.TrainingInterrupted, match="finished at step 8/8, then SIGINT") as info:
+        pretrain(tiny(tmp_path, name="last", debug_step_sleep_s=1e-3))
+    assert info.value.step == 8 and [s for s, _ in checkpoint_io.list_checkpoints(tmp_path / "last")][0] == 8
+
+
 def test_a_second_signal_stops_at_once_and_the_cli_exits_as_the_signal(tmp_path, monkeypatch, capsys):
     import signal
 
@@ -316,23 +329,45 @@ def test_time_limit_stops_with_a_checkpoint_at_the_step_it_ran_out(tmp_path):
     assert ckpt["step"] == res["steps"] and ckpt["images_seen"] == res["steps"] * 8
 
 
-def test_a_rank_past_the_time_limit_stops_every_rank(tmp_path, monkeypatch):
-    """The over-time flag travels in the loss all-reduce: here a simulated other rank reports being past the
-    limit from step 3 on, and this process (nowhere near it) stops there too, as a rank of that run would."""
+def _peer_flag(monkeypatch, index: int, from_call: int) -> list:
+    """Simulates another rank raising flag ``index`` of the loss all-reduce ([loss, over time, SIGTERM, SIGINT])
+    from its ``from_call``-th step on; returns what this rank itself sent."""
     from mae_fast.train import distributed as dist_mod
 
     calls = []
 
     def all_reduce_sum(t):
         calls.append(t.clone())
-        if t.numel() == 2 and len(calls) >= 3:
-            t[1] += 1.0  # the other rank's flag
+        if t.numel() == 4 and len(calls) >= from_call:
+            t[index] += 1.0  # the other rank's flag
         return t
 
     monkeypatch.setattr(dist_mod, "all_reduce_sum", all_reduce_sum)
+    return calls
+
+
+def test_a_rank_past_the_time_limit_stops_every_rank(tmp_path, monkeypatch):
+    """The over-time flag travels in the loss all-reduce: here a simulated other rank reports being past the
+    limit from step 3 on, and this process (nowhere near it) stops there too, as a rank of that run would."""
+    calls = _peer_flag(monkeypatch, 1, 3)
     res = pretrain(tiny(tmp_path, name="peer", time_limit_s=1e6))
     assert res["stopped"] == "time_limit_s=1000000.0" and res["steps"] == 3
-    assert all(c.numel() == 2 and c[1] == 0 for c in calls)  # this rank's own flag stayed down
+    assert all(c.numel() == 4 and not c[1:].any() for c in calls)  # this rank's own flags stayed down
+
+
+def test_a_signal_to_one_rank_stops_every_rank(tmp_path, monkeypatch):
+    """torchrun or SLURM may signal one rank first: its SIGTERM flag stops this rank at the same step, with the
+    same checkpoint and exception."""
+    import signal
+
+    from mae_fast.train import pretrain as pretrain_mod
+
+    calls = _peer_flag(monkeypatch, 2, 5)
+    with pytest.raises(pretrain_mod.TrainingInterrupted) as info:
+        pretrain(tiny(tmp_path, name="peer_term"))
+    assert info.value.signum == signal.SIGTERM and info.value.step == 5
+    assert [s for s, _ in checkpoint_io.list_checkpoints(tmp_path / "peer_term")][0] == 5
+    assert all(not c[1:].any() for c in calls)
 
 
 def test_resume_skips_a_corrupt_newest_checkpoint_and_stays_exact(tmp_path):

@@ -943,9 +943,12 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
             _say(info, f"  data:       training waited for data {100 * steady_wait:.0f}% of the time (rank 0): raise "
                        f"num_workers (now {cfg['num_workers']}){spare}, or write shards once (python -m "
                        f"mae_fast.data.shards; bench/bench_data.py measures the options)")
-    if stop_signal is not None:
-        raise TrainingInterrupted(f"{stopped} at step {step}/{total_steps}; checkpoint {last_ckpt} (resume=auto "
-                                  f"continues from it)", stop_signal, step, last_ckpt)
+    # a signal after the last step's all-reduce is honoured too, now that every collective is behind us
+    signum = stop_signal if stop_signal is not None else (signals[0] if signals else None)
+    if signum is not None:
+        raise TrainingInterrupted(f"{stopped} at step {step}/{total_steps}"
+                                  + ("" if stop_signal is not None else f", then {signal.Signals(signum).name}")
+                                  + f"; checkpoint {last_ckpt} (resume=auto continues from it)", signum, step, last_ckpt)
     return result
 
 

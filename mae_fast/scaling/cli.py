@@ -27,9 +27,13 @@ def _cmd_run(args) -> int:
     job = args.job or grid.job
     try:  # before anything is submitted: a typo here would fail every run of the sweep
         resolve_job(job)
+        job_error = None
     except (ImportError, AttributeError, ValueError) as exc:
-        raise GridError(f"{grid.path or grid.name}: job {job!r} cannot be loaded ({type(exc).__name__}: {exc})") \
-            from None
+        job_error = f"{grid.path or grid.name}: job {job!r} cannot be loaded ({type(exc).__name__}: {exc})"
+    if job_error and not args.dry_run:
+        raise GridError(job_error)
+    if job_error:  # the listing still helps; the real run will refuse
+        print(f"warning: {job_error}; `scale run` will refuse to start", file=sys.stderr)
     if args.mode:
         grid.executor["mode"] = args.mode
     if args.dry_run:
