@@ -35,7 +35,8 @@ from mae_fast.data.base import DataError
 from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.train import checkpoint_io, config as config_mod, curves
 from mae_fast.train import distributed as dist_mod
-from mae_fast.train.pretrain import NO_DECAY_NAMES, SeededItems, _mix, autocast_dtype, rng_state, set_rng_state
+from mae_fast.train.pretrain import (NO_DECAY_NAMES, SeededItems, _check_choices, _mix, autocast_dtype, rng_state,
+                                     set_rng_state)
 
 
 def _world() -> int:
@@ -334,8 +335,7 @@ def finetune(config: dict | None = None, *, datasets=None) -> dict:
     epochs, %), best_epoch, top5_at_best, history, results (path), checkpoint (the encoder source).
     ``datasets`` = (train_ds, val_ds, classes) replaces the configured labelled data."""
     cfg = config_mod.build_config(config, config_mod.FINETUNE_KEYS, default_recipe=None)
-    if cfg["device"] not in ("auto", "cpu", "cuda"):
-        raise config_mod.ConfigError(f"device must be one of auto, cpu, cuda, got {cfg['device']!r}")
+    _check_choices(cfg, keys=("device",))
     with dist_mod.process_group(cfg["device"]) as info:
         return _finetune(cfg, info, datasets)
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from mae_fast.data.base import DataError
+from mae_fast.data.subset import SUBSET_MODES
 from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.train import checkpoint_io, config as config_mod, curves, distributed as dist_mod
 
@@ -436,7 +437,7 @@ def _check(cfg: dict, world: int) -> None:
 
 # keys with a fixed set of values, checked before the process group starts and the data is built
 CHOICES = {"device": ("auto", "cpu", "cuda"), "distributed": ("auto", "ddp", "fsdp", "none"),
-           "precision": ("auto", "bf16", "fp16", "fp32"), "subset": ("contiguous", "uniform")}
+           "precision": ("auto", "bf16", "fp16", "fp32"), "subset": SUBSET_MODES}
 
 
 def _check_choices(cfg: dict, keys=("device", "distributed", "precision", "subset")) -> None:
