@@ -121,7 +121,7 @@ def attention_shapes(model: str, img_size: int | None = None, mask_ratio: float 
     from .models.registry import create_model
 
     with torch.device("meta"):
-        m = create_model(model, **({"img_size": img_size} if img_size else {}))
+        m = create_model(model, **({"img_size": img_size} if img_size is not None else {}))
     enc, dec = m.blocks[0].attn.num_heads, m.decoder_blocks[0].attn.num_heads
     return {"encoder": (max(1, m.num_visible(mask_ratio)) + 1, enc, m.embed_dim // enc),
             "decoder": (m.num_patches + 1, dec, m.decoder_embed_dim // dec)}
@@ -162,17 +162,26 @@ def main(argv=None) -> int:
     ap.add_argument("--img-size", type=int, help="with --model: image size (default: the model's)")
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     args = ap.parse_args(argv)
-    print(report())
-    if args.model:
+    models_part = None
+    if args.model:  # checked before the device report, so a bad value is one line and exit code 2
         from .models.registry import list_models
 
         if args.model not in list_models():
             print(f"mae-fast info: unknown model {args.model!r}; available: {', '.join(list_models())}",
                   file=sys.stderr)
             return 2
-        print("\n" + model_report(args.model, args.img_size, args.mask_ratio))
+        try:
+            if not 0.0 <= args.mask_ratio < 1.0:
+                raise ValueError(f"mask_ratio must be in [0, 1), got {args.mask_ratio}")
+            models_part = model_report(args.model, args.img_size, args.mask_ratio)
+        except ValueError as e:  # an img_size not a positive multiple of the patch
+            print(f"mae-fast info: {args.model}: {e}", file=sys.stderr)
+            return 2
+    print(report())
+    if models_part is not None:
+        print("\n" + models_part)
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

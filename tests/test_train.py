@@ -877,3 +877,13 @@ def test_interrupted_finetune_resumes_after_its_last_epoch_with_the_same_numbers
     assert fresh["history"] == reference["history"]
     with pytest.raises(config_mod.ConfigError, match="resume must be auto or null"):
         ft.finetune(dict(base, name="bad", resume="yes"), datasets=data)
+
+
+def test_finetune_with_an_empty_validation_set_stops_before_training(tmp_path):
+    from mae_fast.train.finetune import finetune
+
+    with pytest.warns(RuntimeWarning, match="random weights"), \
+            pytest.raises(config_mod.ConfigError, match="no validation images"):
+        finetune(dict(mode="linprobe", checkpoint=None, output_dir=str(tmp_path), epochs=1, batch_size=8, img_size=32,
+                      progress=False, memory_budget_gib=None), datasets=(Shapes(8), Shapes(0), ["a", "b", "c", "d"]))
+    assert not (tmp_path / "linprobe").exists()

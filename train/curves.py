@@ -75,12 +75,13 @@ def plot_pretrain(runs: dict[str, list[dict]], out: str | Path, x: str = "step")
         for i, (label, rows) in enumerate(runs.items()):
             xs, ys = _series(rows, x, key, scale)
             if xs:
-                ax.plot(xs, ys, color=f"C{i}", label=label, lw=1.4)
+                ax.plot(xs, ys, color=f"C{i}", label=label, lw=1.4, marker="." if len(xs) == 1 else None)
                 drawn[title][label] = (xs, ys)
             if key == "mfu":
                 wx, wy = _series(rows, x, "data_wait", 100.0)
                 if wx:
-                    ax.plot(wx, wy, color=f"C{i}", ls=":", lw=1.2, label=f"{label}: waiting for data (%)")
+                    ax.plot(wx, wy, color=f"C{i}", ls=":", lw=1.2, label=f"{label}: waiting for data (%)",
+                            marker="." if len(wx) == 1 else None)
                     drawn.setdefault("data wait (%)", {})[label] = (wx, wy)
         if drawn[title] and yscale == "log" and all(min(v[1]) > 0 for v in drawn[title].values()):
             ax.set_yscale("log")
@@ -101,7 +102,8 @@ def plot_finetune(runs: dict[str, list[dict]], out: str | Path) -> dict:
     for i, (label, hist) in enumerate(runs.items()):
         for key, ls in (("train_loss", "-"), ("val_loss", "--")):
             xs, ys = _series(hist, "epoch", key)
-            axes[0].plot(xs, ys, color=f"C{i}", ls=ls, label=f"{label} {key.split('_')[0]}")
+            axes[0].plot(xs, ys, color=f"C{i}", ls=ls, label=f"{label} {key.split('_')[0]}",
+                         marker="." if len(xs) == 1 else None)  # one epoch: a line of one point shows nothing
             drawn["loss"][f"{label} {key}"] = (xs, ys)
         for key, ls in (("top1", "-"), ("top5", "--")):
             xs, ys = _series(hist, "epoch", key)
@@ -147,15 +149,24 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path | None = None, x: str 
     if len(set(labels)) < len(labels):
         labels = [str(p) for p in paths]
     out = Path(out) if out else (paths[0] if paths[0].is_dir() else paths[0].parent) / "curves.png"
+    if out.is_dir():  # savefig wrote <dir>.png beside it
+        out = out / "curves.png"
+    elif not out.suffix:  # savefig appends .png: return the file it writes
+        out = out.with_suffix(".png")
     if kinds == {"pretrain"}:
-        plot_pretrain({lab: read_metrics(p) for lab, p in zip(labels, paths)}, out, x)
+        rows = {lab: read_metrics(p) for lab, p in zip(labels, paths)}
+        if not any(rows.values()):  # an empty picture, exit code 0, said nothing was wrong
+            raise ValueError(f"no metrics logged yet in {', '.join(map(str, paths))}")
+        plot_pretrain(rows, out, x)
     else:
         hists = {}
         for lab, p in zip(labels, paths):
             try:
                 hists[lab] = json.loads((p / "results.json").read_text())["history"]
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError) as e:  # TypeError: not a JSON object
                 raise ValueError(f"{p / 'results.json'} is not a finetuning result ({type(e).__name__}: {e})")
+        if not any(hists.values()):
+            raise ValueError(f"no epoch finished yet in {', '.join(map(str, paths))}")
         plot_finetune(hists, out)
     return out
 

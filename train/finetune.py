@@ -411,6 +411,8 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
         raise config_mod.ConfigError(f"only {n_train} training image(s) after fraction={cfg['fraction']}")
     if n_train < world:
         raise config_mod.ConfigError(f"{n_train} training images cannot be shared by {world} processes")
+    if len(val_ds) == 0:  # evaluating on nothing divided by zero after the first epoch of training
+        raise config_mod.ConfigError("no validation images: top-1 cannot be measured")
     steps_per_epoch = len(_epoch_batches(n_train, B, cfg["seed"], 0, world, rank))
     total = cfg["epochs"] * steps_per_epoch
     warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
