@@ -42,6 +42,8 @@ GPU_CONFIGS = [  # (model, img_size, batch)
     ("mae_vit_huge_patch14", 952, 4),
 ]
 CPU_CONFIGS = [("mae_vit_small_patch16", 112, 8), ("mae_vit_small_patch16", 224, 4)]
+# every implementation a row can have (--impls)
+IMPLS = ("mae_fast", "mae_fast_lean", "mae_fast_lean_ckpt", "mae_fast_fused_ln", "reference", "hf_vitmae")
 # what peak_mem_gib counts (results before this field counted every resident model's weights)
 PEAK_MEM_DEFINITION = "own weights + own optimizer state + everything the step allocates"
 
@@ -293,7 +295,10 @@ def model_num_patches(model):
 def load_plans(path) -> dict:
     """{(model, img_size): checkpointed blocks} from a ``memory_estimate.py`` JSON: the lean plans that reach its
     memory target (configurations where lean alone does)."""
-    rows = json.loads(Path(path).read_text())["rows"]
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or "target" not in data:  # what memory_estimate.py writes beside its rows
+        raise ValueError("no memory 'target'")
+    rows = data["rows"]
     return {(r["model"], r["img_size"]): r["checkpointed_blocks"] for r in rows if r["impl"] == "mae_fast_lean_ckpt"}
 
 
@@ -377,7 +382,8 @@ def _release(device) -> None:
 def _result(device, peak_rate, rows) -> dict:
     add_ratios(rows)
     return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                matmul_flops=peak_rate, peak_mem_definition=PEAK_MEM_DEFINITION, rows=rows)
+                torch=torch.__version__, date=time.strftime("%Y-%m-%d"), matmul_flops=peak_rate,
+                peak_mem_definition=PEAK_MEM_DEFINITION, rows=rows)
 
 
 def add_ratios(rows) -> None:
@@ -465,7 +471,23 @@ def main(argv=None):
     configs = CPU_CONFIGS if device.type == "cpu" else GPU_CONFIGS
     if args.only:  # in the order given, so a time limit cuts the least wanted
         order = [tuple(s.split(":")) for s in args.only.split(",")]
+        table_ = [(c[0], str(c[1])) for c in configs]
+        unknown = [":".join(o) for o in order if o not in table_]
+        if unknown:
+            ap.error(f"--only {','.join(unknown)}: not in the {device.type} table "
+                     f"({', '.join(f'{m}:{p}' for m, p in table_)})")
         configs = sorted((c for c in configs if (c[0], str(c[1])) in order), key=lambda c: order.index((c[0], str(c[1]))))
+    if args.impls and set(args.impls.split(",")) - set(IMPLS):
+        ap.error(f"--impls {','.join(sorted(set(args.impls.split(',')) - set(IMPLS)))}: unknown "
+                 f"(known: {', '.join(IMPLS)})")
+    plans = None
+    if args.plans:
+        try:
+            plans = load_plans(args.plans)
+        except OSError as e:
+            ap.error(f"--plans {args.plans}: {e.strerror}")
+        except (ValueError, KeyError, TypeError) as e:
+            ap.error(f"--plans {args.plans}: not a memory_estimate.py JSON ({type(e).__name__}: {e})")
     steps = args.steps or (5 if device.type == "cpu" else 10)
     warmup = args.warmup or (2 if device.type == "cpu" else 3)
     if device.type == "cuda" and len(configs) > 1 and not args.in_process:
@@ -475,7 +497,7 @@ def main(argv=None):
     result = run(configs, device, steps, warmup, [False, True] if args.compile else [False], with_hf=not args.no_hf,
                  compile_only=set(args.compile_only.split(",")) if args.compile_only else None,
                  impls=set(args.impls.split(",")) if args.impls else None, out=args.out,
-                 plans=load_plans(args.plans) if args.plans else None, compile_scope=args.compile_scope)
+                 plans=plans, compile_scope=args.compile_scope)
     print("\n" + table(result))
     if args.out:
         _write(args.out, result)

@@ -138,13 +138,25 @@ def main(argv=None):
     configs = GPU_CONFIGS
     if args.only:
         keep = {tuple(s.split(":")) for s in args.only.split(",")}
+        unknown = sorted(":".join(k) for k in keep - {(c[0], str(c[1])) for c in configs})
+        if unknown:
+            known = ", ".join(f"{m}:{p}" for m, p, _ in configs)
+            ap.error(f"--only {','.join(unknown)}: not in the table ({known})")
         configs = [c for c in configs if (c[0], str(c[1])) in keep]
+    if args.measured:  # checked before the table, which takes a while
+        if not Path(args.measured).exists():
+            ap.error(f"--measured {args.measured}: no such file")
+        try:
+            rows = json.loads(Path(args.measured).read_text())["rows"]
+            e2e_rows = all("impl" in r and "compile" in r for r in rows)
+        except (ValueError, KeyError, TypeError):
+            e2e_rows = False
+        if not e2e_rows:
+            ap.error(f"--measured {args.measured}: not a bench/e2e.py JSON (no rows with impl and compile)")
     result = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, target=args.target,
                   method="mae_fast.memory.estimate_train_step: fake tensors on the CPU, storage lifetimes tracked, "
                          "512-byte rounding", rows=table_rows(configs, args.target))
     if args.measured:
-        if not Path(args.measured).exists():
-            ap.error(f"--measured {args.measured}: no such file")
         result["measured"] = Path(args.measured).name
         result["validation"] = validation_rows(Path(args.measured))
     print("\n" + markdown(result))

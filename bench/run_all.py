@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma list of suites: " + ",".join(s[0] for s in SUITES))
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows of the e2e table")
     args = ap.parse_args(argv)
+    unknown = set(args.only.split(",")) - {s[0] for s in SUITES} if args.only else set()
+    if unknown:
+        ap.error(f"--only {','.join(sorted(unknown))}: unknown suite (known: {', '.join(s[0] for s in SUITES)})")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = f"{device_slug()}-{dt.date.today().isoformat()}"

@@ -277,10 +277,22 @@ def main(argv=None) -> int:
     configs = SMOKE_CONFIGS if args.smoke else GPU_CONFIGS
     if args.only:
         wanted = {tuple(o.split(":")) for o in args.only}
+        unknown = [o for o in args.only if tuple(o.split(":")) not in {(c[0], str(c[1])) for c in configs}]
         configs = [c for c in configs if (c[0], str(c[1])) in wanted]
-        if not configs:
-            ap.error(f"--only matched none of {[f'{m}:{p}' for m, p, _ in GPU_CONFIGS]}")
-    measured = load_measured(args.measured, args.measured_impls) if args.measured else None
+        if unknown:
+            table_ = SMOKE_CONFIGS if args.smoke else GPU_CONFIGS
+            ap.error(f"--only {' '.join(unknown)}: not in {[f'{m}:{p}' for m, p, _ in table_]}")
+    measured = None
+    if args.measured:
+        try:
+            measured = load_measured(args.measured, args.measured_impls)
+        except OSError as e:
+            ap.error(f"--measured {args.measured}: {e.strerror}")
+        except (ValueError, KeyError, TypeError) as e:
+            ap.error(f"--measured {args.measured}: not a bench/e2e.py JSON ({type(e).__name__}: {e})")
+    for path in (args.out, args.md):  # before the run, not after it
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     result = run(configs, args.impls, args.matmul_tflops * 1e12, args.copy_gbs * 1e9, measured)
     md = table(result)
     print(md)

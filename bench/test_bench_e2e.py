@@ -230,3 +230,68 @@ def test_isolated_run_gives_each_configuration_a_child_and_merges_in_order(tmp_p
     assert json.loads(out.read_text())["rows"] == result["rows"]
     assert all(r["speedup_vs_reference"] == (2.0 if r["impl"] == "mae_fast" else 1.0) for r in result["rows"])
     assert e2e._drop_option(["--a", "1", "--out", "f", "--out=g", "--b"], "--out") == ["--a", "1", "--b"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--only", "mae_vit_nosuch_patch16:224"], "--only mae_vit_nosuch_patch16:224: not in the cpu table"),
+    (["--only", "mae_vit_small_patch16"], "--only mae_vit_small_patch16: not in the cpu table"),
+    (["--only", "mae_vit_small_patch16:112,mae_vit_small_patch16:999"], "--only mae_vit_small_patch16:999: not in"),
+    (["--impls", "mae_fast,nosuch"], "--impls nosuch: unknown"),
+])
+def test_cli_rejects_what_would_run_nothing(args, fragment, capsys):
+    """An --only entry or --impls name that matches nothing is an argparse error (exit 2), not an empty table."""
+    with pytest.raises(SystemExit) as exc:
+        e2e.main(["--smoke", *args])
+    assert exc.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_cli_plans_missing_or_from_another_script_is_an_argparse_error(tmp_path, capsys):
+    import json
+
+    other = tmp_path / "e2e.json"  # an e2e.py result, not a memory_estimate.py one
+    other.write_text(json.dumps(dict(device="cpu", rows=[dict(model="m", img_size=64, impl="mae_fast_lean_ckpt",
+                                                             checkpointed_blocks=1)])))
+    for path, fragment in ((tmp_path / "missing.json", "No such file"), (other, "not a memory_estimate.py JSON")):
+        with pytest.raises(SystemExit) as exc:
+            e2e.main(["--smoke", "--plans", str(path)])
+        assert exc.value.code == 2
+        assert f"--plans {path}: " in (err := capsys.readouterr().err) and fragment in err
+    good = tmp_path / "plans.json"
+    good.write_text(json.dumps(dict(target=0.7, rows=[dict(model="m", img_size=64, impl="mae_fast_lean_ckpt",
+                                                           checkpointed_blocks=1)])))
+    assert e2e.load_plans(good) == {("m", 64): 1}
+
+
+def test_result_json_carries_device_torch_version_and_date():
+    res = e2e._result(torch.device("cpu"), 1.0, [])
+    assert res["device"] == "cpu" and res["torch"] == torch.__version__ and len(res["date"]) == 10
+
+
+def test_run_all_unknown_suite_is_an_argparse_error(tmp_path, capsys):
+    """run_all.py --only with a suite it does not have ran nothing and exited 0; now exit 2."""
+    import run_all
+
+    with pytest.raises(SystemExit) as exc:
+        run_all.main(["--smoke", "--only", "e2e,nosuch", "--out-dir", str(tmp_path)])
+    assert exc.value.code == 2 and "--only nosuch: unknown suite" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_memory_estimate_rejects_unknown_only_and_a_measured_json_from_another_script(tmp_path, capsys):
+    import json
+
+    import memory_estimate as me
+
+    with pytest.raises(SystemExit) as exc:
+        me.main(["--only", "mae_vit_huge_patch14:475", "--measured", ""])
+    assert exc.value.code == 2 and "--only mae_vit_huge_patch14:475: not in the table" in capsys.readouterr().err
+    other = tmp_path / "plans.json"  # memory_estimate.py's own output, not an e2e.py measurement
+    other.write_text(json.dumps(dict(target=0.7, rows=[dict(model="m", img_size=64, impl="reference")])))
+    for content in (None, "[1, 2]"):
+        if content:
+            other.write_text(content)
+        with pytest.raises(SystemExit) as exc:
+            me.main(["--only", "mae_vit_huge_patch14:476", "--measured", str(other)])
+        assert exc.value.code == 2
+        assert f"--measured {other}: not a bench/e2e.py JSON" in capsys.readouterr().err

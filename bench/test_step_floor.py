@@ -112,3 +112,21 @@ def test_summary_floors_and_smoke_cli(tmp_path):
     assert fused["traced_tflops"] == pytest.approx(plain["traced_tflops"]) and fused["gbytes"] < plain["gbytes"]
     for absorbed in ("elementwise", "copy/cast"):  # the residual adds and the casts to bf16
         assert fused["categories"][absorbed]["ops"] < plain["categories"][absorbed]["ops"]
+
+
+def test_cli_errors_and_out_into_a_new_folder(tmp_path, monkeypatch, capsys):
+    """Bad --only / --measured are argparse errors (exit 2) before any tracing; --out and --md may name a folder
+    that does not exist yet (it used to fail with FileNotFoundError after the whole run)."""
+    for args, fragment in (
+            (["--smoke", "--only", "mae_vit_small_patch16:112", "mae_vit_small_patch16:999"],
+             "--only mae_vit_small_patch16:999: not in ['mae_vit_small_patch16:112']"),
+            (["--smoke", "--measured", str(tmp_path / "missing.json")], "No such file"),
+            (["--smoke", "--measured", str(tmp_path / "bad.json")], "not a bench/e2e.py JSON")):
+        (tmp_path / "bad.json").write_text(json.dumps({"date": "2026-01-01"}))
+        with pytest.raises(SystemExit) as exc:
+            step_floor.main(args)
+        assert exc.value.code == 2 and fragment in capsys.readouterr().err
+    monkeypatch.setattr(step_floor, "run", lambda *a, **k: {"rows": []})
+    out, md = tmp_path / "new" / "floor.json", tmp_path / "other" / "floor.md"
+    assert step_floor.main(["--smoke", "--out", str(out), "--md", str(md)]) == 0
+    assert json.loads(out.read_text()) == {"rows": []} and md.read_text().startswith("| model |")
