@@ -11,6 +11,7 @@ what to attack next; ``--trace`` also writes a Chrome trace per implementation.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import re
 import sys
@@ -65,6 +66,9 @@ def profile_impl(stepper, steps: int, device: torch.device, trace: str | None = 
     return dict(ms_per_step=dict(per_cat), total_ms=sum(per_cat.values()), top=top)
 
 
+PROFILED = ("mae_fast", "mae_fast_lean", "reference", "hf_vitmae")  # what e2e.build_models builds
+
+
 def run(name: str, img_size: int, batch: int, device: torch.device, steps: int, impls, trace_dir=None) -> dict:
     models = e2e.build_models(name, img_size, device, with_hf="hf_vitmae" in impls)
     e2e.check_same_loss(models, device)
@@ -75,7 +79,8 @@ def run(name: str, img_size: int, batch: int, device: torch.device, steps: int, 
         out[kind] = profile_impl(st, steps, device, trace)
         del st
     return dict(model=name, img_size=img_size, batch=batch, device=str(device) if device.type == "cpu"
-                else torch.cuda.get_device_name(), results=out)
+                else torch.cuda.get_device_name(), torch=torch.__version__, date=datetime.date.today().isoformat(),
+                results=out)
 
 
 def table(res: dict) -> str:
@@ -108,6 +113,9 @@ def main(argv=None):
     if args.smoke:
         args.model, args.img_size, args.batch = "mae_vit_small_patch16", 112, 8
     impls = [s for s in args.impls.split(",") if s]
+    unknown = sorted(set(impls) - set(PROFILED))
+    if unknown or not impls:  # before the models are built and checked, which takes a while at ViT-H
+        ap.error(f"--impls {','.join(unknown) or args.impls!r}: unknown (known: {', '.join(PROFILED)})")
     res = run(args.model, args.img_size, args.batch, device, args.steps, impls, args.trace_dir)
     print(f"{res['model']} {res['img_size']} px, batch {res['batch']}, {res['device']}: device ms per step\n")
     print(table(res))

@@ -22,6 +22,7 @@ attention op is the CPU flash kernel, counted like SDPA's GPU kernels (q, k, v, 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from collections import defaultdict
@@ -239,7 +240,8 @@ def run(configs, impls=IMPLS, matmul_flops=H100_MATMUL_FLOPS, copy_bytes=H100_CO
             print(f"{name} {img_size}px b{batch} {impl}: eager floor {s['eager_floor_ms']:.1f} ms "
                   f"(MFU ceiling {100 * s['eager_mfu_ceiling']:.0f}%), fused floor {s['fused_floor_ms']:.1f} ms",
                   flush=True)
-    return {"matmul_tflops": matmul_flops / 1e12, "copy_gbs": copy_bytes / 1e9, "rows": rows,
+    return {"torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "matmul_tflops": matmul_flops / 1e12, "copy_gbs": copy_bytes / 1e9, "rows": rows,
             "definition": "floor of an op = max(FLOPs / matmul rate, bytes read+written / copy bandwidth); eager "
                           "floor: every op as its own kernel; fused floor: matmul + attention + optimizer only"}
 

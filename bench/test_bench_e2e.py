@@ -52,6 +52,16 @@ def test_profile_step_smoke():
     assert profile_step.categorize("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernel>") == "elementwise"
     assert profile_step.categorize("flash_fwd_kernel") == "attention"
     assert "| total |" in profile_step.table(res)
+    assert res["torch"] == torch.__version__ and len(res["date"]) == 10
+
+
+@pytest.mark.parametrize("impls", ["mae_fast,nosuch", ","])
+def test_profile_step_unknown_impls_is_a_usage_error(capsys, impls):
+    import profile_step
+
+    with pytest.raises(SystemExit) as info:
+        profile_step.main(["--smoke", "--impls", impls])
+    assert info.value.code == 2 and "--impls" in capsys.readouterr().err
 
 
 def test_memory_estimate_table_and_validation(tmp_path):

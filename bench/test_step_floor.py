@@ -96,7 +96,9 @@ def test_summary_floors_and_smoke_cli(tmp_path):
     out, md = tmp_path / "floor.json", tmp_path / "floor.md"
     assert step_floor.main(["--smoke", "--impls", "reference", "mae_fast", "mae_fast_fused_ln", "--out", str(out),
                             "--md", str(md)]) == 0
-    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    saved = json.loads(out.read_text())
+    assert saved["torch"] == torch.__version__ and len(saved["date"]) == 10
+    rows = {r["impl"]: r for r in saved["rows"]}
     assert set(rows) == {"reference", "mae_fast", "mae_fast_fused_ln"}
     assert "MAE_FAST_BACKEND" not in os.environ  # the forced backend does not leak
     for r in rows.values():
