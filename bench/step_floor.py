@@ -278,12 +278,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     configs = SMOKE_CONFIGS if args.smoke else GPU_CONFIGS
     if args.only:
-        wanted = {tuple(o.split(":")) for o in args.only}
-        unknown = [o for o in args.only if tuple(o.split(":")) not in {(c[0], str(c[1])) for c in configs}]
-        configs = [c for c in configs if (c[0], str(c[1])) in wanted]
+        known = {(c[0], str(c[1])) for c in configs}
+        unknown = [o for o in args.only if tuple(o.split(":")) not in known]
         if unknown:
-            table_ = SMOKE_CONFIGS if args.smoke else GPU_CONFIGS
-            ap.error(f"--only {' '.join(unknown)}: not in {[f'{m}:{p}' for m, p, _ in table_]}")
+            ap.error(f"--only {' '.join(unknown)}: not in {[f'{m}:{p}' for m, p, _ in configs]}")
+        wanted = {tuple(o.split(":")) for o in args.only}
+        configs = [c for c in configs if (c[0], str(c[1])) in wanted]
     measured = None
     if args.measured:
         try:

@@ -128,10 +128,11 @@ class MaskedAutoencoderViT(nn.Module):
                      decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads, in_chans=in_chans)
         bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, numbers.Integral)
                or v < (0 if k.endswith("depth") else 1)}  # a decoder of no blocks is a tested variant
-        if bad or not mlp_ratio > 0:  # a depth of -1 built a model without blocks, and no error
+        if not mlp_ratio > 0:
+            bad["mlp_ratio"] = mlp_ratio
+        if bad:  # a depth of -1 built a model without blocks, and no error
             raise ValueError("model sizes must be whole numbers >= 1 (depths >= 0) and mlp_ratio > 0, got "
-                             + ", ".join(f"{k}={v!r}" for k, v in {**bad, "mlp_ratio": mlp_ratio}.items()
-                                         if k in bad or not mlp_ratio > 0))
+                             + ", ".join(f"{k}={v!r}" for k, v in bad.items()))
         self.img_size, self.patch_size, self.in_chans = (H, W), patch_size, in_chans
         self.grid_size = (H // patch_size, W // patch_size)
         self.norm_pix_loss = norm_pix_loss
