@@ -856,7 +856,7 @@ def test_interrupted_finetune_resumes_after_its_last_epoch_with_the_same_numbers
         ft.finetune(dict(base, name="killed"), datasets=data)
     monkeypatch.setattr(ft, "evaluate", real_evaluate)
     saved = [p.name for p in (tmp_path / "killed" / "checkpoints").glob("*.pt")]
-    assert saved == ["checkpoint-00000002.pt"]
+    assert saved == ["checkpoint-00000010.pt"]  # numbered by step: after epoch 1, 2 x 5 steps
     capsys.readouterr()
     with pytest.warns(RuntimeWarning, match="random weights"):
         resumed = ft.finetune(dict(base, name="killed"), datasets=data)
@@ -877,6 +877,126 @@ def test_interrupted_finetune_resumes_after_its_last_epoch_with_the_same_numbers
     assert fresh["history"] == reference["history"]
     with pytest.raises(config_mod.ConfigError, match="resume must be auto or null"):
         ft.finetune(dict(base, name="bad", resume="yes"), datasets=data)
+
+
+def _finetune_signal_at(monkeypatch, call: int, *signals, peer_flag: int | None = None) -> list:
+    """Finetuning's loss all-reduce ([loss, SIGTERM, SIGINT]): from its ``call``-th call on, either ``signals``
+    arrive right after it (during that step) or a simulated peer rank raises flag ``peer_flag``. Returns what this
+    rank sent."""
+    import signal
+
+    from mae_fast.train import distributed as dist_mod
+
+    sent = []
+
+    def all_reduce_sum(t):
+        sent.append(t.clone())
+        if len(sent) == call:
+            for sig in signals:
+                signal.raise_signal(sig)
+        if peer_flag is not None and len(sent) >= call:
+            t[peer_flag] += 1.0
+        return t
+
+    monkeypatch.setattr(dist_mod, "all_reduce_sum", all_reduce_sum)
+    return sent
+
+
+FT_BASE = dict(mode="finetune", epochs=3, batch_size=8, warmup_epochs=1, lr=3e-3, drop_path=0.1, progress=False,
+               pool="mean", checkpoint=None, img_size=32)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_finetuning_within_its_epoch_and_resume_is_exact(tmp_path, monkeypatch, signame):
+    """Ctrl-C or SIGTERM during step 7 of 15 (epoch 1, 5 steps an epoch): that step finishes, a checkpoint of it
+    is written and TrainingInterrupted raised, not at the next epoch's end; resume=auto continues with the 3rd
+    batch of epoch 1 (drop-path RNG included) and ends with the uninterrupted run's numbers, bit for bit."""
+    import signal
+
+    import mae_fast.train.finetune as ft
+
+    sig = getattr(signal, signame)
+    data = (Shapes(40), Shapes(20, seed=1), ["a", "b", "c", "d"])
+    base = dict(FT_BASE, output_dir=str(tmp_path))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        straight = ft.finetune(dict(base, name="straight"), datasets=data)
+    sent = _finetune_signal_at(monkeypatch, 7, sig)
+    with pytest.warns(RuntimeWarning, match="random weights"), pytest.raises(ft.TrainingInterrupted) as info:
+        ft.finetune(dict(base, name="sig"), datasets=data)
+    assert info.value.signum == sig and info.value.step == 8 and len(sent) == 8
+    assert f"signal {signame} in epoch 1 after 3 of its 5 steps (step 8/15)" in str(info.value)
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers are put back
+    saved = checkpoint_io.list_checkpoints(tmp_path / "sig")
+    assert [s for s, _ in saved] == [8] and str(saved[0][1]) == str(info.value.checkpoint)
+    state = torch.load(saved[0][1], weights_only=False)
+    assert state["epoch"] == 1 and state["batches_done"] == 3 and len(state["history"]) == 1
+    assert not (tmp_path / "sig" / "results.json").exists()
+    monkeypatch.undo()
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        resumed = ft.finetune(dict(base, name="sig"), datasets=data)
+    assert resumed["history"] == straight["history"] and resumed["top1"] == straight["top1"]
+    assert not checkpoint_io.list_checkpoints(tmp_path / "sig")
+
+
+def test_a_signal_in_finetunings_last_step_evaluates_on_resume(tmp_path, monkeypatch, capsys):
+    """Stopped after an epoch's last step, before its evaluation: the resumed run trains nothing more in that
+    epoch, evaluates it and goes on; the CLI exits as the signal would have."""
+    import signal
+
+    import mae_fast.train.finetune as ft
+
+    data = (Shapes(40), Shapes(20, seed=1), ["a", "b", "c", "d"])
+    base = dict(FT_BASE, output_dir=str(tmp_path), epochs=2)
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        straight = ft.finetune(dict(base, name="straight"), datasets=data)
+    _finetune_signal_at(monkeypatch, 4, signal.SIGINT)
+    with pytest.warns(RuntimeWarning, match="random weights"), pytest.raises(ft.TrainingInterrupted) as info:
+        ft.finetune(dict(base, name="edge"), datasets=data)
+    assert info.value.step == 5 and "in epoch 0 after 5 of its 5 steps" in str(info.value)
+    monkeypatch.undo()
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        resumed = ft.finetune(dict(base, name="edge"), datasets=data)
+    assert "resumed in epoch 0 after 5 of its 5 steps" in capsys.readouterr().out
+    assert resumed["history"] == straight["history"]
+
+    monkeypatch.setattr(ft, "finetune", lambda cfg: (_ for _ in ()).throw(
+        ft.TrainingInterrupted("signal SIGTERM in epoch 0", signal.SIGTERM, 3, None)))
+    assert ft.main(["epochs=1"]) == 128 + signal.SIGTERM
+    assert "mae-fast finetune: signal SIGTERM in epoch 0" in capsys.readouterr().err
+
+
+def test_a_signal_to_one_finetuning_rank_stops_every_rank(tmp_path, monkeypatch):
+    """A simulated other rank's SIGTERM flag from step 4 on: this rank (no signal of its own) stops at step 4
+    with the same checkpoint and exception; a signal after the last step still stops, once the run is saved."""
+    import signal
+
+    import mae_fast.train.finetune as ft
+
+    data = (Shapes(40), Shapes(20, seed=1), ["a", "b", "c", "d"])
+    base = dict(FT_BASE, output_dir=str(tmp_path), epochs=2)
+    sent = _finetune_signal_at(monkeypatch, 4, peer_flag=1)
+    with pytest.warns(RuntimeWarning, match="random weights"), pytest.raises(ft.TrainingInterrupted) as info:
+        ft.finetune(dict(base, name="peer"), datasets=data)
+    assert info.value.signum == signal.SIGTERM and info.value.step == 4
+    assert [s for s, _ in checkpoint_io.list_checkpoints(tmp_path / "peer")] == [4]
+    assert all(t.numel() == 3 and not t[1:].any() for t in sent)  # this rank's own flags stayed down
+
+    real_evaluate, calls = ft.evaluate, []
+
+    def sigint_in_last_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(ft, "evaluate", sigint_in_last_evaluation)
+    with pytest.warns(RuntimeWarning, match="random weights"), \
+            pytest.raises(ft.TrainingInterrupted, match="finished at step 10/10, then SIGINT"):
+        ft.finetune(dict(base, name="last"), datasets=data)
+    assert json.loads((tmp_path / "last" / "results.json").read_text())["epochs"] == 2
 
 
 def test_finetune_with_an_empty_validation_set_stops_before_training(tmp_path):

@@ -122,8 +122,8 @@ FINETUNE_KEYS: dict[str, tuple] = {
     "device": _spec("auto", "auto | cpu | cuda"),
     "progress": _spec(True, "show a tqdm progress bar"),
     "seed": _spec(0, "seed"),
-    "resume": _spec("auto", "auto: continue an interrupted run of the same settings from its last epoch checkpoint "
-                            "| null: start over"),
+    "resume": _spec("auto", "auto: continue an interrupted run of the same settings from its last checkpoint "
+                            "(an epoch's, or the step a signal stopped it at) | null: start over"),
     "checkpoint_every": _spec(1, "save the training state every this many epochs, for resuming (0: never); "
                                  "removed when the run finishes"),
 }

@@ -10,6 +10,8 @@ Encoder weights come from a mae_fast run directory or checkpoint, an official MA
 (``{"model": state}``) or a timm export, through ``mae_fast.load_pretrained(encoder_only=True)``;
 the classifier is timm's ``VisionTransformer`` (``mae_fast.create_timm_encoder``) plus a head.
 Reports the best top-1 and top-5 over epochs and writes them to ``<output_dir>/<name>/results.json``.
+Ctrl-C or SIGTERM stops training at the end of the step under way, with a checkpoint of that step that
+``resume=auto`` continues from (``TrainingInterrupted``, exit code 130 / 143), as in pretraining.
 
 Under ``torchrun`` (or a SLURM job of several tasks) the ranks share each global batch (DDP, gradients
 averaged as one batch of ``batch_size``), the linear probe's BatchNorm takes its statistics over every
@@ -18,8 +20,10 @@ throughput. Rank 0 prints and writes the results.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import sys
 import time
 import warnings
@@ -35,8 +39,8 @@ from mae_fast.data.base import DataError
 from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.train import checkpoint_io, config as config_mod, curves
 from mae_fast.train import distributed as dist_mod
-from mae_fast.train.pretrain import (NO_DECAY_NAMES, SeededItems, _check_choices, _mix, autocast_dtype, rng_state,
-                                     set_rng_state)
+from mae_fast.train.pretrain import (NO_DECAY_NAMES, SeededItems, TrainingInterrupted, _check_choices, _mix,
+                                     autocast_dtype, rng_state, set_rng_state, stop_requests)
 
 
 def _world() -> int:
@@ -203,7 +207,7 @@ def build_classifier(cfg: dict, num_classes: int, linprobe: bool, spec: tuple | 
     return Classifier(encoder, num_classes, cfg["pool"], linprobe), mae.img_size, ckpt, model_name
 
 
-# the settings that decide a run's numbers: an epoch checkpoint made under other ones is not resumed
+# the settings that decide a run's numbers: a checkpoint made under other ones is not resumed
 RUN_IDENTITY = ("mode", "model", "model_kwargs", "img_size", "data_root", "fraction", "epochs", "batch_size", "base_lr",
                 "lr", "min_lr", "warmup_epochs", "weight_decay", "linprobe_optimizer", "layer_decay", "drop_path",
                 "label_smoothing", "pool", "precision", "seed")
@@ -214,7 +218,7 @@ def run_identity(cfg: dict, encoder_checkpoint) -> dict:
 
 
 def _resume_state(cfg: dict, run_dir: Path, identity: dict) -> dict | None:
-    """The newest epoch checkpoint of an interrupted run with the same settings, else None (a checkpoint of
+    """The newest checkpoint of an interrupted run with the same settings, else None (a checkpoint of
     other settings is named in a warning and will be replaced)."""
     if cfg["resume"] not in ("auto", None):
         raise config_mod.ConfigError(f"resume must be auto or null, got {cfg['resume']!r}")
@@ -443,41 +447,62 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
         bar = tqdm(total=cfg["epochs"], desc=mode, dynamic_ncols=True, file=sys.stdout)
     history, best = [], {"top1": -1.0}
     step, start_epoch, wall_before = 0, 0, 0.0
+    done_in_epoch, epoch_losses, rng_in_epoch = 0, [], None  # where a run stopped within an epoch resumes
     identity = run_identity(cfg, ckpt)
     state = _resume_state(cfg, run_dir, identity)
-    if state is not None:  # an interrupted run of the same settings: continue after its last saved epoch
+    if state is not None:  # an interrupted run of the same settings: continue where it was saved
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, best, step, wall_before = state["history"], state["best"], state["step"], state["wall_time_s"]
-        start_epoch = state["epoch"] + 1
         rngs = state["rng"]
-        set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+        rng = rngs[rank] if len(rngs) == world else rngs[0]
+        if "batches_done" in state:  # stopped by a signal within epoch state["epoch"]
+            start_epoch, done_in_epoch, epoch_losses = state["epoch"], state["batches_done"], state["epoch_losses"]
+            rng_in_epoch = rng  # set once the epoch's loader has drawn its seed, as it had before the stop
+            where = f"in epoch {start_epoch} after {done_in_epoch} of its {steps_per_epoch} steps"
+        else:
+            start_epoch = state["epoch"] + 1
+            set_rng_state(rng)
+            where = f"after epoch {state['epoch']}"
         if info.is_main:
-            print(f"{mode}: resumed after epoch {state['epoch']} (best top-1 so far {best['top1']:.2f}%)", flush=True)
+            print(f"{mode}: resumed {where} (best top-1 so far {best['top1']:.2f}%)", flush=True)
     elif info.is_main:
         checkpoint_io.remove_checkpoints(run_dir)  # another run's, or resume=null
     if bar is not None:
         bar.update(start_epoch)
 
-    def save_state(epoch: int) -> None:
+    def save_state(epoch: int, losses: list | None = None):
+        """Checkpoint after ``epoch``, or within it after ``len(losses)`` of its batches (a stop on a signal)."""
         rngs = dist_mod.all_gather_objects(rng_state())
+        path = None
         if info.is_main:
-            checkpoint_io.save_checkpoint(
-                {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                 "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "history": history, "best": best,
-                 "rng": rngs, "identity": identity, "wall_time_s": wall_before + time.perf_counter() - t0},
-                run_dir, epoch + 1, keep=1)
+            state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                     "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "history": history,
+                     "best": best, "rng": rngs, "identity": identity,
+                     "wall_time_s": wall_before + time.perf_counter() - t0}
+            if losses is not None:
+                state.update(batches_done=len(losses), epoch_losses=list(losses))
+            path = checkpoint_io.save_checkpoint(state, run_dir, step, keep=1)  # numbered by step: mid-epoch too
         dist_mod.barrier()
+        return path
 
     t0 = time.perf_counter()
+    handlers = contextlib.ExitStack()
+    signals = handlers.enter_context(stop_requests(f"mae-fast {mode}"))
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             model.train()
-            batches = _epoch_batches(n_train, B, cfg["seed"], epoch, world, rank)
-            global_sizes = [len(b) for b in _epoch_batches(n_train, B, cfg["seed"], epoch)]
-            loader = torch.utils.data.DataLoader(items, batch_sampler=batches, num_workers=cfg["num_workers"],
-                                                 collate_fn=_collate)
-            losses = []
+            skip = done_in_epoch if epoch == start_epoch else 0
+            batches = _epoch_batches(n_train, B, cfg["seed"], epoch, world, rank)[skip:]
+            global_sizes = [len(b) for b in _epoch_batches(n_train, B, cfg["seed"], epoch)][skip:]
+            loader = iter(torch.utils.data.DataLoader(items, batch_sampler=batches, num_workers=cfg["num_workers"],
+                                                      collate_fn=_collate))
+            if rng_in_epoch is not None:
+                set_rng_state(rng_in_epoch)
+                rng_in_epoch = None
+            losses = epoch_losses if epoch == start_epoch else []
+            lr = lr_at(max(step - 1, 0))  # the last step's, should none of this epoch be left
+            stop_signal = None
             for (imgs, labels), global_size in zip(loader, global_sizes):
                 lr = lr_at(step)
                 for g in optimizer.param_groups:
@@ -487,15 +512,26 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
                     logits = train_model(imgs)
                 # this rank's share of the global batch's mean: DDP's gradient average makes it the whole mean
                 loss = criterion(logits.float(), labels) * (world / global_size)
-                mean_loss = loss.detach() / world
-                if world > 1:
-                    dist.all_reduce(mean_loss)  # every rank takes the same decision below
+                # one all-reduce: the mean loss and whether any rank got SIGTERM / SIGINT, so every rank takes
+                # the same decisions below
+                flags = [float(signal.SIGTERM in signals), float(signal.SIGINT in signals)]
+                shared = torch.stack([loss.detach() / world, *(loss.new_full((), f) for f in flags)])
+                mean_loss, sigterm, sigint = dist_mod.all_reduce_sum(shared).tolist()
                 optimizer.zero_grad(set_to_none=True)
-                if math.isfinite(float(mean_loss)):
+                if math.isfinite(mean_loss):
                     loss.backward()
                     optimizer.step()
-                losses.append(float(mean_loss))
+                losses.append(mean_loss)
                 step += 1
+                if sigterm or sigint:
+                    stop_signal = signal.SIGTERM if sigterm else signal.SIGINT
+                    break
+            if stop_signal is not None:
+                path = save_state(epoch, losses)
+                raise TrainingInterrupted(
+                    f"signal {signal.Signals(stop_signal).name} in epoch {epoch} after {len(losses)} of its "
+                    f"{steps_per_epoch} steps (step {step}/{total}); checkpoint {path} (resume=auto continues "
+                    f"from it)", stop_signal, step, path)
             top1, top5, val_loss = evaluate(model, val_loader, device, amp_dtype, num_classes)
             row = {"epoch": epoch, "train_loss": sum(losses) / len(losses), "val_loss": val_loss,
                    "top1": top1, "top5": top5, "lr": lr}
@@ -510,6 +546,7 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
             if every and (epoch + 1) % every == 0 and epoch + 1 < cfg["epochs"]:
                 save_state(epoch)
     finally:
+        handlers.close()
         if bar is not None:
             bar.close()
 
@@ -532,6 +569,9 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
         print(f"{mode}: best top-1 {result['top1']:.2f}% (epoch {result['best_epoch']}), best top-5 "
               f"{result['top5']:.2f}%; {result['results']}" + (f"; curves {result['curves']}" if result["curves"]
                                                                   else ""), flush=True)
+    if signals:  # after the last step's all-reduce: the run is finished and saved, and the signal still stops
+        raise TrainingInterrupted(f"finished at step {step}/{total}, then {signal.Signals(signals[0]).name}",
+                                  signals[0], step, None)
     return result
 
 
@@ -547,6 +587,9 @@ def main(argv=None, mode: str = "finetune") -> int:
     except (config_mod.ConfigError, FileNotFoundError, CheckpointError, DataError) as e:  # the user's input: no traceback
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # exit as the signal would have
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
     return 0
 
 

@@ -58,9 +58,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def stop_requests():
+def stop_requests(prog: str = "mae-fast pretrain"):
     """While training, SIGINT and SIGTERM ask for a stop at the end of the current step, with a checkpoint; a
-    second one acts at once. Yields the list of signals received. Only in the main thread and only where the
+    second one acts at once (``prog`` names the program in the notice). Yields the list of signals received. Only in the main thread and only where the
     signal still has Python's default handler, never over one a launcher installed (e.g. submitit's)."""
     received: list[int] = []
     previous = {}
@@ -68,7 +68,7 @@ def stop_requests():
     def handler(signum, frame):
         received.append(signum)
         signal.signal(signum, previous[signum])  # the next one acts at once
-        print(f"\nmae-fast pretrain: {signal.Signals(signum).name}: stopping at the end of this step with a "
+        print(f"\n{prog}: {signal.Signals(signum).name}: stopping at the end of this step with a "
               f"checkpoint (send it again to stop now)", file=sys.stderr, flush=True)
 
     if threading.current_thread() is threading.main_thread():
