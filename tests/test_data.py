@@ -374,6 +374,63 @@ def test_transforms_normalise_and_crop():
     assert all(torch.equal(a, TrainTransform(16)(grad)) for a in crops[:3])
 
 
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original"])
+def test_finetuning_augmentation_is_timms_in_maes_order(policy):
+    """auto_augment and re_prob: crop and flip (as without them), then timm's policy on the uint8 PIL crop, normalise,
+    then timm's RandomErasing, draw for draw; rebuilt here from timm's pieces on the plain transform's output."""
+    import random
+
+    from PIL import Image
+    from timm.data import auto_augment as aa
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import str_to_pil_interp
+
+    from mae_fast.data.transforms import Normalize, denormalize
+
+    image = np.random.default_rng(3).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    size = (24, 40)
+    tf = TrainTransform(size, auto_augment=policy, re_prob=1.0)
+    assert not tf.draws_only_torch_rng and TrainTransform(size).draws_only_torch_rng
+    assert policy in repr(tf) and "re_prob=1.0" in repr(tf)
+    hp = {"translate_const": int(24 * 0.45), "img_mean": (124, 116, 104), "interpolation": str_to_pil_interp("bicubic")}
+    for seed in range(4):
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+        got = tf(image)
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+        crop = denormalize(TrainTransform(size)(image))  # the same torch draws: box and flip
+        pil = Image.fromarray(crop.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+        if policy.startswith("rand"):
+            policy_tf = aa.rand_augment_transform(policy, dict(hp))
+        elif policy.startswith("augmix"):
+            policy_tf = aa.augment_and_mix_transform(policy, dict(hp, translate_pct=0.3))
+        else:
+            policy_tf = aa.auto_augment_transform(policy, dict(hp))
+        out = torch.from_numpy(np.array(policy_tf(pil), dtype=np.uint8)).permute(2, 0, 1).float() / 255
+        want = RandomErasing(probability=1.0, mode="pixel", device="cpu")(Normalize()(out))
+        assert got.shape == (3, *size) and torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(got, TrainTransform(size)(image))
+    with pytest.raises(ValueError, match="auto_augment 'rand-q9' is not a policy timm knows"):
+        TrainTransform(16, auto_augment="rand-q9")
+    with pytest.raises(ValueError, match=r"re_prob must be in \[0, 1\]"):
+        TrainTransform(16, re_prob=1.5)
+
+
+def test_augmented_labelled_items_are_seeded_per_item(demo):
+    """With timm's augmentations (Python's and numpy's generators) the trainer seeds all three generators per item:
+    an item is the same every time it is drawn, whatever ran before, and differs across epochs."""
+    import random
+
+    from mae_fast.train.pretrain import SeededItems
+
+    train, val, _ = build_labelled_datasets(demo.labelled, img_size=24, auto_augment="rand-m9-mstd0.5-inc1",
+                                            re_prob=0.25)
+    assert not train.draws_only_torch_rng and val.draws_only_torch_rng
+    items = SeededItems(train, seed=5)
+    first = items[(0, 3)][0]
+    random.random(), np.random.rand(), torch.rand(3)  # other draws in between change nothing
+    assert torch.equal(items[(0, 3)][0], first) and not torch.equal(items[(1, 3)][0], first)
+
+
 def test_shards_equal_share_per_rank_with_epoch_samples(demo, tmp_path):
     out = tmp_path / "shards"
     write_shards(demo.videos, out, hours=0.01, seed=1, maxcount=5, image_format="png")  # 36 frames, 8 shards

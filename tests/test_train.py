@@ -906,18 +906,20 @@ FT_BASE = dict(mode="finetune", epochs=3, batch_size=8, warmup_epochs=1, lr=3e-3
                pool="mean", checkpoint=None, img_size=32)
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_a_signal_stops_finetuning_within_its_epoch_and_resume_is_exact(tmp_path, monkeypatch, signame):
+@pytest.mark.parametrize("signame,extra", [("SIGINT", {}), ("SIGTERM", {}),
+                                           ("SIGINT", {"mixup": 0.8, "cutmix": 1.0})])
+def test_a_signal_stops_finetuning_within_its_epoch_and_resume_is_exact(tmp_path, monkeypatch, signame, extra):
     """Ctrl-C or SIGTERM during step 7 of 15 (epoch 1, 5 steps an epoch): that step finishes, a checkpoint of it
     is written and TrainingInterrupted raised, not at the next epoch's end; resume=auto continues with the 3rd
-    batch of epoch 1 (drop-path RNG included) and ends with the uninterrupted run's numbers, bit for bit."""
+    batch of epoch 1 (drop-path RNG and mixup / cutmix draws included) and ends with the uninterrupted run's
+    numbers, bit for bit."""
     import signal
 
     import mae_fast.train.finetune as ft
 
     sig = getattr(signal, signame)
     data = (Shapes(40), Shapes(20, seed=1), ["a", "b", "c", "d"])
-    base = dict(FT_BASE, output_dir=str(tmp_path))
+    base = dict(FT_BASE, output_dir=str(tmp_path), **extra)
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.warns(RuntimeWarning, match="random weights"):
         straight = ft.finetune(dict(base, name="straight"), datasets=data)
@@ -997,6 +999,88 @@ def test_a_signal_to_one_finetuning_rank_stops_every_rank(tmp_path, monkeypatch)
             pytest.raises(ft.TrainingInterrupted, match="finished at step 10/10, then SIGINT"):
         ft.finetune(dict(base, name="last"), datasets=data)
     assert json.loads((tmp_path / "last" / "results.json").read_text())["epochs"] == 2
+
+
+def _smoothed(labels, num_classes, smoothing):
+    off = smoothing / num_classes
+    return torch.nn.functional.one_hot(labels, num_classes).double() * (1 - smoothing) + off
+
+
+def test_batch_mixer_follows_the_mixup_and_cutmix_formulas():
+    """Against the formulas: mixup x' = lam x + (1 - lam) x[flip], cutmix pastes one box of x[flip] with
+    lam = 1 - box area / image area, soft targets lam y~ + (1 - lam) y~[flip] of label-smoothed one-hots y~. lam
+    is read back from the images. An odd batch keeps its last image, with a smoothed one-hot target. The draws
+    are a function of (seed, step) and leave numpy's global generator alone."""
+    from mae_fast.train.finetune import BatchMixer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 11, 13, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (7,), generator=g)
+    smooth = _smoothed(y, 5, 0.1)
+
+    mixup = BatchMixer(0.8, 0.0, 0.1, 5, seed=3)
+    np_state = np.random.get_state()
+    out, soft = mixup(x.clone(), y, step=4)
+    assert np.array_equal(np.random.get_state()[1], np_state[1])
+    a, b = x[:6], x[:6].flip(0)
+    lam = float(((out[0] - b[0]) * (a[0] - b[0])).sum() / ((a[0] - b[0]) ** 2).sum())
+    assert 0 < lam < 1
+    torch.testing.assert_close(out[:6], lam * a + (1 - lam) * b)
+    torch.testing.assert_close(out[6], x[6])
+    torch.testing.assert_close(soft[:6].double(), lam * smooth[:6] + (1 - lam) * smooth[:6].flip(0), atol=1e-6,
+                               rtol=0)
+    torch.testing.assert_close(soft[6].double(), smooth[6], atol=1e-6, rtol=0)
+    torch.testing.assert_close(soft.sum(1), torch.ones(7))
+    again, _ = mixup(x.clone(), y, step=4)
+    other, _ = BatchMixer(0.8, 0.0, 0.1, 5, seed=3)(x.clone(), y, step=5)
+    assert torch.equal(again, out) and not torch.allclose(other, out)
+
+    cutmix = BatchMixer(0.0, 1.0, 0.1, 5, seed=3)
+    for step in range(6):
+        out, soft = cutmix(x[:6].clone(), y[:6], step=step)
+        pasted = (out != x[:6]).any(0).any(0)  # (H, W): where the flipped batch shows
+        rows, cols = pasted.any(1).nonzero().flatten(), pasted.any(0).nonzero().flatten()
+        if len(rows):  # the box is a rectangle of x[flip], the rest x
+            box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+            torch.testing.assert_close(out[:, :, box[0], box[1]], x[:6].flip(0)[:, :, box[0], box[1]])
+        lam = 1 - float(pasted.sum()) / (11 * 13)
+        torch.testing.assert_close(out[:, :, ~pasted], x[:6][:, :, ~pasted])
+        torch.testing.assert_close(soft.double(), lam * smooth[:6] + (1 - lam) * smooth[:6].flip(0), atol=1e-6,
+                                   rtol=0)
+
+
+def test_finetuning_augmentation_keys(tmp_path):
+    """MAE's finetuning recipe (its FINETUNE.md numbers) loads for finetune, not for pretrain; bad augmentation
+    keys stop before any data is read; the keys join the run identity only when on (older checkpoints resume)."""
+    import mae_fast.train.finetune as ft
+
+    r = config_mod.config_from_argv(["--config", "mae_official_finetune"], config_mod.FINETUNE_KEYS, None,
+                                    fixed={"mode": "finetune"})
+    assert (r["auto_augment"], r["reprob"], r["mixup"], r["cutmix"], r["label_smoothing"]) == \
+        ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1)
+    assert (r["base_lr"], r["batch_size"], r["epochs"], r["layer_decay"], r["drop_path"], r["warmup_epochs"]) == \
+        (5e-4, 1024, 100, 0.65, 0.1, 5)
+    assert "mae_official_finetune" not in config_mod.list_recipes()
+    with pytest.raises(config_mod.ConfigError, match="recipe 'mae_official_finetune' not found"):
+        config_mod.config_from_argv(["--config", "mae_official_finetune"])
+    base = dict(output_dir=str(tmp_path), data_root=str(tmp_path / "absent"), checkpoint=None, progress=False)
+    with pytest.raises(config_mod.ConfigError, match="auto_augment 'randaug' is not a policy timm knows"):
+        ft.finetune(dict(base, auto_augment="randaug"))
+    with pytest.raises(config_mod.ConfigError, match="reprob must be in"):
+        ft.finetune(dict(base, reprob=1.5))
+    with pytest.raises(config_mod.ConfigError, match="mixup, cutmix >= 0"):
+        ft.finetune(dict(base, cutmix=-1.0))
+    cfg = config_mod.build_config({}, config_mod.FINETUNE_KEYS, default_recipe=None)
+    assert not set(ft.AUGMENT_KEYS) & set(ft.run_identity(cfg, None))
+    assert ft.run_identity(dict(cfg, mixup=0.8), None)["mixup"] == 0.8
+    data = (Shapes(16), Shapes(8, seed=1), ["a", "b", "c", "d"])
+    with pytest.warns(RuntimeWarning, match="datasets given keep their own transforms"):
+        plain = ft.finetune(dict(FT_BASE, output_dir=str(tmp_path), epochs=1, name="own", auto_augment="original",
+                                 label_smoothing=0.0), datasets=data)
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        mixed = ft.finetune(dict(FT_BASE, output_dir=str(tmp_path), epochs=1, name="mixed", cutmix=1.0,
+                                 label_smoothing=0.0), datasets=data)
+    assert mixed["history"][0]["train_loss"] != plain["history"][0]["train_loss"]  # the mixer is in the loop
 
 
 def test_finetune_with_an_empty_validation_set_stops_before_training(tmp_path):

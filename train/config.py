@@ -113,6 +113,12 @@ FINETUNE_KEYS: dict[str, tuple] = {
     "layer_decay": _spec(0.75, "layer-wise lr decay for finetuning (1.0: off)"),
     "drop_path": _spec(0.1, "stochastic depth rate for finetuning"),
     "label_smoothing": _spec(0.1, "label smoothing for finetuning"),
+    "auto_augment": _spec(None, "timm augmentation policy for training images, e.g. rand-m9-mstd0.5-inc1 "
+                                "(RandAugment, MAE's finetuning), augmix-m5-w4-d2, original (null: off)"),
+    "reprob": _spec(0.0, "random erasing probability (timm's, per-pixel noise; MAE's finetuning: 0.25)"),
+    "mixup": _spec(0.0, "mixup alpha (timm's Mixup; MAE's finetuning: 0.8; 0: off)"),
+    "cutmix": _spec(0.0, "cutmix alpha (MAE's finetuning: 1.0; 0: off); with mixup, each batch takes one of "
+                         "the two at random"),
     "pool": _spec("cls", "cls | mean: the feature the head sees"),
     "precision": _spec("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32"),
     "grad_checkpointing": _spec(False, "recompute the encoder blocks' activations in backward (saves memory)"),
@@ -133,8 +139,13 @@ def defaults(keys: dict) -> dict:
     return {k: copy.deepcopy(v[0]) for k, v in keys.items()}
 
 
-def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+def recipe_dir(keys: dict) -> Path:
+    """Pretraining recipes in train/recipes, finetuning / linear-probing ones in train/recipes/finetune."""
+    return RECIPE_DIR / "finetune" if keys is FINETUNE_KEYS else RECIPE_DIR
+
+
+def list_recipes(keys: dict = PRETRAIN_KEYS) -> list[str]:
+    return sorted(p.stem for p in recipe_dir(keys).glob("*.yaml"))
 
 
 def _unknown_key_error(key: str, keys: dict, where: str) -> ConfigError:
@@ -162,7 +173,7 @@ NULLABLE_TYPES = {
     "name": "", "data_source": "", "resume": "", "checkpoint": "", "data_root": "",
     "steps": 0, "stop_at_step": 0, "warmup_steps": 0,
     "time_limit_s": 0.0, "lr": 0.0, "base_lr": 0.0, "clip_grad": 0.0, "peak_flops": 0.0, "hours": 0.0,
-    "weight_decay": 0.0,
+    "weight_decay": 0.0, "auto_augment": "",
 }
 
 
@@ -239,9 +250,9 @@ def load_recipe(recipe: str | os.PathLike, keys: dict = PRETRAIN_KEYS) -> dict:
     """A recipe (name in train/recipes or a YAML path) merged over the defaults."""
     path = Path(recipe)
     if not path.suffix and not path.exists():
-        path = RECIPE_DIR / f"{recipe}.yaml"
+        path = recipe_dir(keys) / f"{recipe}.yaml"
     if not path.is_file():
-        raise ConfigError(f"recipe {str(recipe)!r} not found; built-in recipes: {', '.join(list_recipes())}")
+        raise ConfigError(f"recipe {str(recipe)!r} not found; built-in recipes: {', '.join(list_recipes(keys))}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -308,7 +319,7 @@ def config_from_argv(argv: list[str], keys: dict = PRETRAIN_KEYS, default_recipe
 
 def help_text(keys: dict, prog: str) -> str:
     rows = [f"usage: {prog} [--config RECIPE|path.yaml] [key=value ...] [--key value ...]", "",
-            f"recipes: {', '.join(list_recipes())}", "", "keys:"]
+            f"recipes: {', '.join(list_recipes(keys))}", "", "keys:"]
     for k, (d, h) in keys.items():
         rows.append(f"  {k:<20} {h} [default: {d!r}]")
     return "\n".join(rows)

@@ -31,6 +31,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -213,8 +214,55 @@ RUN_IDENTITY = ("mode", "model", "model_kwargs", "img_size", "data_root", "fract
                 "label_smoothing", "pool", "precision", "seed")
 
 
+# in the identity only when on, so that checkpoints written before these keys existed still resume
+AUGMENT_KEYS = ("auto_augment", "reprob", "mixup", "cutmix")
+
+
 def run_identity(cfg: dict, encoder_checkpoint) -> dict:
-    return {**{k: cfg[k] for k in RUN_IDENTITY}, "encoder": str(encoder_checkpoint) if encoder_checkpoint else None}
+    return {**{k: cfg[k] for k in RUN_IDENTITY}, **{k: cfg[k] for k in AUGMENT_KEYS if cfg[k]},
+            "encoder": str(encoder_checkpoint) if encoder_checkpoint else None}
+
+
+class BatchMixer:
+    """timm's Mixup / CutMix (MAE's finetuning: ``mixup=0.8 cutmix=1.0``, one of the two per batch at random) with
+    soft, label-smoothed targets. Its draws come from (seed, step), not from the global numpy generator, so a
+    resumed run mixes as the uninterrupted one did and every rank draws the same. timm pairs image i with image
+    n-1-i and needs n even: in an odd batch the last image stays unmixed (its target only smoothed). Under
+    torchrun each rank pairs within its own share of the batch."""
+
+    def __init__(self, mixup: float, cutmix: float, label_smoothing: float, num_classes: int, seed: int):
+        from timm.data import Mixup
+
+        self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                         num_classes=num_classes)
+        self.smoothing, self.num_classes, self.seed = label_smoothing, num_classes, seed
+
+    def __call__(self, imgs: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from timm.data.mixup import mixup_target
+
+        even = len(imgs) - len(imgs) % 2
+        state = np.random.get_state()
+        np.random.seed(_mix(self.seed, 2654435761, step) % 2**32)
+        try:
+            mixed, soft = self.mix(imgs[:even], labels[:even])  # in place on the view
+        finally:
+            np.random.set_state(state)
+        if even < len(imgs):
+            soft = torch.cat([soft, mixup_target(labels[even:], self.num_classes, 1.0, self.smoothing)])
+        return imgs, soft
+
+
+def _check_augment(cfg: dict) -> None:
+    if not 0.0 <= cfg["reprob"] <= 1.0 or cfg["mixup"] < 0 or cfg["cutmix"] < 0:
+        raise config_mod.ConfigError(f"reprob must be in [0, 1] and mixup, cutmix >= 0; got reprob={cfg['reprob']}, "
+                                     f"mixup={cfg['mixup']}, cutmix={cfg['cutmix']}")
+    if cfg["auto_augment"]:
+        from mae_fast.data.transforms import auto_augment_transform
+
+        try:
+            auto_augment_transform(cfg["auto_augment"], 224)
+        except ValueError as e:
+            raise config_mod.ConfigError(str(e)) from None
 
 
 def _resume_state(cfg: dict, run_dir: Path, identity: dict) -> dict | None:
@@ -356,6 +404,7 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
     world, rank, device = info.world_size, info.rank, info.device
     if cfg["batch_size"] % world:
         raise config_mod.ConfigError(f"batch_size {cfg['batch_size']} must be a multiple of the {world} processes")
+    _check_augment(cfg)
     amp_dtype = autocast_dtype(cfg["precision"], device)
     torch.manual_seed(cfg["seed"])
 
@@ -370,9 +419,13 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
         except (ValueError, TypeError) as e:
             raise config_mod.ConfigError(f"model {spec[1]!r}: {e}") from e
         train_ds, val_ds, classes = build_labelled_datasets(root=cfg["data_root"], img_size=size,
-                                                            fraction=cfg["fraction"], seed=cfg["seed"])
+                                                            fraction=cfg["fraction"], seed=cfg["seed"],
+                                                            auto_augment=cfg["auto_augment"], re_prob=cfg["reprob"])
     else:
         train_ds, val_ds, classes = datasets
+        if cfg["auto_augment"] or cfg["reprob"]:
+            warnings.warn("auto_augment and reprob act on the configured labelled data; the datasets given keep "
+                          "their own transforms", RuntimeWarning, stacklevel=3)
     num_classes = len(classes)
     if not isinstance(cfg["grad_checkpointing"], bool):
         raise config_mod.ConfigError("finetuning checkpoints every encoder block or none: grad_checkpointing must "
@@ -409,6 +462,11 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
         kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
         optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), **kw)
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"], reduction="sum")
+    mixer = None
+    if cfg["mixup"] > 0 or cfg["cutmix"] > 0:  # soft targets, smoothed by the mixer: plain cross-entropy on them
+        mixer = BatchMixer(cfg["mixup"], cfg["cutmix"], 0.0 if linprobe else cfg["label_smoothing"], num_classes,
+                           cfg["seed"])
+        criterion = nn.CrossEntropyLoss(reduction="sum")
 
     n_train = len(train_ds)
     if n_train < 2:
@@ -508,6 +566,8 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                if mixer is not None:
+                    imgs, labels = mixer(imgs, labels, step)
                 with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
                     logits = train_model(imgs)
                 # this rank's share of the global batch's mean: DDP's gradient average makes it the whole mean

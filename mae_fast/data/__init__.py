@@ -138,14 +138,15 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
 
 def build_labelled_datasets(root=None, img_size=64, fraction=1.0, seed=0, train_augment=True, *,
                             val_fraction=0.2, train_scale=(0.2, 1.0), eval_crop_pct=0.875, check_images=True,
-                            demo_root=None):
+                            demo_root=None, auto_augment: str | None = None, re_prob: float = 0.0):
     """``(train_ds, val_ds, classes)`` of an ImageFolder-style labelled set; items ``(image, label)``.
 
     ``root``: None or "demo" (the demo set), a folder with ``train/<class>/`` and ``val/<class>/`` (``val`` may be
     named ``validation``), or a single ``<class>/`` folder split per class, deterministically by
     ``seed``, into ``1 - val_fraction`` / ``val_fraction``. ``fraction`` keeps that fraction of the
     train images of each class (at least one per class; the low-label protocol), chosen by ``seed``.
-    Train items get RandomResizedCrop(train_scale) + flip when ``train_augment``, else the eval
+    Train items get RandomResizedCrop(train_scale) + flip when ``train_augment`` (then also timm's
+    ``auto_augment`` policy and RandomErasing with probability ``re_prob``, as MAE's finetuning), else the eval
     transform (resize to ``size / eval_crop_pct``, centre crop).
     """
     size = as_size(img_size)
@@ -186,7 +187,7 @@ def build_labelled_datasets(root=None, img_size=64, fraction=1.0, seed=0, train_
               "n_train": len(files), "n_val": len(val_files), "train_per_class": per_class,
               "train_files": [str(Path(f).relative_to(root)) for f in files],
               "skipped": [[p, r] for p, r in bad_train + bad_val]}
-    train_tf = (TrainTransform(size, scale=train_scale) if train_augment
+    train_tf = (TrainTransform(size, scale=train_scale, auto_augment=auto_augment, re_prob=re_prob) if train_augment
                 else EvalTransform(size, crop_pct=eval_crop_pct))
     train_ds = ImageFileDataset(files, labels, train_tf, skipped=bad_train, record=record, classes=classes)
     val_ds = ImageFileDataset(val_files, val_labels, EvalTransform(size, crop_pct=eval_crop_pct), skipped=bad_val,

@@ -33,7 +33,8 @@ class SkippingDataset(torch.utils.data.Dataset):
         :mod:`mae_fast.data.transforms`): the trainer then seeds only that one per item, not numpy's and
         Python's too (saving and restoring numpy's costs ~70 µs an item)."""
         t = getattr(self, "transform", None)
-        return t is None or type(t).__module__ == "mae_fast.data.transforms"
+        return t is None or (type(t).__module__ == "mae_fast.data.transforms"
+                             and getattr(t, "draws_only_torch_rng", True))
 
     @property
     def num_skipped(self) -> int:

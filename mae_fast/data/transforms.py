@@ -101,14 +101,51 @@ class Normalize:
         return (x - self.mean) / self.std
 
 
+def auto_augment_transform(policy: str, img_size, mean=IMAGENET_MEAN):
+    """timm's RandAugment (``rand-m9-mstd0.5-inc1``, MAE's finetuning), AugMix (``augmix-...``) or AutoAugment
+    (``original``, ``v0``, ...) on PIL images, with the hyper-parameters timm's ``create_transform`` gives them;
+    a ValueError names a policy timm cannot parse."""
+    from timm.data import auto_augment as aa
+    from timm.data.transforms import str_to_pil_interp
+
+    hparams = {"translate_const": int(min(as_size(img_size)) * 0.45),
+               "img_mean": tuple(min(255, round(255 * m)) for m in mean), "interpolation": str_to_pil_interp("bicubic")}
+    try:
+        if policy.startswith("rand"):
+            return aa.rand_augment_transform(policy, hparams)
+        if policy.startswith("augmix"):
+            hparams["translate_pct"] = 0.3
+            return aa.augment_and_mix_transform(policy, hparams)
+        return aa.auto_augment_transform(policy, hparams)
+    except Exception as e:  # timm raises AssertionError, KeyError or ValueError on a bad string
+        raise ValueError(f"auto_augment {policy!r} is not a policy timm knows (e.g. rand-m9-mstd0.5-inc1, "
+                         f"augmix-m5-w4-d2, original): {type(e).__name__}: {e}") from None
+
+
 class TrainTransform:
-    """MAE pretraining augmentation: RandomResizedCrop (bicubic) + horizontal flip + normalise."""
+    """MAE augmentation: RandomResizedCrop (bicubic) + horizontal flip + normalise; for finetuning, optionally
+    an ``auto_augment`` policy (timm's, after the flip, as MAE's finetuning applies RandAugment) and timm's
+    RandomErasing with probability ``re_prob`` (per-pixel noise, after normalising)."""
 
     def __init__(self, img_size=224, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip: float = 0.5,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, auto_augment: str | None = None, re_prob: float = 0.0):
         self.size = as_size(img_size)
         self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), flip
         self.normalize = Normalize(mean, std)
+        if not 0.0 <= re_prob <= 1.0:
+            raise ValueError(f"re_prob must be in [0, 1], got {re_prob}")
+        self.auto_augment, self.re_prob = auto_augment, float(re_prob)
+        self._augment = auto_augment_transform(auto_augment, self.size, mean) if auto_augment else None
+        self._erase = None
+        if re_prob > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self._erase = RandomErasing(probability=re_prob, mode="pixel", device="cpu")
+
+    @property
+    def draws_only_torch_rng(self) -> bool:
+        """timm's augmentations draw from Python's and numpy's generators too (see SkippingDataset)."""
+        return self._augment is None and self._erase is None
 
     def __call__(self, image) -> torch.Tensor:
         image = to_uint8_hwc(image)
@@ -116,10 +153,18 @@ class TrainTransform:
         x = crop_resize(image, box, self.size)
         if self.flip > 0 and float(torch.rand(())) < self.flip:
             x = x.flip(-1)
-        return self.normalize(x)
+        if self._augment is not None:  # PIL in, PIL out: through uint8, as after torchvision's crop
+            from PIL import Image
+
+            pil = Image.fromarray(x.mul(255).round_().to(torch.uint8).permute(1, 2, 0).numpy())
+            x = torch.from_numpy(np.array(self._augment(pil), dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+        x = self.normalize(x)
+        return self._erase(x) if self._erase is not None else x
 
     def __repr__(self):
-        return f"TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip})"
+        extra = "".join(f", {k}={v!r}" for k, v in (("auto_augment", self.auto_augment), ("re_prob", self.re_prob))
+                        if v)
+        return f"TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip}{extra})"
 
 
 class EvalTransform:
