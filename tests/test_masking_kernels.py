@@ -259,6 +259,32 @@ def test_masked_patch_mse_grad_matches_torch(dtype, norm_pix):
     assert (got[0][mask == 0] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_masked_patch_mse_fractional_weights_follow_the_official_formula(backend, norm_pix):
+    """A mask of weights in [0, 1] (zeros included) gives the official sum(loss * mask) / sum(mask), forward and
+    gradient, against fp64 on an odd grid."""
+    B, C, H, W, p = 2, 3, 9, 15, 3
+    L, P = 15, 27
+    imgs, pred = randn(B, C, H, W), randn(B, L, P)
+    mask = torch.rand(B, L, device=DEV)
+    mask[mask < 0.3] = 0.0
+
+    def official(pred):
+        t = imgs.double().reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, L, P)
+        if norm_pix:
+            t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
+        return (((pred - t) ** 2).mean(-1) * mask.double()).sum() / mask.double().sum()
+
+    got = _grads(lambda a: M.masked_patch_mse(a, imgs, mask, p, norm_pix, backend=backend), (pred,),
+                 torch.tensor(1.3, device=DEV))
+    want = _grads(official, (pred.double(),), torch.tensor(1.3, device=DEV, dtype=torch.float64))
+    close(M.masked_patch_mse(pred, imgs, mask, p, norm_pix, backend=backend).double(), official(pred.double()),
+          torch.float32, rtol=1e-5, atol=1e-6)
+    close(got[0].double(), want[0], torch.float32, rtol=1e-5, atol=1e-7)
+    assert (got[0][mask == 0] == 0).all() and (got[0][mask > 0] != 0).all()
+
+
 def test_masked_patch_mse_grad_poisoned():
     B, C, H, W, p = 2, 1, 4, 6, 2
     imgs, pred = randn(B, C, H, W), randn(B, 6, 4)
