@@ -1060,6 +1060,7 @@ def test_finetuning_augmentation_keys(tmp_path):
         ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1)
     assert (r["base_lr"], r["batch_size"], r["epochs"], r["layer_decay"], r["drop_path"], r["warmup_epochs"]) == \
         (5e-4, 1024, 100, 0.65, 0.1, 5)
+    assert r["pool"] == "mean_fc_norm"
     assert "mae_official_finetune" not in config_mod.list_recipes()
     with pytest.raises(config_mod.ConfigError, match="recipe 'mae_official_finetune' not found"):
         config_mod.config_from_argv(["--config", "mae_official_finetune"])
@@ -1081,6 +1082,41 @@ def test_finetuning_augmentation_keys(tmp_path):
         mixed = ft.finetune(dict(FT_BASE, output_dir=str(tmp_path), epochs=1, name="mixed", cutmix=1.0,
                                  label_smoothing=0.0), datasets=data)
     assert mixed["history"][0]["train_loss"] != plain["history"][0]["train_loss"]  # the mixer is in the loop
+
+
+def test_mean_fc_norm_pool_is_maes_global_pool():
+    """pool=mean_fc_norm against timm's VisionTransformer(global_pool='avg', fc_norm=True), MAE's finetuning model:
+    the same features from the same encoder and fc_norm weights; the encoder's final norm is not applied; the new
+    LayerNorm sits in the last layer-decay group without weight decay; a linear probe refuses it."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    import mae_fast
+    from mae_fast.models import create_timm_encoder, export_timm, timm_model_kwargs
+    from mae_fast.train.finetune import Classifier, layer_decay_groups
+
+    mae = mae_fast.create_model("mae_vit_demo_patch8", img_size=40)
+    torch.manual_seed(0)
+    for p in mae.parameters():  # random everywhere, final norm included, so that skipping it shows
+        p.data.normal_(0.0, 0.2)
+    clf = Classifier(create_timm_encoder(mae), num_classes=5, pool="mean_fc_norm")
+    clf.fc_norm.weight.data.uniform_(0.5, 1.5), clf.fc_norm.bias.data.normal_()
+    ref = VisionTransformer(**timm_model_kwargs(mae), global_pool="avg", fc_norm=True)
+    state = {k: v for k, v in export_timm(mae).items() if not k.startswith("norm.")}
+    state.update({"fc_norm.weight": clf.fc_norm.weight.data, "fc_norm.bias": clf.fc_norm.bias.data})
+    ref.load_state_dict(state, strict=True)
+    clf.eval(), ref.eval()
+    x = torch.randn(3, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(clf.features(x), ref(x), rtol=1e-5, atol=1e-5)
+        plain_mean = Classifier(create_timm_encoder(mae), num_classes=5, pool="mean").eval().features(x)
+    assert not torch.allclose(clf.features(x), plain_mean, atol=1e-3)
+    groups = layer_decay_groups(clf, weight_decay=0.05, layer_decay=0.75)
+    fc_group = next(g for g in groups if any(p is clf.fc_norm.weight for p in g["params"]))
+    assert fc_group["lr_scale"] == 1.0 and fc_group["weight_decay"] == 0.0
+    with pytest.raises(config_mod.ConfigError, match="pool=mean_fc_norm trains a new LayerNorm"):
+        Classifier(create_timm_encoder(mae), num_classes=5, pool="mean_fc_norm", linprobe=True)
+    with pytest.raises(config_mod.ConfigError, match="pool must be one of cls, mean, mean_fc_norm, got 'max'"):
+        Classifier(create_timm_encoder(mae), num_classes=5, pool="max")
 
 
 def test_finetune_with_an_empty_validation_set_stops_before_training(tmp_path):

@@ -119,7 +119,9 @@ FINETUNE_KEYS: dict[str, tuple] = {
     "mixup": _spec(0.0, "mixup alpha (timm's Mixup; MAE's finetuning: 0.8; 0: off)"),
     "cutmix": _spec(0.0, "cutmix alpha (MAE's finetuning: 1.0; 0: off); with mixup, each batch takes one of "
                          "the two at random"),
-    "pool": _spec("cls", "cls | mean: the feature the head sees"),
+    "pool": _spec("cls", "cls | mean | mean_fc_norm: the feature the head sees (normed cls token, mean of the normed "
+                         "patch tokens, or MAE's finetuning global_pool: their mean before the final norm through "
+                         "a new LayerNorm)"),
     "precision": _spec("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32"),
     "grad_checkpointing": _spec(False, "recompute the encoder blocks' activations in backward (saves memory)"),
     "memory_budget_gib": _spec("auto", "GiB a step may allocate: a number, auto (90% of the GPU; off on the "

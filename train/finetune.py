@@ -75,15 +75,27 @@ class FeatureBatchNorm(nn.BatchNorm1d):
         return (x - mean) * torch.rsqrt(var + self.eps)
 
 
+POOLS = ("cls", "mean", "mean_fc_norm")
+
+
 class Classifier(nn.Module):
-    """timm ViT encoder -> pooled feature -> [BatchNorm (linprobe)] -> linear head."""
+    """timm ViT encoder -> pooled feature -> [BatchNorm (linprobe)] -> linear head. ``pool``: the final-normed cls
+    token, the mean of the final-normed patch tokens, or ``mean_fc_norm``, MAE's finetuning ``global_pool``: the
+    mean of the patch tokens before the final norm, through a new LayerNorm (``fc_norm``, timm's name) in its
+    place."""
 
     def __init__(self, encoder: nn.Module, num_classes: int, pool: str = "cls", linprobe: bool = False):
         super().__init__()
-        if pool not in ("cls", "mean"):
-            raise config_mod.ConfigError(f"pool must be cls or mean, got {pool!r}")
+        if pool not in POOLS:
+            raise config_mod.ConfigError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        if pool == "mean_fc_norm" and linprobe:
+            raise config_mod.ConfigError("pool=mean_fc_norm trains a new LayerNorm, which a linear probe does not: "
+                                         "use cls or mean")
         self.encoder, self.pool, self.linprobe = encoder, pool, linprobe
         dim = encoder.embed_dim
+        if pool == "mean_fc_norm":
+            encoder.norm = nn.Identity()
+            self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
         self.bn = FeatureBatchNorm(dim, affine=False, eps=1e-6) if linprobe else nn.Identity()
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.01 if linprobe else 2e-5)
@@ -96,7 +108,8 @@ class Classifier(nn.Module):
         tokens = self.encoder.forward_features(x)
         if self.pool == "cls":
             return tokens[:, 0]
-        return tokens[:, getattr(self.encoder, "num_prefix_tokens", 1):].mean(dim=1)
+        pooled = tokens[:, getattr(self.encoder, "num_prefix_tokens", 1):].mean(dim=1)
+        return self.fc_norm(pooled) if self.pool == "mean_fc_norm" else pooled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.linprobe:
