@@ -257,7 +257,7 @@ class BatchMixer:
         state = np.random.get_state()
         np.random.seed(_mix(self.seed, 2654435761, step) % 2**32)
         try:
-            mixed, soft = self.mix(imgs[:even], labels[:even])  # in place on the view
+            _, soft = self.mix(imgs[:even], labels[:even])  # mixes in place, through the view
         finally:
             np.random.set_state(state)
         if even < len(imgs):
