@@ -1084,6 +1084,19 @@ def test_finetuning_augmentation_keys(tmp_path):
     assert mixed["history"][0]["train_loss"] != plain["history"][0]["train_loss"]  # the mixer is in the loop
 
 
+def test_finetune_progress_counts_steps_with_the_epoch_loss_and_accuracy(tmp_path, capsys):
+    """An epoch of a large labelled set is long: the bar moves every step and shows the epoch, the epoch's running
+    loss and the last evaluation."""
+    import mae_fast.train.finetune as ft
+
+    data = (Shapes(40), Shapes(20, seed=1), ["a", "b", "c", "d"])
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        res = ft.finetune(dict(FT_BASE, output_dir=str(tmp_path), epochs=2, progress=True), datasets=data)
+    out = capsys.readouterr().out
+    assert "10/10" in out and "epoch=2/2" in out
+    assert f"top1={res['history'][-1]['top1']:.1f}" in out and f"best={res['top1']:.1f}" in out
+
+
 def test_mean_fc_norm_pool_is_maes_global_pool():
     """pool=mean_fc_norm against timm's VisionTransformer(global_pool='avg', fc_norm=True), MAE's finetuning model:
     the same features from the same encoder and fc_norm weights; the encoder's final norm is not applied; the new

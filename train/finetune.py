@@ -515,7 +515,7 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
     if cfg["progress"] and info.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg["epochs"], desc=mode, dynamic_ncols=True, file=sys.stdout)
+        bar = tqdm(total=total, desc=mode, unit="step", dynamic_ncols=True, file=sys.stdout)
     history, best = [], {"top1": -1.0}
     step, start_epoch, wall_before = 0, 0, 0.0
     done_in_epoch, epoch_losses, rng_in_epoch = 0, [], None  # where a run stopped within an epoch resumes
@@ -540,7 +540,13 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
     elif info.is_main:
         checkpoint_io.remove_checkpoints(run_dir)  # another run's, or resume=null
     if bar is not None:
-        bar.update(start_epoch)
+        bar.update(step)
+
+    def show_progress(epoch: int, losses: list, refresh: bool = False) -> None:
+        post = {"epoch": f"{epoch + 1}/{cfg['epochs']}", "loss": f"{sum(losses) / max(1, len(losses)):.3f}"}
+        if history:
+            post.update(top1=f"{history[-1]['top1']:.1f}", best=f"{best['top1']:.1f}")
+        bar.set_postfix(post, refresh=refresh)
 
     def save_state(epoch: int, losses: list | None = None):
         """Checkpoint after ``epoch``, or within it after ``len(losses)`` of its batches (a stop on a signal)."""
@@ -596,6 +602,9 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
                     optimizer.step()
                 losses.append(mean_loss)
                 step += 1
+                if bar is not None:
+                    show_progress(epoch, losses)
+                    bar.update(1)
                 if sigterm or sigint:
                     stop_signal = signal.SIGTERM if sigterm else signal.SIGINT
                     break
@@ -612,9 +621,7 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
             if top1 > best["top1"]:
                 best = {"top1": top1, "top5_at_best": top5, "best_epoch": epoch}
             if bar is not None:
-                bar.set_postfix({"loss": f"{row['train_loss']:.3f}", "top1": f"{top1:.1f}",
-                                 "best": f"{best['top1']:.1f}"}, refresh=False)
-                bar.update(1)
+                show_progress(epoch, losses, refresh=True)
             every = cfg["checkpoint_every"]
             if every and (epoch + 1) % every == 0 and epoch + 1 < cfg["epochs"]:
                 save_state(epoch)
