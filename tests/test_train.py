@@ -1072,7 +1072,8 @@ def test_finetuning_augmentation_keys(tmp_path):
     with pytest.raises(config_mod.ConfigError, match="mixup, cutmix >= 0"):
         ft.finetune(dict(base, cutmix=-1.0))
     cfg = config_mod.build_config({}, config_mod.FINETUNE_KEYS, default_recipe=None)
-    assert not set(ft.AUGMENT_KEYS) & set(ft.run_identity(cfg, None))
+    assert not set(ft.LATER_IDENTITY) & set(ft.run_identity(cfg, None))
+    assert {k: cfg[k] for k in ft.LATER_IDENTITY} == ft.LATER_IDENTITY  # the defaults it leaves out
     assert ft.run_identity(dict(cfg, mixup=0.8), None)["mixup"] == 0.8
     data = (Shapes(16), Shapes(8, seed=1), ["a", "b", "c", "d"])
     with pytest.warns(RuntimeWarning, match="datasets given keep their own transforms"):
@@ -1095,6 +1096,42 @@ def test_finetune_progress_counts_steps_with_the_epoch_loss_and_accuracy(tmp_pat
     out = capsys.readouterr().out
     assert "10/10" in out and "epoch=2/2" in out
     assert f"top1={res['history'][-1]['top1']:.1f}" in out and f"best={res['top1']:.1f}" in out
+
+
+def test_finetune_gradient_accumulation_gives_one_batchs_step(tmp_path, monkeypatch):
+    """accum_steps=2 (two micro-batches of 4, one optimizer step) follows the run of whole batches of 8 to float
+    rounding: the same gradient. The memory plan is made for the micro-batch; a batch that does not split into
+    the micro-steps is refused before anything is built."""
+    import mae_fast.train.finetune as ft
+
+    planned, trained_on = [], []
+    real_plan, real_forward = ft.fit_memory_budget, ft.Classifier.forward
+    monkeypatch.setattr(ft, "fit_memory_budget", lambda cfg, spec, n, lp, batch, *a: planned.append(batch))
+
+    def forward(self, x):
+        if self.training:
+            trained_on.append(len(x))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(ft.Classifier, "forward", forward)
+    data = (Shapes(44), Shapes(20, seed=1), ["a", "b", "c", "d"])  # 44 = 5 batches of 8 and a last of 4
+    base = dict(FT_BASE, output_dir=str(tmp_path), epochs=2, drop_path=0.0)  # drop path draws per forward
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        whole = ft.finetune(dict(base, name="whole"), datasets=data)
+        assert trained_on == ([8] * 5 + [4]) * 2
+        trained_on.clear()
+        accum = ft.finetune(dict(base, name="accum", accum_steps=2), datasets=data)
+        assert trained_on == ([4] * 10 + [2, 2]) * 2
+    assert planned == [8, 4]
+    for a, b in zip(whole["history"], accum["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4) and a["top1"] == b["top1"]
+    monkeypatch.setattr(ft, "fit_memory_budget", real_plan)
+    with pytest.raises(config_mod.ConfigError, match="batch_size 8 must be a multiple of the 1 processes x 3 "
+                                                     "accumulation steps"):
+        ft.finetune(dict(base, name="bad", accum_steps=3), datasets=data)
+    with pytest.raises(config_mod.ConfigError, match="accum_steps >= 1"):
+        ft.finetune(dict(base, name="bad", accum_steps=0), datasets=data)
 
 
 def test_mean_fc_norm_pool_is_maes_global_pool():

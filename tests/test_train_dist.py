@@ -151,22 +151,25 @@ def test_finetune_batches_are_the_global_batches_shared_by_rank(world):
         assert len(whole[-1]) >= max(2, world) and all(e == 1 for e, _ in whole[0])
 
 
-@pytest.mark.parametrize("mode, lr", [("finetune", 3e-3), ("linprobe", 0.05)])
-def test_two_process_finetune_matches_one(tmp_path, mode, lr):
-    """torchrun over 2 processes gives the numbers of one process with the same global batch: DDP gradients,
-    the probe's BatchNorm statistics over both ranks' rows, validation split and summed across ranks."""
+@pytest.mark.parametrize("mode, lr, batch, accum", [("finetune", 3e-3, 14, 1), ("linprobe", 0.05, 14, 1),
+                                                   ("finetune", 3e-3, 16, 2)])
+def test_two_process_finetune_matches_one(tmp_path, mode, lr, batch, accum):
+    """torchrun over 2 processes gives the numbers of one process with the same global batch: DDP gradients
+    (also accumulated over micro-batches, synchronised once a step), the probe's BatchNorm statistics over both
+    ranks' rows, validation split and summed across ranks."""
     from mae_fast.train.finetune import finetune
 
-    args = dict(mode=mode, output_dir=str(tmp_path), epochs=2, batch_size=14, warmup_epochs=1, lr=lr,
+    args = dict(mode=mode, output_dir=str(tmp_path), epochs=2, batch_size=batch, warmup_epochs=1, lr=lr,
                 drop_path=0.0, fraction=0.5, progress=False, pool="mean")
     with pytest.warns(RuntimeWarning, match="random weights"):
         one = finetune(dict(args, name="one"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(FINETUNE),
-           *(f"{k}={v}" for k, v in args.items()), "name=two"]
+           *(f"{k}={v}" for k, v in args.items()), f"accum_steps={accum}", "name=two"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "steps of 14 (7 x 2 ranks)" in out.stdout
+    assert f"steps of {batch} ({batch // 2} x 2 ranks)" + (f" in {accum} micro-batches" if accum > 1 else "") \
+        in out.stdout
     import json
 
     two = json.loads((tmp_path / "two" / "results.json").read_text())

@@ -102,7 +102,9 @@ FINETUNE_KEYS: dict[str, tuple] = {
     "fraction": _spec(1.0, "fraction of training images kept per class (low-label protocol: 0.02)"),
     "num_workers": _spec(0, "DataLoader workers"),
     "epochs": _spec(50, "training epochs"),
-    "batch_size": _spec(64, "batch size"),
+    "batch_size": _spec(64, "batch size (global: shared by the processes and the accumulation micro-steps)"),
+    "accum_steps": _spec(1, "gradient accumulation micro-steps per optimizer step (the same gradient as one "
+                            "batch, except that the linear probe's BatchNorm sees each micro-batch)"),
     "base_lr": _spec(None, "lr = base_lr * batch_size / 256 (null: 1e-3 finetune, 0.1 linprobe)"),
     "lr": _spec(None, "absolute learning rate (overrides base_lr)"),
     "min_lr": _spec(1e-6, "floor of the cosine schedule"),

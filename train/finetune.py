@@ -227,12 +227,12 @@ RUN_IDENTITY = ("mode", "model", "model_kwargs", "img_size", "data_root", "fract
                 "label_smoothing", "pool", "precision", "seed")
 
 
-# in the identity only when on, so that checkpoints written before these keys existed still resume
-AUGMENT_KEYS = ("auto_augment", "reprob", "mixup", "cutmix")
+# keys added later, in the identity only away from their defaults, so that older checkpoints still resume
+LATER_IDENTITY = {"auto_augment": None, "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0, "accum_steps": 1}
 
 
 def run_identity(cfg: dict, encoder_checkpoint) -> dict:
-    return {**{k: cfg[k] for k in RUN_IDENTITY}, **{k: cfg[k] for k in AUGMENT_KEYS if cfg[k]},
+    return {**{k: cfg[k] for k in RUN_IDENTITY}, **{k: cfg[k] for k, d in LATER_IDENTITY.items() if cfg[k] != d},
             "encoder": str(encoder_checkpoint) if encoder_checkpoint else None}
 
 
@@ -412,11 +412,13 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
     linprobe = mode == "linprobe"
     if not 0.0 < cfg["fraction"] <= 1.0:
         raise config_mod.ConfigError(f"fraction must be in (0, 1], got {cfg['fraction']}")
-    if cfg["epochs"] < 1 or cfg["batch_size"] < 2 or cfg["checkpoint_every"] < 0:
-        raise config_mod.ConfigError("epochs must be >= 1, batch_size >= 2 and checkpoint_every >= 0")
+    if cfg["epochs"] < 1 or cfg["batch_size"] < 2 or cfg["checkpoint_every"] < 0 or cfg["accum_steps"] < 1:
+        raise config_mod.ConfigError("epochs must be >= 1, batch_size >= 2, checkpoint_every >= 0 and accum_steps >= 1")
     world, rank, device = info.world_size, info.rank, info.device
-    if cfg["batch_size"] % world:
-        raise config_mod.ConfigError(f"batch_size {cfg['batch_size']} must be a multiple of the {world} processes")
+    A = cfg["accum_steps"]
+    if cfg["batch_size"] % (world * A):
+        raise config_mod.ConfigError(f"batch_size {cfg['batch_size']} must be a multiple of the {world} processes x "
+                                     f"{A} accumulation steps")
     _check_augment(cfg)
     amp_dtype = autocast_dtype(cfg["precision"], device)
     torch.manual_seed(cfg["seed"])
@@ -443,7 +445,8 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
     if not isinstance(cfg["grad_checkpointing"], bool):
         raise config_mod.ConfigError("finetuning checkpoints every encoder block or none: grad_checkpointing must "
                                      "be true or false")
-    memory_plan = fit_memory_budget(cfg, spec, num_classes, linprobe, cfg["batch_size"] // world, device, amp_dtype)
+    memory_plan = fit_memory_budget(cfg, spec, num_classes, linprobe, cfg["batch_size"] // (world * A), device,
+                                    amp_dtype)
     model, img_size, ckpt, model_name = build_classifier(cfg, num_classes, linprobe, spec)
     model.encoder.set_grad_checkpointing(memory_plan["grad_checkpointing"] if memory_plan else
                                          cfg["grad_checkpointing"])
@@ -507,6 +510,7 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ranks = f" ({B // world} x {world} ranks)" if world > 1 else ""
+        ranks += f" in {A} micro-batches" if A > 1 else ""
         print(f"{mode}: {model_name} encoder from {ckpt or 'random init'}; {n_train} train / {len(val_ds)} val "
               f"images, {num_classes} classes; {cfg['epochs']} epochs x {steps_per_epoch} steps of {B}{ranks}, "
               f"lr {peak_lr:.3g}, device {device}; results -> {run_dir}", flush=True)
@@ -585,20 +589,26 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                if mixer is not None:
-                    imgs, labels = mixer(imgs, labels, step)
-                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                    logits = train_model(imgs)
-                # this rank's share of the global batch's mean: DDP's gradient average makes it the whole mean
-                loss = criterion(logits.float(), labels) * (world / global_size)
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = torch.zeros((), device=device)
+                for a, (x, y) in enumerate(zip(imgs.tensor_split(A), labels.tensor_split(A))):
+                    if mixer is not None:
+                        x, y = mixer(x, y, step * A + a)
+                    sync = a == A - 1  # DDP all-reduces the gradients once, after the last micro-batch
+                    with train_model.no_sync() if world > 1 and not sync else nullcontext():
+                        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                            logits = train_model(x)
+                        # this rank's share of the global batch's mean: summed over the micro-batches and
+                        # averaged by DDP over the ranks, the gradient is the whole batch's mean's
+                        loss = criterion(logits.float(), y) * (world / global_size)
+                        loss.backward()
+                    loss_sum += loss.detach()
                 # one all-reduce: the mean loss and whether any rank got SIGTERM / SIGINT, so every rank takes
                 # the same decisions below
                 flags = [float(signal.SIGTERM in signals), float(signal.SIGINT in signals)]
-                shared = torch.stack([loss.detach() / world, *(loss.new_full((), f) for f in flags)])
+                shared = torch.stack([loss_sum / world, *(loss_sum.new_full((), f) for f in flags)])
                 mean_loss, sigterm, sigint = dist_mod.all_reduce_sum(shared).tolist()
-                optimizer.zero_grad(set_to_none=True)
                 if math.isfinite(mean_loss):
-                    loss.backward()
                     optimizer.step()
                 losses.append(mean_loss)
                 step += 1
