@@ -1134,6 +1134,33 @@ def test_finetune_gradient_accumulation_gives_one_batchs_step(tmp_path, monkeypa
         ft.finetune(dict(base, name="bad", accum_steps=0), datasets=data)
 
 
+@pytest.mark.parametrize("mode, extra", [("linprobe", {}), ("finetune", {"mixup": 0.8, "cutmix": 1.0})])
+def test_accumulation_on_a_short_last_batch_keeps_micro_batches_usable(tmp_path, monkeypatch, mode, extra):
+    """batch_size=8 accum_steps=4 on 42 images: five batches of 8 (micro-batches of 2) and a last one of 2, which
+    split four ways would give micro-batches of 1 and 0 images: the probe's BatchNorm cannot take statistics over
+    one row (it raised) and mixup cannot pair one image (it left it unmixed). The last batch takes one micro-batch
+    of 2. Micro-batches of 1 in every step are refused before any data is read."""
+    import mae_fast.train.finetune as ft
+
+    trained_on, real_forward = [], ft.Classifier.forward
+
+    def forward(self, x):
+        if self.training:
+            trained_on.append(len(x))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(ft.Classifier, "forward", forward)
+    data = (Shapes(42), Shapes(20, seed=1), ["a", "b", "c", "d"])
+    base = dict(FT_BASE, output_dir=str(tmp_path), mode=mode, epochs=1, accum_steps=4,
+                lr=0.05 if mode == "linprobe" else 3e-3, **extra)
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        res = ft.finetune(base, datasets=data)
+    assert trained_on == [2] * 20 + [2]
+    assert np.isfinite(res["history"][0]["train_loss"]) and np.isfinite(res["history"][0]["val_loss"])
+    with pytest.raises(config_mod.ConfigError, match="micro-batches of 1 image.*must be >= 2"):
+        ft.finetune(dict(base, accum_steps=8, data_root=str(tmp_path / "absent")))
+
+
 def test_mean_fc_norm_pool_is_maes_global_pool():
     """pool=mean_fc_norm against timm's VisionTransformer(global_pool='avg', fc_norm=True), MAE's finetuning model:
     the same features from the same encoder and fc_norm weights; the encoder's final norm is not applied; the new

@@ -419,6 +419,12 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
     if cfg["batch_size"] % (world * A):
         raise config_mod.ConfigError(f"batch_size {cfg['batch_size']} must be a multiple of the {world} processes x "
                                      f"{A} accumulation steps")
+    mixing = cfg["mixup"] > 0 or cfg["cutmix"] > 0
+    if cfg["batch_size"] // (world * A) < 2 and (mixing or (linprobe and world == 1)):
+        raise config_mod.ConfigError(
+            f"micro-batches of {cfg['batch_size'] // (world * A)} image: "
+            + ("mixup / cutmix pair the images of a micro-batch" if mixing else "the linear probe's BatchNorm takes "
+               "its statistics over a micro-batch") + "; batch_size / (processes x accum_steps) must be >= 2")
     _check_augment(cfg)
     amp_dtype = autocast_dtype(cfg["precision"], device)
     torch.manual_seed(cfg["seed"])
@@ -591,10 +597,13 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
                 imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum = torch.zeros((), device=device)
-                for a, (x, y) in enumerate(zip(imgs.tensor_split(A), labels.tensor_split(A))):
+                # a short last batch takes fewer micro-batches: none empty, and as many rows as the BatchNorm (2 in
+                # all) or the mixer (2 a rank) needs, the same number on every rank (the BatchNorm all-reduces)
+                k = max(1, min(A, global_size // max(world * (2 if mixer is not None else 1), 2 if linprobe else 1)))
+                for a, (x, y) in enumerate(zip(imgs.tensor_split(k), labels.tensor_split(k))):
                     if mixer is not None:
                         x, y = mixer(x, y, step * A + a)
-                    sync = a == A - 1  # DDP all-reduces the gradients once, after the last micro-batch
+                    sync = a == k - 1  # DDP all-reduces the gradients once, after the last micro-batch
                     with train_model.no_sync() if world > 1 and not sync else nullcontext():
                         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
                             logits = train_model(x)
