@@ -1085,6 +1085,23 @@ def test_finetuning_augmentation_keys(tmp_path):
     assert mixed["history"][0]["train_loss"] != plain["history"][0]["train_loss"]  # the mixer is in the loop
 
 
+def test_linprobe_of_the_finetuning_recipe_stops_on_its_pool_before_reading_data(tmp_path, monkeypatch, capsys):
+    """`mae-fast linprobe --config mae_official_finetune` (mode fixed by the subcommand) meets the recipe's
+    pool=mean_fc_norm, which a probe refuses: the CLI says so before scanning the labelled set (an ImageNet scan
+    took minutes before the refusal); pool=cls passes that check."""
+    import mae_fast.data as data_mod
+    import mae_fast.train.finetune as ft
+
+    scanned = []
+    monkeypatch.setattr(data_mod, "build_labelled_datasets", lambda *a, **k: scanned.append(1) or 1 / 0)
+    argv = ["--config", "mae_official_finetune", f"output_dir={tmp_path}", "checkpoint=null"]
+    assert ft.main(argv, mode="linprobe") == 2
+    assert "pool=mean_fc_norm trains a new LayerNorm" in capsys.readouterr().err and not scanned
+    with pytest.warns(RuntimeWarning, match="random weights"), pytest.raises(ZeroDivisionError):
+        ft.main([*argv, "pool=cls"], mode="linprobe")
+    assert scanned == [1]
+
+
 def test_finetune_progress_counts_steps_with_the_epoch_loss_and_accuracy(tmp_path, capsys):
     """An epoch of a large labelled set is long: the bar moves every step and shows the epoch, the epoch's running
     loss and the last evaluation."""

@@ -78,6 +78,14 @@ class FeatureBatchNorm(nn.BatchNorm1d):
 POOLS = ("cls", "mean", "mean_fc_norm")
 
 
+def _check_pool(pool: str, linprobe: bool) -> None:
+    if pool not in POOLS:
+        raise config_mod.ConfigError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if pool == "mean_fc_norm" and linprobe:
+        raise config_mod.ConfigError("pool=mean_fc_norm trains a new LayerNorm, which a linear probe does not: "
+                                     "use cls or mean")
+
+
 class Classifier(nn.Module):
     """timm ViT encoder -> pooled feature -> [BatchNorm (linprobe)] -> linear head. ``pool``: the final-normed cls
     token, the mean of the final-normed patch tokens, or ``mean_fc_norm``, MAE's finetuning ``global_pool``: the
@@ -86,11 +94,7 @@ class Classifier(nn.Module):
 
     def __init__(self, encoder: nn.Module, num_classes: int, pool: str = "cls", linprobe: bool = False):
         super().__init__()
-        if pool not in POOLS:
-            raise config_mod.ConfigError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
-        if pool == "mean_fc_norm" and linprobe:
-            raise config_mod.ConfigError("pool=mean_fc_norm trains a new LayerNorm, which a linear probe does not: "
-                                         "use cls or mean")
+        _check_pool(pool, linprobe)
         self.encoder, self.pool, self.linprobe = encoder, pool, linprobe
         dim = encoder.embed_dim
         if pool == "mean_fc_norm":
@@ -426,6 +430,7 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
             + ("mixup / cutmix pair the images of a micro-batch" if mixing else "the linear probe's BatchNorm takes "
                "its statistics over a micro-batch") + "; batch_size / (processes x accum_steps) must be >= 2")
     _check_augment(cfg)
+    _check_pool(cfg["pool"], linprobe)  # before the data is scanned (e.g. linprobe --config mae_official_finetune)
     amp_dtype = autocast_dtype(cfg["precision"], device)
     torch.manual_seed(cfg["seed"])
 
