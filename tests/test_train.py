@@ -794,7 +794,7 @@ def test_finetune_memory_budget_turns_on_checkpointing_with_the_same_results(tmp
     assert plan2["changed"] and plan2["grad_checkpointing"]
     assert plan2["estimated_peak_bytes"] < plan["estimated_peak_bytes"] * 0.999
     assert [h["top1"] for h in squeezed["history"]] == [h["top1"] for h in roomy["history"]]  # checkpointing is exact
-    with pytest.raises(config_mod.ConfigError, match="lower batch_size"):
+    with pytest.raises(config_mod.ConfigError, match="raise accum_steps .* or lower batch_size"):
         finetune(dict(base, name="tight", memory_budget_gib=1e-4), datasets=data)
     with_drop_path = finetune(dict(base, name="dp", drop_path=0.1, memory_budget_gib=100.0), datasets=data)
     assert with_drop_path["memory_plan"]["estimated_peak_bytes"] > 0  # timm's drop-path set-up is estimable
@@ -1115,14 +1115,17 @@ def test_finetune_progress_counts_steps_with_the_epoch_loss_and_accuracy(tmp_pat
     assert f"top1={res['history'][-1]['top1']:.1f}" in out and f"best={res['top1']:.1f}" in out
 
 
-def test_finetune_gradient_accumulation_gives_one_batchs_step(tmp_path, monkeypatch):
+def test_finetune_gradient_accumulation_gives_one_batchs_step(tmp_path, monkeypatch, capsys):
     """accum_steps=2 (two micro-batches of 4, one optimizer step) follows the run of whole batches of 8 to float
-    rounding: the same gradient. The memory plan is made for the micro-batch; a batch that does not split into
-    the micro-steps is refused before anything is built."""
+    rounding: the same gradient, so a run stopped with whole batches resumes with micro-batches (a smaller GPU).
+    The memory plan is made for the micro-batch; a batch that does not split into the micro-steps is refused
+    before anything is built."""
+    import signal
+
     import mae_fast.train.finetune as ft
 
     planned, trained_on = [], []
-    real_plan, real_forward = ft.fit_memory_budget, ft.Classifier.forward
+    real_forward = ft.Classifier.forward
     monkeypatch.setattr(ft, "fit_memory_budget", lambda cfg, spec, n, lp, batch, *a: planned.append(batch))
 
     def forward(self, x):
@@ -1140,10 +1143,18 @@ def test_finetune_gradient_accumulation_gives_one_batchs_step(tmp_path, monkeypa
         accum = ft.finetune(dict(base, name="accum", accum_steps=2), datasets=data)
         assert trained_on == ([4] * 10 + [2, 2]) * 2
     assert planned == [8, 4]
-    for a, b in zip(whole["history"], accum["history"]):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4) and a["top1"] == b["top1"]
-    monkeypatch.setattr(ft, "fit_memory_budget", real_plan)
+    _finetune_signal_at(monkeypatch, 8, signal.SIGTERM)
+    with pytest.warns(RuntimeWarning, match="random weights"), pytest.raises(ft.TrainingInterrupted):
+        ft.finetune(dict(base, name="moved"), datasets=data)
+    monkeypatch.undo()
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        moved = ft.finetune(dict(base, name="moved", accum_steps=2), datasets=data)
+    assert "resumed in epoch 1 after 3 of its 6 steps" in capsys.readouterr().out
+    for a, *others in zip(whole["history"], accum["history"], moved["history"]):
+        for b in others:
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4) and b["top1"] == a["top1"]
     with pytest.raises(config_mod.ConfigError, match="batch_size 8 must be a multiple of the 1 processes x 3 "
                                                      "accumulation steps"):
         ft.finetune(dict(base, name="bad", accum_steps=3), datasets=data)

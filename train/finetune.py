@@ -231,8 +231,9 @@ RUN_IDENTITY = ("mode", "model", "model_kwargs", "img_size", "data_root", "fract
                 "label_smoothing", "pool", "precision", "seed")
 
 
-# keys added later, in the identity only away from their defaults, so that older checkpoints still resume
-LATER_IDENTITY = {"auto_augment": None, "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0, "accum_steps": 1}
+# keys added later, in the identity only away from their defaults, so that older checkpoints still resume;
+# accum_steps is not there: a run may resume with more micro-steps to fit a smaller GPU (the same gradient)
+LATER_IDENTITY = {"auto_augment": None, "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0}
 
 
 def run_identity(cfg: dict, encoder_checkpoint) -> dict:
@@ -390,7 +391,8 @@ def fit_memory_budget(cfg: dict, spec: tuple, num_classes: int, linprobe: bool, 
         return None
     if est > limit:
         raise config_mod.ConfigError(f"a batch of {batch} needs about {est / GiB:.1f} GiB even with gradient "
-                                     f"checkpointing, over the {limit / GiB:.1f} GiB budget: lower batch_size")
+                                     f"checkpointing, over the {limit / GiB:.1f} GiB budget: raise accum_steps (the "
+                                     f"same step in smaller micro-batches) or lower batch_size")
     changed = plan != bool(cfg["grad_checkpointing"])
     print(f"memory: estimated peak {configured / GiB:.1f} GiB" + (
         f" is over the {limit / GiB:.1f} GiB budget; checkpointing every encoder block (estimated {est / GiB:.1f} GiB)"
