@@ -491,6 +491,18 @@ def _grid_file(tmp_path, text_or_over) -> Path:
     ({"fit": {"target": 50}}, "fit: unknown key(s) ['target']"),
     ({"job": "mae_fast.scaling.runner:no_such_job"}, "job 'mae_fast.scaling.runner:no_such_job' cannot be loaded"),
     ({"job": "no_such_module_xyz:job"}, "cannot be loaded (ModuleNotFoundError"),
+    # the default job's blocks, checked before a sweep submits anything (the eval block is used only after
+    # hours of pretraining)
+    ({"job": "mae_fast.scaling.runner:default_job", "eval": {"protocol": "linprobe", "mixupp": 0.8}},
+     "eval: unknown config key 'mixupp' in config (did you mean mixup?)"),
+    ({"job": "mae_fast.scaling.runner:default_job", "eval": {"protocol": "finetune", "epochs": "ten"}},
+     "eval: epochs must be an integer, got 'ten'"),
+    ({"job": "mae_fast.scaling.runner:default_job", "eval": {"protocol": "linprobe", "pool": "mean_fc_norm"}},
+     "pool=mean_fc_norm trains a new LayerNorm"),
+    ({"job": "mae_fast.scaling.runner:default_job", "eval": {"protocol": "finetune", "cutmix": -1}},
+     "mixup, cutmix >= 0"),
+    ({"job": "mae_fast.scaling.runner:default_job", "pretrain": {"recipe": "demo", "warmup_stepz": 5}},
+     "unknown config key 'warmup_stepz'"),
 ])
 def test_malformed_grid_is_a_clear_error_naming_file_and_key(tmp_path, capsys, over, fragment):
     path = _grid_file(tmp_path, over)

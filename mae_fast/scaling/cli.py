@@ -25,11 +25,19 @@ def _cmd_run(args) -> int:
 
     grid = load_grid(args.grid)
     job = args.job or grid.job
+    from mae_fast.train.config import ConfigError
+
+    where = grid.path or grid.name
     try:  # before anything is submitted: a typo here would fail every run of the sweep
-        resolve_job(job)
+        check = getattr(resolve_job(job), "check_config", None)
         job_error = None
     except (ImportError, AttributeError, ValueError) as exc:
-        job_error = f"{grid.path or grid.name}: job {job!r} cannot be loaded ({type(exc).__name__}: {exc})"
+        check, job_error = None, f"{where}: job {job!r} cannot be loaded ({type(exc).__name__}: {exc})"
+    try:  # the job's own check of a run's settings (the default job: pretrain and eval keys)
+        for spec in grid.runs if check else ():
+            check(spec.config)
+    except ConfigError as exc:
+        job_error = f"{where}: {exc}"
     if job_error and not args.dry_run:
         raise GridError(job_error)
     if job_error:  # the listing still helps; the real run will refuse

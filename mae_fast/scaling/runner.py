@@ -99,6 +99,26 @@ def _pretrain_then_evaluate(config: dict, run_dir: Path) -> dict:
     }
 
 
+def check_default_job_config(config: dict) -> None:
+    """What :func:`default_job` would refuse only when each stage starts (the evaluation after hours of
+    pretraining): the ``pretrain`` block's recipe keys and the ``eval`` block's finetuning keys, their types and
+    the evaluation's pool and augmentation values. Raises ConfigError; ``scale run`` calls it before submitting."""
+    from mae_fast.train import config as config_mod
+    from mae_fast.train import finetune as finetune_mod
+
+    config_mod.build_config(dict(config["pretrain"]), config_mod.PRETRAIN_KEYS)
+    eval_cfg = {k: v for k, v in config["eval"].items() if k not in ("protocol", "num_classes")}
+    try:
+        ev = config_mod.build_config(eval_cfg, config_mod.FINETUNE_KEYS, default_recipe=None)
+    except config_mod.ConfigError as e:
+        raise config_mod.ConfigError(f"eval: {e}") from None
+    finetune_mod._check_augment(ev)
+    finetune_mod._check_pool(ev["pool"], config["eval"].get("protocol", "finetune") == "linprobe")
+
+
+default_job.check_config = check_default_job_config
+
+
 def resolve_job(job: str | JobFn) -> JobFn:
     """A job function from ``"package.module:function"`` (or the callable itself)."""
     if callable(job):
