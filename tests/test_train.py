@@ -1189,6 +1189,25 @@ def test_accumulation_on_a_short_last_batch_keeps_micro_batches_usable(tmp_path,
         ft.finetune(dict(base, accum_steps=8, data_root=str(tmp_path / "absent")))
 
 
+def test_finetune_records_its_settings_and_labelled_subset(tmp_path):
+    """config.yaml holds every setting of the run (it loads back as the same config) and data_record.json the
+    training images the low-label fraction kept, so a top-1 can be traced to what produced it."""
+    import yaml
+
+    import mae_fast.train.finetune as ft
+    from mae_fast.data import build_labelled_datasets
+
+    cfg = dict(FT_BASE, output_dir=str(tmp_path), epochs=1, fraction=0.25, reprob=0.25, name="rec", img_size=None)
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        res = ft.finetune(cfg)
+    run_dir = tmp_path / "rec"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved == config_mod.build_config(cfg, config_mod.FINETUNE_KEYS, default_recipe=None)
+    record = json.loads((run_dir / "data_record.json").read_text())
+    train, _, _ = build_labelled_datasets(None, img_size=64, fraction=0.25, seed=0)
+    assert record["train_files"] == train.record["train_files"] and record["n_train"] == res["train_images"]
+
+
 def test_mean_fc_norm_pool_is_maes_global_pool():
     """pool=mean_fc_norm against timm's VisionTransformer(global_pool='avg', fc_norm=True), MAE's finetuning model:
     the same features from the same encoder and fc_norm weights; the encoder's final norm is not applied; the new

@@ -9,7 +9,8 @@
 Encoder weights come from a mae_fast run directory or checkpoint, an official MAE ``.pth``
 (``{"model": state}``) or a timm export, through ``mae_fast.load_pretrained(encoder_only=True)``;
 the classifier is timm's ``VisionTransformer`` (``mae_fast.create_timm_encoder``) plus a head.
-Reports the best top-1 and top-5 over epochs and writes them to ``<output_dir>/<name>/results.json``.
+Reports the best top-1 and top-5 over epochs and writes them to ``<output_dir>/<name>/results.json``, next to
+``config.yaml`` (every setting) and ``data_record.json`` (which labelled images were used).
 Ctrl-C or SIGTERM stops training at the end of the step under way, with a checkpoint of that step that
 ``resume=auto`` continues from (``TrainingInterrupted``, exit code 130 / 143), as in pretraining.
 
@@ -522,6 +523,12 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
     run_dir = Path(cfg["output_dir"]) / name
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # what the numbers came from: every setting, and which labelled images (the low-label subset) were used
+        (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+        record = getattr(train_ds, "record", None)
+        if record is not None:
+            checkpoint_io.atomic_write_bytes(run_dir / "data_record.json",
+                                             json.dumps(record, indent=1, default=str).encode())
         ranks = f" ({B // world} x {world} ranks)" if world > 1 else ""
         ranks += f" in {A} micro-batches" if A > 1 else ""
         print(f"{mode}: {model_name} encoder from {ckpt or 'random init'}; {n_train} train / {len(val_ds)} val "
