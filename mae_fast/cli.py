@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -30,7 +31,11 @@ def main(argv=None) -> int:
         print(f"mae-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, kwargs, _ = COMMANDS[name]
-    result = getattr(importlib.import_module(module), func)(rest, **kwargs)
+    try:
+        result = getattr(importlib.import_module(module), func)(rest, **kwargs)
+    except BrokenPipeError:  # `mae-fast ... | head` closed the pipe: stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not raise again
+        return 141  # 128 + SIGPIPE, what a shell reports for such a pipe
     return int(result or 0)
 
 

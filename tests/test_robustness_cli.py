@@ -100,3 +100,17 @@ def test_plot_prints_the_file_it_wrote(tmp_path, capsys, out, written):
     assert curves.main([str(tmp_path / "run"), "--out", str(tmp_path / out)]) == 0
     printed = capsys.readouterr().out.strip()
     assert printed == str(tmp_path / written) and (tmp_path / written).is_file()
+
+
+@pytest.mark.parametrize("argv", [["pretrain", "--help"], ["info"]])
+def test_a_reader_that_goes_away_ends_the_command_quietly(argv):
+    """`mae-fast ... | head`: when the pipe's reader has gone, the command stops with the shell's SIGPIPE status
+    and no traceback (here the reader is gone before the command writes, so the write surely fails)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "mae_fast.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err[-2000:]
