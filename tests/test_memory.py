@@ -379,3 +379,62 @@ def test_fit_batch_is_exact_when_the_budget_equals_a_peak():
             assert fit_batch(peak, peak(n), limit=4096) == n
             assert fit_batch(peak, peak(n) - 1, limit=4096) == n - 1
     assert fit_batch(lambda n: 10, 10, limit=4096) == 4096  # flat: everything fits, up to the limit
+
+
+# ---- mutation audit: what the tests above did not pin down -------------------------------------------------------
+
+def test_after_forward_is_the_saved_activations_by_hand():
+    """The MLP step of the MemTracker test: once the forward returned, beyond the weights and the optimizer state,
+    what is alive is the input, what backward saved (Linear: its input; GELU: its input; LayerNorm: its input,
+    mean and rstd per row; the second Linear: its input; pow: its input) and the scalar loss; fp32, no rounding."""
+    make_inputs = lambda: (torch.randn(61, 37),)  # noqa: E731
+    est = estimate_train_step(_mlp, make_inputs, lambda m, x: m(x).pow(2).mean(), amp_dtype=None, round_to=1)
+    rows = 61
+    saved = rows * 37 + 3 * rows * 129 + 2 * rows + rows * 53  # x, fc1 out, GELU out, LN mean/rstd, LN out, fc2 out
+    assert est.after_forward == 4 * (saved + 1)
+
+
+def test_estimate_mae_step_is_the_masked_only_step_it_documents():
+    """estimate_mae_step against estimate_train_step (checked byte for byte against MemTracker above) on the step
+    written out here: the masked-only loss at the mask ratio given, the precision given, norm_pix_loss by default,
+    the savers given; extra_bytes counted with the activations, so the parts still add up to the peak."""
+    kw = dict(img_size=40, depth=3, decoder_depth=2)
+    g = torch.Generator().manual_seed(0)
+    for mask_ratio, amp, lean, ckpt in ((0.5, None, False, 0), (0.6, torch.bfloat16, True, 2)):
+        def build():
+            m = mae_fast.create_model("mae_vit_demo_patch8", norm_pix_loss=True, **kw)
+            m.set_lean_activations(lean)
+            m.set_grad_checkpointing(ckpt)
+            return m
+
+        want = estimate_train_step(build, lambda: (torch.randn(3, 3, 40, 40, generator=g), torch.rand(3, 25)),
+                                   lambda m, x, noise: m(x, mask_ratio, noise, masked_only=True).loss, amp_dtype=amp)
+        got = estimate_mae_step("mae_vit_demo_patch8", batch=3, mask_ratio=mask_ratio, amp_dtype=amp, lean=lean,
+                                grad_checkpointing=ckpt, extra_bytes=4096, **kw)
+        assert got.peak == want.peak + 4096 and got.activations == want.activations + 4096
+        assert got.peak == got.parameters + got.optimizer_state + got.gradients + got.activations
+
+
+def test_plan_for_budget_is_the_cheapest_plan_that_fits():
+    """Against a brute-force search over every plan, with a made-up peak per plan (lean saves a fixed amount,
+    each checkpointed block its own amount): the given plan if it fits, else lean, else the fewest checkpointed
+    blocks that fit (a budget equal to a peak fits), else None."""
+    from mae_fast.memory import Plan, plan_for_budget
+
+    rng = random.Random(0)
+    for _ in range(300):
+        blocks = rng.randint(1, 12)
+        plain, lean_saves = rng.randint(1000, 5000), rng.randint(0, 500)
+        saves = [rng.randint(1, 300) for _ in range(blocks)]
+
+        def peak(p):
+            return plain - (lean_saves if p.lean else 0) - sum(saves[:p.checkpointed])
+
+        lean0, ck0 = rng.random() < 0.3, rng.choice([0, 0, rng.randint(0, blocks)])
+        options = [Plan(lean0, ck0, blocks), Plan(True, ck0, blocks)] + [Plan(True, n, blocks)
+                                                                        for n in range(ck0, blocks + 1)]
+        budget = peak(rng.choice(options)) + rng.choice([0, 0, -1, 1])
+        want = next((p for p in options if peak(p) <= budget), None)
+        got, tried = plan_for_budget(peak, budget, blocks, lean0, ck0)
+        assert got == want, (blocks, budget, lean0, ck0)
+        assert all(tried[p] == peak(p) for p in tried)

@@ -1251,3 +1251,57 @@ def test_finetune_with_an_empty_validation_set_stops_before_training(tmp_path):
         finetune(dict(mode="linprobe", checkpoint=None, output_dir=str(tmp_path), epochs=1, batch_size=8, img_size=32,
                       progress=False, memory_budget_gib=None), datasets=(Shapes(8), Shapes(0), ["a", "b", "c", "d"]))
     assert not (tmp_path / "linprobe").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# MFU
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA A10G", 70e12), ("NVIDIA A10", 125e12),
+    ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 4090", 165e12), ("Tesla V100-SXM2-16GB", 125e12),
+    ("NVIDIA B200", 2250e12)])
+def test_peak_flops_of_known_gpus_are_their_bf16_dense_datasheet_figures(monkeypatch, name, peak):
+    """The MFU denominator per device (bf16 dense tensor-core FLOP/s from the vendors' datasheets), found by name
+    (L40S and A10G are not an L40 or an A10); an override wins; an unknown GPU gets none (no MFU), not a guess."""
+    from mae_fast.train import pretrain as pretrain_mod
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    cuda = torch.device("cuda", 0)
+    assert pretrain_mod.peak_flops_for(cuda, None)[0] == peak
+    assert pretrain_mod.peak_flops_for(cuda, 3.5e12) == (3.5e12, "config")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future Accelerator")
+    assert pretrain_mod.peak_flops_for(cuda, None)[0] is None
+
+
+def counted_train_flops_per_image(model_kwargs: dict, img_size: int, mask_ratio: float) -> float:
+    """3 x the forward matmul FLOPs per image that torch's FlopCounterMode counts on a real forward of the model
+    (torch backend: plain matmuls): the model-FLOPs convention of MFU (backward = 2 x forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    old = os.environ.get("MAE_FAST_BACKEND")
+    os.environ["MAE_FAST_BACKEND"] = "torch"
+    try:
+        m = mae_fast.create_model("mae_vit_demo_patch8", img_size=img_size, **model_kwargs)
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            m(torch.randn(2, 3, img_size, img_size), mask_ratio)
+    finally:
+        if old is None:
+            os.environ.pop("MAE_FAST_BACKEND")
+        else:
+            os.environ["MAE_FAST_BACKEND"] = old
+    return 3 * fc.get_total_flops() / 2
+
+
+def test_mfu_is_counted_flops_times_images_per_s_over_the_peak(tmp_path):
+    """MFU in metrics.jsonl and result.json: FLOPs per image (counted independently, at the run's mask ratio 0.6)
+    x images/s / the configured peak. No other factor: one process, so the world size is 1."""
+    res = pretrain(tiny(tmp_path, steps=3, mask_ratio=0.6, peak_flops=2.5e11, checkpoint_every=100))
+    per_image = counted_train_flops_per_image(TINY_MODEL, 32, 0.6)
+    assert per_image != pytest.approx(counted_train_flops_per_image(TINY_MODEL, 32, 0.75), rel=0.01)
+    assert res["mfu"] == pytest.approx(per_image * res["images_per_s"] / 2.5e11, rel=1e-9)
+    rows = [json.loads(line) for line in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("mfu") is not None]
+    assert len(rows) >= 2
+    for r in rows:  # images_per_s is rounded to 2 decimals there
+        assert r["mfu"] == pytest.approx(per_image * r["images_per_s"] / 2.5e11, rel=2e-3, abs=1e-12)

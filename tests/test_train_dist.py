@@ -14,6 +14,7 @@ from mae_fast.train.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "pretrain.py"
+MODEL_KWARGS = dict(embed_dim=48, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 MODEL = "model_kwargs={embed_dim: 48, depth: 2, num_heads: 2, decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2}"
 COMMON = ["data_source=synthetic", "synthetic_size=48", "img_size=32", MODEL, "batch_size=8", "steps=4",
           "warmup_steps=1", "lr=2e-3", "checkpoint_every=2", "log_every=1", "vis_every=0", "vis_images=2",
@@ -58,7 +59,7 @@ def _compare(a: dict, b: dict):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, single, strategy):
-    two = _torchrun(tmp_path, strategy, f"distributed={strategy}", "memory_budget_gib=50")
+    two = _torchrun(tmp_path, strategy, f"distributed={strategy}", "memory_budget_gib=50", "peak_flops=2.5e11")
     _compare(single, two)
     # the optimizer state is saved whole (unsharded), keyed like the single-process one
     assert two["optimizer"]["state"].keys() == single["optimizer"]["state"].keys()
@@ -67,9 +68,18 @@ def test_two_processes_match_one(tmp_path, single, strategy):
 
     from mae_fast.memory import estimate_mae_step
 
-    plan = json.loads((tmp_path / strategy / "result.json").read_text())["memory_plan"]
+    result = json.loads((tmp_path / strategy / "result.json").read_text())
+    plan = result["memory_plan"]
+    # MFU: FLOPs per image (counted independently) x the images/s of both ranks / (the peak of one x 2 devices)
+    from test_train import counted_train_flops_per_image
+
+    per_image = counted_train_flops_per_image(MODEL_KWARGS, 32, 0.75)
+    assert result["mfu"] == pytest.approx(per_image * result["images_per_s"] / (2.5e11 * 2), rel=1e-9)
+    rows = [json.loads(line) for line in (tmp_path / strategy / "metrics.jsonl").read_text().splitlines()]
+    for r in [r for r in rows if r.get("mfu") is not None]:  # images_per_s is rounded to 2 decimals there
+        assert r["mfu"] == pytest.approx(per_image * r["images_per_s"] / (2.5e11 * 2), rel=2e-3, abs=1e-12)
     assert plan["strategy"] == strategy and not plan["changed"]
-    kw = dict(embed_dim=48, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    kw = MODEL_KWARGS
     alone = estimate_mae_step("mae_vit_demo_patch8", 32, 4, amp_dtype=None, norm_pix_loss=False, **kw)
     n_params = sum(p.numel() for p in single["model"].values())
     if strategy == "ddp":  # one process's peak plus DDP's gradient buckets
