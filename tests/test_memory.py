@@ -172,18 +172,22 @@ def test_partial_checkpointing_decoder_first_same_loss_and_grads():
 
 
 def test_recompute_flops_are_the_checkpointed_blocks_forward():
+    """Lean blocks rerun whole; plain blocks rerun up to their fc2 (torch's checkpoint stops once backward has
+    every saved tensor, and fc2 saves only its input)."""
     m = mae_fast.create_model("mae_vit_demo_patch8", img_size=40, depth=3, decoder_depth=2)
     assert mae_recompute_flops(m) == 0
     L, keep, D, Dd = 25, 6, m.embed_dim, m.decoder_embed_dim
 
-    def block(t, w):  # qkv + proj + 2 MLP matmuls (ratio 4), then q k^T and p v: 2 FLOPs per multiply-add
-        return 2 * t * w * w * (3 + 1 + 8) + 2 * 2 * t * t * w
+    def block(t, w, lean):  # qkv + proj + 2 MLP matmuls (ratio 4), q k^T and p v: 2 FLOPs per multiply-add
+        return 2 * t * w * w * (3 + 1 + 4 + (4 if lean else 0)) + 2 * 2 * t * t * w
 
-    m.set_grad_checkpointing(3)
-    assert mae_recompute_flops(m) == 2 * block(L + 1, Dd) + block(keep + 1, D)
-    m.set_grad_checkpointing(True)
-    everything = 2 * block(L + 1, Dd) + 3 * block(keep + 1, D)
-    assert mae_recompute_flops(m) == everything < mae_forward_flops(m)
+    for lean in (True, False):
+        m.set_lean_activations(lean)
+        m.set_grad_checkpointing(3)
+        assert mae_recompute_flops(m) == 2 * block(L + 1, Dd, lean) + block(keep + 1, D, lean)
+        m.set_grad_checkpointing(True)
+        everything = 2 * block(L + 1, Dd, lean) + 3 * block(keep + 1, D, lean)
+        assert mae_recompute_flops(m) == everything < mae_forward_flops(m)
 
 
 def test_config_accepts_a_block_count():

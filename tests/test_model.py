@@ -216,17 +216,18 @@ def test_flop_count_equals_the_matmuls_torch_counts_in_an_odd_sized_step(monkeyp
         assert mae_train_flops(m, mask_ratio) == pytest.approx(forward + backward + embed, rel=1e-12)
 
 
-def test_recompute_flops_are_what_checkpointing_adds_to_a_counted_step(monkeypatch):
+@pytest.mark.parametrize("lean", [True, False])
+def test_recompute_flops_are_what_checkpointing_adds_to_a_counted_step(monkeypatch, lean):
     """Gradient checkpointing's extra FLOPs (and their share of the step) against FlopCounterMode: a step with
     n blocks checkpointed (decoder first) counts exactly mae_recompute_flops more than one without, at mask 0.6.
-    Lean blocks, as every checkpointing plan of ``mae-fast memory`` has them: their fused LayerNorm-MLP op reruns
-    whole. (A plain block's fc2 is not rerun: torch's checkpoint stops once backward's saved tensors are back.)"""
+    Lean blocks (every checkpointing plan of ``mae-fast memory``) rerun whole, their fused LayerNorm-MLP op
+    included; plain blocks stop before fc2, as torch's checkpoint stops once backward's saved tensors are back."""
     from mae_fast.models import mae_recompute_flops, mae_recompute_pct
 
     monkeypatch.setenv("MAE_FAST_BACKEND", "torch")
     torch.manual_seed(0)
     m = mae_fast.MaskedAutoencoderViT(**ODD)
-    m.set_lean_activations(True)
+    m.set_lean_activations(lean)
     imgs, r = torch.randn(2, 2, 35, 45), 0.6
     torch.manual_seed(1)
     forward, backward = _counted_step(m, imgs, r)

@@ -9,7 +9,9 @@ def _block_flops(tokens: int, width: int, mlp_ratio: float, layers: int) -> floa
 
 
 def mae_forward_flops(model, mask_ratio: float = 0.75) -> float:
-    """FLOPs of one image's MAE forward pass as mae_fast runs it (visible patches only in the encoder)."""
+    """FLOPs of one image's MAE forward pass: the encoder on the visible patches, the decoder and its prediction
+    head on every token. Training's masked-only path skips the last decoder block's and the head's visible rows
+    (a few % of the decoder); MFU counts the full work, so that implementations compare at equal work."""
     L = model.num_patches
     keep = model.num_visible(mask_ratio)
     p2c = model.patch_size**2 * model.in_chans
@@ -27,12 +29,24 @@ def mae_train_flops(model, mask_ratio: float = 0.75) -> float:
     return 3.0 * mae_forward_flops(model, mask_ratio)
 
 
+def _recomputed_flops(blocks, checkpointed: int, tokens: int, width: int, mlp_ratio: float) -> float:
+    # torch's checkpoint (non-reentrant, stopping early) reruns a block only until backward has every tensor the
+    # block saved: a plain block's fc2 does not run again (only its input is saved), while a lean block's fused
+    # LayerNorm-MLP op reruns whole inside its own backward
+    fc2 = 2 * tokens * width * width * mlp_ratio
+    return sum(_block_flops(tokens, width, mlp_ratio, 1) - (0 if getattr(blk, "lean", False) else fc2)
+               for blk in list(blocks)[:checkpointed])
+
+
 def mae_recompute_flops(model, mask_ratio: float = 0.75) -> float:
-    """Extra forward FLOPs per image that gradient checkpointing adds: the checkpointed blocks run twice."""
+    """Extra forward FLOPs per image that gradient checkpointing adds: the checkpointed (leading) blocks run
+    again in backward, a plain block up to its fc2, a lean one whole."""
     L = model.num_patches
     keep = model.num_visible(mask_ratio)
-    return float(_block_flops(keep + 1, model.embed_dim, model.mlp_ratio, model._checkpointed_encoder)
-                 + _block_flops(L + 1, model.decoder_embed_dim, model.mlp_ratio, model._checkpointed_decoder))
+    return float(_recomputed_flops(model.blocks, model._checkpointed_encoder, keep + 1, model.embed_dim,
+                                   model.mlp_ratio)
+                 + _recomputed_flops(model.decoder_blocks, model._checkpointed_decoder, L + 1,
+                                     model.decoder_embed_dim, model.mlp_ratio))
 
 
 def mae_recompute_pct(model, mask_ratio: float = 0.75) -> float:
