@@ -475,3 +475,191 @@ def test_export_timm_round_trip_at_odd_resolutions(img_size):
     imgs = torch.randn(2, 3, *ours.img_size)
     with torch.no_grad():
         torch.testing.assert_close(vit.forward_features(imgs), ours.forward_features(imgs), rtol=1e-5, atol=1e-5)
+
+
+# --- checkpoint loading, sin-cos tables, timm export and the registry, against independent expectations ---
+
+def _sincos_official(embed_dim, grid_h, grid_w):
+    """facebookresearch/mae util/pos_embed.py, written out: get_2d_sincos_pos_embed(cls_token=True) for an
+    h x w grid (its grid = meshgrid(grid_w, grid_h); the first half of each row encodes grid[0], the column)."""
+    import numpy as np
+
+    def one_d(dim, pos):
+        omega = np.arange(dim // 2, dtype=np.float64)
+        omega /= dim / 2.0
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32))  # w goes first
+    grid = np.stack(grid, axis=0).reshape([2, 1, grid_h, grid_w])
+    emb = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+    return torch.from_numpy(np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)).float()
+
+
+@pytest.mark.parametrize("dim,grid", [(64, (3, 7)), (32, (7, 3)), (48, (5, 1)), (16, (1, 1)), (128, (11, 6))])
+def test_sincos_2d_is_the_official_table_on_odd_non_square_grids(dim, grid):
+    torch.testing.assert_close(mae_fast.models.sincos_2d(dim, grid), _sincos_official(dim, *grid), rtol=0, atol=1e-6)
+    torch.testing.assert_close(mae_fast.models.sincos_2d(dim, grid, cls_token=False), _sincos_official(dim, *grid)[1:],
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("old,new,prefix", [((7, 7), (5, 9), 1), ((6, 6), (11, 3), 1), ((5, 5), (8, 8), 0),
+                                            ((4, 6), (7, 5), 1)])
+def test_resample_pos_embed_is_timms(old, new, prefix):
+    from timm.layers import resample_abs_pos_embed
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(1, prefix + old[0] * old[1], 24, generator=g)
+    got = mae_fast.models.resample_pos_embed(table, new, old, num_prefix_tokens=prefix)
+    torch.testing.assert_close(got, resample_abs_pos_embed(table, list(new), list(old), num_prefix_tokens=prefix),
+                               rtol=0, atol=0)
+    assert torch.equal(got[:, :prefix], table[:, :prefix])  # the cls row is carried, not interpolated
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.module.", "module.module."])
+def test_load_strips_compiled_ddp_prefixes_in_either_order(prefix):
+    """torch.compile(DDP(model)) saves "_orig_mod.module." keys (DDP(torch.compile(model)): "module._orig_mod.")."""
+    src = _randomised(img_size=(40, 56), depth=1, decoder_depth=1)
+    dst = mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": (40, 56), "depth": 1, "decoder_depth": 1})
+    mae_fast.load_pretrained(dst, {"model": {prefix + k: v for k, v in src.state_dict().items()}})
+    _assert_same_weights(dst, src, skip=())
+
+
+@pytest.mark.parametrize("wrapper", ["model", "state_dict", "model_state", None])
+def test_load_unwraps_the_usual_checkpoint_entries(tmp_path, wrapper):
+    src = _randomised(depth=1, decoder_depth=1)
+    state = src.state_dict()
+    torch.save({wrapper: state, "epoch": 7, "args": {}} if wrapper else state, tmp_path / "c.pth")
+    dst = mae_fast.MaskedAutoencoderViT(**{**SMALL, "depth": 1, "decoder_depth": 1})
+    mae_fast.load_pretrained(dst, tmp_path / "c.pth")
+    _assert_same_weights(dst, src, skip=())
+
+
+def test_load_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    src = _randomised(img_size=(40, 56), depth=1, decoder_depth=1)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "m.safetensors")
+    dst = mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": (56, 40), "depth": 1, "decoder_depth": 1})
+    mae_fast.load_pretrained(dst, tmp_path / "m.safetensors")
+    _assert_same_weights(dst, src)
+    torch.testing.assert_close(dst.pos_embed[0], _sincos_official(64, 7, 5), rtol=0, atol=1e-6)
+
+
+def test_load_is_strict_by_default_and_encoder_only_wants_every_encoder_key():
+    src = _randomised(depth=1, decoder_depth=1)
+    dst = mae_fast.MaskedAutoencoderViT(**{**SMALL, "depth": 1, "decoder_depth": 1})
+    partial = {k: v for k, v in src.state_dict().items() if k != "decoder_norm.weight"}
+    with pytest.raises(RuntimeError, match="Missing key.*decoder_norm.weight"):
+        mae_fast.load_pretrained(dst, partial)
+    extra = {**src.state_dict(), "head.weight": torch.randn(3, 64)}
+    with pytest.raises(RuntimeError, match="Unexpected key.*head.weight"):
+        mae_fast.load_pretrained(dst, extra)
+    mae_fast.load_pretrained(dst, partial, strict=False)  # told so: the rest loads
+    torch.testing.assert_close(dst.decoder_blocks[0].mlp.fc2.weight, src.decoder_blocks[0].mlp.fc2.weight)
+    # encoder_only: the decoder may be absent, an encoder tensor may not (unless strict=False)
+    enc = {k: v for k, v in src.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    del enc["blocks.0.norm2.bias"]
+    with pytest.raises(KeyError, match="blocks.0.norm2.bias"):
+        mae_fast.load_pretrained(dst, enc, encoder_only=True)
+    mae_fast.load_pretrained(dst, enc, encoder_only=True, strict=False)
+    torch.testing.assert_close(dst.blocks[0].attn.proj.weight, src.blocks[0].attn.proj.weight)
+
+
+def test_a_learned_table_of_the_models_grid_is_kept_as_it_is():
+    src = _randomised(img_size=(40, 56))
+    state = src.state_dict()
+    state["pos_embed"] = torch.randn_like(state["pos_embed"])
+    state["decoder_pos_embed"] = torch.randn_like(state["decoder_pos_embed"])
+    dst = mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": (40, 56)})
+    mae_fast.load_pretrained(dst, state)
+    assert torch.equal(dst.pos_embed, state["pos_embed"]) and torch.equal(dst.decoder_pos_embed,
+                                                                          state["decoder_pos_embed"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_sincos_checkpoint_is_regenerated_exactly_for_another_grid(dtype):
+    """A half-precision official checkpoint's table is still recognised as sin-cos (its rounding is within the
+    dtype's eps), and the table regenerated for the model's grid is the exact fp32 one, not one rounded to bf16."""
+    src = _randomised(img_size=(40, 56))
+    state = {k: v.to(dtype) for k, v in src.state_dict().items()}
+    dst = mae_fast.MaskedAutoencoderViT(**{**SMALL, "img_size": (56, 40)})
+    dst.pos_embed.data.zero_()
+    mae_fast.load_pretrained(dst, state)
+    torch.testing.assert_close(dst.pos_embed[0], _sincos_official(64, 7, 5), rtol=0, atol=1e-6)
+    torch.testing.assert_close(dst.decoder_pos_embed[0], _sincos_official(32, 7, 5), rtol=0, atol=1e-6)
+    torch.testing.assert_close(dst.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"].float())
+
+
+def test_mismatch_message_counts_what_it_leaves_out():
+    dst = mae_fast.MaskedAutoencoderViT(**SMALL)
+    wide = mae_fast.MaskedAutoencoderViT(**{**SMALL, "embed_dim": 96, "num_heads": 4}).state_dict()
+    own = dst.state_dict()
+    n_bad = sum(1 for k, v in wide.items() if v.shape != own[k].shape)  # pos tables differ in width: counted too
+    assert n_bad > 12
+    with pytest.raises(mae_fast.models.CheckpointError, match=rf"{n_bad} tensor\(s\) of another shape: .*; and "
+                                                              rf"{n_bad - 12} more$"):
+        mae_fast.load_pretrained(dst, wide)
+
+
+def test_export_timm_is_a_copy():
+    m = _randomised(depth=1, decoder_depth=1)
+    before = m.blocks[0].attn.qkv.weight.detach().clone()
+    exported = mae_fast.export_timm(m)
+    assert not any(v.requires_grad for v in exported.values())
+    exported["blocks.0.attn.qkv.weight"].add_(1.0)
+    assert torch.equal(m.blocks[0].attn.qkv.weight, before)
+
+
+def test_create_timm_encoder_of_an_odd_model_is_timms_vit_with_the_same_features():
+    """in_chans 2, 5-pixel patches on a 7 x 9 grid, mlp_ratio 2.5: the timm twin is the VisionTransformer built
+    with those arguments (strict load) and computes the same features."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(4)
+    ours = mae_fast.MaskedAutoencoderViT(**ODD)
+    for p in ours.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    twin = mae_fast.create_timm_encoder(ours)
+    vit = VisionTransformer(img_size=(35, 45), patch_size=5, in_chans=2, embed_dim=36, depth=3, num_heads=3,
+                            mlp_ratio=2.5, num_classes=0)
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in vit.state_dict().items()}
+    vit.load_state_dict(mae_fast.export_timm(ours), strict=True)
+    imgs = torch.randn(2, 2, 35, 45)
+    with torch.no_grad():
+        want = ours.forward_features(imgs)
+        torch.testing.assert_close(vit.forward_features(imgs), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(twin.forward_features(imgs), want, rtol=1e-5, atol=1e-5)
+    assert not mae_fast.create_timm_encoder(ours, load=False).blocks[0].mlp.fc1.weight.equal(
+        ours.blocks[0].mlp.fc1.weight)
+
+
+# timm's own model of each registry size (built on the meta device: only its architecture is compared)
+_TIMM_OF_SIZE = {"tiny": "vit_tiny_patch16_224", "small": "vit_small_patch16_224", "base": "vit_base_patch16_224",
+                 "large": "vit_large_patch14_224", "huge": "vit_huge_patch14_224", "giant": "vit_giant_patch14_224"}
+
+
+@pytest.mark.parametrize("size", list(_TIMM_OF_SIZE))
+def test_registry_encoders_are_timms_vits_and_decoders_maes(size):
+    """Each mae_vit_{size}_patch{14,16}'s encoder has exactly the tensors of timm's ViT of that size (width, depth,
+    heads and MLP width, e.g. ViT-g/14's 6144), and its decoder is MAE's: 512 wide, 8 blocks of 16 heads."""
+    import timm
+
+    for p in (14, 16):
+        with torch.device("meta"):
+            ours = mae_fast.create_model(f"mae_vit_{size}_patch{p}", img_size=224 // p * p)
+            vit = timm.create_model(_TIMM_OF_SIZE[size], pretrained=False, num_classes=0, patch_size=p,
+                                    img_size=224 // p * p)
+        want = {k: tuple(v.shape) for k, v in vit.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in mae_fast.export_timm(ours).items()} == want
+        assert vit.blocks[0].attn.num_heads == ours.blocks[0].attn.num_heads
+        with torch.device("meta"):
+            twin = mae_fast.create_timm_encoder(ours, load=False)
+        assert {k: tuple(v.shape) for k, v in twin.state_dict().items()} == want
+        d = ours.decoder_embed.weight.shape[0]
+        assert (d, len(ours.decoder_blocks), ours.decoder_blocks[0].attn.num_heads) == (512, 8, 16)
+        # official MAE's one mlp_ratio sizes the decoder's MLP too: 2048 at ratio 4
+        assert ours.decoder_blocks[0].mlp.fc1.weight.shape == (int(512 * ours.mlp_ratio), 512)
+        assert size == "giant" or ours.decoder_blocks[0].mlp.fc1.weight.shape == (2048, 512)
+        assert ours.decoder_pred.weight.shape == (p * p * 3, 512)

@@ -71,7 +71,7 @@ def _fit_pos(state: dict, key: str, target: torch.Tensor, grid: tuple[int, int])
         old_grid = _sincos_grid(old, grid)
         if old_grid is not None:
             if old_grid != tuple(grid):
-                state[key] = sincos_2d(target.shape[-1], grid)[None].to(old.dtype)
+                state[key] = sincos_2d(target.shape[-1], grid)[None].to(target.dtype)  # exact, in the model's dtype
             return
         if old.shape == target.shape:
             return

@@ -5,21 +5,22 @@ import inspect
 
 from .mae import MaskedAutoencoderViT
 
-# width, depth, heads of the encoder
+# width, depth, heads of the encoder (and its MLP ratio where not 4, as timm's vit_* of that size)
 _ENCODERS = {
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
     "huge": (1280, 32, 16),
-    "giant": (1408, 40, 16),
+    "giant": (1408, 40, 16, 48 / 11),  # ViT-g/14 (Zhai et al., "Scaling Vision Transformers"): MLP 6144 wide
 }
 _DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 _MODELS: dict[str, dict] = {}
-for _size, (_w, _d, _h) in _ENCODERS.items():
+for _size, (_w, _d, _h, *_ratio) in _ENCODERS.items():
     for _p in (14, 16):
-        _MODELS[f"mae_vit_{_size}_patch{_p}"] = dict(patch_size=_p, embed_dim=_w, depth=_d, num_heads=_h, **_DECODER)
+        _MODELS[f"mae_vit_{_size}_patch{_p}"] = dict(patch_size=_p, embed_dim=_w, depth=_d, num_heads=_h, **_DECODER,
+                                                     **({"mlp_ratio": _ratio[0]} if _ratio else {}))
 # about 2.4B encoder parameters: the size a human-level projection calls for
 _MODELS["mae_vit_2b_patch14"] = dict(patch_size=14, embed_dim=2048, depth=48, num_heads=16, **_DECODER)
 # a model small enough to pretrain on a 2-core CPU in minutes (the built-in demo)
