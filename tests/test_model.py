@@ -184,7 +184,7 @@ def test_flops_count_against_profiler(monkeypatch):
 # An MAE whose every size is odd or unusual, so each term of the FLOP count shows: 2 input channels, 5-pixel patches on
 # a 7 x 9 grid (63 patches; 25 visible at mask 0.6), mlp_ratio 2.5, encoder and decoder of other widths and depths.
 ODD = dict(img_size=(35, 45), patch_size=5, in_chans=2, embed_dim=36, depth=3, num_heads=3, decoder_embed_dim=20,
-           decoder_depth=2, decoder_num_heads=2, mlp_ratio=2.5)
+           decoder_depth=2, decoder_num_heads=2, mlp_ratio=2.5, decoder_mlp_ratio=3.5)
 
 
 def _counted_step(m, imgs, mask_ratio):
@@ -240,6 +240,20 @@ def test_recompute_flops_are_what_checkpointing_adds_to_a_counted_step(monkeypat
         assert mae_recompute_pct(m, r) == pytest.approx(100 * extra / (3 * forward), rel=1e-12)
     m.set_grad_checkpointing(False)
     assert mae_recompute_flops(m, r) == 0
+
+
+def test_one_mlp_ratio_sizes_both_stacks_unless_the_decoder_has_its_own():
+    """As the official constructor, mlp_ratio sizes the encoder's and the decoder's MLPs; decoder_mlp_ratio (ours)
+    sizes the decoder's alone, and the registry's ViT-g/14 uses it to keep MAE's 2048-wide decoder MLP."""
+    with torch.device("meta"):
+        both = mae_fast.create_model("mae_vit_small_patch16", mlp_ratio=2.0)
+        split = mae_fast.create_model("mae_vit_small_patch16", mlp_ratio=2.0, decoder_mlp_ratio=3.0)
+        giant = mae_fast.create_model("mae_vit_giant_patch14")
+    assert both.blocks[0].mlp.fc1.out_features == 768 and both.decoder_blocks[0].mlp.fc1.out_features == 1024
+    assert split.blocks[0].mlp.fc1.out_features == 768 and split.decoder_blocks[0].mlp.fc1.out_features == 1536
+    assert giant.blocks[0].mlp.fc1.out_features == 6144 and giant.decoder_blocks[0].mlp.fc1.out_features == 2048
+    with pytest.raises(ValueError, match="decoder_mlp_ratio=0"):
+        mae_fast.MaskedAutoencoderViT(**dict(ODD, decoder_mlp_ratio=0))
 
 
 def test_non_square_and_forward_features():
@@ -659,7 +673,6 @@ def test_registry_encoders_are_timms_vits_and_decoders_maes(size):
         assert {k: tuple(v.shape) for k, v in twin.state_dict().items()} == want
         d = ours.decoder_embed.weight.shape[0]
         assert (d, len(ours.decoder_blocks), ours.decoder_blocks[0].attn.num_heads) == (512, 8, 16)
-        # official MAE's one mlp_ratio sizes the decoder's MLP too: 2048 at ratio 4
-        assert ours.decoder_blocks[0].mlp.fc1.weight.shape == (int(512 * ours.mlp_ratio), 512)
-        assert size == "giant" or ours.decoder_blocks[0].mlp.fc1.weight.shape == (2048, 512)
+        # MAE's decoder MLP, 2048 wide (ratio 4), under every encoder, ViT-g/14's 48/11 included
+        assert ours.decoder_blocks[0].mlp.fc1.weight.shape == (2048, 512)
         assert ours.decoder_pred.weight.shape == (p * p * 3, 512)

@@ -816,7 +816,7 @@ def test_time_waiting_for_data_is_measured_and_a_slow_loader_is_named(tmp_path, 
     slow_item = pretrain_mod.SyntheticImages.__getitem__
 
     def slow(self, i):
-        time_mod.sleep(0.05)  # 8 items a step: 0.4 s of loading against a few ms of compute (0.2 s on a busy CPU)
+        time_mod.sleep(0.1)  # 8 items a step: 0.8 s of loading against a few ms of compute (0.4 s on a busy CPU)
         return slow_item(self, i)
 
     monkeypatch.setattr(pretrain_mod.SyntheticImages, "__getitem__", slow)

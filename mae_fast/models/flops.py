@@ -19,7 +19,7 @@ def mae_forward_flops(model, mask_ratio: float = 0.75) -> float:
     f = 2 * keep * p2c * D                                          # patch embedding
     f += _block_flops(keep + 1, D, model.mlp_ratio, model.depth)    # encoder
     f += 2 * (keep + 1) * D * Dd                                    # decoder_embed
-    f += _block_flops(L + 1, Dd, model.mlp_ratio, model.decoder_depth)
+    f += _block_flops(L + 1, Dd, model.decoder_mlp_ratio, model.decoder_depth)
     f += 2 * (L + 1) * Dd * p2c                                     # decoder_pred
     return float(f)
 
@@ -46,7 +46,7 @@ def mae_recompute_flops(model, mask_ratio: float = 0.75) -> float:
     return float(_recomputed_flops(model.blocks, model._checkpointed_encoder, keep + 1, model.embed_dim,
                                    model.mlp_ratio)
                  + _recomputed_flops(model.decoder_blocks, model._checkpointed_decoder, L + 1,
-                                     model.decoder_embed_dim, model.mlp_ratio))
+                                     model.decoder_embed_dim, model.decoder_mlp_ratio))
 
 
 def mae_recompute_pct(model, mask_ratio: float = 0.75) -> float:

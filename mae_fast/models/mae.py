@@ -117,7 +117,9 @@ def _pair(img_size) -> tuple[int, int]:
 class MaskedAutoencoderViT(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
-                 norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False):
+                 norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False, decoder_mlp_ratio=None):
+        # decoder_mlp_ratio (not in the official constructor; None: mlp_ratio) keeps MAE's 4x decoder under an
+        # encoder of another ratio, e.g. ViT-g/14's 48/11
         super().__init__()
         H, W = _pair(img_size)
         if H <= 0 or W <= 0:
@@ -128,8 +130,10 @@ class MaskedAutoencoderViT(nn.Module):
                      decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads, in_chans=in_chans)
         bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, numbers.Integral)
                or v < (0 if k.endswith("depth") else 1)}  # a decoder of no blocks is a tested variant
-        if not mlp_ratio > 0:
-            bad["mlp_ratio"] = mlp_ratio
+        decoder_mlp_ratio = mlp_ratio if decoder_mlp_ratio is None else decoder_mlp_ratio
+        for name, ratio in (("mlp_ratio", mlp_ratio), ("decoder_mlp_ratio", decoder_mlp_ratio)):
+            if not ratio > 0:
+                bad[name] = ratio
         if bad:  # a depth of -1 built a model without blocks, and no error
             raise ValueError("model sizes must be whole numbers >= 1 (depths >= 0) and mlp_ratio > 0, got "
                              + ", ".join(f"{k}={v!r}" for k, v in bad.items()))
@@ -137,7 +141,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.grid_size = (H // patch_size, W // patch_size)
         self.norm_pix_loss = norm_pix_loss
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
-        self.mlp_ratio = mlp_ratio
+        self.mlp_ratio, self.decoder_mlp_ratio = mlp_ratio, decoder_mlp_ratio
         self.decoder_embed_dim, self.decoder_depth = decoder_embed_dim, decoder_depth
         self.grad_checkpointing: bool | int = False
         self._checkpointed_encoder = self._checkpointed_decoder = 0  # leading blocks run under checkpoint
@@ -153,7 +157,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, L + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_layer) for _ in range(decoder_depth)])
+            [Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, norm_layer) for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
         self.initialize_weights()

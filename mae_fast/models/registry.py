@@ -20,7 +20,8 @@ _MODELS: dict[str, dict] = {}
 for _size, (_w, _d, _h, *_ratio) in _ENCODERS.items():
     for _p in (14, 16):
         _MODELS[f"mae_vit_{_size}_patch{_p}"] = dict(patch_size=_p, embed_dim=_w, depth=_d, num_heads=_h, **_DECODER,
-                                                     **({"mlp_ratio": _ratio[0]} if _ratio else {}))
+                                                     **({"mlp_ratio": _ratio[0], "decoder_mlp_ratio": 4.0} if _ratio
+                                                        else {}))  # MAE's 4x decoder MLP (2048 wide) all the same
 # about 2.4B encoder parameters: the size a human-level projection calls for
 _MODELS["mae_vit_2b_patch14"] = dict(patch_size=14, embed_dim=2048, depth=48, num_heads=16, **_DECODER)
 # a model small enough to pretrain on a 2-core CPU in minutes (the built-in demo)
@@ -28,7 +29,7 @@ _MODELS["mae_vit_demo_patch8"] = dict(img_size=64, patch_size=8, embed_dim=128, 
                                       decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
 
 OVERRIDES = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
-             "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_pix_loss")
+             "decoder_depth", "decoder_num_heads", "mlp_ratio", "decoder_mlp_ratio", "norm_pix_loss")
 
 
 def list_models(pattern: str | None = None) -> list[str]:
