@@ -493,7 +493,7 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
         optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), **kw)
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"], reduction="sum")
     mixer = None
-    if cfg["mixup"] > 0 or cfg["cutmix"] > 0:  # soft targets, smoothed by the mixer: plain cross-entropy on them
+    if mixing:  # soft targets, smoothed by the mixer: plain cross-entropy on them
         mixer = BatchMixer(cfg["mixup"], cfg["cutmix"], 0.0 if linprobe else cfg["label_smoothing"], num_classes,
                            cfg["seed"])
         criterion = nn.CrossEntropyLoss(reduction="sum")
