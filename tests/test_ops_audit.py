@@ -89,6 +89,18 @@ def test_mae_fast_backend_forces_a_backend_per_op(audit_op, monkeypatch, spec, w
     assert _pick(3, "mid") == "mid"  # an explicit backend argument wins over the environment
 
 
+@pytest.mark.parametrize("spec", [" attention = sdpa , audit_op = slow ", "attention=sdpa, audit_op=slow",
+                                  "audit_op =slow", "audit_op= slow"])
+def test_mae_fast_backend_pairs_may_have_spaces(audit_op, monkeypatch, spec):
+    """Spaces after the commas (as people type lists) or around '=' named no op: the pair was silently ignored."""
+    monkeypatch.setenv("MAE_FAST_BACKEND", spec)
+    assert dispatch.forced_backend("audit_op") == "slow"
+    assert _pick(3) == "slow"
+    monkeypatch.setenv("MAE_FAST_BACKEND", spec.replace("slow", "slo"))
+    with pytest.raises(ValueError, match="audit_op: unknown backend 'slo'"):
+        _pick(3)
+
+
 def test_forced_backend_that_cannot_run_says_why(audit_op, monkeypatch):
     monkeypatch.setenv("MAE_FAST_BACKEND", "audit_op=mid")
     with pytest.raises(dispatch.NoBackendError, match="backend 'mid' cannot run these inputs: negative input"):

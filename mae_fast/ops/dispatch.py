@@ -100,7 +100,8 @@ def forced_backend(op: str) -> str | None:
     if "=" not in spec:
         return spec
     pairs = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
-    return pairs.get(op, "").strip() or None
+    pairs = {name.strip(): value.strip() for name, value in pairs.items()}  # "a=x, b=y" names op b, not " b"
+    return pairs.get(op, "") or None
 
 
 def describe(op: str, *args, **kwargs) -> dict[str, list[str]]:
