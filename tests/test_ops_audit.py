@@ -236,6 +236,28 @@ def test_rank_from_row_needs_strictly_faster_than_every_sdpa_kernel():
     assert attn.rank_from_row(None, "triton", train=False) == slow
 
 
+def test_rank_steps_follow_the_nearest_row_even_when_the_table_is_unsorted(fake_gpu):
+    """A hand-written table (MAE_FAST_ATTENTION_PREFS) need not list rows by length."""
+    fast, slow = attn.FASTER_THAN_SDPA_RANK, attn.SLOWER_THAN_SDPA_RANK
+    t = {"sdpa:flash": 1.0}
+    rows = [_row(1000, {**t, "triton": 0.5}, {**t, "triton": 0.5}), _row(60, {**t, "triton": 2.0}, {**t, "triton": 2.0}),
+            _row(5000, {**t, "triton": 3.0}, {**t, "triton": 3.0}), _row(200, {**t, "triton": 0.5}, {**t, "triton": 0.5})]
+    prefs = fake_gpu({"dense": {"40": rows}})
+
+    def nearest(n):  # by hand: the row whose length is nearest on a log scale
+        return min(rows, key=lambda r: abs(math.log(r["seqlen"]) - math.log(n)))
+
+    # the boundaries are the geometric means of neighbouring lengths: 109.5, 447.2, 2236.1
+    for n in (1, 60, 109, 110, 199, 200, 447, 448, 1000, 2236, 2237, 5000, 10 ** 5):
+        want = fast if nearest(n)["fwd_ms"]["triton"] < 1.0 else slow
+        assert attn.lookup_pref_row(prefs, "Audit GPU", "dense", 40, n) is nearest(n)
+        assert attn.rank_on_device(0, False, 40, n, "triton", False) == want, n
+    # no length given: the middle row by length (of 60, 200, 1000, 5000: the 1000 one), from both lookups
+    middle = sorted(rows, key=lambda r: r["seqlen"])[2]
+    assert attn.lookup_pref_row(prefs, "Audit GPU", "dense", 40, None) is middle
+    assert attn.rank_on_device(0, False, 40, None, "triton", False) == fast
+
+
 def test_auto_rank_uses_train_times_only_when_gradients_are_needed(fake_gpu):
     fast, slow = attn.FASTER_THAN_SDPA_RANK, attn.SLOWER_THAN_SDPA_RANK
     # triton: faster than SDPA in forward only; xformers: in fwd+bwd only

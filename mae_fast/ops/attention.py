@@ -128,8 +128,8 @@ def lookup_pref_row(prefs: dict, device_name: str, layout: str, head_dim: int, s
     rows = prefs.get("devices", {}).get(device_name, {}).get(layout, {}).get(str(head_dim))
     if not rows:
         return None
-    if seqlen is None:
-        return rows[len(rows) // 2]
+    if seqlen is None:  # the middle row by length, as rank_on_device (a hand-written table may list rows in any order)
+        return sorted(rows, key=lambda r: r["seqlen"])[len(rows) // 2]
     return min(rows, key=lambda r: abs(math.log(max(r["seqlen"], 1)) - math.log(max(seqlen, 1))))
 
 
