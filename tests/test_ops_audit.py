@@ -310,6 +310,26 @@ def test_preferred_sdpa_order_is_fastest_first_and_keeps_every_kernel(fake_gpu):
         assert attn._preferred_sdpa_order(q, k, v, None, None) is None
 
 
+def test_a_swapped_preference_table_is_used(monkeypatch, tmp_path):
+    """Ranks are cached per table; a table read anew (another MAE_FAST_ATTENTION_PREFS, cache cleared) must be
+    used, even though the old table's dict is freed and the new one may get its id."""
+    monkeypatch.setattr(attn, "_device_name", lambda index: "Audit GPU")
+    paths = []
+    for i, triton_ms in enumerate((0.5, 2.0, 0.5, 2.0)):
+        times = {"sdpa:flash": 1.0, "triton": triton_ms}
+        paths.append(tmp_path / f"prefs{i}.json")
+        paths[-1].write_text(json.dumps({"devices": {"Audit GPU": {"dense": {"32": [_row(100, times, times)]}}}}))
+    try:
+        for path, triton_ms in zip(paths, (0.5, 2.0, 0.5, 2.0)):
+            monkeypatch.setenv("MAE_FAST_ATTENTION_PREFS", str(path))
+            attn.attention_prefs.cache_clear()
+            want = attn.FASTER_THAN_SDPA_RANK if triton_ms < 1.0 else attn.SLOWER_THAN_SDPA_RANK
+            assert attn.rank_on_device(0, False, 32, 100, "triton", True) == want, path.name
+    finally:
+        monkeypatch.delenv("MAE_FAST_ATTENTION_PREFS")
+        attn.attention_prefs.cache_clear()
+
+
 # ---- masking: validation ----------------------------------------------------------------------------
 
 def _perm_ids(B, L, K, seed=0):

@@ -163,13 +163,22 @@ def _wants_grad(*tensors) -> bool:
 def _rank_steps(device_index: int, layout: str, name: str, train: bool) -> tuple:
     """``((head_dim, ((largest seqlen, rank), ...), rank with no seqlen), ...)``: ``rank_from_row`` of the row
     nearest each seqlen (log scale, as ``lookup_pref_row``), as steps that compare symbolic sizes too."""
-    return _rank_steps_for(_device_name(device_index), layout, name, train, id(attention_prefs()))
+    return _rank_steps_for(_device_name(device_index), layout, name, train)
 
 
-# cached: eager dispatch asks on every CUDA attention call; ``_table_id`` makes a swapped table recompute
-@functools.lru_cache(maxsize=256)
-def _rank_steps_for(device_name: str, layout: str, name: str, train: bool, _table_id: int) -> tuple:
-    table = attention_prefs().get("devices", {}).get(device_name, {}).get(layout, {})
+# Eager dispatch asks on every CUDA attention call, so the steps are cached. Each entry keeps the table it was
+# computed from and is used only while ``attention_prefs()`` returns that very table: a swapped table recomputes.
+# (Keying on ``id(table)`` did not: the old table, once freed, often gives its id to the new one.)
+_STEPS_CACHE: dict[tuple, tuple[dict, tuple]] = {}
+
+
+def _rank_steps_for(device_name: str, layout: str, name: str, train: bool) -> tuple:
+    prefs = attention_prefs()
+    key = (device_name, layout, name, train)
+    hit = _STEPS_CACHE.get(key)
+    if hit is not None and hit[0] is prefs:
+        return hit[1]
+    table = prefs.get("devices", {}).get(device_name, {}).get(layout, {})
     out = []
     for head_dim, rows in table.items():
         rows = sorted(rows, key=lambda r: r["seqlen"])
@@ -180,6 +189,7 @@ def _rank_steps_for(device_name: str, layout: str, name: str, train: bool, _tabl
             steps.append((bound, rank_from_row(row, name, train)))
         mid = rank_from_row(rows[len(rows) // 2], name, train)  # no max_seqlen given: the middle row
         out.append((int(head_dim), tuple(steps), mid))
+    _STEPS_CACHE[key] = (prefs, tuple(out))
     return tuple(out)
 
 
