@@ -258,6 +258,16 @@ def test_rank_steps_follow_the_nearest_row_even_when_the_table_is_unsorted(fake_
     assert attn.rank_on_device(0, False, 40, None, "triton", False) == fast
 
 
+def test_rank_reads_the_rows_of_the_query_head_dim(fake_gpu):
+    fast, slow = attn.FASTER_THAN_SDPA_RANK, attn.SLOWER_THAN_SDPA_RANK
+    slower, faster = {"sdpa:flash": 1.0, "triton": 2.0}, {"sdpa:flash": 1.0, "triton": 0.5}
+    fake_gpu({"dense": {"32": [_row(100, slower, slower)], "64": [_row(100, faster, faster)],
+                        "128": [_row(100, slower, slower)]}})
+    for head_dim, want in ((32, slow), (64, fast), (128, slow), (80, slow)):
+        assert attn.rank_on_device(0, False, head_dim, 100, "triton", True) == want, head_dim
+        assert attn.rank_on_device(0, False, head_dim, None, "triton", False) == want, head_dim
+
+
 def test_auto_rank_uses_train_times_only_when_gradients_are_needed(fake_gpu):
     fast, slow = attn.FASTER_THAN_SDPA_RANK, attn.SLOWER_THAN_SDPA_RANK
     # triton: faster than SDPA in forward only; xformers: in fwd+bwd only
