@@ -101,6 +101,16 @@ def test_mae_fast_backend_pairs_may_have_spaces(audit_op, monkeypatch, spec):
         _pick(3)
 
 
+@pytest.mark.parametrize("spec", ["atention=sdpa", "audit_op=slow, audit_opp=slow"])
+def test_mae_fast_backend_pair_naming_no_op_is_an_error(audit_op, monkeypatch, spec):
+    """A misspelt op name forced nothing, silently; every op refuses such a spec and lists the ops there are."""
+    monkeypatch.setenv("MAE_FAST_BACKEND", spec)
+    with pytest.raises(ValueError, match=r"names unknown op\(s\) \['at?tention'\]|names unknown op\(s\) \['audit_opp'\]") \
+            as err:
+        _pick(3)
+    assert "'audit_op'" in str(err.value) and "'attention'" in str(err.value)  # the known ops are listed
+
+
 def test_forced_backend_that_cannot_run_says_why(audit_op, monkeypatch):
     monkeypatch.setenv("MAE_FAST_BACKEND", "audit_op=mid")
     with pytest.raises(dispatch.NoBackendError, match="backend 'mid' cannot run these inputs: negative input"):

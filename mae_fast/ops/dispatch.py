@@ -5,7 +5,8 @@ Every op has an ordered list of backends. A backend says which inputs it cannot 
 preference order that has no reasons; a named backend is used or refused with its reasons; when
 nothing can run, the error lists every backend with its reasons. ``MAE_FAST_BACKEND=<name>`` forces
 a backend for every op that has one of that name (ops without it keep ``auto``);
-``MAE_FAST_BACKEND=attention=sdpa,masked_patch_mse=torch`` forces per op (a name the op lacks is an error there).
+``MAE_FAST_BACKEND=attention=sdpa,masked_patch_mse=torch`` forces per op (an unknown op, or a name the op lacks, is
+an error).
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ def select_backend(op: str, backend: str, *args, **kwargs) -> Backend:
     table = backends_for(op)
     if backend == "auto":
         forced = forced_backend(op)
+        _check_forced_ops()
         if forced and forced != "auto" and forced not in table and "=" in os.environ.get("MAE_FAST_BACKEND", ""):
             # named for this op (op=name), so a misspelling, not a backend other ops have
             raise ValueError(f"{op}: unknown backend {forced!r} (MAE_FAST_BACKEND); choose from {['auto', *table]}")
@@ -102,6 +104,16 @@ def forced_backend(op: str) -> str | None:
     pairs = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
     pairs = {name.strip(): value.strip() for name, value in pairs.items()}  # "a=x, b=y" names op b, not " b"
     return pairs.get(op, "") or None
+
+
+def _check_forced_ops() -> None:
+    """A pair naming an op that does not exist (``atention=sdpa``) would force nothing, silently: refuse it."""
+    spec = os.environ.get("MAE_FAST_BACKEND", "")
+    if "=" not in spec:
+        return
+    unknown = sorted({item.split("=", 1)[0].strip() for item in spec.split(",") if "=" in item} - set(_REGISTRY))
+    if unknown:
+        raise ValueError(f"MAE_FAST_BACKEND={spec!r} names unknown op(s) {unknown}; known ops: {sorted(_REGISTRY)}")
 
 
 def describe(op: str, *args, **kwargs) -> dict[str, list[str]]:
