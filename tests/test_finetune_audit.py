@@ -516,3 +516,15 @@ def test_configs_share_no_mutable_state(tmp_path):
     cfg = config_mod.build_config({"model_kwargs": given, "model_kwargs.num_heads": 2})
     assert cfg["model_kwargs"] == {"depth": 3, "num_heads": 2} and given == {"depth": 3}
 
+
+def test_string_keys_keep_the_command_lines_text():
+    """Run names, paths and choices that YAML would read as numbers or booleans (2024, 007, 1e3, nan, true) are the
+    text given; null still clears a nullable key, and number keys still parse numbers."""
+    argv = ["name=007", "output_dir=1e3", "data_root=2024", "--auto-augment", "true", "checkpoint=null", "lr=1e-4",
+            "memory_budget_gib=3", "epochs=4"]
+    cfg = config_mod.config_from_argv(argv, config_mod.FINETUNE_KEYS, None, fixed={"mode": "finetune"})
+    assert (cfg["name"], cfg["output_dir"], cfg["data_root"], cfg["auto_augment"]) == ("007", "1e3", "2024", "true")
+    assert cfg["checkpoint"] is None and cfg["lr"] == 1e-4 and cfg["memory_budget_gib"] == 3.0 and cfg["epochs"] == 4
+    assert config_mod.config_from_argv(["--resume", "1"])["resume"] == "1"  # pretraining's nullable path key
+    with pytest.raises(config_mod.ConfigError, match="name must be a string"):  # a list is no text
+        config_mod.config_from_argv(["name=[1, 2]"])

@@ -3,8 +3,8 @@
 A config is a flat dict (a few values are dicts, e.g. ``model_kwargs``). Every key has a default
 and a help line below; a recipe or an override naming a key that is not here is an error that
 lists the valid keys. Overrides come as ``key=value``, ``key.sub=value``, ``--key value`` or
-``--key=value``; values are parsed as YAML (``true``, ``1e-4``, ``[0.9, 0.95]``, ``null``).
-"""
+``--key=value``; values are parsed as YAML (``true``, ``1e-4``, ``[0.9, 0.95]``, ``null``), except that a key
+taking a string (a name, a path, a choice) keeps the text given (``name=2024`` is the name "2024", not a number)."""
 from __future__ import annotations
 
 import copy
@@ -288,7 +288,13 @@ def build_config(config: dict | None, keys: dict = PRETRAIN_KEYS, default_recipe
 
 def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
     """``--config X`` plus ``key=value`` / ``--key value`` / ``--key=value`` pairs (in order)."""
-    recipe, pairs, i = None, {}, 0
+    recipe, pairs, _ = _parse_overrides(argv)
+    return recipe, pairs
+
+
+def _parse_overrides(argv: list[str]) -> tuple[str | None, dict, dict]:
+    """parse_overrides, plus each value's text as given."""
+    recipe, pairs, texts, i = None, {}, {}, 0
     while i < len(argv):
         tok = argv[i]
         if tok.startswith("--"):
@@ -308,14 +314,24 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
         if key == "config":
             recipe = text
         else:
-            pairs[key] = parse_value(text)
+            pairs[key], texts[key] = parse_value(text), text
         i += 1
-    return recipe, pairs
+    return recipe, pairs, texts
+
+
+def _takes_text(key: str, keys: dict) -> bool:
+    """A key whose value is a string (a name, a path, a choice), so that ``name=2024`` is the text 2024."""
+    if key not in keys or key == "memory_budget_gib":  # a number of GiB, or auto
+        return False
+    default = keys[key][0]
+    return isinstance(default, str) or (default is None and NULLABLE_TYPES.get(key) == "")
 
 
 def config_from_argv(argv: list[str], keys: dict = PRETRAIN_KEYS, default_recipe: str | None = "demo",
                      fixed: dict | None = None) -> dict:
-    recipe, pairs = parse_overrides(argv)
+    recipe, pairs, texts = _parse_overrides(argv)
+    # YAML reads name=2024 or output_dir=1e3 as numbers (and name=007 as 7): string keys keep the text as given
+    pairs = {k: texts[k] if isinstance(v, (bool, int, float)) and _takes_text(k, keys) else v for k, v in pairs.items()}
     base = load_recipe(recipe or default_recipe, keys) if (recipe or default_recipe) else defaults(keys)
     cfg = merge(base, fixed or {}, keys, "command")
     return merge(cfg, pairs, keys, "command line")
