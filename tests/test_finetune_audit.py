@@ -374,8 +374,8 @@ def test_training_state_is_saved_every_n_epochs_but_not_after_the_last(tmp_path,
     monkeypatch.setattr(checkpoint_io, "save_checkpoint", lambda state, *a, **k: saved.append(state["epoch"])
                         or real_save(state, *a, **k))
     data = (Labelled(9), Labelled(3, seed=1), CLASSES)  # one step an epoch
-    _run(tmp_path, monkeypatch, data, mode="finetune", epochs=5, checkpoint_every=2, lr=0.0, name="two")
-    assert saved == [1, 3]
+    _run(tmp_path, monkeypatch, data, mode="finetune", epochs=6, checkpoint_every=2, lr=0.0, name="two")
+    assert saved == [1, 3]  # not after epoch 5, the last: the finished run's record is results.json
     saved.clear()
     _run(tmp_path, monkeypatch, data, mode="finetune", epochs=2, checkpoint_every=0, lr=0.0, name="never")
     assert saved == []
