@@ -528,3 +528,19 @@ def test_string_keys_keep_the_command_lines_text():
     assert config_mod.config_from_argv(["--resume", "1"])["resume"] == "1"  # pretraining's nullable path key
     with pytest.raises(config_mod.ConfigError, match="name must be a string"):  # a list is no text
         config_mod.config_from_argv(["name=[1, 2]"])
+
+
+def test_the_subcommand_fixes_the_mode_and_the_script_takes_it_from_the_command_line(monkeypatch, capsys):
+    """`mae-fast linprobe mode=finetune` used to finetune; now the contradiction is refused before any work. The
+    script (`torchrun train/finetune.py`) has no subcommand, so there `mode=linprobe` chooses the probe."""
+    fixed = {"mode": "linprobe"}
+    with pytest.raises(config_mod.ConfigError, match="mode='finetune' contradicts the command, which sets "
+                                                     "mode='linprobe'"):
+        config_mod.config_from_argv(["mode=finetune"], config_mod.FINETUNE_KEYS, None, fixed=fixed)
+    same = config_mod.config_from_argv(["mode=linprobe"], config_mod.FINETUNE_KEYS, None, fixed=fixed)
+    assert same["mode"] == "linprobe"
+    seen = []
+    monkeypatch.setattr(ft, "finetune", lambda cfg: seen.append(cfg["mode"]) or {})
+    assert ft.main(["mode=finetune"], mode="linprobe") == 2 and seen == []
+    assert "mae-fast linprobe: mode='finetune' contradicts" in capsys.readouterr().err
+    assert ft.main(["mode=linprobe"]) == 0 and ft.main([]) == 0 and seen == ["linprobe", "finetune"]

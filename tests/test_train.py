@@ -965,7 +965,7 @@ def test_a_signal_in_finetunings_last_step_evaluates_on_resume(tmp_path, monkeyp
 
     monkeypatch.setattr(ft, "finetune", lambda cfg: (_ for _ in ()).throw(
         ft.TrainingInterrupted("signal SIGTERM in epoch 0", signal.SIGTERM, 3, None)))
-    assert ft.main(["epochs=1"]) == 128 + signal.SIGTERM
+    assert ft.main(["epochs=1"], mode="finetune") == 128 + signal.SIGTERM
     assert "mae-fast finetune: signal SIGTERM in epoch 0" in capsys.readouterr().err
 
 

@@ -332,6 +332,9 @@ def config_from_argv(argv: list[str], keys: dict = PRETRAIN_KEYS, default_recipe
     recipe, pairs, texts = _parse_overrides(argv)
     # YAML reads name=2024 or output_dir=1e3 as numbers (and name=007 as 7): string keys keep the text as given
     pairs = {k: texts[k] if isinstance(v, (bool, int, float)) and _takes_text(k, keys) else v for k, v in pairs.items()}
+    for k, v in (fixed or {}).items():  # `mae-fast linprobe mode=finetune` would finetune: refuse the contradiction
+        if k in pairs and pairs[k] != v:
+            raise ConfigError(f"{k}={pairs[k]!r} contradicts the command, which sets {k}={v!r}")
     base = load_recipe(recipe or default_recipe, keys) if (recipe or default_recipe) else defaults(keys)
     cfg = merge(base, fixed or {}, keys, "command")
     return merge(cfg, pairs, keys, "command line")

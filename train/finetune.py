@@ -688,14 +688,16 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
     return result
 
 
-def main(argv=None, mode: str = "finetune") -> int:
+def main(argv=None, mode: str | None = None) -> int:
+    """``mae-fast finetune`` / ``linprobe`` pass ``mode``; the script (``torchrun train/finetune.py``) takes
+    ``mode=linprobe`` from the command line (default: the recipe's, finetune)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = f"mae-fast {mode}"
+    prog = f"mae-fast {mode}" if mode else "train/finetune.py"
     if any(a in ("-h", "--help") for a in argv):
         print(config_mod.help_text(config_mod.FINETUNE_KEYS, prog))
         return 0
     try:
-        cfg = config_mod.config_from_argv(argv, config_mod.FINETUNE_KEYS, None, fixed={"mode": mode})
+        cfg = config_mod.config_from_argv(argv, config_mod.FINETUNE_KEYS, None, fixed={"mode": mode} if mode else None)
         finetune(cfg)
     except (config_mod.ConfigError, FileNotFoundError, CheckpointError, DataError) as e:  # the user's input: no traceback
         print(f"{prog}: {e}", file=sys.stderr)
