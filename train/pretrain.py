@@ -314,9 +314,11 @@ def peak_flops_for(device: torch.device, override) -> tuple[float | None, str]:
             if key in name:
                 return val, f"table ({name})"
         return None, f"unknown GPU {name}"
-    # CPU: the best of a few fp32 matmuls stands in for the peak (other load on the machine lowers it)
+    # CPU: the best of a few fp32 matmuls stands in for the peak (other load on the machine lowers it); the
+    # operand comes from a generator of its own: a draw from the global one would move the RNG state that a
+    # resume has just restored, so the resumed run would go on from another state than the uninterrupted one
     size = 1024
-    a = torch.randn(size, size)
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
     best = float("inf")
     for _ in range(6):
         t = time.perf_counter()
