@@ -311,11 +311,19 @@ def _flops() -> float:
 
 
 def test_time_limit_counts_training_time_and_the_wall_time_survives_a_resume(tmp_path, clock):
-    """time_limit_s=0.9: step k's all-reduce comes at 0.4 + (k + 1) x 0.08 + k x 0.25 s, past 0.9 first at step 2,
-    so the run stops after 3 steps. A run stopped at step 4 and resumed (time between the runs does not count)
+    """time_limit_s=0.9: step k's all-reduce comes 0.4 + (k + 1) x 0.08 + k x 0.25 s into training, past 0.9 first
+    at step 2, so the run stops after 3 steps (a 5 s start-up before them does not count). A run stopped at step 4 and resumed (time between the runs does not count)
     ends with the wall time of one that was not."""
-    res = pretrain(clocked(tmp_path, name="limit", time_limit_s=0.9))
-    assert res["steps"] == 3 and res["stopped"] == "time_limit_s=0.9"
+    real_peak = pretrain_mod.peak_flops_for
+
+    def slow_peak(*a):  # a slow start-up (before the first step) is not training time
+        clock.sleep(5.0)
+        return real_peak(*a)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pretrain_mod, "peak_flops_for", slow_peak)
+        res = pretrain(clocked(tmp_path, name="limit", time_limit_s=0.9))
+    assert res["steps"] == 3 and res["stopped"] == "time_limit_s=0.9" and res["startup_s"] == pytest.approx(5.0)
     straight = pretrain(clocked(tmp_path, name="straight"))
     pretrain(clocked(tmp_path, name="resumed", stop_at_step=4))
     clock.sleep(100.0)  # between the runs: not training time
@@ -421,3 +429,28 @@ def test_checkpoint_io_digests_and_damaged_files(tmp_path):
         assert checkpoint_io.latest_valid_checkpoint(run)[0].name == "checkpoint-00000011.pt"
     checkpoint_io.remove_checkpoints(run, keep=1)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-00000030.pt"]
+
+
+def test_a_checkpoint_is_never_deleted_by_its_own_save(tmp_path):
+    """A run resumed from an earlier checkpoint of its directory writes checkpoints of lower steps than those there:
+    keep=K keeps the one just written (and the newest K-1 others) instead of deleting it at once and returning a
+    path that is gone (the run's result, NonFiniteLossError's message and the scaling runner use that path)."""
+    for s in (8, 9, 10):
+        checkpoint_io.save_checkpoint({"model": {}, "step": s}, tmp_path, s, keep=3)
+    path = checkpoint_io.save_checkpoint({"model": {}, "step": 6}, tmp_path, 6, keep=3)
+    assert path.is_file() and checkpoint_io.load_checkpoint(path)["step"] == 6
+    assert [s for s, _ in checkpoint_io.list_checkpoints(tmp_path)] == [10, 9, 6]
+    path = checkpoint_io.save_checkpoint({"model": {}, "step": 7}, tmp_path, 7, keep=1)
+    assert [s for s, _ in checkpoint_io.list_checkpoints(tmp_path)] == [7] and path.is_file()
+    assert sorted(p.name for p in checkpoint_io.checkpoint_dir(tmp_path).glob("*.sha256")) == [path.name + ".sha256"]
+
+
+def test_a_run_resumed_from_an_earlier_checkpoint_keeps_its_own_checkpoints(tmp_path):
+    first = pretrain(tiny(tmp_path, name="x", steps=6, checkpoint_every=1, keep_checkpoints=6))
+    back = Path(first["run_dir"]) / "checkpoints" / "checkpoint-00000002.pt"
+    with pytest.raises(NonFiniteLossError) as e:  # going back to step 2 (keeping 2), then stopped on NaNs at step 4
+        pretrain(tiny(tmp_path, name="x", steps=6, checkpoint_every=1, keep_checkpoints=2, debug_nan_steps=[2, 3],
+                      max_bad_steps=2, resume=str(back)))
+    saved = Path(str(e.value).split("State saved to inspect: ")[1])
+    assert saved.name == "checkpoint-00000004.pt" and checkpoint_io.load_checkpoint(saved)["note"] == "non-finite"
+    assert [s for s, _ in checkpoint_io.list_checkpoints(first["run_dir"])] == [6, 4]

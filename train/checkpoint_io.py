@@ -75,13 +75,18 @@ def save_checkpoint(state: dict, run_dir, step: int, keep: int = 3) -> Path:
     atomic_write_bytes(path, data)
     atomic_write_bytes(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
     if keep and keep > 0:
-        remove_checkpoints(run_dir, keep)
+        remove_checkpoints(run_dir, keep, spare=path)
     return path
 
 
-def remove_checkpoints(run_dir, keep: int = 0) -> None:
-    """Delete the run's checkpoints (and their digests) but the newest ``keep``."""
-    for _, old in list_checkpoints(run_dir)[keep:]:
+def remove_checkpoints(run_dir, keep: int = 0, spare: Path | None = None) -> None:
+    """Delete the run's checkpoints (and their digests) but the newest ``keep``. ``spare`` (the checkpoint just
+    written) is one of those kept even where checkpoints of later steps are there (a run resumed from an earlier
+    checkpoint of its directory), so a path that ``save_checkpoint`` returns always exists."""
+    found = list_checkpoints(run_dir)
+    if spare is not None and keep > 0:
+        found, keep = [(s, p) for s, p in found if p != spare], keep - 1
+    for _, old in found[keep:]:
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
 
