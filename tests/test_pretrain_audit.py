@@ -279,15 +279,19 @@ def clock(monkeypatch):
 
 def clocked(tmp_path, **kw):
     # peak_flops given: the CPU peak is otherwise measured with perf_counter
-    return tiny(tmp_path, steps=6, log_every=2, checkpoint_every=3, debug_step_sleep_s=STEP_S, peak_flops=1e9, **kw)
+    return tiny(tmp_path, **{**dict(steps=6, log_every=2, checkpoint_every=3, debug_step_sleep_s=STEP_S,
+                                    peak_flops=1e9), **kw})
 
 
 def test_throughput_data_wait_and_time_rows_follow_the_clock(tmp_path, clock):
-    """Windows of 2 steps of 8 images: images/s = 16 / window time, data_wait = time blocked on the loader / window
+    """Windows of 2 steps of 8 images: the loss is the mean of the window's steps, images/s = 16 / window time, data_wait = time blocked on the loader / window
     time, the checkpoint write after step 3 kept out of its window but in time_s; the run's figures leave out the
     first (warm-up) window."""
     res = pretrain(clocked(tmp_path))
     rows = rows_of(res)
+    every = rows_of(pretrain(clocked(tmp_path, name="every", log_every=1)))  # the same steps, a row each
+    assert [r["loss"] for r in rows] == pytest.approx([np.mean([every[i]["loss"], every[i + 1]["loss"]])
+                                                       for i in (0, 2, 4)], rel=1e-12)  # the window's mean
     load = 8 * ITEM_S
     # the step's sleep comes after its row is written: the first window has one, the others two
     windows = [STEP_S + 2 * load + FIRST_ITEM_S, 2 * (STEP_S + load), 2 * (STEP_S + load)]
