@@ -458,4 +458,12 @@ def test_a_run_resumed_from_an_earlier_checkpoint_keeps_its_own_checkpoints(tmp_
                       max_bad_steps=2, resume=str(back)))
     saved = Path(str(e.value).split("State saved to inspect: ")[1])
     assert saved.name == "checkpoint-00000004.pt" and checkpoint_io.load_checkpoint(saved)["note"] == "non-finite"
-    assert [s for s, _ in checkpoint_io.list_checkpoints(first["run_dir"])] == [6, 4]
+    # the first run's steps 3-6 were set aside (not deleted) when it went back to step 2: resume=auto now goes on
+    # with the new continuation, not with the abandoned one's step 6
+    assert [s for s, _ in checkpoint_io.list_checkpoints(first["run_dir"])] == [4, 3]
+    aside = Path(first["run_dir"]) / "checkpoints" / "set-aside-after-step-2"
+    assert sorted(p.name for p in aside.iterdir()) == [f"checkpoint-{s:08d}.pt{x}" for s in (3, 4, 5, 6)
+                                                        for x in ("", ".sha256")]
+    assert checkpoint_io.load_checkpoint(aside / "checkpoint-00000006.pt")["step"] == 6  # intact, digest and all
+    found, _ = checkpoint_io.latest_valid_checkpoint(first["run_dir"])
+    assert found == saved

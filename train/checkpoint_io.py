@@ -91,6 +91,30 @@ def remove_checkpoints(run_dir, keep: int = 0, spare: Path | None = None) -> Non
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
 
 
+def set_aside_later(run_dir, step: int) -> Path | None:
+    """Move the run's checkpoints of steps after ``step`` (and their digests) into a subfolder of its checkpoint
+    folder, where ``resume=auto`` and the keep-K clean-up no longer see them: a run resumed from an earlier
+    checkpoint starts another continuation, and ``resume=auto`` must go on with that one, not the abandoned one.
+    Nothing is deleted. Returns the subfolder (None when there was nothing to move)."""
+    later = [p for s, p in list_checkpoints(run_dir) if s > step]
+    if not later:
+        return None
+    base = checkpoint_dir(run_dir) / f"set-aside-after-step-{step}"
+    dest, k = base, 1
+    while dest.exists():
+        k += 1
+        dest = base.with_name(f"{base.name}-{k}")
+    dest.mkdir()
+    for p in later:
+        digest = p.with_name(p.name + ".sha256")
+        if digest.exists():
+            os.replace(digest, dest / digest.name)
+        os.replace(p, dest / p.name)
+    _fsync_dir(dest)
+    _fsync_dir(checkpoint_dir(run_dir))
+    return dest
+
+
 def clean_temporaries(run_dir) -> None:
     """Remove temporaries that a killed writer left behind."""
     d = checkpoint_dir(run_dir)

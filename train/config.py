@@ -77,7 +77,8 @@ PRETRAIN_KEYS: dict[str, tuple] = {
     # checkpoints, logging
     "checkpoint_every": _spec(200, "save a checkpoint every N optimizer steps (and at the end)"),
     "keep_checkpoints": _spec(3, "keep the newest K checkpoints"),
-    "resume": _spec(None, "null | auto (newest valid checkpoint in the run dir) | a checkpoint path"),
+    "resume": _spec(None, "null | auto (newest valid checkpoint in the run dir) | a checkpoint path (the "
+                                "run dir's checkpoints of later steps are moved to a set-aside-after-step-N folder)"),
     "log_every": _spec(10, "write a metrics line every N steps"),
     "vis_every": _spec(0, "write a reconstruction PNG every N steps (0: only at the end)"),
     "vis_images": _spec(8, "images in the reconstruction grid"),

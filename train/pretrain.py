@@ -667,6 +667,11 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
             warnings.warn("resuming with a different " + ", ".join(f"{k} ({old[k]!r} -> {cfg[k]!r})" for k in changed)
                           + ": the continuation is not the run that was started", RuntimeWarning, stacklevel=2)
         start_step = int(state["step"])
+        if info.is_main and cfg["resume"] != "auto":
+            aside = checkpoint_io.set_aside_later(run_dir, start_step)
+            if aside is not None:
+                _say(info, f"checkpoints of steps after {start_step} belong to the continuation this resume abandons: "
+                           f"moved to {aside}, so resume=auto goes on with this one")
         images_seen = int(state.get("images_seen", start_step * B))
         bad_total, bad_run = int(state.get("skipped_steps", 0)), int(state.get("bad_in_a_row", 0))
         wall_before = float(state.get("wall_time_s", 0.0))
