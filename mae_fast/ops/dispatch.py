@@ -101,9 +101,13 @@ def forced_backend(op: str) -> str | None:
         return None
     if "=" not in spec:
         return spec
-    pairs = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
-    pairs = {name.strip(): value.strip() for name, value in pairs.items()}  # "a=x, b=y" names op b, not " b"
-    return pairs.get(op, "") or None
+    return _forced_pairs(spec).get(op, "") or None
+
+
+def _forced_pairs(spec: str) -> dict[str, str]:
+    # stripped both sides: "a=x, b=y" names op b, not " b"
+    pairs = (item.split("=", 1) for item in spec.split(",") if "=" in item)
+    return {name.strip(): value.strip() for name, value in pairs}
 
 
 def _check_forced_ops() -> None:
@@ -111,7 +115,7 @@ def _check_forced_ops() -> None:
     spec = os.environ.get("MAE_FAST_BACKEND", "")
     if "=" not in spec:
         return
-    unknown = sorted({item.split("=", 1)[0].strip() for item in spec.split(",") if "=" in item} - set(_REGISTRY))
+    unknown = sorted(set(_forced_pairs(spec)) - set(_REGISTRY))
     if unknown:
         raise ValueError(f"MAE_FAST_BACKEND={spec!r} names unknown op(s) {unknown}; known ops: {sorted(_REGISTRY)}")
 
