@@ -150,6 +150,20 @@ def test_finetune_adamw_follows_maes_schedule_times_layer_scale(tmp_path, monkey
     assert [h["lr"] for h in res["history"]] == pytest.approx([mae_lr(s / 4, peak, 3e-6, 1.75, 3) for s in (3, 7, 11)])
 
 
+def test_finetune_fractional_warmup_is_maes(tmp_path, monkeypatch):
+    """warmup_epochs = 0.6 with 4 steps an epoch is 2.4 steps: MAE's lr at the fractional epoch step / 4, not a warmup
+    rounded to 2 steps."""
+    seen = _record_steps(monkeypatch, torch.optim.AdamW)
+    data = (Labelled(29), Labelled(11, seed=1), CLASSES)
+    _run(tmp_path, monkeypatch, data, mode="finetune", epochs=2, warmup_epochs=0.6, min_lr=3e-6, layer_decay=1.0)
+    peak = 1e-3 * 8 / 256
+    assert len(seen) == 8
+    for step, groups in enumerate(seen):
+        for g in groups:
+            assert g["lr"] == pytest.approx(mae_lr(step / 4, peak, 3e-6, 0.6, 2), rel=1e-9, abs=1e-15), step
+    assert seen[2][0]["lr"] == pytest.approx(peak * 2 / 2.4, rel=1e-9)  # still warming up at step 2
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "lars"])
 def test_linprobe_optimizer_settings_and_schedule(tmp_path, monkeypatch, optimizer):
     """The probe trains the head only (weight and bias), with momentum 0.9, the given weight decay (default 0),
@@ -167,14 +181,26 @@ def test_linprobe_optimizer_settings_and_schedule(tmp_path, monkeypatch, optimiz
     peak = 0.1 * 10 / 256
     assert len(seen) == 6  # 29 images in batches of 10: 10, 10, 9
     for step, groups in enumerate(seen):
-        (g,) = groups
-        assert set(g["params"]) == head and g["momentum"] == 0.9
-        assert g["weight_decay"] == (0.02 if optimizer == "lars" else 0.0)
-        assert g["lr"] == pytest.approx(mae_lr(step / 3, peak, 1e-4, 2 / 3, 2), rel=1e-9, abs=1e-15)
+        assert {p for g in groups for p in g["params"]} == head
+        for g in groups:
+            assert g["momentum"] == 0.9
+            assert g["weight_decay"] == (0.02 if optimizer == "lars" else 0.0)
+            assert g["lr"] == pytest.approx(mae_lr(step / 3, peak, 1e-4, 2 / 3, 2), rel=1e-9, abs=1e-15)
     if optimizer == "lars":
         assert g["trust_coefficient"] == 0.001  # MAE's LARS default
     else:
         assert g["dampening"] == 0 and not g["nesterov"]
+
+
+def test_sgd_probe_decays_the_weight_not_the_bias(tmp_path, monkeypatch):
+    """linprobe_optimizer=sgd with weight_decay > 0 decays the head's weight only, as LARS (MAE's probe) and the
+    finetuning groups leave 1-D parameters undecayed."""
+    seen = _record_steps(monkeypatch, torch.optim.SGD)
+    data = (Labelled(29), Labelled(9, seed=2), CLASSES)
+    _, model = _run(tmp_path, monkeypatch, data, mode="linprobe", epochs=1, batch_size=10, warmup_epochs=0.0,
+                    linprobe_optimizer="sgd", weight_decay=0.03)
+    decay = {p: g["weight_decay"] for g in seen[0] for p in g["params"]}
+    assert decay == {id(model.head.weight): 0.03, id(model.head.bias): 0.0}
 
 
 def test_lars_is_maes_lars_on_a_probe_head():

@@ -45,6 +45,13 @@ def ckpt(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def mae_lr(epoch, lr, min_lr, warmup_epochs, epochs):
+    """MAE's util/lr_sched.adjust_learning_rate at a fractional epoch."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
 def expected_lr(step, peak, total, warmup, schedule, min_lr):
     """MAE's schedule (util/lr_sched.py), per step: linear warmup from 0, then a half-cosine to min_lr."""
     if step < warmup:
@@ -151,6 +158,35 @@ def test_base_lr_and_warmup_epochs_set_the_logged_lr(tmp_path):
     lrs = [r["lr"] for r in rows_of(res)]
     assert lrs == pytest.approx([expected_lr(s, peak, 7, 3, "cosine", 1e-4) for s in range(7)], rel=1e-12)
     assert max(lrs) == pytest.approx(peak, rel=1e-12)
+
+
+def test_fractional_warmup_epochs_follow_maes_fractional_epoch(tmp_path):
+    """warmup_epochs x steps per epoch need not be whole: 48 images / 8 = 6 steps an epoch, 0.45 epochs = 2.7 steps.
+    MAE's schedule runs on the fractional epoch step / 6 (util/lr_sched.py); rounding the warmup to 3 steps would
+    change every logged lr."""
+    res = pretrain(tiny(tmp_path, lr=4e-3, warmup_steps=None, warmup_epochs=0.45, steps=7, min_lr=1e-4,
+                        checkpoint_every=100))
+    lrs = [r["lr"] for r in rows_of(res)]
+    want = [mae_lr(s / 6, 4e-3, 1e-4, 0.45, 7 / 6) for s in range(7)]
+    assert lrs == pytest.approx(want, rel=1e-12)
+    assert lrs[3] != pytest.approx(expected_lr(3, 4e-3, 7, 3, "cosine", 1e-4), rel=1e-6)  # not the rounded warmup
+
+
+@pytest.mark.parametrize("batch, accum, world, ok", [
+    (12, 2, 2, True), (12, 3, 2, True), (12, 1, 12, True),
+    (12, 2, 4, False), (12, 5, 1, False), (10, 1, 4, False), (6, 2, 6, False),
+])
+def test_global_batch_must_split_evenly_over_ranks_and_micro_batches(tmp_path, batch, accum, world, ok):
+    """batch_size is the global batch: every rank takes batch / (accum x world) images a micro-batch, so the check
+    uses the world size (a check with world = 1 would let 12 / (2 x 4) through and train on fewer images)."""
+    from mae_fast.train import config as config_mod
+
+    cfg = config_mod.build_config(tiny(tmp_path, batch_size=batch, accum_steps=accum), config_mod.PRETRAIN_KEYS)
+    if ok:
+        pretrain_mod._check(cfg, world)
+    else:
+        with pytest.raises(config_mod.ConfigError, match=f"divisible by accum_steps x world_size = {accum * world}"):
+            pretrain_mod._check(cfg, world)
 
 
 @pytest.mark.parametrize("kw, msg", [

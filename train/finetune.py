@@ -482,8 +482,11 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
             from mae_fast.optim import LARS
 
             optimizer = LARS(groups, lr=peak_lr, weight_decay=wd, momentum=0.9)
-        elif cfg["linprobe_optimizer"] == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=0.9, weight_decay=wd)
+        elif cfg["linprobe_optimizer"] == "sgd":  # decay the weight only, as LARS and the finetuning groups do
+            head = list(model.head.parameters())
+            groups = [{"params": ps, "weight_decay": d, "lr_scale": 1.0} for ps, d in
+                      (([p for p in head if p.ndim > 1], wd), ([p for p in head if p.ndim <= 1], 0.0)) if ps]
+            optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=0.9)
         else:
             raise config_mod.ConfigError(f"linprobe_optimizer must be lars or sgd, got {cfg['linprobe_optimizer']!r}")
         criterion = nn.CrossEntropyLoss(reduction="sum")
@@ -507,7 +510,7 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
         raise config_mod.ConfigError("no validation images: top-1 cannot be measured")
     steps_per_epoch = len(_epoch_batches(n_train, B, cfg["seed"], 0, world, rank))
     total = cfg["epochs"] * steps_per_epoch
-    warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+    warmup = float(cfg["warmup_epochs"]) * steps_per_epoch  # not rounded: MAE warms up by fractional epoch
 
     def lr_at(step):
         if step < warmup:

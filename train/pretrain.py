@@ -287,7 +287,8 @@ def build_optimizer(model: nn.Module, cfg: dict, lr: float, device: torch.device
     return torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=lr, betas=betas, **kw)
 
 
-def lr_at(step: int, peak: float, total: int, warmup: int, schedule: str, min_lr: float) -> float:
+def lr_at(step: int, peak: float, total: int, warmup: float, schedule: str, min_lr: float) -> float:
+    """MAE's per-step schedule; ``warmup`` may be fractional (warmup_epochs x steps per epoch), as MAE's is."""
     if warmup > 0 and step < warmup:
         return peak * step / warmup
     if schedule == "constant":
@@ -617,7 +618,7 @@ def _pretrain(cfg: dict, info, dataset) -> dict:
     if total_steps < 1:
         raise config_mod.ConfigError("the run has no steps: raise epochs or steps")
     warmup = (int(cfg["warmup_steps"]) if cfg["warmup_steps"] is not None
-              else int(round(cfg["warmup_epochs"] * steps_per_epoch)))
+              else float(cfg["warmup_epochs"]) * steps_per_epoch)  # not rounded: MAE warms up by fractional epoch
     peak_lr = float(cfg["lr"]) if cfg["lr"] is not None else cfg["base_lr"] * B / 256
 
     strategy = dist_mod.choose_strategy(cfg["distributed"], model, info)
