@@ -233,6 +233,8 @@ class MaskedAutoencoderViT(nn.Module):
 
     def random_masking_ids(self, batch: int, mask_ratio: float, noise=None, device=None):
         """The official ``argsort(noise)`` masking: returns ids_keep (B, K), ids_restore (B, L), mask (B, L)."""
+        if device is None and isinstance(noise, torch.Tensor):
+            device = noise.device  # given noise and no device: the noise's (None failed the device check)
         return self._masking(batch, mask_ratio, noise, device)[1:]
 
     def num_visible(self, mask_ratio: float) -> int:
