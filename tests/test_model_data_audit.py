@@ -691,6 +691,21 @@ def test_loading_whole_state_dicts_is_strict():
         dist_mod.load_full_state_dicts(model, opt, state, opt.state_dict())
 
 
+def test_loading_whole_state_dicts_refuses_missing_entries():
+    """A state dict lacking some of the model's entries (a parameter, a buffer) is an error naming them, with and
+    without an optimizer: torch's strict loading alone leaves them at their current values silently."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7))
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    for drop in ("0.bias", "1.running_mean"):
+        state = {k: v for k, v in full.items() if k != drop}
+        with pytest.raises(RuntimeError, match=drop.replace(".", r"\.")):
+            dist_mod.load_full_state_dicts(model, None, state, None)
+        opt = torch.optim.AdamW(model.parameters())
+        with pytest.raises(RuntimeError, match=drop.replace(".", r"\.")):
+            dist_mod.load_full_state_dicts(model, opt, state, opt.state_dict())
+    dist_mod.load_full_state_dicts(model, None, full, None)  # complete: loads
+
+
 _COLLECTIVES = """
 import importlib.util, json, sys
 import torch, torch.distributed as dist

@@ -212,10 +212,21 @@ def _to_cpu(obj):
     return obj
 
 
+def _plain_name(key: str) -> str:
+    """A state-dict key without the prefixes DDP and torch.compile add."""
+    return ".".join(part for part in key.split(".") if part not in ("module", "_orig_mod"))
+
+
 def load_full_state_dicts(model: nn.Module, optimizer, model_state: dict, optim_state: dict | None) -> None:
     """Load whole state dicts (every rank passes them) into a plain, DDP-wrapped or sharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    # strict=True in torch 2.14 refuses unexpected keys but loads a dict that lacks some without a word
+    wanted = {_plain_name(k) for k in model.state_dict(keep_vars=True)}
+    missing = sorted(wanted - {_plain_name(k) for k in model_state})
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise RuntimeError(f"the state dict lacks {len(missing)} of the model's entries: {', '.join(missing[:5])}{more}")
     opts = StateDictOptions(full_state_dict=True, strict=True)
     if optimizer is None or optim_state is None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
