@@ -88,6 +88,8 @@ def _projection(text: str) -> tuple[str, float, float, float]:
         n, d, r = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--project wants PARAMS,HOURS,IMG_SIZE (e.g. 632e6,5000,476), got {text!r}")
+    if not all(math.isfinite(v) and v > 0 for v in (n, d, r)):  # as the grid's fit block: > 0 and finite
+        raise argparse.ArgumentTypeError(f"--project wants PARAMS,HOURS,IMG_SIZE > 0, got {text!r}")
     return (_projection_label(n, d, r), n, d, r)
 
 
@@ -240,7 +242,8 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--form", help="force a form instead of choosing by held-out error")
-    p.add_argument("--target-accuracy", type=float, help="solve for the cheapest setting reaching it")
+    p.add_argument("--target-accuracy", type=_checked(float, lambda v: 0 < v <= 100, "a percentage in (0, 100]"),
+                   help="solve for the cheapest setting reaching it")
     p.add_argument("--project", type=_projection, action="append", metavar="PARAMS,HOURS,IMG_SIZE",
                    help="extra projection (repeatable)")
     p.add_argument("--no-default-projections", action="store_true",
