@@ -100,10 +100,13 @@ def _projection_label(params: float, hours: float, img_size: float) -> str:
 def _cmd_fit(args) -> int:
     import numpy as np
 
-    from .laws import fit
+    from .laws import FORMS, fit
     from .report import DEFAULT_PROJECTIONS, write_report
     from .table import load_results
 
+    if args.form is not None and args.form not in FORMS:  # before the fit, and an error rather than a traceback
+        print(f"error: --form must be one of {', '.join(FORMS)}, got {args.form!r}", file=sys.stderr)
+        return 2
     table = load_results(args.table, target=args.target)  # a TableError is reported by main()
     if getattr(args, "runs", None):  # from `run --fit`: this grid's runs only, not rows of older grids
         table = table.subset(np.isin(table["run"], sorted(args.runs)))
