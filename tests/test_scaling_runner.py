@@ -85,7 +85,8 @@ def fake_jobs(tmp_path, monkeypatch):
     for k in ("FAKE_COUNTER", "FAKE_KILL_CALL", "FAKE_STEPS", "FAKE_SLEEP", "FAKE_HANG_FIRST"):
         monkeypatch.delenv(k, raising=False)
     sys.modules.pop("fakejobs", None)
-    return tmp_path
+    yield tmp_path
+    sys.modules.pop("fakejobs", None)  # later tests must not find this test's job module already imported
 
 
 def grid_dict(out_dir, **over):
