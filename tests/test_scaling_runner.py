@@ -206,6 +206,9 @@ def test_failures_are_recorded_and_retried(fake_jobs):
     assert {e["run"] for e in st["failed"]} == failed
     assert all("RuntimeError: out of memory (on purpose)" == e["error"] for e in st["failed"])
     assert len(pending_runs(grid, retry_failed=False)) == 0 and len(pending_runs(grid)) == 6
+    lines = []
+    assert run_grid(grid, job="fakejobs:resumable", retry_failed=False, log=lines.append) == {}
+    assert "12 runs, 6 done, 0 to run, 6 failed before and skipped" in lines[0]  # not counted as done
     outcome = run_grid(grid, job="fakejobs:resumable", log=lambda s: None)
     assert set(outcome) == failed and set(outcome.values()) == {"done"}
     assert len(load_results(grid.table_path)) == 12

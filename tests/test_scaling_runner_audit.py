@@ -503,7 +503,7 @@ def test_fit_defaults_target_and_out_dir_and_reads_projections(tmp_path, capsys)
 @pytest.mark.parametrize("argv", [["--project", "0,5000,476"], ["--project", "632e6,nan,476"],
                                   ["--project", "632e6,inf,476"], ["--project", "632e6,5000,0"],
                                   ["--target-accuracy", "nan"], ["--target-accuracy", "0"],
-                                  ["--target-accuracy", "150"]])
+                                  ["--target-accuracy", "150"], ["--n-boot", "-1"]])
 def test_fit_refuses_projections_and_targets_a_grid_would_refuse(tmp_path, capsys, argv):
     """--project values must be finite and > 0 and --target-accuracy a percentage in (0, 100], as in a grid's fit
     block: a usage error before anything is fitted, not a report with 0.00 or nan projections (library fix)."""

@@ -203,6 +203,9 @@ def _checked(kind, ok, what):
     return parse
 
 
+_N_BOOT = _checked(int, lambda v: v >= 0, "a number of resamples >= 0")
+
+
 def add_subparsers(subparsers) -> None:
     """Add run / status / fit / worker to an argparse ``subparsers`` object."""
     p = subparsers.add_parser("run", help="run what is left of a sweep grid")
@@ -217,7 +220,7 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--wait", action="store_true", help="slurm: block until the jobs end")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
     p.add_argument("--fit", action="store_true", help="fit the table afterwards (report in OUT_DIR/fit)")
-    p.add_argument("--n-boot", type=int, default=200)
+    p.add_argument("--n-boot", type=_N_BOOT, default=200, help="bootstrap resamples (0: no uncertainty bands)")
     p.set_defaults(func=_cmd_run)
 
     p = subparsers.add_parser("status", help="done / running / failed / left runs of a grid")
@@ -242,7 +245,7 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("table", help="results CSV (columns params, hours, img_size and the target at least)")
     p.add_argument("--out", help="report directory (default: TABLE without .csv + _fit)")
     p.add_argument("--target", default="top1", help="column to model (default top1)")
-    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples")
+    p.add_argument("--n-boot", type=_N_BOOT, default=200, help="bootstrap resamples (0: no uncertainty bands)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--form", help="force a form instead of choosing by held-out error")
     p.add_argument("--target-accuracy", type=_checked(float, lambda v: 0 < v <= 100, "a percentage in (0, 100]"),

@@ -481,9 +481,12 @@ def run_grid(grid: Grid | str | os.PathLike, job: str | JobFn | None = None, exe
         grid = load_grid(grid)
     busy = {} if resubmit else in_flight(grid)
     todo = pending_runs(grid, retry_failed, skip=busy)
-    done = len(grid.runs) - len(todo) - len(busy)
+    done = len({spec.run_id for spec in grid.runs} & done_ids(grid))
+    skipped = len(grid.runs) - done - len(todo) - len(busy)  # failed before, not retried
     flying = f", {len(busy)} in flight" if busy else ""
-    log(f"grid {grid.name}: {len(grid.runs)} runs, {done} done, {len(todo)} to run{flying} -> {grid.table_path}")
+    failed = f", {skipped} failed before and skipped" if skipped else ""
+    log(f"grid {grid.name}: {len(grid.runs)} runs, {done} done, {len(todo)} to run{flying}{failed} "
+        f"-> {grid.table_path}")
     for run_id, why in busy.items():
         log(f"    not started again: {run_id} is {why}")
     if busy:
