@@ -477,13 +477,13 @@ def _finetune(cfg: dict, info: dist_mod.DistInfo, datasets) -> dict:
     peak_lr = cfg["lr"] if cfg["lr"] is not None else base_lr * B / 256
     wd = cfg["weight_decay"] if cfg["weight_decay"] is not None else (0.0 if linprobe else 0.05)
     if linprobe:
-        groups = [{"params": list(model.head.parameters()), "weight_decay": wd, "lr_scale": 1.0}]
-        if cfg["linprobe_optimizer"] == "lars":  # MAE's linear probe protocol
+        head = list(model.head.parameters())
+        if cfg["linprobe_optimizer"] == "lars":  # MAE's linear probe protocol (LARS itself skips 1-D parameters)
             from mae_fast.optim import LARS
 
-            optimizer = LARS(groups, lr=peak_lr, weight_decay=wd, momentum=0.9)
+            optimizer = LARS([{"params": head, "weight_decay": wd, "lr_scale": 1.0}], lr=peak_lr, weight_decay=wd,
+                             momentum=0.9)
         elif cfg["linprobe_optimizer"] == "sgd":  # decay the weight only, as LARS and the finetuning groups do
-            head = list(model.head.parameters())
             groups = [{"params": ps, "weight_decay": d, "lr_scale": 1.0} for ps, d in
                       (([p for p in head if p.ndim > 1], wd), ([p for p in head if p.ndim <= 1], 0.0)) if ps]
             optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=0.9)
