@@ -63,9 +63,9 @@ WRAP_EXCLUDE+='|thirdparty|preference_table|compiled_rank|bad_inputs|stride_alig
 step attention_tests 165 env OUT="$OUT" TRIAGE_VARIANTS="wrap_d equal_tiles" TRIAGE_TOTAL_S=105 TRIAGE_SANITIZE=0 \
   TRIAGE_INSTALL=0 TRIAGE_JOBS=6 TRIAGE_EXCLUDE="$WRAP_EXCLUDE" \
   bash "$REPO/bench/triage_triton_attention.sh" &
-(cd /tmp && step layer_norm_tests 165 python3 -m pytest "$REPO/tests/test_layer_norm.py" -q -x -p no:cacheprovider) &
-(cd /tmp && step gpu_tests 165 python3 -m pytest "$REPO/tests/test_model.py" "$REPO/tests/test_lean.py" \
-  "$REPO/tests/test_masking_kernels.py" -q -p no:cacheprovider) &
+(cd /tmp && step layer_norm_tests 165 python3 -m pytest "$REPO/tests/ops/test_layer_norm.py" -q -x -p no:cacheprovider) &
+(cd /tmp && step gpu_tests 165 python3 -m pytest "$REPO/tests/models/test_model.py" "$REPO/tests/ops/test_lean.py" \
+  "$REPO/tests/ops/test_masking_kernels.py" -q -p no:cacheprovider) &
 wait
 [ "$DRY" = 1 ] && END=$(( END - 165 ))  # the three ran side by side (in subshells, so their dry step() left END alone)
 [ -f "$OUT/triage-logs.tar.gz" ] && mv "$OUT/triage-logs.tar.gz" "$OUT/logs/"

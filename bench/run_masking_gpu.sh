@@ -16,7 +16,7 @@ timeout 130 python3 "$REPO/bench/bench_masking.py" --out "$OUT/masking.json" >"$
 echo "bench rc=$?"
 wait $BUILD
 echo "cuda build rc=$?"; tail -4 "$OUT/cuda_build.log"
-timeout 100 python3 -m pytest "$REPO/tests/test_masking_kernels.py" -q -n 8 -p no:cacheprovider >"$OUT/tests.log" 2>&1
+timeout 100 python3 -m pytest "$REPO/tests/ops/test_masking_kernels.py" -q -n 8 -p no:cacheprovider >"$OUT/tests.log" 2>&1
 echo "tests rc=$?"
 SO=$(ls /tmp/torch_ext/mae_fast_masking_cuda/*.so 2>/dev/null | head -1)
 [ -n "$SO" ] && cuobjdump -sass "$SO" | grep -oE "(LDG|STG)\.E[.A-Z0-9]*" | sort | uniq -c >"$OUT/sass.txt" 2>&1

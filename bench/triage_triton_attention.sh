@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (<= 9 min wall): which kernel variant gets the Triton flash attention through its GPU tests?
-# Every fast test id of tests/test_attention_triton.py runs in its own process (an illegal memory access
+# Every fast test id of tests/ops/test_attention_triton.py runs in its own process (an illegal memory access
 # poisons only its own CUDA context), under each variant below, with MAE_FAST_TRITON_UNVERIFIED=1 and
 # CUDA_LAUNCH_BLOCKING=1 (a fault then surfaces at the launch of the kernel that made it). Then
 # compute-sanitizer memcheck on the first 2 failing ids of the first variant with failures, in the background while
@@ -25,7 +25,7 @@ TEST_S=${TRIAGE_TEST_S:-150}
 TOTAL_S=${TRIAGE_TOTAL_S:-420}
 SAN_S=${TRIAGE_SAN_S:-150}
 MAX_IDS=${TRIAGE_MAX_IDS:-0}
-TEST_FILE="$REPO/tests/test_attention_triton.py"
+TEST_FILE="$REPO/tests/ops/test_attention_triton.py"
 SANITIZE=${TRIAGE_SANITIZE:-1}
 if [ "$DRY" = 1 ] && [ -z "${TRIAGE_IDS:-}" ]; then MAX_IDS=${TRIAGE_MAX_IDS:-2}; fi
 if [ "$DRY" = 1 ]; then TEST_S=${TRIAGE_TEST_S:-120}; SANITIZE=${TRIAGE_SANITIZE:-0}; fi

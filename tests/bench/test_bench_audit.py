@@ -19,7 +19,7 @@ import types
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
 import e2e  # noqa: E402
 import run_all  # noqa: E402
 from mae_fast.models import mae_train_flops  # noqa: E402

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("av")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
 import bench_data  # noqa: E402
 
 

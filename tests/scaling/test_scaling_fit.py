@@ -15,7 +15,7 @@ from mae_fast.scaling import ResultsTable, TableError, UnreachableTarget, comput
 from mae_fast.scaling.cli import main as scale_main
 from mae_fast.scaling.laws import ExtrapolationWarning
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "humanlike_vits_finetune_upto500h.csv"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "humanlike_vits_finetune_upto500h.csv"
 MODELS = {"s": 2.2e7, "b": 8.65e7, "l": 3.04e8, "h": 6.32e8, "g": 1.8e9}
 
 

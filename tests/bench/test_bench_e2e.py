@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
 import e2e  # noqa: E402
 
 
@@ -179,7 +179,7 @@ with torch.no_grad():
 assert any("add_layer_norm_fwd" in n for n in seen.names), sorted(set(seen.names))
 torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
 print("fused", fused.item(), "plain", plain.item())
-""" % os.path.dirname(os.path.abspath(__file__))
+""" % os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("MAE_FAST_BACKEND", None)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

@@ -17,7 +17,7 @@ from conftest import FSDP2_PEAKS_BELOW_UNSHARDED
 from mae_fast.memory import GiB, StorageTracker, estimate_mae_step, estimate_train_step, fit_batch
 from mae_fast.models import mae_forward_flops, mae_recompute_flops
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _round(n, to=512):

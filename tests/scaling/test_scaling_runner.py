@@ -296,7 +296,7 @@ def test_default_job_over_two_slurm_tasks_trains_with_ddp_and_evaluates_once(tmp
     each one DDP run over both tasks (global batch split in two); rank 0 alone records the row."""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "train" / "grids" / "demo.yaml").read_text())
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "train" / "grids" / "demo.yaml").read_text())
     raw.update(name="two_tasks", out_dir=str(tmp_path / "sweep"), models=raw["models"][:1], hours=[0.03],
                img_sizes=[32], executor={"name": "slurm", "cluster": "local",
                                          "slurm": {"timeout_min": 5, "tasks_per_node": 2}})
@@ -633,7 +633,7 @@ def test_default_job_stopped_early_is_interrupted_not_recorded(tmp_path):
     encoder would record a wrong result. The run is interrupted (resumed by the next sweep), the sweep goes on."""
     from mae_fast.scaling.runner import RunInterrupted
 
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "train" / "grids" / "demo.yaml").read_text())
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "train" / "grids" / "demo.yaml").read_text())
     raw.update(name="early", out_dir=str(tmp_path / "sweep"), models=raw["models"][:1], hours=[0.01, 0.03],
                img_sizes=[32])
     raw["pretrain"].update(stop_at_step=2, progress=False)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
 from bench_masking import OPS, ROW_OPS, call, fwd_bwd, make_case, make_inputs  # noqa: E402
 
 GPU = torch.cuda.is_available()

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     src = tmp_path_factory.mktemp("src")
     # build from a copy so the test never writes build/ into the working tree
-    shutil.copytree(ROOT, src / "repo", ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "runs",
+    shutil.copytree(ROOT, src / "repo", ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "runs",
                                                                        "__pycache__", ".benchmarks", "results"))
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-compile",

@@ -12,7 +12,7 @@ import torch
 from conftest import FSDP2_PEAKS_BELOW_UNSHARDED
 from mae_fast.train.pretrain import pretrain
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train" / "pretrain.py"
 MODEL_KWARGS = dict(embed_dim=48, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 MODEL = "model_kwargs={embed_dim: 48, depth: 2, num_heads: 2, decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2}"

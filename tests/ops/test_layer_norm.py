@@ -536,7 +536,7 @@ def test_kernels_compile_for_sm90_without_spills_and_with_vector_loads(tmp_path)
     import sys
     from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "bench"
+    bench = Path(__file__).resolve().parents[2] / "bench"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from an earlier run's cache
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(bench)], capture_output=True, text=True,

@@ -28,7 +28,7 @@ from mae_fast.models.registry import OVERRIDES
 from mae_fast.scaling import cli as scaling_cli, runner as scaling_runner
 from mae_fast.train import config as config_mod, curves, finetune as finetune_mod, pretrain as pretrain_mod
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 SHARED_CSV = REPO.parent / "shared" / "data" / "humanlike_vits_finetune_upto500h.csv"
 
