@@ -17,6 +17,55 @@ if not torch.cuda.is_available():
 # which test_memory's estimate matches exactly); with torch 2.14 it peaks below. Tests assert the saving only there.
 FSDP2_PEAKS_BELOW_UNSHARDED = torch.__version__ >= (2, 14)  # TorchVersion compares with tuples
 
+# The demo model made small enough for a training step on the CPU in a fraction of a second (train tests).
+TINY_MODEL = dict(embed_dim=48, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+# A small MAE for the model tests: 48 px images of 8-pixel patches (a 6 x 6 grid), two blocks each side.
+SMALL_MAE = dict(img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
+                 decoder_depth=2, decoder_num_heads=4)
+
+
+@pytest.fixture
+def tiny_model_kwargs():
+    """TINY_MODEL's overrides of mae_vit_demo_patch8 (a fresh copy per test)."""
+    return dict(TINY_MODEL)
+
+
+@pytest.fixture
+def small_mae():
+    """Factory of SMALL_MAE models: ``small_mae(**overrides)``; ``randomise=True`` adds noise to every parameter
+    but the position tables (trained-looking weights: LayerNorms, biases and tokens away from their init)."""
+    import mae_fast
+
+    def make(randomise=False, **overrides):
+        m = mae_fast.MaskedAutoencoderViT(**{**SMALL_MAE, **overrides})
+        if randomise:
+            for n, p in m.named_parameters():
+                if "pos_embed" not in n:
+                    p.data.add_(0.05 * torch.randn_like(p))
+        return m
+
+    make.cfg = dict(SMALL_MAE)
+    return make
+
+
+@pytest.fixture
+def reference_pair():
+    """Factory of (reference, ours): bench/reference_mae.py's ReferenceMAE (facebookresearch/mae's formulas on
+    timm blocks) and mae_fast's model, in fp64 with the same weights; SMALL_MAE unless overridden."""
+    import mae_fast
+    from reference_mae import ReferenceMAE
+
+    def make(norm_pix=False, **overrides):
+        cfg = {**SMALL_MAE, **overrides, "norm_pix_loss": norm_pix}
+        torch.manual_seed(0)
+        ref = ReferenceMAE(**cfg).double()
+        ours = mae_fast.MaskedAutoencoderViT(**cfg).double()
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        return ref, ours
+
+    return make
+
 
 @pytest.fixture
 def poison_flash_attention_outputs(monkeypatch):
