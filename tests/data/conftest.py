@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _all_frames(path) -> np.ndarray:
+    """Every frame of a video, decoded sequentially by PyAV (the reference for time-based reads)."""
+    import av
+
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def _write_pngs(folder: Path, n: int, size=(11, 13), seed=0) -> list:
+    """n random RGB PNGs of ``size`` (h, w) named 000.png, 001.png, ... in folder."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / f"{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def all_frames():
+    """``all_frames(path)``: every frame of a video as PyAV decodes it in order, (T, H, W, 3) uint8."""
+    pytest.importorskip("av")
+    return _all_frames
+
+
+@pytest.fixture(scope="session")
+def write_pngs():
+    """``write_pngs(folder, n, size=(11, 13), seed=0)``: writes n random PNGs, returns their paths."""
+    return _write_pngs
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The default demo set (6 one-minute videos at 8 fps, 96 x 96; 8 classes of 40 + 10 images), generated once
+    for the whole session into a temporary cache."""
+    pytest.importorskip("av")
+    from mae_fast.data import ensure_demo_data
+
+    return ensure_demo_data(tmp_path_factory.mktemp("demo_cache"), verbose=False)
+
+
+@pytest.fixture(scope="session")
+def frames_by_video(demo):
+    """Every frame of each demo video, by path."""
+    return {str(p): _all_frames(p) for p in sorted(demo.videos.glob("*.mp4"))}
