@@ -1,22 +1,31 @@
-"""Scaling laws against independent expectations: solve against the analytic optimum of a known
-log-additive law, bands against percentiles of the bootstrap computed here, the held-out splits, the
-choice between tied forms, the bootstrap's resampling, the Huber fit's gradient and robustness, and
-the results table's and report's contracts. Every expected value is computed in this file from the
-law's formula or the table's definition, never taken from the code under test."""
+"""Scaling laws (mae_fast/scaling/laws.py) and their report: known laws recovered from noisy synthetic tables (hand
+picked and drawn at random), the choice of form, bands against percentiles of the bootstrap computed here, the
+bootstrap's resampling units, held-out splits, solve against the analytic optimum of a log-additive law,
+extrapolation warnings, the Huber fit's gradient and robustness, bad values refused; the report's numbers and
+notes. Every expected value is computed here from the law's formula or the table's definition."""
 from __future__ import annotations
 
+import csv
 import json
+import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mae_fast.scaling import ResultsTable, TableError, fit, load_results
+from mae_fast.scaling import ResultsTable, TableError, UnreachableTarget, compute_cost, fit, load_results
+from mae_fast.scaling.cli import main as scale_main
 from mae_fast.scaling.laws import FORMS, ExtrapolationWarning, _bootstrap_indices, features
+
 
 # odd, non-round factor values (no zeros, no 1e8 / 100 h / 224 px at the lower edge)
 PARAMS = (2.3e7, 8.7e7, 3.1e8, 6.3e8, 1.7e9)
+
+
 HOURS = (0.7, 3.0, 11.0, 60.0, 250.0)
+
+
 SIZES = (160.0, 224.0, 320.0)
 
 
@@ -61,7 +70,6 @@ def cheapest_log_additive(theta, lo, hi, target):
     return np.exp(x)
 
 
-# --- solve --------------------------------------------------------------------------------------------
 THETA = (40.0, 1.5, 3.0, 2.0)  # per unit of log cost (R counts twice): hours 3, params 1.5, resolution 1
 
 
@@ -93,7 +101,6 @@ def test_solve_with_explicit_bounds_matches_the_analytic_optimum():
     assert sol["compute"] == pytest.approx(want[0] * want[1] * (want[2] / 16) ** 2, rel=5e-3)
 
 
-# --- bands --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ci", [0.9, 0.7])
 def test_bands_are_the_central_percentiles_of_the_bootstrap(ci):
     law = fit(log_table(THETA, noise=0.7, seed=3, seeds=2), forms=["log_additive"], n_boot=41, ci=ci)
@@ -159,7 +166,6 @@ def test_bootstrap_indices_resample_the_right_units(by):
                 assert len(set(per_run)) == 1
 
 
-# --- splits and the choice of form ------------------------------------------------------------------
 def test_holdout_splits_hold_out_the_largest_hours_and_the_largest_model():
     table = log_table(THETA, noise=0.4, seed=5, seeds=2)
     law = fit(table, forms=["log_additive"], n_boot=3)
@@ -196,7 +202,6 @@ def test_prediction_below_the_fitted_range_warns_too():
         law.predict(min(PARAMS) / 9, min(HOURS) / 99, min(SIZES) / 1.9)  # inside the limits
 
 
-# --- the Huber fit ------------------------------------------------------------------------------------
 def test_huber_loss_gradient_matches_finite_differences():
     form = FORMS["huber_log"]
     rng = np.random.default_rng(9)
@@ -229,46 +234,199 @@ def test_huber_fit_shrugs_off_an_outlier():
     np.testing.assert_allclose(theta, truth, rtol=0.05)
 
 
-# --- tables -------------------------------------------------------------------------------------------
-def _csv(path, lines):
-    path.write_text("\n".join(lines) + "\n")
-    return path
+# --- recovery of hand-picked and random laws; solve's ceiling; the shared results table ----------------------------
 
 
-def test_negative_accuracy_and_infinite_factors_are_refused(tmp_path):
-    head = "run,params,hours,img_size,top1,top5"
-    with pytest.raises(TableError, match=r"line 3: top1 must be a percentage"):
-        load_results(_csv(tmp_path / "a.csv", [head, "a,1e8,5,224,20,40", "b,1e8,7,224,-3,40"]))
-    with pytest.raises(TableError, match=r"line 2: top5 must be a percentage"):
-        load_results(_csv(tmp_path / "b.csv", [head, "a,1e8,5,224,20,-40"]))
-    for col, row in (("hours", "a,1e8,inf,224,20,40"), ("params", "a,inf,5,224,20,40"),
-                     ("top5", "a,1e8,5,224,20,inf")):
-        with pytest.raises(TableError, match=rf"column '{col}': 'inf' is not a finite number"):
-            load_results(_csv(tmp_path / f"{col}.csv", [head, row]))
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "humanlike_vits_finetune_upto500h.csv"
 
 
-@pytest.mark.parametrize("value", [100.5, 130.0, -2.0])
-def test_fit_of_a_table_built_in_code_refuses_accuracy_outside_0_100(value):
-    cols = {k: np.asarray(log_table(THETA, noise=0.2)[k]) for k in ("params", "hours", "img_size", "top1")}
-    cols["top1"][11] = value
-    with pytest.raises(TableError, match=r"top1 must be a finite percentage.*row 11\b"):
-        fit(ResultsTable(cols, source="<mine>"), forms=["log_additive"], n_boot=3)
+MODELS = {"s": 2.2e7, "b": 8.65e7, "l": 3.04e8, "h": 6.32e8, "g": 1.8e9}
 
 
-def test_rows_without_a_run_id_are_all_kept(tmp_path):
-    lines = ["run,params,hours,img_size,top1", ",1e8,5,224,20", "x,2e8,5,224,22", ",3e8,5,224,23",
-             "x,2e8,5,224,24", ",3e8,5,224,25"]
-    t = load_results(_csv(tmp_path / "u.csv", lines))
-    assert list(t["top1"]) == [20, 23, 24, 25]
+def synthetic(law, noise: float, seed: int = 0, hours=(0.5, 5, 50, 500, 5000), sizes=(224, 448), seeds=3):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for arch, n in MODELS.items():
+        for r in sizes:
+            for d in hours:
+                for s in range(seeds):
+                    rows.append({"run": f"{arch}_{r}_{d}_{s}", "arch": arch, "params": n, "hours": d,
+                                 "img_size": r, "seed": s, "top1": law(n, d, r) + rng.normal(0, noise)})
+    return ResultsTable.from_rows(rows, source="<synthetic>")
 
 
-def test_models_without_an_arch_column_are_told_apart_by_their_parameter_count():
-    rows = [{"params": p, "hours": 9.0, "img_size": 224.0, "top1": 30.0} for p in (2.2e7, 2.6e7, 2.2e7, 2.61e7)]
-    t = ResultsTable.from_rows(rows)
-    assert t.group_ids().tolist() == [0, 1, 0, 2]
+def saturating_truth(n, d, r):
+    return 100 - (35 + 8 * (n / 1e8) ** -0.35 + 10 * (d / 100) ** -0.25 + 4 * (r / 224) ** -1.0)
 
 
-# --- report -------------------------------------------------------------------------------------------
+def log_law(n, d, r):
+    return 20 + 2.0 * math.log(n / 1e8) + 3.0 * math.log(d / 100) + 5.0 * math.log(r / 224)
+
+
+def test_recovers_saturating_law_and_chooses_a_saturating_form():
+    # three resolutions: with two, E and the resolution term (C, gamma) cannot be told apart
+    table = synthetic(saturating_truth, noise=0.3, sizes=(112, 224, 448))
+    law = fit(table, n_boot=30)
+    assert law.form.family == "saturating", [(s.name, s.holdout_rmse) for s in law.scores]
+    for name in ("saturating", "huber_log"):  # both fitting methods recover the law
+        p = law.alternative(name).params_dict()
+        assert p["E"] == pytest.approx(35, abs=1.0), name
+        assert p["A"] == pytest.approx(8, rel=0.1), name
+        assert p["alpha"] == pytest.approx(0.35, rel=0.1), name
+        assert p["B"] == pytest.approx(10, rel=0.05), name
+        assert p["beta"] == pytest.approx(0.25, rel=0.05), name
+        assert p["C"] == pytest.approx(4, rel=0.15), name
+        assert p["gamma"] == pytest.approx(1.0, rel=0.15), name
+    assert law.ceiling == pytest.approx(65, abs=1.0)
+    lo, hi = law.param_bands()["beta"]
+    assert lo < 0.25 < hi
+    # log forms cannot follow the saturation: they must extrapolate clearly worse
+    log_best = min(s.holdout_rmse for s in law.scores if s.name.startswith("log"))
+    assert log_best > 5 * law.score.holdout_rmse
+
+
+def test_recovers_log_additive_law_and_chooses_a_log_form():
+    table = synthetic(log_law, noise=0.3, seed=1)
+    law = fit(table, n_boot=30)
+    assert law.form.family == "log", [(s.name, s.holdout_rmse) for s in law.scores]
+    p = law.alternative("log_additive").params_dict()
+    assert p["a"] == pytest.approx(20, abs=0.3)
+    assert p["b_n"] == pytest.approx(2.0, abs=0.15)
+    assert p["c_d"] == pytest.approx(3.0, abs=0.1)
+    assert p["e_r"] == pytest.approx(5.0, abs=0.4)
+
+
+def test_bands_cover_the_truth_and_widen_with_noise():
+    quiet = fit(synthetic(log_law, noise=0.2, seed=2), forms=["log_additive"], n_boot=100)
+    noisy = fit(synthetic(log_law, noise=2.0, seed=2), forms=["log_additive"], n_boot=100)
+    n, d, r = 1e9, 20000.0, 952.0  # far outside the data
+    for law in (quiet, noisy):
+        pred = law.predict(params=n, hours=d, img_size=r)
+        assert pred.lower < pred.estimate < pred.upper
+        assert pred.lower - 0.5 < log_law(n, d, r) < pred.upper + 0.5
+    def width(law):
+        pred = law.predict(n, d, r)
+        return pred.upper - pred.lower
+
+    assert width(noisy) > 4 * width(quiet)
+    arr = quiet.predict(params=[1e8, 1e9], hours=[10, 100], img_size=224)  # broadcasts
+    assert arr.estimate.shape == (2,)
+    np.testing.assert_allclose(arr.estimate, [log_law(1e8, 10, 224), log_law(1e9, 100, 224)], atol=0.3)
+
+
+def test_bootstrap_resamples_whole_configurations_when_there_is_one_seed():
+    law = fit(synthetic(log_law, noise=0.5, seeds=1), forms=["log_additive"], n_boot=20)
+    assert law.bootstrap_by == "configs" and len(law.boot_thetas) == 20
+    assert law.param_bands()["c_d"][1] > law.param_bands()["c_d"][0]
+    assert fit(synthetic(log_law, noise=0.5), forms=["log_additive"], n_boot=5).bootstrap_by == "seeds"
+
+
+def test_solve_finds_the_cheapest_setting_and_refuses_above_the_ceiling():
+    law = fit(synthetic(saturating_truth, noise=0.3), forms=["saturating"], n_boot=20)
+    target = 40.0
+    sol = law.solve(target)
+    assert sol["prediction"].estimate >= target - 1e-6
+    assert sol["compute"] == pytest.approx(compute_cost(sol["params"], sol["hours"], sol["img_size"], 14))
+    # no random setting inside the bounds that reaches the target is cheaper
+    rng = np.random.default_rng(0)
+    dr = law.data_range
+    n = np.exp(rng.uniform(np.log(dr["params"][0]), np.log(10 * dr["params"][1]), 20000))
+    d = np.exp(rng.uniform(np.log(dr["hours"][0]), np.log(100 * dr["hours"][1]), 20000))
+    r = np.exp(rng.uniform(np.log(dr["img_size"][0]), np.log(2 * dr["img_size"][1]), 20000))
+    ok = law.predict(n, d, r).estimate >= target
+    assert ok.any()
+    assert compute_cost(n, d, r)[ok].min() >= sol["compute"] * 0.97
+    confident = law.solve(target, confident=True)
+    assert confident["compute"] >= sol["compute"] and confident["prediction"].lower >= target - 1e-6
+    with pytest.raises(UnreachableTarget, match="ceiling"):
+        law.solve(law.ceiling + 1)
+    with pytest.raises(UnreachableTarget, match="bounds"):
+        law.solve(law.ceiling - 0.01, bounds={"params": (1e7, 2e7), "hours": (1, 2), "img_size": (224, 225)})
+
+
+def test_compute_cost_is_params_times_hours_times_tokens():
+    assert compute_cost(1e8, 10, 224, 14) == pytest.approx(1e8 * 10 * 256)
+    assert compute_cost(2e8, 10, 448, 14) == pytest.approx(8 * compute_cost(1e8, 10, 224, 14))
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="shared results table not present")
+def test_shared_table_fits_and_projects():
+    table = load_results(SHARED)
+    assert len(table) == 72 and set(np.unique(table["img_size"])) == {224, 448, 476}
+    law = fit(table, n_boot=20)
+    assert {s.name for s in law.scores} == {"log_additive", "log_interaction", "saturating", "huber_log"}
+    assert 0 < law.score.holdout_rmse < 6
+    # holding out ViT-H leaves one resolution in training: only its 224 px runs can be scored
+    ho = law.score.holdout["largest_model"]
+    assert ho["n_test"] == 12 and ho["n_left_out"] == 24
+    near = law.predict(633.2e6, 500, 476)
+    assert abs(near.estimate - table["top1"][(table["img_size"] == 476) & (table["hours"] == 500)].mean()) < 3
+    far = law.predict(632e6, 5000, 476)
+    assert near.estimate < far.estimate < 70
+
+
+def _random_log_table(rng, n_rows=24, sizes=(224, 336, 448)):
+    a, b = rng.uniform(30, 50), rng.uniform(0.5, 3, 3)
+    cols = {"params": rng.choice(list(MODELS.values()), n_rows), "hours": rng.choice([1.0, 7.0, 50.0, 300.0], n_rows),
+            "img_size": rng.choice(sizes, n_rows).astype(float)}
+    from mae_fast.scaling.laws import features
+
+    cols["top1"] = a + features(cols["params"], cols["hours"], cols["img_size"]) @ b + rng.normal(0, 0.2, n_rows)
+    return cols, np.r_[a, b]
+
+
+@pytest.mark.parametrize("column,value", [("top1", math.nan), ("top1", math.inf), ("top1", 100.5), ("top1", -2.0),
+                                          ("hours", 0.0), ("params", -3e7), ("img_size", math.nan)])
+def test_fit_of_a_table_built_in_code_rejects_bad_values_clearly(column, value):
+    rng = np.random.default_rng(7)
+    cols, _ = _random_log_table(rng)
+    row = int(rng.integers(len(cols["top1"])))
+    cols[column] = cols[column].copy()
+    cols[column][row] = value
+    with pytest.raises(TableError, match=rf"{column} .*row {row}\b"):
+        fit(ResultsTable(cols, source="<mine>"), forms=["log_additive"], n_boot=5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_truths_are_recovered(seed):
+    """Parameters drawn at random (not a hand-picked law) come back from noisy runs, both families."""
+    from mae_fast.scaling.laws import FORMS, features
+
+    rng = np.random.default_rng(1000 + seed)
+    cols, truth = _random_log_table(rng, n_rows=60)
+    law = fit(ResultsTable(cols), forms=["log_additive"], n_boot=5)
+    np.testing.assert_allclose(law.theta, truth, atol=0.25)
+
+    sat = np.array([rng.uniform(20, 45), rng.uniform(4, 12), rng.uniform(0.2, 0.6), rng.uniform(5, 15),
+                    rng.uniform(0.15, 0.5), rng.uniform(2, 6), rng.uniform(0.5, 1.5)])
+    n, d, r = (v.ravel().repeat(2) for v in np.meshgrid(list(MODELS.values()), [0.5, 5, 50, 500, 5000],
+                                                        [112, 224, 448], indexing="ij"))
+    x = features(n, d, r)
+    y = FORMS["saturating"].predict(sat, x) + rng.normal(0, 0.05, len(n))
+    theta = FORMS["saturating"].fit(x, y, np.ones(3, bool))
+    np.testing.assert_allclose(theta, sat, rtol=0.15, atol=0.3)
+
+
+def test_projection_far_outside_the_data_warns():
+    rng = np.random.default_rng(11)
+    cols, _ = _random_log_table(rng)
+    law = fit(ResultsTable(cols), forms=["log_additive"], n_boot=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        law.predict(1e9, 3000.0, 448)  # inside 10x params, 100x hours, 2x img_size
+    with pytest.warns(ExtrapolationWarning, match="hours 1e\\+06 is more than 100x outside"):
+        law.predict(1e8, [10.0, 1e6], 224)
+    with pytest.warns(ExtrapolationWarning, match="params"):
+        law.predict(1e12, 10.0, 224)
+    one_size, _ = _random_log_table(rng, sizes=(224,))
+    flat = fit(ResultsTable(one_size), forms=["log_additive"], n_boot=5)
+    with pytest.warns(ExtrapolationWarning, match="img_size never varies"):
+        flat.predict(1e8, 10.0, 448)
+
+
+# --- the report ------------------------------------------------------------------------------------------------------
+
+
 def test_report_projection_compute_uses_the_tables_patch_size(tmp_path):
     from mae_fast.scaling.report import write_report
 
@@ -308,3 +466,47 @@ def test_report_caution_and_bound_note_follow_the_numbers(tmp_path):
         pred = law.predict(3e8, 100.0, 224.0)
     assert law.score.holdout_rmse > (pred.upper - pred.lower) / 2
     assert "**Caution:** on held-out runs the chosen law missed by" in (tmp_path / "bad" / "report.md").read_text()
+
+
+def test_report_when_no_held_out_split_can_be_scored(tmp_path):
+    """One model at one data size: no split can be scored; the report says so instead of 'missed by inf'."""
+    rng = np.random.default_rng(5)
+    rows = [{"run": f"r{i}", "params": 3e8, "hours": 40.0, "img_size": r, "seed": s,
+             "top1": 30 + 3 * math.log(r / 224) + rng.normal(0, 0.3)} for i, (r, s) in
+            enumerate((r, s) for r in (112, 224, 448) for s in range(3))]
+    table = ResultsTable.from_rows(rows)
+    law = fit(table, forms=["log_additive"], n_boot=5)
+    from mae_fast.scaling.report import write_report
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. matplotlib's "Tight layout not applied"
+        warnings.simplefilter("ignore", ExtrapolationWarning)
+        summary = write_report(table, law, tmp_path, projections=[("p", 3e8, 40.0, 336.0)])
+    assert "no held-out split could be scored" in summary and "mean over splits" not in summary
+    md = (tmp_path / "report.md").read_text()
+    assert "inf" not in md and "nan" not in md
+    head = next(i for i, line in enumerate(md.splitlines()) if line.startswith("| form |"))
+    lines = md.splitlines()
+    assert lines[head].count("|") == lines[head + 1].count("|") == lines[head + 2].count("|")
+    for name in ("accuracy_vs_hours.png", "projections.png", "holdout.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_fit_writes_report_plots_and_json(tmp_path, capsys):
+    table = synthetic(saturating_truth, noise=0.5, hours=(0.5, 5, 50, 500), sizes=(224, 448), seeds=2)
+    path = tmp_path / "t.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=table.column_names)
+        w.writeheader()
+        w.writerows(table.rows())
+    out = tmp_path / "fit"
+    assert scale_main(["fit", str(path), "--out", str(out), "--n-boot", "10", "--target-accuracy", "50",
+                       "--project", "1e9,1000,336"]) == 0
+    text = capsys.readouterr().out
+    assert "chosen" in text and "ViT-H/14 (632M), 476 px, 5,000 h" in text and "1000M params, 336 px" in text
+    for name in ("report.md", "fit.json", "accuracy_vs_hours.png", "projections.png", "holdout.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert (out / "accuracy_vs_hours.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((out / "fit.json").read_text())
+    assert data["form"] in {s["form"] for s in data["scores"]} and len(data["projections"]) == 3
+    assert "largest_hours" in (out / "report.md").read_text()
