@@ -1,4 +1,4 @@
-"""Shared by the scaling tests: a small grid, a module of fake jobs (resumable, killable, distributed, failing)
+"""Shared by the scaling tests: a small grid, a module of fake jobs (resumable, killable, failing, recording)
 and a made-up accuracy law that the fake jobs report."""
 from __future__ import annotations
 
@@ -105,19 +105,13 @@ FAKE_JOBS = textwrap.dedent('''
         return {"top1": truth(cfg), "top5": min(100.0, truth(cfg) + 20), "checkpoint": str(ck),
                 "images_seen": cfg["budget"]["images_seen"]}
 
-    def distributed(cfg, run_dir):
-        # what one task of a multi-task job sees: it must be one rank of one process group
-        import torch
-        import torch.distributed as dist
-        dist.init_process_group("gloo")
-        total = torch.tensor([float(dist.get_rank())])
-        dist.all_reduce(total)
+    def recording_default(cfg, run_dir):
+        # what one task of a multi-task job sees (recorded), then the real job: one rank of one process group
         seen = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-        seen["rank_sum"] = float(total)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         Path(run_dir, f"task{os.environ['SUBMITIT_LOCAL_GLOBALID']}.json").write_text(json.dumps(seen))
-        dist.barrier()
-        dist.destroy_process_group()
-        return {"top1": truth(cfg), "checkpoint": "", "images_seen": cfg["budget"]["images_seen"]}
+        from mae_fast.scaling.runner import default_job
+        return default_job(cfg, run_dir)
 
     def broken(cfg, run_dir):
         if cfg["hours"] == 5:

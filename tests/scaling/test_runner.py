@@ -382,91 +382,73 @@ def test_task_rank_is_exported_only_where_no_launcher_set_it(monkeypatch):
 submitit = pytest.importorskip("submitit")
 
 
-def test_slurm_array_through_submitit_local_executor(write_grid, fake_jobs):
-    grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5], img_sizes=[224],
-                                seeds=[1, 2], executor={"name": "slurm", "cluster": "local",
-                                                        "slurm": {"timeout_min": 10, "slurm_array_parallelism": 2}}))
-    jobs = run_grid(grid, log=lambda s: None, wait=True)
-    assert len(jobs) == 2 and all(j.state == "FINISHED" for j in jobs)
-    table = load_results(grid.table_path)
-    assert sorted(table["run"]) == sorted(r.run_id for r in grid.runs)
-    assert len(sweep_status(grid)["done"]) == 2
-    assert run_grid(grid, log=lambda s: None, wait=True) == []  # submitting again finds nothing to do
-
-
-def test_multi_task_slurm_run_is_one_process_group_recorded_once(write_grid, fake_jobs, monkeypatch):
-    """``tasks_per_node: 8`` (one task per GPU, as train/grids/humanlike.yaml asks) must make one run of
-    8 ranks, not 8 copies of the run: each task gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR from
-    the SLURM (here: submitit local) environment, and only rank 0 records the result."""
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    grid = load_grid(write_grid(fake_jobs / "g.yaml", job="fakejobs:distributed", models=["mae_vit_small_patch14"],
-                                hours=[5], img_sizes=[224], seeds=[1],
-                                executor={"name": "slurm", "cluster": "local",
-                                          "slurm": {"timeout_min": 5, "tasks_per_node": 2}}))
-    logged = []
-    jobs = run_grid(grid, log=logged.append, wait=True)
-    assert len(jobs) == 1 and jobs[0].state == "FINISHED" and not any("FAILED" in line for line in logged)
-    run_dir = grid.run_dir(grid.runs[0].run_id)
-    seen = [json.loads((run_dir / f"task{i}.json").read_text()) for i in (0, 1)]
-    assert [s["RANK"] for s in seen] == ["0", "1"] and {s["WORLD_SIZE"] for s in seen} == {"2"}
-    assert [s["LOCAL_RANK"] for s in seen] == ["0", "1"] and all(s["MASTER_ADDR"] for s in seen)
-    assert [s["rank_sum"] for s in seen] == [1.0, 1.0]  # one group of both tasks
-    assert list(load_results(grid.table_path)["run"]) == [grid.runs[0].run_id]  # recorded once
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "done" and status["attempt"] == 1
-
-
-def test_default_job_over_two_slurm_tasks_trains_with_ddp_and_evaluates_once(tmp_path, monkeypatch):
-    """The real job (demo pretraining, then the linear probe) as a 2-task job: pretraining and the probe are
-    each one DDP run over both tasks (global batch split in two); rank 0 alone records the row."""
+def test_default_job_over_two_slurm_tasks_is_one_ddp_run_recorded_once(fake_jobs, monkeypatch):
+    """``tasks_per_node: 8`` (one task per GPU, as train/grids/humanlike.yaml asks) must make one run of 8 ranks,
+    not 8 copies of the run. Here the real job (demo pretraining, then the linear probe) as a 2-task job of
+    submitit's local executor: each task gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR from the environment
+    (recorded by the fake job around it), pretraining and the probe are each one DDP run over both tasks (global
+    batch split in two), and rank 0 alone records the row."""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "train" / "grids" / "demo.yaml").read_text())
-    raw.update(name="two_tasks", out_dir=str(tmp_path / "sweep"), models=raw["models"][:1], hours=[0.03],
-               img_sizes=[32], executor={"name": "slurm", "cluster": "local",
-                                         "slurm": {"timeout_min": 5, "tasks_per_node": 2}})
-    raw["eval"]["epochs"] = 1
+    raw.update(name="two_tasks", out_dir=str(fake_jobs / "sweep"), models=raw["models"][:1], hours=[0.01],
+               img_sizes=[32], job="fakejobs:recording_default",
+               executor={"name": "slurm", "cluster": "local", "slurm": {"timeout_min": 5, "tasks_per_node": 2}})
+    raw["budget"]["images_seen"] = 64  # two steps of 32
+    raw["pretrain"]["warmup_steps"] = 1
+    raw["eval"].update(epochs=1, fraction=0.2)  # 64 of the 320 labelled images
     grid = grid_from_dict(raw)
     logged = []
     (job,) = run_grid(grid, log=logged.append, wait=True)
     assert job.state == "FINISHED" and not any("FAILED" in line for line in logged)
+    run_dir = grid.run_dir(grid.runs[0].run_id)
+    seen = [json.loads((run_dir / f"task{i}.json").read_text()) for i in (0, 1)]
+    assert [s["RANK"] for s in seen] == ["0", "1"] and {s["WORLD_SIZE"] for s in seen} == {"2"}
+    assert [s["LOCAL_RANK"] for s in seen] == ["0", "1"] and all(s["MASTER_ADDR"] for s in seen)
     rank0, rank1 = job.results()
     assert rank0["run"] == rank1["run"] == grid.runs[0].run_id and rank1["rank"] == 1
     assert rank0["top1"] == rank1["top1"] and rank0["checkpoint"] == rank1["checkpoint"]  # one run, one result
-    assert list(load_results(grid.table_path)["run"]) == [grid.runs[0].run_id]
+    assert list(load_results(grid.table_path)["run"]) == [grid.runs[0].run_id]  # recorded once
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "done" and status["attempt"] == 1
     log = job.task(0).stdout()
     assert "batch 32 (micro 16 x accum 1 x 2 ranks)" in log and ", ddp," in log and "(16 x 2 ranks)" in log
-    assert json.loads((grid.run_dir(grid.runs[0].run_id) / "eval" / "results.json").read_text())["world_size"] == 2
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["world_size"] == 2
 
 
 def test_running_the_grid_again_does_not_start_runs_still_in_flight(write_grid, fake_jobs, monkeypatch):
-    """A second ``scale run`` while the first one's jobs are queued or running must not submit them again
-    (two jobs would train one run into one directory); once a job is gone, its run is started again."""
-    monkeypatch.setenv("FAKE_SLEEP", "1.5")  # 4 steps: about 6 s of job
+    """A run submitted through SLURM (submitit's local executor) finishes and records its row; a second
+    ``scale run`` while its job is queued or running must not submit it again (two jobs would train one run into
+    one directory), nor once it is done; once a job is gone, its run is started again (here through submitit's
+    debug executor, in this process)."""
+    monkeypatch.setenv("FAKE_SLEEP", "1.5")  # 4 steps: about 6 s of job after its start
     grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5], img_sizes=[224],
-                                seeds=[1, 2], executor={"name": "slurm", "cluster": "local",
-                                                        "slurm": {"timeout_min": 5}}))
+                                seeds=[1], executor={"name": "slurm", "cluster": "local",
+                                                     "slurm": {"timeout_min": 5}}))
     first = run_grid(grid, log=lambda s: None)
-    assert len(first) == 2
+    assert len(first) == 1
     logged = []
-    assert run_grid(grid, log=logged.append) == []  # both still in flight
-    assert "0 done, 0 to run, 2 in flight" in logged[0] and sum("not started again" in x for x in logged) == 2
+    assert run_grid(grid, log=logged.append) == []  # still in flight
+    assert "0 done, 0 to run, 1 in flight" in logged[0] and sum("not started again" in x for x in logged) == 1
     assert {e["run"] for e in sweep_status(grid)["submitted"] + sweep_status(grid)["running"]} == \
         {r.run_id for r in grid.runs}
     for j in first:
         j.result()
-    assert run_grid(grid, log=lambda s: None) == [] and len(load_results(grid.table_path)) == 2
+    assert all(j.state == "FINISHED" for j in first) and len(sweep_status(grid)["done"]) == 1
+    assert run_grid(grid, log=lambda s: None) == [] and sorted(load_results(grid.table_path)["run"]) == sorted(
+        r.run_id for r in grid.runs)  # submitting again finds nothing to do
     # a run whose job died without a word (node lost, scancel): not in flight, so it is started again
     lost = grid.runs[0]
-    grid.table_path.unlink()
+    rows = grid.table_path.read_text().splitlines(keepends=True)
+    grid.table_path.write_text("".join(line for line in rows if lost.run_id not in line))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (grid.run_dir(lost.run_id) / "status.json").write_text(json.dumps(
         {"state": "submitted", "slurm_job_id": dead.stdout.strip(), "cluster": "local",
          "controller_pid": int(dead.stdout), "host": __import__("socket").gethostname()}))
     assert [e["run"] for e in sweep_status(grid)["interrupted"]] == [lost.run_id]
     monkeypatch.setenv("FAKE_SLEEP", "0")
-    assert len(run_grid(grid, log=lambda s: None, wait=True)) == 2
+    (again,) = run_grid(grid, cluster="debug", log=lambda s: None, wait=True)
+    assert again.state == "DONE" and list(load_results(grid.table_path)["run"]) == [lost.run_id]
 
 
 def test_slurm_liveness_comes_from_one_squeue_call(write_grid, fake_jobs, monkeypatch):
@@ -579,7 +561,7 @@ def test_default_job_stopped_early_is_interrupted_not_recorded(tmp_path):
     from mae_fast.scaling.runner import RunInterrupted
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "train" / "grids" / "demo.yaml").read_text())
-    raw.update(name="early", out_dir=str(tmp_path / "sweep"), models=raw["models"][:1], hours=[0.01, 0.03],
+    raw.update(name="early", out_dir=str(tmp_path / "sweep"), models=raw["models"][:1], hours=[0.01, 0.02],
                img_sizes=[32])
     raw["pretrain"].update(stop_at_step=2, progress=False)
     grid = grid_from_dict(raw)
