@@ -1,14 +1,11 @@
 """Smoke of the data-loading benchmark: every row measured, written, and its correctness gate able to fail."""
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 
 pytest.importorskip("av")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
-import bench_data  # noqa: E402
+import bench_data  # noqa: E402  (bench/, on sys.path from tests/conftest.py)
 
 
 def test_smoke_measures_every_mode_and_writes_json_and_table(tmp_path):

@@ -2,14 +2,12 @@
 reference step against an independent analytic FLOP count of the MAE."""
 import json
 import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
-import step_floor  # noqa: E402
+import step_floor  # noqa: E402  (bench/, on sys.path from tests/conftest.py)
 
 import mae_fast  # noqa: E402
 

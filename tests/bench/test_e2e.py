@@ -1,36 +1,50 @@
-"""Bookkeeping of the benchmark harness (bench/e2e.py, bench/run_all.py), from a mutation audit.
-
-The existing smoke tests check that a row exists and its numbers are positive; these check that the numbers are
-the right ones: the training step each implementation is timed on (forward on the masked-only path, backward,
-one AdamW update, gradients cleared), the order of the interleaved rounds, the median / IQR / images/s / MFU
-arithmetic, the paired ratios against the reference, peak-memory and saved-activation accounting, the matmul
-rate, the equal-loss gate's tolerance, the markdown table, the command line's choices and run_all's summary.
-Timers, steppers, CUDA's memory counters and child processes are stubbed; every expectation is computed by hand
-or by a few lines written here. No timing is asserted.
-"""
+"""The end-to-end benchmark (bench/e2e.py): a smoke run where every implementation gives mae_fast's loss and a
+complete row; the timed step (masked-only loss, backward, one AdamW update with the trainer's betas, gradients
+cleared, the clock bracketing it), interleaved rounds, each row's numbers from scripted step times (median, IQR,
+images/s, MFU, memory, paired ratios), the equal-loss gate, the markdown table and the command line. Timers,
+CUDA's memory counters and child processes are stubbed where numbers are checked; no timing is asserted."""
 from __future__ import annotations
 
 import copy
 import json
 import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
-import e2e  # noqa: E402
-import run_all  # noqa: E402
-from mae_fast.models import mae_train_flops  # noqa: E402
+import e2e  # bench/, on sys.path from tests/conftest.py
+from mae_fast.models import mae_train_flops
 
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 CPU = torch.device("cpu")
 DEMO = ("mae_vit_demo_patch8", 32)  # 16 patches: the smallest real model
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the timed step
-# ---------------------------------------------------------------------------------------------------------------
+def test_e2e_smoke_rows_and_same_loss(tmp_path, monkeypatch):
+    """A real run of every implementation (the matmul rate stubbed: its arithmetic is checked below)."""
+    monkeypatch.setattr(e2e, "measured_matmul_flops", lambda device: 1e10)
+    out = tmp_path / "e2e.json"
+    result = e2e.run([("mae_vit_demo_patch8", 64, 2)], torch.device("cpu"), steps=2, warmup=1,
+                     compile_modes=[False], out=out, plans={("mae_vit_demo_patch8", 64): 2})
+    assert json.loads(out.read_text())["rows"] == result["rows"]  # written as each configuration finishes
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert {"mae_fast", "mae_fast_lean", "mae_fast_lean_ckpt", "reference"} <= set(rows)
+    assert rows["mae_fast_lean_ckpt"]["checkpointed_blocks"] == 2 and rows["mae_fast_lean"]["checkpointed_blocks"] == 0
+    # checkpointed blocks keep only their inputs for backward
+    assert rows["mae_fast_lean_ckpt"]["saved_act_gib"] < rows["mae_fast_lean"]["saved_act_gib"]
+    for impl, row in rows.items():
+        assert row["step_ms_median"] > 0 and row["images_per_s"] > 0 and 0 < row["mfu"]
+        assert row["loss_diff_vs_mae_fast"] < 1e-4, impl
+        assert len(row["step_ms_all"]) == 2 and row["saved_act_gib"] > 0
+    assert rows["mae_fast"]["speedup_vs_reference"] > 0 and rows["reference"]["speedup_vs_reference"] == 1
+    # mae_fast keeps less for backward (no full-size patch embedding, decoder tail or loss), lean less again
+    assert 0 < rows["mae_fast_lean"]["act_vs_reference"] < rows["mae_fast"]["act_vs_reference"] < 1
+    assert "| mae_vit_demo_patch8 |" in e2e.table(result)
+
 
 def test_loss_of_every_mae_fast_row_runs_the_masked_only_training_path():
     """mae_fast's rows are timed on the training path (``masked_only=True``, decoder head on removed patches
@@ -160,16 +174,16 @@ def test_interleaved_rounds_warm_up_each_then_rotate_the_order():
     assert times == {k: [0.03, 0.04, 0.05, 0.06] for k in "abc"}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# rows, ratios, table
-# ---------------------------------------------------------------------------------------------------------------
-
 SCRIPT = {  # seconds per timed step
     "reference": [0.10, 0.12, 0.11, 0.30, 0.13],
     "mae_fast": [0.05, 0.06, 0.04, 0.10, 0.065],
     "mae_fast_lean": [0.07] * 5,
 }
+
+
 PEAK = {"reference": 2.0, "mae_fast": 1.5, "mae_fast_lean": 1.0}
+
+
 ACT = {"reference": 0.8, "mae_fast": 0.4, "mae_fast_lean": 0.2}
 
 
@@ -290,7 +304,9 @@ def test_add_ratios_pairs_rounds_with_four_steps_and_matches_compile_mode_and_sk
     assert compiled["speedup_vs_reference_paired"] == pytest.approx(2.0)
     assert compiled["speedup_vs_reference_paired_iqr"] == pytest.approx([1.25, 3.5])
     assert compiled["mem_vs_reference"] == pytest.approx(0.5) and "act_vs_reference" not in compiled
-    assert compiled["speedup_vs_eager_reference"] == pytest.approx(2.5)
+    assert compiled["speedup_vs_eager_reference"] == pytest.approx(2.5) and "speedup_vs_eager_reference" not in eager
+    assert rows[2]["speedup_vs_eager_reference"] == pytest.approx(1.25)  # the compiled reference against the eager one
+    assert "2.50x eager reference" in e2e.table({"rows": rows})
     assert set(rows[4]) == set(base) | {"impl", "compile", "oom"}
     assert "speedup_vs_reference" not in rows[6] and "mem_vs_reference" not in rows[6]
 
@@ -306,10 +322,6 @@ def test_markdown_row_shows_ms_iqr_throughput_mfu_percent_memory_and_paired_rati
                         "1.90x (paired 1.877x, IQR 1.70-2.05) | 0.50 | 0.25 |")
     assert lines[3].startswith("| m | 64 | 2 | False | reference | OOM |")
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# equal-loss gate, plans, matmul rate, helpers
-# ---------------------------------------------------------------------------------------------------------------
 
 class _Shifted(torch.nn.Module):
     """The reference with a constant added to its loss."""
@@ -334,6 +346,73 @@ def test_equal_loss_gate_allows_two_thousandths_of_the_loss_and_reports_the_diff
     assert diffs["reference"] == pytest.approx(0.6 * allowed, rel=0.05)
     with pytest.raises(RuntimeError, match="not the same computation"):
         e2e.check_same_loss({"mae_fast": ours, "reference": _Shifted(ref, 1.6 * allowed)}, CPU)
+
+
+def test_an_experimental_row_with_a_wrong_loss_is_dropped_not_fatal(monkeypatch, capsys):
+    monkeypatch.setattr(e2e, "measured_matmul_flops", lambda device: 1e10)
+    real_build = e2e.build_models
+
+    def with_a_broken_row(*args, **kwargs):
+        models = real_build(*args, **kwargs)
+        broken = copy.deepcopy(models["mae_fast"])
+        with torch.no_grad():
+            broken.decoder_pred.bias.add_(0.5)
+        models["mae_fast_fused_ln"] = broken  # an experimental row that computes something else
+        return models
+
+    monkeypatch.setattr(e2e, "build_models", with_a_broken_row)
+    result = e2e.run([("mae_vit_demo_patch8", 32, 2)], torch.device("cpu"), steps=1, warmup=0, compile_modes=[False],
+                     with_hf=False)
+    impls = {r["impl"] for r in result["rows"]}
+    assert "mae_fast_fused_ln" not in impls and {"mae_fast", "reference"} <= impls
+    assert "mae_fast_fused_ln dropped" in capsys.readouterr().out
+
+
+def test_forced_env_is_set_for_its_implementation_only_and_restored(monkeypatch):
+    monkeypatch.delenv("MAE_FAST_BACKEND", raising=False)
+    monkeypatch.setenv("MAE_FAST_TRITON_UNVERIFIED", "0")
+    with e2e.forced_env("mae_fast_fused_ln"):
+        assert os.environ["MAE_FAST_BACKEND"] == "layer_norm=triton,add_layer_norm=triton"
+        assert os.environ["MAE_FAST_TRITON_UNVERIFIED"] == "1"
+    assert "MAE_FAST_BACKEND" not in os.environ and os.environ["MAE_FAST_TRITON_UNVERIFIED"] == "0"
+    with e2e.forced_env("mae_fast"):
+        assert "MAE_FAST_BACKEND" not in os.environ
+    assert "mae_fast_fused_ln" not in e2e.build_models("mae_vit_demo_patch8", 64, torch.device("cpu"), with_hf=False)
+
+
+def test_fused_ln_implementation_runs_the_triton_layer_norm_with_mae_fasts_loss():
+    """The wiring of the GPU-only row, checked on the CPU through the Triton interpreter (in a fresh process, so
+    the interpreter is on before triton is imported): its forward really dispatches to the fused kernels and
+    gives mae_fast's loss."""
+    code = """
+import sys, torch
+sys.path.insert(0, %r)
+import e2e
+from torch.utils._python_dispatch import TorchDispatchMode
+
+class Ops(TorchDispatchMode):
+    names = []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+ours, _ = e2e.build_pair("mae_vit_demo_patch8", 32, torch.device("cpu"))
+g = torch.Generator().manual_seed(3)
+imgs, noise = torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, ours.num_patches, generator=g)
+with torch.no_grad():
+    plain = e2e._loss("mae_fast", ours, imgs, noise)
+    seen = Ops()
+    with seen:
+        fused = e2e._loss("mae_fast_fused_ln", ours, imgs, noise)
+assert any("add_layer_norm_fwd" in n for n in seen.names), sorted(set(seen.names))
+torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+print("fused", fused.item(), "plain", plain.item())
+""" % str(BENCH)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("MAE_FAST_BACKEND", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "fused" in res.stdout
 
 
 def test_load_plans_keeps_only_the_checkpointed_rows(tmp_path):
@@ -385,9 +464,41 @@ def test_image_size_and_patch_count_of_a_hugging_face_style_model():
     assert e2e.model_img_size(ours) == (40, 40) and e2e.model_num_patches(ref) == 25
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the command line
-# ---------------------------------------------------------------------------------------------------------------
+def test_result_json_carries_device_torch_version_and_date():
+    res = e2e._result(torch.device("cpu"), 1.0, [])
+    assert res["device"] == "cpu" and res["torch"] == torch.__version__ and len(res["date"]) == 10
+
+
+def test_isolated_run_gives_each_configuration_a_child_and_merges_in_order(tmp_path, monkeypatch):
+    """GPU default: one child per configuration with the caller's options (``--only`` and ``--out`` its own);
+    rows merged in order, the merged JSON rewritten after each child, a child without a result skipped."""
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        only, out = cmd[cmd.index("--only") + 1], cmd[cmd.index("--out") + 1]
+        name, px = only.split(":")
+        if px != "999":  # the third configuration's child dies before writing
+            rows = [dict(model=name, img_size=int(px), batch=2, impl=impl, compile=False, step_ms_median=ms,
+                         step_ms_all=[ms] * 4, peak_mem_gib=1.0, saved_act_gib=0.5) for impl, ms in (("mae_fast", 5.0), ("reference", 10.0))]
+            Path(out).write_text(json.dumps(dict(device="fake", matmul_flops=1.0, rows=rows)))
+        return subprocess.CompletedProcess(cmd, 0 if px != "999" else 1)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    out = tmp_path / "merged.json"
+    configs = [("m_a", 112, 2), ("m_b", 224, 2), ("m_c", 999, 2)]
+    result = e2e.run_isolated(configs, ["--steps", "3", "--only", "x:1", "--out=old.json", "--compile"], str(out))
+    assert len(calls) == 3
+    for cmd, (name, px, _) in zip(calls, configs):
+        assert "--in-process" in cmd and "--compile" in cmd and cmd[cmd.index("--steps") + 1] == "3"
+        assert cmd.count("--only") == 1 and cmd[cmd.index("--only") + 1] == f"{name}:{px}"
+        assert cmd.count("--out") == 1 and "--out=old.json" not in cmd and "x:1" not in cmd
+    assert [(r["model"], r["impl"]) for r in result["rows"]] == [
+        ("m_a", "mae_fast"), ("m_a", "reference"), ("m_b", "mae_fast"), ("m_b", "reference")]
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert all(r["speedup_vs_reference"] == (2.0 if r["impl"] == "mae_fast" else 1.0) for r in result["rows"])
+    assert e2e._drop_option(["--a", "1", "--out", "f", "--out=g", "--b"], "--out") == ["--a", "1", "--b"]
+
 
 @pytest.fixture
 def recorded_main(monkeypatch):
@@ -433,60 +544,30 @@ def test_cli_on_a_gpu_runs_a_child_per_configuration_unless_in_process(recorded_
     assert got["device"].type == "cuda" and got["configs"] == e2e.GPU_CONFIGS and (got["steps"], got["warmup"]) == (10, 3)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# run_all.py
-# ---------------------------------------------------------------------------------------------------------------
-
-def _fake_suites(monkeypatch, fail=("attention",)):
-    cmds = {}
-
-    def fake_run(cmd, **kwargs):
-        name = {"bench_masking.py": "masking", "bench_attention.py": "attention", "e2e.py": "e2e"}[
-            os.path.basename(cmd[1])]
-        cmds[name] = cmd
-        out = cmd[cmd.index("--out") + 1]
-        if name == "e2e":
-            row = dict(model="m", img_size=64, batch=2, impl="mae_fast", compile=False, step_ms_median=10.0,
-                       images_per_s=200.0, mfu=0.25, peak_mem_gib=None)
-            data = dict(rows=[row])
-        else:
-            data = dict(markdown=f"{name.upper()} TABLE")
-        with open(out, "w") as fh:  # a failing suite may still leave a part behind
-            json.dump(data, fh)
-        return types.SimpleNamespace(returncode=1 if name in fail else 0)
-
-    monkeypatch.setattr(run_all.subprocess, "run", fake_run)
-    return cmds
+@pytest.mark.parametrize("args, fragment", [
+    (["--only", "mae_vit_nosuch_patch16:224"], "--only mae_vit_nosuch_patch16:224: not in the cpu table"),
+    (["--only", "mae_vit_small_patch16"], "--only mae_vit_small_patch16: not in the cpu table"),
+    (["--only", "mae_vit_small_patch16:112,mae_vit_small_patch16:999"], "--only mae_vit_small_patch16:999: not in"),
+    (["--impls", "mae_fast,nosuch"], "--impls nosuch: unknown"),
+])
+def test_cli_rejects_what_would_run_nothing(args, fragment, capsys):
+    """An --only entry or --impls name that matches nothing is an argparse error (exit 2), not an empty table."""
+    with pytest.raises(SystemExit) as exc:
+        e2e.main(["--smoke", *args])
+    assert exc.value.code == 2
+    assert fragment in capsys.readouterr().err
 
 
-def test_run_all_smoke_runs_each_suite_without_compile_and_summarises_failures(tmp_path, monkeypatch):
-    """--smoke passes --smoke to every suite and drops e2e's --compile; a suite that exits non-zero is a failure
-    even if it wrote a part; the JSON and markdown hold what succeeded, the failures listed, exit code 1."""
-    cmds = _fake_suites(monkeypatch)
-    assert run_all.main(["--smoke", "--out-dir", str(tmp_path)]) == 1
-    assert set(cmds) == {"masking", "attention", "e2e"}
-    assert all("--smoke" in c for c in cmds.values()) and "--compile" not in cmds["e2e"]
-    (summary_path,) = [p for p in tmp_path.glob("*.json") if p.stem.count("-") == 3]  # cpu-YYYY-MM-DD.json
-    summary = json.loads(summary_path.read_text())
-    assert set(summary["results"]) == {"masking", "e2e"} and summary["failures"] == {"attention": "exit code 1"}
-    assert summary["smoke"] is True
-    md = summary_path.with_suffix(".md").read_text()
-    assert "| m | 64 | 2 | False | mae_fast | 10.0 | 200.0 | 25.0% |" in md and "MASKING TABLE" in md
-    assert "ATTENTION TABLE" not in md and "## Failed suites" in md and "- attention: exit code 1" in md
-
-
-def test_run_all_full_keeps_compile_and_only_selects_suites(tmp_path, monkeypatch):
-    cmds = _fake_suites(monkeypatch, fail=())
-    assert run_all.main(["--only", "e2e", "--out-dir", str(tmp_path)]) == 0
-    assert set(cmds) == {"e2e"} and "--compile" in cmds["e2e"] and "--smoke" not in cmds["e2e"]
-    cmds.clear()
-    assert run_all.main(["--only", "e2e,masking", "--no-compile", "--out-dir", str(tmp_path)]) == 0
-    assert set(cmds) == {"e2e", "masking"} and "--compile" not in cmds["e2e"]
-
-
-def test_device_slug_is_lowercase_words_joined_by_dashes(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3 (PCIe)")
-    assert run_all.device_slug() == "nvidia-h100-80gb-hbm3-pcie"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert run_all.device_slug() == "cpu"
+def test_cli_plans_missing_or_from_another_script_is_an_argparse_error(tmp_path, capsys):
+    other = tmp_path / "e2e.json"  # an e2e.py result, not a memory_estimate.py one
+    other.write_text(json.dumps(dict(device="cpu", rows=[dict(model="m", img_size=64, impl="mae_fast_lean_ckpt",
+                                                             checkpointed_blocks=1)])))
+    for path, fragment in ((tmp_path / "missing.json", "No such file"), (other, "not a memory_estimate.py JSON")):
+        with pytest.raises(SystemExit) as exc:
+            e2e.main(["--smoke", "--plans", str(path)])
+        assert exc.value.code == 2
+        assert f"--plans {path}: " in (err := capsys.readouterr().err) and fragment in err
+    good = tmp_path / "plans.json"
+    good.write_text(json.dumps(dict(target=0.7, rows=[dict(model="m", img_size=64, impl="mae_fast_lean_ckpt",
+                                                           checkpointed_blocks=1)])))
+    assert e2e.load_plans(good) == {("m", 64): 1}
