@@ -116,7 +116,7 @@ def test_summary_floors_and_smoke_cli(tmp_path):
 
 def test_cli_errors_and_out_into_a_new_folder(tmp_path, monkeypatch, capsys):
     """Bad --only / --measured are argparse errors (exit 2) before any tracing; --out and --md may name a folder
-    that does not exist yet (it used to fail with FileNotFoundError after the whole run)."""
+    that does not exist yet (created, not a FileNotFoundError after the whole run)."""
     for args, fragment in (
             (["--smoke", "--only", "mae_vit_small_patch16:112", "mae_vit_small_patch16:999"],
              "--only mae_vit_small_patch16:999: not in ['mae_vit_small_patch16:112']"),

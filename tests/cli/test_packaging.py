@@ -34,8 +34,8 @@ def test_wheel_layout(installed):
     assert wheel_sources == repo_sources
     repo_recipes = sorted(p.name for p in (ROOT / "train" / "recipes").glob("*.yaml"))
     assert sorted(p.name for p in (pkg / "train" / "recipes").glob("*.yaml")) == repo_recipes
-    # every data file the library reads at run time ships too (the attention preference table once did not: an
-    # installed library silently ranked attention backends without its measurements)
+    # every data file the library reads at run time ships too (without the attention preference table an installed
+    # library would silently rank attention backends without its measurements)
     for src, dst in (("mae_fast", "."), ("kernels", "kernels"), ("csrc", "csrc"), ("train", "train")):
         data = sorted(str(p.relative_to(ROOT / src)) for p in (ROOT / src).rglob("*")
                       if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts)

@@ -1,8 +1,8 @@
 """Scaling laws (mae_fast/scaling/laws.py) and their report: known laws recovered from noisy synthetic tables (hand
 picked and drawn at random), the choice of form, bands against percentiles of the bootstrap computed here, the
 bootstrap's resampling units, held-out splits, solve against the analytic optimum of a log-additive law,
-extrapolation warnings, the Huber fit's gradient and robustness, bad values refused; the report's numbers and
-notes. Every expected value is computed here from the law's formula or the table's definition."""
+extrapolation warnings, the Huber fit's gradient and its resistance to outliers, bad values refused; the report's
+numbers and notes. Every expected value is computed here from the law's formula or the table's definition."""
 from __future__ import annotations
 
 import csv

@@ -105,7 +105,7 @@ def test_fit_defaults_target_and_out_dir_and_reads_projections(grid_dict, truth,
                                   ["--target-accuracy", "150"], ["--n-boot", "-1"]])
 def test_fit_refuses_projections_and_targets_a_grid_would_refuse(truth, grid_dict, tmp_path, capsys, argv):
     """--project values must be finite and > 0 and --target-accuracy a percentage in (0, 100], as in a grid's fit
-    block: a usage error before anything is fitted, not a report with 0.00 or nan projections (library fix)."""
+    block: a usage error before anything is fitted, not a report with 0.00 or nan projections."""
     grid = grid_from_dict(grid_dict(tmp_path))
     _fake_rows(grid, truth)
     with pytest.raises(SystemExit) as info:
@@ -115,8 +115,8 @@ def test_fit_refuses_projections_and_targets_a_grid_would_refuse(truth, grid_dic
 
 
 def test_fit_with_an_unknown_form_is_a_clear_error(truth, grid_dict, tmp_path, capsys):
-    """--form names one of the laws' forms; another name is a one-line error (it was a ValueError traceback after
-    the whole fit; library fix)."""
+    """--form names one of the laws' forms; another name is a one-line error before anything is fitted, not a
+    traceback after the whole fit."""
     grid = grid_from_dict(grid_dict(tmp_path))
     _fake_rows(grid, truth)
     assert scale_main(["fit", str(grid.table_path), "--form", "cubic"]) == 2
@@ -210,15 +210,15 @@ def test_warnings_about_a_damaged_table_are_shown_once(write_grid, tmp_path, cap
 
 def test_worker_runs_the_job_it_is_given(write_grid, tmp_path, monkeypatch):
     """`scale worker GRID RUN --job M:F` runs M:F (what run_local passes on), not the grid's job."""
-    (tmp_path / "audit_worker_job.py").write_text("def job(cfg, run_dir):\n    return {'top1': 12.75}\n")
+    (tmp_path / "given_worker_job.py").write_text("def job(cfg, run_dir):\n    return {'top1': 12.75}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "audit_worker_job", raising=False)
+    monkeypatch.delitem(sys.modules, "given_worker_job", raising=False)
     path = write_grid(tmp_path / "g.yaml")
     grid = load_grid(path)
     try:
-        assert scale_main(["worker", str(path), grid.runs[2].run_id, "--job", "audit_worker_job:job"]) == 0
+        assert scale_main(["worker", str(path), grid.runs[2].run_id, "--job", "given_worker_job:job"]) == 0
     finally:
-        sys.modules.pop("audit_worker_job", None)
+        sys.modules.pop("given_worker_job", None)
     (row,) = load_results(grid.table_path).rows()
     assert row["run"] == grid.runs[2].run_id and row["top1"] == 12.75
 
