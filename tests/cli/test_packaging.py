@@ -44,15 +44,24 @@ def test_wheel_layout(installed):
 
 
 def test_installed_library_and_cli_work(installed, tmp_path):
+    """From the installed copy alone (one fresh process): the library with its kernels and CUDA sources imports and
+    computes a loss, and `python -m mae_fast.cli --help` (run as -m runs it) lists the commands and exits 0."""
     env = {**os.environ, "PYTHONPATH": str(installed)}
-    code = ("import mae_fast, mae_fast.kernels, mae_fast.csrc, torch;"
-            "assert mae_fast.__file__.startswith(%r), mae_fast.__file__;"
-            "m = mae_fast.create_model('mae_vit_demo_patch8');"
-            "print(float(m(torch.randn(1, 3, 64, 64)).loss))" % str(installed))
+    code = "\n".join([
+        "import runpy, sys",
+        "import mae_fast, mae_fast.kernels, mae_fast.csrc, torch",
+        "assert mae_fast.__file__.startswith(%r), mae_fast.__file__" % str(installed),
+        "m = mae_fast.create_model('mae_vit_demo_patch8')",
+        "print('loss', float(m(torch.randn(1, 3, 64, 64)).loss))",
+        "sys.argv = ['mae-fast', '--help']",
+        "try:",
+        "    runpy.run_module('mae_fast.cli', run_name='__main__', alter_sys=True)",
+        "except SystemExit as e:",
+        "    print('cli exit', e.code)",
+    ])
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert float(out.stdout.strip()) > 0
-    cli = subprocess.run([sys.executable, "-m", "mae_fast.cli", "--help"], env=env, cwd=tmp_path,
-                         capture_output=True, text=True)
-    assert cli.returncode == 0 and "pretrain" in cli.stdout
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("loss ") and float(lines[0].split()[1]) > 0
+    assert "pretrain" in out.stdout and lines[-1] == "cli exit 0", out.stdout
     assert (installed / "bin" / "mae-fast").is_file()
