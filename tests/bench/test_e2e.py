@@ -28,8 +28,8 @@ def test_e2e_smoke_rows_and_same_loss(tmp_path, monkeypatch):
     """A real run of every implementation (the matmul rate stubbed: its arithmetic is checked below)."""
     monkeypatch.setattr(e2e, "measured_matmul_flops", lambda device: 1e10)
     out = tmp_path / "e2e.json"
-    result = e2e.run([("mae_vit_demo_patch8", 64, 2)], torch.device("cpu"), steps=2, warmup=1,
-                     compile_modes=[False], out=out, plans={("mae_vit_demo_patch8", 64): 2})
+    result = e2e.run([("mae_vit_demo_patch8", 32, 2)], torch.device("cpu"), steps=2, warmup=1,
+                     compile_modes=[False], out=out, plans={("mae_vit_demo_patch8", 32): 2})
     assert json.loads(out.read_text())["rows"] == result["rows"]  # written as each configuration finishes
     rows = {r["impl"]: r for r in result["rows"]}
     assert {"mae_fast", "mae_fast_lean", "mae_fast_lean_ckpt", "reference"} <= set(rows)
@@ -182,8 +182,6 @@ SCRIPT = {  # seconds per timed step
 
 
 PEAK = {"reference": 2.0, "mae_fast": 1.5, "mae_fast_lean": 1.0}
-
-
 ACT = {"reference": 0.8, "mae_fast": 0.4, "mae_fast_lean": 0.2}
 
 

@@ -40,13 +40,14 @@ def write_pngs():
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    """The default demo set (6 one-minute videos at 8 fps, 96 x 96; 8 classes of 40 + 10 images), generated once
-    for the whole session into a temporary cache."""
+def demo():
+    """The default demo set (6 one-minute videos at 8 fps, 96 x 96; 8 classes of 40 + 10 images) in its default
+    cache ($MAE_FAST_DATA or ~/.cache/mae_fast/demo), which the trainer's and the sweeps' tests read too: generated
+    on first use, reused after (the tests here only read it)."""
     pytest.importorskip("av")
     from mae_fast.data import ensure_demo_data
 
-    return ensure_demo_data(tmp_path_factory.mktemp("demo_cache"), verbose=False)
+    return ensure_demo_data(verbose=False)
 
 
 @pytest.fixture(scope="session")

@@ -207,11 +207,7 @@ print('one graph')
 # a 24 x 40 image of 2 channels, 8-pixel patches: a 3 x 5 grid of 15 patches, 128 values per patch
 ODD = dict(img_size=(24, 40), patch_size=8, in_chans=2, embed_dim=32, depth=2, num_heads=4,
            decoder_embed_dim=24, decoder_depth=2, decoder_num_heads=3, mlp_ratio=2.0)
-
-
 GRID = (3, 5)
-
-
 L = 15
 
 

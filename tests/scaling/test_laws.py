@@ -21,11 +21,7 @@ from mae_fast.scaling.laws import FORMS, ExtrapolationWarning, _bootstrap_indice
 
 # odd, non-round factor values (no zeros, no 1e8 / 100 h / 224 px at the lower edge)
 PARAMS = (2.3e7, 8.7e7, 3.1e8, 6.3e8, 1.7e9)
-
-
 HOURS = (0.7, 3.0, 11.0, 60.0, 250.0)
-
-
 SIZES = (160.0, 224.0, 320.0)
 
 
@@ -238,8 +234,6 @@ def test_huber_fit_shrugs_off_an_outlier():
 
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "humanlike_vits_finetune_upto500h.csv"
-
-
 MODELS = {"s": 2.2e7, "b": 8.65e7, "l": 3.04e8, "h": 6.32e8, "g": 1.8e9}
 
 
