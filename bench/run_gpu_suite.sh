@@ -64,7 +64,7 @@ step attention_tests 165 env OUT="$OUT" TRIAGE_VARIANTS="wrap_d equal_tiles" TRI
   TRIAGE_INSTALL=0 TRIAGE_JOBS=6 TRIAGE_EXCLUDE="$WRAP_EXCLUDE" \
   bash "$REPO/bench/triage_triton_attention.sh" &
 (cd /tmp && step layer_norm_tests 165 python3 -m pytest "$REPO/tests/ops/test_layer_norm.py" -q -x -p no:cacheprovider) &
-(cd /tmp && step gpu_tests 165 python3 -m pytest "$REPO/tests/models/test_model.py" "$REPO/tests/ops/test_lean.py" \
+(cd /tmp && step gpu_tests 165 python3 -m pytest "$REPO/tests/models" "$REPO/tests/ops/test_lean.py" \
   "$REPO/tests/ops/test_masking_kernels.py" -q -p no:cacheprovider) &
 wait
 [ "$DRY" = 1 ] && END=$(( END - 165 ))  # the three ran side by side (in subshells, so their dry step() left END alone)
