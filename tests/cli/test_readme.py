@@ -444,9 +444,13 @@ def test_command(doc, command, long_work_recorded, tmp_path, monkeypatch):
         assert script in SCRIPTS, f"{doc}: {line}: no check for the script {script!r}"
         assert (REPO / script).is_file(), f"{doc}: {line}: {script} does not exist"
         argv = [SCRIPTS[script], *launch.training_script_args]
-        # the script is the module the subcommand runs, so checking the subcommand checks the script
-        module = cli.COMMANDS[argv[0]][0]
-        assert Path(importlib.import_module(module).__file__).resolve() == (REPO / script).resolve()
+        # the script runs the subcommand's own main (it is that module, or imports its main), so checking the
+        # subcommand checks the script
+        module, func = cli.COMMANDS[argv[0]][:2]
+        module = importlib.import_module(module)
+        if Path(module.__file__).resolve() != (REPO / script).resolve():
+            assert runpy.run_path(str(REPO / script), run_name="docs_check").get("main") is getattr(module, func), \
+                f"{doc}: {line}: {script} does not run `mae-fast {argv[0]}`'s {func}"
     elif command[0] == "mae-fast":
         argv = command[1:]
     else:
@@ -484,7 +488,8 @@ def test_command(doc, command, long_work_recorded, tmp_path, monkeypatch):
     if WORK[sub]:
         assert WORK[sub] in long_work_recorded, f"{doc}: `{line}` did not reach {WORK[sub]}"
     if argv[0] in KEY_VALUE_COMMANDS:  # each key=value the document gives is in the config the run gets
-        cfg = long_work_recorded[WORK[sub]][0][0]
+        args, kwargs = long_work_recorded[WORK[sub]]
+        cfg = args[0] if args else kwargs.get("config")
         for key, text in pairs.items():
             value = _cfg_value(cfg, key)
             assert value == yaml.safe_load(text) or str(value) == text, \
