@@ -268,15 +268,12 @@ def test_scaling_block():
 
 def test_memory_block():
     code = _python_block(MEMORY_BLOCK)
-    # the same call on the demo model at its own size: seconds of fake-tensor tracing become a fraction of one
-    code = _substitute(code, '"mae_vit_huge_patch14", 476, 24', '"mae_vit_demo_patch8", 64, 4')
-    ns: dict = {}
-    results = {source: value for _, source, value in _run_statements(code, ns)}
+    # the same call on the demo model at a small size: seconds of fake-tensor tracing become a fraction of one
+    # (what lean and grad_checkpointing do to the estimate is tests/train's subject)
+    code = _substitute(code, '"mae_vit_huge_patch14", 476, 24', '"mae_vit_demo_patch8", 32, 2')
+    results = {source: value for _, source, value in _run_statements(code, {})}
     peak, activations = results["step.peak, step.activations"]  # "bytes"
     assert isinstance(peak, int) and isinstance(activations, int) and 0 < activations < peak
-    # the options the block passes change the estimate: lean and checkpointing keep less than the plain step
-    plain = mae_fast.memory.estimate_mae_step("mae_vit_demo_patch8", 64, 4)
-    assert activations < plain.activations
 
 
 # ---- commands --------------------------------------------------------------------------------------------
