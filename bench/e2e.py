@@ -44,7 +44,7 @@ GPU_CONFIGS = [  # (model, img_size, batch)
 CPU_CONFIGS = [("mae_vit_small_patch16", 112, 8), ("mae_vit_small_patch16", 224, 4)]
 # every implementation a row can have (--impls)
 IMPLS = ("mae_fast", "mae_fast_lean", "mae_fast_lean_ckpt", "mae_fast_fused_ln", "reference", "hf_vitmae")
-# what peak_mem_gib counts (results before this field counted every resident model's weights)
+# what peak_mem_gib counts (results without this field count every resident model's weights)
 PEAK_MEM_DEFINITION = "own weights + own optimizer state + everything the step allocates"
 
 
@@ -371,8 +371,9 @@ def run(configs, device, steps, warmup, compile_modes, with_hf=True, compile_onl
 
 def _release(device) -> None:
     """Free what dropped models left cached: compiled graphs (dynamo's caches hold the modules they were traced
-    from) and the allocator's blocks. Not enough on an H100 (2026-11-23), hence a child process per configuration
-    there (:func:`run_isolated`); kept for the in-process path."""
+    from) and the allocator's blocks. On a GPU that is not enough (a finished ViT-H/14 configuration left
+    44.8 GiB resident, ``bench/results/nvidia-h100-2026-11-23-e2e.md``), hence a child process per
+    configuration there (:func:`run_isolated`); kept for the in-process path."""
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":

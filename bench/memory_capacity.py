@@ -5,7 +5,7 @@ Each point is :func:`mae_fast.memory.fit_batch` over :func:`mae_fast.memory.esti
 fused AdamW, mask 0.75, the masked-only training path), within ``--budget`` GiB less ``--headroom``. Writes
 JSON and a plot.
 
-    python bench/memory_capacity.py --out bench/results/memory-capacity-80gib-2026-11-22.json
+    python bench/memory_capacity.py --out bench/results/memory-capacity-80gib-DATE.json
 """
 from __future__ import annotations
 

@@ -6,10 +6,11 @@ mae_fast, of mae_fast with lean activations, and of lean mae_fast with the fewes
 first) that bring it to ``--target`` x the reference, with the FLOPs that recomputation adds. Peaks include
 the model's weights and optimizer state: what has to fit on the device.
 
-It also checks the estimator against a GPU's e2e JSON (``--measured``; default: stop 8's H100 run, whose
-peaks counted the other implementations' resident weights too, so those are added to the estimate).
+It also checks the estimator against a GPU's e2e JSON (``--measured``; default:
+``bench/results/nvidia-h100-80gb-hbm3-2026-11-22-e2e.json``, whose peaks count the other implementations'
+resident weights too, so those are added to the estimate; see :func:`validation_rows`).
 
-    python bench/memory_estimate.py --out bench/results/memory-estimate-h100-shapes-2026-11-22.json
+    python bench/memory_estimate.py --out bench/results/memory-estimate-h100-shapes-DATE.json
 """
 from __future__ import annotations
 
@@ -84,9 +85,10 @@ def table_rows(configs, target: float) -> list[dict]:
 
 def validation_rows(measured_path: Path) -> list[dict]:
     """Estimated against measured GPU peaks. Results with ``peak_mem_definition`` count one implementation's
-    own weights, optimizer state and step: every eager mae_fast/reference row compares directly. Older ones
-    (stop 8) read the absolute peak with the other implementations' fp32 weights resident, and mae_fast's
-    code has changed since: only the reference is compared, after adding those weights."""
+    own weights, optimizer state and step: every eager mae_fast/reference row compares directly. Results
+    without that field (``nvidia-h100-80gb-hbm3-2026-11-22-e2e.json``) read the absolute peak with the other
+    implementations' fp32 weights resident and ran an earlier mae_fast: only the reference is compared, after
+    adding those weights."""
     measured = json.loads(measured_path.read_text())
     own = measured.get("peak_mem_definition") == PEAK_MEM_DEFINITION
     impls = ("reference", "mae_fast", "mae_fast_lean", "mae_fast_lean_ckpt") if own else ("reference",)

@@ -6,8 +6,9 @@ and attention) and the bytes it must read and write. Run as its own kernel, as e
 at least ``max(FLOPs / matmul rate, bytes / copy bandwidth)``. Summed over the step that is the *eager floor*;
 the *fused floor* keeps only matmuls, attention and the optimizer, as if every LayerNorm, cast, add and GELU were
 fused into a neighbouring kernel. Rates default to the H100's measured ones: bf16 matmul 794 TFLOP/s
-(``nvidia-h100-80gb-hbm3-2026-11-22-e2e.json``) and a large device-to-device copy at 3.0 TB/s read+write (the
-device notes; ``bench_masking.py``'s copy measured 2441 GB/s, which gives higher floors: ``--copy-gbs 2441``).
+(``matmul_flops`` of ``bench/results/nvidia-h100-80gb-hbm3-2026-11-22-e2e.json``) and a large device-to-device
+copy at 3.0 TB/s read+write (the higher of two copy measurements; ``bench_masking.py``'s copy measured 2441 GB/s,
+``bench/results/masking-h100-2026-11-22.json``, which gives higher floors: ``--copy-gbs 2441``).
 
 What it answers: how much of a step is memory traffic rather than math, which ops carry it, the highest MFU an
 eager step of this graph could reach, and (``--measured E2E.json``) how far a measured step is from its floor.
@@ -41,7 +42,8 @@ from mae_fast.models import mae_train_flops  # noqa: E402
 from e2e import GPU_CONFIGS, env_vars  # noqa: E402  (the same shapes as the end-to-end table)
 from reference_mae import ReferenceMAE  # noqa: E402
 
-H100_MATMUL_FLOPS = 794e12   # measured bf16 matmul rate (stop 8, H100 80GB HBM3)
+H100_MATMUL_FLOPS = 794e12   # measured bf16 matmul rate, H100 80GB HBM3 (matmul_flops of
+                             # bench/results/nvidia-h100-80gb-hbm3-2026-11-22-e2e.json)
 H100_COPY_BYTES = 3.0e12     # a large device-to-device copy, bytes read + written per second (the higher of two
                              # measurements, so the floor stays a lower bound)
 
@@ -217,7 +219,8 @@ def summarize(records: list[OpRecord], model_flops: float, matmul_flops: float =
 
 def load_measured(path, impls=("reference",)) -> dict:
     """{(model, img_size, impl): step ms} of the eager rows of a bench/e2e.py JSON, for ``impls`` only: compare
-    only implementations whose code has not changed since that run (the reference's has not since stop 8)."""
+    only implementations whose code is the one that ran (by default the reference, ``bench/reference_mae.py``,
+    which the measured JSONs share)."""
     rows = json.loads(Path(path).read_text())["rows"]
     return {(r["model"], r["img_size"], r["impl"]): r["step_ms_median"] for r in rows
             if not r.get("compile") and r.get("step_ms_median") and r["impl"] in impls}

@@ -334,7 +334,7 @@ def pick_codec() -> str:
     import av
 
     # mpeg4 first: ffmpeg's own encoder gives identical bytes run to run; libx264 (as bundled with
-    # PyAV) was seen to vary between identical runs even single-threaded, which breaks determinism.
+    # PyAV) can give different bytes for identical runs even single-threaded, which breaks determinism.
     for name in ("mpeg4", "libx264"):
         try:
             av.codec.Codec(name, "w")

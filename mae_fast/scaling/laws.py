@@ -66,7 +66,7 @@ def single_threaded_blas():
     """Run OpenBLAS on one thread inside (best effort, Linux; a no-op elsewhere).
 
     The fits call L-BFGS-B and NNLS on tiny matrices thousands of times; OpenBLAS threads on such
-    sizes, and on a busy 2-core machine that made fits about 8x slower.
+    sizes, which on a busy 2-core machine makes fits several times slower.
     """
     setters = []
     try:
