@@ -162,8 +162,8 @@ def memory_plans(grid, devices: int, budget_gib: float, fsdp: bool = False) -> l
             shape = create_model(key[0], img_size=c["img_size"], **overrides)
         strategy = "fsdp" if fsdp else "ddp" if devices > 1 else "none"
         amp = {"fp32": None, "fp16": torch.float16}.get(pre.precision, torch.bfloat16)  # auto: bf16 on a GPU
-        job = mae_memory_job(dataclasses.replace(pre, model=key[0], model_kwargs=overrides), shape, batch // (devices * accum), amp,
-                         strategy, devices, int(budget_gib * GiB))
+        job = mae_memory_job(dataclasses.replace(pre, model=key[0], model_kwargs=overrides), shape,
+                             batch // (devices * accum), amp, strategy, devices, int(budget_gib * GiB))
         start = Plan(job["lean"], job["checkpointed"], job["blocks"])
         found, tried = plan_mae_memory(job)
         rows.append(dict(arch=c["arch"], img_size=c["img_size"], micro_batch=job["micro"],

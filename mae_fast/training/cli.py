@@ -18,17 +18,19 @@ USER_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, DataError)
 
 def run_command(argv, config_cls, run: Callable, *, prog: str, fixed: dict | None = None,
                 errors: dict | None = None) -> int:
-    """Parse ``argv`` into a ``config_cls`` (its recipes, overrides, ``fixed`` keys the command sets), run it and
-    turn the outcome into an exit code: 0, 2 for bad input, ``errors[type]`` for the run's own failures,
-    128 + signum for a run a signal stopped."""
+    """Parse ``argv`` into the keys of ``config_cls`` (its recipes, overrides, ``fixed`` keys the command sets),
+    checked, and ``run`` them (a dict of every key, ``recipe`` None: nothing left to merge); turn the outcome into an
+    exit code: 0, 2 for bad input, ``errors[type]`` for the run's own failures, 128 + signum for a run a signal
+    stopped."""
     argv = list(sys.argv[1:] if argv is None else argv)
     keys = KEYS[config_cls]
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(keys, prog))
         return 0
     try:
-        cfg = config_cls.from_dict(config_from_argv(argv, keys, DEFAULT_RECIPE[config_cls], fixed=fixed))
-        run(cfg)
+        cfg = config_from_argv(argv, keys, DEFAULT_RECIPE[config_cls], fixed=fixed)
+        config_cls.from_dict(cfg)  # every key a field
+        run(dict(cfg, recipe=None))
     except USER_ERRORS as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2

@@ -562,16 +562,16 @@ class TrainState:
     rng_in_epoch: dict | None = None  # set once that epoch's loader has drawn its seed, as before the stop
 
 
-def resume_state(run: Run) -> dict | None:
-    """The newest checkpoint of an interrupted run with the same settings, else None (a checkpoint of
-    other settings is named in a warning and will be replaced)."""
-    found = checkpoint.latest_valid_checkpoint(run.run_dir) if run.cfg.resume == "auto" else None
+def resume_state(resume: str | None, run_dir: Path, identity: dict) -> dict | None:
+    """With ``resume=auto``, the newest checkpoint of an interrupted run with the same settings, else None (a
+    checkpoint of other settings is named in a warning and will be replaced)."""
+    found = checkpoint.latest_valid_checkpoint(run_dir) if resume == "auto" else None
     if found is None:
         return None
     path, state = found
-    if state.get("identity") != run.identity:
+    if state.get("identity") != identity:
         old = state.get("identity") or {}
-        diff = sorted(k for k in set(old) | set(run.identity) if old.get(k) != run.identity.get(k))
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         warnings.warn(f"{path} was made with other settings ({', '.join(diff)}): starting over", RuntimeWarning,
                       stacklevel=4)
         return None
@@ -582,7 +582,7 @@ def restore(run: Run) -> TrainState:
     """An interrupted run of the same settings continues where it was saved; otherwise its checkpoints go."""
     info = run.info
     ts = TrainState()
-    state = resume_state(run)
+    state = resume_state(run.cfg.resume, run.run_dir, run.identity)
     if state is None:
         if info.is_main:
             checkpoint.remove_checkpoints(run.run_dir)  # another run's, or resume=null

@@ -26,7 +26,7 @@ from mae_fast import cli
 from mae_fast import memory as memory_mod
 from mae_fast.models.registry import OVERRIDES
 from mae_fast.scaling import cli as scaling_cli, runner as scaling_runner
-from mae_fast.train import config as config_mod, curves, finetune as finetune_mod, pretrain as pretrain_mod
+from mae_fast.training import config as config_mod, curves, finetune as finetune_mod, pretrain as pretrain_mod
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from mae_fast import info
-from mae_fast.train import curves
+from mae_fast.training import curves
 
 
 @pytest.mark.parametrize("argv, msg", [

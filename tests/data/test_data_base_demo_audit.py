@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import mae_fast
 from mae_fast.data import base as base_mod
 from mae_fast.data import demo as demo_mod
-from mae_fast.train import distributed as dist_mod
+from mae_fast.training import distributed as dist_mod
 
 
 # ============================================================================================ base.py

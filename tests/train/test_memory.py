@@ -190,16 +190,6 @@ def test_recompute_flops_are_the_checkpointed_blocks_forward():
         assert mae_recompute_flops(m) == everything < mae_forward_flops(m)
 
 
-def test_config_accepts_a_block_count():
-    from mae_fast.train.config import ConfigError, config_from_argv
-
-    assert config_from_argv(["grad_checkpointing=3"])["grad_checkpointing"] == 3
-    assert config_from_argv(["--grad-checkpointing", "true"])["grad_checkpointing"] is True
-    for bad in ("-2", "lots", "1.5"):
-        with pytest.raises(ConfigError, match="grad_checkpointing"):
-            config_from_argv([f"grad_checkpointing={bad}"])
-
-
 def test_cli_table_budget_and_errors(capsys, tmp_path):
     from mae_fast.cli import main
 
@@ -279,7 +269,7 @@ import json, sys, torch
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 import mae_fast
 from mae_fast.memory import estimate_train_step, fake_process_group
-from mae_fast.train.distributed import shard_model
+from mae_fast.training.distributed import shard_model
 
 def build():
     m = mae_fast.create_model("mae_vit_demo_patch8", img_size=40, depth=3, decoder_depth=2, norm_pix_loss=True)
