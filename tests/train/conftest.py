@@ -146,8 +146,20 @@ class Shapes(torch.utils.data.Dataset):
         return self.x[i], int(self.y[i])
 
 
+# finetuning runs on Shapes with a small encoder (the demo model made narrow and shallow: fast on the CPU)
 FT_BASE = dict(mode="finetune", epochs=3, batch_size=8, warmup_epochs=1, lr=3e-3, drop_path=0.1, progress=False,
-               pool="mean", checkpoint=None, img_size=32)
+               pool="mean", checkpoint=None, img_size=32, model_kwargs=dict(embed_dim=32, depth=2, num_heads=2))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread for the tests here (subprocesses get OMP_NUM_THREADS=1): these tiny models gain nothing
+    from more, and on a shared 2-core machine a second thread spins against the other processes (a step took
+    several times longer). Session-wide, so module-scoped runs and the tests comparing with them use the same."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -211,6 +211,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train" / "pretrain.py"
 
 
+FT_MODEL = dict(embed_dim=32, depth=2, num_heads=2)  # the finetuning runs' encoder
 MODEL_KWARGS = dict(embed_dim=48, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 
 
@@ -340,9 +341,6 @@ def test_each_rank_takes_its_own_gpu_or_the_only_one_it_sees(monkeypatch, local_
     assert group == [("nccl", {"device_id": torch.device("cuda", expect)})]
 
 
-FINETUNE = REPO / "train" / "finetune.py"
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_finetune_batches_are_the_global_batches_shared_by_rank(world):
     """Every rank sees its every-world-th share of the same global batches, each item once per epoch; a last
@@ -360,29 +358,56 @@ def test_finetune_batches_are_the_global_batches_shared_by_rank(world):
         assert len(whole[-1]) >= max(2, world) and all(e == 1 for e, _ in whole[0])
 
 
-@pytest.mark.parametrize("mode, lr, batch, accum", [("finetune", 3e-3, 14, 1), ("linprobe", 0.05, 14, 1),
-                                                   ("finetune", 3e-3, 16, 2), ("linprobe", 0.05, 12, 3)])
-def test_two_process_finetune_matches_one(tmp_path, mode, lr, batch, accum):
+# (mode, lr, global batch, accumulation micro-steps) of the two-process finetuning runs
+FINETUNES = [("finetune", 3e-3, 14, 1), ("linprobe", 0.05, 14, 1), ("finetune", 3e-3, 16, 2), ("linprobe", 0.05, 12, 3)]
+
+# runs several finetunings in one torchrun launch: each joins the process group opened here (as the scaling
+# runner's stages do), so the processes start once
+TWO_RANK_DRIVER = """
+import json, sys
+from mae_fast.training import distributed
+from mae_fast.training.finetune import finetune
+
+with distributed.process_group("cpu"):
+    for cfg in json.loads(sys.argv[1]):
+        finetune(cfg)
+"""
+
+
+def _finetune_args(out_dir, mode, lr, batch) -> dict:
+    return dict(mode=mode, output_dir=str(out_dir), epochs=2, batch_size=batch, warmup_epochs=1, lr=lr, drop_path=0.0,
+                fraction=0.5, progress=False, pool="mean", img_size=32, model_kwargs=FT_MODEL, checkpoint=None)
+
+
+@pytest.fixture(scope="module")
+def two_rank_finetunes(tmp_path_factory):
+    """Every FINETUNES run over 2 processes (torchrun, gloo); returns (their output folder, the launch's stdout)."""
+    out_dir = tmp_path_factory.mktemp("two_ranks")
+    runs = [dict(_finetune_args(out_dir, mode, lr, batch), accum_steps=accum, name=f"{mode}-{batch}-{accum}")
+            for mode, lr, batch, accum in FINETUNES]
+    (out_dir / "driver.py").write_text(TWO_RANK_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(out_dir / "driver.py"), json.dumps(runs)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(out_dir),
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out_dir, out.stdout
+
+
+@pytest.mark.parametrize("mode, lr, batch, accum", FINETUNES)
+def test_two_process_finetune_matches_one(tmp_path, two_rank_finetunes, mode, lr, batch, accum):
     """torchrun over 2 processes gives the numbers of one process with the same global batch: DDP gradients
     (also accumulated over micro-batches, synchronised once a step), the probe's BatchNorm statistics over both
     ranks' rows, validation split and summed across ranks. The probe with micro-batches (its BatchNorm sees each)
     against one process with the same ones: 160 images in batches of 12 end with one of 4, 2 a rank, which 3
     micro-batches would leave one empty on both ranks (statistics of no rows: NaN)."""
-
-    args = dict(mode=mode, output_dir=str(tmp_path), epochs=2, batch_size=batch, warmup_epochs=1, lr=lr,
-                drop_path=0.0, fraction=0.5, progress=False, pool="mean")
+    out_dir, stdout = two_rank_finetunes
     with pytest.warns(RuntimeWarning, match="random weights"):
-        one = finetune(dict(args, name="one", accum_steps=accum if mode == "linprobe" else 1))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(FINETUNE),
-           *(f"{k}={v}" for k, v in args.items()), f"accum_steps={accum}", "name=two"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        one = finetune(dict(_finetune_args(tmp_path, mode, lr, batch), name="one",
+                            accum_steps=accum if mode == "linprobe" else 1))
     assert f"steps of {batch} ({batch // 2} x 2 ranks)" + (f" in {accum} micro-batches" if accum > 1 else "") \
-        in out.stdout
-    import json
-
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
+        in stdout
+    two = json.loads((out_dir / f"{mode}-{batch}-{accum}" / "results.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1 and two["val_images"] == one["val_images"]
     assert abs(one["history"][-1]["train_loss"] - one["history"][0]["train_loss"]) > 2e-3  # the weights moved
     for a, b in zip(one["history"], two["history"]):

@@ -404,6 +404,7 @@ def test_encoder_spec_follows_a_mae_fast_checkpoint_unless_told_otherwise(tmp_pa
     assert ft.encoder_spec(dataclasses.replace(cfg, model="mae_vit_small_patch16")) == (path, "mae_vit_small_patch16", {})
 
 
+@pytest.mark.curves  # draws curves.png
 @pytest.mark.parametrize("mode", ["finetune", "linprobe"])
 def test_finetune_and_linprobe_smoke(tmp_path, mode):
 

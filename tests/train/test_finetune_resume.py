@@ -19,8 +19,7 @@ def test_interrupted_finetune_resumes_after_its_last_epoch_with_the_same_numbers
     epoch checkpoint; a checkpoint of other settings is not resumed."""
 
     data = (Shapes(40), Shapes(20, seed=1), ["a", "b", "c", "d"])
-    base = dict(mode="finetune", output_dir=str(tmp_path), epochs=4, batch_size=8, warmup_epochs=1, lr=3e-3,
-                drop_path=0.1, progress=False, pool="mean", checkpoint=None, img_size=32)
+    base = dict(FT_BASE, output_dir=str(tmp_path), epochs=4)
     with pytest.warns(RuntimeWarning, match="random weights"):
         straight = ft.finetune(dict(base, name="straight"), datasets=data)
     assert not (tmp_path / "straight" / "checkpoints").exists() or \
