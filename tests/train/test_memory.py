@@ -218,7 +218,8 @@ def test_cli_table_budget_and_errors(capsys, tmp_path):
     n_params = sum(p.numel() for p in mae_fast.create_model("mae_vit_demo_patch8", img_size=48).parameters())
     assert [d["peak_bytes"] - r["peak_bytes"] for d, r in zip(ddp_rows, rows)] == [4 * n_params] * 3
 
-    assert main(["memory", *small, "--budget", "0.05", "--json", str(tmp_path / "c.json")]) == 0
+    # the largest batch that fits (a search over batches: a one-block model keeps it short)
+    assert main(["memory", *small, "--set", "depth=1", "--budget", "0.05", "--json", str(tmp_path / "c.json")]) == 0
     for r in json.loads((tmp_path / "c.json").read_text())["rows"]:
         assert r["batch"] >= 1 and r["peak_bytes"] <= 0.05 * 0.9 * GiB
     # create_model overrides: a narrower, shallower model is estimated as built
@@ -327,7 +328,7 @@ def test_cli_fsdp_shards_weights_and_optimizer_state(tmp_path):
 
     from mae_fast.cli import main
 
-    args = ["memory", "mae_vit_small_patch16", "--img-size", "112", "--batch", "16"]
+    args = ["memory", "mae_vit_small_patch16", "--img-size", "112", "--batch", "16", "--set", "depth=4"]
     assert main([*args, "--json", str(tmp_path / "alone.json")]) == 0
     out = subprocess.run([sys.executable, "-m", "mae_fast.cli", *args, "--fsdp", "4", "--json",
                           str(tmp_path / "sharded.json")], capture_output=True, text=True, timeout=300)
