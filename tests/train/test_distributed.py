@@ -250,11 +250,11 @@ def single(tmp_path_factory):
     return _one_process(tmp_path_factory.mktemp("single"))
 
 
-def _compare(a: dict, b: dict):
+def _compare(a: dict, b: dict, atol: float = 1e-4):
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         # float tolerance: the all-reduce sums in another order; Adam turns that into <~lr steps
-        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-4, msg=k)
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=atol, msg=k)
     assert abs(a["loss"] - b["loss"]) < 1e-4
     assert b["world_size"] == 2 and b["images_seen"] == a["images_seen"] == 4 * 8
 
@@ -290,10 +290,13 @@ def test_two_processes_match_one(tmp_path, single, strategy):
 
 @pytest.mark.slow
 def test_fsdp_run_resumes_and_accumulates(tmp_path, single):
-    """Stopped at step 2 and resumed, with 2 accumulation micro-steps per rank: still the same run."""
+    """Stopped at step 2 and resumed, with 2 accumulation micro-steps per rank: still the same run (the same loss;
+    the weights to 2.5e-4: four micro-batches of 2 summed in another order than one of 8 differ by rounding, which
+    Adam turns into steps of up to ~lr = 2e-3 on near-zero gradients; torch 2.14 gave 1.2e-4 on one decoder bias
+    without the resume, 2e-5 with the resume alone)."""
     _torchrun(tmp_path, "fsdp_resume", "distributed=fsdp", "accum_steps=2", "stop_at_step=2", step=2)
     two = _torchrun(tmp_path, "fsdp_resume", "distributed=fsdp", "accum_steps=2", "resume=auto")
-    _compare(single, two)
+    _compare(single, two, atol=2.5e-4)
 
 
 @pytest.mark.parametrize("finished", [True, False])
