@@ -6,11 +6,11 @@ import os
 import sys
 
 COMMANDS = {
-    "pretrain": ("mae_fast.train.pretrain", "main", {}, "MAE pretraining (no arguments: the built-in demo)"),
-    "finetune": ("mae_fast.train.finetune", "main", {"mode": "finetune"}, "finetune an encoder on labelled images"),
-    "linprobe": ("mae_fast.train.finetune", "main", {"mode": "linprobe"}, "linear probe on labelled images"),
+    "pretrain": ("mae_fast.training.pretrain", "main", {}, "MAE pretraining (no arguments: the built-in demo)"),
+    "finetune": ("mae_fast.training.finetune", "main", {"mode": "finetune"}, "finetune an encoder on labelled images"),
+    "linprobe": ("mae_fast.training.finetune", "main", {"mode": "linprobe"}, "linear probe on labelled images"),
     "scale": ("mae_fast.scaling.cli", "main", {}, "scaling sweeps: run / status / fit"),
-    "plot": ("mae_fast.train.curves", "main", {}, "training curves of one or more runs as a PNG"),
+    "plot": ("mae_fast.training.curves", "main", {}, "training curves of one or more runs as a PNG"),
     "memory": ("mae_fast.memory", "main", {}, "peak memory of a training step, and what fits a budget (no GPU needed)"),
     "info": ("mae_fast.info", "main", {}, "device, versions and which backends can run here"),
 }

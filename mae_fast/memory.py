@@ -360,7 +360,6 @@ def fit_batch(peak_of: Callable[[int], int], budget: int, limit: int = 1 << 16) 
     return lo
 
 
-# ---- command line -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Plan:
@@ -405,6 +404,104 @@ def plan_for_budget(peak_of: Callable[[Plan], int], budget: int, total_blocks: i
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(Plan(True, mid, total_blocks)) else (mid, hi)
     return Plan(True, hi, total_blocks), tried
+
+
+# ---- fitting a training run into a memory budget ----------------------------------------------
+
+class EstimateFailed(RuntimeError):
+    """The step could not be estimated; ``reason`` is the original error as text (sent between ranks)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def budget_bytes(budget, device: torch.device) -> int | None:
+    """The bytes a step may allocate per device for ``memory_budget_gib`` (a number of GiB, ``auto``: 90% of
+    the GPU's memory, off on the CPU; None: off)."""
+    if budget is None or (budget == "auto" and device.type != "cuda"):
+        return None
+    return int(0.9 * torch.cuda.get_device_properties(device).total_memory if budget == "auto" else budget * GiB)
+
+
+def fit_memory_budget(budget, device: torch.device, search: Callable[[int], tuple],
+                      too_big: Callable[[int, dict], str], say: Callable[[str], None]) -> tuple | None:
+    """Make a training step fit ``memory_budget_gib``, for pretraining and finetuning alike: ``search(limit)``
+    estimates candidate plans (``mae_fast.memory``: fake tensors, seconds) and returns (the plan that fits or
+    None, {plan: estimated peak bytes}). Returns (limit, plan, tried), or None when the budget is off or the step
+    cannot be estimated (a planning aid must not stop a run it cannot model); raises ConfigError with
+    ``too_big(limit, tried)`` when no plan fits."""
+    from mae_fast.training.config import ConfigError
+
+    limit = budget_bytes(budget, device)
+    if limit is None:
+        return None
+    try:
+        found, tried = search(limit)
+    except Exception as e:  # noqa: BLE001
+        reason = e.reason if isinstance(e, EstimateFailed) else f"{type(e).__name__}: {e}"
+        say(f"memory: could not estimate the step ({reason}); memory_budget_gib not checked")
+        return None
+    if found is None:
+        raise ConfigError(too_big(limit, tried))
+    return limit, found, tried
+
+
+def mae_memory_job(cfg, model, micro: int, amp_dtype, strategy: str, world_size: int, limit: int) -> dict:
+    """What :func:`plan_mae_memory` needs for a pretraining run of ``cfg`` (a ``PretrainConfig``) on ``model``
+    (built or on the meta device): the per-device micro-batch, the configured savers, DDP's gradient buckets or
+    the FSDP2 world."""
+    blocks = len(model.blocks) + len(model.decoder_blocks)
+    ck = cfg.grad_checkpointing
+    return dict(model=cfg.model, img_size=model.img_size, micro=micro, mask_ratio=cfg.mask_ratio,
+                amp_dtype=amp_dtype, norm_pix_loss=bool(cfg.norm_pix_loss),
+                model_kwargs={k: v for k, v in (cfg.model_kwargs or {}).items() if k != "img_size"},
+                extra=4 * sum(p.numel() for p in model.parameters()) if strategy == "ddp" else 0,  # DDP's buckets
+                fsdp_world=world_size if strategy == "fsdp" else None, limit=limit, blocks=blocks,
+                lean=bool(cfg.lean_activations), checkpointed=blocks if ck is True else int(ck))
+
+
+def plan_mae_memory(job: dict) -> tuple:
+    """(plan or None, {plan: estimated peak}) for ``job`` (see :func:`plan_for_budget`). With ``fsdp_world`` the
+    model is sharded as ``distributed=fsdp`` shards it, over a simulated process group: call it in a process
+    that has no process group of its own."""
+    from mae_fast.training.distributed import shard_model
+
+    with contextlib.ExitStack() as stack:
+        prepare = None
+        if job["fsdp_world"]:
+            mesh = stack.enter_context(fake_process_group(job["fsdp_world"]))
+            prepare = lambda m: shard_model(m, mesh=mesh)  # noqa: E731
+
+        def peak_of(plan):
+            return estimate_mae_step(job["model"], job["img_size"], job["micro"], lean=plan.lean,
+                                     grad_checkpointing=plan.checkpointed, mask_ratio=job["mask_ratio"],
+                                     amp_dtype=job["amp_dtype"], extra_bytes=job["extra"], prepare=prepare,
+                                     norm_pix_loss=job["norm_pix_loss"], **job["model_kwargs"]).peak
+
+        return plan_for_budget(peak_of, job["limit"], job["blocks"], job["lean"], job["checkpointed"])
+
+
+def largest_micro_batch(job: dict, limit: int) -> int:
+    """The largest micro-batch (at most ``limit``) whose step fits ``job['limit']`` with every block checkpointed."""
+    def peak(n):
+        return estimate_mae_step(job["model"], job["img_size"], n, lean=True, grad_checkpointing=True,
+                                 mask_ratio=job["mask_ratio"], amp_dtype=job["amp_dtype"], extra_bytes=job["extra"],
+                                 norm_pix_loss=job["norm_pix_loss"], **job["model_kwargs"]).peak
+
+    return fit_batch(peak, job["limit"], limit=max(limit, 1))
+
+
+def plan_mae_memory_in_subprocess(job: dict) -> tuple:
+    """:func:`plan_mae_memory` in a fresh process (FSDP2's simulated process group cannot share this one's)."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(plan_mae_memory, job).result()
+
+
+# ---- command line -----------------------------------------------------------------------------
 
 
 def _print_rows(rows, title):
@@ -488,7 +585,7 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         prepare = None
         if args.fsdp:
-            from .train.distributed import shard_model
+            from .training.distributed import shard_model
 
             mesh = stack.enter_context(fake_process_group(args.fsdp))
             prepare = lambda m: shard_model(m, mesh=mesh)  # noqa: E731

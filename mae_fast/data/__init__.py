@@ -12,6 +12,8 @@ from pathlib import Path
 
 from .base import DataError
 from .demo import DemoPaths, ensure_demo_data
+from .samplers import (SeededItems, StepBatchSampler, StreamBatches, SyntheticImages, collate_images,
+                       collate_labelled, epoch_batches, mix_seed)
 from .images import (ImageFileDataset, list_images, per_class_fraction, scan_image_folder, screen_images,
                      split_per_class)
 from .subset import SUBSET_MODES, check_fps, make_record, select, selection_from_record
@@ -23,6 +25,8 @@ __all__ = [
     "ensure_demo_data", "build_pretrain_dataset", "build_labelled_datasets", "IMAGENET_MEAN", "IMAGENET_STD",
     "DemoPaths", "TrainTransform", "EvalTransform", "build_transform", "denormalize", "VideoFrameDataset",
     "ImageFileDataset", "probe_video", "list_videos", "list_images", "is_shard_source", "DataError",
+    "SeededItems", "StepBatchSampler", "StreamBatches", "SyntheticImages", "epoch_batches", "collate_images",
+    "collate_labelled", "mix_seed",
 ]
 
 

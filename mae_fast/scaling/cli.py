@@ -25,7 +25,7 @@ def _cmd_run(args) -> int:
 
     grid = load_grid(args.grid)
     job = args.job or grid.job
-    from mae_fast.train.config import ConfigError
+    from mae_fast.training.config import ConfigError
 
     where = grid.path or grid.name
     try:  # before anything is submitted: a typo here would fail every run of the sweep
@@ -139,10 +139,11 @@ def memory_plans(grid, devices: int, budget_gib: float, fsdp: bool = False) -> l
     DDP over ``devices`` (FSDP2 with ``fsdp``)."""
     import torch
 
-    from mae_fast.memory import GiB, Plan
+    import dataclasses
+
+    from mae_fast.memory import GiB, Plan, mae_memory_job, plan_mae_memory
     from mae_fast.models import create_model
-    from mae_fast.train import config as config_mod
-    from mae_fast.train.pretrain import memory_job, plan_memory
+    from mae_fast.training.config import ConfigError, PretrainConfig
 
     rows, seen = [], set()
     for spec in grid.runs:
@@ -151,20 +152,20 @@ def memory_plans(grid, devices: int, budget_gib: float, fsdp: bool = False) -> l
         if key in seen:
             continue
         seen.add(key)
-        pre = config_mod.build_config(dict(c["pretrain"]), config_mod.PRETRAIN_KEYS)
-        batch, accum = c["budget"]["batch_size"], pre["accum_steps"]
+        pre = PretrainConfig.build(dict(c["pretrain"]))
+        batch, accum = c["budget"]["batch_size"], pre.accum_steps
         if batch % (devices * accum):
-            raise config_mod.ConfigError(f"{spec.run_id}: batch_size {batch} is not divisible by {devices} devices "
-                                         f"x accum_steps {accum}")
+            raise ConfigError(f"{spec.run_id}: batch_size {batch} is not divisible by {devices} devices "
+                              f"x accum_steps {accum}")
         overrides = dict(c["model"]["overrides"])
         with torch.device("meta"):
             shape = create_model(key[0], img_size=c["img_size"], **overrides)
         strategy = "fsdp" if fsdp else "ddp" if devices > 1 else "none"
-        amp = {"fp32": None, "fp16": torch.float16}.get(pre["precision"], torch.bfloat16)  # auto: bf16 on a GPU
-        job = memory_job(dict(pre, model=key[0], model_kwargs=overrides), shape, batch // (devices * accum), amp,
-                         strategy, devices, int(budget_gib * GiB))
+        amp = {"fp32": None, "fp16": torch.float16}.get(pre.precision, torch.bfloat16)  # auto: bf16 on a GPU
+        job = mae_memory_job(dataclasses.replace(pre, model=key[0], model_kwargs=overrides), shape,
+                             batch // (devices * accum), amp, strategy, devices, int(budget_gib * GiB))
         start = Plan(job["lean"], job["checkpointed"], job["blocks"])
-        found, tried = plan_memory(job)
+        found, tried = plan_mae_memory(job)
         rows.append(dict(arch=c["arch"], img_size=c["img_size"], micro_batch=job["micro"],
                          configured_gib=round(tried[start] / GiB, 2), configured_bytes=tried[start],
                          plan=found.describe() if found else "does not fit: raise accum_steps or use fsdp",
@@ -270,7 +271,7 @@ def build_parser(prog: str = "mae-fast scale") -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mae_fast.train.config import ConfigError
+    from mae_fast.training.config import ConfigError
 
     from .grid import GridError
     from .table import SweepWarning, TableError

@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from mae_fast.train.checkpoint_io import atomic_write_bytes
+from mae_fast.training.checkpoint import atomic_write_bytes
 
 from .grid import Grid, RunSpec, load_grid
 from .table import SweepWarning, append_result, read_rows
@@ -54,14 +54,14 @@ class RunInterrupted(RuntimeError):
 def default_job(config: dict, run_dir: Path) -> dict:
     """The adapter from a run's config to the training code: MAE pretraining, then evaluation.
 
-    The only place that knows the config keys of :mod:`mae_fast.train.pretrain` (its recipe keys,
-    see ``train/recipes/demo.yaml``) and :mod:`mae_fast.train.finetune`; both are imported here,
+    The only place that knows the config keys of :mod:`mae_fast.training.pretrain` (its recipe keys,
+    see ``train/recipes/demo.yaml``) and :mod:`mae_fast.training.finetune`; both are imported here,
     lazily, so the runner itself needs neither. The grid's ``pretrain`` / ``eval`` blocks are passed
     through as recipe keys (``recipe`` picks the base recipe). Pretraining keeps its checkpoints in
     ``run_dir/pretrain`` and resumes from them (``resume: auto``); the evaluation resumes after its last epoch
     checkpoint, and a finished one is reused.
     """
-    from mae_fast.train import distributed as dist_mod
+    from mae_fast.training import distributed as dist_mod
 
     # Over several ranks, one process group serves both stages: a second group on the same MASTER_PORT could
     # meet the first one's store before rank 0 has closed it.
@@ -70,8 +70,8 @@ def default_job(config: dict, run_dir: Path) -> dict:
 
 
 def _pretrain_then_evaluate(config: dict, run_dir: Path) -> dict:
-    from mae_fast.train.finetune import finetune
-    from mae_fast.train.pretrain import pretrain
+    from mae_fast.training.finetune import finetune
+    from mae_fast.training.pretrain import pretrain
 
     budget, data, model = config["budget"], config["data"], config["model"]
     common = {"model": model["name"], "model_kwargs": model["overrides"], "img_size": config["img_size"],
@@ -103,17 +103,17 @@ def check_default_job_config(config: dict) -> None:
     """What :func:`default_job` would refuse only when each stage starts (the evaluation after hours of
     pretraining): the ``pretrain`` block's recipe keys and the ``eval`` block's finetuning keys, their types and
     the evaluation's pool and augmentation values. Raises ConfigError; ``scale run`` calls it before submitting."""
-    from mae_fast.train import config as config_mod
-    from mae_fast.train import finetune as finetune_mod
+    from mae_fast.training import finetune as finetune_mod
+    from mae_fast.training.config import ConfigError, FinetuneConfig, PretrainConfig
 
-    config_mod.build_config(dict(config["pretrain"]), config_mod.PRETRAIN_KEYS)
+    PretrainConfig.build(dict(config["pretrain"]))
     eval_cfg = {k: v for k, v in config["eval"].items() if k not in ("protocol", "num_classes")}
     try:
-        ev = config_mod.build_config(eval_cfg, config_mod.FINETUNE_KEYS, default_recipe=None)
-    except config_mod.ConfigError as e:
-        raise config_mod.ConfigError(f"eval: {e}") from None
-    finetune_mod._check_augment(ev)
-    finetune_mod._check_pool(ev["pool"], config["eval"].get("protocol", "finetune") == "linprobe")
+        ev = FinetuneConfig.build(eval_cfg)
+    except ConfigError as e:
+        raise ConfigError(f"eval: {e}") from None
+    finetune_mod.check_augment(ev)
+    finetune_mod.check_pool(ev.pool, config["eval"].get("protocol", "finetune") == "linprobe")
 
 
 default_job.check_config = check_default_job_config

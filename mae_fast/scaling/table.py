@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from mae_fast.train.checkpoint_io import atomic_write_bytes
+from mae_fast.training.checkpoint import atomic_write_bytes
 
 __all__ = [
     "TableError", "ResultsTable", "load_results", "append_result", "read_rows",

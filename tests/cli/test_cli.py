@@ -28,10 +28,10 @@ def test_unknown_command_is_exit_2_on_stderr(capsys):
 
 
 @pytest.mark.parametrize("command, module, kwargs", [
-    ("pretrain", "mae_fast.train.pretrain", {}),
-    ("finetune", "mae_fast.train.finetune", {"mode": "finetune"}),
-    ("linprobe", "mae_fast.train.finetune", {"mode": "linprobe"}),
-    ("plot", "mae_fast.train.curves", {}),
+    ("pretrain", "mae_fast.training.pretrain", {}),
+    ("finetune", "mae_fast.training.finetune", {"mode": "finetune"}),
+    ("linprobe", "mae_fast.training.finetune", {"mode": "linprobe"}),
+    ("plot", "mae_fast.training.curves", {}),
     ("memory", "mae_fast.memory", {}),
     ("info", "mae_fast.info", {}),
 ])

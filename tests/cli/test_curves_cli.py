@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from mae_fast.train import curves
+from mae_fast.training import curves
 
 
 @pytest.fixture

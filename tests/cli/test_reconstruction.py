@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import mae_fast
-from mae_fast.train import visualize
+from mae_fast.training import visualize
 
 
 def _visible_stats_by_loops(patches, mask, grid, window=5):

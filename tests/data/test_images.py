@@ -57,7 +57,7 @@ def test_augmented_labelled_items_are_seeded_per_item(demo):
     an item is the same every time it is drawn, whatever ran before, and differs across epochs."""
     import random
 
-    from mae_fast.train.pretrain import SeededItems
+    from mae_fast.data.samplers import SeededItems
 
     train, val, _ = build_labelled_datasets(demo.labelled, img_size=24, auto_augment="rand-m9-mstd0.5-inc1",
                                             re_prob=0.25)

@@ -98,8 +98,8 @@ def test_default_job_passes_the_run_to_pretraining_and_evaluation(grid_dict, tmp
     """default_job: pretraining gets the run's model, budget and data; the evaluation gets the eval block minus the
     grid-only keys (protocol becomes mode, num_classes dropped) and the encoder checkpoint; wall times add up; a
     saved evaluation of the same checkpoint is reused, one of another checkpoint is redone."""
-    from mae_fast.train import finetune as finetune_mod
-    from mae_fast.train import pretrain as pretrain_mod
+    from mae_fast.training import finetune as finetune_mod
+    from mae_fast.training import pretrain as pretrain_mod
 
     calls = {"pretrain": [], "finetune": []}
     ckpt = str(tmp_path / "pre" / "checkpoint.pt")

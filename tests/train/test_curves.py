@@ -8,7 +8,7 @@ import random
 import pytest
 from PIL import Image
 
-from mae_fast.train.curves import main, plot_finetune, plot_pretrain, plot_runs, read_metrics
+from mae_fast.training.curves import main, plot_finetune, plot_pretrain, plot_runs, read_metrics
 
 
 def _rows(steps, seed):

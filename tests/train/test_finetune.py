@@ -1,21 +1,27 @@
-"""Finetuning / linear probing and the run configuration, against independent expectations (a mutation audit of
-train/finetune.py and train/config.py): MAE's layer-wise lr decay (``param_groups_lrd``) and its per-iteration
-warmup + cosine schedule, the optimizers' settings, the losses (label smoothing, the probe's BatchNorm) in fp64,
-top-1 / top-5 by hand, the global-batch BatchNorm over two simulated ranks, results.json, run identity and
-checkpoint cadence, and the config parser's type rules."""
+"""Finetuning and the linear probe: the optimizer steps and schedule against MAE's formulas, losses, mixing,
+evaluation, the classifier, encoders from checkpoints, memory budget, configs and data errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import mae_fast
-import mae_fast.train.finetune as ft
-from mae_fast.train import checkpoint_io, config as config_mod
+from conftest import FT_BASE, Shapes, mae_lr, mae_param_groups_lrd, tiny, write_pngs
+from mae_fast.data import build_labelled_datasets
+from mae_fast.optim import LARS, layer_decay_groups
+from mae_fast.training import checkpoint as checkpoint_io
+from mae_fast.training import config as config_mod
+from mae_fast.training import finetune as ft
+from mae_fast.training.config import FinetuneConfig
+from mae_fast.training.finetune import finetune
+from mae_fast.training.pretrain import pretrain
 
 
 class Labelled(torch.utils.data.Dataset):
@@ -37,7 +43,11 @@ class Labelled(torch.utils.data.Dataset):
 
 
 CLASSES = ["a", "b", "c", "d", "e"]
+
+
 TINY = dict(embed_dim=32, num_heads=2, depth=2)  # the demo model made small: fast on the CPU
+
+
 BASE = dict(checkpoint=None, img_size=16, model_kwargs=TINY, progress=False, memory_budget_gib=None, drop_path=0.0, pool="mean",
             batch_size=8, epochs=1, warmup_epochs=0.0)
 
@@ -70,60 +80,6 @@ def _record_steps(monkeypatch, cls) -> list:
 
     monkeypatch.setattr(cls, "step", step)
     return seen
-
-
-# ------------------------------------------------------------------------------------------------ layer decay
-def mae_param_groups_lrd(model: ft.Classifier, weight_decay: float, layer_decay: float) -> dict:
-    """MAE's util/lr_decay.py (param_groups_lrd + get_layer_id_for_vit), per parameter name: (lr_scale, wd).
-    The encoder's names are MAE's model's with an ``encoder.`` prefix; the head (and fc_norm) are top-level there."""
-    no_weight_decay_list = {"pos_embed", "cls_token", "dist_token"}  # timm / MAE VisionTransformer.no_weight_decay()
-    num_layers = len(model.encoder.blocks) + 1
-    layer_scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
-    out = {}
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        mae_name = n[len("encoder."):] if n.startswith("encoder.") else n
-        this_decay = 0.0 if (p.ndim == 1 or mae_name in no_weight_decay_list) else weight_decay
-        if mae_name in ("cls_token", "pos_embed") or mae_name.startswith("patch_embed"):
-            layer_id = 0
-        elif mae_name.startswith("blocks"):
-            layer_id = int(mae_name.split(".")[1]) + 1
-        else:
-            layer_id = num_layers
-        out[n] = (layer_scales[layer_id], this_decay)
-    return out
-
-
-@pytest.mark.parametrize("depth, pool", [(3, "mean_fc_norm"), (4, "cls")])
-def test_layer_decay_groups_are_maes_param_groups_lrd(depth, pool):
-    """Each trainable parameter lands in a group with MAE's lr_scale = decay ** (depth + 1 - layer_id) and MAE's
-    weight decay (none on 1-D params, cls_token, pos_embed); frozen parameters are left out."""
-    mae = mae_fast.create_model("mae_vit_demo_patch8", img_size=32, depth=depth)
-    model = ft.Classifier(mae_fast.create_timm_encoder(mae), num_classes=7, pool=pool)
-    model.encoder.blocks[1].attn.qkv.bias.requires_grad_(False)
-    groups = ft.layer_decay_groups(model, weight_decay=0.037, layer_decay=0.63)
-    want = mae_param_groups_lrd(model, 0.037, 0.63)
-    names = {id(p): n for n, p in model.named_parameters()}
-    got = {}
-    for g in groups:
-        for p in g["params"]:
-            assert names[id(p)] not in got, "a parameter in two groups"
-            got[names[id(p)]] = (g["lr_scale"], g["weight_decay"])
-    assert got.keys() == want.keys() and "encoder.blocks.1.attn.qkv.bias" not in got
-    for n in want:
-        assert got[n][0] == pytest.approx(want[n][0], rel=1e-12) and got[n][1] == want[n][1], n
-    # the decay reached every layer: depth + 2 distinct scales, the smallest decay ** (depth + 1)
-    assert len({s for s, _ in got.values()}) == depth + 2
-    assert min(s for s, _ in got.values()) == pytest.approx(0.63 ** (depth + 1))
-
-
-# ------------------------------------------------------------------------------------------------ schedule / optim
-def mae_lr(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
-    """MAE's util/lr_sched.adjust_learning_rate at a fractional epoch (called with step / steps_per_epoch)."""
-    if epoch < warmup_epochs:
-        return lr * epoch / warmup_epochs
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
 
 
 def test_finetune_adamw_follows_maes_schedule_times_layer_scale(tmp_path, monkeypatch):
@@ -168,7 +124,6 @@ def test_finetune_fractional_warmup_is_maes(tmp_path, monkeypatch):
 def test_linprobe_optimizer_settings_and_schedule(tmp_path, monkeypatch, optimizer):
     """The probe trains the head only (weight and bias), with momentum 0.9, the given weight decay (default 0),
     peak lr = 0.1 (the probe's default base_lr) x batch / 256 and MAE's warmup + cosine to min_lr."""
-    from mae_fast.optim import LARS
 
     cls = LARS if optimizer == "lars" else torch.optim.SGD
     seen = _record_steps(monkeypatch, cls)
@@ -203,35 +158,6 @@ def test_sgd_probe_decays_the_weight_not_the_bias(tmp_path, monkeypatch):
     assert decay == {id(model.head.weight): 0.03, id(model.head.bias): 0.0}
 
 
-def test_lars_is_maes_lars_on_a_probe_head():
-    """mae_fast.optim.LARS against MAE's util/lars.py written out here (fp64), with the head's weight (2-D: decay and
-    trust ratio) and bias (1-D: plain momentum), over 4 steps with new random gradients."""
-    from mae_fast.optim import LARS
-
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(7, 13, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
-    ref = {"w": w.detach().clone(), "b": b.detach().clone()}
-    mu = {k: torch.zeros_like(v) for k, v in ref.items()}
-    opt = LARS([w, b], lr=0.3, weight_decay=0.05, momentum=0.9)
-    for _ in range(4):
-        grads = {"w": torch.randn(7, 13, generator=g, dtype=torch.float64),
-                 "b": torch.randn(7, generator=g, dtype=torch.float64)}
-        w.grad, b.grad = grads["w"].clone(), grads["b"].clone()
-        opt.step()
-        for k in ("w", "b"):  # MAE: dp = g (+ wd p, x q for ndim > 1); mu = m mu + dp; p -= lr mu
-            p, dp = ref[k], grads[k]
-            if p.ndim > 1:
-                dp = dp + 0.05 * p
-                pn, un = p.norm(), dp.norm()
-                q = 0.001 * pn / un if (pn > 0 and un > 0) else 1.0
-                dp = dp * q
-            mu[k] = 0.9 * mu[k] + dp
-            ref[k] = p - 0.3 * mu[k]
-    torch.testing.assert_close(w.detach(), ref["w"], rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(b.detach(), ref["b"], rtol=1e-12, atol=1e-14)
-
-
 def test_mixer_gets_the_configured_alphas_and_smoothing(tmp_path, monkeypatch):
     """mixup / cutmix alphas reach timm's Mixup as configured; finetuning's soft targets carry label_smoothing, the
     probe's none (its loss is plain cross-entropy)."""
@@ -253,7 +179,6 @@ def test_mixer_gets_the_configured_alphas_and_smoothing(tmp_path, monkeypatch):
     assert ftm.num_classes == 5
 
 
-# ------------------------------------------------------------------------------------------------ losses
 def _smoothed_ce(logits: torch.Tensor, y: torch.Tensor, eps: float) -> float:
     logp = torch.log_softmax(logits.double(), 1)
     nll = -logp[torch.arange(len(y)), y]
@@ -306,7 +231,6 @@ def test_a_non_finite_loss_skips_the_step(tmp_path, monkeypatch):
     assert math.isfinite(res["history"][0]["val_loss"])
 
 
-# ------------------------------------------------------------------------------------------------ evaluation
 class _Lookup(torch.nn.Module):
     """A 'model' whose input rows are indices into a fixed logit table; it records its mode when called."""
 
@@ -342,7 +266,6 @@ def test_evaluate_top1_top5_and_loss_by_hand(num_classes):
         assert top5 == 100.0
 
 
-# ------------------------------------------------------------------------------------------------ results.json
 def test_results_report_the_best_epoch_and_the_run(tmp_path, monkeypatch):
     """With scripted evaluations, results.json (and the return value) hold the best top-1 and its first epoch on a
     tie, the top-5 at that epoch, the best top-5 of any epoch, the last epoch's top-1, and the run's sizes."""
@@ -372,27 +295,26 @@ def test_bad_fraction_epochs_and_too_few_images_are_config_errors(tmp_path):
         ft.finetune(dict(BASE, output_dir=str(tmp_path)), datasets=(Labelled(1), Labelled(4, seed=1), CLASSES))
 
 
-# ------------------------------------------------------------------------------------------------ resume
 def test_a_checkpoint_resumes_only_under_the_same_settings(tmp_path):
     """A saved finetuning state resumes under the same numbers-deciding settings, whatever accum_steps, num_workers,
     progress or checkpoint_every say; any one of layer decay, fraction, smoothing, drop path, pool, weight decay,
     mixup, seed, epochs or the encoder changed starts over (with a warning naming it); resume=null starts over."""
-    cfg = config_mod.build_config(dict(mode="finetune"), config_mod.FINETUNE_KEYS, default_recipe=None)
+    cfg = FinetuneConfig.build(dict(mode="finetune"))
     run_dir = tmp_path / "run"
     enc = tmp_path / "enc.pt"
     checkpoint_io.save_checkpoint({"model": {}, "identity": ft.run_identity(cfg, enc), "step": 3}, run_dir, 3)
     for same in (dict(accum_steps=4), dict(num_workers=2), dict(progress=False), dict(checkpoint_every=3)):
-        c = dict(cfg, **same)
-        assert ft._resume_state(c, run_dir, ft.run_identity(c, enc))["step"] == 3, same
+        c = dataclasses.replace(cfg, **same)
+        assert ft.resume_state(c.resume, run_dir, ft.run_identity(c, enc))["step"] == 3, same
     changes = dict(layer_decay=0.65, fraction=0.02, label_smoothing=0.0, drop_path=0.2, pool="mean",
                    weight_decay=0.01, mixup=0.8, seed=1, epochs=49, lr=1e-4, base_lr=5e-4)
     for key, value in changes.items():
-        c = dict(cfg, **{key: value})
+        c = dataclasses.replace(cfg, **{key: value})
         with pytest.warns(RuntimeWarning, match=rf"other settings \({key}\): starting over"):
-            assert ft._resume_state(c, run_dir, ft.run_identity(c, enc)) is None
+            assert ft.resume_state(c.resume, run_dir, ft.run_identity(c, enc)) is None
     with pytest.warns(RuntimeWarning, match=r"other settings \(encoder\)"):
-        assert ft._resume_state(cfg, run_dir, ft.run_identity(cfg, tmp_path / "other.pt")) is None
-    assert ft._resume_state(dict(cfg, resume=None), run_dir, ft.run_identity(cfg, enc)) is None
+        assert ft.resume_state(cfg.resume, run_dir, ft.run_identity(cfg, tmp_path / "other.pt")) is None
+    assert ft.resume_state(None, run_dir, ft.run_identity(cfg, enc)) is None
 
 
 def test_training_state_is_saved_every_n_epochs_but_not_after_the_last(tmp_path, monkeypatch):
@@ -407,7 +329,6 @@ def test_training_state_is_saved_every_n_epochs_but_not_after_the_last(tmp_path,
     assert saved == []
 
 
-# ------------------------------------------------------------------------------------------------ model pieces
 def test_feature_batchnorm_over_two_ranks_is_batchnorm_of_the_global_batch(monkeypatch):
     """Two ranks (threads with a summing all-reduce) holding 5 and 4 rows: each rank's output is BatchNorm1d
     (affine=False, eps 1e-6) of the 9-row global batch, and both keep its running statistics, over 3 steps."""
@@ -462,7 +383,7 @@ def test_head_initialisation_is_maes():
 
 def test_finetuning_encoder_has_stochastic_depth_and_the_probe_none(tmp_path):
     """drop_path=0.2 over 4 blocks: timm's linear rule, the last block 0.2; the probe's (frozen) encoder none."""
-    cfg = config_mod.build_config(dict(drop_path=0.2), config_mod.FINETUNE_KEYS, default_recipe=None)
+    cfg = FinetuneConfig.build(dict(drop_path=0.2))
     spec = (None, "mae_vit_demo_patch8", {"img_size": 32})
     model, *_ = ft.build_classifier(cfg, 3, linprobe=False, spec=spec)
     rates = [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in model.encoder.blocks]
@@ -477,96 +398,301 @@ def test_encoder_spec_follows_a_mae_fast_checkpoint_unless_told_otherwise(tmp_pa
     path = tmp_path / "checkpoint-00000005.pt"
     torch.save({"model": {}, "config": {"model": "mae_vit_demo_patch8", "model_kwargs": {"depth": 3},
                                         "img_size": 40}}, path)
-    cfg = config_mod.build_config(dict(checkpoint=str(path)), config_mod.FINETUNE_KEYS, default_recipe=None)
+    cfg = FinetuneConfig.build(dict(checkpoint=str(path)))
     assert ft.encoder_spec(cfg) == (path, "mae_vit_demo_patch8", {"depth": 3, "img_size": 40})
-    assert ft.encoder_spec(dict(cfg, img_size=48)) == (path, "mae_vit_demo_patch8", {"depth": 3, "img_size": 48})
-    assert ft.encoder_spec(dict(cfg, model="mae_vit_small_patch16")) == (path, "mae_vit_small_patch16", {})
+    assert ft.encoder_spec(dataclasses.replace(cfg, img_size=48)) == (path, "mae_vit_demo_patch8", {"depth": 3, "img_size": 48})
+    assert ft.encoder_spec(dataclasses.replace(cfg, model="mae_vit_small_patch16")) == (path, "mae_vit_small_patch16", {})
 
 
-# ------------------------------------------------------------------------------------------------ config
-def test_config_values_take_their_keys_types():
-    argv = ["mask_ratio=1", "steps=8.0", "lr=3", "betas=[0.8, 0.9]", "name=a: b: c", "--output-dir", "o",
-            "--data_source=x=y", "model_kwargs.extra.deep=2"]
-    cfg = config_mod.config_from_argv(argv)
-    assert type(cfg["mask_ratio"]) is float and cfg["mask_ratio"] == 1.0
-    assert type(cfg["steps"]) is int and cfg["steps"] == 8
-    assert type(cfg["lr"]) is float and cfg["lr"] == 3.0
-    assert cfg["name"] == "a: b: c"  # not valid YAML: the text itself
-    assert cfg["output_dir"] == "o" and cfg["data_source"] == "x=y"
-    assert cfg["model_kwargs"] == {"extra": {"deep": 2}}
-    assert config_mod.config_from_argv(["img_size=[32, 48]"])["img_size"] == [32, 48]
-    assert config_mod.build_config({"betas": (0.9, 0.98)})["betas"] == [0.9, 0.98]
-    assert config_mod.config_from_argv(["memory_budget_gib=3"])["memory_budget_gib"] == 3.0
+@pytest.mark.curves  # draws curves.png
+@pytest.mark.parametrize("mode", ["finetune", "linprobe"])
+def test_finetune_and_linprobe_smoke(tmp_path, mode):
+
+    pre = pretrain(tiny(tmp_path, name="pre", steps=2))
+    res = finetune(dict(mode=mode, checkpoint=pre["run_dir"], output_dir=str(tmp_path), epochs=3, batch_size=16,
+                        warmup_epochs=1, lr=3e-3 if mode == "finetune" else 0.05, progress=False, pool="mean"),
+                   datasets=(Shapes(40), Shapes(20, seed=1), ["a", "b", "c", "d"]))
+    assert 0 <= res["top1"] <= 100 and res["top1"] <= res["top5"] <= 100 and res["top5"] == 100.0  # 4 classes
+    assert res["best_epoch"] in range(3) and len(res["history"]) == 3
+    saved = json.loads(Path(res["results"]).read_text())
+    assert saved["top1"] == res["top1"] and saved["checkpoint"].endswith("checkpoint-00000002.pt")
+    assert Path(saved["curves"]).is_file() and Path(saved["curves"]).parent == Path(res["results"]).parent
+    assert res["model"] == "mae_vit_demo_patch8"
 
 
-@pytest.mark.parametrize("override, msg", [
-    ("steps=7.5", "steps must be an integer"), ("epochs=true", "epochs must be an integer"),
-    ("lr=true", "lr must be a number"), ("lr=fast", "lr must be a number"), ("steps=[1]", "steps must be an integer"),
-    ("progress=1", "progress must be true or false"), ("name=[1, 2]", "name must be a string"),
-    ("model={a: 1}", "model must be a string"), ("betas=0.9", "betas must be a list"),
-    ("model_kwargs=3", "model_kwargs must be a mapping"), ("memory_budget_gib=0", "memory_budget_gib must be"),
-    ("memory_budget_gib=true", "memory_budget_gib must be"), ("img_size=[32, 32, 32]", "img_size must be an integer"),
-    ("img_size=[32, 4.5]", "img_size must be an integer"), ("grad_checkpointing=-1", "grad_checkpointing must be"),
-])
-def test_config_rejects_values_of_the_wrong_type(override, msg):
-    with pytest.raises(config_mod.ConfigError, match=msg):
-        config_mod.config_from_argv([override])
+def test_linprobe_freezes_encoder_and_uses_affine_free_batchnorm(tmp_path):
+    import mae_fast
+    from mae_fast.training.finetune import Classifier
+
+    enc = mae_fast.create_timm_encoder(mae_fast.create_model("mae_vit_demo_patch8"))
+    c = Classifier(enc, 5, "cls", linprobe=True)
+    assert not any(p.requires_grad for p in c.encoder.parameters())
+    assert isinstance(c.bn, torch.nn.BatchNorm1d) and not c.bn.affine
+    c.train()
+    assert not c.encoder.training and c.bn.training
+    before = {k: v.clone() for k, v in c.encoder.state_dict().items()}
+    c(torch.randn(4, 3, 64, 64)).sum().backward()
+    assert c.head.weight.grad is not None
+    assert all(torch.equal(before[k], v) for k, v in c.encoder.state_dict().items())
 
 
-def test_config_parser_edge_cases(tmp_path):
-    with pytest.raises(config_mod.ConfigError, match="--lr needs a value"):
-        config_mod.parse_overrides(["steps=3", "--lr"])
-    assert config_mod.parse_overrides(["--config", "r.yaml", "--img-size", "[8, 8]"]) == ("r.yaml", {"img_size": [8, 8]})
-    (tmp_path / "norecipe").write_text("steps: 3\nmodel_kwargs: {depth: 2}\n")  # a path without a suffix
-    cfg = config_mod.load_recipe(tmp_path / "norecipe")
-    assert cfg["steps"] == 3 and cfg["name"] == "norecipe" and cfg["model_kwargs"] == {"depth": 2}
-    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
-    with pytest.raises(config_mod.ConfigError, match="must be a mapping of key: value"):
-        config_mod.load_recipe(tmp_path / "list.yaml")
-    with pytest.raises(config_mod.ConfigError, match="not valid YAML"):
-        (tmp_path / "bad.yaml").write_text("steps: [1\n")
-        config_mod.load_recipe(tmp_path / "bad.yaml")
+def test_finetune_loads_official_and_timm_style_checkpoints(tmp_path):
+    import mae_fast
+    from mae_fast.training.finetune import build_classifier
+
+    src = mae_fast.create_model("mae_vit_demo_patch8")
+    torch.save({"model": src.state_dict()}, tmp_path / "official.pth")
+    torch.save(mae_fast.export_timm(src), tmp_path / "timm.pth")
+    cfg = FinetuneConfig()
+    for f in ("official.pth", "timm.pth"):
+        model, *_ = build_classifier(dataclasses.replace(cfg, checkpoint=str(tmp_path / f)), 3, linprobe=False)
+        torch.testing.assert_close(model.encoder.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
 
 
-def test_configs_share_no_mutable_state(tmp_path):
-    """Changing one config's lists or dicts (or passing dicts in) changes no other config, default or argument."""
-    (tmp_path / "short.yaml").write_text("steps: 3\n")  # every list and dict left at its default
-    first = config_mod.load_recipe(tmp_path / "short.yaml")
-    first["betas"].append(0.5), first["model_kwargs"].update(depth=1), first["debug_nan_steps"].append(3)
-    again = config_mod.load_recipe(tmp_path / "short.yaml")
-    assert again["betas"] == [0.9, 0.95] and again["model_kwargs"] == {} and again["debug_nan_steps"] == []
-    base = config_mod.defaults(config_mod.FINETUNE_KEYS)
-    merged = config_mod.merge(base, {"model_kwargs.depth": 2, "epochs": 3}, config_mod.FINETUNE_KEYS)
-    assert base["model_kwargs"] == {} and base["epochs"] == 50 and merged["model_kwargs"] == {"depth": 2}
-    given = {"depth": 3}
-    cfg = config_mod.build_config({"model_kwargs": given, "model_kwargs.num_heads": 2})
-    assert cfg["model_kwargs"] == {"depth": 3, "num_heads": 2} and given == {"depth": 3}
+def test_linprobe_on_the_demo_labelled_set(tmp_path):
+    with pytest.warns(RuntimeWarning, match="random weights"):  # no runs/demo under tmp_path
+        res = finetune(dict(mode="linprobe", output_dir=str(tmp_path), checkpoint=None, epochs=1, fraction=0.25,
+                            batch_size=32, warmup_epochs=0, progress=False))
+    assert res["num_classes"] == 8 and res["val_images"] > 0 and res["train_images"] < res["val_images"] * 4
+    assert 0 <= res["top1"] <= res["top5"] <= 100 and Path(res["results"]).is_file()
 
 
-def test_string_keys_keep_the_command_lines_text():
-    """Run names, paths and choices that YAML would read as numbers or booleans (2024, 007, 1e3, nan, true) are the
-    text given; null still clears a nullable key, and number keys still parse numbers."""
-    argv = ["name=007", "output_dir=1e3", "data_root=2024", "--auto-augment", "true", "checkpoint=null", "lr=1e-4",
-            "memory_budget_gib=3", "epochs=4"]
-    cfg = config_mod.config_from_argv(argv, config_mod.FINETUNE_KEYS, None, fixed={"mode": "finetune"})
-    assert (cfg["name"], cfg["output_dir"], cfg["data_root"], cfg["auto_augment"]) == ("007", "1e3", "2024", "true")
-    assert cfg["checkpoint"] is None and cfg["lr"] == 1e-4 and cfg["memory_budget_gib"] == 3.0 and cfg["epochs"] == 4
-    assert config_mod.config_from_argv(["--resume", "1"])["resume"] == "1"  # pretraining's nullable path key
-    with pytest.raises(config_mod.ConfigError, match="name must be a string"):  # a list is no text
-        config_mod.config_from_argv(["name=[1, 2]"])
+def test_linprobe_with_lars_runs_and_bad_optimizer_errors(tmp_path):
+    from mae_fast.training import config as config_mod
+
+    base = dict(mode="linprobe", output_dir=str(tmp_path), checkpoint=None, epochs=1, fraction=0.1, batch_size=16,
+                warmup_epochs=0, progress=False)
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        res = finetune(dict(base, linprobe_optimizer="lars"))
+    assert 0 <= res["top1"] <= 100
+    with pytest.raises(config_mod.ConfigError, match="lars or sgd"), pytest.warns(RuntimeWarning):
+        finetune(dict(base, name="bad", linprobe_optimizer="adam"))
 
 
-def test_the_subcommand_fixes_the_mode_and_the_script_takes_it_from_the_command_line(monkeypatch, capsys):
-    """`mae-fast linprobe mode=finetune` used to finetune; now the contradiction is refused before any work. The
-    script (`torchrun train/finetune.py`) has no subcommand, so there `mode=linprobe` chooses the probe."""
-    fixed = {"mode": "linprobe"}
-    with pytest.raises(config_mod.ConfigError, match="mode='finetune' contradicts the command, which sets "
-                                                     "mode='linprobe'"):
-        config_mod.config_from_argv(["mode=finetune"], config_mod.FINETUNE_KEYS, None, fixed=fixed)
-    same = config_mod.config_from_argv(["mode=linprobe"], config_mod.FINETUNE_KEYS, None, fixed=fixed)
-    assert same["mode"] == "linprobe"
-    seen = []
-    monkeypatch.setattr(ft, "finetune", lambda cfg: seen.append(cfg["mode"]) or {})
-    assert ft.main(["mode=finetune"], mode="linprobe") == 2 and seen == []
-    assert "mae-fast linprobe: mode='finetune' contradicts" in capsys.readouterr().err
-    assert ft.main(["mode=linprobe"]) == 0 and ft.main([]) == 0 and seen == ["linprobe", "finetune"]
+def test_finetune_memory_budget_turns_on_checkpointing_with_the_same_results(tmp_path):
+    from mae_fast.training import config as config_mod
+
+    pre = pretrain(tiny(tmp_path, name="pre", steps=1))
+    base = dict(mode="finetune", checkpoint=pre["run_dir"], output_dir=str(tmp_path), epochs=1, batch_size=16,
+                warmup_epochs=0, lr=3e-3, progress=False, drop_path=0.0)
+    data = (Shapes(32), Shapes(16, seed=1), ["a", "b", "c", "d"])
+    roomy = finetune(dict(base, name="roomy", memory_budget_gib=100.0), datasets=data)
+    plan = roomy["memory_plan"]
+    assert plan["changed"] is False and plan["grad_checkpointing"] is False and plan["estimated_peak_bytes"] > 0
+    squeezed = finetune(dict(base, name="squeezed", memory_budget_gib=plan["estimated_peak_bytes"] * 0.999 / 2**30),
+                        datasets=data)
+    plan2 = squeezed["memory_plan"]
+    assert plan2["changed"] and plan2["grad_checkpointing"]
+    assert plan2["estimated_peak_bytes"] < plan["estimated_peak_bytes"] * 0.999
+    assert [h["top1"] for h in squeezed["history"]] == [h["top1"] for h in roomy["history"]]  # checkpointing is exact
+    with pytest.raises(config_mod.ConfigError, match="raise accum_steps .* or lower batch_size"):
+        finetune(dict(base, name="tight", memory_budget_gib=1e-4), datasets=data)
+    with_drop_path = finetune(dict(base, name="dp", drop_path=0.1, memory_budget_gib=100.0), datasets=data)
+    assert with_drop_path["memory_plan"]["estimated_peak_bytes"] > 0  # timm's drop-path set-up is estimable
+    with pytest.raises(config_mod.ConfigError, match="true or false"):
+        finetune(dict(base, name="partial", grad_checkpointing=3), datasets=data)
+
+
+def _smoothed(labels, num_classes, smoothing):
+    off = smoothing / num_classes
+    return torch.nn.functional.one_hot(labels, num_classes).double() * (1 - smoothing) + off
+
+
+def test_batch_mixer_follows_the_mixup_and_cutmix_formulas():
+    """Against the formulas: mixup x' = lam x + (1 - lam) x[flip], cutmix pastes one box of x[flip] with
+    lam = 1 - box area / image area, soft targets lam y~ + (1 - lam) y~[flip] of label-smoothed one-hots y~. lam
+    is read back from the images. An odd batch keeps its last image, with a smoothed one-hot target. The draws
+    are a function of (seed, step) and leave numpy's global generator alone."""
+    from mae_fast.training.finetune import BatchMixer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 11, 13, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (7,), generator=g)
+    smooth = _smoothed(y, 5, 0.1)
+
+    mixup = BatchMixer(0.8, 0.0, 0.1, 5, seed=3)
+    np_state = np.random.get_state()
+    out, soft = mixup(x.clone(), y, step=4)
+    assert np.array_equal(np.random.get_state()[1], np_state[1])
+    a, b = x[:6], x[:6].flip(0)
+    lam = float(((out[0] - b[0]) * (a[0] - b[0])).sum() / ((a[0] - b[0]) ** 2).sum())
+    assert 0 < lam < 1
+    torch.testing.assert_close(out[:6], lam * a + (1 - lam) * b)
+    torch.testing.assert_close(out[6], x[6])
+    torch.testing.assert_close(soft[:6].double(), lam * smooth[:6] + (1 - lam) * smooth[:6].flip(0), atol=1e-6,
+                               rtol=0)
+    torch.testing.assert_close(soft[6].double(), smooth[6], atol=1e-6, rtol=0)
+    torch.testing.assert_close(soft.sum(1), torch.ones(7))
+    again, _ = mixup(x.clone(), y, step=4)
+    other, _ = BatchMixer(0.8, 0.0, 0.1, 5, seed=3)(x.clone(), y, step=5)
+    assert torch.equal(again, out) and not torch.allclose(other, out)
+
+    cutmix = BatchMixer(0.0, 1.0, 0.1, 5, seed=3)
+    for step in range(6):
+        out, soft = cutmix(x[:6].clone(), y[:6], step=step)
+        pasted = (out != x[:6]).any(0).any(0)  # (H, W): where the flipped batch shows
+        rows, cols = pasted.any(1).nonzero().flatten(), pasted.any(0).nonzero().flatten()
+        if len(rows):  # the box is a rectangle of x[flip], the rest x
+            box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+            torch.testing.assert_close(out[:, :, box[0], box[1]], x[:6].flip(0)[:, :, box[0], box[1]])
+        lam = 1 - float(pasted.sum()) / (11 * 13)
+        torch.testing.assert_close(out[:, :, ~pasted], x[:6][:, :, ~pasted])
+        torch.testing.assert_close(soft.double(), lam * smooth[:6] + (1 - lam) * smooth[:6].flip(0), atol=1e-6,
+                                   rtol=0)
+
+
+def test_finetuning_augmentation_keys(tmp_path):
+    """MAE's finetuning recipe (its FINETUNE.md numbers) loads for finetune, not for pretrain; bad augmentation
+    keys stop before any data is read; the keys join the run identity only when on (older checkpoints resume)."""
+    import mae_fast.training.finetune as ft
+
+    r = config_mod.config_from_argv(["--config", "mae_official_finetune"], config_mod.FINETUNE_KEYS, None,
+                                    fixed={"mode": "finetune"})
+    assert (r["auto_augment"], r["reprob"], r["mixup"], r["cutmix"], r["label_smoothing"]) == \
+        ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1)
+    assert (r["base_lr"], r["batch_size"], r["epochs"], r["layer_decay"], r["drop_path"], r["warmup_epochs"]) == \
+        (5e-4, 1024, 100, 0.65, 0.1, 5)
+    assert r["pool"] == "mean_fc_norm"
+    assert "mae_official_finetune" not in config_mod.list_recipes()
+    with pytest.raises(config_mod.ConfigError, match="recipe 'mae_official_finetune' not found"):
+        config_mod.config_from_argv(["--config", "mae_official_finetune"])
+    base = dict(output_dir=str(tmp_path), data_root=str(tmp_path / "absent"), checkpoint=None, progress=False)
+    with pytest.raises(config_mod.ConfigError, match="auto_augment 'randaug' is not a policy timm knows"):
+        ft.finetune(dict(base, auto_augment="randaug"))
+    with pytest.raises(config_mod.ConfigError, match="reprob must be in"):
+        ft.finetune(dict(base, reprob=1.5))
+    with pytest.raises(config_mod.ConfigError, match="mixup, cutmix >= 0"):
+        ft.finetune(dict(base, cutmix=-1.0))
+    cfg = FinetuneConfig()
+    assert not set(ft.LATER_IDENTITY) & set(ft.run_identity(cfg, None))
+    assert {k: getattr(cfg, k) for k in ft.LATER_IDENTITY} == ft.LATER_IDENTITY  # the defaults it leaves out
+    assert ft.run_identity(dataclasses.replace(cfg, mixup=0.8), None)["mixup"] == 0.8
+    data = (Shapes(16), Shapes(8, seed=1), ["a", "b", "c", "d"])
+    with pytest.warns(RuntimeWarning, match="datasets given keep their own transforms"):
+        plain = ft.finetune(dict(FT_BASE, output_dir=str(tmp_path), epochs=1, name="own", auto_augment="original",
+                                 label_smoothing=0.0), datasets=data)
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        mixed = ft.finetune(dict(FT_BASE, output_dir=str(tmp_path), epochs=1, name="mixed", cutmix=1.0,
+                                 label_smoothing=0.0), datasets=data)
+    assert mixed["history"][0]["train_loss"] != plain["history"][0]["train_loss"]  # the mixer is in the loop
+
+
+def test_finetune_progress_counts_steps_with_the_epoch_loss_and_accuracy(tmp_path, capsys):
+    """An epoch of a large labelled set is long: the bar moves every step and shows the epoch, the epoch's running
+    loss and the last evaluation."""
+    import mae_fast.training.finetune as ft
+
+    data = (Shapes(40), Shapes(20, seed=1), ["a", "b", "c", "d"])
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        res = ft.finetune(dict(FT_BASE, output_dir=str(tmp_path), epochs=2, progress=True), datasets=data)
+    out = capsys.readouterr().out
+    assert "10/10" in out and "epoch=2/2" in out
+    assert f"top1={res['history'][-1]['top1']:.1f}" in out and f"best={res['top1']:.1f}" in out
+
+
+@pytest.mark.parametrize("mode, extra", [("linprobe", {}), ("finetune", {"mixup": 0.8, "cutmix": 1.0})])
+def test_accumulation_on_a_short_last_batch_keeps_micro_batches_usable(tmp_path, monkeypatch, mode, extra):
+    """batch_size=8 accum_steps=4 on 42 images: five batches of 8 (micro-batches of 2) and a last one of 2, which
+    split four ways would give micro-batches of 1 and 0 images: the probe's BatchNorm cannot take statistics over
+    one row (it raised) and mixup cannot pair one image (it left it unmixed). The last batch takes one micro-batch
+    of 2. Micro-batches of 1 in every step are refused before any data is read."""
+    import mae_fast.training.finetune as ft
+
+    trained_on, real_forward = [], ft.Classifier.forward
+
+    def forward(self, x):
+        if self.training:
+            trained_on.append(len(x))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(ft.Classifier, "forward", forward)
+    data = (Shapes(42), Shapes(20, seed=1), ["a", "b", "c", "d"])
+    base = dict(FT_BASE, output_dir=str(tmp_path), mode=mode, epochs=1, accum_steps=4,
+                lr=0.05 if mode == "linprobe" else 3e-3, **extra)
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        res = ft.finetune(base, datasets=data)
+    assert trained_on == [2] * 20 + [2]
+    assert np.isfinite(res["history"][0]["train_loss"]) and np.isfinite(res["history"][0]["val_loss"])
+    with pytest.raises(config_mod.ConfigError, match="micro-batches of 1 image.*must be >= 2"):
+        ft.finetune(dict(base, accum_steps=8, data_root=str(tmp_path / "absent")))
+
+
+def test_finetune_records_its_settings_and_labelled_subset(tmp_path):
+    """config.yaml holds every setting of the run (it loads back as the same config) and data_record.json the
+    training images the low-label fraction kept, so a top-1 can be traced to what produced it."""
+    import yaml
+
+    import mae_fast.training.finetune as ft
+    from mae_fast.data import build_labelled_datasets
+
+    cfg = dict(FT_BASE, output_dir=str(tmp_path), epochs=1, fraction=0.25, reprob=0.25, name="rec", img_size=None)
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        res = ft.finetune(cfg)
+    run_dir = tmp_path / "rec"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved == config_mod.build_config(cfg, config_mod.FINETUNE_KEYS, default_recipe=None)
+    record = json.loads((run_dir / "data_record.json").read_text())
+    train, _, _ = build_labelled_datasets(None, img_size=64, fraction=0.25, seed=0)
+    assert record["train_files"] == train.record["train_files"] and record["n_train"] == res["train_images"]
+
+
+def test_mean_fc_norm_pool_is_maes_global_pool():
+    """pool=mean_fc_norm against timm's VisionTransformer(global_pool='avg', fc_norm=True), MAE's finetuning model:
+    the same features from the same encoder and fc_norm weights; the encoder's final norm is not applied; the new
+    LayerNorm sits in the last layer-decay group without weight decay; a linear probe refuses it."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    import mae_fast
+    from mae_fast.models import create_timm_encoder, export_timm, timm_model_kwargs
+    from mae_fast.training.finetune import Classifier
+
+    mae = mae_fast.create_model("mae_vit_demo_patch8", img_size=40)
+    torch.manual_seed(0)
+    for p in mae.parameters():  # random everywhere, final norm included, so that skipping it shows
+        p.data.normal_(0.0, 0.2)
+    clf = Classifier(create_timm_encoder(mae), num_classes=5, pool="mean_fc_norm")
+    clf.fc_norm.weight.data.uniform_(0.5, 1.5), clf.fc_norm.bias.data.normal_()
+    ref = VisionTransformer(**timm_model_kwargs(mae), global_pool="avg", fc_norm=True)
+    state = {k: v for k, v in export_timm(mae).items() if not k.startswith("norm.")}
+    state.update({"fc_norm.weight": clf.fc_norm.weight.data, "fc_norm.bias": clf.fc_norm.bias.data})
+    ref.load_state_dict(state, strict=True)
+    clf.eval(), ref.eval()
+    x = torch.randn(3, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(clf.features(x), ref(x), rtol=1e-5, atol=1e-5)
+        plain_mean = Classifier(create_timm_encoder(mae), num_classes=5, pool="mean").eval().features(x)
+    assert not torch.allclose(clf.features(x), plain_mean, atol=1e-3)
+    groups = layer_decay_groups(clf, weight_decay=0.05, layer_decay=0.75)
+    fc_group = next(g for g in groups if any(p is clf.fc_norm.weight for p in g["params"]))
+    assert fc_group["lr_scale"] == 1.0 and fc_group["weight_decay"] == 0.0
+    with pytest.raises(config_mod.ConfigError, match="pool=mean_fc_norm trains a new LayerNorm"):
+        Classifier(create_timm_encoder(mae), num_classes=5, pool="mean_fc_norm", linprobe=True)
+    with pytest.raises(config_mod.ConfigError, match="pool must be one of cls, mean, mean_fc_norm, got 'max'"):
+        Classifier(create_timm_encoder(mae), num_classes=5, pool="max")
+
+
+def test_finetune_with_an_empty_validation_set_stops_before_training(tmp_path):
+
+    with pytest.warns(RuntimeWarning, match="random weights"), \
+            pytest.raises(config_mod.ConfigError, match="no validation images"):
+        finetune(dict(mode="linprobe", checkpoint=None, output_dir=str(tmp_path), epochs=1, batch_size=8, img_size=32,
+                      progress=False, memory_budget_gib=None), datasets=(Shapes(8), Shapes(0), ["a", "b", "c", "d"]))
+    assert not (tmp_path / "linprobe").exists()
+
+
+def test_labelled_set_without_validation_images_is_a_clear_error(tmp_path):
+    """Before: training ran a whole epoch, then evaluate() raised ZeroDivisionError."""
+    for c in ("a", "b"):
+        write_pngs(tmp_path / "tv" / "train" / c, 3)
+    (tmp_path / "tv" / "val").mkdir()
+    with pytest.raises(FileNotFoundError, match="no readable validation images under .*val"):
+        build_labelled_datasets(tmp_path / "tv", img_size=16)
+    for c in ("a", "b"):  # val classes named otherwise than train's
+        write_pngs(tmp_path / "other" / "train" / c, 3)
+    write_pngs(tmp_path / "other" / "val" / "c", 2)
+    with pytest.raises(FileNotFoundError, match="for the classes of .*train: a, b"):
+        build_labelled_datasets(tmp_path / "other", img_size=16)
+    for c in ("a", "b"):  # a single folder with one image per class: nothing to hold out
+        write_pngs(tmp_path / "single" / c, 1)
+    with pytest.raises(FileNotFoundError, match="no validation images can be held out of .*single"):
+        build_labelled_datasets(tmp_path / "single", img_size=16)

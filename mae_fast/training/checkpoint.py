@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mae_fast.models.checkpoint import CheckpointError
@@ -151,3 +153,23 @@ def latest_valid_checkpoint(run_dir) -> tuple[Path, dict] | None:
         except (RuntimeError, OSError) as e:
             warnings.warn(f"skipping damaged checkpoint: {e}", RuntimeWarning, stacklevel=2)
     return None
+
+
+def rng_state() -> dict:
+    """This process's RNG states (torch CPU, numpy, python, and CUDA's when started), for a checkpoint."""
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    """Restore what :func:`rng_state` saved (CUDA's with a warning when the devices differ)."""
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(st["cuda"])
+        except (RuntimeError, IndexError) as e:
+            warnings.warn(f"could not restore CUDA RNG state: {e}", RuntimeWarning)

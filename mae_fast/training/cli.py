@@ -1,0 +1,43 @@
+"""The command line of every training entry point (``mae-fast pretrain / finetune / linprobe``, ``train/*.py``):
+``[--config RECIPE|path.yaml] [key=value ...] [--key value ...]``, ``--help`` listing every key with its meaning
+and default, one-line errors on stderr with exit code 2 for bad input, and the exit code a signal would give
+when SIGINT / SIGTERM stopped the run (after its checkpoint)."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from mae_fast.data.base import DataError
+from mae_fast.models.checkpoint import CheckpointError
+from mae_fast.training.config import DEFAULT_RECIPE, KEYS, ConfigError, config_from_argv, help_text
+from mae_fast.training.signals import TrainingInterrupted
+
+# the user's input: a one-line message, no traceback
+USER_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, DataError)
+
+
+def run_command(argv, config_cls, run: Callable, *, prog: str, fixed: dict | None = None,
+                errors: dict | None = None) -> int:
+    """Parse ``argv`` into the keys of ``config_cls`` (its recipes, overrides, ``fixed`` keys the command sets),
+    checked, and ``run`` them (a dict of every key, ``recipe`` None: nothing left to merge); turn the outcome into an
+    exit code: 0, 2 for bad input, ``errors[type]`` for the run's own failures, 128 + signum for a run a signal
+    stopped."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    keys = KEYS[config_cls]
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(keys, prog))
+        return 0
+    try:
+        cfg = config_from_argv(argv, keys, DEFAULT_RECIPE[config_cls], fixed=fixed)
+        config_cls.from_dict(cfg)  # every key a field
+        run(dict(cfg, recipe=None))
+    except USER_ERRORS as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:  # the summary above says where; exit as the signal would have
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
+    except tuple(errors or ()) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return next(code for cls, code in errors.items() if isinstance(e, cls))
+    return 0

@@ -1,0 +1,134 @@
+"""What a run reports: ``metrics.jsonl`` rows (and TensorBoard when installed), throughput windows with MFU and
+the share of time spent waiting for data, the progress bar, and the peak FLOP/s that MFU divides by."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# bf16 dense peak FLOP/s of one device (datasheet figures), matched against the device name
+PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12),
+    ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("A10G", 70e12), ("A10", 125e12),
+    ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+)
+
+# the share of a logging window spent blocked on the data loader above which the trainer says so
+DATA_WAIT_WARN = 0.1
+
+
+def peak_flops_for(device: torch.device, override) -> tuple[float | None, str]:
+    """Peak FLOP/s of one device: the override, a table for known GPUs, or a measured CPU matmul."""
+    if override:
+        return float(override), "config"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, val in PEAK_FLOPS:
+            if key in name:
+                return val, f"table ({name})"
+        return None, f"unknown GPU {name}"
+    # CPU: the best of a few fp32 matmuls stands in for the peak (other load on the machine lowers it); the
+    # operand comes from a generator of its own: a draw from the global one would move the RNG state that a
+    # resume has just restored, so the resumed run would go on from another state than the uninterrupted one
+    size = 1024
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    best = float("inf")
+    for _ in range(6):
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best, "measured CPU fp32 matmul"
+
+
+class MetricsLog:
+    """Appends rows to ``<run_dir>/metrics.jsonl`` (and TensorBoard scalars when it is installed); rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled, self.path, self.tb = enabled, run_dir / "metrics.jsonl", None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except Exception:  # tensorboard not installed
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step" and v is not None:
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def progress_bar(enabled: bool, **kw):
+    """A tqdm bar on stdout, or None."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(dynamic_ncols=True, file=sys.stdout, **kw)
+
+
+class Throughput:
+    """Logging windows of a pretraining run: images/s, MFU and data wait per window, and their steady values
+    over every window but the first (which holds compilation and warm-up). Time spent in checkpoints and
+    pictures is kept out with :meth:`aside`."""
+
+    def __init__(self, flops_per_image: float, peak: float | None, world_size: int, device: torch.device):
+        self.flops_per_image, self.peak, self.world, self.device = flops_per_image, peak, world_size, device
+        self.start_window()
+        self.rate, self.mfu = 0.0, None
+        self.steady = {"images": 0, "seconds": 0.0, "windows": 0, "data_wait_s": 0.0}
+
+    def start_window(self) -> None:
+        self.t_window, self.images, self.data_wait_s, self.losses = time.perf_counter(), 0, 0.0, []
+
+    def add_step(self, images: int, loss: float | None) -> None:
+        self.images += images
+        if loss is not None:
+            self.losses.append(loss)
+
+    def aside(self, t_aside: float) -> None:
+        """Time since ``t_aside`` (a checkpoint, a picture) is not the window's."""
+        self.t_window += time.perf_counter() - t_aside
+
+    def close_window(self) -> dict:
+        """The window's figures: loss (mean of its finite steps), images_per_s, mfu, data_wait; starts the next."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - self.t_window
+        self.rate = self.images / dt if dt > 0 else 0.0
+        self.mfu = self._mfu(self.rate)
+        if self.steady["windows"] > 0:
+            self.steady["images"] += self.images
+            self.steady["seconds"] += dt
+            self.steady["data_wait_s"] += self.data_wait_s
+        self.steady["windows"] += 1
+        data_wait = min(1.0, self.data_wait_s / dt) if dt > 0 else 0.0
+        out = {"loss": float(np.mean(self.losses)) if self.losses else None, "images_per_s": round(self.rate, 2),
+               "mfu": self.mfu, "data_wait": round(data_wait, 4)}
+        self.start_window()
+        return out
+
+    def _mfu(self, rate: float):
+        return self.flops_per_image * rate / (self.peak * self.world) if self.peak else None
+
+    def summary(self) -> tuple[float, float | None, float | None]:
+        """(images/s, MFU, data wait) after the first window, else the last window's."""
+        s = self.steady
+        rate = s["images"] / s["seconds"] if s["seconds"] > 0 else self.rate
+        wait = s["data_wait_s"] / s["seconds"] if s["seconds"] > 0 else None
+        return rate, self._mfu(rate), wait
