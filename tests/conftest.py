@@ -16,14 +16,3 @@ if not torch.cuda.is_available():
 # With torch 2.11, FSDP2 peaked above one unsharded device at the tests' small sizes (so did its own FSDPMemTracker,
 # which test_memory's estimate matches exactly); with torch 2.14 it peaks below. Tests assert the saving only there.
 FSDP2_PEAKS_BELOW_UNSHARDED = torch.__version__ >= (2, 14)  # TorchVersion compares with tuples
-
-
-@pytest.fixture
-def poison_flash_attention_outputs(monkeypatch):
-    """Every buffer the Triton attention launchers allocate starts as NaN, so unwritten elements show."""
-    from mae_fast.ops._triton_attention import _kernels
-
-    def nan_alloc(shape, dtype=None, device=None, **kw):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(_kernels(), "_alloc", nan_alloc)
