@@ -3,7 +3,7 @@
 ``nvcc -c`` of csrc/masking.cu for one architecture (sm_90) with torch's include directories, to an
 object file: about a minute on 2 cores, so a broken kernel source fails CI. Skips (with the reason)
 only when no nvcc is installed. The GPU tests that run the built extension are in
-test_masking_kernels.py.
+test_kernels_masking.py.
 """
 import os
 import shutil

@@ -33,63 +33,63 @@ def _perm_ids(B, L, K, seed=0):
 # ---- a made-up op: auto's walk, named backends, errors ------------------------------------------------
 
 @pytest.fixture
-def audit_op(monkeypatch):
-    """A made-up op ``audit_op``, priority ``fast, mid, slow``: ``fast`` a GPU kernel whose library is missing,
+def toy_op(monkeypatch):
+    """A made-up op ``toy_op``, priority ``fast, mid, slow``: ``fast`` a GPU kernel whose library is missing,
     ``mid`` refuses negative inputs, ``slow`` takes anything. Inputs are one-element tensors."""
     monkeypatch.delenv("MAE_FAST_BACKEND", raising=False)
-    monkeypatch.setitem(dispatch.PRIORITY, "audit_op", ["fast", "mid", "slow"])
+    monkeypatch.setitem(dispatch.PRIORITY, "toy_op", ["fast", "mid", "slow"])
 
     def fast_reasons(x):
         raise AssertionError("reasons of an unavailable backend must not be asked (its library may be missing)")
 
     table = {
-        "fast": dispatch.Backend(op="audit_op", name="fast", fn=lambda x: "fast", reasons=fast_reasons,
+        "fast": dispatch.Backend(op="toy_op", name="fast", fn=lambda x: "fast", reasons=fast_reasons,
                                  available=lambda: "fastlib not installed", gpu=True),
-        "mid": dispatch.Backend(op="audit_op", name="mid", fn=lambda x: "mid",
+        "mid": dispatch.Backend(op="toy_op", name="mid", fn=lambda x: "mid",
                                 reasons=lambda x: ["negative input"] if x < 0 else []),
-        "slow": dispatch.Backend(op="audit_op", name="slow", fn=lambda x: "slow", reasons=lambda x: []),
+        "slow": dispatch.Backend(op="toy_op", name="slow", fn=lambda x: "slow", reasons=lambda x: []),
     }
     for b in table.values():
         dispatch.register_backend(b)
     yield table
-    del dispatch._REGISTRY["audit_op"]
+    del dispatch._REGISTRY["toy_op"]
 
 
 def _pick(x, backend="auto"):
-    return dispatch.select_backend("audit_op", backend, torch.tensor(float(x))).name
+    return dispatch.select_backend("toy_op", backend, torch.tensor(float(x))).name
 
 
-def test_auto_takes_the_first_that_can_run_and_skips_unavailable_backends(audit_op):
+def test_auto_takes_the_first_that_can_run_and_skips_unavailable_backends(toy_op):
     assert _pick(3) == "mid"  # "fast" is not installed
     assert _pick(-1) == "slow"  # mid refuses
-    assert dispatch.describe("audit_op", 3) == {"fast": ["fastlib not installed"], "mid": [], "slow": []}
+    assert dispatch.describe("toy_op", 3) == {"fast": ["fastlib not installed"], "mid": [], "slow": []}
     with pytest.raises(dispatch.NoBackendError, match="backend 'fast' cannot run these inputs: fastlib not installed"):
         _pick(3, "fast")
     assert _pick(3, "slow") == "slow"  # a named backend is used even where auto would pick another
 
 
-def test_no_backend_error_lists_every_backend_and_unknown_names_list_every_choice(audit_op, monkeypatch):
-    monkeypatch.setattr(audit_op["slow"], "reasons", lambda x: ["too slow today"])
+def test_no_backend_error_lists_every_backend_and_unknown_names_list_every_choice(toy_op, monkeypatch):
+    monkeypatch.setattr(toy_op["slow"], "reasons", lambda x: ["too slow today"])
     with pytest.raises(dispatch.NoBackendError) as err:
         _pick(-1)
     lines = str(err.value).splitlines()
-    assert lines[0] == "audit_op: no backend can run these inputs:"
+    assert lines[0] == "toy_op: no backend can run these inputs:"
     assert sorted(lines[1:]) == ["  fast: fastlib not installed", "  mid: negative input", "  slow: too slow today"]
-    with pytest.raises(ValueError, match=r"audit_op: unknown backend 'nope'; choose from \['auto', 'fast', 'mid', "
+    with pytest.raises(ValueError, match=r"toy_op: unknown backend 'nope'; choose from \['auto', 'fast', 'mid', "
                                          r"'slow'\]"):
         _pick(3, "nope")
 
 
-def test_auto_order_gpu_kernels_last_on_cpu_preferred_first_on_cuda(audit_op, monkeypatch):
+def test_auto_order_gpu_kernels_last_on_cpu_preferred_first_on_cuda(toy_op, monkeypatch):
     cpu = torch.tensor(1.0)
-    assert [b.name for b in dispatch.auto_order("audit_op", cpu)] == ["mid", "slow", "fast"]
-    monkeypatch.setattr(audit_op["slow"], "preferred", lambda x: True)
-    assert [b.name for b in dispatch.auto_order("audit_op", cpu)] == ["mid", "slow", "fast"]  # CPU: ignored
+    assert [b.name for b in dispatch.auto_order("toy_op", cpu)] == ["mid", "slow", "fast"]
+    monkeypatch.setattr(toy_op["slow"], "preferred", lambda x: True)
+    assert [b.name for b in dispatch.auto_order("toy_op", cpu)] == ["mid", "slow", "fast"]  # CPU: ignored
     with FakeTensorMode():
         gpu = torch.empty((), device="cuda:0")
-        assert [b.name for b in dispatch.auto_order("audit_op", gpu)] == ["slow", "fast", "mid"]
-        monkeypatch.setattr(audit_op["mid"], "preferred", lambda x: True)  # several: in priority order
-        assert [b.name for b in dispatch.auto_order("audit_op", gpu)] == ["mid", "slow", "fast"]
+        assert [b.name for b in dispatch.auto_order("toy_op", gpu)] == ["slow", "fast", "mid"]
+        monkeypatch.setattr(toy_op["mid"], "preferred", lambda x: True)  # several: in priority order
+        assert [b.name for b in dispatch.auto_order("toy_op", gpu)] == ["mid", "slow", "fast"]
 
 
 def test_a_backend_outside_the_priority_list_cannot_register():
@@ -236,38 +236,38 @@ def test_use_backend_in_threads_restores_in_any_order():
     ("slow", "slow"),  # one name for every op that has it
     ("auto", "mid"),
     ("gather_visible=torch", "mid"),  # pairs for other ops leave this one on auto
-    ("audit_op=slow", "slow"),
-    ("attention=sdpa,audit_op=slow", "slow"),
-    ("audit_op=auto,attention=sdpa", "mid"),
-    (" attention = sdpa , audit_op = slow ", "slow"),  # spaces after commas or around '=' name the op all the same
-    ("audit_op =slow", "slow"),
-    ("audit_op= slow", "slow"),
+    ("toy_op=slow", "slow"),
+    ("attention=sdpa,toy_op=slow", "slow"),
+    ("toy_op=auto,attention=sdpa", "mid"),
+    (" attention = sdpa , toy_op = slow ", "slow"),  # spaces after commas or around '=' name the op all the same
+    ("toy_op =slow", "slow"),
+    ("toy_op= slow", "slow"),
 ])
-def test_mae_fast_backend_forces_a_backend_per_op(audit_op, monkeypatch, spec, want):
+def test_mae_fast_backend_forces_a_backend_per_op(toy_op, monkeypatch, spec, want):
     monkeypatch.setenv("MAE_FAST_BACKEND", spec)
     assert _pick(3) == want
     assert _pick(3, "mid") == "mid"  # an explicit backend argument wins over the environment
 
 
-def test_mae_fast_backend_errors(audit_op, monkeypatch):
+def test_mae_fast_backend_errors(toy_op, monkeypatch):
     """A name for one op that it lacks, or a pair naming no op, would force nothing silently: both are errors.
     One name for every op stays a preference: ops without a backend of that name keep auto."""
-    monkeypatch.setenv("MAE_FAST_BACKEND", "audit_op=nope")
-    with pytest.raises(ValueError, match=r"audit_op: unknown backend 'nope' \(MAE_FAST_BACKEND\); choose from "
+    monkeypatch.setenv("MAE_FAST_BACKEND", "toy_op=nope")
+    with pytest.raises(ValueError, match=r"toy_op: unknown backend 'nope' \(MAE_FAST_BACKEND\); choose from "
                                          r"\['auto', 'fast', 'mid', 'slow'\]"):
         _pick(3)
-    monkeypatch.setenv("MAE_FAST_BACKEND", "audit_op= slo")
-    with pytest.raises(ValueError, match="audit_op: unknown backend 'slo'"):
+    monkeypatch.setenv("MAE_FAST_BACKEND", "toy_op= slo")
+    with pytest.raises(ValueError, match="toy_op: unknown backend 'slo'"):
         _pick(3)
-    for spec in ("atention=sdpa", "audit_op=slow, audit_opp=slow"):
+    for spec in ("atention=sdpa", "toy_op=slow, toy_opp=slow"):
         monkeypatch.setenv("MAE_FAST_BACKEND", spec)
-        with pytest.raises(ValueError, match=r"names unknown op\(s\) \['(atention|audit_opp)'\]") as err:
+        with pytest.raises(ValueError, match=r"names unknown op\(s\) \['(atention|toy_opp)'\]") as err:
             _pick(3)
-        assert "'audit_op'" in str(err.value) and "'attention'" in str(err.value)  # the known ops are listed
-    monkeypatch.setenv("MAE_FAST_BACKEND", "audit_op=mid")
+        assert "'toy_op'" in str(err.value) and "'attention'" in str(err.value)  # the known ops are listed
+    monkeypatch.setenv("MAE_FAST_BACKEND", "toy_op=mid")
     with pytest.raises(dispatch.NoBackendError, match="backend 'mid' cannot run these inputs: negative input"):
         _pick(-1)
-    monkeypatch.setenv("MAE_FAST_BACKEND", "sdpa")  # audit_op has no sdpa: auto
+    monkeypatch.setenv("MAE_FAST_BACKEND", "sdpa")  # toy_op has no sdpa: auto
     assert _pick(3) == "mid"
     x = torch.randn(2, 9, 5)
     keep = _perm_ids(2, 9, 3)[0]
@@ -282,11 +282,11 @@ def _row(seqlen, fwd, train):
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """Install a synthetic table for the device name "Audit GPU" (returned by the patched device query)."""
-    monkeypatch.setattr(attn, "_device_name", lambda index: "Audit GPU")
+    """Install a synthetic table for the device name "Test GPU" (returned by the patched device query)."""
+    monkeypatch.setattr(attn, "_device_name", lambda index: "Test GPU")
 
     def install(table):
-        prefs = {"devices": {"Audit GPU": table}}
+        prefs = {"devices": {"Test GPU": table}}
         monkeypatch.setattr(attn, "attention_prefs", lambda path=None: prefs)
         return prefs
     return install
@@ -325,11 +325,11 @@ def test_preference_steps_follow_the_nearest_row_even_when_the_table_is_unsorted
     # the boundaries are the geometric means of neighbouring lengths: 109.5, 447.2, 2236.1
     for n in (1, 60, 109, 110, 199, 200, 447, 448, 1000, 2236, 2237, 5000, 10 ** 5):
         want = fast if nearest(n)["fwd_ms"]["triton"] < 1.0 else slow
-        assert attn.lookup_pref_row(prefs, "Audit GPU", "dense", 40, n) is nearest(n)
+        assert attn.lookup_pref_row(prefs, "Test GPU", "dense", 40, n) is nearest(n)
         assert attn.faster_on_device(0, False, 40, n, "triton", False) == want, n
     # no length given: the middle row by length (of 60, 200, 1000, 5000: the 1000 one), from both lookups
     middle = sorted(rows, key=lambda r: r["seqlen"])[2]
-    assert attn.lookup_pref_row(prefs, "Audit GPU", "dense", 40, None) is middle
+    assert attn.lookup_pref_row(prefs, "Test GPU", "dense", 40, None) is middle
     assert attn.faster_on_device(0, False, 40, None, "triton", False) == fast
 
 
@@ -398,12 +398,12 @@ def test_preferred_sdpa_order_is_fastest_first_and_keeps_every_kernel(fake_gpu):
 def test_a_swapped_preference_table_is_used(monkeypatch, tmp_path):
     """Preferences are cached per table; a table read anew (another MAE_FAST_ATTENTION_PREFS, cache cleared) must be
     used, even though the old table's dict is freed and the new one may get its id."""
-    monkeypatch.setattr(attn, "_device_name", lambda index: "Audit GPU")
+    monkeypatch.setattr(attn, "_device_name", lambda index: "Test GPU")
     paths = []
     for i, triton_ms in enumerate((0.5, 2.0, 0.5, 2.0)):
         times = {"sdpa:flash": 1.0, "triton": triton_ms}
         paths.append(tmp_path / f"prefs{i}.json")
-        paths[-1].write_text(json.dumps({"devices": {"Audit GPU": {"dense": {"32": [_row(100, times, times)]}}}}))
+        paths[-1].write_text(json.dumps({"devices": {"Test GPU": {"dense": {"32": [_row(100, times, times)]}}}}))
     try:
         for path, triton_ms in zip(paths, (0.5, 2.0, 0.5, 2.0)):
             monkeypatch.setenv("MAE_FAST_ATTENTION_PREFS", str(path))

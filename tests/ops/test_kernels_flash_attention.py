@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from mae_fast.kernels import flash_attention as fa
-from mae_fast.kernels.flash_attention import TILINGS, _flash_fwd_op, flash_attention
+from mae_fast.kernels.flash_attention import _flash_fwd_op
 from mae_fast.ops import attention, describe
 from mae_fast.ops.attention import attention_reference
 from mae_fast.ops.dispatch import NoBackendError, select_backend
@@ -26,6 +26,14 @@ if CUDA and os.environ.get("MAE_FAST_TRITON_UNVERIFIED", "0") != "1":
     pytest.skip("Triton attention tests on a GPU: set MAE_FAST_TRITON_UNVERIFIED=1", allow_module_level=True)
 
 
+TILING = "single"  # the tiling the tests launch unless they name one: pytest --attention-tiling (conftest)
+
+
+def flash_attention(*args, **kwargs):
+    kwargs.setdefault("tiling", TILING)
+    return fa.flash_attention(*args, **kwargs)
+
+
 def _ref_lse(q, k, v, scale, cu):
     return fa.attention_reference_lse(q, k, v, scale, cu)
 
@@ -37,13 +45,14 @@ def _grads(fn, q, k, v, do, dtype):
     return [out.detach()] + [t.grad for t in ins]
 
 
-def _assert_close_as_torch(q, k, v, cu=None, scale=None, max_seqlen=None, tiling="single"):
+def _assert_close_as_torch(q, k, v, cu=None, scale=None, max_seqlen=None, tiling=None):
     """Triton vs fp64, bounded by PyTorch-in-the-input-dtype vs fp64."""
     dtype = q.dtype
     do = torch.randn_like(q)
     ref = _grads(lambda a, b, c: attention_reference(a, b, c, scale, cu, upcast=False), q, k, v, do, torch.float64)
     low = _grads(lambda a, b, c: attention_reference(a, b, c, scale, cu, upcast=False), q, k, v, do, dtype)
-    tri = _grads(lambda a, b, c: flash_attention(a, b, c, scale, cu, max_seqlen, tiling=tiling), q, k, v, do, dtype)
+    tri = _grads(lambda a, b, c: flash_attention(a, b, c, scale, cu, max_seqlen, tiling=tiling or TILING), q, k, v, do,
+                 dtype)
     # the floor's scale: the largest of the four results, not each one's own (one key per query makes dq and dk
     # exactly 0 in fp64 and in torch's fp16, while the kernel's p * (dp - delta) rounds dp and delta apart)
     largest = max(max(r.abs().max().item() for r in ref), 1e-3)
@@ -64,8 +73,9 @@ def _rand(*shape, dtype=BF16):
 
 
 @pytest.fixture(autouse=True)
-def _poison_outputs(poison_flash_attention_outputs):
-    """NaN-filled output buffers (conftest), so unwritten elements fail the comparisons."""
+def _poison_outputs_and_tiling(poison_flash_attention_outputs, attention_tiling, monkeypatch):
+    """NaN-filled output buffers (conftest), so unwritten elements fail the comparisons; the tiling to launch."""
+    monkeypatch.setitem(globals(), "TILING", attention_tiling)
 
 
 CASES = [  # head_dim, seqlen, batch, heads, dtype
