@@ -314,10 +314,6 @@ def triton_attention_reasons(q, k, v, softmax_scale, cu_seqlens, max_seqlen) -> 
     return out
 
 
-def _triton_attention(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
-    return triton_attention.flash_attention(q, k, v, softmax_scale, cu_seqlens, max_seqlen)
-
-
 # ---- flash-attn and xformers (public APIs: flash_attn_func / flash_attn_varlen_func,
 # xformers.ops.memory_efficient_attention with fmha.BlockDiagonalMask for packed sequences) -------------
 
@@ -385,7 +381,9 @@ def _measured(name):
 
 
 register_backend(Backend(op="attention", name="sdpa", fn=_sdpa_attention, reasons=_sdpa_reasons))
-register_backend(Backend(op="attention", name="triton", fn=_triton_attention, reasons=triton_attention_reasons,
+# flash_attention(q, k, v, softmax_scale, cu_seqlens, max_seqlen): the backend call's arguments, in order
+register_backend(Backend(op="attention", name="triton", fn=triton_attention.flash_attention,
+                         reasons=triton_attention_reasons,
                          available=platform.triton_unavailable, gpu=True, preferred=_measured("triton")))
 register_backend(Backend(op="attention", name="flash_attn", fn=_flash_attn_fn, reasons=_flash_attn_reasons,
                          available=functools.partial(_installed, "flash_attn"), gpu=True,
