@@ -170,7 +170,7 @@ def use_backend(name: str | None = None, /, **per_op: str) -> Iterator[None]:
         yield
     finally:
         with _FORCED_LOCK:
-            _FORCED.remove(forced)  # by identity of this block's dict: exits in any order stay correct
+            _FORCED.remove(forced)  # this block's entry (or an equal one: the same state), wherever it is in the stack
 
 
 def forced_backend(op: str) -> str | None:

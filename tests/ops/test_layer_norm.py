@@ -112,19 +112,20 @@ def _check_as_torch(x, branch, norm, out_dtype, d_mid_dtype=FP32):
     return tri
 
 
+# 37 rows: several row blocks at every width here, the last one part full
 CASES = [  # rows (shape), D, x dtype, branch dtype (None: layer_norm), out dtype, affine
     ((1,), 40, FP32, BF16, BF16, "both"),
     ((7,), 100, FP32, BF16, BF16, "both"),
     ((2, 5), 392, FP32, FP32, FP32, "none"),
-    ((197,), 1280, FP32, BF16, BF16, "both"),
+    ((37,), 1280, FP32, BF16, BF16, "both"),
     ((7,), 1000, BF16, BF16, BF16, "weight"),
     ((1,), 1280, FP16, FP16, FP16, "both"),
     ((3, 7), 40, FP16, FP16, FP32, "none"),
-    ((197,), 100, BF16, None, BF16, "both"),
+    ((37,), 100, BF16, None, BF16, "both"),
     ((7,), 392, FP32, None, BF16, "weight"),
     ((1,), 1000, FP32, None, FP32, "both"),
     ((2, 7), 1280, FP16, None, FP16, "none"),
-    ((197,), 40, FP32, FP16, FP16, "both"),
+    ((37,), 40, FP32, FP16, FP16, "both"),
 ]
 
 
@@ -199,7 +200,7 @@ def test_strided_rows_are_read_in_place():
 
 def test_backward_is_deterministic_and_partials_sum_in_fixed_order():
     torch.manual_seed(3)
-    rows, D = 197, 392
+    rows, D = 61, 392  # 8 row tiles in backward: programs=1, 3, 50, 1000 below give 1, 3, 8, 8 partial rows
     x, branch = _rand((rows, D), FP32, 2.0), _rand((rows, D), BF16)
     norm = _norm(D, "both", FP32)
     k = tln
