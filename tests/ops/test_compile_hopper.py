@@ -66,9 +66,10 @@ def _slow_or_spilling(rows) -> bool:
 
 
 def test_equal_tiles_compile_spill_free_and_pipelined(tmp_path):
-    # 40: two overlapping 32-column tiles; 72 and 88: three, the last overlapping (144- and 176-byte strides); 80
-    rows = _compile(tmp_path, "--tiling", "equal", "--head-dims", "40", "72", "80", "88", "--dense-only")
-    _check(rows, expected_kernels=4 * 4)
+    # every head dim the equal tiling changes, dense and packed (bf16): 40 as two overlapping 32-column tiles;
+    # 72-96 as three, the last overlapping for 72 and 88 (144- and 176-byte strides, not 16-element multiples)
+    rows = _compile(tmp_path, "--tiling", "equal", "--head-dims", "40", "72", "80", "88", "96")
+    _check(rows, expected_kernels=5 * 2 * 4)
     assert {r["tiling"] for r in rows} == {"equal"}
 
 
@@ -78,9 +79,3 @@ def test_default_single_tile_compiles_but_is_not_yet_spill_free_and_pipelined(tm
     rows = _compile(tmp_path, "--head-dims", "88", "--dense-only")
     _check(rows, expected_kernels=4, fast=False)
     assert _slow_or_spilling(rows)
-
-
-@pytest.mark.slow
-def test_equal_tiles_every_mae_head_dim_dense_and_packed(tmp_path):
-    rows = _compile(tmp_path, "--tiling", "equal", "--head-dims", "40", "72", "80", "88", "96")  # bf16
-    _check(rows, expected_kernels=5 * 2 * 4)
