@@ -19,8 +19,8 @@ Head dims that are not a power of two are covered according to ``tiling``, a lau
   columns are zeroed in one operand of each product (loaded once per program) and not stored by the last tile.
   Every load then reads real columns only, unmasked and contiguous.
 
-For head dims 32, 64 and 128 the three are the same kernel. ``bench/compile_report.py`` and
-``bench/bench_attention.py`` take ``--tiling`` to compare them on a GPU; ``bench/results/`` holds what was measured.
+For head dims 32, 64 and 128 the three are the same kernel. ``bench/compile_report.py --tiling`` compiles them,
+``bench/bench_attention.py --tilings`` times them beside the default; ``bench/results/`` holds what was measured.
 
 Strides that are 16-byte multiples but not 16-element ones (a head dim of 88 or 72 in bf16) are passed to the
 compiler as aligned (``_stride_alignment``), or it would fall back to unpipelined scalar loads. Sequence tails are
@@ -51,6 +51,7 @@ TILINGS = ("single", "wrap", "equal")
 # how _load_tile treats the columns of a tile past the head dim: 0 none, clamped offsets, wrapped offsets
 _COLS_CLAMP = 1
 _COLS_WRAP = 2
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 128
