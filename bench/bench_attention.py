@@ -9,13 +9,14 @@ Times are ``triton.testing.do_bench`` medians on GPU. Usage:
     python bench/bench_attention.py --write-prefs bench/results/attention-h100-DATE.json  # preference table
 
 ``--check`` also compares Triton's output and gradients with an fp32 reference on every row.
-``--equal-tiles`` adds ``triton:equal_tiles`` (MAE_FAST_FA_EQUAL_TILES: 32-column tiles) as one more backend on
-the rows whose tiling it changes, timed (and checked) in the same run as the default tiling.
+``--tilings wrap equal`` adds ``triton:wrap`` / ``triton:equal`` (the kernels' ``tiling`` launch parameter: wrapped
+tail columns, 32-column tiles) as more backends on the rows whose tiling they change, timed (and checked) in the
+same run as the default tiling; ``--tiling`` picks the tiling ``--tune`` sweeps.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import json
 import math
 import os
@@ -99,12 +100,19 @@ def _sdpa_call(kernel_name):
     return call
 
 
-def backends(device, include_reference, include_triton=True):
+def _triton_call(tiling, q, k, v, cu, m):
+    from mae_fast.kernels.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=m, tiling=tiling)
+
+
+def backends(device, include_reference, include_triton=True, tilings=()):
+    """name -> fn(q, k, v, cu_seqlens, max_seqlen); ``tilings``: more Triton tilings, as ``triton:<tiling>``."""
     out = {}
     if include_triton:
-        from mae_fast.ops._triton_attention import flash_attention
-
-        out["triton"] = lambda q, k, v, cu, m: flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=m)
+        out["triton"] = functools.partial(_triton_call, "single")
+        for tiling in tilings:
+            out[f"triton:{tiling}"] = functools.partial(_triton_call, tiling)
     if device.type == "cuda":
         for name, kernel in SDPA_KERNELS.items():
             out[name] = _sdpa_call(kernel)
@@ -114,45 +122,24 @@ def backends(device, include_reference, include_triton=True):
 
     if include_reference:
         out["torch"] = lambda q, k, v, cu, m: attention_reference(q, k, v, cu_seqlens=cu)
-    try:
-        import flash_attn  # noqa: F401
-        from mae_fast.ops._thirdparty_attention import _flash_attn_fn
+    from mae_fast.ops.attention import _flash_attn_fn, _xformers_fn
 
-        out["flash_attn"] = lambda q, k, v, cu, m: _flash_attn_fn(q, k, v, None, cu, m)
-    except ImportError:
-        pass
-    try:
-        import xformers  # noqa: F401
-        from mae_fast.ops._thirdparty_attention import _xformers_fn
-
-        out["xformers"] = lambda q, k, v, cu, m: _xformers_fn(q, k, v, None, cu, m)
-    except ImportError:
-        pass
+    for name, fn in (("flash_attn", _flash_attn_fn), ("xformers", _xformers_fn)):  # the op's backend functions
+        try:
+            __import__(name)
+        except ImportError:
+            continue
+        out[name] = lambda q, k, v, cu, m, fn=fn: fn(q, k, v, None, cu, m)
     return out
 
 
-@contextlib.contextmanager
-def equal_tiles(on: bool = True):
-    """The Triton launchers use 32-column tiles (EQUAL_TILES) inside, forward and backward alike."""
-    from mae_fast.ops._triton_attention import _kernels
+def tiling_changes(tiling: str, head_dim: int) -> bool:
+    """Whether the kernels compute ``head_dim`` differently in ``tiling`` than in the default one."""
+    from mae_fast.kernels import flash_attention as fa
 
-    fa = _kernels()
-    before = fa.EQUAL_TILES
-    fa.EQUAL_TILES = on
-    try:
-        yield
-    finally:
-        fa.EQUAL_TILES = before
-
-
-def equal_tiles_change(head_dim: int) -> bool:
-    from mae_fast.ops._triton_attention import _kernels
-
-    fa = _kernels()
-    with equal_tiles(False):
-        off = fa.head_dim_tiles(head_dim)
-    with equal_tiles(True):
-        return fa.head_dim_tiles(head_dim) != off
+    if tiling == "wrap":  # same tiles; the columns past a head dim that is not a power of two load differently
+        return bool(head_dim & (head_dim - 1))
+    return fa.head_dim_tiles(head_dim, tiling) != fa.head_dim_tiles(head_dim)
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -181,9 +168,9 @@ def time_backend(fn, qkv, cu, max_seqlen, device):
     return fwd_ms, bwd_ms
 
 
-def check_triton(row, device, dtype):
+def check_triton(row, device, dtype, tiling="single"):
     """Relative error of Triton (out, dq, dk, dv) and of the same math in the input dtype, vs fp32."""
-    from mae_fast.ops._triton_attention import flash_attention
+    from mae_fast.kernels.flash_attention import flash_attention
     from mae_fast.ops.attention import attention_reference
 
     (q, k, v), cu, m = make_inputs(row, device, dtype)
@@ -199,7 +186,7 @@ def check_triton(row, device, dtype):
 
     ref = grads(lambda a, b, c: attention_reference(a, b, c, cu_seqlens=cu, upcast=False), torch.float32)
     low = grads(lambda a, b, c: attention_reference(a, b, c, cu_seqlens=cu, upcast=False), dtype)
-    tri = grads(lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, max_seqlen=m), dtype)
+    tri = grads(lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, max_seqlen=m, tiling=tiling), dtype)
     rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
     return {n: (rel(t, r), rel(lo, r)) for n, t, lo, r in zip(("out", "dq", "dk", "dv"), tri, low, ref)}
 
@@ -213,18 +200,15 @@ def run_table(args, device, dtype):
     results = []
     for row in rows:
         include_ref = row["seqlen"] <= REFERENCE_MAX_SEQLEN and not row.get("packed")
-        fns = backends(device, include_ref)
-        with_equal = args.equal_tiles and "triton" in fns and equal_tiles_change(row["head_dim"])
-        if with_equal:
-            fns["triton:equal_tiles"] = fns["triton"]
+        extra = [t for t in (args.tilings or ()) if tiling_changes(t, row["head_dim"])]
+        fns = backends(device, include_ref, tilings=extra)
         qkv, cu, m = make_inputs(row, device, dtype)
         flops = fwd_flops(row)
         rec = dict(row, dtype=str(dtype).replace("torch.", ""), fwd_flops=flops, fwd_ms={}, bwd_ms={},
                    fwd_tflops={}, bwd_tflops={}, errors={})
         for name, fn in fns.items():
             try:
-                with equal_tiles(name == "triton:equal_tiles") if with_equal else contextlib.nullcontext():
-                    f_ms, b_ms = time_backend(fn, qkv, cu, m, device)
+                f_ms, b_ms = time_backend(fn, qkv, cu, m, device)
             except Exception as e:  # an SDPA kernel refusing a shape is a result, not a crash
                 rec["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 continue
@@ -233,9 +217,8 @@ def run_table(args, device, dtype):
             rec["bwd_tflops"][name] = 2.5 * flops / b_ms / 1e9
         if args.check and "triton" in fns:
             rec["check"] = check_triton(row, device, dtype)
-            if with_equal:
-                with equal_tiles():
-                    rec["check_equal_tiles"] = check_triton(row, device, dtype)
+            for tiling in extra:
+                rec[f"check_{tiling}"] = check_triton(row, device, dtype, tiling)
         results.append(rec)
         print_row(rec)
         if args.out:  # keep partial results if a later row dies
@@ -258,11 +241,12 @@ def print_row(rec):
     chk = ""
     if "check" in rec:
         chk = " chk " + ",".join(f"{k}:{a:.1e}/{b:.1e}" for k, (a, b) in rec["check"].items())
-    if "check_equal_tiles" in rec:
-        chk += " chk(equal) " + ",".join(f"{k}:{a:.1e}" for k, (a, _) in rec["check_equal_tiles"].items())
-    if "triton:equal_tiles" in rec["fwd_tflops"]:
-        e_f, e_b = rec["fwd_tflops"]["triton:equal_tiles"], rec["bwd_tflops"]["triton:equal_tiles"]
-        chk = f" | equal tiles vs SDPA fwd {e_f / best_f:4.2f}x bwd {e_b / best_b:4.2f}x" + chk
+    for name in [n for n in names if n.startswith("triton:")]:
+        tiling = name.split(":", 1)[1]
+        if f"check_{tiling}" in rec:
+            chk += f" chk({tiling}) " + ",".join(f"{k}:{a:.1e}" for k, (a, _) in rec[f"check_{tiling}"].items())
+        e_f, e_b = rec["fwd_tflops"][name], rec["bwd_tflops"][name]
+        chk = f" | {tiling} vs SDPA fwd {e_f / best_f:4.2f}x bwd {e_b / best_b:4.2f}x" + chk
     print(f"{rec['name']:<24} N={rec['seqlen']:<5} D={rec['head_dim']:<3} B={rec['batch']:<4} "
           f"triton/bestSDPA fwd {tri_f:6.1f}/{best_f:6.1f} ({tri_f / best_f:4.2f}x) "
           f"bwd {tri_b:6.1f}/{best_b:6.1f} ({tri_b / best_b:4.2f}x) | {cols}{chk}"
@@ -276,7 +260,7 @@ TUNE_CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages), likeliest firs
             (64, 128, 4, 2)],
     "dkdv": [(64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 128, 8, 3),
              (128, 128, 8, 2), (32, 64, 4, 4)],
-    # (128, 64, 8, 3) is left out: at head dim 80 it faulted on H100 / Triton 3.6 (2026-11-22)
+    # (128, 64, 8, 3) is left out: at head dim 80 it faulted on sm_90 with Triton 3.6
     "dq": [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2),
            (128, 128, 8, 2)],
 }
@@ -292,7 +276,7 @@ def run_tune(args, device, dtype, deadline):
         for n in args.tune_seqlens:
             row = dict(name="tune", seqlen=n, head_dim=hd, heads=HEADS, batch=max(1, round(TOKENS_PER_CONFIG / n)))
             (q, k, v), _, _ = make_inputs(row, device, dtype)
-            o, lse = fa.flash_attn_forward(q, k, v)
+            o, lse = fa.flash_attn_forward(q, k, v, tiling=args.tiling)
             shapes[(hd, n)] = (q, k, v, o, lse, torch.randn_like(q), fwd_flops(row))
     out = []
     for i in range(max(len(c) for c in TUNE_CANDIDATES.values())):
@@ -307,16 +291,18 @@ def run_tune(args, device, dtype, deadline):
                     return out
                 try:
                     if kind == "fwd":
-                        fn = lambda: fa.flash_attn_forward(q, k, v, config=cfg)  # noqa: E731
+                        fn = lambda: fa.flash_attn_forward(q, k, v, config=cfg, tiling=args.tiling)  # noqa: E731
                     else:
                         other = "dq" if kind == "dkdv" else "dkdv"
-                        others = {other: fa.pick_config(other, hd, n, dtype, device)}
-                        fn = lambda: fa.flash_attn_backward(do, q, k, v, o, lse, configs={kind: cfg, **others})  # noqa: E731
+                        others = {other: fa.pick_config(other, hd, n, dtype, device, args.tiling)}
+                        fn = lambda: fa.flash_attn_backward(do, q, k, v, o, lse, configs={kind: cfg, **others},  # noqa: E731
+                                                            tiling=args.tiling)
                     ms = _bench(fn, device)
                 except Exception as e:
                     print(f"tune {kind} hd={hd} N={n} {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)
                     continue
-                out.append(dict(kind=kind, head_dim=hd, seqlen=n, config=cfg, ms=ms, fwd_flops=flops))
+                out.append(dict(kind=kind, head_dim=hd, seqlen=n, config=cfg, ms=ms, fwd_flops=flops,
+                                tiling=args.tiling))
                 print(f"tune {kind:<4} hd={hd:<3} N={n:<5} {bm:>3}x{bn:<3} w{w} s{st}: {ms:.3f} ms", flush=True)
     return out
 
@@ -379,7 +365,7 @@ def write_prefs(result_paths, dest):
                 prefs["excluded"].append(f"{rec['name']} N={rec['seqlen']} D={rec['head_dim']}: {why}")
                 continue
             layout = "varlen" if rec.get("packed") else "dense"
-            # kernel variants timed beside the default (triton:equal_tiles) are no backend auto can pick
+            # kernel tilings timed beside the default (triton:equal, triton:wrap) are no backend auto can pick
             times = {b: t for b, t in rec["fwd_ms"].items() if not b.startswith("triton:")}
             fwd = {b: round(t, 5) for b, t in times.items()}
             train = {b: round(t + rec["bwd_ms"][b], 5) for b, t in times.items()}
@@ -474,8 +460,11 @@ def main(argv=None):
     ap.add_argument("--tune-seqlens", type=int, nargs="+", default=[257, 1157, 4625])
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop tuning after this long")
     ap.add_argument("--only-head-dim", type=int, nargs="*")
-    ap.add_argument("--equal-tiles", action="store_true",
-                    help="also time Triton with 32-column tiles (MAE_FAST_FA_EQUAL_TILES) where that changes the tiling")
+    ap.add_argument("--tilings", nargs="+", choices=["wrap", "equal"], default=[],
+                    help="also time (and --check) Triton in these tilings, as triton:<tiling>, where they change "
+                         "how the row's head dim is computed")
+    ap.add_argument("--tiling", default="single", choices=["single", "wrap", "equal"],
+                    help="the tiling --tune sweeps launch configs for")
     ap.add_argument("--tuned-configs", help="a --tune JSON whose best configs replace the built-in ones")
     ap.add_argument("--spill-free", metavar="COMPILE_JSON",
                     help="with --tuned-configs or --pick-configs: choose only among configs that spilled no "

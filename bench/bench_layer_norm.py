@@ -147,9 +147,8 @@ def kernel_ms(fn, iters: int = 20) -> float:
 
 
 def partial_rows(rows: int, D: int, device) -> int:
-    from mae_fast.ops._triton_layer_norm import _kernels
+    from mae_fast.kernels import layer_norm as k
 
-    k = _kernels()
     block_r = k._tile(D, backward=True)[0]
     return k._backward_programs(rows, block_r, device, None)[0]
 
@@ -251,7 +250,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.is_available() and not args.smoke
     env = {"MAE_FAST_TRITON_UNVERIFIED": "1"}  # the point is to measure the experimental kernel
     if not gpu:
-        env["TRITON_INTERPRET"] = "1"  # before the kernels are imported (or they are re-decorated)
+        env["TRITON_INTERPRET"] = "1"  # before mae_fast is imported: Triton decorates the kernels at import
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -265,13 +264,13 @@ def main(argv=None) -> int:
 
 
 def _run(args, gpu: bool) -> int:
-    from mae_fast.ops import _triton_layer_norm
+    from mae_fast.ops.layer_norm import GPU_VERIFIED
 
     device = torch.device("cuda" if gpu else "cpu")
     shapes = SMOKE_SHAPES if not gpu else {k: SHAPES[k] for k in args.shapes.split(",")}
     meta = dict(device=torch.cuda.get_device_name() if gpu else "cpu (Triton interpreter; correctness only)",
                 torch=torch.__version__, triton=__import__("triton").__version__, smoke=not gpu,
-                gpu_verified=_triton_layer_norm.GPU_VERIFIED, date=time.strftime("%Y-%m-%d"),
+                gpu_verified=GPU_VERIFIED, date=time.strftime("%Y-%m-%d"),
                 timer="triton.testing.do_bench median (CUDA events, L2 flushed), warmup 25 ms, rep 100 ms",
                 bytes="per implementation: each of its ops reads its inputs once and writes its outputs once",
                 element_bytes={f"{k[0]} {k[1]} {k[2]}": v for k, v in ELEMENT_BYTES.items()})

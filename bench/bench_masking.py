@@ -271,11 +271,8 @@ def main(argv=None) -> int:
 
     gpu = torch.cuda.is_available() and not args.smoke
     if not gpu:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
+        os.environ["TRITON_INTERPRET"] = "1"  # before mae_fast is imported: Triton decorates the kernels at import
     sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # installed package first: kernels/ maps to mae_fast.kernels only there
-    from mae_fast.ops.dispatch import backends_for
-
-    backends_for("gather_visible")  # registers the optional backends
     device = torch.device("cuda" if gpu else "cpu")
     dtype = getattr(torch, args.dtype)
     if args.smoke:

@@ -12,6 +12,7 @@ CI can keep them out) without a GPU. A kernel that spills to local memory is slo
 
     python bench/compile_report.py                      # MAE head dims, bf16, dense and packed -> table
     python bench/compile_report.py --head-dims 80 88 --json out.json
+    python bench/compile_report.py --head-dims 80 --tiling equal  # a launch option of the kernels (TILINGS)
     python bench/compile_report.py --arch 100           # Blackwell
 
 Needs triton's NVIDIA backend (ptxas ships with triton); no GPU, no CUDA driver.
@@ -54,6 +55,7 @@ class KernelReport:
     wgmma: int
     async_copies: int  # cp.async / TMA instructions: loads staged through shared memory (pipelined)
     ptxas: str = field(repr=False)
+    tiling: str = "single"  # the launchers' head-dim tiling (mae_fast.kernels.flash_attention.TILINGS)
 
     @property
     def spills(self) -> bool:
@@ -128,7 +130,7 @@ def ptxas_resources(ptx: str, arch: int) -> tuple[int, int, int, str]:
 
 
 def _launch_all(fa, head_dim: int, dtype: torch.dtype, packed: bool, seqlen: int, config=None,
-                backward=True) -> None:
+                backward=True, tiling="single") -> None:
     """Call the forward and backward launchers as a CUDA run would (configs and precision for CUDA).
 
     ``config`` (optional) replaces the library's launch config of the forward, dK/dV and dQ kernels.
@@ -142,10 +144,10 @@ def _launch_all(fa, head_dim: int, dtype: torch.dtype, packed: bool, seqlen: int
         cu = None
         q, k, v, do = (torch.randn(2, seqlen, heads, head_dim, dtype=dtype) for _ in range(4))
         max_seqlen = None
-    out, lse = fa.flash_attn_forward(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen, config=config)
+    out, lse = fa.flash_attn_forward(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen, config=config, tiling=tiling)
     if backward:
         fa.flash_attn_backward(do, q, k, v, out, lse, cu_seqlens=cu, max_seqlen=max_seqlen,
-                               configs=config and {"dkdv": config, "dq": config})
+                               configs=config and {"dkdv": config, "dq": config}, tiling=tiling)
 
 
 @contextlib.contextmanager
@@ -153,7 +155,7 @@ def _as_if_cuda(fa):
     """The launchers pick configs and dot precision from the tensors' device: answer for CUDA."""
     cuda = torch.device("cuda")
     real_pick, real_prec = fa.pick_config, fa._dot_precision
-    fa.pick_config = lambda kind, hd, n, dtype, device: real_pick(kind, hd, n, dtype, cuda)
+    fa.pick_config = lambda kind, hd, n, dtype, device, tiling="single": real_pick(kind, hd, n, dtype, cuda, tiling)
     fa._dot_precision = lambda dtype, device: real_prec(dtype, cuda)
     try:
         yield
@@ -164,9 +166,9 @@ def _as_if_cuda(fa):
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
-def _compile_rows(fa, arch, hd, dt, pk, seqlen, config=None, backward=True) -> list[KernelReport]:
+def _compile_rows(fa, arch, hd, dt, pk, seqlen, config=None, backward=True, tiling="single") -> list[KernelReport]:
     with compile_only(arch) as compiled, _as_if_cuda(fa):
-        _launch_all(fa, hd, dt, pk, seqlen, config, backward)
+        _launch_all(fa, hd, dt, pk, seqlen, config, backward, tiling)
     rows = []
     for name, kernel, kwargs in compiled:
         regs, st, ld, text = ptxas_resources(kernel.asm["ptx"], arch)
@@ -175,31 +177,32 @@ def _compile_rows(fa, arch, hd, dt, pk, seqlen, config=None, backward=True) -> l
             kernel=name, head_dim=hd, dtype=str(dt).replace("torch.", ""), packed=pk, config=cfg,
             registers=regs, spill_store_bytes=st, spill_load_bytes=ld, shared_bytes=int(kernel.metadata.shared),
             wgmma=kernel.asm["ptx"].count("wgmma.mma_async"), async_copies=kernel.asm["ptx"].count("cp.async"),
-            ptxas=text))
+            ptxas=text, tiling=tiling))
     return rows
 
 
 def report(head_dims=MAE_HEAD_DIMS, dtypes=(torch.bfloat16,), packed=(False, True), arch: int = 90,
-           seqlen: int = 4625) -> list[KernelReport]:
+           seqlen: int = 4625, tiling: str = "single") -> list[KernelReport]:
     """Every kernel with the library's own launch configs for ``sm_<arch>``."""
     from mae_fast.kernels import flash_attention as fa
 
     return [r for hd in head_dims for dt in dtypes for pk in packed
-            for r in _compile_rows(fa, arch, hd, dt, pk, seqlen)]
+            for r in _compile_rows(fa, arch, hd, dt, pk, seqlen, tiling=tiling)]
 
 
 SEARCH_SPACE = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
                 for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
 
 
-def search(head_dims, arch: int = 90, dtype=torch.bfloat16, space=SEARCH_SPACE) -> list[KernelReport]:
+def search(head_dims, arch: int = 90, dtype=torch.bfloat16, space=SEARCH_SPACE, tiling: str = "single"
+           ) -> list[KernelReport]:
     """Every candidate launch config of the forward, dK/dV and dQ kernels (dense), for picking spill-free ones."""
     from mae_fast.kernels import flash_attention as fa
 
     rows = []
     for hd in head_dims:
         for cfg in space:
-            rows += [r for r in _compile_rows(fa, arch, hd, dtype, False, 4625, dict(cfg))
+            rows += [r for r in _compile_rows(fa, arch, hd, dtype, False, 4625, dict(cfg), tiling=tiling)
                      if r.kernel != "_bwd_delta_kernel"]
     return rows
 
@@ -214,7 +217,7 @@ def config_key(cfg: dict) -> tuple:
 def spill_free(rows) -> dict[tuple[str, int], set[tuple]]:
     """(kind, head-dim bucket) -> configs (BLOCK_M, BLOCK_N, num_warps, num_stages) that spilled no register
     for ANY head dim of that bucket they were compiled for. ``rows``: KernelReports or their JSON dicts."""
-    from mae_fast.kernels.flash_attention import _bucket, split_head_dim
+    from mae_fast.kernels.flash_attention import _bucket, head_dim_tiles
 
     seen: dict[tuple[str, int], dict[tuple, bool]] = {}
     for r in rows:
@@ -222,7 +225,7 @@ def spill_free(rows) -> dict[tuple[str, int], set[tuple]]:
         kind = KERNEL_KIND.get(r["kernel"])
         if kind is None:
             continue
-        by_cfg = seen.setdefault((kind, _bucket(sum(split_head_dim(r["head_dim"])))), {})
+        by_cfg = seen.setdefault((kind, _bucket(sum(head_dim_tiles(r["head_dim"], r.get("tiling", "single"))))), {})
         key = config_key(r["config"])
         clean = r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0
         by_cfg[key] = by_cfg.get(key, True) and clean
@@ -248,15 +251,17 @@ def main(argv=None) -> int:
     p.add_argument("--head-dims", type=int, nargs="+", default=list(MAE_HEAD_DIMS))
     p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
     p.add_argument("--dense-only", action="store_true")
+    p.add_argument("--tiling", default="single", choices=["single", "wrap", "equal"],
+                   help="head-dim tiling the launchers use (single: what mae_fast.ops.attention launches)")
     p.add_argument("--search", action="store_true",
                    help="compile every config of SEARCH_SPACE instead of the library's (bf16, dense)")
     p.add_argument("--json", help="write the rows (with ptxas output) here")
     a = p.parse_args(argv)
     if a.search:
-        rows = search(a.head_dims, a.arch)
+        rows = search(a.head_dims, a.arch, tiling=a.tiling)
     else:
         rows = report(a.head_dims, tuple(getattr(torch, d) for d in a.dtypes),
-                      (False,) if a.dense_only else (False, True), a.arch)
+                      (False,) if a.dense_only else (False, True), a.arch, tiling=a.tiling)
     print(format_table(rows))
     smem_limit = MAX_SHARED_BYTES.get(a.arch, 227 * 1024)
     over_smem = sum(r.shared_bytes > smem_limit for r in rows)
@@ -264,8 +269,7 @@ def main(argv=None) -> int:
           f"{sum(r.spills for r in rows)} spill registers, {over_smem} over shared memory")
     bad = any(r.spills for r in rows) or over_smem
     if a.json:
-        from mae_fast.info import _attention_tiling
-        meta = dict(arch=a.arch, triton=triton.__version__, torch=torch.__version__, tiling=_attention_tiling())
+        meta = dict(arch=a.arch, triton=triton.__version__, torch=torch.__version__, tiling=a.tiling)
         with open(a.json, "w") as f:
             json.dump(dict(meta=meta, rows=[asdict(r) for r in rows]), f, indent=1)
     return 1 if bad and not a.search else 0

@@ -17,4 +17,4 @@ else
   TUNED=""
 fi
 python3 "$REPO/bench/bench_attention.py" --check $TUNED --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench.log" | cut -c1-150
-timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/ops/test_attention_triton.py" 2>&1 | tail -15
+timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/ops/test_kernels_flash_attention.py" 2>&1 | tail -15

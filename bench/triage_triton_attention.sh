@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call (<= 9 min wall): which kernel variant gets the Triton flash attention through its GPU tests?
-# Every fast test id of tests/ops/test_attention_triton.py runs in its own process (an illegal memory access
-# poisons only its own CUDA context), under each variant below, with MAE_FAST_TRITON_UNVERIFIED=1 and
+# One device call (<= 9 min wall): which tiling of the Triton flash attention passes its GPU tests?
+# Every fast test id of tests/ops/test_kernels_flash_attention.py runs in its own process (an illegal memory access
+# poisons only its own CUDA context), under each tiling below (pytest --attention-tiling, tests/ops/conftest.py: the
+# tiling the kernel tests launch), with MAE_FAST_TRITON_UNVERIFIED=1 and
 # CUDA_LAUNCH_BLOCKING=1 (a fault then surfaces at the launch of the kernel that made it). Then
 # compute-sanitizer memcheck on the first 2 failing ids of the first variant with failures, in the background while
 # the other variants run. Results: $OUT/triage.json (status per id per variant) and $OUT/triage-logs.tar.gz.
@@ -25,19 +26,16 @@ TEST_S=${TRIAGE_TEST_S:-150}
 TOTAL_S=${TRIAGE_TOTAL_S:-420}
 SAN_S=${TRIAGE_SAN_S:-150}
 MAX_IDS=${TRIAGE_MAX_IDS:-0}
-TEST_FILE="$REPO/tests/ops/test_attention_triton.py"
+TEST_FILE="$REPO/tests/ops/test_kernels_flash_attention.py"
 SANITIZE=${TRIAGE_SANITIZE:-1}
 if [ "$DRY" = 1 ] && [ -z "${TRIAGE_IDS:-}" ]; then MAX_IDS=${TRIAGE_MAX_IDS:-2}; fi
 if [ "$DRY" = 1 ]; then TEST_S=${TRIAGE_TEST_S:-120}; SANITIZE=${TRIAGE_SANITIZE:-0}; fi
 
-# name|environment (word-split into `env`)
+# name|pytest arguments (word-split)
 ALL_VARIANTS=(
   "default|"
-  "wrap_d|MAE_FAST_FA_WRAP_D=1"
-  "equal_tiles|MAE_FAST_FA_EQUAL_TILES=1"
-  "split|MAE_FAST_FA_SINGLE_TILE=0"
-  "split+max_stages1|MAE_FAST_FA_SINGLE_TILE=0 MAE_FAST_FA_MAX_STAGES=1"
-  "split+clamp_rows|MAE_FAST_FA_SINGLE_TILE=0 MAE_FAST_FA_CLAMP_ROWS=1"
+  "wrap|--attention-tiling=wrap"
+  "equal|--attention-tiling=equal"
 )
 VARIANTS=()
 for v in "${ALL_VARIANTS[@]}"; do
@@ -75,20 +73,20 @@ if [ "$N_IDS" -eq 0 ]; then echo "no test ids collected:"; tail -20 "$LOGS/colle
 # ---- one id in one process -----------------------------------------------------------------------
 cat >"$WORK/run_one.sh" <<'EOF'
 #!/usr/bin/env bash
-# run_one.sh VARIANT_DIR ENV DEADLINE HARD_END TEST_S TEST_FILE IDS_FILE INDEX
-dir=$1; envs=$2; deadline=$3; hard_end=$4; test_s=$5; test_file=$6; ids=$7; i=$8
+# run_one.sh VARIANT_DIR PYTEST_ARGS DEADLINE HARD_END TEST_S TEST_FILE IDS_FILE INDEX
+dir=$1; args=$2; deadline=$3; hard_end=$4; test_s=$5; test_file=$6; ids=$7; i=$8
 id=$(sed -n "${i}p" "$ids")
 t=$(date +%s)
 if [ "$t" -ge "$deadline" ]; then echo not_run >"$dir/$i.rc"; exit 0; fi
 [ $(( hard_end - t )) -lt "$test_s" ] && test_s=$(( hard_end - t > 10 ? hard_end - t : 10 ))
-env $envs timeout "$test_s" python3 -m pytest -q -x -p no:cacheprovider --tb=short "$test_file::$id" >"$dir/$i.log" 2>&1
+timeout "$test_s" python3 -m pytest -q -x -p no:cacheprovider --tb=short $args "$test_file::$id" >"$dir/$i.log" 2>&1
 rc=$?
 echo "$rc $(( $(date +%s) - t ))" >"$dir/$i.rc"
 EOF
 
 SAN_PID=""
-run_sanitizer() {  # $1: the variant's environment; its first 2 failing ids, one after the other
-  local envs=$1 bin="" cand
+run_sanitizer() {  # $1: the variant's pytest arguments; its first 2 failing ids, one after the other
+  local args=$1 bin="" cand
   for cand in "$(command -v compute-sanitizer 2>/dev/null)" "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" \
       /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
       "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /nonexistent)")")/compute-sanitizer"; do
@@ -104,8 +102,8 @@ run_sanitizer() {  # $1: the variant's environment; its first 2 failing ids, one
     k=$((k + 1))
     local t=$(( HARD_END - $(date +%s) )); [ "$t" -gt "$SAN_S" ] && t=$SAN_S
     [ "$t" -lt 20 ] && break
-    env $envs PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "$bin" --tool memcheck --print-limit 12 \
-      python3 -m pytest -q -x -p no:cacheprovider --tb=short "$TEST_FILE::$id" >"$LOGS/sanitizer/$k.log" 2>&1
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "$bin" --tool memcheck --print-limit 12 \
+      python3 -m pytest -q -x -p no:cacheprovider --tb=short $args "$TEST_FILE::$id" >"$LOGS/sanitizer/$k.log" 2>&1
     echo "$? $id" >"$LOGS/sanitizer/$k.rc"
   done <"$LOGS/sanitizer/ids.txt"
 }
@@ -114,15 +112,15 @@ run_sanitizer() {  # $1: the variant's environment; its first 2 failing ids, one
 n_var=${#VARIANTS[@]}
 for vi in "${!VARIANTS[@]}"; do
   v=${VARIANTS[$vi]}
-  name=${v%%|*}; envs=${v#*|}
-  dir="$LOGS/$name"; mkdir -p "$dir"; echo "$envs" >"$dir/env.txt"
+  name=${v%%|*}; args=${v#*|}
+  dir="$LOGS/$name"; mkdir -p "$dir"; echo "$args" >"$dir/args.txt"
   now=$(date +%s)
   left=$(( T0 + TOTAL_S - now )); [ "$left" -lt 0 ] && left=0
   deadline=$(( now + left / (n_var - vi) ))  # an even share of what is left; unused time rolls over
-  seq 1 "$N_IDS" | xargs -P "$JOBS" -I{} bash "$WORK/run_one.sh" "$dir" "$envs" "$deadline" "$HARD_END" "$TEST_S" \
+  seq 1 "$N_IDS" | xargs -P "$JOBS" -I{} bash "$WORK/run_one.sh" "$dir" "$args" "$deadline" "$HARD_END" "$TEST_S" \
     "$TEST_FILE" "$WORK/ids.txt" {}
   fails=$(for f in "$dir"/*.rc; do read -r rc _ <"$f"; [ "$rc" != 0 ] && [ "$rc" != not_run ] && echo x; done | wc -l)
-  echo "variant $name [$envs]: done at +$(( $(date +%s) - T0 ))s, $fails not passed"
+  echo "variant $name [$args]: done at +$(( $(date +%s) - T0 ))s, $fails not passed"
   if [ "$SANITIZE" = 1 ] && [ -z "$SAN_PID" ] && [ "$fails" -gt 0 ]; then  # the first variant with failures
     mkdir -p "$LOGS/sanitizer"
     for i in $(seq 1 "$N_IDS"); do
@@ -130,7 +128,7 @@ for vi in "${!VARIANTS[@]}"; do
       if [ "$rc" != 0 ] && [ "$rc" != not_run ] && [ "$rc" != 5 ]; then sed -n "${i}p" "$WORK/ids.txt"; fi
     done | head -2 >"$LOGS/sanitizer/ids.txt"
     echo "$name" >"$LOGS/sanitizer/variant.txt"
-    if [ -s "$LOGS/sanitizer/ids.txt" ]; then run_sanitizer "$envs" & SAN_PID=$!; fi
+    if [ -s "$LOGS/sanitizer/ids.txt" ]; then run_sanitizer "$args" & SAN_PID=$!; fi
   fi
 done
 if [ -n "$SAN_PID" ]; then
@@ -207,8 +205,8 @@ try:
 except Exception as e:  # the summary must still come out
     result["meta"]["version_error"] = repr(e)
 
-variant_dirs = [d for d in os.listdir(logs) if os.path.isfile(os.path.join(logs, d, "env.txt"))]
-order = ["default", "wrap_d", "equal_tiles", "split", "split+max_stages1", "split+clamp_rows"]
+variant_dirs = [d for d in os.listdir(logs) if os.path.isfile(os.path.join(logs, d, "args.txt"))]
+order = ["default", "wrap", "equal"]
 variant_dirs.sort(key=lambda d: (order.index(d) if d in order else 99, d))
 for name in variant_dirs:
     d = os.path.join(logs, name)
@@ -228,7 +226,8 @@ for name in variant_dirs:
         counts[entry["status"]] = counts.get(entry["status"], 0) + 1
         if entry.get("kind"):
             counts["failed:" + entry["kind"]] = counts.get("failed:" + entry["kind"], 0) + 1
-    result["variants"][name] = {"env": read(os.path.join(d, "env.txt")).strip(), "counts": counts, "results": per_id}
+    result["variants"][name] = {"pytest_args": read(os.path.join(d, "args.txt")).strip(), "counts": counts,
+                                "results": per_id}
 
 san_dir = os.path.join(logs, "sanitizer")
 if os.path.isdir(san_dir):

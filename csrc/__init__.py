@@ -1,4 +1,4 @@
-"""CUDA/C++ sources of mae_fast, shipped with the wheel and compiled on first use (see mae_fast.ops._cuda_masking)."""
+"""CUDA/C++ sources of mae_fast, shipped with the wheel and compiled on first use (see mae_fast.csrc.masking)."""
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent

@@ -1,4 +1,4 @@
-// Python bindings of the masked-token CUDA kernels (built by mae_fast.ops._cuda_masking).
+// Python bindings of the masked-token CUDA kernels (built by mae_fast.csrc.masking).
 #include <torch/extension.h>
 
 #include "masking.h"

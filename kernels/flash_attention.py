@@ -3,50 +3,34 @@
 Layout as ``flash_attn_func``: q/k/v (batch, seqlen, heads, head_dim), or packed (total, heads, head_dim)
 with ``cu_seqlens`` (sequences never attend across). Any last-dim-contiguous strides are accepted.
 
-Head dims that are not a power of two: by default (since 2026-11-23) the head dim sits in ONE power-of-two
-tile (80 -> 128), columns past it zeroed on load and masked on store. That is the only mode that passed every
-GPU test on an H100 (Triton 3.6); the split mode below gave illegal memory accesses and wrong results there at
-head dims 72/80/88/96 (``bench/results/attention-triage-h100-2026-11-23.json``), so it is opt-in
-(``MAE_FAST_FA_SINGLE_TILE=0``) until it passes on a GPU. It is tested in the CPU interpreter.
+Read top to bottom: reference -> head-dim tiling -> kernels -> launch configs -> launchers -> custom op
+(fake implementation, autograd) -> :func:`flash_attention`, the differentiable entry point. The ``triton`` backend
+of :func:`mae_fast.ops.attention` (its reasons, its place in dispatch) is in :mod:`mae_fast.ops.attention`.
 
-Split mode: the head dim is covered by a
-power-of-two tile ``D0`` over its first columns and a tail tile ``D1`` (at least 32 wide) over its LAST
-columns, so 80/88/96 compute as 64 + 32 = 96 (not 128) and 40 as 32 + 32. Where the two tiles overlap
-(88: columns 56-63) the shared columns are zeroed in one operand of each product, which is loaded once per
-program, and the tail tile does not store them. So every load reads real columns only, unmasked and
-contiguous: no padding in memory, no column masks in the inner loops, and the loads stay vectorised and
-pipelined. Sequence tails are masked in-kernel. Strides that are 16-byte multiples but not 16-element ones
-(a head dim of 88 or 72 in bf16) are passed to the compiler as aligned (``_stride_alignment``), or it would
-fall back to unpipelined scalar loads.
+Head dims that are not a power of two are covered according to ``tiling``, a launch parameter:
 
-Environment switches (read once at import; diagnostics for the H100 illegal-memory-access hunt;
-``bench/triage_triton_attention.sh`` runs the GPU tests under each):
+- ``"single"`` (the default, and what ``mae_fast.ops.attention`` launches): the head dim sits in ONE power-of-two
+  tile (40 -> 64, 72/80/88/96 -> 128): one dot per product; columns past the head dim are loaded through clamped
+  column offsets and zeroed (``tl.where``) in the operands each program loads once, and not stored.
+- ``"wrap"``: single tile, but the columns past the head dim load real columns further left (contiguous, so sm_90
+  keeps cp.async pipelining, which clamped offsets lose), zeroed only in the operands each program loads once.
+- ``"equal"``: 32-column tiles only: 72-96 compute as 32 + 32 + a last 32 (the middle tile ``DM``), 40-56 as
+  32 + a last 32; the last tile covers the LAST 32 columns, so it may overlap the one before it, and the shared
+  columns are zeroed in one operand of each product (loaded once per program) and not stored by the last tile.
+  Every load then reads real columns only, unmasked and contiguous.
 
-- ``MAE_FAST_FA_SINGLE_TILE=0``: the split mode above (64 + 32 for 80/88/96). ``=1`` (the default): the head
-  dim sits in ONE power-of-two tile (40 -> 64, 72/80/88/96 -> 128): one dot per product, no 32-wide tail tile,
-  at the cost of the padded columns' FLOPs; identical to split mode for head dims 32/64/128.
-- ``MAE_FAST_FA_WRAP_D=1`` (single-tile mode; experimental, not yet run on a GPU): the tile's columns past the
-  head dim load real columns further left (contiguous, so sm_90 keeps cp.async pipelining, which clamped offsets
-  lose), zeroed only in the operands each program loads once.
-- ``MAE_FAST_FA_EQUAL_TILES=1`` (experimental, not yet run on a GPU): split mode with 32-column tiles only, so
-  72-96 compute as 32 + 32 + a last 32 (the middle tile ``DM``), 40-56 as 32 + a last 32. Split mode failed on the
-  H100 exactly at the 64 + 32 head dims and passed at 32 + 32; this keeps its 96 columns of work with one tile
-  width. Compiled for sm_90 (Triton 3.8): no spills, wgmma and cp.async in every kernel
-  (``bench/results/compile-sm90-triton3.8-attention-equal-tiles-2026-12-06.json``).
-- ``MAE_FAST_FA_MAX_STAGES=n``: caps ``num_stages`` of every launch (1 = no software pipelining).
-- ``MAE_FAST_FA_CLAMP_ROWS=1``: clamps row offsets of every load, so no lane points outside its tensor.
-- ``MAE_FAST_FA_CLAMP_D=0``: column tails of a masked tile (single-tile mode, delta kernel) loaded with a
-  column mask instead of clamped offsets + tl.where.
+For head dims 32, 64 and 128 the three are the same kernel. ``bench/compile_report.py --tiling`` compiles them,
+``bench/bench_attention.py --tilings`` times them beside the default; ``bench/results/`` holds what was measured.
 
-Backward is deterministic: dK/dV are computed by one program per key block looping over query blocks,
-dQ by one program per query block looping over key blocks; no atomics.
-
-Reference -> kernels -> launchers; the autograd / custom-op layer lives in ``mae_fast.ops._triton_attention``.
+Strides that are 16-byte multiples but not 16-element ones (a head dim of 88 or 72 in bf16) are passed to the
+compiler as aligned (``_stride_alignment``), or it would fall back to unpipelined scalar loads. Sequence tails are
+masked in-kernel. Backward is deterministic: dK/dV are computed by one program per key block looping over query
+blocks, dQ by one program per query block looping over key blocks; no atomics.
 """
 from __future__ import annotations
 
 import math
-import os
+from typing import Optional
 
 import torch
 import triton
@@ -57,37 +41,16 @@ __all__ = [
     "flash_attn_forward",
     "flash_attn_backward",
     "flash_attention",
-    "split_head_dim",
     "head_dim_tiles",
     "pick_config",
+    "TILINGS",
     "TUNED_CONFIGS",
 ]
 
-# A tile wider than the columns left (single-tile mode; the delta kernel) is loaded through clamped column
-# offsets and zeroed with tl.where, not with a column-masked load: on H100 with Triton 3.6 the masked version
-# made the wgmma read past its shared-memory buffer (compute-sanitizer: "Invalid __shared__ read of size 512"
-# in _attn_fwd_kernel, 2026-11-22). MAE_FAST_FA_CLAMP_D=0 restores it. (The default split needs neither.)
-# MAE_FAST_FA_MAX_STAGES caps the software-pipelining depth of every launch (diagnostics).
-# MAE_FAST_FA_CLAMP_ROWS=1 also clamps the row (sequence) offsets of every load, so that each lane, masked out
-# or not, points inside its tensor: memory safety then no longer depends on the compiler predicating masked
-# or speculative (pipelined) loads correctly. Same results; off by default until measured on a GPU
-# (tests/test_triton_memcheck.py checks both ways under the interpreter).
-CLAMP_D = tl.constexpr(os.environ.get("MAE_FAST_FA_CLAMP_D", "1") == "1")
-# MAE_FAST_FA_WRAP_D=1 (experimental, off until run on a GPU): the tile's columns past the head dim load real
-# columns further left instead of clamped ones. Clamping (tl.minimum) leaves the offsets without contiguity, so
-# sm_90 gets no cp.async pipelining at head dim 80 (bench/compile_report.py: 0 cp.async in the forward, where
-# head dim 64 has 20), which is how head dim 80 in one 128 tile ran at 0.10-0.25x SDPA on the H100.
-WRAP_D = tl.constexpr(os.environ.get("MAE_FAST_FA_WRAP_D", "0") == "1")
-CLAMP_ROWS = tl.constexpr(os.environ.get("MAE_FAST_FA_CLAMP_ROWS", "0") == "1")
-MAX_STAGES = int(os.environ.get("MAE_FAST_FA_MAX_STAGES", "8"))
-# MAE_FAST_FA_SINGLE_TILE (default 1): one power-of-two head-dim tile (see split_head_dim); a plain bool, as only
-# the launchers read it (the kernels see D0 > HEAD_DIM, D1 = 0), so tests can monkeypatch it.
-SINGLE_TILE = os.environ.get("MAE_FAST_FA_SINGLE_TILE", "1") == "1"
-# MAE_FAST_FA_EQUAL_TILES=1 (experimental, not yet run on a GPU): head dims 40-96 that are not powers of two in
-# 32-column tiles only (72-96: 32 + 32 + a last 32; 40-56: 32 + a last 32), the same columns of work as split
-# mode's 64 + 32. Split mode failed on the H100 exactly where it tiles 64 + 32 and passed at 32 + 32 (bench/README,
-# next-GPU list item 5). A plain bool read by the launchers, like SINGLE_TILE; it takes precedence over it.
-EQUAL_TILES = os.environ.get("MAE_FAST_FA_EQUAL_TILES", "0") == "1"
+TILINGS = ("single", "wrap", "equal")
+# how _load_tile treats the columns of a tile past the head dim: 0 none, clamped offsets, wrapped offsets
+_COLS_CLAMP = 1
+_COLS_WRAP = 2
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -113,36 +76,22 @@ def attention_reference_lse(q, k, v, softmax_scale=None, cu_seqlens=None):
     return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
 
 
-# ---- head-dim split -----------------------------------------------------------------------------
+# ---- head-dim tiling ----------------------------------------------------------------------------
 
-def split_head_dim(head_dim: int) -> tuple[int, int]:
-    """(D0, D1): D0 the largest power of two <= head_dim, D1 the width of the tail tile (0 if none).
+def head_dim_tiles(head_dim: int, tiling: str = "single") -> tuple[int, int, int]:
+    """(D0, DM, D1): the head tile over columns [0, D0), a middle tile over [D0, D0 + DM) (0: none) and the last
+    tile over the LAST D1 columns (0: none), as the kernels compute them for ``tiling`` (see the module docstring).
 
-    The tail tile covers the last D1 columns of the head (it overlaps the D0 tile when D0 + D1 > head_dim).
-    No tile is narrower than 32 columns: on H100 with Triton 3.6, 16-column bf16 tiles feeding wgmma read
-    past their shared-memory buffer (compute-sanitizer, 2026-11-22) and gave NaNs at head dim 80 (64 + 16).
-    So 80 -> 64 + 32 (columns 48-79), 88 -> 64 + 32 (56-87), 96 -> 64 + 32, 40 -> 32 + 32 (8-39).
-    With ``SINGLE_TILE`` (MAE_FAST_FA_SINGLE_TILE=1, the default): (next power of two, 0), e.g. 80 -> (128, 0);
-    the kernels then mask the D0 tile's columns past the head dim.
+    No tile is narrower than 32 columns: on sm_90, 16-column bf16 tiles feeding wgmma read past their
+    shared-memory buffer (compute-sanitizer) and gave NaNs.
     """
-    if head_dim < 32 or head_dim % 8:
+    if head_dim < 32 or head_dim % 8 or head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} unsupported: a multiple of 8 from 32 to {MAX_HEAD_DIM}")
-    if SINGLE_TILE:
-        return triton.next_power_of_2(head_dim), 0
-    d0 = 1 << (head_dim.bit_length() - 1)
-    rest = head_dim - d0
-    if rest == 0:
-        return d0, 0
-    return d0, max(32, triton.next_power_of_2(rest))
-
-
-def head_dim_tiles(head_dim: int) -> tuple[int, int, int]:
-    """(D0, DM, D1): the head tile over columns [0, D0), a middle tile over [D0, D0 + DM) (0: none; only with
-    ``EQUAL_TILES``) and the tail tile over the LAST D1 columns (0: none), as the kernels compute them."""
-    if EQUAL_TILES and head_dim & (head_dim - 1) and 32 < head_dim <= 96 and head_dim % 8 == 0:
+    if tiling not in TILINGS:
+        raise ValueError(f"tiling {tiling!r} unknown; choose from {TILINGS}")
+    if tiling == "equal" and head_dim & (head_dim - 1) and head_dim <= 96:
         return 32, (32 if head_dim > 64 else 0), 32
-    d0, d1 = split_head_dim(head_dim)
-    return d0, 0, d1
+    return triton.next_power_of_2(head_dim), 0, 0
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -199,15 +148,6 @@ def _aligned3(stride_b, stride_n, stride_h, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(offs_rows, row_limit):
-    # rows past the limit point at the last real row (row_limit >= 1 wherever a kernel loads)
-    if CLAMP_ROWS:
-        return tl.minimum(offs_rows, row_limit - 1)
-    else:
-        return offs_rows
-
-
-@triton.jit
 def _load_rows(base, offs_rows, stride_row, offs_d, row_limit, D: tl.constexpr,
                MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr, other):
     return _load_tile(base, offs_rows, stride_row, offs_d, row_limit, D, MASK_ROWS, MASK_D, other, True)
@@ -224,12 +164,13 @@ def _load_rows_any_tail(base, offs_rows, stride_row, offs_d, row_limit, D: tl.co
 @triton.jit
 def _load_tile(base, offs_rows, stride_row, offs_d, row_limit, D: tl.constexpr,
                MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr, other, ZERO_TAIL: tl.constexpr):
-    rows = _row_offsets(offs_rows, row_limit)
-    if MASK_D and WRAP_D:
+    """A (rows, columns) tile. MASK_D says how columns at or past ``D`` are read: 0 (none are), 1 (clamped to
+    column D - 1: a column-masked load made wgmma read past its shared-memory buffer on sm_90) or 2 (wrapped)."""
+    if MASK_D == 2:
         # columns past the head dim read real columns (c - D + D % 32 lies in [0, D)), contiguous in runs of D's
         # largest power-of-two divisor, so the load stays vectorised and pipelined
         cols = tl.where(offs_d < D, offs_d, offs_d - (D - D % 32))
-        safe = base + rows[:, None] * stride_row + cols[None, :]
+        safe = base + offs_rows[:, None] * stride_row + cols[None, :]
         if MASK_ROWS:
             x = tl.load(safe, mask=offs_rows[:, None] < row_limit, other=other)
         else:
@@ -237,22 +178,19 @@ def _load_tile(base, offs_rows, stride_row, offs_d, row_limit, D: tl.constexpr,
         if ZERO_TAIL:
             x = tl.where(offs_d[None, :] < D, x, other)
         return x
-    if MASK_D and CLAMP_D:
-        safe = base + rows[:, None] * stride_row + tl.minimum(offs_d, D - 1)[None, :]
+    elif MASK_D:
+        safe = base + offs_rows[:, None] * stride_row + tl.minimum(offs_d, D - 1)[None, :]
         if MASK_ROWS:
             x = tl.load(safe, mask=offs_rows[:, None] < row_limit, other=other)
         else:
             x = tl.load(safe)
         return tl.where(offs_d[None, :] < D, x, other)
-    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
-    if MASK_ROWS and MASK_D:
-        return tl.load(ptrs, mask=(offs_rows[:, None] < row_limit) & (offs_d[None, :] < D), other=other)
-    elif MASK_ROWS:
-        return tl.load(ptrs, mask=offs_rows[:, None] < row_limit, other=other)
-    elif MASK_D:
-        return tl.load(ptrs, mask=offs_d[None, :] < D, other=other)
     else:
-        return tl.load(ptrs)
+        ptrs = base + offs_rows[:, None] * stride_row + offs_d[None, :]
+        if MASK_ROWS:
+            return tl.load(ptrs, mask=offs_rows[:, None] < row_limit, other=other)
+        else:
+            return tl.load(ptrs)
 
 
 @triton.jit
@@ -279,7 +217,7 @@ def _tail_cols(HEAD_DIM: tl.constexpr, D1: tl.constexpr):
 
 @triton.jit
 def _mid_cols(D0: tl.constexpr, DM: tl.constexpr):
-    """Columns of the middle tile (EQUAL_TILES): [D0, D0 + DM), all real columns."""
+    """Columns of the middle tile (``tiling="equal"``): [D0, D0 + DM), all real columns."""
     if DM > 0:
         return D0 + tl.arange(0, DM)
     else:
@@ -339,7 +277,7 @@ def _attn_fwd_kernel(
     num_heads, seqlen, qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, DM: tl.constexpr, D1: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    STRIDE_ALIGN: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr, COL_MODE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
@@ -353,7 +291,7 @@ def _attn_fwd_kernel(
     k_base = _at(K, b64, s64, h64, stride_kb, stride_kn, stride_kh)
     v_base = _at(V, b64, s64, h64, stride_vb, stride_vn, stride_vh)
     o_base = _at(O, b64, s64, h64, stride_ob, stride_on, stride_oh)
-    MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
+    MASK_D0: tl.constexpr = COL_MODE if D0 > HEAD_DIM else 0  # columns past the head dim (single/wrap)
     OVERLAP: tl.constexpr = D0 + DM + D1 > HEAD_DIM  # the tail tile starts inside the D0 (or middle) tile
     TAIL_LO: tl.constexpr = D0 + DM if D0 + DM + D1 > HEAD_DIM else 0  # its first column to store
 
@@ -415,7 +353,7 @@ def _bwd_delta_kernel(
     stride_lb, stride_lh,
     num_heads, seqlen,
     HEAD_DIM: tl.constexpr, D_TILE: tl.constexpr, VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, STRIDE_ALIGN: tl.constexpr, COL_MODE: tl.constexpr,
 ):
     # delta_i = sum_d o_id * do_id (minus dLSE_i when the LSE itself receives a gradient)
     pid_m = tl.program_id(0)
@@ -427,14 +365,13 @@ def _bwd_delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_TILE)
     o = _load_rows(_at(O, b64, s64, h64, stride_ob, stride_on, stride_oh), offs_m, stride_on, offs_d, L,
-                   HEAD_DIM, True, D_TILE > HEAD_DIM, 0.0)
+                   HEAD_DIM, True, COL_MODE if D_TILE > HEAD_DIM else 0, 0.0)
     do = _load_rows(_at(DO, b64, s64, h64, stride_db, stride_dn, stride_dh), offs_m, stride_dn, offs_d, L,
-                    HEAD_DIM, True, D_TILE > HEAD_DIM, 0.0)
+                    HEAD_DIM, True, COL_MODE if D_TILE > HEAD_DIM else 0, 0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse_off = b64 * stride_lb + h64 * stride_lh + s64 + offs_m
     if HAS_DLSE:
-        dlse_off = b64 * stride_lb + h64 * stride_lh + s64 + _row_offsets(offs_m, L)
-        delta -= tl.load(DLSE + dlse_off, mask=offs_m < L, other=0.0)
+        delta -= tl.load(DLSE + lse_off, mask=offs_m < L, other=0.0)
     tl.store(DELTA + lse_off, delta, mask=offs_m < L)
 
 
@@ -446,13 +383,12 @@ def _bwd_dkdv_inner(dk0, dkm, dk1, dv0, dvm, dv1, k0, km, k1, v0, vm, v1, q_base
     # transposed formulation: rows are keys, columns are queries
     q0 = _load_rows_any_tail(q_base, offs_m, stride_qn, offs_d0, L, HEAD_DIM, MASK_M, MASK_D0, 0.0)
     do0 = _load_rows_any_tail(do_base, offs_m, stride_dn, offs_d0, L, HEAD_DIM, MASK_M, MASK_D0, 0.0)
-    rows_m = _row_offsets(offs_m, L)
     if MASK_M:
-        lse2 = tl.load(lse_ptr + rows_m, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_ptr + rows_m, mask=offs_m < L, other=0.0)
+        lse2 = tl.load(lse_ptr + offs_m, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + offs_m, mask=offs_m < L, other=0.0)
     else:
-        lse2 = tl.load(lse_ptr + rows_m) * 1.4426950408889634
-        delta = tl.load(delta_ptr + rows_m)
+        lse2 = tl.load(lse_ptr + offs_m) * 1.4426950408889634
+        delta = tl.load(delta_ptr + offs_m)
     qkT = _mm(k0, tl.trans(q0), None, DOT_PREC)
     if DM > 0:
         qm = _load_rows(q_base, offs_m, stride_qn, offs_dm, L, HEAD_DIM, MASK_M, False, 0.0)
@@ -494,7 +430,7 @@ def _attn_bwd_dkdv_kernel(
     num_heads, seqlen, softmax_scale, qk_scale_log2,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, DM: tl.constexpr, D1: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    STRIDE_ALIGN: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr, COL_MODE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
@@ -506,7 +442,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_don, stride_doh = _aligned3(stride_dob, stride_don, stride_doh, STRIDE_ALIGN)
     stride_dkb, stride_dkn, stride_dkh = _aligned3(stride_dkb, stride_dkn, stride_dkh, STRIDE_ALIGN)
     stride_dvb, stride_dvn, stride_dvh = _aligned3(stride_dvb, stride_dvn, stride_dvh, STRIDE_ALIGN)
-    MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
+    MASK_D0: tl.constexpr = COL_MODE if D0 > HEAD_DIM else 0  # columns past the head dim (single/wrap)
     OVERLAP: tl.constexpr = D0 + DM + D1 > HEAD_DIM  # the tail tile starts inside the D0 (or middle) tile
     TAIL_LO: tl.constexpr = D0 + DM if D0 + DM + D1 > HEAD_DIM else 0  # its first column to store
     q_base = _at(Q, b64, s64, h64, stride_qb, stride_qn, stride_qh)
@@ -620,7 +556,7 @@ def _attn_bwd_dq_kernel(
     num_heads, seqlen, softmax_scale, qk_scale_log2,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, DM: tl.constexpr, D1: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    STRIDE_ALIGN: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr, COL_MODE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b64, h64, s64, L = _program_sequence(CU_SEQLENS, tl.program_id(1), num_heads, seqlen, VARLEN)
@@ -631,7 +567,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vn, stride_vh = _aligned3(stride_vb, stride_vn, stride_vh, STRIDE_ALIGN)
     stride_dob, stride_don, stride_doh = _aligned3(stride_dob, stride_don, stride_doh, STRIDE_ALIGN)
     stride_dqb, stride_dqn, stride_dqh = _aligned3(stride_dqb, stride_dqn, stride_dqh, STRIDE_ALIGN)
-    MASK_D0: tl.constexpr = D0 > HEAD_DIM  # single-tile mode only (split_head_dim)
+    MASK_D0: tl.constexpr = COL_MODE if D0 > HEAD_DIM else 0  # columns past the head dim (single/wrap)
     OVERLAP: tl.constexpr = D0 + DM + D1 > HEAD_DIM  # the tail tile starts inside the D0 (or middle) tile
     TAIL_LO: tl.constexpr = D0 + DM if D0 + DM + D1 > HEAD_DIM else 0  # its first column to store
     q_base = _at(Q, b64, s64, h64, stride_qb, stride_qn, stride_qh)
@@ -665,7 +601,7 @@ def _attn_bwd_dq_kernel(
         q1 = q0
         do1 = do0
         dq1 = dq0
-    lse_off = b64 * stride_lb + h64 * stride_lh + s64 + _row_offsets(offs_m, L)
+    lse_off = b64 * stride_lb + h64 * stride_lh + s64 + offs_m
     lse2 = tl.load(LSE + lse_off, mask=offs_m < L, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + lse_off, mask=offs_m < L, other=0.0)
 
@@ -694,12 +630,11 @@ def _attn_bwd_dq_kernel(
 
 # ---- configs ------------------------------------------------------------------------------------
 
-# (kind, head_dim bucket) -> launch config; kind is "fwd", "dkdv" or "dq"; a bucket is the head dim rounded up
-# to one of 32, 64, 96, 128 (by the tile width computed: 40 -> 64, 72-96 -> 96). Chosen from the H100 sweep of
-# 2026-11-22 (bench/results/attention-tune-*.json, Triton 3.6) among the configs that spill no register when
-# compiled for sm_90 (bench/compile_report.py --search; bench_attention.py --pick-configs TUNE --spill-free
-# REPORT). Where no swept config was spill-free (dkdv 96 and 128), the fastest swept tile with 8 warps instead
-# of 4: not yet timed on a GPU.
+# (kind, head_dim bucket) -> launch config; kind is "fwd", "dkdv" or "dq"; a bucket is the width of the columns
+# computed (sum of head_dim_tiles) rounded up to one of 32, 64, 96, 128. Chosen from an H100 sweep
+# (bench/results/attention-tune-*.json) among the configs that spill no register when compiled for sm_90
+# (bench/compile_report.py --search; bench_attention.py --pick-configs TUNE --spill-free REPORT). Where no swept
+# config was spill-free (dkdv 96 and 128), the fastest swept tile with 8 warps instead of 4.
 TUNED_CONFIGS: dict[tuple[str, int], dict] = {
     ("fwd", 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     ("fwd", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
@@ -716,10 +651,6 @@ TUNED_CONFIGS: dict[tuple[str, int], dict] = {
 }
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _bucket(head_dim: int) -> int:
     for b in (32, 64, 96, 128):
         if head_dim <= b:
@@ -727,8 +658,9 @@ def _bucket(head_dim: int) -> int:
     return 128
 
 
-def pick_config(kind: str, head_dim: int, max_seqlen: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Launch config for one kernel; small blocks under the interpreter (CPU tests), tuned ones on GPU.
+def pick_config(kind: str, head_dim: int, max_seqlen: int, dtype: torch.dtype, device: torch.device,
+                tiling: str = "single") -> dict:
+    """Launch config for one kernel; small blocks under the interpreter (CPU tensors), tuned ones on GPU.
 
     kind: "fwd", "delta", "dkdv" or "dq". Pure Python, so tests can ask for the CUDA configs on a CPU
     machine (``device=torch.device("cuda")``) and run them through the interpreter.
@@ -738,7 +670,7 @@ def pick_config(kind: str, head_dim: int, max_seqlen: int, dtype: torch.dtype, d
     if device.type != "cuda":
         blk = 16 if max_seqlen <= 16 else 32
         return dict(BLOCK_M=blk, BLOCK_N=blk, num_warps=4, num_stages=1)
-    cfg = dict(TUNED_CONFIGS[(kind, _bucket(sum(head_dim_tiles(head_dim))))])  # by tile width computed
+    cfg = dict(TUNED_CONFIGS[(kind, _bucket(sum(head_dim_tiles(head_dim, tiling))))])  # by tile width computed
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: halve the larger block
         cfg["num_stages"] = min(cfg["num_stages"], 2)
         if kind == "dkdv":
@@ -800,27 +732,34 @@ def _stride_alignment(*tensors: torch.Tensor) -> int:
     return per16
 
 
+def _col_mode(tiling: str) -> int:
+    return _COLS_WRAP if tiling == "wrap" else _COLS_CLAMP
+
+
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     if device.type != "cuda" and dtype == torch.bfloat16:
         return "upcast"
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def flash_attn_forward(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=None, config=None):
-    """Returns (out, lse); out like q (contiguous), lse fp32 (batch, heads, seqlen) or (heads, total)."""
+def flash_attn_forward(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=None, config=None,
+                       tiling: str = "single"):
+    """Returns (out, lse); out like q (contiguous), lse fp32 (batch, heads, seqlen) or (heads, total).
+
+    ``config`` (optional) overrides :func:`pick_config`; ``tiling`` is one of :data:`TILINGS`.
+    """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     varlen, batch, seqlen, heads, head_dim, max_seqlen = _geometry(q, cu_seqlens, max_seqlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    d0, dm, d1 = head_dim_tiles(head_dim)
+    d0, dm, d1 = head_dim_tiles(head_dim, tiling)
     out = _alloc(q.shape, dtype=q.dtype, device=q.device)
     lse_shape, (slb, slh) = _lse_shape_strides(q, varlen, batch, seqlen, heads)
     lse = _alloc(lse_shape, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or max_seqlen == 0 or batch == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
-    cfg = dict(config or pick_config("fwd", head_dim, max_seqlen, q.dtype, q.device))
+    cfg = dict(config or pick_config("fwd", head_dim, max_seqlen, q.dtype, q.device, tiling))
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    cfg["num_stages"] = min(cfg.get("num_stages", 2), MAX_STAGES)
     grid = (triton.cdiv(max_seqlen, bm), batch * heads)
     cu = cu_seqlens if varlen else q  # dummy pointer when dense
     _attn_fwd_kernel[grid](
@@ -828,21 +767,23 @@ def flash_attn_forward(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         slb, slh, heads, seqlen, scale * LOG2E,
         HEAD_DIM=head_dim, D0=d0, DM=dm, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn,
-        DOT_PREC=_dot_precision(q.dtype, q.device), STRIDE_ALIGN=_stride_alignment(q, k, v, out), **cfg,
+        DOT_PREC=_dot_precision(q.dtype, q.device), STRIDE_ALIGN=_stride_alignment(q, k, v, out),
+        COL_MODE=_col_mode(tiling), **cfg,
     )
     return out, lse
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-                        dlse=None, configs=None):
+                        dlse=None, configs=None, tiling: str = "single"):
     """Returns (dq, dk, dv). ``dlse`` (optional) is the gradient flowing into the returned LSE.
 
-    ``configs`` (optional) maps "delta"/"dkdv"/"dq" to launch configs overriding :func:`pick_config`.
+    ``configs`` (optional) maps "delta"/"dkdv"/"dq" to launch configs overriding :func:`pick_config`;
+    ``tiling`` is one of :data:`TILINGS` (the forward's).
     """
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     varlen, batch, seqlen, heads, head_dim, max_seqlen = _geometry(q, cu_seqlens, max_seqlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    d0, dm, d1 = head_dim_tiles(head_dim)
+    d0, dm, d1 = head_dim_tiles(head_dim, tiling)
     dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
     dk = _alloc(k.shape, dtype=k.dtype, device=k.device)
     dv = _alloc(v.shape, dtype=v.dtype, device=v.device)
@@ -855,6 +796,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
     configs = configs or {}
     prec = _dot_precision(q.dtype, q.device)
     align = _stride_alignment(q, k, v, dout, dq, dk, dv)
+    cols = _col_mode(tiling)
 
     cfg = dict(configs.get("delta") or pick_config("delta", head_dim, max_seqlen, q.dtype, q.device))
     bm = cfg.pop("BLOCK_M")
@@ -863,37 +805,110 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
     _bwd_delta_kernel[(triton.cdiv(max_seqlen, bm), batch * heads)](
         out, dout, dlse_arg, delta, cu, *_strides3(out, varlen), *_strides3(dout, varlen), slb, slh,
         heads, seqlen, HEAD_DIM=head_dim, D_TILE=max(16, triton.next_power_of_2(head_dim)), VARLEN=varlen,
-        HAS_DLSE=has_dlse, BLOCK_M=bm, STRIDE_ALIGN=_stride_alignment(out, dout), **cfg,
+        HAS_DLSE=has_dlse, BLOCK_M=bm, STRIDE_ALIGN=_stride_alignment(out, dout), COL_MODE=cols, **cfg,
     )
 
-    cfg = dict(configs.get("dkdv") or pick_config("dkdv", head_dim, max_seqlen, q.dtype, q.device))
+    cfg = dict(configs.get("dkdv") or pick_config("dkdv", head_dim, max_seqlen, q.dtype, q.device, tiling))
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    cfg["num_stages"] = min(cfg.get("num_stages", 2), MAX_STAGES)
     _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, bn), batch * heads)](
         q, k, v, dout, dk, dv, lse, delta, cu,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen), slb, slh,
         heads, seqlen, scale, scale * LOG2E,
         HEAD_DIM=head_dim, D0=d0, DM=dm, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
-        STRIDE_ALIGN=align, **cfg,
+        STRIDE_ALIGN=align, COL_MODE=cols, **cfg,
     )
-    cfg = dict(configs.get("dq") or pick_config("dq", head_dim, max_seqlen, q.dtype, q.device))
+    cfg = dict(configs.get("dq") or pick_config("dq", head_dim, max_seqlen, q.dtype, q.device, tiling))
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    cfg["num_stages"] = min(cfg.get("num_stages", 2), MAX_STAGES)
     _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, bm), batch * heads)](
         q, k, v, dout, dq, lse, delta, cu,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
         *_strides3(dq, varlen), slb, slh,
         heads, seqlen, scale, scale * LOG2E,
         HEAD_DIM=head_dim, D0=d0, DM=dm, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
-        STRIDE_ALIGN=align, **cfg,
+        STRIDE_ALIGN=align, COL_MODE=cols, **cfg,
     )
     return dq, dk, dv
 
 
-def flash_attention(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=None, return_lse=False):
-    """Differentiable entry point (custom op); re-exported from :mod:`mae_fast.ops._triton_attention`."""
-    from mae_fast.ops._triton_attention import flash_attention as _flash_attention
+# ---- custom op ----------------------------------------------------------------------------------
 
-    return _flash_attention(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
-                            max_seqlen=max_seqlen, return_lse=return_lse)
+def _lse_shape(q: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> tuple[int, ...]:
+    if cu_seqlens is not None:
+        return (q.shape[1], q.shape[0])
+    return (q.shape[0], q.shape[2], q.shape[1])
+
+
+@torch.library.custom_op("mae_fast::flash_attention_fwd", mutates_args=())
+def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                  cu_seqlens: Optional[torch.Tensor], max_seqlen: int, tiling: str = "single"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    return flash_attn_forward(q, k, v, softmax_scale, cu_seqlens, max_seqlen, tiling=tiling)
+
+
+@_flash_fwd_op.register_fake
+def _(q, k, v, softmax_scale, cu_seqlens, max_seqlen, tiling="single"):
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = q.new_empty(_lse_shape(q, cu_seqlens), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("mae_fast::flash_attention_bwd", mutates_args=())
+def _flash_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, dlse: Optional[torch.Tensor], softmax_scale: float,
+                  cu_seqlens: Optional[torch.Tensor], max_seqlen: int, tiling: str = "single"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, cu_seqlens, max_seqlen, dlse=dlse,
+                               tiling=tiling)
+
+
+@_flash_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, softmax_scale, cu_seqlens, max_seqlen, tiling="single"):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, softmax_scale, cu_seqlens, max_seqlen, tiling = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.softmax_scale = softmax_scale
+    ctx.max_seqlen = max_seqlen
+    ctx.tiling = tiling
+    ctx.set_materialize_grads(False)  # an unused LSE (the usual case) then costs nothing in backward
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _flash_bwd_op(dout, q, k, v, out, lse, dlse, ctx.softmax_scale, cu_seqlens, ctx.max_seqlen,
+                               ctx.tiling)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attention(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=None, return_lse=False,
+                    tiling: str = "single"):
+    """Triton flash attention; returns ``out`` or ``(out, lse)`` (lse fp32, natural log; (B,H,N) or (H,total)).
+
+    Differentiable in q, k, v (and through the returned LSE). Under autocast the inputs are cast to the
+    autocast dtype, as matmul-like ops are. ``tiling`` is one of :data:`TILINGS`.
+    """
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens is not None:
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        cu_seqlens = cu_seqlens.to(torch.int32)
+    else:
+        max_seqlen = q.shape[1]
+    with torch.autocast(device_type, enabled=False):
+        out, lse = _flash_fwd_op(q, k, v, scale, cu_seqlens, int(max_seqlen), tiling)
+    return (out, lse) if return_lse else out

@@ -16,17 +16,22 @@ Layout: rows of D contiguous elements; the leading dims are seen as (outer, inne
 row slices such as ``x[:, 1:]`` are read in place (only a last dim with stride != 1, or more than two
 non-collapsible leading dims, makes the launcher copy). Outputs are allocated contiguous.
 
-Reference -> kernels -> launchers; the custom ops and autograd live in ``mae_fast.ops._triton_layer_norm``.
+Read top to bottom: reference -> kernels -> launchers -> custom ops (fake implementations, autograd). The public
+functions, their input checks and the backend registration are in :mod:`mae_fast.ops.layer_norm`.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["add_layer_norm_reference", "add_layer_norm_forward", "add_layer_norm_backward", "MAX_D",
-           "SUPPORTED_DTYPES"]
+           "SUPPORTED_DTYPES", "add_layer_norm_fwd_op", "add_layer_norm_bwd_op", "layer_norm", "add_layer_norm"]
 
 MAX_D = 8192  # a row stays in registers: 16 fp32 per thread per tensor at 16 warps
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,8 +54,9 @@ def add_layer_norm_reference(x, branch, weight, bias, eps, out_dtype=None):
 
 @triton.jit
 def _rounded(value, PTR, SOFT_BF16: tl.constexpr):
-    """value in PTR's element type, rounded to nearest even. The interpreter truncates fp32 -> bf16
-    (compiled kernels round), so under it (SOFT_BF16) bf16 is rounded with integer ops instead."""
+    """value in PTR's element type, rounded to nearest even. The interpreter (the only way these kernels run on
+    CPU tensors) truncates fp32 -> bf16 where compiled kernels round, so under it (SOFT_BF16) bf16 is rounded
+    with integer ops instead."""
     if SOFT_BF16 and PTR.dtype.element_ty == tl.bfloat16:
         bits = value.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
@@ -155,10 +161,6 @@ def _add_layer_norm_bwd_kernel(
 
 # ---- launchers ----------------------------------------------------------------------------------
 
-def _interpreted() -> bool:
-    return type(_add_layer_norm_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 def _as_outer_inner(t: torch.Tensor) -> torch.Tensor:
     """A (outer, inner, D) view of t with unit column stride; a contiguous copy only when none exists."""
     if t.stride(-1) != 1:
@@ -222,7 +224,7 @@ def add_layer_norm_forward(x, branch, weight, bias, eps: float, out_dtype: torch
         n_rows, x3.shape[1], D, float(eps),
         x3.stride(0), x3.stride(1), b3.stride(0), b3.stride(1),
         HAS_BRANCH=branch is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d, SOFT_BF16=_interpreted(), num_warps=warps,
+        BLOCK_R=block_r, BLOCK_D=block_d, SOFT_BF16=x.device.type != "cuda", num_warps=warps,
     )
     return y, x_mid, mean, rstd
 
@@ -262,7 +264,8 @@ def add_layer_norm_backward(dy, x_norm, mean, rstd, weight, bias, *, d_x_mid=Non
             n_rows, dy3.shape[1], D, rows_per_program,
             dy3.stride(0), dy3.stride(1), dm3.stride(0), dm3.stride(1),
             HAS_D_X_MID=d_x_mid is not None, HAS_WEIGHT=weight is not None, NEED_DW=need_dw, NEED_DB=need_db,
-            STORE_DBRANCH=separate_dbranch, BLOCK_R=block_r, BLOCK_D=block_d, SOFT_BF16=_interpreted(),
+            STORE_DBRANCH=separate_dbranch, BLOCK_R=block_r, BLOCK_D=block_d,
+            SOFT_BF16=x_norm.device.type != "cuda",
             num_warps=warps,
         )
     elif need_dw or need_db:  # no rows: zero parameter gradients
@@ -273,3 +276,135 @@ def add_layer_norm_backward(dy, x_norm, mean, rstd, weight, bias, *, d_x_mid=Non
     if branch_dtype is not None and not separate_dbranch:
         dbranch = dx
     return dx, dbranch, dweight, dbias
+
+
+# ---- custom ops ---------------------------------------------------------------------------------
+# Custom-op outputs may be neither None nor aliases of inputs: absent outputs come back as empty tensors.
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+# ---- custom ops ---------------------------------------------------------------------------------
+# Custom-op outputs may be neither None nor aliases of inputs: absent outputs come back as empty tensors.
+
+@torch.library.custom_op("mae_fast::add_layer_norm_fwd", mutates_args=())
+def add_layer_norm_fwd_op(x: Tensor, branch: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                          eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, x_mid or empty, mean, rstd)."""
+    return _forward_kernels(x, branch, weight, bias, eps, out_dtype)
+
+
+@add_layer_norm_fwd_op.register_fake
+def _(x, branch, weight, bias, eps, out_dtype):
+    y = x.new_empty(x.shape, dtype=out_dtype)
+    x_mid = x.new_empty(x.shape) if branch is not None else _empty(x)
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return y, x_mid, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("mae_fast::add_layer_norm_bwd", mutates_args=())
+def add_layer_norm_bwd_op(dy: Tensor, d_x_mid: Optional[Tensor], x_norm: Tensor, mean: Tensor, rstd: Tensor,
+                          weight: Optional[Tensor], bias: Optional[Tensor], branch_dtype: Optional[torch.dtype],
+                          need_weight_grad: bool, need_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dbranch or empty when it is dx's dtype, dweight or empty, dbias or empty)."""
+    return _backward_kernels(dy, d_x_mid, x_norm, mean, rstd, weight, bias, branch_dtype, need_weight_grad,
+                             need_bias_grad)
+
+
+def _forward_kernels(x, branch, weight, bias, eps, out_dtype):
+    y, x_mid, mean, rstd = add_layer_norm_forward(x, branch, weight, bias, eps, out_dtype)
+    return y, (x_mid if x_mid is not None else _empty(x)), mean, rstd
+
+
+def _backward_kernels(dy, d_x_mid, x_norm, mean, rstd, weight, bias, branch_dtype, need_weight_grad,
+                      need_bias_grad):
+    dx, dbranch, dw, db = add_layer_norm_backward(
+        dy, x_norm, mean, rstd, weight, bias, d_x_mid=d_x_mid, branch_dtype=branch_dtype,
+        need_weight_grad=need_weight_grad, need_bias_grad=need_bias_grad)
+    separate = dbranch is not None and dbranch is not dx
+    return dx, (dbranch if separate else _empty(dx)), (dw if dw is not None else _empty(dx)), \
+        (db if db is not None else _empty(dx))
+
+
+@add_layer_norm_bwd_op.register_fake
+def _(dy, d_x_mid, x_norm, mean, rstd, weight, bias, branch_dtype, need_weight_grad, need_bias_grad):
+    dx = x_norm.new_empty(x_norm.shape)
+    separate = branch_dtype is not None and branch_dtype != x_norm.dtype
+    dbranch = x_norm.new_empty(x_norm.shape, dtype=branch_dtype) if separate else _empty(dx)
+    dw = weight.new_empty(weight.shape) if (weight is not None and need_weight_grad) else _empty(dx)
+    db = bias.new_empty(bias.shape) if (bias is not None and need_bias_grad) else _empty(dx)
+    return dx, dbranch, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, branch, weight, bias, eps, out_dtype = inputs
+    y, x_mid, mean, rstd = output
+    # the normalised input: x_mid with a residual (an output, kept instead of x and branch), else x
+    ctx.save_for_backward(x_mid if branch is not None else x, mean, rstd, weight, bias)
+    ctx.branch_dtype = branch.dtype if branch is not None else None
+    ctx.y_dtype = y.dtype
+    ctx.set_materialize_grads(False)  # an unused x_mid (or y) gradient is then None, not a tensor of zeros
+
+
+def _backward(ctx, dy, d_x_mid, _d_mean, _d_rstd, backward_fn=None):
+    x_norm, mean, rstd, weight, bias = ctx.saved_tensors
+    need_x, need_branch, need_w, need_b = ctx.needs_input_grad[:4]
+    if ctx.branch_dtype is None:
+        d_x_mid = None  # the empty placeholder output
+    if dy is None:
+        if d_x_mid is None:
+            return None, None, None, None, None, None
+        dy = x_norm.new_zeros(x_norm.shape, dtype=ctx.y_dtype)
+    dx, dbranch, dw, db = (backward_fn or add_layer_norm_bwd_op)(
+        dy, d_x_mid, x_norm, mean, rstd, weight, bias, ctx.branch_dtype, bool(need_w), bool(need_b))
+    if not need_branch:
+        dbranch = None
+    elif ctx.branch_dtype == x_norm.dtype:
+        dbranch = dx  # d x = d branch = d x_mid; the op returned an empty placeholder
+    return (dx if need_x else None), dbranch, (dw if need_w and weight is not None else None), \
+        (db if need_b and bias is not None else None), None, None
+
+
+add_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAddLayerNorm(torch.autograd.Function):
+    """The custom op's autograd with the kernels called directly: in eager mode the dispatcher round trips of
+    the two custom ops (and an autocast context) cost more host time than the kernels take at ViT sizes.
+    Traced calls (``_traced``: torch.compile, fake tensors, dispatch modes) get the custom ops instead."""
+
+    @staticmethod
+    def forward(x, branch, weight, bias, eps, out_dtype):
+        return _forward_kernels(x, branch, weight, bias, eps, out_dtype)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, dy, d_x_mid, d_mean, d_rstd):
+        return _backward(ctx, dy, d_x_mid, d_mean, d_rstd, backward_fn=_backward_kernels)
+
+
+def _traced(x) -> bool:
+    """Compiling, under a dispatch mode (FakeTensorMode, an op counter) or on a tensor subclass or the meta
+    device: the custom ops, with their fake implementations, must be what is seen."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None \
+        or type(x) is not torch.Tensor or x.device.type == "meta"
+
+
+def _fused(x, branch, weight, bias, eps, out_dtype):
+    if _traced(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return add_layer_norm_fwd_op(x, branch, weight, bias, eps, out_dtype)
+    return _EagerAddLayerNorm.apply(x, branch, weight, bias, eps, out_dtype)
+
+
+# ---- entry points (the ``triton`` backends of mae_fast.ops.layer_norm; arguments as its select_backend call's) --
+
+def layer_norm(x, weight, bias, eps, out_dtype):
+    return _fused(x, None, weight, bias, eps, out_dtype)[0]
+
+
+def add_layer_norm(x, branch, weight, bias, eps, out_dtype):
+    y, x_mid, _, _ = _fused(x, branch, weight, bias, eps, out_dtype)
+    return x_mid, y

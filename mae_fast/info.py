@@ -49,25 +49,12 @@ def _video_decoding() -> str:
 
 
 def _attention_tiling() -> str:
-    """How the Triton attention tiles a head dim that is not a power of two (the MAE_FAST_FA_* switches)."""
-    from .ops._triton_attention import _kernels, _verified_tiling, wrap_d_on
+    """How the Triton attention that ``ops.attention`` launches tiles a head dim that is not a power of two."""
+    from .kernels import flash_attention as fa
 
-    try:
-        fa = _kernels()
-    except Exception as exc:  # noqa: BLE001 - a report line, not a failure
-        return f"unavailable ({type(exc).__name__}: {exc})"
-    if fa.EQUAL_TILES:
-        mode = "32-column tiles (MAE_FAST_FA_EQUAL_TILES=1)"
-    elif not fa.SINGLE_TILE:
-        mode = "64 + 32 split (MAE_FAST_FA_SINGLE_TILE=0)"
-    elif wrap_d_on(fa):
-        mode = "one power-of-two tile, wrapped columns (MAE_FAST_FA_WRAP_D=1)"
-    else:
-        mode = "one power-of-two tile (default)"
-    status = "GPU-verified" if _verified_tiling() else "not GPU-verified (CUDA only with MAE_FAST_TRITON_UNVERIFIED=1)"
-    d0, dm, d1 = fa.head_dim_tiles(80)
-    tiles = " + ".join(str(t) for t in (d0, dm, d1) if t)
-    return f"{mode}, {status}; head dim 80 -> {tiles} columns"
+    tiles = " + ".join(str(t) for t in fa.head_dim_tiles(80) if t)
+    others = ", ".join(t for t in fa.TILINGS if t != "single")
+    return f"one power-of-two tile (default), GPU-verified; head dim 80 -> {tiles} columns; launch options: {others}"
 
 
 def _attention_prefs() -> str:

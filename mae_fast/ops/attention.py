@@ -3,12 +3,17 @@
 Dense queries may be fewer than keys (q (B, Nq, H, D), k and v (B, Nk, H, D)), e.g. a last block that updates
 only some rows. With ``cu_seqlens`` the inputs are packed (total_tokens, heads, head_dim) and sequence i occupies rows
 ``cu_seqlens[i]:cu_seqlens[i+1]``; sequences never attend across each other.
-Backends here: ``torch`` (fp32 math reference) and ``sdpa`` (PyTorch's scaled_dot_product_attention,
-which itself picks flash / cuDNN / efficient / math). Triton, flash-attn and xformers register elsewhere.
+
+Backends, in ``dispatch.PRIORITY["attention"]`` order: ``sdpa`` (PyTorch's scaled_dot_product_attention, which
+itself picks flash / cuDNN / efficient / math, fastest first per the measured table), ``triton``
+(:mod:`mae_fast.kernels.flash_attention`), ``flash_attn`` and ``xformers`` (when installed) and ``torch`` (the fp32
+math reference). On CUDA tensors ``auto`` moves a backend ahead of sdpa only where ``attention_prefs.json``
+measured it faster on this GPU model, head dim and sequence length.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import numbers
@@ -19,10 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mae_fast.kernels import flash_attention as triton_attention
+
+from . import platform
 from .dispatch import Backend, register_backend, select_backend
 
-__all__ = ["attention", "attention_reference", "check_attention_inputs", "preferred_backend_rank",
-           "attention_prefs"]
+__all__ = ["attention", "attention_reference", "check_attention_inputs", "measured_faster", "attention_prefs",
+           "GPU_VERIFIED"]
 
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -98,13 +106,10 @@ def _torch_attention(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
 
 # ---- measured preferences -----------------------------------------------------------------------
 # attention_prefs.json holds, per GPU model, head dim and sequence length, the median times of every
-# backend measured by bench/bench_attention.py (regenerate with ``--write-prefs``). ``auto`` ranks a
-# backend ahead of sdpa only where it was measured faster; unmeasured devices/shapes keep sdpa first.
+# backend measured by bench/bench_attention.py (regenerate with ``--write-prefs``). ``auto`` moves a
+# backend ahead of sdpa only where it was measured faster; unmeasured devices/shapes keep the priority list.
 
 PREFS_PATH = Path(__file__).with_name("attention_prefs.json")
-SDPA_RANK = 50.0
-FASTER_THAN_SDPA_RANK = 40.0
-SLOWER_THAN_SDPA_RANK = 60.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,25 +133,25 @@ def lookup_pref_row(prefs: dict, device_name: str, layout: str, head_dim: int, s
     rows = prefs.get("devices", {}).get(device_name, {}).get(layout, {}).get(str(head_dim))
     if not rows:
         return None
-    if seqlen is None:  # the middle row by length, as rank_on_device (a hand-written table may list rows in any order)
+    if seqlen is None:  # the middle row by length, as faster_on_device (a hand-written table may list rows in any order)
         return sorted(rows, key=lambda r: r["seqlen"])[len(rows) // 2]
     return min(rows, key=lambda r: abs(math.log(max(r["seqlen"], 1)) - math.log(max(seqlen, 1))))
 
 
-def rank_from_row(row: dict | None, name: str, train: bool) -> float:
-    """Ahead of sdpa only if ``name`` was measured faster than every SDPA kernel on this row."""
+def faster_than_sdpa(row: dict | None, name: str, train: bool) -> bool:
+    """``name`` was measured faster than every SDPA kernel on this table row."""
     if row is None:
-        return SLOWER_THAN_SDPA_RANK
+        return False
     times = row["train_ms" if train else "fwd_ms"]
     mine = times.get(name)
     sdpa = [t for b, t in times.items() if b.startswith("sdpa") and t is not None]
     if mine is None or not sdpa:
-        return SLOWER_THAN_SDPA_RANK
-    return FASTER_THAN_SDPA_RANK if mine < min(sdpa) else SLOWER_THAN_SDPA_RANK
+        return False
+    return mine < min(sdpa)
 
 
 def _measured_entry(q, cu_seqlens, max_seqlen) -> dict | None:
-    # eager only (the SDPA kernel order, which compiled graphs leave to PyTorch); ranks use _rank_steps
+    # eager only (the SDPA kernel order, which compiled graphs leave to PyTorch); backends use _faster_steps
     if not q.is_cuda or torch.compiler.is_compiling():
         return None
     name = _device_name(q.device.index if q.device.index is not None else torch.cuda.current_device())
@@ -160,10 +165,10 @@ def _wants_grad(*tensors) -> bool:
 
 
 @torch.compiler.assume_constant_result  # traced as its value: the file and device queries cannot be traced
-def _rank_steps(device_index: int, layout: str, name: str, train: bool) -> tuple:
-    """``((head_dim, ((largest seqlen, rank), ...), rank with no seqlen), ...)``: ``rank_from_row`` of the row
-    nearest each seqlen (log scale, as ``lookup_pref_row``), as steps that compare symbolic sizes too."""
-    return _rank_steps_for(_device_name(device_index), layout, name, train)
+def _faster_steps(device_index: int, layout: str, name: str, train: bool) -> tuple:
+    """``((head_dim, ((largest seqlen, faster), ...), faster with no seqlen), ...)``: ``faster_than_sdpa`` of the
+    row nearest each seqlen (log scale, as ``lookup_pref_row``), as steps that compare symbolic sizes too."""
+    return _faster_steps_for(_device_name(device_index), layout, name, train)
 
 
 # Eager dispatch asks on every CUDA attention call, so the steps are cached. Each entry keeps the table it was
@@ -172,7 +177,7 @@ def _rank_steps(device_index: int, layout: str, name: str, train: bool) -> tuple
 _STEPS_CACHE: dict[tuple, tuple[dict, tuple]] = {}
 
 
-def _rank_steps_for(device_name: str, layout: str, name: str, train: bool) -> tuple:
+def _faster_steps_for(device_name: str, layout: str, name: str, train: bool) -> tuple:
     prefs = attention_prefs()
     key = (device_name, layout, name, train)
     hit = _STEPS_CACHE.get(key)
@@ -186,34 +191,34 @@ def _rank_steps_for(device_name: str, layout: str, name: str, train: bool) -> tu
         for i, row in enumerate(rows):
             nxt = rows[i + 1]["seqlen"] if i + 1 < len(rows) else None
             bound = math.sqrt(max(row["seqlen"], 1) * max(nxt, 1)) if nxt is not None else math.inf
-            steps.append((bound, rank_from_row(row, name, train)))
-        mid = rank_from_row(rows[len(rows) // 2], name, train)  # no max_seqlen given: the middle row
+            steps.append((bound, faster_than_sdpa(row, name, train)))
+        mid = faster_than_sdpa(rows[len(rows) // 2], name, train)  # no max_seqlen given: the middle row
         out.append((int(head_dim), tuple(steps), mid))
     _STEPS_CACHE[key] = (prefs, tuple(out))
     return tuple(out)
 
 
-def rank_on_device(device_index: int, varlen: bool, head_dim, seqlen, name: str, train: bool) -> float:
-    """``rank_from_row`` of the table row nearest ``seqlen``; traces under torch.compile, where
+def faster_on_device(device_index: int, varlen: bool, head_dim, seqlen, name: str, train: bool) -> bool:
+    """``faster_than_sdpa`` of the table row nearest ``seqlen``; traces under torch.compile, where
     ``head_dim`` and ``seqlen`` may be symbolic: the comparisons below become guards."""
-    for dim, steps, mid in _rank_steps(device_index, "varlen" if varlen else "dense", name, train):
+    for dim, steps, mid in _faster_steps(device_index, "varlen" if varlen else "dense", name, train):
         if head_dim == dim:
             if seqlen is None:
                 return mid
-            for bound, rank in steps:
+            for bound, faster in steps:
                 if seqlen <= bound:
-                    return rank
-    return SLOWER_THAN_SDPA_RANK
+                    return faster
+    return False
 
 
-def preferred_backend_rank(name: str, q, k, v, cu_seqlens=None, max_seqlen=None) -> float:
-    """Rank for ``auto``: ahead of sdpa only where the table measured ``name`` faster than every SDPA kernel
-    (fwd+bwd time when gradients are needed, forward time otherwise), eager and compiled alike."""
+def measured_faster(name: str, q, k, v, cu_seqlens=None, max_seqlen=None) -> bool:
+    """Whether ``auto`` moves ``name`` ahead of sdpa: the table measured it faster than every SDPA kernel on this
+    GPU and shape (fwd+bwd time when gradients are needed, forward time otherwise), eager and compiled alike."""
     if not q.is_cuda:
-        return SLOWER_THAN_SDPA_RANK
+        return False
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     varlen = cu_seqlens is not None
-    return rank_on_device(index, varlen, q.shape[-1], max_seqlen if varlen else q.shape[1], name,
+    return faster_on_device(index, varlen, q.shape[-1], max_seqlen if varlen else q.shape[1], name,
                           _wants_grad(q, k, v))
 
 
@@ -266,22 +271,127 @@ def _sdpa_attention(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
     return torch.cat(outs, 0) if outs else q.new_empty(q.shape)
 
 
-def _no_reasons(*args, **kwargs):
-    return []
-
-
 def _sdpa_reasons(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
     if q.dtype == torch.float64 and q.is_cuda:
         return ["float64 on CUDA goes to the torch reference"]
     return []
 
 
-def _sdpa_priority(q, *args, **kwargs):
-    return SDPA_RANK
+def _no_reasons(*args, **kwargs):
+    return []
 
 
-register_backend(Backend(op="attention", name="torch", fn=_torch_attention, reasons=_no_reasons, priority=1000.0))
-register_backend(Backend(op="attention", name="sdpa", fn=_sdpa_attention, reasons=_sdpa_reasons, priority=_sdpa_priority))
+# ---- triton (mae_fast.kernels.flash_attention) ---------------------------------------------------------
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+# Head dims that passed every GPU test (bench/results/gpu-tests-*.txt; bench_attention --check at MAE shapes) in
+# the tiling this backend launches (the kernels' default, one power-of-two tile). Elsewhere on CUDA the kernel
+# runs only with MAE_FAST_TRITON_UNVERIFIED=1.
+GPU_VERIFIED = {"dense": (32, 40, 48, 64, 72, 80, 88, 96, 128), "packed": (32, 40, 64, 80)}
+
+
+def triton_attention_reasons(q, k, v, softmax_scale, cu_seqlens, max_seqlen) -> list[str]:
+    out = []
+    if not q.is_cuda and not platform.interpreter():
+        out.append("needs a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    if q.dtype not in TRITON_DTYPES:
+        out.append(f"dtype {q.dtype} not supported (float16, bfloat16, float32)")
+    elif q.is_cuda and q.dtype == torch.float32 and not platform.unverified_allowed():
+        # compiled for sm_90 its IEEE fp32 dots spill kilobytes of registers at every tile size tried
+        # (bench/compile_report.py --dtypes float32): correct but slow, so leave fp32 to SDPA on GPUs
+        out.append("float32 on a GPU is not a fast path (fp32 dots spill registers); use bfloat16/float16 or sdpa")
+    d = q.shape[-1]
+    layout = "packed" if cu_seqlens is not None else "dense"
+    if d > MAX_HEAD_DIM or d % 8 != 0 or d < 32:
+        out.append(f"head dim {d} unsupported (a multiple of 8 from 32 to {MAX_HEAD_DIM})")
+    elif q.is_cuda and not platform.gpu_verified(d in GPU_VERIFIED[layout]):
+        out.append(f"head dim {d} {layout} not verified on GPU (experimental: MAE_FAST_TRITON_UNVERIFIED=1 allows it)")
+    if q.shape != k.shape:
+        out.append(f"query length {q.shape[-3]} differs from key length {k.shape[-3]} (self-attention only)")
+    if cu_seqlens is not None and cu_seqlens.device != q.device:
+        out.append(f"cu_seqlens on {cu_seqlens.device} but q on {q.device}")
+    return out
+
+
+# ---- flash-attn and xformers (public APIs: flash_attn_func / flash_attn_varlen_func,
+# xformers.ops.memory_efficient_attention with fmha.BlockDiagonalMask for packed sequences) -------------
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _installed(module: str) -> str | None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"{module} not installed"
+
+
+def _library_reasons(q, cu_seqlens, dtypes, max_head_dim) -> list[str]:
+    out = []
+    if not q.is_cuda:
+        out.append("needs a CUDA tensor")
+    if q.dtype not in dtypes:
+        out.append(f"dtype {q.dtype} not supported ({', '.join(str(d) for d in dtypes)})")
+    d = q.shape[-1]
+    if d % 8 != 0 or d > max_head_dim:
+        out.append(f"head dim {d} unsupported (a multiple of 8 up to {max_head_dim})")
+    if cu_seqlens is not None and cu_seqlens.device != q.device:
+        out.append(f"cu_seqlens on {cu_seqlens.device} but q on {q.device}")
+    return out
+
+
+def _flash_attn_reasons(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
+    return _library_reasons(q, cu_seqlens, HALF_DTYPES, 256)
+
+
+def _flash_attn_fn(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    if cu_seqlens is None:
+        return flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=softmax_scale, causal=False)
+    cu = cu_seqlens.to(torch.int32)
+    if max_seqlen is None:
+        max_seqlen = int((cu[1:] - cu[:-1]).max())
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0,
+                                  softmax_scale=softmax_scale, causal=False)
+
+
+def _xformers_reasons(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
+    return _library_reasons(q, cu_seqlens, HALF_DTYPES + (torch.float32,), 256)
+
+
+def _xformers_fn(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
+    from xformers.ops import fmha, memory_efficient_attention
+
+    if cu_seqlens is None:
+        return memory_efficient_attention(q, k, v, attn_bias=None, scale=softmax_scale)
+    seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    bias = fmha.BlockDiagonalMask.from_seqlens(seqlens)
+    return memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=softmax_scale)[0]
+
+
+# ---- registration (order: dispatch.PRIORITY["attention"]) ------------------------------------------------
+
+def _measured(name):
+    def preferred(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
+        return measured_faster(name, q, k, v, cu_seqlens, max_seqlen)
+    return preferred
+
+
+register_backend(Backend(op="attention", name="sdpa", fn=_sdpa_attention, reasons=_sdpa_reasons))
+# flash_attention(q, k, v, softmax_scale, cu_seqlens, max_seqlen): the backend call's arguments, in order
+register_backend(Backend(op="attention", name="triton", fn=triton_attention.flash_attention,
+                         reasons=triton_attention_reasons,
+                         available=platform.triton_unavailable, gpu=True, preferred=_measured("triton")))
+register_backend(Backend(op="attention", name="flash_attn", fn=_flash_attn_fn, reasons=_flash_attn_reasons,
+                         available=functools.partial(_installed, "flash_attn"), gpu=True,
+                         preferred=_measured("flash_attn")))
+register_backend(Backend(op="attention", name="xformers", fn=_xformers_fn, reasons=_xformers_reasons,
+                         available=functools.partial(_installed, "xformers"), gpu=True,
+                         preferred=_measured("xformers")))
+register_backend(Backend(op="attention", name="torch", fn=_torch_attention, reasons=_no_reasons))
 
 
 def attention(q, k, v, *, softmax_scale=None, cu_seqlens=None, max_seqlen=None, backend: str = "auto"):

@@ -1,44 +1,73 @@
-"""Backend dispatch for the hot ops, in the style of xformers' fmha.
+"""Backend dispatch for the hot ops, in the style of xformers' ``_dispatch_fw_priority_list``.
 
-Every op has an ordered list of backends. A backend says which inputs it cannot take by returning
-*reasons* (an empty list means it can run). ``backend="auto"`` picks the first backend in the op's
-preference order that has no reasons; a named backend is used or refused with its reasons; when
-nothing can run, the error lists every backend with its reasons. ``MAE_FAST_BACKEND=<name>`` forces
-a backend for every op that has one of that name (ops without it keep ``auto``);
-``MAE_FAST_BACKEND=attention=sdpa,masked_patch_mse=torch`` forces per op (an unknown op, or a name the op lacks, is
+Every op has one priority list, :data:`PRIORITY`, fastest first on CUDA tensors. A backend says which inputs it
+cannot take by returning *reasons* (an empty list means it can run). ``backend="auto"`` walks :func:`auto_order`
+and takes the first backend with no reasons; a named backend is used or refused with its reasons; when nothing
+can run, the error lists every backend with its reasons.
+
+:func:`auto_order` is the priority list with two input-dependent adjustments, both reorderings only:
+
+- a backend whose ``preferred`` check says so for these inputs moves to the front (in list order): the measured
+  table ``attention_prefs.json`` for attention backends measured faster than SDPA on this GPU and shape, and
+  the CUDA masking extension once it is loaded in the process;
+- on CPU tensors the GPU kernels (``gpu=True``; they run there only in the Triton interpreter, a test vehicle)
+  go last, so ``auto`` keeps the plain torch (or SDPA) path.
+
+Forcing a backend, innermost first: the ``backend=`` argument; :func:`use_backend` (a context manager);
+``MAE_FAST_BACKEND=<name>`` (every op that has a backend of that name; others keep ``auto``) or
+``MAE_FAST_BACKEND=attention=sdpa,masked_patch_mse=torch`` (per op; an unknown op, or a name the op lacks, is
 an error).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["Backend", "register_backend", "backends_for", "select_backend", "NoBackendError", "describe"]
+__all__ = ["PRIORITY", "Backend", "register_backend", "backends_for", "select_backend", "auto_order",
+           "use_backend", "NoBackendError", "describe"]
+
+# Fastest first on CUDA tensors. These orders are what ``auto`` tries; nothing else ranks backends.
+PRIORITY: dict[str, list[str]] = {
+    "attention": ["sdpa", "triton", "flash_attn", "xformers", "torch"],
+    "gather_visible": ["triton", "cuda", "torch"],
+    "unshuffle_with_mask_token": ["triton", "cuda", "torch"],
+    "patchify_gather": ["triton", "torch"],
+    "masked_patch_mse": ["triton", "torch"],
+    "layer_norm": ["triton", "torch"],
+    "add_layer_norm": ["triton", "torch"],
+}
 
 
 class NoBackendError(RuntimeError):
     """No backend can run the given inputs; the message lists each backend's reasons."""
 
 
+def _never(*args, **kwargs) -> bool:
+    return False
+
+
 @dataclass
 class Backend:
     """One implementation of one op.
 
-    ``reasons(*args, **kwargs)`` returns why this backend cannot take the inputs (empty: it can).
-    ``fn(*args, **kwargs)`` computes the op; it may assume ``reasons`` returned nothing.
-    ``priority`` orders backends for ``auto`` (lower first) and may be a function of the inputs,
-    so a backend can defer to another on shapes where measurements say it is slower.
+    ``reasons(*args)`` returns why this backend cannot take the inputs (empty: it can); ``fn(*args)`` computes the
+    op and may assume ``reasons`` returned nothing; ``available()`` says why it cannot run at all (None: it can).
+    ``gpu``: a GPU kernel (last in ``auto`` on CPU tensors). ``preferred(*args)``: evidence that, for these
+    inputs, it beats the backends listed before it (see :func:`auto_order`).
     """
 
     op: str
     name: str
     fn: Callable
     reasons: Callable[..., list[str]]
-    priority: Callable[..., float] | float = 100.0
-    available: Callable[[], str | None] = field(default=lambda: None)  # returns why unavailable
+    available: Callable[[], str | None] = field(default=lambda: None)
+    gpu: bool = False
+    preferred: Callable[..., bool] = _never
 
     def why_not(self, *args, **kwargs) -> list[str]:
         missing = self.available()
@@ -46,36 +75,45 @@ class Backend:
             return [missing]
         return list(self.reasons(*args, **kwargs))
 
-    def rank(self, *args, **kwargs) -> float:
-        return self.priority(*args, **kwargs) if callable(self.priority) else float(self.priority)
-
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
 
 
 def register_backend(backend: Backend) -> Backend:
+    if backend.name not in PRIORITY.get(backend.op, ()):
+        raise KeyError(f"{backend.op}: backend {backend.name!r} is not in dispatch.PRIORITY[{backend.op!r}]")
     _REGISTRY.setdefault(backend.op, {})[backend.name] = backend
     return backend
 
 
 def backends_for(op: str) -> dict[str, Backend]:
-    load_optional_backends()
+    """The registered backends of ``op``, in priority order."""
     if op not in _REGISTRY:
         raise KeyError(f"unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
-    return _REGISTRY[op]
+    table = _REGISTRY[op]
+    return {name: table[name] for name in PRIORITY[op] if name in table}
+
+
+def _on_cuda(args) -> bool:
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return first is not None and first.is_cuda
+
+
+def auto_order(op: str, *args, **kwargs) -> list[Backend]:
+    """The backends ``auto`` tries for these inputs, in order: ``PRIORITY[op]``, preferred ones first on CUDA
+    tensors, GPU kernels last on CPU tensors."""
+    table = list(backends_for(op).values())
+    if not _on_cuda(args):
+        return [b for b in table if not b.gpu] + [b for b in table if b.gpu]
+    ahead = [b for b in table if b.preferred(*args, **kwargs)]
+    return ahead + [b for b in table if b not in ahead]
 
 
 def select_backend(op: str, backend: str, *args, **kwargs) -> Backend:
     """Return the backend that will run ``op`` on these inputs, or raise with every reason."""
     table = backends_for(op)
     if backend == "auto":
-        forced = forced_backend(op)
-        _check_forced_ops()
-        if forced and forced != "auto" and forced not in table and "=" in os.environ.get("MAE_FAST_BACKEND", ""):
-            # named for this op (op=name), so a misspelling, not a backend other ops have
-            raise ValueError(f"{op}: unknown backend {forced!r} (MAE_FAST_BACKEND); choose from {['auto', *table]}")
-        if forced and forced != "auto" and forced in table:
-            backend = forced
+        backend = forced_backend(op) or "auto"
     if backend != "auto":
         if backend not in table:
             raise ValueError(f"{op}: unknown backend {backend!r}; choose from {['auto', *table]}")
@@ -85,7 +123,7 @@ def select_backend(op: str, backend: str, *args, **kwargs) -> Backend:
             raise NoBackendError(f"{op}: backend {backend!r} cannot run these inputs: " + "; ".join(why))
         return chosen
     report = []
-    for cand in sorted(table.values(), key=lambda b: b.rank(*args, **kwargs)):
+    for cand in auto_order(op, *args, **kwargs):
         why = cand.why_not(*args, **kwargs)
         if not why:
             return cand
@@ -93,63 +131,73 @@ def select_backend(op: str, backend: str, *args, **kwargs) -> Backend:
     raise NoBackendError(f"{op}: no backend can run these inputs:\n" + "\n".join(report))
 
 
+def describe(op: str, *args, **kwargs) -> dict[str, list[str]]:
+    """Map each backend of ``op`` to its reasons for these inputs (empty list: it can run)."""
+    return {name: b.why_not(*args, **kwargs) for name, b in backends_for(op).items()}
+
+
+# ---- forcing a backend ------------------------------------------------------------------------------
+
+_FORCED: list[dict[str, str]] = []  # one {op: backend} per active use_backend, innermost last
+_FORCED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None = None, /, **per_op: str) -> Iterator[None]:
+    """Force backends inside a ``with`` block, for calls that ask for ``backend="auto"``.
+
+    ``use_backend("torch")`` forces ``torch`` for every op that has it; ``use_backend(attention="sdpa",
+    masked_patch_mse="torch")`` per op; both together: the per-op names win. Nested blocks override outer
+    ones op by op; the previous choice is restored on exit. Overrides ``MAE_FAST_BACKEND``.
+    """
+    forced: dict[str, str] = {}
+    if name is not None:
+        ops = [op for op in _REGISTRY if name in _REGISTRY[op]]
+        if not ops:
+            raise ValueError(f"use_backend: no op has a backend {name!r}; backends: "
+                             f"{sorted({b for t in _REGISTRY.values() for b in t})}")
+        forced.update({op: name for op in ops})
+    for op, backend in per_op.items():
+        if op not in _REGISTRY:
+            raise ValueError(f"use_backend: unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
+        if backend != "auto" and backend not in _REGISTRY[op]:
+            raise ValueError(f"use_backend: {op} has no backend {backend!r}; choose from "
+                             f"{['auto', *backends_for(op)]}")
+        forced[op] = backend
+    with _FORCED_LOCK:
+        _FORCED.append(forced)
+    try:
+        yield
+    finally:
+        with _FORCED_LOCK:
+            _FORCED.remove(forced)  # this block's entry (or an equal one: the same state), wherever it is in the stack
+
+
 def forced_backend(op: str) -> str | None:
-    """The backend ``MAE_FAST_BACKEND`` names for ``op``: either one name for every op that has it
-    (``MAE_FAST_BACKEND=torch``) or per-op pairs (``MAE_FAST_BACKEND=attention=sdpa,gather_visible=cuda``)."""
+    """The backend forced for ``op`` by :func:`use_backend` or ``MAE_FAST_BACKEND`` (None: none is)."""
+    for forced in reversed(_FORCED):
+        if op in forced:
+            return forced[op]
     spec = os.environ.get("MAE_FAST_BACKEND", "").strip()
     if not spec:
         return None
-    if "=" not in spec:
-        return spec
-    return _forced_pairs(spec).get(op, "") or None
+    if "=" not in spec:  # one name for every op that has it
+        return spec if spec in _REGISTRY.get(op, {}) else None
+    pairs = _forced_pairs(spec)
+    unknown = sorted(set(pairs) - set(_REGISTRY))
+    if unknown:  # a misspelt op would force nothing, silently
+        raise ValueError(f"MAE_FAST_BACKEND={spec!r} names unknown op(s) {unknown}; known ops: {sorted(_REGISTRY)}")
+    forced = pairs.get(op) or None
+    if forced and forced != "auto" and forced not in _REGISTRY[op]:  # named for this op: a misspelling
+        raise ValueError(f"{op}: unknown backend {forced!r} (MAE_FAST_BACKEND); choose from "
+                         f"{['auto', *backends_for(op)]}")
+    return forced
 
 
 def _forced_pairs(spec: str) -> dict[str, str]:
     # stripped both sides: "a=x, b=y" names op b, not " b"
     pairs = (item.split("=", 1) for item in spec.split(",") if "=" in item)
     return {name.strip(): value.strip() for name, value in pairs}
-
-
-def _check_forced_ops() -> None:
-    """A pair naming an op that does not exist (``atention=sdpa``) would force nothing, silently: refuse it."""
-    spec = os.environ.get("MAE_FAST_BACKEND", "")
-    if "=" not in spec:
-        return
-    unknown = sorted(set(_forced_pairs(spec)) - set(_REGISTRY))
-    if unknown:
-        raise ValueError(f"MAE_FAST_BACKEND={spec!r} names unknown op(s) {unknown}; known ops: {sorted(_REGISTRY)}")
-
-
-def describe(op: str, *args, **kwargs) -> dict[str, list[str]]:
-    """Map each backend of ``op`` to its reasons for these inputs (empty list: it can run)."""
-    return {name: b.why_not(*args, **kwargs) for name, b in backends_for(op).items()}
-
-
-_OPTIONAL_LOADED = False
-# Modules that register more backends when imported; a missing module is skipped.
-OPTIONAL_BACKEND_MODULES = (
-    "mae_fast.ops._triton_masking",   # Triton masked-token kernels (kernels/masking.py)
-    "mae_fast.ops._cuda_masking",     # CUDA masked-token kernels (csrc/)
-    "mae_fast.ops._triton_attention", # Triton flash attention (kernels/flash_attention.py)
-    "mae_fast.ops._triton_layer_norm",  # Triton fused residual add + LayerNorm (kernels/layer_norm.py)
-    "mae_fast.ops._thirdparty_attention",  # flash-attn and xformers, when installed
-)
-
-
-def load_optional_backends() -> None:
-    """Import the modules that register the Triton/CUDA/third-party backends, once."""
-    global _OPTIONAL_LOADED
-    if _OPTIONAL_LOADED:
-        return
-    _OPTIONAL_LOADED = True
-    import importlib
-
-    for mod in OPTIONAL_BACKEND_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # module not written yet or optional package missing
-            if e.name != mod:
-                raise
 
 
 # ---- shared input checks, phrased as reasons ---------------------------------------------------

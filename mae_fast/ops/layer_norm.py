@@ -7,18 +7,25 @@ else x's dtype. Backends (see :mod:`mae_fast.ops.dispatch`; ops ``layer_norm`` a
 
 - ``torch``: eager PyTorch, exactly the ops a pre-norm block ran before (``F.layer_norm``, in fp32 under
   autocast, then ``.to(out_dtype)``), so it is bit-identical to ``norm(x)`` followed by the matmul's cast.
-- ``triton``: one fused kernel each way (:mod:`mae_fast.kernels.layer_norm`); registered by
-  :mod:`mae_fast.ops._triton_layer_norm`.
+- ``triton``: one fused kernel each way (:mod:`mae_fast.kernels.layer_norm`). On CUDA tensors it is refused
+  until the kernels pass the GPU tests (``GPU_VERIFIED``; ``MAE_FAST_TRITON_UNVERIFIED=1`` runs them anyway).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .dispatch import Backend, register_backend, select_backend
-from .lean import _compute_dtype
+from mae_fast.kernels import layer_norm as triton_layer_norm
 
-__all__ = ["layer_norm", "add_layer_norm", "resolve_out_dtype"]
+from . import platform
+from .dispatch import Backend, register_backend, select_backend
+
+__all__ = ["layer_norm", "add_layer_norm", "resolve_out_dtype", "compute_dtype", "GPU_VERIFIED"]
+
+# On CUDA tensors the kernels run only with MAE_FAST_TRITON_UNVERIFIED=1 until ``pytest tests/ops/test_layer_norm.py``
+# passes on a GPU and the fused kernels beat eager in a training step (bench/e2e.py's ``mae_fast_fused_ln``).
+GPU_VERIFIED = False
+SUPPORTED_DTYPES = triton_layer_norm.SUPPORTED_DTYPES
 
 
 # ---- torch backends (the references the Triton backend is tested against) -----------------------
@@ -36,16 +43,77 @@ def _always(*args, **kwargs):
     return []
 
 
-register_backend(Backend(op="layer_norm", name="torch", fn=_torch_layer_norm, reasons=_always, priority=1000.0))
-register_backend(Backend(op="add_layer_norm", name="torch", fn=_torch_add_layer_norm, reasons=_always,
-                         priority=1000.0))
+# ---- triton (mae_fast.kernels.layer_norm): what it cannot take -------------------------------------------
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def triton_layer_norm_reasons(x, weight, bias, eps, out_dtype) -> list[str]:
+    out = []
+    if x.device.type == "cuda":
+        if not platform.gpu_verified(GPU_VERIFIED):
+            out.append("not yet verified on a GPU (MAE_FAST_TRITON_UNVERIFIED=1 runs it)")
+    elif x.device.type != "cpu" or not platform.interpreter():
+        out.append("needs a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 for the interpreter)")
+    allowed = ", ".join(map(_dtype_name, SUPPORTED_DTYPES))
+    if x.dtype not in SUPPORTED_DTYPES:
+        out.append(f"x dtype {_dtype_name(x.dtype)} not supported ({allowed})")
+    if out_dtype not in SUPPORTED_DTYPES:
+        out.append(f"out_dtype {_dtype_name(out_dtype)} not supported ({allowed})")
+    if x.shape[-1] > triton_layer_norm.MAX_D:
+        out.append(f"normalised dim {x.shape[-1]} too large (at most {triton_layer_norm.MAX_D})")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if p.dtype not in SUPPORTED_DTYPES:
+            out.append(f"norm {name} dtype {_dtype_name(p.dtype)} not supported ({allowed})")
+        if p.device != x.device:
+            out.append(f"norm {name} on {p.device} but x on {x.device}")
+        if tuple(p.shape) != (x.shape[-1],):
+            out.append(f"norm {name} shape {tuple(p.shape)} is not ({x.shape[-1]},)")
+    return out
+
+
+def triton_add_layer_norm_reasons(x, branch, weight, bias, eps, out_dtype) -> list[str]:
+    out = triton_layer_norm_reasons(x, weight, bias, eps, out_dtype)
+    if branch.shape != x.shape:
+        out.append(f"branch shape {tuple(branch.shape)} differs from x's {tuple(x.shape)}")
+    if branch.device != x.device:
+        out.append(f"branch on {branch.device} but x on {x.device}")
+    if branch.dtype not in SUPPORTED_DTYPES:
+        out.append(f"branch dtype {_dtype_name(branch.dtype)} not supported")
+    elif torch.promote_types(x.dtype, branch.dtype) != x.dtype:
+        out.append(f"branch dtype {_dtype_name(branch.dtype)} is wider than the stream's "
+                   f"{_dtype_name(x.dtype)} (x + branch would not stay in x's dtype)")
+    return out
+
+
+# ---- registration (order: dispatch.PRIORITY) -------------------------------------------------------------
+
+register_backend(Backend(op="layer_norm", name="triton", fn=triton_layer_norm.layer_norm,
+                         reasons=triton_layer_norm_reasons, available=platform.triton_unavailable, gpu=True))
+register_backend(Backend(op="layer_norm", name="torch", fn=_torch_layer_norm, reasons=_always))
+register_backend(Backend(op="add_layer_norm", name="triton", fn=triton_layer_norm.add_layer_norm,
+                         reasons=triton_add_layer_norm_reasons, available=platform.triton_unavailable, gpu=True))
+register_backend(Backend(op="add_layer_norm", name="torch", fn=_torch_add_layer_norm, reasons=_always))
 
 
 # ---- functional API -----------------------------------------------------------------------------
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for x's device (what eager matmuls would use), else None."""
+    dev = x.device.type
+    try:
+        on = torch.is_autocast_enabled(dev)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta): no autocast there
+        return None
+    return torch.get_autocast_dtype(dev) if on else None
+
+
 def resolve_out_dtype(x: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
     """``out_dtype``, or the autocast dtype if autocast is on for x's device, else x's dtype."""
-    return out_dtype or _compute_dtype(x) or x.dtype
+    return out_dtype or compute_dtype(x) or x.dtype
 
 
 def _check(op: str, x, norm, out_dtype) -> None:

@@ -18,7 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mae_fast.kernels import layer_norm as triton_layer_norm
+
 from .dispatch import NoBackendError, select_backend
+from .layer_norm import compute_dtype as _compute_dtype
 
 __all__ = ["layer_norm_linear", "layer_norm_mlp", "residual_layer_norm_mlp", "layer_norm_linear_reference",
            "layer_norm_mlp_reference", "residual_layer_norm_mlp_reference"]
@@ -43,16 +46,6 @@ def residual_layer_norm_mlp_reference(x, branch, norm_weight, norm_bias, eps, fc
 
 
 # ---- shared pieces ------------------------------------------------------------------------------
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The autocast dtype when autocast is on for x's device (what eager matmuls would use), else None."""
-    dev = x.device.type
-    try:
-        on = torch.is_autocast_enabled(dev)
-    except RuntimeError:  # a device type autocast does not know (e.g. meta): no autocast there
-        return None
-    return torch.get_autocast_dtype(dev) if on else None
-
 
 def _norm(x, norm_weight, norm_bias, eps, amp):
     """(normalised x, mean, rstd) in eager autocast's precision: fp32 under autocast, else x's dtype."""
@@ -94,7 +87,7 @@ def _param_grad(g, p):
 
 
 def _fused_norm_ops(x, branch, norm_weight, norm_bias, eps, amp):
-    """The Triton (add +) LayerNorm custom-op module when dispatch picks it for these inputs, else None."""
+    """The Triton (add +) LayerNorm kernels module when dispatch picks it for these inputs, else None."""
     out_dtype = amp or x.dtype
     op, args = ("layer_norm", (x, norm_weight, norm_bias, eps, out_dtype)) if branch is None else \
         ("add_layer_norm", (x, branch, norm_weight, norm_bias, eps, out_dtype))
@@ -103,12 +96,7 @@ def _fused_norm_ops(x, branch, norm_weight, norm_bias, eps, amp):
             return None
     except NoBackendError:
         return None
-    return _triton_ops()
-
-
-def _triton_ops():
-    from . import _triton_layer_norm
-    return _triton_layer_norm
+    return triton_layer_norm
 
 
 def _fused_forward(fused, x, branch, norm_weight, norm_bias, eps, amp):
@@ -147,7 +135,7 @@ class _LayerNormLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, mean, rstd, norm_weight, norm_bias, weight, bias = ctx.saved_tensors
-        amp, fused = ctx.amp, _triton_ops() if ctx.fused else None
+        amp, fused = ctx.amp, triton_layer_norm if ctx.fused else None
         with torch.autocast(x.device.type, enabled=False):
             if fused is not None:  # recomputed, not stored
                 inp = _rows(_fused_forward(fused, x, None, norm_weight, norm_bias, ctx.eps, amp)[0])
@@ -217,7 +205,7 @@ class _LayerNormMlp(torch.autograd.Function):
             if not ctx.fused:
                 dx, dnw, dnb, *d_fc = _mlp_backward(grad_y, x, mean, rstd, h, nw, nb, ctx.eps, *fc, ctx.amp)
             else:
-                fused = _triton_ops()
+                fused = triton_layer_norm
                 normed_c = _fused_forward(fused, x, None, nw, nb, ctx.eps, ctx.amp)[0]
                 d_in, *d_fc = _mlp_input_grads(grad_y, normed_c, h, *fc, ctx.amp)
                 dx, _, dnw, dnb = _fused_backward(fused, d_in.reshape(x.shape), x, mean, rstd, nw, nb)
@@ -256,7 +244,7 @@ class _ResidualLayerNormMlp(torch.autograd.Function):
                                                         ctx.eps, *fc, ctx.amp)
                 d_mid = grad_out.to(x_mid.dtype) + dx_mlp
                 return d_mid.to(x.dtype), d_mid.to(branch.dtype), dnw, dnb, None, *d_fc
-            fused = _triton_ops()
+            fused = triton_layer_norm
             normed_c, x_mid, _, _ = _fused_forward(fused, x, branch, nw, nb, ctx.eps, ctx.amp)
             d_in, *d_fc = _mlp_input_grads(grad_out.to(ctx.y_dtype), normed_c, h, *fc, ctx.amp)
             # the LayerNorm backward and the residual path's gradient into x_mid, in one pass

@@ -1,13 +1,18 @@
 """Masked-token ops: gathering visible tokens, restoring the decoder sequence, patchifying and the loss.
 
 Public functions validate their inputs (shapes, dtypes, devices and, unless ``check_ids=False``, the
-index range), then dispatch to a backend. The ``torch`` backend here is the reference every kernel
-is tested against; Triton and CUDA backends register themselves in their own modules.
+index range), then dispatch to a backend (``dispatch.PRIORITY``): ``triton`` (:mod:`mae_fast.kernels.masking`),
+``cuda`` (gather_visible and unshuffle_with_mask_token; :mod:`mae_fast.csrc.masking`, compiled on first use) and
+``torch``, the reference every kernel is tested against.
 """
 from __future__ import annotations
 
 import torch
 
+from mae_fast.csrc import masking as cuda_masking
+from mae_fast.kernels import masking as triton_masking
+
+from . import platform
 from .dispatch import Backend, check_tensor, raise_if, register_backend, select_backend
 
 __all__ = [
@@ -127,13 +132,90 @@ def _always(*args, **kwargs):
     return []
 
 
-for _op, _fn in (
-    ("gather_visible", _gather_visible_torch),
-    ("unshuffle_with_mask_token", _unshuffle_torch),
-    ("patchify_gather", _patchify_gather_torch),
-    ("masked_patch_mse", _masked_patch_mse_torch),
+# ---- kernel backends: what they cannot take ----------------------------------------------------------
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_reasons(tensors: dict, ids=None, *, interpreter_ok: bool) -> list[str]:
+    """Dtypes and devices the kernels take; CPU tensors only in the Triton interpreter (``interpreter_ok``)."""
+    out = []
+    devices = {t.device for t in tensors.values() if isinstance(t, torch.Tensor)}
+    if ids is not None:
+        devices.add(ids.device)
+        if ids.dtype not in INDEX_DTYPES:
+            out.append(f"ids dtype {ids.dtype} not int32/int64")
+    if len(devices) > 1:
+        out.append(f"inputs on several devices {sorted(map(str, devices))}")
+    for name, t in tensors.items():
+        # integer ones too: the kernels read pos_embed / mask_token in their own dtype (an int64 pos_embed with
+        # bf16 rows came out without its pos rows)
+        if isinstance(t, torch.Tensor) and t.dtype not in KERNEL_DTYPES:
+            out.append(f"{name} dtype {t.dtype} not float32/float16/bfloat16")
+    dev = next(iter(devices)) if devices else torch.device("cpu")
+    if dev.type != "cuda" and not (interpreter_ok and dev.type == "cpu" and platform.interpreter()):
+        why = " (Triton runs CPU tensors only under TRITON_INTERPRET=1 set before mae_fast is imported)" \
+            if interpreter_ok else ""
+        out.append(f"needs CUDA tensors, got {dev.type}{why}")
+    return out
+
+
+def _gather_visible_reasons(x, ids_keep, pos, interpreter_ok=True):
+    return _kernel_reasons({"x": x, "pos_embed": pos}, ids_keep, interpreter_ok=interpreter_ok)
+
+
+def _unshuffle_reasons(x_vis, ids_restore, mask_token, pos, cls_token, interpreter_ok=True):
+    return _kernel_reasons({"x_vis": x_vis, "mask_token": mask_token, "pos_embed": pos}, ids_restore,
+                           interpreter_ok=interpreter_ok)
+
+
+def _cuda_gather_visible_reasons(x, ids_keep, pos):
+    return _gather_visible_reasons(x, ids_keep, pos, interpreter_ok=False)
+
+
+def _cuda_unshuffle_reasons(x_vis, ids_restore, mask_token, pos, cls_token):
+    return _unshuffle_reasons(x_vis, ids_restore, mask_token, pos, cls_token, interpreter_ok=False)
+
+
+def _patchify_gather_reasons(imgs, ids_keep, patch_size):
+    return _kernel_reasons({"imgs": imgs}, ids_keep, interpreter_ok=True)
+
+
+def _masked_patch_mse_reasons(pred, imgs, mask, patch_size, norm_pix):
+    out = _kernel_reasons({"pred": pred, "imgs": imgs}, None, interpreter_ok=True)
+    if mask.device != pred.device:
+        out.append("mask on another device")
+    if imgs.requires_grad:
+        out.append("imgs requires grad (the kernel differentiates pred only)")
+    if mask.requires_grad:
+        out.append("mask requires grad (the kernel differentiates pred only)")
+    return out
+
+
+def _cuda_loaded(*args) -> bool:
+    """The CUDA extension beats Triton on unshuffle_with_mask_token (bench/results/masking-*.json), but ``auto``
+    never starts a compile by itself: it prefers the extension once it is loaded (built ahead of time with
+    MAE_FAST_BUILD_CUDA=1, or asked for by name), and otherwise tries it after Triton."""
+    return cuda_masking.loaded()
+
+
+# ---- registration (order: dispatch.PRIORITY) -------------------------------------------------------------
+
+for _op, _torch_fn, _triton_fn, _triton_why in (
+    ("gather_visible", _gather_visible_torch, triton_masking.gather_visible, _gather_visible_reasons),
+    ("unshuffle_with_mask_token", _unshuffle_torch, triton_masking.unshuffle_with_mask_token, _unshuffle_reasons),
+    ("patchify_gather", _patchify_gather_torch, triton_masking.patchify_gather, _patchify_gather_reasons),
+    ("masked_patch_mse", _masked_patch_mse_torch, triton_masking.masked_patch_mse, _masked_patch_mse_reasons),
 ):
-    register_backend(Backend(op=_op, name="torch", fn=_fn, reasons=_always, priority=1000.0))
+    register_backend(Backend(op=_op, name="triton", fn=_triton_fn, reasons=_triton_why,
+                             available=platform.triton_unavailable, gpu=True))
+    register_backend(Backend(op=_op, name="torch", fn=_torch_fn, reasons=_always))
+register_backend(Backend(op="gather_visible", name="cuda", fn=cuda_masking.gather_visible,
+                         reasons=_cuda_gather_visible_reasons, available=cuda_masking.unavailable, gpu=True,
+                         preferred=_cuda_loaded))
+register_backend(Backend(op="unshuffle_with_mask_token", name="cuda", fn=cuda_masking.unshuffle_with_mask_token,
+                         reasons=_cuda_unshuffle_reasons, available=cuda_masking.unavailable, gpu=True,
+                         preferred=_cuda_loaded))
 
 
 # ---- functional API -----------------------------------------------------------------------------

@@ -4,23 +4,22 @@ the ``torch`` backend against the eager ops it replaces in the model.
 Accuracy as for flash attention: the kernel's error vs fp64 must be within 2x (outputs) or 3x (gradients) of the
 error PyTorch makes doing the same computation in the input dtypes, plus a floor of about an ulp.
 """
+import importlib
 import inspect
 import os
 import re
 
+import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+import mae_fast
+from mae_fast import ops
+from mae_fast.kernels import layer_norm as tln
+from mae_fast.ops.dispatch import NoBackendError, describe, select_backend
 
-import pytest  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import mae_fast  # noqa: E402
-from mae_fast import ops  # noqa: E402
-from mae_fast.ops.dispatch import NoBackendError, describe, select_backend  # noqa: E402
-from mae_fast.ops import _triton_layer_norm as tln  # noqa: E402
+ln_op = importlib.import_module("mae_fast.ops.layer_norm")  # the module (the package exports a function)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
@@ -34,7 +33,7 @@ def _poison_outputs(monkeypatch):
     def nan_alloc(shape, dtype=None, device=None, **kw):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(tln._kernels(), "_alloc", nan_alloc)
+    monkeypatch.setattr(tln, "_alloc", nan_alloc)
     if DEVICE.type == "cuda":
         monkeypatch.setenv("MAE_FAST_TRITON_UNVERIFIED", "1")
 
@@ -113,19 +112,20 @@ def _check_as_torch(x, branch, norm, out_dtype, d_mid_dtype=FP32):
     return tri
 
 
+# 37 rows: several row blocks at every width here, the last one part full
 CASES = [  # rows (shape), D, x dtype, branch dtype (None: layer_norm), out dtype, affine
     ((1,), 40, FP32, BF16, BF16, "both"),
     ((7,), 100, FP32, BF16, BF16, "both"),
     ((2, 5), 392, FP32, FP32, FP32, "none"),
-    ((197,), 1280, FP32, BF16, BF16, "both"),
+    ((37,), 1280, FP32, BF16, BF16, "both"),
     ((7,), 1000, BF16, BF16, BF16, "weight"),
     ((1,), 1280, FP16, FP16, FP16, "both"),
     ((3, 7), 40, FP16, FP16, FP32, "none"),
-    ((197,), 100, BF16, None, BF16, "both"),
+    ((37,), 100, BF16, None, BF16, "both"),
     ((7,), 392, FP32, None, BF16, "weight"),
     ((1,), 1000, FP32, None, FP32, "both"),
     ((2, 7), 1280, FP16, None, FP16, "none"),
-    ((197,), 40, FP32, FP16, FP16, "both"),
+    ((37,), 40, FP32, FP16, FP16, "both"),
 ]
 
 
@@ -181,7 +181,7 @@ def test_strided_rows_are_read_in_place():
     norm = _norm(D, "both", FP32)
     _check_as_torch(x, branch, norm, BF16)
     # the launcher reads the view through its strides (no copy of x) and gives contiguous outputs
-    k = tln._kernels()
+    k = tln
     x3 = k._as_outer_inner(x)
     assert x3.data_ptr() == x.data_ptr() and x3.stride() == x.stride()
     y, x_mid, mean, rstd = k.add_layer_norm_forward(x, branch, norm.weight, norm.bias, norm.eps, BF16)
@@ -200,10 +200,10 @@ def test_strided_rows_are_read_in_place():
 
 def test_backward_is_deterministic_and_partials_sum_in_fixed_order():
     torch.manual_seed(3)
-    rows, D = 197, 392
+    rows, D = 61, 392  # 8 row tiles in backward: programs=1, 3, 50, 1000 below give 1, 3, 8, 8 partial rows
     x, branch = _rand((rows, D), FP32, 2.0), _rand((rows, D), BF16)
     norm = _norm(D, "both", FP32)
-    k = tln._kernels()
+    k = tln
     y, x_mid, mean, rstd = k.add_layer_norm_forward(x, branch, norm.weight, norm.bias, norm.eps, BF16)
     dy, d_mid = _rand((rows, D), BF16), _rand((rows, D), FP32)
 
@@ -233,7 +233,7 @@ def test_backward_is_deterministic_and_partials_sum_in_fixed_order():
 def test_kernels_use_no_atomics():
     """dweight/dbias are deterministic because the partial rows are summed in a fixed order. The interpreter runs
     programs one after another, so an atomic add into one row passes the test above on a CPU and races only on a GPU."""
-    assert not re.findall(r"\btl\.atomic_\w+", inspect.getsource(tln._kernels()))
+    assert not re.findall(r"\btl\.atomic_\w+", inspect.getsource(tln))
 
 
 def test_partial_gradients_skip_what_is_not_needed():
@@ -363,20 +363,19 @@ def test_dispatch_reasons_and_ranking(monkeypatch):
     assert any("x dtype float64" in r for r in why) and any("out_dtype float64" in r for r in why)
     why = describe("add_layer_norm", x.to(BF16), torch.randn(4, 64), None, None, 1e-6, BF16)["triton"]
     assert any("wider than the stream" in r for r in why)
-    assert tln.MAX_D == tln._kernels().MAX_D  # the backend's copy (it does not import the kernels to check)
     big = torch.randn(2, tln.MAX_D + 1)
     assert any("too large" in r for r in describe("layer_norm", big, None, None, 1e-6, FP32)["triton"])
     with pytest.raises(NoBackendError, match="too large"):
         ops.layer_norm(big, nn.LayerNorm(tln.MAX_D + 1), backend="triton")
     with pytest.raises(ValueError, match="at most"):
-        tln._kernels().add_layer_norm_forward(big, None, None, None, 1e-6)
+        tln.add_layer_norm_forward(big, None, None, None, 1e-6)
     # on (fake) CUDA tensors: refused until verified on a GPU, unless asked for
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         xc = torch.empty(4, 64, device="cuda")
         hc = torch.empty(4, 64, device="cuda", dtype=BF16)
         cargs = (xc, hc, None, None, 1e-6, BF16)
-        monkeypatch.setattr(tln, "GPU_VERIFIED", False)
+        monkeypatch.setattr(ln_op, "GPU_VERIFIED", False)
         monkeypatch.delenv("MAE_FAST_TRITON_UNVERIFIED", raising=False)
         assert describe("add_layer_norm", *cargs)["triton"] == [
             "not yet verified on a GPU (MAE_FAST_TRITON_UNVERIFIED=1 runs it)"]
@@ -384,7 +383,7 @@ def test_dispatch_reasons_and_ranking(monkeypatch):
         monkeypatch.setenv("MAE_FAST_TRITON_UNVERIFIED", "1")
         assert select_backend("add_layer_norm", "auto", *cargs).name == "triton"  # ahead of torch on CUDA
         monkeypatch.delenv("MAE_FAST_TRITON_UNVERIFIED")
-        monkeypatch.setattr(tln, "GPU_VERIFIED", True)
+        monkeypatch.setattr(ln_op, "GPU_VERIFIED", True)
         assert select_backend("layer_norm", "auto", xc, None, None, 1e-6, BF16).name == "triton"
 
 
@@ -428,8 +427,8 @@ def test_model_with_triton_norms_matches_torch_norms(monkeypatch):
                         fwd(x, branch, *a))
 
     def loss_and_grads(backend):
-        monkeypatch.setenv("MAE_FAST_BACKEND", f"layer_norm={backend},add_layer_norm={backend}")
-        out = m(imgs, 0.75, noise, masked_only=True)
+        with ops.use_backend(layer_norm=backend, add_layer_norm=backend):
+            out = m(imgs, 0.75, noise, masked_only=True)
         return out.loss, torch.autograd.grad(out.loss, params)
 
     loss_t, grads_t = loss_and_grads("triton")
@@ -469,7 +468,7 @@ def test_gpu_bf16_stream_and_strided_rows():
 @NEEDS_CUDA
 def test_gpu_deterministic_backward():
     torch.manual_seed(11)
-    k = tln._kernels()
+    k = tln
     norm = _norm(1280, "both", FP32)
     x, branch = _rand((6960, 1280), FP32), _rand((6960, 1280), BF16)
     y, x_mid, mean, rstd = k.add_layer_norm_forward(x, branch, norm.weight, norm.bias, norm.eps, BF16)
@@ -490,8 +489,7 @@ def test_gpu_model_under_autocast_matches_torch_norms(monkeypatch):
     params = [p for p in m.parameters() if p.requires_grad]
 
     def run(backend):
-        monkeypatch.setenv("MAE_FAST_BACKEND", f"layer_norm={backend},add_layer_norm={backend}")
-        with torch.autocast("cuda", dtype=BF16):
+        with ops.use_backend(layer_norm=backend, add_layer_norm=backend), torch.autocast("cuda", dtype=BF16):
             out = m(imgs, 0.75, noise, masked_only=True)
         return out.loss, torch.autograd.grad(out.loss, params)
 
@@ -547,3 +545,31 @@ def test_kernels_compile_for_sm90_without_spills_and_with_vector_loads(tmp_path)
     for r in rows:
         assert r["registers"] > 0 and r["spills"] == 0, r
         assert r["v4_loads"] > 0 and r["v4_stores"] > 0, f"rows not read/written as 16-byte vectors: {r}"
+
+
+# ---- the torch backend: the norm's eps ------------------------------------------------------------
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-2])
+def test_layer_norm_ops_use_the_norms_eps(eps):
+    """(x - mean) / sqrt(biased var + eps) * weight + bias, with the norm's own eps (1e-6 in ViTs, not 1e-5)."""
+    g = torch.Generator().manual_seed(7)
+    D = 19
+    norm = nn.LayerNorm(D, eps=eps).double()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(D, generator=g))
+        norm.bias.copy_(0.3 * torch.randn(D, generator=g))
+    x = 1.0 + 0.05 * torch.randn(4, 5, D, generator=g, dtype=torch.float64)  # low variance: eps matters
+    branch = 0.05 * torch.randn(4, 5, D, generator=g, dtype=torch.float64)
+
+    def by_hand(t):
+        mean = t.mean(-1, keepdim=True)
+        var = ((t - mean) ** 2).mean(-1, keepdim=True)
+        return (t - mean) / torch.sqrt(var + eps) * norm.weight + norm.bias
+
+    torch.testing.assert_close(ops.layer_norm(x, norm, backend="torch"), by_hand(x))
+    x_mid, y = ops.add_layer_norm(x, branch, norm, backend="torch")
+    torch.testing.assert_close(x_mid, x + branch)
+    torch.testing.assert_close(y, by_hand(x + branch))
+    y32 = ops.layer_norm(x, norm, torch.float32, backend="torch")
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, by_hand(x).float())

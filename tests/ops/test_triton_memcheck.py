@@ -5,18 +5,15 @@ masked-in load/store of the attention, masking and LayerNorm kernels must stay i
 the CPU test configs and with the exact launch configs used on CUDA (``pick_config(..., cuda)``), and the
 outputs must match an fp64 reference (NaN-poisoned buffers, so unwritten elements fail).
 """
-import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+from mae_fast.ops import platform
 
-import pytest  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+if not platform.interpreter():
     pytest.skip("the memory checker hooks the Triton CPU interpreter (TRITON_INTERPRET=1)",
                 allow_module_level=True)
 
@@ -26,7 +23,7 @@ import triton.language as tl  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from triton_memcheck import OutOfBoundsAccess, triton_memcheck  # noqa: E402
 
-from mae_fast.ops._triton_attention import _kernels  # noqa: E402
+from mae_fast.kernels import flash_attention as fa  # noqa: E402
 
 BF16, FP32 = torch.bfloat16, torch.float32
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -129,9 +126,9 @@ def _poison_outputs(poison_flash_attention_outputs):
     """NaN-filled output buffers (conftest), so unwritten elements fail the comparisons."""
 
 
-def _configs(head_dim, max_seqlen, dtype, device):
-    fa = _kernels()
-    return {kind: fa.pick_config(kind, head_dim, max_seqlen, dtype, device) for kind in ("fwd", "delta", "dkdv", "dq")}
+def _configs(head_dim, max_seqlen, dtype, device, tiling):
+    return {kind: fa.pick_config(kind, head_dim, max_seqlen, dtype, device, tiling)
+            for kind in ("fwd", "delta", "dkdv", "dq")}
 
 
 def _inputs(head_dim, lengths, batch, heads, dtype, packed):
@@ -150,7 +147,6 @@ def _inputs(head_dim, lengths, batch, heads, dtype, packed):
 
 
 def _reference(q, k, v, do, dlse, cu, dtype):
-    fa = _kernels()
     ins = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
     out, lse = fa.attention_reference_lse(*ins, None, cu)
     loss = (out * do.to(dtype)).sum()
@@ -161,18 +157,18 @@ def _reference(q, k, v, do, dlse, cu, dtype):
 
 
 def _check_attention(head_dim, lengths, batch, heads, dtype, packed, device_configs, with_dlse=False,
-                     masked_out_loads=False):
-    fa = _kernels()
+                     tiling="single"):
     q, k, v, cu, max_seqlen = _inputs(head_dim, lengths, batch, heads, dtype, packed)
     assert not q.is_contiguous()
-    cfg = _configs(head_dim, max_seqlen, dtype, device_configs)
+    cfg = _configs(head_dim, max_seqlen, dtype, device_configs, tiling)
     gen = torch.Generator().manual_seed(7)
     do = torch.randn(q.shape, generator=gen).to(dtype)
     lse_shape = (heads, q.shape[0]) if packed else (batch, heads, max_seqlen)
     dlse = torch.randn(lse_shape, generator=gen) if with_dlse else None
-    with triton_memcheck(span=True, masked_out_loads=masked_out_loads) as stats:
-        out, lse = fa.flash_attn_forward(q, k, v, None, cu, max_seqlen, config=cfg["fwd"])
-        dq, dk, dv = fa.flash_attn_backward(do, q, k, v, out, lse, None, cu, max_seqlen, dlse=dlse, configs=cfg)
+    with triton_memcheck(span=True) as stats:
+        out, lse = fa.flash_attn_forward(q, k, v, None, cu, max_seqlen, config=cfg["fwd"], tiling=tiling)
+        dq, dk, dv = fa.flash_attn_backward(do, q, k, v, out, lse, None, cu, max_seqlen, dlse=dlse, configs=cfg,
+                                            tiling=tiling)
     assert set(stats.kernels) == ATTN_KERNELS, stats.kernels
     assert stats.elements_checked > 0
 
@@ -216,73 +212,35 @@ def test_attention_in_bounds_packed(head_dim, lengths, batch, heads, dtype, devi
     _check_attention(head_dim, lengths, batch, heads, dtype, True, device_configs, with_dlse=True)
 
 
-@pytest.mark.parametrize("device_configs", [CPU, CUDA], ids=["cpu_configs", "cuda_configs"])
-def test_clamped_rows_keep_every_load_lane_in_bounds(monkeypatch, device_configs):
-    """MAE_FAST_FA_CLAMP_ROWS=1: no load lane, masked out or not, points outside its tensor; same results.
-    (Default formulation: tail lanes point past the end and rely on the mask; the GPU then depends on the
-    compiler predicating every masked or pipelined load.)"""
-    import triton.language as tl
-
-    fa = _kernels()
-    with pytest.raises(OutOfBoundsAccess, match=r"load \(any lane\)"):
-        monkeypatch.setattr(fa, "CLAMP_ROWS", tl.constexpr(False))
-        _check_attention(40, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True, masked_out_loads=True)
-    monkeypatch.setattr(fa, "CLAMP_ROWS", tl.constexpr(True))
-    _check_attention(40, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True, masked_out_loads=True)
-    _check_attention(96, (130,), 1, 2, BF16, False, device_configs, masked_out_loads=True)
-    _check_attention(128, (1, 67, 0), 3, 2, FP32, True, device_configs, with_dlse=True, masked_out_loads=True)
-
-
-def test_single_tile_in_bounds(monkeypatch, device_configs=CUDA):
-    """MAE_FAST_FA_SINGLE_TILE=1 (head dim in one power-of-two tile, columns past it masked): every
-    masked-in access in bounds with the CUDA launch configs, same results; with clamped rows in bounds at
-    every load lane too. (CPU configs: tests/test_attention_triton.py and the slow sweep below.)"""
-    import triton.language as tl
-
-    fa = _kernels()
-    monkeypatch.setattr(fa, "SINGLE_TILE", True)
-    assert fa.split_head_dim(40) == (64, 0) and fa.split_head_dim(96) == (128, 0)
+def test_single_tile_in_bounds(device_configs=CUDA):
+    """The default tiling (head dim in one power-of-two tile, columns past it clamped and zeroed): every masked-in
+    access in bounds with the CUDA launch configs, same results. (CPU configs: the cases above.)"""
+    assert fa.head_dim_tiles(40) == (64, 0, 0) and fa.head_dim_tiles(96) == (128, 0, 0)
     _check_attention(40, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True)
     _check_attention(96, (67,), 2, 2, FP32, False, device_configs)
-    monkeypatch.setattr(fa, "CLAMP_ROWS", tl.constexpr(True))
-    _check_attention(88, (130,), 1, 2, BF16, False, device_configs, masked_out_loads=True)
 
 
 @pytest.mark.parametrize("device_configs", [CPU, CUDA], ids=["cpu_configs", "cuda_configs"])
-def test_wrapped_tail_columns(monkeypatch, device_configs):
-    """MAE_FAST_FA_WRAP_D=1 (single tile; columns past the head dim read real columns further left, zeroed only
-    in the operands loaded once per program): as accurate, and with clamped rows every load lane in bounds."""
-    import triton.language as tl
-
-    fa = _kernels()
-    monkeypatch.setattr(fa, "SINGLE_TILE", True)
-    monkeypatch.setattr(fa, "WRAP_D", tl.constexpr(True))
-    _check_attention(40, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True)
-    _check_attention(80, (130,), 1, 2, BF16, False, device_configs)
-    _check_attention(72, (33,), 2, 2, FP32, False, device_configs)
-    monkeypatch.setattr(fa, "CLAMP_ROWS", tl.constexpr(True))
-    _check_attention(88, (67,), 1, 2, BF16, False, device_configs, masked_out_loads=True)
+def test_wrapped_tail_columns(device_configs):
+    """tiling="wrap" (single tile; columns past the head dim read real columns further left, zeroed only in the
+    operands loaded once per program): in bounds and as accurate."""
+    _check_attention(40, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True, tiling="wrap")
+    _check_attention(80, (130,), 1, 2, BF16, False, device_configs, tiling="wrap")
+    _check_attention(72, (33,), 2, 2, FP32, False, device_configs, tiling="wrap")
 
 
 @pytest.mark.parametrize("device_configs", [CPU, CUDA], ids=["cpu_configs", "cuda_configs"])
-def test_equal_tiles_in_bounds(monkeypatch, device_configs):
-    """MAE_FAST_FA_EQUAL_TILES=1 (32-column tiles: 80 as 32 + 32 + a last 32 overlapping the middle one): every
-    access in bounds with the launch configs, same accuracy; with clamped rows every load lane in bounds too."""
-    import triton.language as tl
-
-    fa = _kernels()
-    monkeypatch.setattr(fa, "EQUAL_TILES", True)
-    assert fa.head_dim_tiles(80) == (32, 32, 32)
-    _check_attention(88, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True)
-    _check_attention(80, (130,), 1, 2, BF16, False, device_configs)
-    _check_attention(72, (33,), 2, 2, FP32, False, device_configs)
-    monkeypatch.setattr(fa, "CLAMP_ROWS", tl.constexpr(True))
-    _check_attention(96, (67,), 1, 2, BF16, False, device_configs, masked_out_loads=True)
+def test_equal_tiles_in_bounds(device_configs):
+    """tiling="equal" (32-column tiles: 80 as 32 + 32 + a last 32 overlapping the middle one): every access in
+    bounds with the launch configs, same accuracy."""
+    assert fa.head_dim_tiles(80, "equal") == (32, 32, 32)
+    _check_attention(88, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True, tiling="equal")
+    _check_attention(80, (130,), 1, 2, BF16, False, device_configs, tiling="equal")
+    _check_attention(72, (33,), 2, 2, FP32, False, device_configs, tiling="equal")
 
 
 def test_cases_cover_every_tuned_cuda_config():
     """The fast cases above launch every distinct CUDA config of every kernel at least once (bf16 and fp32)."""
-    fa = _kernels()
     wanted, covered = set(), set()
     for kind, bucket in fa.TUNED_CONFIGS:
         for dtype in (BF16, FP32):
@@ -293,8 +251,10 @@ def test_cases_cover_every_tuned_cuda_config():
     assert wanted <= covered, sorted(wanted - covered)
 
 
-# The launch configs a GPU runs (the CPU ones only ever run in this interpreter; the fast cases above cover them).
-SWEEP = [(d, n, dt) for d in (32, 40, 64, 80, 88, 96, 128) for n in (1, 17, 67, 130) for dt in (BF16, FP32)]
+# The launch configs a GPU runs (the CPU ones only ever run in this interpreter; the cases above cover them), at
+# every MAE head dim: 67 rows (a full 64-row block and a partial one, a partial 128-row block; packed: with an
+# empty and a one-row sequence). The dtype alternates: fp32 halves the blocks (both configs are covered above).
+SWEEP = [(d, 67, BF16 if i % 2 else FP32) for i, d in enumerate((32, 40, 64, 80, 88, 96, 128))]
 
 
 @pytest.mark.slow
@@ -304,25 +264,12 @@ def test_attention_in_bounds_sweep(head_dim, seqlen, dtype):
     _check_attention(head_dim, (seqlen, 0, max(1, seqlen // 3), 1), 4, 2, dtype, True, CUDA, with_dlse=True)
 
 
+# The head dims a model may use besides those above, in the default single tile.
 @pytest.mark.slow
-@pytest.mark.parametrize("head_dim,seqlen", [(d, n) for d in (32, 40, 64, 80, 88, 96, 128) for n in (1, 17, 67, 130)])
-def test_clamped_rows_sweep(monkeypatch, head_dim, seqlen):
-    import triton.language as tl
-
-    monkeypatch.setattr(_kernels(), "CLAMP_ROWS", tl.constexpr(True))
-    _check_attention(head_dim, (seqlen, 0, max(1, seqlen // 3), 1), 4, 2, BF16, True, CUDA, with_dlse=True,
-                     masked_out_loads=True)
-
-
-# Single tile is the default, so the sweep above covers its head dims; this one the others a model may use.
-@pytest.mark.slow
-@pytest.mark.parametrize("head_dim,seqlen", [(d, n) for d in (48, 72, 104) for n in (1, 17, 67, 130)])
-def test_single_tile_sweep(monkeypatch, head_dim, seqlen):
-    monkeypatch.setattr(_kernels(), "SINGLE_TILE", True)
-    for dtype in (BF16, FP32):
-        _check_attention(head_dim, (seqlen,), 2, 2, dtype, False, CUDA)
-    _check_attention(head_dim, (seqlen,), 2, 2, BF16, False, CPU)
-    _check_attention(head_dim, (seqlen, 0, max(1, seqlen // 3), 1), 4, 2, BF16, True, CUDA, with_dlse=True)
+@pytest.mark.parametrize("head_dim,dtype", [(48, FP32), (72, BF16), (104, FP32)])
+def test_single_tile_sweep(head_dim, dtype):
+    _check_attention(head_dim, (67,), 2, 2, dtype, False, CUDA)
+    _check_attention(head_dim, (67, 0, 22, 1), 4, 2, dtype, True, CUDA, with_dlse=True)
 
 
 # ---- masking kernels ------------------------------------------------------------------------------
@@ -330,14 +277,8 @@ def test_single_tile_sweep(monkeypatch, head_dim, seqlen):
 def test_masking_kernels_in_bounds():
     """All masking kernels, forward and backward, including out-of-range ids (which must give NaN rows
     without reading out of bounds) and the masked-row-sum gradient of the mask token."""
-    import importlib
-
-    from mae_fast.kernels import masking as masking_kernels
-    from mae_fast.ops import _triton_masking as T
     from mae_fast.ops.masking import gather_visible, masked_patch_mse, patchify_gather, unshuffle_with_mask_token
 
-    if not T.kernels_interpreted():
-        importlib.reload(masking_kernels)
     gen = torch.Generator().manual_seed(3)
     B, L, K, D, p = 2, 12, 5, 40, 4
     x = torch.randn(B, L, D, generator=gen).requires_grad_(True)
@@ -384,9 +325,8 @@ def test_layer_norm_kernels_in_bounds():
     and rstd while every in-bounds value stays right, which only a bounds check (or luck, a crash) shows."""
     import torch.nn.functional as F
 
-    from mae_fast.ops import _triton_layer_norm as tln
+    from mae_fast.kernels import layer_norm as k
 
-    k = tln._kernels()
     gen = torch.Generator().manual_seed(4)
     B, N, D, eps = 3, 7, 99, 1e-6  # 3 x 5 = 15 rows: blocks of 16 (forward) and 8 (backward) both end part full
     full = torch.randn(B, N, D, generator=gen) * 1.5 + 0.3

@@ -1,51 +1,29 @@
-"""Triton (and, on a GPU, CUDA) masked-token kernels against the torch reference backend.
+"""The masked-token kernels (mae_fast.kernels.masking: Triton; mae_fast.csrc.masking: CUDA, on a GPU) and their
+custom ops against the torch reference backend.
 
-Without a GPU the Triton kernels run on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1
-is set before the kernel module is built, and the module is rebuilt if another test imported it
-compiled), on small shapes: odd sizes, K=1, B=1, fp32/fp16/bf16. Outputs are poisoned with NaN before
-the kernels write them so unwritten rows show. With a GPU the same tests run on CUDA tensors.
+Without a GPU the Triton kernels run on CPU tensors in the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before mae_fast is imported), on small shapes: odd sizes, K=1, B=1, fp32/fp16/bf16. Outputs are
+poisoned with NaN before the kernels write them so unwritten rows show. With a GPU the same tests run on CUDA
+tensors.
 """
-import importlib
 import inspect
-import os
 import re
 
 import pytest
 import torch
 
+from mae_fast.csrc import masking as cuda_masking
+from mae_fast.kernels import masking as K_
+from mae_fast.kernels.masking import inverse_positions
+from mae_fast.ops import masking as M
+from mae_fast.ops import platform
+from mae_fast.ops.dispatch import NoBackendError, describe, select_backend
+
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
-
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if not CUDA:  # while the kernel module is (re)built; the fixture below sets it again for these tests only
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
-from mae_fast.kernels import masking as kernels  # noqa: E402
-from mae_fast.ops import _triton_masking as T  # noqa: E402
-from mae_fast.ops import masking as M  # noqa: E402
-from mae_fast.ops._masking_common import inverse_positions  # noqa: E402
-from mae_fast.ops.dispatch import NoBackendError, describe, select_backend  # noqa: E402
-
-if not CUDA:
-    if not T.kernels_interpreted():
-        importlib.reload(kernels)  # built compiled by an earlier import: rebuild for the interpreter
-    if _PREVIOUS_INTERPRET is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
-
-
-@pytest.fixture(autouse=True, scope="module")
-def triton_interpreter_on_cpu():
-    """TRITON_INTERPRET=1 during this module's tests only: with it unset the triton backend refuses CPU
-    tensors again, so other modules' dispatch tests see the usual CPU backends."""
-    if CUDA:
-        yield
-        return
-    patch = pytest.MonkeyPatch()
-    patch.setenv("TRITON_INTERPRET", "1")
-    yield
-    patch.undo()
+if not CUDA and not platform.interpreter():
+    pytest.skip("the Triton kernels run on CPU tensors only in the interpreter (TRITON_INTERPRET=1)",
+                allow_module_level=True)
 
 ROW_BACKENDS = ["triton", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -81,12 +59,14 @@ def dirty_allocator():
 
 # ---- forward against the torch reference ------------------------------------------------------------
 
-GATHER_SHAPES = [(1, 7, 20, 1), (2, 9, 33, 4), (3, 16, 64, 16), (2, 13, 8, 5), (2, 5, 320, 2)]  # 320: 64-wide blocks
+# each shape in one dtype (every dtype twice): the dtype and the shape exercise different parts of the kernel
+GATHER_SHAPES = [(torch.float32, 1, 7, 20, 1), (torch.float16, 2, 9, 33, 4), (torch.bfloat16, 3, 16, 64, 16),
+                 (torch.bfloat16, 2, 13, 8, 5), (torch.float16, 2, 5, 320, 2),  # 320: 64-wide blocks
+                 (torch.float32, 2, 12, 24, 12)]  # K = L
 
 
 @pytest.mark.parametrize("backend", ROW_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,L,D,K", GATHER_SHAPES)
+@pytest.mark.parametrize("dtype,B,L,D,K", GATHER_SHAPES)
 @pytest.mark.parametrize("with_pos", [False, True])
 def test_gather_visible_forward(backend, dtype, B, L, D, K, with_pos, dirty_allocator):
     x = randn(B, L, D, dtype=dtype)
@@ -99,10 +79,8 @@ def test_gather_visible_forward(backend, dtype, B, L, D, K, with_pos, dirty_allo
 
 
 @pytest.mark.parametrize("backend", ROW_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,L,D,K", GATHER_SHAPES)
-@pytest.mark.parametrize("cls_token", [True, False])
-@pytest.mark.parametrize("with_pos", [False, True])
+@pytest.mark.parametrize("dtype,B,L,D,K", GATHER_SHAPES)
+@pytest.mark.parametrize("cls_token,with_pos", [(True, True), (False, False)])
 def test_unshuffle_forward(backend, dtype, B, L, D, K, cls_token, with_pos, dirty_allocator):
     x_vis = randn(B, K + int(cls_token), D, dtype=dtype)
     _, restore = perm(B, L)
@@ -121,7 +99,7 @@ def test_row_kernel_writes_every_element():
     _, restore = perm(B, L)
     mask_token, pos = randn(D), randn(1 + L, D)
     out = torch.full((B, 1 + L, D), float("nan"), device=DEV)
-    T.gather_rows(x_vis, restore, mask_token, pos, False, None, 1, K, L, out=out)
+    K_.gather_rows(x_vis, restore, mask_token, pos, False, None, 1, K, L, out=out)
     close(out, M.unshuffle_with_mask_token(x_vis, restore, mask_token, pos, backend="torch"))
 
 
@@ -140,16 +118,16 @@ def test_patchify_gather_forward(dtype, B, C, H, W, p, K):
     L = (H // p) * (W // p)
     keep = perm(B, L)[0][:, :K]
     out = torch.full((B, K, C * p * p), float("nan"), device=DEV, dtype=dtype)
-    T.launch_patchify_gather(imgs, keep, p, out=out)
+    K_.launch_patchify_gather(imgs, keep, p, out=out)
     ref = M.patchify_gather(imgs, keep, p, backend="torch")
     close(out, ref, torch.float64 if dtype != torch.bfloat16 else dtype, rtol=0, atol=0)  # a pure copy: exact
     close(M.patchify_gather(imgs, keep.int(), p, backend="triton"), ref, dtype, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("norm_pix", [True, False])
-@pytest.mark.parametrize("B,C,H,W,p", [(2, 3, 8, 12, 4), (1, 3, 9, 9, 3), (3, 1, 10, 5, 5)])
-@pytest.mark.parametrize("mask_kind", ["float", "bool"])
+@pytest.mark.parametrize("dtype,norm_pix,B,C,H,W,p,mask_kind", [
+    (torch.float32, True, 2, 3, 8, 12, 4, "float"), (torch.float16, False, 2, 3, 8, 12, 4, "bool"),
+    (torch.bfloat16, True, 1, 3, 9, 9, 3, "bool"), (torch.float32, False, 1, 3, 9, 9, 3, "float"),
+    (torch.float16, True, 3, 1, 10, 5, 5, "float"), (torch.bfloat16, False, 3, 1, 10, 5, 5, "bool")])
 def test_masked_patch_mse_forward(dtype, norm_pix, B, C, H, W, p, mask_kind):
     imgs = randn(B, C, H, W, dtype=dtype)
     L, P = (H // p) * (W // p), C * p * p
@@ -168,7 +146,7 @@ def test_masked_patch_mse_row_losses_are_written():
     imgs, pred = randn(B, C, H, W), randn(B, 4, 48)
     mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]], device=DEV)
     row_loss = torch.full((B * 4,), float("nan"), device=DEV)
-    loss = T.launch_masked_patch_mse(pred, imgs, mask.reshape(-1), p, True, row_loss=row_loss)
+    loss = K_.launch_masked_patch_mse(pred, imgs, mask.reshape(-1), p, True, row_loss=row_loss)
     assert not torch.isnan(row_loss).any()
     assert (row_loss.reshape(B, 4)[mask == 0] == 0).all()
     close(loss, M.masked_patch_mse(pred, imgs, mask, p, True, backend="torch"), rtol=1e-5)
@@ -232,7 +210,7 @@ def test_mask_token_grad_is_deterministic(backend):
 def test_kernels_use_no_atomics():
     """Determinism rests on fixed-order partial sums. The interpreter runs programs one after another, so an atomic
     add (mask-token partials summed into one row) passes every CPU run above and races only on a GPU: keep them out."""
-    assert not re.findall(r"\btl\.atomic_\w+", inspect.getsource(kernels))
+    assert not re.findall(r"\btl\.atomic_\w+", inspect.getsource(K_))
 
 
 def test_patchify_gather_grad_matches_torch():
@@ -290,7 +268,7 @@ def test_masked_patch_mse_grad_poisoned():
     imgs, pred = randn(B, C, H, W), randn(B, 6, 4)
     mask = (torch.arange(B * 6, device=DEV) % 3 != 0).float()
     grad = torch.full_like(pred, float("nan"))
-    T.launch_masked_patch_mse_backward(torch.tensor(1.0, device=DEV), pred, imgs, mask, p, True, grad_pred=grad)
+    K_.launch_masked_patch_mse_backward(torch.tensor(1.0, device=DEV), pred, imgs, mask, p, True, grad_pred=grad)
     ref = _grads(lambda a: M.masked_patch_mse(a, imgs, mask.reshape(B, 6), p, True, backend="torch"), (pred,),
                  torch.tensor(1.0, device=DEV))
     close(grad, ref[0], rtol=1e-5, atol=1e-6)
@@ -369,7 +347,7 @@ def _op_samples(prefix):
 @pytest.mark.parametrize("backend", ROW_BACKENDS)
 def test_opcheck_row_ops(backend):
     if backend == "cuda":
-        from mae_fast.ops import _cuda_masking  # noqa: F401  registers the ops
+        assert cuda_masking.unavailable() is None  # builds the extension (the ops are registered at import)
     samples, _ = _op_samples(backend)
     for op, args in samples:
         torch.library.opcheck(op, args)
@@ -549,8 +527,7 @@ def test_triton_takes_cpu_tensors_only_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert any("needs CUDA tensors" in w for w in describe("gather_visible", x, ids, None)["triton"])
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert describe("gather_visible", x, ids, None)["triton"] == ([] if T.kernels_interpreted() else
-                                                                  describe("gather_visible", x, ids, None)["triton"])
+    assert describe("gather_visible", x, ids, None)["triton"] == []
 
 
 def test_auto_choice():
@@ -558,9 +535,7 @@ def test_auto_choice():
     ids = torch.tensor([[0, 2], [4, 1]], device=DEV)
     chosen = select_backend("gather_visible", "auto", x, ids, None).name
     if CUDA:  # the CUDA extension goes first once something in this process has loaded it
-        from mae_fast.ops import _cuda_masking
-
-        assert chosen == ("cuda" if _cuda_masking._module is not None else "triton")
+        assert chosen == ("cuda" if cuda_masking.loaded() else "triton")
     else:
         assert chosen == "torch"  # CPU: the interpreter runs but auto prefers torch
     assert select_backend("masked_patch_mse", "auto", randn(1, 4, 12), randn(1, 3, 4, 4), torch.ones(1, 4, device=DEV),
@@ -569,11 +544,10 @@ def test_auto_choice():
 
 
 def test_cpu_reasons_without_interpreter(monkeypatch):
-    monkeypatch.setattr(T, "interpreter_active", lambda: False)
+    monkeypatch.setattr(platform, "interpreter", lambda: False)
     why = describe("masked_patch_mse", torch.randn(1, 4, 12), torch.randn(1, 3, 4, 4), torch.ones(1, 4), 2, True)
     assert any("needs CUDA tensors" in w for w in why["triton"])
     if not CUDA:
-        from mae_fast.ops import _cuda_masking  # noqa: F401
         why = describe("gather_visible", torch.randn(1, 4, 8), torch.zeros(1, 2, dtype=torch.long), None)
         assert why["cuda"] == ["CUDA not available"]
 
