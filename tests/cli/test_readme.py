@@ -49,9 +49,6 @@ RESULTS = REPO / "bench" / "results"
 DOCS = ("README.md", "docs/training.md", "docs/scaling.md", "docs/benchmarks.md", "bench/README.md")
 SHARED_CSV = REPO.parent / "shared" / "data" / "humanlike_vits_finetune_upto500h.csv"
 
-# Written by other branches of the same change; until they land, the documents may name them without this file
-# failing. Once one exists this test says so, so that the allowance is removed and it is checked as usual.
-AWAITING_MERGE = {"docs/kernels.md", "ops.use_backend"}
 
 # how the Python blocks are told apart; every block must carry exactly one of these
 MODEL_BLOCK, OPS_BLOCK = "mae_fast.create_model(", "from mae_fast import ops"
@@ -105,14 +102,6 @@ def _called(node: ast.stmt) -> str | None:
     """``name`` of an expression statement ``something.name(...)``."""
     call = getattr(node, "value", None)
     return call.func.attr if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) else None
-
-
-def _awaited(name: str, exists: bool) -> bool:
-    """True when ``name`` may be missing because another branch adds it; fails once it exists."""
-    if name not in AWAITING_MERGE:
-        return False
-    assert not exists, f"{name} exists now: remove it from AWAITING_MERGE in {Path(__file__).name}"
-    return True
 
 
 # ---- Python blocks ---------------------------------------------------------------------------------------
@@ -536,8 +525,7 @@ def test_paths_and_links_exist():
             if "://" in link:
                 continue
             path = (base / link).resolve()
-            if not _awaited(str(path.relative_to(REPO)), path.exists()):
-                assert path.exists(), f"{doc} links to {link}, which does not exist"
+            assert path.exists(), f"{doc} links to {link}, which does not exist"
         for span in _code_spans(doc):
             for path in re.findall(r"(?:^|\s)((?:bench|train|tests|mae_fast|kernels|csrc|docs)/[\w./-]*)", span):
                 if "<" not in path:
@@ -559,12 +547,8 @@ def test_dotted_names_exist():
                             continue
                         except ImportError:
                             pass
-                        if _awaited(name, False):
-                            break
                         pytest.fail(f"{doc}: `{span}`: {name} does not exist")
                     obj = getattr(obj, part)
-                else:
-                    _awaited(name, True)
 
 
 # ---- numbers ---------------------------------------------------------------------------------------------
