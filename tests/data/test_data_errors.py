@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_pngs
 from mae_fast.data import build_pretrain_dataset
 from mae_fast.data.samplers import StreamBatches
 from mae_fast.data.shards import ShardDataset, write_shards
@@ -23,7 +22,7 @@ def write_video(path: Path, n_frames: int, fps: int = 8):
     demo.encode_mp4(frames, path, fps, demo.pick_codec())
 
 
-def test_write_shards_with_a_bad_source_keeps_the_existing_shards(tmp_path):
+def test_write_shards_with_a_bad_source_keeps_the_existing_shards(tmp_path, write_pngs):
     """Before: with overwrite=True the old shards were deleted before the source was even checked."""
     write_pngs(tmp_path / "imgs", 4)
     out = tmp_path / "shards"
@@ -41,7 +40,7 @@ def test_write_shards_with_a_bad_source_keeps_the_existing_shards(tmp_path):
     assert sum(1 for _ in ShardDataset(out, shuffle_buffer=0)) == 4
 
 
-def test_write_shards_of_unreadable_videos_says_so_and_keeps_the_shards(tmp_path):
+def test_write_shards_of_unreadable_videos_says_so_and_keeps_the_shards(tmp_path, write_pngs):
     """Before: 'the videos are shorter than one sample period' (they were unreadable), old shards gone."""
     write_pngs(tmp_path / "imgs", 2)
     out = tmp_path / "shards"
@@ -62,7 +61,7 @@ def test_shards_cli_bad_source_is_one_line_exit_2(tmp_path, capsys):
     assert f"data source '{tmp_path / 'nope'}' does not exist" in err and "Traceback" not in err
 
 
-def test_stream_with_no_readable_sample_names_the_source(tmp_path):
+def test_stream_with_no_readable_sample_names_the_source(tmp_path, write_pngs):
     write_pngs(tmp_path / "imgs", 4)
     write_shards(tmp_path / "imgs", tmp_path / "shards")
     bad = tmp_path / "bad"
