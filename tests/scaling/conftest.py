@@ -133,3 +133,19 @@ def fake_jobs(tmp_path, monkeypatch):
     yield tmp_path
     sys.modules.pop("fakejobs", None)  # later tests must not find this test's job module already imported
 
+
+class _Recorder:
+    """A stand-in callable that returns ``result`` and keeps each call's (args, kwargs) in ``calls``."""
+
+    def __init__(self, result=None):
+        self.calls, self.result = [], result
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.result
+
+
+@pytest.fixture
+def recorder():
+    """``recorder(result)``: a stand-in callable recording its calls (see :class:`_Recorder`)."""
+    return _Recorder

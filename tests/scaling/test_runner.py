@@ -274,21 +274,12 @@ def test_slurm_answers_fetched_once_are_used(monkeypatch):
     assert run_alive({"state": "submitted", "slurm_job_id": "56"}, {"56": False}) is False
 
 
-class _Recorder:
-    def __init__(self, result=None):
-        self.calls, self.result = [], result
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        return self.result
-
-
-def test_torchrun_mode_starts_workers_with_the_grids_process_count_and_job(write_grid, tmp_path, monkeypatch):
+def test_torchrun_mode_starts_workers_with_the_grids_process_count_and_job(write_grid, tmp_path, monkeypatch, recorder):
     """mode torchrun: one `torch.distributed.run --nproc_per_node=N` per run, N from the grid, and the worker is told
     the job it was given (not only the grid's)."""
     grid = load_grid(write_grid(tmp_path / "g.yaml", executor={"name": "local", "mode": "torchrun",
                                                               "nproc_per_node": 3}))
-    record = _Recorder(subprocess.CompletedProcess([], 0))
+    record = recorder(subprocess.CompletedProcess([], 0))
     monkeypatch.setattr(runner_mod.subprocess, "run", record)
     outcome = run_grid(grid, job="some.module:other_job", log=lambda s: None)
     assert outcome == {r.run_id: "done" for r in grid.runs}
@@ -304,10 +295,10 @@ def test_torchrun_mode_starts_workers_with_the_grids_process_count_and_job(write
                            DEFAULT_JOB]
 
 
-def test_run_grid_executor_and_cluster_arguments_override_the_grid(grid_dict, tmp_path, monkeypatch):
+def test_run_grid_executor_and_cluster_arguments_override_the_grid(grid_dict, tmp_path, monkeypatch, recorder):
     """run_grid(executor=..., cluster=...) win over the grid's executor block (the CLI's --executor / --cluster)."""
     grid = grid_from_dict(grid_dict(tmp_path, executor={"name": "local", "cluster": "debug"}))
-    slurm, local = _Recorder([]), _Recorder({})
+    slurm, local = recorder([]), recorder({})
     monkeypatch.setattr(runner_mod, "submit_slurm", slurm)
     monkeypatch.setattr(runner_mod, "run_local", local)
     run_grid(grid, executor="slurm", cluster="local", log=lambda s: None)

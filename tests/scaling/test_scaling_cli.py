@@ -19,20 +19,11 @@ from mae_fast.scaling.table import SweepWarning
 DEFAULT_JOB = "mae_fast.scaling.runner:default_job"
 
 
-class _Recorder:
-    def __init__(self, result=None):
-        self.calls, self.result = [], result
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        return self.result
-
-
-def test_scale_run_passes_its_flags_on(write_grid, tmp_path, monkeypatch):
+def test_scale_run_passes_its_flags_on(write_grid, tmp_path, monkeypatch, recorder):
     """`scale run` hands --executor, --cluster, --mode, --skip-failed, --resubmit, --wait and --job to run_grid, and
     exits 1 when a run failed, 0 when all are done."""
     path = write_grid(tmp_path / "g.yaml", job=DEFAULT_JOB)
-    record = _Recorder({"a": "done"})
+    record = recorder({"a": "done"})
     monkeypatch.setattr(runner_mod, "run_grid", record)
     assert scale_main(["run", str(path), "--executor", "slurm", "--cluster", "debug", "--mode", "subprocess",
                        "--skip-failed", "--resubmit", "--wait", "--job", DEFAULT_JOB]) == 0
@@ -52,14 +43,14 @@ def _fake_rows(grid, top1):
         append_result(grid.table_path, result_row(spec, {"top1": top1(spec.config)}, 1.0))
 
 
-def test_run_fit_fits_only_this_grids_runs(truth, write_grid, tmp_path, monkeypatch):
+def test_run_fit_fits_only_this_grids_runs(truth, write_grid, tmp_path, monkeypatch, recorder):
     """`scale run --fit` fits the rows of the grid's runs, not those an older grid left in the same table."""
     path = write_grid(tmp_path / "g.yaml", job=DEFAULT_JOB,
                       fit={"projections": [{"params": 3e8, "hours": 100, "img_size": 224}]})
     grid = load_grid(path)
     _fake_rows(grid, truth)
     append_result(grid.table_path, {"run": "older-grid-run", "params": 5e9, "hours": 9e4, "img_size": 896, "top1": 90.0})
-    monkeypatch.setattr(runner_mod, "run_grid", _Recorder({}))
+    monkeypatch.setattr(runner_mod, "run_grid", recorder({}))
     assert scale_main(["run", str(path), "--fit", "--n-boot", "3"]) == 0
     fit_json = json.loads((grid.out_dir / "fit" / "fit.json").read_text())
     assert fit_json["data_range"]["runs"] == len(grid.runs) and fit_json["data_range"]["hours"] == [5.0, 50.0]
@@ -223,12 +214,12 @@ def test_worker_runs_the_job_it_is_given(write_grid, tmp_path, monkeypatch):
     assert row["run"] == grid.runs[2].run_id and row["top1"] == 12.75
 
 
-def test_scale_memory_budget_minus_headroom(write_grid, tmp_path, monkeypatch):
+def test_scale_memory_budget_minus_headroom(write_grid, tmp_path, monkeypatch, recorder):
     """`scale memory` plans for --budget x (1 - --headroom) GiB; a headroom of 0 is allowed."""
     from mae_fast.scaling import cli
 
     path = write_grid(tmp_path / "g.yaml")
-    record = _Recorder([])
+    record = recorder([])
     monkeypatch.setattr(cli, "memory_plans", record)
     assert scale_main(["memory", str(path), "--devices", "4"]) == 0
     assert scale_main(["memory", str(path), "--budget", "40", "--headroom", "0", "--fsdp"]) == 0
