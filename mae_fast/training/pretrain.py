@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 
 from mae_fast import memory, optim
-from mae_fast.data.base import DataError
 from mae_fast.data.samplers import SeededItems, StepBatchSampler, StreamBatches, SyntheticImages, collate_images, \
     mix_seed
 from mae_fast.data.subset import SUBSET_MODES
