@@ -437,6 +437,21 @@ class ScalingLaw:
     ci: float = 0.9
     patch_size: float = 14.0
     data_range: dict = field(default_factory=dict)
+    # the calibrated ensemble behind :meth:`project` (see :mod:`.calibration`); None: not calibrated
+    calibration: object = None
+    data_unit: str = "hours"  # the table's data column ("hours", or "images" scaled to hours-like units)
+
+    def project(self, params, hours, img_size):
+        """Calibrated projection (:class:`~.calibration.Projection`): the ensemble's estimate, bounds that
+        include the error of choosing a form and of extrapolating as far as this, and its ``reach`` (how far
+        beyond the largest fitted run each factor goes). Falls back to :meth:`predict` if not calibrated."""
+        if self.calibration is None:
+            from .calibration import Projection, reach
+
+            p = self.predict(params, hours, img_size)
+            largest = {k: self.data_range[k][1] for k in FACTORS}
+            return Projection(p.estimate, p.lower, p.upper, p.ci, reach(largest, params, hours, img_size))
+        return self.calibration.project(params, hours, img_size)
 
     @property
     def name(self) -> str:
@@ -512,13 +527,16 @@ class ScalingLaw:
         return Prediction(est, lo, hi, self.ci)
 
     def solve(self, target: float, patch_size: float | None = None,
-              bounds: Mapping[str, tuple[float, float]] | None = None, confident: bool = False) -> dict:
+              bounds: Mapping[str, tuple[float, float]] | None = None, confident: bool = False,
+              calibrated: bool = False) -> dict:
         """Cheapest (params, hours, img_size) whose predicted accuracy reaches ``target``.
 
         Cost is :func:`compute_cost` (N * hours * tokens per image). The search runs over a log grid
         within ``bounds``, refined around the best point. The default bounds stay near what the law
         was fitted on (params from the smallest fitted to 10x the largest, hours to 100x, img_size to
         2x): laws without diminishing returns (the log forms) otherwise put everything on one factor. ``confident=True`` asks the band's lower edge to reach the target.
+        ``calibrated=True`` uses :meth:`project` (the calibrated ensemble) instead of the chosen form, and
+        the result's ``prediction`` is a calibrated :class:`~.calibration.Projection` with its ``reach``.
         Raises :class:`UnreachableTarget` when the law's ceiling or the bounds forbid it.
         """
         p = float(patch_size or self.patch_size)
@@ -539,7 +557,10 @@ class ScalingLaw:
             grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
             n, d, r = np.exp(grid.T)
             x = features(n, d, r)
-            if confident and len(self.boot_thetas):
+            if calibrated and self.calibration is not None:
+                proj = self.calibration.project(n, d, r)
+                acc = proj.lower if confident else proj.estimate
+            elif confident and len(self.boot_thetas):
                 acc = np.percentile(self._boot(x), (1 - self.ci) / 2 * 100, axis=0)
             else:
                 acc = self._point(x)
@@ -561,8 +582,10 @@ class ScalingLaw:
         n, d, r = np.exp(best)
         return {
             "params": float(n), "hours": float(d), "img_size": float(r), "patch_size": p,
-            "compute": float(compute_cost(n, d, r, p)), "prediction": self.predict(n, d, r),
-            "target": float(target), "confident": confident,
+            "compute": float(compute_cost(n, d, r, p)),
+            "prediction": self.project(n, d, r) if calibrated and self.calibration is not None
+            else self.predict(n, d, r),
+            "target": float(target), "confident": confident, "bounds": b,
         }
 
     def describe(self) -> str:
@@ -584,28 +607,39 @@ class ScalingLaw:
                 {"form": s.name, "n_params": s.n_params, "rmse_in_sample": s.rmse_in_sample,
                  "holdout_rmse": s.holdout_rmse, "holdout": s.holdout} for s in self.scores
             ],
-            "data_range": self.data_range,
+            "data_range": self.data_range, "data_unit": self.data_unit,
+            "calibration": self.calibration.to_dict() if self.calibration is not None else None,
         }
 
     def alternative(self, name: str) -> "ScalingLaw":
         """The same table fitted with another form (point estimate only, no bootstrap)."""
         s = next(s for s in self.scores if s.name == name)
         return dataclasses.replace(self, form=FORMS[name], theta=s.theta, active=s.active,
-                                   boot_thetas=np.zeros((0, len(s.theta))))
+                                   boot_thetas=np.zeros((0, len(s.theta))), calibration=None)
 
 
 def fit(table: ResultsTable | str | os.PathLike, target: str = "top1",
         forms: Sequence[str] | None = None, n_boot: int = 200, ci: float = 0.9, seed: int = 0,
-        choose: str | None = None) -> ScalingLaw:
+        choose: str | None = None, calibrate: bool = True) -> ScalingLaw:
     """Fit every form, choose the one that extrapolates best to held-out runs, bootstrap it.
 
     ``table`` is a :class:`ResultsTable` or a path for :func:`load_results`. ``choose`` forces a form
-    (it is still scored). Returns a :class:`ScalingLaw`.
+    (it is still scored). ``calibrate`` also fits the calibrated ensemble behind
+    :meth:`ScalingLaw.project` (:mod:`.calibration`). Returns a :class:`ScalingLaw`.
     """
     if not isinstance(table, ResultsTable):
         table = load_results(table, target=target)
     with single_threaded_blas():
-        return _fit(table, target, list(forms or FORMS), n_boot, ci, seed, choose)
+        law = _fit(table, target, list(forms or FORMS), n_boot, ci, seed, choose)
+        law.data_unit = getattr(table, "data_unit", "hours")
+        if calibrate:
+            from .calibration import calibrate as _calibrate
+
+            try:
+                law.calibration = _calibrate(table, target=target, ci=ci)
+            except ValueError as exc:  # too few runs for the ensemble: projections fall back to predict
+                warnings.warn(f"no calibrated projections: {exc}")
+        return law
 
 
 def _fit(table, target, forms, n_boot, ci, seed, choose) -> ScalingLaw:

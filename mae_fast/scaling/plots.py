@@ -27,6 +27,18 @@ def _predict(law: ScalingLaw, params, hours, img_size):
         return law.predict(params, hours, img_size)
 
 
+def _project(law, params, hours, img_size):
+    """The calibrated projection where the law has one (:meth:`ScalingLaw.project`), else ``law.predict``."""
+    if getattr(law, "calibration", None) is None:
+        return _predict(law, params, hours, img_size)
+    return law.project(params, hours, img_size)
+
+
+def _data_label(law) -> str:
+    unit = getattr(law, "data_unit", "hours")
+    return f"pretraining data ({unit})"
+
+
 def _configs(table: ResultsTable):
     """(model, img_size) pairs ordered by size, with their median parameter count."""
     models = table.model_key()
@@ -64,7 +76,7 @@ def plot_accuracy_vs_hours(table: ResultsTable, law: ScalingLaw, path: str | Pat
     ax.axvspan(hours.max(), h.max(), color="0.9", zorder=0)
     ax.text(hours.max() * 1.1, ax.get_ylim()[0] + 0.5, "extrapolation", fontsize=8, color="0.4")
     ax.set_xscale("log")
-    ax.set_xlabel("pretraining data (hours)")
+    ax.set_xlabel(_data_label(law))
     ax.set_ylabel(f"{target} (%)")
     ax.set_title(f"{target} vs data: {law.name} law, {law.ci:.0%} bootstrap bands\n(small: runs, large: seed means; marker and line style: resolution)",
                  fontsize=10)
@@ -85,10 +97,10 @@ def plot_projections(law: ScalingLaw, projections: Sequence[tuple[str, float, fl
     h = np.geomspace(law.data_range["hours"][0], top * 2, 200)
     for i, (label, params, hours, res) in enumerate(projections):
         c = plt.cm.tab10(i)
-        curve = _predict(law, params, h, res)
+        curve = _project(law, params, h, res)
         ax.plot(h, curve.estimate, color=c, lw=1.6, label=f"{label}")
         ax.fill_between(h, curve.lower, curve.upper, color=c, alpha=0.15, lw=0)
-        pt = _predict(law, params, hours, res)
+        pt = _project(law, params, hours, res)
         # a percentile band need not contain the point estimate (a biased bootstrap): clip the bars
         ax.errorbar([hours], [pt.estimate], yerr=[[max(0.0, pt.estimate - pt.lower)], [max(0.0, pt.upper - pt.estimate)]],
                     fmt="o", color=c, capsize=4)
@@ -109,9 +121,11 @@ def plot_projections(law: ScalingLaw, projections: Sequence[tuple[str, float, fl
     ax.text(h[0] * 1.1, 0.97, "fitted data range", fontsize=8, color="0.4", va="top",
             transform=ax.get_xaxis_transform())
     ax.set_xscale("log")
-    ax.set_xlabel("pretraining data (hours)")
+    ax.set_xlabel(_data_label(law))
     ax.set_ylabel(f"{law.target} (%)")
-    ax.set_title(f"Projections: {law.name} law with {law.ci:.0%} bootstrap bands", fontsize=10)
+    ax.set_title(f"Projections: calibrated ensemble with {law.ci:.0%} bounds (form choice, extrapolation, seed)"
+                 if getattr(law, "calibration", None) is not None
+                 else f"Projections: {law.name} law with {law.ci:.0%} bootstrap bands", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -121,11 +135,17 @@ def plot_projections(law: ScalingLaw, projections: Sequence[tuple[str, float, fl
 
 
 def plot_holdout(table: ResultsTable, law: ScalingLaw, path: str | Path) -> Path:
-    """Predicted vs actual accuracy of the held-out runs, one panel per split, every form."""
-    splits = list(law.scores[0].holdout)
+    """Predicted vs actual accuracy of the held-out runs, one panel per split that some form could score, every
+    form (a split no form could score gets no panel; with none at all, one panel says so)."""
+    splits = [k for k in law.scores[0].holdout if any(s.holdout[k].get("rows") for s in law.scores)]
     fig, axes = plt.subplots(1, max(1, len(splits)), figsize=(5.2 * max(1, len(splits)), 4.8), squeeze=False)
     y = table[law.target]
     markers = "osD^v"
+    if not splits:
+        ax = axes[0][0]
+        ax.text(0.5, 0.5, "no held-out run could be scored\n(a factor never varies in the rest)",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
     for ax, split in zip(axes[0], splits):
         lo, hi = np.inf, -np.inf
         for j, s in enumerate(law.scores):

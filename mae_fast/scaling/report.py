@@ -22,17 +22,43 @@ DEFAULT_PROJECTIONS: list[tuple[str, float, float, float]] = [
 ]
 
 
-def projections_table(law: ScalingLaw, projections) -> list[dict]:
+def _unit(law) -> str:
+    return getattr(law, "data_unit", "hours")
+
+
+def data_text(value: float, unit: str = "hours") -> str:
+    """``5000 h`` or ``1.2e+07 images``."""
+    return f"{value:.4g} h" if unit == "hours" else f"{value:.3g} images"
+
+
+def _reach_text(r: dict, unit: str) -> str:
+    from .calibration import describe_reach
+
+    return describe_reach(r, "data" if unit == "hours" else "images")
+
+
+def _price(n, d, r, unit, patch, cost_options):
+    """GPU-hours of a configuration (None when the throughput table cannot price it)."""
+    from .units import gpu_hours
+
+    try:
+        return gpu_hours(n, d, r, unit=unit, patch_size=int(round(patch)), **(cost_options or {}))
+    except (OSError, ValueError, KeyError) as exc:  # no table, a patch size without registry models
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def projections_table(law: ScalingLaw, projections, cost_options: dict | None = None) -> list[dict]:
     rows = []
     for label, n, d, r in projections:
-        p = law.predict(n, d, r)
-        with warnings.catch_warnings():  # the chosen law's prediction has warned already
+        with warnings.catch_warnings():  # the reach is said in the table itself
             warnings.simplefilter("ignore", ExtrapolationWarning)
+            p = law.project(n, d, r)
             by_form = {s.name: float(law.alternative(s.name).predict(n, d, r).estimate) for s in law.scores}
         rows.append({
             "label": label, "params": n, "hours": d, "img_size": r, "estimate": p.estimate,
             "lower": p.lower, "upper": p.upper, "compute": float(compute_cost(n, d, r, law.patch_size)),
-            "by_form": by_form,
+            "by_form": by_form, "reach": p.reach, "reach_text": _reach_text(p.reach, _unit(law)),
+            "cost": _price(n, d, r, _unit(law), law.patch_size, cost_options),
         })
     return rows
 
@@ -41,17 +67,105 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}" if np.isfinite(x) else "n/a"
 
 
+def _gpu_text(cost: dict | None) -> str:
+    if not cost or "gpu_hours" not in cost:
+        return "n/a"
+    return f"{cost['gpu_hours']:,.0f} GPU-h" + ("" if cost["fits_one_gpu"] else " (needs sharding)")
+
+
+def _edges(solution: dict) -> list[str]:
+    b = solution.get("bounds") or {}
+    return [k for k in ("params", "hours", "img_size") if k in b and solution[k] >= b[k][1] * 0.98]
+
+
+def _solve_text(law, solution: dict) -> str:
+    """One line: the cheapest setting, its prediction, its cost and how far it extrapolates."""
+    unit = _unit(law)
+    pr = solution["prediction"]
+    edges = _edges(solution)
+    names = {"params": "parameters", "hours": "data" if unit == "hours" else "images", "img_size": "resolution"}
+    text = (f"{solution['params'] / 1e6:.4g}M params, {data_text(solution['hours'], unit)}, "
+            f"{solution['img_size']:.0f} px: predicted {pr.estimate:.2f} [{pr.lower:.2f}, {pr.upper:.2f}], "
+            f"{_gpu_text(solution.get('cost'))}; {_reach_text(pr.reach, unit) if hasattr(pr, 'reach') else ''}")
+    if edges:
+        text += f"; at the edge of the search grid ({', '.join(names[k] for k in edges)})"
+    return text
+
+
+def _forms_section(law, splits) -> list[str]:
+    md = ["## Forms compared", "",
+          "Chosen by extrapolation: fit on all runs but the held-out ones, RMSE (points of accuracy) on the "
+          "held-out runs (in brackets: the mean signed error, predicted - actual, and the number of runs scored); "
+          "the mean RMSE over splits decides (ties within 1% go to fewer parameters). Held-out runs at a "
+          "factor value the training part never varies (e.g. resolutions other models never ran at) cannot be "
+          "scored and are left out.", ""]
+    dropped = [k for k in law.scores[0].holdout if k not in splits]
+    if dropped:
+        md += [f"Not scored: the split(s) {', '.join(dropped)} (no held-out run could be scored there).", ""]
+    if not splits:
+        md += ["No held-out split could be scored, so the form with the lowest in-sample RMSE was chosen.", "",
+               "| form | params | in-sample RMSE |", "|---|---|---|"]
+        for s in sorted(law.scores, key=lambda s: s.rmse_in_sample):
+            name = f"**{s.name}** (chosen)" if s.name == law.name else s.name
+            md.append(f"| {name} | {s.n_params} | {_fmt(s.rmse_in_sample)} |")
+        return md
+    md += ["| form | params | in-sample RMSE | " + "".join(f"held out: {s} | " for s in splits) + "mean held-out |",
+           "|---|---|---|" + "---|" * len(splits) + "---|"]
+    for s in sorted(law.scores, key=lambda s: s.holdout_rmse):
+        cells = [(f"{_fmt(s.holdout[k]['rmse'])} ({s.holdout[k]['bias']:+.2f}, n={s.holdout[k]['n_test']})"
+                  if np.isfinite(s.holdout[k]["rmse"]) else "not scored (too few runs)") for k in splits]
+        name = f"**{s.name}** (chosen)" if s.name == law.name else s.name
+        md.append(f"| {name} | {s.n_params} | {_fmt(s.rmse_in_sample)} | " + "".join(c + " | " for c in cells)
+                  + (f"{_fmt(s.holdout_rmse)} |" if np.isfinite(s.holdout_rmse) else "not scored |"))
+    return md
+
+
+def _calibration_section(law) -> list[str]:
+    cal = law.calibration
+    if cal is None:
+        return []
+    md = ["## How far the projections can be trusted", "",
+          "Projections are the weighted mean of an ensemble of forms, each fitted on every run and on the runs at "
+          "the two largest data sizes; their bounds add the members' spread (the choice of form and fitting "
+          "range), the calibrated extrapolation error, scaled by how far each projection reaches, and one run's "
+          f"seed-to-seed spread ({cal.seed_sd:.2f} points). See `mae_fast.scaling.calibration`.", ""]
+    sp = cal.split
+    if "test_hours" in sp:
+        unit = _unit(law)
+        md += [f"Calibration on the fitted rows only: fit on runs up to {data_text(sp['train_max_hours'], unit)}, "
+               f"predict the {sp['n_test']} runs at {data_text(sp['test_hours'], unit)} "
+               f"({math.exp(sp['log_ratio']):.3g}x the data). Ensemble error there: RMSE {sp['ensemble_rmse']:.2f}, "
+               f"mean {sp['ensemble_bias']:+.2f}, spread {sp['ensemble_sd']:.2f} points.", "",
+               "| form | calibration RMSE | mean error | weight |", "|---|---|---|---|"]
+        weights: dict[str, float] = {}
+        for m in cal.members:
+            weights[m.form] = weights.get(m.form, 0.0) + m.weight
+        for name, f in sp["forms"].items():
+            md.append(f"| {name} | {f['rmse']:.2f} | {f['bias']:+.2f} | {weights.get(name, 0.0):.2f} |")
+    else:
+        md += ["**Caution:** the table has fewer than three data sizes, so no calibration split exists: the "
+               "bounds hold the members' spread and seed noise only, not the error of extrapolating."]
+    return md + [""]
+
+
 def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
                  projections: Sequence[tuple[str, float, float, float]] = DEFAULT_PROJECTIONS,
-                 target_accuracy: float | None = None) -> str:
-    """Write report.md, fit.json and PNG plots into ``out_dir``; return the console summary."""
+                 target_accuracy: float | None = None, cost_options: dict | None = None) -> str:
+    """Write report.md, fit.json and PNG plots into ``out_dir``; return the console summary.
+
+    ``cost_options`` go to :func:`mae_fast.scaling.units.gpu_hours` (``fps``, ``epochs``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    proj = projections_table(law, projections)
+    unit = _unit(law)
+    proj = projections_table(law, projections, cost_options)
     solution, solve_error = None, None
     if target_accuracy is not None:
         try:
-            solution = law.solve(target_accuracy)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExtrapolationWarning)
+                solution = law.solve(target_accuracy, calibrated=True)
+            solution["cost"] = _price(solution["params"], solution["hours"], solution["img_size"], unit,
+                                      law.patch_size, cost_options)
         except UnreachableTarget as exc:
             solve_error = str(exc)
 
@@ -62,30 +176,18 @@ def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
         "holdout.png": plot_holdout(table, law, out / "holdout.png"),
     }
     band = f"{law.ci:.0%}"
-    splits = list(law.scores[0].holdout)
+    splits = [k for k in law.scores[0].holdout if any(np.isfinite(s.holdout[k]["rmse"]) for s in law.scores)]
     md = [f"# Scaling fit: {table.source}", ""]
     dr = law.data_range
     md += [f"{dr['runs']} runs; params {dr['params'][0] / 1e6:.3g}M to {dr['params'][1] / 1e6:.3g}M, "
-           f"hours {dr['hours'][0]:g} to {dr['hours'][1]:g}, img_size {dr['img_size'][0]:g} to {dr['img_size'][1]:g}; "
-           f"target `{law.target}`.", ""]
-    md += ["## Forms compared", "",
-           "Chosen by extrapolation: fit on all runs but the held-out ones, RMSE (points of accuracy) on the "
-           "held-out runs (in brackets: the mean signed error, predicted - actual, and the number of runs scored); "
-           "the mean RMSE over splits decides (ties within 1% go to fewer parameters). Held-out runs at a "
-           "factor value the training part never varies (e.g. resolutions other models never ran at) cannot be "
-           "scored and are left out.", "",
-           "| form | params | in-sample RMSE | " + "".join(f"held out: {s} | " for s in splits) + "mean held-out |",
-           "|---|---|---|" + "---|" * len(splits) + "---|"]
-    for s in sorted(law.scores, key=lambda s: s.holdout_rmse):
-        cells = [f"{_fmt(s.holdout[k]['rmse'])} ({s.holdout[k].get('bias', math.nan):+.2f}, n={s.holdout[k]['n_test']})"
-                 for k in splits]
-        name = f"**{s.name}** (chosen)" if s.name == law.name else s.name
-        md.append(f"| {name} | {s.n_params} | {_fmt(s.rmse_in_sample)} | " + "".join(c + " | " for c in cells)
-                  + f"{_fmt(s.holdout_rmse)} |")
+           f"data {data_text(dr['hours'][0], unit)} to {data_text(dr['hours'][1], unit)} (data axis: `{unit}`), "
+           f"img_size {dr['img_size'][0]:g} to {dr['img_size'][1]:g}; target `{law.target}`"
+           + (f"; protocol `{table.protocol}`" if getattr(table, "protocol", None) else "") + ".", ""]
+    md += _forms_section(law, splits)
     md += ["", "## Chosen law", "", f"`{law.form.formula}`", "",
            f"Parameters with {band} bootstrap intervals ({len(law.boot_thetas)} resamples of "
            f"{'seeds within each configuration' if law.bootstrap_by == 'seeds' else 'whole configurations'}); "
-           "n = ln(N/1e8), d = ln(hours/100), r = ln(img_size/224):", ""]
+           f"n = ln(N/1e8), d = ln({'hours/100' if unit == 'hours' else 'images/100'}), r = ln(img_size/224):", ""]
     bands = law.param_bands()
     md += ["| parameter | value | band |", "|---|---|---|"]
     for k, v in law.params_dict().items():
@@ -96,39 +198,37 @@ def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
     if constant:
         md += [f"**Note:** {', '.join(constant)} never varies in this table, so the law has no term for it and "
                "its projections ignore it.", ""]
+    md += _calibration_section(law)
     md += ["## Projections", "",
-           f"Estimate and {band} band of the chosen law; the other forms' point estimates show how much the choice "
-           "of form matters (the band covers seed noise only, not that choice). Compute C = N x hours x "
+           f"Estimate and {band} bounds of the calibrated ensemble, how far each extrapolates beyond the largest "
+           "fitted run, and its pretraining cost in GPU-hours (see `mae_fast.scaling.units`); the other columns "
+           "are each form's own point estimate. Compute C = N x data x "
            f"(img_size/{law.patch_size:g})^2 (see `compute_cost`).", "",
-           "| setting | estimate | band | " + " | ".join(s.name for s in law.scores) + " | C |",
-           "|---|---|---|" + "---|" * len(law.scores) + "---|"]
+           "| setting | estimate | bounds | extrapolates | GPU-hours | " + " | ".join(s.name for s in law.scores)
+           + " | C |", "|---|---|---|---|---|" + "---|" * len(law.scores) + "---|"]
     for p in proj:
         md.append(f"| {p['label']} | **{p['estimate']:.2f}** | [{p['lower']:.2f}, {p['upper']:.2f}] | "
+                  f"{p['reach_text']} | {_gpu_text(p['cost'])} | "
                   + " | ".join(f"{p['by_form'][s.name]:.2f}" for s in law.scores) + f" | {p['compute']:.3g} |")
-    half_band = max((p["upper"] - p["lower"]) / 2 for p in proj)
-    if not math.isfinite(law.score.holdout_rmse):
+    priced = [p["cost"] for p in proj if "gpu_hours" in p["cost"]]
+    if priced:
+        c = priced[0]
+        md += ["", f"GPU-hours on one {c['device']}: {c['epochs']:g} pass(es) over the data"
+               + (f" at {c['fps']:g} frame/s" if unit == "hours" else "")
+               + ", each image at the measured (or FLOP-scaled) training throughput of the nearest measured "
+               "model and resolution; 'needs sharding' where weights and optimizer state exceed one GPU."]
+    if law.calibration is None and not splits:
         md += ["", "**Caution:** no held-out split could be scored (the table does not vary the held-out factors "
                "enough), so how well the law extrapolates is untested: the bands are a lower bound on the "
                "uncertainty of an extrapolation."]
-    elif law.score.holdout_rmse > half_band:
-        biases = [h["bias"] for h in law.score.holdout.values() if np.isfinite(h["rmse"])]
-        md += ["", f"**Caution:** on held-out runs the chosen law missed by {law.score.holdout_rmse:.2f} points RMSE "
-               f"(mean signed error {np.mean(biases):+.2f}), more than the half-width of these bands "
-               f"({half_band:.2f}): the bands are a lower bound on the uncertainty of an extrapolation."]
     if target_accuracy is not None:
         md += ["", f"### Cheapest setting for {law.target} >= {target_accuracy:g}%", ""]
         if solution:
-            pr = solution["prediction"]
-            md.append(f"params {solution['params'] / 1e6:.4g}M, {solution['hours']:.4g} h, "
-                      f"{solution['img_size']:.0f} px: C = {solution['compute']:.3g}, predicted "
-                      f"{pr.estimate:.2f} [{pr.lower:.2f}, {pr.upper:.2f}] (searched from the smallest "
-                      "fitted params, hours and img_size up to 10x, 100x and 2x the largest).")
-            dr = law.data_range
-            edges = [k for k, hi in (("params", 10 * dr["params"][1]), ("hours", 100 * dr["hours"][1]),
-                                     ("img_size", 2 * dr["img_size"][1])) if solution[k] >= hi * 0.98]
-            if edges:
-                md.append(f"It sits at the upper search bound of {', '.join(edges)}: the law sees no diminishing "
-                          "returns there, so the cheapest point is wherever the search stops.")
+            md.append(_solve_text(law, solution) + f" (C = {solution['compute']:.3g}; searched from the smallest "
+                      "fitted params, data and img_size up to 10x, 100x and 2x the largest).")
+            if _edges(solution):
+                md.append("It sits at the upper search bound: the law sees no diminishing returns there, so the "
+                          "cheapest point is wherever the search stops.")
         else:
             md.append(f"Unreachable: {solve_error}")
     md += ["", "## Plots", ""] + [f"![{k}]({k})" for k in plots] + [""]
@@ -137,25 +237,37 @@ def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
     fit_json = law.to_dict()
     fit_json["projections"] = [{k: v for k, v in p.items()} for p in proj]
     if solution:
-        fit_json["solution"] = {**solution, "prediction": list(solution["prediction"])}
-    (out / "fit.json").write_text(json.dumps(fit_json, indent=1, default=float))
+        fit_json["solution"] = {**solution, "prediction": list(solution["prediction"]),
+                                "reach": getattr(solution["prediction"], "reach", None)}
+    (out / "fit.json").write_text(json.dumps(fit_json, indent=1, default=_jsonable))
+    return _console(table, law, splits, proj, target_accuracy, solution, solve_error, out, plots)
 
-    lines = [f"table: {table.source} ({len(table)} runs)",
+
+def _jsonable(v):
+    return v.tolist() if isinstance(v, np.ndarray) else float(v)
+
+
+def _console(table, law, splits, proj, target_accuracy, solution, solve_error, out, plots) -> str:
+    unit = _unit(law)
+    band = f"{law.ci:.0%}"
+    lines = [f"table: {table.source} ({len(table)} runs; data axis: {unit}"
+             + (f"; protocol {table.protocol}" if getattr(table, "protocol", None) else "") + ")",
              "forms (held-out RMSE, mean over splits " + ", ".join(splits) + "):" if splits
-             else "forms (no held-out split could be scored):"]
-    for s in sorted(law.scores, key=lambda s: s.holdout_rmse):
-        lines.append(f"  {s.name:16s} {_fmt(s.holdout_rmse):>6s}  ("
-                     + ", ".join(f"{k} {_fmt(s.holdout[k]['rmse'])}" for k in splits)
-                     + f"; in-sample {_fmt(s.rmse_in_sample)})" + ("  <- chosen" if s.name == law.name else ""))
+             else "forms (no held-out split could be scored; in-sample RMSE):"]
+    for s in sorted(law.scores, key=lambda s: (s.holdout_rmse, s.rmse_in_sample)):
+        held = (f"{_fmt(s.holdout_rmse):>6s}  (" + ", ".join(f"{k} {_fmt(s.holdout[k]['rmse'])}" for k in splits)
+                + "; ") if splits else "  ("
+        lines.append(f"  {s.name:16s} {held}in-sample {_fmt(s.rmse_in_sample)})"
+                     + ("  <- chosen" if s.name == law.name else ""))
     lines.append("chosen " + law.describe())
-    lines.append(f"projections ({band} band):")
+    lines.append(f"projections (calibrated ensemble, {band} bounds):" if law.calibration is not None
+                 else f"projections ({band} band):")
     for p in proj:
-        lines.append(f"  {p['label']:36s} {p['estimate']:6.2f} [{p['lower']:.2f}, {p['upper']:.2f}]   "
-                     "other forms: " + ", ".join(f"{k} {v:.1f}" for k, v in p["by_form"].items() if k != law.name))
+        lines.append(f"  {p['label']:36s} {p['estimate']:6.2f} [{p['lower']:.2f}, {p['upper']:.2f}]  "
+                     f"{_gpu_text(p['cost'])}; {p['reach_text']}")
     if target_accuracy is not None:
         if solution:
-            lines.append(f"cheapest for {target_accuracy:g}%: {solution['params'] / 1e6:.4g}M params, "
-                         f"{solution['hours']:.4g} h, {solution['img_size']:.0f} px (C={solution['compute']:.3g})")
+            lines.append(f"cheapest for {target_accuracy:g}%: " + _solve_text(law, solution))
         else:
             lines.append(f"target {target_accuracy:g}%: {solve_error}")
     lines.append(f"wrote {out / 'report.md'}, fit.json, " + ", ".join(plots))
