@@ -4,6 +4,7 @@
     mae-fast scale status GRID [--json]
     mae-fast scale memory GRID [--devices 8] [--budget 80] [--fsdp]
     mae-fast scale fit TABLE [--out DIR] [--target-accuracy 50] [--project PARAMS,HOURS,IMG_SIZE ...]
+                       [--mixed-protocols] [--fps 1] [--epochs 1]
     mae-fast scale worker GRID RUN_ID     (internal: one run, used by the subprocess/torchrun modes)
 """
 from __future__ import annotations
@@ -110,16 +111,22 @@ def _cmd_fit(args) -> int:
     table = load_results(args.table, target=args.target)  # a TableError is reported by main()
     if getattr(args, "runs", None):  # from `run --fit`: this grid's runs only, not rows of older grids
         table = table.subset(np.isin(table["run"], sorted(args.runs)))
-    law = fit(table, target=args.target, n_boot=args.n_boot, choose=args.form, seed=args.seed)
+    law = fit(table, target=args.target, n_boot=args.n_boot, choose=args.form, seed=args.seed,
+              mixed_protocols=getattr(args, "mixed_protocols", False))
     target_accuracy = args.target_accuracy
     if target_accuracy is None:  # something just beyond the data: the best seed mean + 10 points, rounded
         target_accuracy = float(np.ceil((table[args.target].max() + 10) / 5) * 5)
     out = args.out or str(Path(args.table).with_suffix("")) + "_fit"
-    projections = ([] if args.no_default_projections else DEFAULT_PROJECTIONS) + list(args.project or [])
+    defaults = DEFAULT_PROJECTIONS
+    if table.data_unit != "hours":  # the built-in projections are in hours of video: 10x the data instead
+        n, d, r = (float(table[k].max()) for k in ("params", "hours", "img_size"))
+        defaults = [(f"{n / 1e6:.4g}M params, {r:g} px, {10 * d:.3g} images", n, 10 * d, r)]
+    projections = ([] if args.no_default_projections else defaults) + list(args.project or [])
     if not projections:
         print("error: --no-default-projections needs at least one --project", file=sys.stderr)
         return 2
-    print(write_report(table, law, out, projections, target_accuracy))
+    cost = {"fps": getattr(args, "fps", 1.0), "epochs": getattr(args, "epochs", 1.0)}
+    print(write_report(table, law, out, projections, target_accuracy, cost_options=cost))
     return 0
 
 
@@ -243,7 +250,7 @@ def add_subparsers(subparsers) -> None:
     p.set_defaults(func=_cmd_memory)
 
     p = subparsers.add_parser("fit", help="fit scaling laws to a results table and project")
-    p.add_argument("table", help="results CSV (columns params, hours, img_size and the target at least)")
+    p.add_argument("table", help="results CSV (columns params, hours or images, img_size and the target at least)")
     p.add_argument("--out", help="report directory (default: TABLE without .csv + _fit)")
     p.add_argument("--target", default="top1", help="column to model (default top1)")
     p.add_argument("--n-boot", type=_N_BOOT, default=200, help="bootstrap resamples (0: no uncertainty bands)")
@@ -255,6 +262,12 @@ def add_subparsers(subparsers) -> None:
                    help="extra projection (repeatable)")
     p.add_argument("--no-default-projections", action="store_true",
                    help="leave out the built-in projections (ViT-H/14 476 px 5,000 h; 2.5B 952 px 20,000 h)")
+    p.add_argument("--mixed-protocols", action="store_true",
+                   help="fit rows of different protocols (protocol_hash) together instead of refusing")
+    p.add_argument("--fps", type=_checked(float, lambda v: 0 < v < math.inf, "frames per second > 0"), default=1.0,
+                   help="GPU-hour cost: frames per second of video the pretraining reads (default 1)")
+    p.add_argument("--epochs", type=_checked(float, lambda v: 0 < v < math.inf, "a number of passes > 0"),
+                   default=1.0, help="GPU-hour cost: passes over the data (default 1)")
     p.set_defaults(func=_cmd_fit)
 
     p = subparsers.add_parser("worker", help=argparse.SUPPRESS)

@@ -439,7 +439,8 @@ class ScalingLaw:
     data_range: dict = field(default_factory=dict)
     # the calibrated ensemble behind :meth:`project` (see :mod:`.calibration`); None: not calibrated
     calibration: object = None
-    data_unit: str = "hours"  # the table's data column ("hours", or "images" scaled to hours-like units)
+    data_unit: str = "hours"  # the table's data axis: "hours" of video, or "images"
+    protocol: str = ""  # the fitted rows' protocol (see :mod:`.protocol`)
 
     def project(self, params, hours, img_size):
         """Calibrated projection (:class:`~.calibration.Projection`): the ensemble's estimate, bounds that
@@ -607,7 +608,7 @@ class ScalingLaw:
                 {"form": s.name, "n_params": s.n_params, "rmse_in_sample": s.rmse_in_sample,
                  "holdout_rmse": s.holdout_rmse, "holdout": s.holdout} for s in self.scores
             ],
-            "data_range": self.data_range, "data_unit": self.data_unit,
+            "data_range": self.data_range, "data_unit": self.data_unit, "protocol": self.protocol,
             "calibration": self.calibration.to_dict() if self.calibration is not None else None,
         }
 
@@ -620,18 +621,23 @@ class ScalingLaw:
 
 def fit(table: ResultsTable | str | os.PathLike, target: str = "top1",
         forms: Sequence[str] | None = None, n_boot: int = 200, ci: float = 0.9, seed: int = 0,
-        choose: str | None = None, calibrate: bool = True) -> ScalingLaw:
+        choose: str | None = None, calibrate: bool = True, mixed_protocols: bool = False) -> ScalingLaw:
     """Fit every form, choose the one that extrapolates best to held-out runs, bootstrap it.
 
     ``table`` is a :class:`ResultsTable` or a path for :func:`load_results`. ``choose`` forces a form
     (it is still scored). ``calibrate`` also fits the calibrated ensemble behind
-    :meth:`ScalingLaw.project` (:mod:`.calibration`). Returns a :class:`ScalingLaw`.
+    :meth:`ScalingLaw.project` (:mod:`.calibration`). Rows of different protocols (:mod:`.protocol`) raise
+    :class:`~.protocol.ProtocolMismatch` unless ``mixed_protocols``. Returns a :class:`ScalingLaw`.
     """
+    from .protocol import check_protocols
+
     if not isinstance(table, ResultsTable):
         table = load_results(table, target=target)
+    protocol = check_protocols(table, allow_mixed=mixed_protocols)
     with single_threaded_blas():
         law = _fit(table, target, list(forms or FORMS), n_boot, ci, seed, choose)
         law.data_unit = getattr(table, "data_unit", "hours")
+        law.protocol = protocol
         if calibrate:
             from .calibration import calibrate as _calibrate
 

@@ -120,6 +120,25 @@ def _forms_section(law, splits) -> list[str]:
     return md
 
 
+def _chosen_caution(law, projections, splits) -> list[str]:
+    """When the chosen form's own (seed-noise) band is narrower than its held-out error, or untested, say so."""
+    if not splits:
+        return ["**Caution:** no held-out split could be scored (the table does not vary the held-out factors "
+                "enough), so how well the chosen law extrapolates is untested: its bootstrap band is a lower bound "
+                "on the uncertainty of an extrapolation.", ""]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExtrapolationWarning)
+        half_band = max((p.upper - p.lower) / 2 for p in (law.predict(n, d, r) for _, n, d, r in projections))
+    if law.score.holdout_rmse <= half_band:
+        return []
+    biases = [h["bias"] for h in law.score.holdout.values() if np.isfinite(h["rmse"])]
+    return [f"**Caution:** on held-out runs the chosen law missed by {law.score.holdout_rmse:.2f} points RMSE "
+            f"(mean signed error {np.mean(biases):+.2f}), more than the half-width of its bootstrap band "
+            f"({half_band:.2f}), which covers seed noise only: "
+            + ("the projections below use the calibrated bounds instead." if law.calibration is not None
+               else "the band is a lower bound on the uncertainty of an extrapolation."), ""]
+
+
 def _calibration_section(law) -> list[str]:
     cal = law.calibration
     if cal is None:
@@ -182,7 +201,7 @@ def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
     md += [f"{dr['runs']} runs; params {dr['params'][0] / 1e6:.3g}M to {dr['params'][1] / 1e6:.3g}M, "
            f"data {data_text(dr['hours'][0], unit)} to {data_text(dr['hours'][1], unit)} (data axis: `{unit}`), "
            f"img_size {dr['img_size'][0]:g} to {dr['img_size'][1]:g}; target `{law.target}`"
-           + (f"; protocol `{table.protocol}`" if getattr(table, "protocol", None) else "") + ".", ""]
+           + (f"; protocol `{law.protocol}`" if getattr(law, "protocol", "") else "") + ".", ""]
     md += _forms_section(law, splits)
     md += ["", "## Chosen law", "", f"`{law.form.formula}`", "",
            f"Parameters with {band} bootstrap intervals ({len(law.boot_thetas)} resamples of "
@@ -198,6 +217,7 @@ def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
     if constant:
         md += [f"**Note:** {', '.join(constant)} never varies in this table, so the law has no term for it and "
                "its projections ignore it.", ""]
+    md += _chosen_caution(law, projections, splits)
     md += _calibration_section(law)
     md += ["## Projections", "",
            f"Estimate and {band} bounds of the calibrated ensemble, how far each extrapolates beyond the largest "
@@ -217,18 +237,14 @@ def write_report(table: ResultsTable, law: ScalingLaw, out_dir: str | Path,
                + (f" at {c['fps']:g} frame/s" if unit == "hours" else "")
                + ", each image at the measured (or FLOP-scaled) training throughput of the nearest measured "
                "model and resolution; 'needs sharding' where weights and optimizer state exceed one GPU."]
-    if law.calibration is None and not splits:
-        md += ["", "**Caution:** no held-out split could be scored (the table does not vary the held-out factors "
-               "enough), so how well the law extrapolates is untested: the bands are a lower bound on the "
-               "uncertainty of an extrapolation."]
     if target_accuracy is not None:
         md += ["", f"### Cheapest setting for {law.target} >= {target_accuracy:g}%", ""]
         if solution:
             md.append(_solve_text(law, solution) + f" (C = {solution['compute']:.3g}; searched from the smallest "
                       "fitted params, data and img_size up to 10x, 100x and 2x the largest).")
             if _edges(solution):
-                md.append("It sits at the upper search bound: the law sees no diminishing returns there, so the "
-                          "cheapest point is wherever the search stops.")
+                md.append(f"It sits at the upper search bound of {', '.join(_edges(solution))}: the law sees no "
+                          "diminishing returns there, so the cheapest point is wherever the search stops.")
         else:
             md.append(f"Unreachable: {solve_error}")
     md += ["", "## Plots", ""] + [f"![{k}]({k})" for k in plots] + [""]
@@ -251,7 +267,7 @@ def _console(table, law, splits, proj, target_accuracy, solution, solve_error, o
     unit = _unit(law)
     band = f"{law.ci:.0%}"
     lines = [f"table: {table.source} ({len(table)} runs; data axis: {unit}"
-             + (f"; protocol {table.protocol}" if getattr(table, "protocol", None) else "") + ")",
+             + (f"; protocol {law.protocol}" if getattr(law, "protocol", "") else "") + ")",
              "forms (held-out RMSE, mean over splits " + ", ".join(splits) + "):" if splits
              else "forms (no held-out split could be scored; in-sample RMSE):"]
     for s in sorted(law.scores, key=lambda s: (s.holdout_rmse, s.rmse_in_sample)):

@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 from mae_fast.training.checkpoint import atomic_write_bytes
 
 from .grid import Grid, RunSpec, load_grid
+from .protocol import protocol_columns
 from .table import SweepWarning, append_result, read_rows
 
 try:  # submitit is optional (pip install mae_fast[slurm]); only the SLURM executor needs it
@@ -181,7 +182,7 @@ def result_row(spec: RunSpec, metrics: Mapping, wall_time_s: float) -> dict:
         "images_seen": metrics.get("images_seen", cfg["budget"]["images_seen"]),
         "wall_time_s": round(float(metrics.get("wall_time_s") or wall_time_s), 3),
         "checkpoint": metrics.get("checkpoint") or "", "git_commit": git_commit(), "finished_at": _now(),
-        "config_json": json.dumps(cfg, sort_keys=True, default=str),
+        "config_json": json.dumps(cfg, sort_keys=True, default=str), **protocol_columns(cfg),
     }
 
 

@@ -35,6 +35,7 @@ SHARED_COLUMNS = (
 # What the runner adds so a row can be traced back to what produced it.
 PROVENANCE_COLUMNS = (
     "top5", "images_seen", "wall_time_s", "checkpoint", "git_commit", "finished_at", "config_json",
+    "protocol", "protocol_hash", "protocol_json",
 )
 RESULT_COLUMNS = SHARED_COLUMNS + PROVENANCE_COLUMNS
 # The factors every scaling fit uses (the target is added by the caller).
@@ -42,7 +43,7 @@ FIT_COLUMNS = ("params", "hours", "img_size")
 # Columns that must parse as numbers whenever they are present (blank means missing: NaN).
 NUMERIC_COLUMNS = frozenset(
     {"params", "width", "depth", "heads", "patch_size", "img_size", "data_fraction", "hours", "seed",
-     "top1", "top5", "images_seen", "wall_time_s"}
+     "top1", "top5", "images_seen", "wall_time_s", "images"}
 )
 # Must be > 0 because the laws take their logarithm.
 POSITIVE_COLUMNS = ("params", "hours", "img_size")
@@ -60,8 +61,11 @@ class SweepWarning(UserWarning):
 class ResultsTable:
     """Columns of a results table as numpy arrays (numeric ones float64, the others object)."""
 
-    def __init__(self, columns: Mapping[str, Sequence], source: str = "<table>"):
+    def __init__(self, columns: Mapping[str, Sequence], source: str = "<table>", data_unit: str = "hours"):
         self.source = source
+        # the data axis the ``hours`` column holds: ``hours`` of video, or ``images`` (a table whose data
+        # column is ``images`` is read with that column as the fit's data axis)
+        self.data_unit = data_unit
         self.columns: dict[str, np.ndarray] = {}
         lengths = {len(v) for v in columns.values()}
         if len(lengths) > 1:
@@ -108,7 +112,7 @@ class ResultsTable:
         return list(self.columns)
 
     def subset(self, mask_or_index) -> "ResultsTable":
-        out = ResultsTable({}, self.source)
+        out = ResultsTable({}, self.source, self.data_unit)
         out.columns = {k: v[mask_or_index] for k, v in self.columns.items()}
         return out
 
@@ -144,11 +148,16 @@ def _parse(text: str, source: str, target: str = "top1", required: Sequence[str]
         header = [h.strip() for h in next(reader)]
     except StopIteration:
         raise TableError(f"{source}: the file is empty (no header line)") from None
-    required = tuple(FIT_COLUMNS) + (target,) if required is None else tuple(required)
+    data_unit = "hours"
+    if required is None and "hours" not in header and "images" in header:
+        data_unit = "images"  # an image-count study: ``images`` is the data axis
+    required = (tuple(c if c != "hours" else data_unit for c in FIT_COLUMNS) + (target,) if required is None
+                else tuple(required))
     missing = [c for c in required if c not in header]
     if missing:
         raise TableError(
-            f"{source}: missing required column(s) {', '.join(repr(c) for c in missing)}; "
+            f"{source}: missing required column(s) {', '.join(repr(c) for c in missing)}"
+            + (" (the data axis: 'hours' of video or a number of 'images')" if "hours" in missing else "") + "; "
             f"found columns: {', '.join(header) or '(none)'}"
         )
     numeric = [c for c in header if c in NUMERIC_COLUMNS or c == target]
@@ -168,8 +177,8 @@ def _parse(text: str, source: str, target: str = "top1", required: Sequence[str]
     if not raw.get("_line"):
         raise TableError(f"{source}: no data rows")
     lines = raw.pop("_line")
-    for name in POSITIVE_COLUMNS:
-        if name in raw:
+    for name in POSITIVE_COLUMNS + ("images",):
+        if name in raw and (name != "images" or data_unit == "images"):
             for lineno, v in zip(lines, raw[name]):
                 if not (v > 0):  # NaN fails too
                     raise TableError(
@@ -180,7 +189,9 @@ def _parse(text: str, source: str, target: str = "top1", required: Sequence[str]
             for lineno, v in zip(lines, raw[name]):
                 if not math.isnan(v) and not (0.0 <= v <= 100.0):
                     raise TableError(f"{source} line {lineno}: {name} must be a percentage in [0, 100] (got {v:g})")
-    table = ResultsTable(raw, source)
+    if data_unit == "images":
+        raw["hours"] = list(raw["images"])  # the fit's data column; reports name it images
+    table = ResultsTable(raw, source, data_unit)
     return _dedupe_by_run(table)
 
 
