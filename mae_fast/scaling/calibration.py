@@ -16,10 +16,12 @@ that form, nor about how a law fitted on small data bends further out. Here:
   data sizes, the edge fit and the full fit coincide, so the split cannot tell them apart).
 * **Point.** The weighted mean of the members' predictions.
 * **Bounds.** A normal interval ``estimate +- z * s`` with
-  ``s^2 = spread^2 + (sd_cal * reach / reach_cal)^2 + seed^2``: the members' weighted spread (the error of
-  choosing a form or a fitting range), the spread of the ensemble's calibration errors (around their mean)
-  scaled by how far the projection extrapolates in log units relative to the calibration split, and the
-  seed-to-seed standard deviation of one run (a projection is compared with single runs). ``reach`` is the sum
+  ``s^2 = spread^2 + max(rmse_cal * reach / reach_cal, seed)^2``: the members' weighted spread (the error of
+  choosing a form or a fitting range) and the ensemble's root-mean-square error on the calibration split (bias
+  included; per-run errors, so seed noise is in it), scaled by how far the projection extrapolates in log units
+  relative to the calibration split, never below the seed-to-seed standard deviation of one run (a projection
+  is compared with single runs). ``bounds="spread"`` uses the calibration errors' standard deviation around
+  their mean instead of their RMSE, plus the seed term: narrower, but blind to a bias the ensemble shares. ``reach`` is the sum
   over data, parameters and resolution of ``max(0, ln(value / largest fitted value))``; the calibration measures
   data extrapolation only, and the same error per log unit is assumed for the other factors.
 """
@@ -90,6 +92,7 @@ class Calibration:
     seed_sd: float  # pooled within-configuration sd of one run
     largest: dict  # largest fitted value of each factor
     ci: float = 0.9
+    bounds: str = "rmse"  # "rmse": calibration error with its bias; "spread": its sd around its mean only
 
     def point_and_spread(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         preds = np.stack([np.clip(ENSEMBLE_FORMS[m.form].predict(m.theta, x), 0.0, 100.0) for m in self.members])
@@ -102,8 +105,13 @@ class Calibration:
         est, spread = self.point_and_spread(x)
         r = reach(self.largest, params, hours, img_size)
         log_reach = np.asarray(r["log_reach"], float)
-        ext = self.sd_cal * log_reach / self.split["log_ratio"] if math.isfinite(self.sd_cal) else 0.0 * log_reach
-        s = np.sqrt(spread ** 2 + ext ** 2 + self.seed_sd ** 2)
+        if self.bounds == "rmse" and math.isfinite(self.sd_cal):
+            # per-run calibration errors include seed noise: it is the floor inside the data
+            ext = self.split["ensemble_rmse"] * log_reach / self.split["log_ratio"]
+            s = np.sqrt(spread ** 2 + np.maximum(ext, self.seed_sd) ** 2)
+        else:
+            ext = self.sd_cal * log_reach / self.split["log_ratio"] if math.isfinite(self.sd_cal) else 0.0 * log_reach
+            s = np.sqrt(spread ** 2 + ext ** 2 + self.seed_sd ** 2)
         z = float(stats.norm.ppf(0.5 + self.ci / 2))
         lo, hi = np.clip(est - z * s, 0.0, 100.0), np.clip(est + z * s, 0.0, 100.0)
         if np.ndim(est) == 0:
@@ -176,8 +184,14 @@ def _fit_form(form: Form, x, y, mask):
 DEFAULT_ENSEMBLE = ("log_additive", "log_interaction", "logit_additive", "logit_interaction")
 
 
-def calibrate(table, target: str = "top1", ci: float = 0.9, forms=None) -> Calibration:
-    """Fit the ensemble's members on ``table`` and calibrate their extrapolation error on its own rows."""
+def calibrate(table, target: str = "top1", ci: float = 0.9, forms=None, bounds: str = "rmse") -> Calibration:
+    """Fit the ensemble's members on ``table`` and calibrate their extrapolation error on its own rows.
+
+    ``bounds="rmse"`` (default) scales the ensemble's root-mean-square calibration error, its bias included;
+    ``"spread"`` only its standard deviation around its mean (narrower; honest only when the members'
+    spread covers the bias, which a curved learning curve breaks)."""
+    if bounds not in ("rmse", "spread"):
+        raise ValueError(f"bounds must be 'rmse' or 'spread', got {bounds!r}")
     forms = list(forms or DEFAULT_ENSEMBLE)
     unknown = [f for f in forms if f not in ENSEMBLE_FORMS]
     if unknown:
@@ -236,4 +250,4 @@ def calibrate(table, target: str = "top1", ci: float = 0.9, forms=None) -> Calib
         split.update(ensemble_rmse=float(np.sqrt(np.mean(err ** 2))), ensemble_bias=float(np.mean(err)),
                      ensemble_sd=sd_cal)
     largest = {k: float(np.max(table[k])) for k in FACTORS}
-    return Calibration(members, split, sd_cal, _pooled_seed_sd(groups, y), largest, ci)
+    return Calibration(members, split, sd_cal, _pooled_seed_sd(groups, y), largest, ci, bounds)

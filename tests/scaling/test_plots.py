@@ -98,9 +98,10 @@ def test_holdout_plot_is_actual_against_predicted(truth, tmp_path, drawn):
     law = fit(table, forms=["log_additive", "log_interaction"], n_boot=3)
     plots.plot_holdout(table, law, tmp_path / "h.png")
     axes = drawn[0].axes
-    assert len(axes) == len(law.scores[0].holdout)
+    scored = [k for k in law.scores[0].holdout if any(s.holdout[k].get("rows") for s in law.scores)]
+    assert len(axes) == len(scored) >= 1  # a split no form could score gets no (empty) panel
     checked = 0
-    for ax, split in zip(axes, law.scores[0].holdout):
+    for ax, split in zip(axes, scored):
         scored = [s for s in law.scores if s.holdout[split].get("rows")]
         for s, coll in zip(scored, ax.collections):
             ho = s.holdout[split]
@@ -108,3 +109,15 @@ def test_holdout_plot_is_actual_against_predicted(truth, tmp_path, drawn):
             assert coll.get_sizes()[0] == (40 if s.name == law.name else 18)
             checked += 1
     assert checked >= 2
+
+
+def test_holdout_plot_has_no_empty_panel(truth, tmp_path, drawn):
+    """When no held-out run could be scored in any split, the single panel says so instead of showing empty axes."""
+    table = _table(np.random.default_rng(6), truth)
+    law = fit(table, forms=["log_additive"], n_boot=0, calibrate=False)
+    for s in law.scores:  # as if no held-out run could be scored anywhere
+        for ho in s.holdout.values():
+            ho.pop("rows", None)
+    plots.plot_holdout(table, law, tmp_path / "none.png")
+    ax, = drawn[-1].axes
+    assert "no held-out run could be scored" in ax.texts[0].get_text() and not ax.collections

@@ -14,7 +14,7 @@ from mae_fast.scaling import runner as runner_mod
 from mae_fast.scaling.cli import main as scale_main
 from mae_fast.scaling.grid import grid_from_dict, load_grid
 from mae_fast.scaling.runner import pending_runs, result_row, run_one
-from mae_fast.scaling.table import SweepWarning
+from mae_fast.scaling.table import RESULT_COLUMNS, SweepWarning
 
 DEFAULT_JOB = "mae_fast.scaling.runner:default_job"
 
@@ -172,7 +172,7 @@ def test_status_reports_a_torn_results_line_and_goes_on(grid_file, tmp_path, cap
     out, err = capsys.readouterr()
     assert "done 2," in out and "left 10" in out
     assert "results.csv line 4" in err and "skipped" in err
-    with pytest.warns(SweepWarning, match="line 4: 3 fields, the header has 19; skipped"):
+    with pytest.warns(SweepWarning, match=f"line 4: 3 fields, the header has {len(RESULT_COLUMNS)}; skipped"):
         assert grid.runs[2] in pending_runs(grid)  # the torn row does not count as done: the run is done again
         run_one(grid.runs[2], grid.run_dir(torn), grid.table_path, lambda cfg, d: {"top1": 13.0})
     assert sorted(load_results(grid.table_path)["run"]) == sorted(r.run_id for r in grid.runs[:3])
