@@ -75,20 +75,24 @@ def train_flops_per_image(params: float, img_size: float, patch_size: int = 14) 
     """Training FLOPs per image of an MAE with ``params`` encoder parameters at ``img_size`` px: those of the
     registry model of that patch size nearest in parameters, at the resolution rounded to a patch multiple,
     times ``params`` / its parameters (the encoder's FLOPs grow about linearly in its width^2 x depth)."""
-    from mae_fast.models.registry import list_models
+    from mae_fast.models.registry import list_models, model_config
+
+    from .grid import vit_param_count
 
     r = max(patch_size, int(round(img_size / patch_size)) * patch_size)
     best = None
     for name in list_models(f"mae_vit_*_patch{patch_size}"):
         if "demo" in name:
             continue
-        f, n = _registry_flops(name, 224)
+        c = model_config(name)
+        n = vit_param_count(c["embed_dim"], c["depth"], patch_size, 224, 0, mlp_ratio=c.get("mlp_ratio", 4.0))
         gap = abs(math.log(params / n))
         if best is None or gap < best[0]:
-            best = (gap, name, n)
-    _, name, n = best
-    f, _ = _registry_flops(name, r)
-    return f * params / n, name
+            best = (gap, name)
+    if best is None:
+        raise ValueError(f"no registry model of patch size {patch_size} to count FLOPs with")
+    f, n = _registry_flops(best[1], r)
+    return f * params / n, best[1]
 
 
 def gpu_hours(params: float, data: float, img_size: float, unit: str = "hours", fps: float = DEFAULT_FPS,

@@ -253,3 +253,34 @@ def test_memory_plan_of_one_device_has_no_ddp_buckets_and_one_row_per_model_size
     direct = estimate_mae_step("mae_vit_demo_patch8", 32, 8, amp_dtype=torch.bfloat16, norm_pix_loss=False,
                                embed_dim=32, depth=2, num_heads=2)
     assert row["micro_batch"] == 8 and row["configured_bytes"] == direct.peak
+
+
+def test_fit_takes_images_as_the_data_axis_and_says_how_far_each_projection_reaches(tmp_path, capsys):
+    """A table whose data column is `images`: fitted on it, named in the printout and the report; every projection
+    printed (the default one at 10x the images, and the cheapest for the target) says how far it extrapolates;
+    no nan or empty cells in the report."""
+    import math
+
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "images.csv"
+    with open(path, "w") as fh:
+        fh.write("run,arch,params,images,img_size,seed,top1\n")
+        for arch, n in (("s", 2.2e7), ("b", 8.6e7), ("l", 3.0e8)):
+            for m in (5e5, 5e6, 5e7):
+                for s in (1, 2):
+                    top1 = 30 + 3 * math.log(n / 1e8) + 4 * math.log(m / 5e6) + rng.normal(0, 0.3)
+                    fh.write(f"{arch}-{m:g}-{s},{arch},{n},{m},224,{s},{top1}\n")
+    out = tmp_path / "fit"
+    assert scale_main(["fit", str(path), "--out", str(out), "--n-boot", "0", "--form", "log_additive",
+                       "--target-accuracy", "50"]) == 0
+    text = capsys.readouterr().out
+    assert "data axis: images" in text
+    projections = text.split("projections (")[1].splitlines()[1:2]
+    assert projections and "10x the images of any fitted run" in projections[0]
+    cheapest = next(line for line in text.splitlines() if line.startswith("cheapest for 50%"))
+    assert "images" in cheapest and ("of any fitted run" in cheapest or "within the fitted runs" in cheapest)
+    md = (out / "report.md").read_text()
+    assert "(data axis: `images`)" in md and "nan" not in md and "n/a" not in md
+    assert json.loads((out / "fit.json").read_text())["data_unit"] == "images"
