@@ -276,8 +276,14 @@ def _console(table, law, splits, proj, target_accuracy, solution, solve_error, o
         lines.append(f"  {s.name:16s} {held}in-sample {_fmt(s.rmse_in_sample)})"
                      + ("  <- chosen" if s.name == law.name else ""))
     lines.append("chosen " + law.describe())
-    lines.append(f"projections (calibrated ensemble, {band} bounds):" if law.calibration is not None
-                 else f"projections ({band} band):")
+    lines.append(f"projections (calibrated ensemble, {band} bounds" if law.calibration is not None
+                 else f"projections ({band} band")
+    priced = [p["cost"] for p in proj if "gpu_hours" in p["cost"]]
+    if priced:
+        c = priced[0]
+        lines[-1] += (f"; GPU-hours on one {c['device']}, {c['epochs']:g} pass(es) over the data"
+                      + (f" at {c['fps']:g} frame/s" if unit == "hours" else ""))
+    lines[-1] += "):"
     for p in proj:
         lines.append(f"  {p['label']:36s} {p['estimate']:6.2f} [{p['lower']:.2f}, {p['upper']:.2f}]  "
                      f"{_gpu_text(p['cost'])}; {p['reach_text']}")

@@ -92,7 +92,8 @@ def train_flops_per_image(params: float, img_size: float, patch_size: int = 14) 
     if best is None:
         raise ValueError(f"no registry model of patch size {patch_size} to count FLOPs with")
     f, n = _registry_flops(best[1], r)
-    return f * params / n, best[1]
+    # the registry model itself (its count at another resolution differs by its position embedding): no scaling
+    return (f if abs(math.log(params / n)) < 0.05 else f * params / n), best[1]
 
 
 def gpu_hours(params: float, data: float, img_size: float, unit: str = "hours", fps: float = DEFAULT_FPS,
