@@ -2,7 +2,7 @@
 
 Every image has a *name*: its path relative to the pool's root with ``/`` separators (for shards: the path the
 image had under the folder the shards were written from, as the shard manifest lists it, else the sample's key).
-Its rank is the 128-bit BLAKE2b hash of the name keyed by the seed, so a choice depends only on the set of names
+Its rank is the 64-bit BLAKE2b hash of the name keyed by the seed, so a choice depends only on the set of names
 and the seed, never on listing order or on where the data is mounted.
 
 * ``random``: the ``n`` names of smallest rank. Nested: the first ``n`` of a larger subset are the smaller one.
@@ -27,6 +27,7 @@ import json
 import os
 import tarfile
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -46,13 +47,17 @@ class SubsetError(DataError, ValueError):
 # ---------------------------------------------------------------------------------------------- ranking
 
 def rank(name: str, seed: int) -> int:
-    """The seeded 128-bit hash rank of ``name`` (smaller is chosen first)."""
-    key = str(int(seed)).encode()
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=16, key=key).digest(), "big")
+    """The seeded 64-bit hash rank of ``name`` (smaller is chosen first; equal ranks: the larger name first)."""
+    return _rank_bytes(name.encode(), str(int(seed)).encode())
 
 
-def _fingerprint_term(name: str) -> int:
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
+def _rank_bytes(data: bytes, key: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=key).digest(), "big")
+
+
+def _fingerprint_term(data: bytes) -> int:
+    # a change detector, not a security check: two C checksums are ~10x cheaper than a second BLAKE2b
+    return zlib.crc32(data) << 32 | zlib.adler32(data)
 
 
 def source_of(name: str) -> str:
@@ -84,24 +89,20 @@ def water_fill(counts: Mapping[str, int], n: int, seed: int = 0) -> dict[str, in
 
 
 class _Smallest:
-    """The ``k`` distinct names of smallest rank offered so far (a bounded max-heap), with a payload each."""
+    """The ``k`` entries of smallest rank offered so far: a bounded heap of ``(-rank, name, ref)`` (O(k) memory)."""
 
     def __init__(self, k: int):
-        self.k, self.heap, self.names = int(k), [], set()
+        self.k, self.heap = int(k), []
 
-    def offer(self, r: int, name: str, ref) -> None:
-        if self.k <= 0 or name in self.names:
-            return
-        if len(self.heap) < self.k:
-            heapq.heappush(self.heap, (-r, name, ref))
-        elif r < -self.heap[0][0]:
-            self.names.discard(heapq.heapreplace(self.heap, (-r, name, ref))[1])
-        else:
-            return
-        self.names.add(name)
+    def offer(self, negrank: int, name: str, ref) -> None:
+        heap = self.heap
+        if len(heap) < self.k:
+            heapq.heappush(heap, (negrank, name, ref))
+        elif self.k and (negrank, name) > heap[0]:  # a name offered twice compares smaller: never taken twice here
+            heapq.heapreplace(heap, (negrank, name, ref))
 
     def ranked(self) -> list[tuple[int, str, object]]:
-        return [(-nr, name, ref) for nr, name, ref in sorted(self.heap, reverse=True)]
+        return self.heap
 
 
 @dataclass
@@ -112,9 +113,9 @@ class PoolStats:
     acc: int = 0
     sources: dict = field(default_factory=dict)
 
-    def add(self, name: str) -> None:
+    def add(self, name: str, data: bytes) -> None:
         self.n += 1
-        self.acc = (self.acc + _fingerprint_term(name)) % (1 << 64)
+        self.acc = (self.acc + _fingerprint_term(data)) & 0xFFFFFFFFFFFFFFFF
         s = source_of(name)
         self.sources[s] = self.sources.get(s, 0) + 1
 
@@ -133,17 +134,18 @@ def select_names(pool: Pool, n: int, seed: int = 0, strategy: str = "random", ex
         raise SubsetError(f"subset_strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise SubsetError(f"the number of images must be a whole number >= 1, got {n!r}")
-    n, stats, eligible = int(n), PoolStats(), {}
+    n, stats, eligible, key = int(n), PoolStats(), {}, str(int(seed)).encode()
     if strategy == "random":
         best = _Smallest(n)
         for name, ref in pool():
-            stats.add(name)
+            data = name.encode()
+            stats.add(name, data)
             if name not in exclude:
-                best.offer(rank(name, seed), name, ref)
+                best.offer(-_rank_bytes(data, key), name, ref)
         heaps = [best]
     else:
         for name, _ in pool():
-            stats.add(name)
+            stats.add(name, name.encode())
             if name not in exclude:
                 s = source_of(name)
                 eligible[s] = eligible.get(s, 0) + 1
@@ -153,12 +155,14 @@ def select_names(pool: Pool, n: int, seed: int = 0, strategy: str = "random", ex
         by_source = {s: _Smallest(q) for s, q in quotas.items()}
         for name, ref in pool():
             if name not in exclude:
-                by_source[source_of(name)].offer(rank(name, seed), name, ref)
+                by_source[source_of(name)].offer(-_rank_bytes(name.encode(), key), name, ref)
         heaps = list(by_source.values())
-    chosen = sorted((item for h in heaps for item in h.ranked()), key=lambda t: (t[0], t[1]))
+    chosen = sorted((item for h in heaps for item in h.ranked()), key=lambda t: (t[0], t[1]), reverse=True)
+    twice = sorted({a[1] for a, b in zip(chosen, chosen[1:]) if a[1] == b[1]})[:3]  # equal names: equal ranks
+    if twice:
+        raise SubsetError(f"the pool lists some images twice ({', '.join(twice)}); names must be distinct")
     if len(chosen) < n:
-        more = " (it lists some names twice)" if stats.n - len(exclude) >= n else ""
-        raise SubsetError(f"asked for {n} images but the pool holds {len(chosen)} distinct ones{more}")
+        raise SubsetError(f"asked for {n} images but the pool holds {len(chosen)}")
     return [(name, ref) for _, name, ref in chosen], stats
 
 
@@ -343,7 +347,7 @@ def _replay(run_dir: Path, header: dict, pool: Pool, check: bool):
     if check:
         stats, listed, found = PoolStats(), {name for name, _ in chosen}, 0
         for name, _ in pool():
-            stats.add(name)
+            stats.add(name, name.encode())
             found += name in listed
         if stats.fingerprint != saved["pool_fingerprint"]:
             change = f"pool fingerprint {saved['pool_fingerprint']} -> {stats.fingerprint}"

@@ -210,7 +210,9 @@ def _label(x: float) -> str:
 
 def run_id(config: Mapping) -> str:
     digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    data = f"{_label(config['hours'])}h" if config.get("images") is None else f"{_label(config['images'])}img"
+    n = config.get("images")
+    data = f"{_label(config['hours'])}h" if n is None else \
+        (f"{n // 10**6}M" if n % 10**6 == 0 else f"{n // 1000}k" if n % 1000 == 0 else str(n)) + "img"
     return f"{config['arch']}-{config['img_size']}px-{data}-s{config['seed']}-{digest}"
 
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mae_fast.data import SubsetError, build_pretrain_dataset, image_subset, list_images, water_fill
-from mae_fast.data.image_subsets import choose_subset, rank, source_of
+from mae_fast.data.image_subsets import choose_subset, rank, select_names, source_of
 
 # ---------------------------------------------------------------------------------------------- references
 
@@ -115,8 +115,10 @@ def test_seeds_give_different_subsets_and_bad_sizes_are_one_line_value_errors():
         with pytest.raises(ValueError, match=says) as err:
             image_subset(paths, n, 0)
         assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="distinct"):  # three names, listed twice: six paths but three images
+    with pytest.raises(ValueError, match="holds 3"):  # three names, listed twice: six paths but three images
         image_subset(["/d/a.png", "/d/b.png", "/d/c.png"] * 2, 4, 0)
+    with pytest.raises(ValueError, match="twice .*c.png"):  # a streamed pool (a manifest) must not repeat a name
+        select_names(lambda: [(x, None) for x in ("a.png", "b.png", "c.png", "c.png")], 4, 0)
     with pytest.raises(ValueError, match="subset_strategy"):
         image_subset(paths, 3, 0, strategy="stratified")
 
