@@ -26,6 +26,7 @@ import heapq
 import json
 import os
 import tarfile
+import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -239,7 +240,8 @@ def _manifest_lines(path: Path, wanted: set[str]) -> Iterator[dict]:
 def shard_manifest(urls: list[str], cache_dir=None, verbose: bool = False) -> Path:
     """The manifest (JSON lines ``{"shard", "keys", ["names"]}``) covering ``urls``: the shard writer's
     ``manifest.jsonl`` beside them when it lists every one, else ``cache_dir/shard_manifest.jsonl``, built by one
-    pass over the tar headers when missing or made for other shards (the data folder may be read-only)."""
+    pass over the tar headers when missing or made for other shards (the data folder may be read-only; no
+    ``cache_dir``: a folder of the temp dir named by the shard list)."""
     names = [Path(u).name for u in urls]
     if len({Path(u).parent for u in urls}) == 1:
         beside = Path(urls[0]).parent / MANIFEST
@@ -248,9 +250,9 @@ def shard_manifest(urls: list[str], cache_dir=None, verbose: bool = False) -> Pa
                 listed = {json.loads(line).get("shard") for line in f}
             if set(names) <= listed:
                 return beside
-    if cache_dir is None:
-        raise SubsetError("the shards have no manifest.jsonl (write them with mae_fast.data.shards) and no folder "
-                          "was given to cache an index in")
+    if cache_dir is None:  # the Python API without a run dir: a per-shard-list folder in the temp dir
+        digest = hashlib.sha1("\n".join(urls).encode()).hexdigest()[:16]
+        cache_dir = Path(tempfile.gettempdir()) / "mae_fast_shard_index" / digest
     cache = Path(cache_dir) / MANIFEST_CACHE
     stamp = [[u, os.path.getsize(u) if os.path.exists(u) else None] for u in urls]
     if cache.is_file():

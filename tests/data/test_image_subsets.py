@@ -8,7 +8,7 @@ import gzip
 import json
 import os
 import random
-import warnings
+import tempfile
 
 import pytest
 from hypothesis import given, settings
@@ -161,7 +161,7 @@ def test_a_folder_subset_is_streamed_recorded_and_skips_unreadable_images(folder
     assert [p for p, _ in ds.skipped] == [str(first[1])]
 
 
-def test_shards_take_the_same_subset_by_manifest_or_by_an_index_pass(folder, tmp_path):
+def test_shards_take_the_same_subset_by_manifest_or_by_an_index_pass(folder, tmp_path, monkeypatch):
     from mae_fast.data.shards import ShardDataset, write_shards
 
     out = tmp_path / "shards"
@@ -183,6 +183,9 @@ def test_shards_take_the_same_subset_by_manifest_or_by_an_index_pass(folder, tmp
     keys = [k for x in lines for k in x["keys"]]
     ds.return_meta = True
     assert sorted(meta["__key__"] for _, meta in ds) == sorted(image_subset(keys, 4, 1, root="."))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # no run dir: the index goes to the temp dir
+    assert build_pretrain_dataset(out, img_size=8, images=4, seed=1).keep == ds.keep
+    assert len(list((tmp_path / "tmp" / "mae_fast_shard_index").glob("*/shard_manifest.jsonl"))) == 1
 
 
 # ---------------------------------------------------------------------------------------------- runs
