@@ -121,6 +121,8 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
         videos = [e["file"] for e in record["files"]]
     else:
         videos = sorted({v for s in sources for v in list_videos(s)})
+    if images is not None and hours is not None:
+        raise SubsetError("set hours (video subsets) or images (image-count subsets), not both")
     if videos and images is not None:
         raise SubsetError(f"images applies to image folders and shards; {source} holds videos (use hours)")
     if videos:

@@ -260,6 +260,8 @@ def test_subset_keys_refuse_contradictions_in_one_line(folder, tmp_path, capsys)
                         ({"data_source": str(folder), "subset_strategy": "by_hash"}, "subset_strategy must be")):
         with pytest.raises(ConfigError, match=says):
             pretrain(dict(base, images=4, **extra))
+    with pytest.raises(SubsetError, match="not both"):  # the Python API refuses it too
+        build_pretrain_dataset(folder, images=3, hours=1.0)
     code = run_command([f"output_dir={tmp_path}", "images=100", f"data_source={folder}", "progress=false"],
                        PretrainConfig, pretrain, prog="mae-fast pretrain")
     err = capsys.readouterr().err
