@@ -207,7 +207,7 @@ def build_dataset(cfg: PretrainConfig, img_size, is_main: bool):
 
     kw = dict(source=cfg.data_source, img_size=img_size, hours=cfg.hours, subset=cfg.subset,
               seed=cfg.seed, fps=cfg.fps, train=True)
-    if cfg.images is not None:  # an image-count subset: rank 0 records it in the run dir, the others and resumes replay it
+    if cfg.images is not None:  # an image-count subset: rank 0 records it in the run dir, resumes replay it
         kw.update(images=cfg.images, subset_strategy=cfg.subset_strategy, subset_dir=resolve_run_dir(cfg),
                   subset_replay=("check" if cfg.resume is not None else None) if is_main else "trust")
     # rank 0 first: building may write the demo data or an index that the others then reuse
