@@ -3,6 +3,8 @@ recorded exactly), image folders, WebDataset shards, and a built-in procedurally
 
     paths = ensure_demo_data()                          # .videos, .labelled (train/ val/)
     ds = build_pretrain_dataset(None, img_size=64, hours=0.05, subset="contiguous", seed=0, fps=1.0)
+    ds = build_pretrain_dataset("/data/images", images=100_000, subset_strategy="per_source", subset_dir="runs/x")
+    image_subset(paths, 1000, seed=0)                   # nested, order-independent n-image subsets
     train_ds, val_ds, classes = build_labelled_datasets(None, img_size=64, fraction=0.1)
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from .base import DataError
 from .demo import DemoPaths, ensure_demo_data
 from .samplers import (SeededItems, StepBatchSampler, StreamBatches, SyntheticImages, collate_images,
                        collate_labelled, epoch_batches, mix_seed)
+from .image_subsets import STRATEGIES as SUBSET_STRATEGIES, SubsetError, choose_subset, image_subset, water_fill
 from .images import (ImageFileDataset, list_images, per_class_fraction, scan_image_folder, screen_images,
                      split_per_class)
 from .subset import SUBSET_MODES, check_fps, make_record, select, selection_from_record
@@ -26,7 +29,7 @@ __all__ = [
     "DemoPaths", "TrainTransform", "EvalTransform", "build_transform", "denormalize", "VideoFrameDataset",
     "ImageFileDataset", "probe_video", "list_videos", "list_images", "is_shard_source", "DataError",
     "SeededItems", "StepBatchSampler", "StreamBatches", "SyntheticImages", "epoch_batches", "collate_images",
-    "collate_labelled", "mix_seed",
+    "collate_labelled", "mix_seed", "image_subset", "choose_subset", "water_fill", "SubsetError", "SUBSET_STRATEGIES",
 ]
 
 
@@ -67,7 +70,8 @@ def _probe_all(files, backend):
 def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contiguous", seed=0, fps=1.0,
                            train=True, *, chunk_minutes=None, record=None, transform=None,
                            ram_limit_bytes=2e9, max_side=None, video_backend="auto", scale=(0.2, 1.0), crop_pct=1.0,
-                           shuffle_buffer=1000, epoch_samples=None, check_images=True, demo_root=None):
+                           shuffle_buffer=1000, epoch_samples=None, check_images=True, demo_root=None,
+                           images=None, subset_strategy="random", subset_dir=None, subset_replay=None):
     """Frames for MAE pretraining, as a torch Dataset of normalised float32 (3, H, W) tensors.
 
     ``source``: None or "demo" (the built-in demo videos), a folder of videos (recursive), a video file, a list
@@ -80,6 +84,10 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
     resize + centre crop. Video frames are kept in RAM when they fit in ``ram_limit_bytes`` (after an
     optional ``max_side`` downscale), else decoded per item (seeking; for big data prefer shards).
     The result has ``.record`` (JSON-able) and ``.skipped`` ([(path, reason)]).
+
+    ``images=N`` (image folders and shards) takes an N-image subset by ``subset_strategy`` (random | per_source),
+    recorded in, and with ``subset_replay`` replayed from, ``subset_dir``: see
+    :func:`~mae_fast.data.image_subsets.choose_subset`.
     """
     fps = check_fps(fps)
     if subset not in SUBSET_MODES:
@@ -95,10 +103,15 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
     if is_shard_source(source):
         if hours is not None:
             raise ValueError("hours subsets of shards are chosen when writing them (mae_fast.data.shards)")
-        from .shards import ShardDataset
+        from .shards import ShardDataset, expand_urls
 
-        return ShardDataset(source, transform=transform, shuffle_buffer=shuffle_buffer if train else 0, seed=seed,
-                            epoch_samples=epoch_samples)
+        chosen = None if images is None else choose_subset(expand_urls(source), images, seed, subset_strategy,
+                                                           subset_dir, subset_replay, shards=True)
+        ds = ShardDataset(source, transform=transform, shuffle_buffer=shuffle_buffer if train else 0, seed=seed,
+                          epoch_samples=epoch_samples, keep=None if chosen is None else chosen.keep)
+        if chosen is not None:
+            ds.record = dict(chosen.record, shards_source=str(source), n_shards=len(ds.urls))
+        return ds
     sources = [Path(s).expanduser() for s in (source if isinstance(source, (list, tuple)) else [source])]
     for s in sources:
         if not s.exists():
@@ -108,6 +121,10 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
         videos = [e["file"] for e in record["files"]]
     else:
         videos = sorted({v for s in sources for v in list_videos(s)})
+    if images is not None and hours is not None:
+        raise SubsetError("set hours (video subsets) or images (image-count subsets), not both")
+    if videos and images is not None:
+        raise SubsetError(f"images applies to image folders and shards; {source} holds videos (use hours)")
     if videos:
         infos, skipped = _probe_all(videos, video_backend)
         if not infos:
@@ -126,6 +143,12 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
         rec = make_record(selection, durations, path, hours, subset, seed, chunk_minutes, skipped)
         return VideoFrameDataset(selection, transform=transform, record=rec, skipped=skipped, infos=infos,
                                  ram_limit_bytes=ram_limit_bytes, backend=video_backend, max_side=max_side)
+    if images is not None:  # streamed from the folder, never listed whole
+        if len(sources) != 1:
+            raise SubsetError("images subsets take one image folder or WebDataset shards, not a list of sources")
+        chosen = choose_subset(sources[0], images, seed, subset_strategy, subset_dir, subset_replay, check_images)
+        bad = [tuple(b) for b in chosen.record["skipped"]]
+        return ImageFileDataset(chosen.files, transform=transform, skipped=bad, record=chosen.record)
     images = sorted({i for s in sources for i in list_images(s)})
     if images:
         if hours is not None:

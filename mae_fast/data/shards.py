@@ -3,7 +3,8 @@
 Writer: frames of a video subset (``hours``/``subset``/``seed``/``fps`` as for
 :func:`mae_fast.data.build_pretrain_dataset`) or the images of a folder go into
 ``<out>/<prefix>-000000.tar``, ... (each sample ``<key>.jpg`` + ``<key>.json`` with its source file and
-time), plus ``index.json`` (shards and counts) and ``record.json`` (the exact subset record).
+time), plus ``index.json`` (shards and counts), ``record.json`` (the exact subset record) and ``manifest.jsonl``
+(per shard the keys of its samples and their source names, for image-count subsets: :mod:`.image_subsets`).
 Tars are written with fixed metadata and renamed into place when complete.
 
     python -m mae_fast.data.shards SOURCE OUT [--hours H --subset contiguous|uniform --fps 1 ...]
@@ -41,6 +42,7 @@ class _TarShardWriter:
     def __init__(self, out_dir: Path, prefix: str, maxcount: int, max_bytes: float):
         self.out_dir, self.prefix, self.maxcount, self.max_bytes = out_dir, prefix, maxcount, max_bytes
         self.shards: list[dict] = []
+        self.manifest: list[tuple[list, list]] = []  # per shard: (keys, names)
         self.tar = None
 
     def _open(self):
@@ -48,6 +50,7 @@ class _TarShardWriter:
         self.tmp = self.out_dir / f".{name}.tmp"
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         self.shards.append({"name": name, "n_samples": 0, "bytes": 0})
+        self.manifest.append(([], []))
 
     def _close(self):
         if self.tar is not None:
@@ -55,7 +58,7 @@ class _TarShardWriter:
             os.replace(self.tmp, self.out_dir / self.shards[-1]["name"])
             self.tar = None
 
-    def write(self, key: str, members: dict) -> None:
+    def write(self, key: str, members: dict, name: str | None = None) -> None:
         current = self.shards[-1] if self.shards else None
         if self.tar is None or current["n_samples"] >= self.maxcount or current["bytes"] >= self.max_bytes:
             self._close()
@@ -66,10 +69,24 @@ class _TarShardWriter:
             self.tar.addfile(info, io.BytesIO(data))
             self.shards[-1]["bytes"] += len(data) + 512
         self.shards[-1]["n_samples"] += 1
+        self.manifest[-1][0].append(key)
+        self.manifest[-1][1].append(key if name is None else name)
 
     def close(self) -> list[dict]:
         self._close()
         return self.shards
+
+    def write_manifest(self, path: Path) -> None:
+        """``manifest.jsonl``: per shard, the keys of its samples and their names (the image's path under the
+        source folder, or ``<video>#<slot>``), which image-count subsets choose from without reading a tar."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as f:
+            for shard, (keys, names) in zip(self.shards, self.manifest):
+                entry = {"shard": shard["name"], "keys": keys}
+                if names != keys:
+                    entry["names"] = names
+                f.write(json.dumps(entry) + "\n")
+        os.replace(tmp, path)
 
 
 def _encode(frame: np.ndarray, image_format: str, quality: int, max_side) -> bytes:
@@ -85,6 +102,12 @@ def _encode(frame: np.ndarray, image_format: str, quality: int, max_side) -> byt
     else:
         image.save(buf, format=image_format.upper())
     return buf.getvalue()
+
+
+def _relative(path, src: Path) -> str:
+    """``path`` relative to the source folder (a single-file source: its name), with ``/`` separators."""
+    path = Path(path)
+    return path.name if src.is_file() else Path(os.path.relpath(path, src)).as_posix()
 
 
 def write_shards(source, out_dir, fps=1.0, hours=None, subset="contiguous", seed=0, chunk_minutes=None,
@@ -141,7 +164,8 @@ def write_shards(source, out_dir, fps=1.0, hours=None, subset="contiguous", seed
                     slot = int(round(t * selection.fps))
                     meta = {"file": str(path), "t": float(t), "slot": slot, "fps": selection.fps}
                     writer.write(f"{fi:06d}_{slot:09d}", {image_format: _encode(frame, image_format, quality, max_side),
-                                                          "json": json.dumps(meta).encode()})
+                                                          "json": json.dumps(meta).encode()},
+                                 name=f"{_relative(path, src)}#{slot}")
                     done += 1
             except Exception as err:  # noqa: BLE001
                 reason = f"{type(err).__name__}: {err}"
@@ -159,7 +183,7 @@ def write_shards(source, out_dir, fps=1.0, hours=None, subset="contiguous", seed
                 continue
             meta = {"file": str(path)}
             writer.write(f"{i:09d}", {image_format: _encode(frame, image_format, quality, max_side),
-                                      "json": json.dumps(meta).encode()})
+                                      "json": json.dumps(meta).encode()}, name=_relative(path, src))
         rec = {"kind": "images", "source": str(src), "n_images": len(good)}
     shards = writer.close()
     rec["skipped"] = [[str(p), str(r)] for p, r in skipped]
@@ -168,6 +192,7 @@ def write_shards(source, out_dir, fps=1.0, hours=None, subset="contiguous", seed
     index = {"format": "mae_fast-shards-1", "image_format": image_format,
              "n_samples": sum(s["n_samples"] for s in shards), "shards": shards, "record": rec}
     (out_dir / "record.json").write_text(json.dumps(rec))
+    writer.write_manifest(out_dir / "manifest.jsonl")
     tmp = out_dir / ".index.json.tmp"
     tmp.write_text(json.dumps(index, indent=1))
     os.replace(tmp, out_dir / "index.json")
@@ -260,12 +285,19 @@ class ShardDataset(torch.utils.data.IterableDataset):
     Ranks usually get unequal shares (shards differ in size), which stalls DDP at the end of a pass;
     ``epoch_samples=N`` makes every pass yield exactly ``N // world_size`` samples per rank (split over
     its workers), cycling through the rank's shards again (in a new order) if they run out.
+
+    ``keep`` ({shard file name: set of sample keys}, from :func:`~mae_fast.data.image_subsets.choose_subset`)
+    reads only those samples: shards without any are left out, the others filtered by key.
     """
 
     def __init__(self, source, transform=None, shuffle_buffer: int = 1000, seed: int = 0, shardshuffle: bool = True,
-                 rank=None, world_size=None, worker=None, return_meta: bool = False, epoch_samples=None):
+                 rank=None, world_size=None, worker=None, return_meta: bool = False, epoch_samples=None,
+                 keep=None):
         super().__init__()
         self.urls = expand_urls(source)
+        self.keep = None if keep is None else {k: set(v) for k, v in keep.items()}
+        if self.keep is not None:
+            self.urls = [u for u in self.urls if self.keep.get(Path(u).name)]
         self.source = source
         self.transform, self.shuffle_buffer, self.seed = transform, int(shuffle_buffer), int(seed)
         self.shardshuffle, self.rank, self.world_size, self.worker = shardshuffle, rank, world_size, worker
@@ -276,6 +308,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.skipped: list[tuple[str, str]] = []
         self.index = self._read_index()
         self.num_samples = self.index.get("n_samples") if self.index else None
+        if self.keep is not None:
+            self.num_samples = sum(len(v) for v in self.keep.values())
         self.record = dict(self.index.get("record", {})) if self.index else {"kind": "shards"}
         self.record.update(shards_source=str(source), n_shards=len(self.urls))
 
@@ -366,8 +400,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _samples(self, urls, modulo):
         count = 0
         for url in urls:
+            wanted = None if self.keep is None else self.keep.get(Path(url).name, ())
             try:
                 for sample in iter_tar_samples(url):
+                    if wanted is not None and sample["__key__"] not in wanted:
+                        continue
                     if modulo is not None:
                         count += 1
                         if (count - 1) % modulo[1] != modulo[0]:

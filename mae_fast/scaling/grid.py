@@ -14,7 +14,8 @@ Schema (see ``train/grids/*.yaml``)::
       - mae_vit_small_patch14
       - {name: vitmicro8, base: mae_vit_demo_patch8, embed_dim: 64, depth: 2, num_heads: 2,
          img_sizes: [32]}              # label, registry base + overrides; may restrict its resolutions
-    hours: [0.5, 5, 50]
+    hours: [0.5, 5, 50]                 # or images: [1000, 10000] (image-count subsets of an image folder or
+                                        # shards, with data: {source: ..., total_images: N}; not both)
     img_sizes: [224, 448]
     seeds: [1, 2, 3]
     budget: {rule: images_seen, images_seen: 2.0e6, batch_size: 256}   # or {rule: epochs, epochs: 10}
@@ -45,7 +46,7 @@ _REGISTRY_NAME = re.compile(r"^mae_vit_(tiny|small|base|large|huge|giant)_patch(
 _MODEL_META = {"name", "base", "img_sizes"}
 # the keys of a grid file (see the schema above): anything else is a typo that would be silently ignored
 _GRID_KEYS = ("name", "out_dir", "job", "data", "models", "hours", "img_sizes", "seeds", "budget", "pretrain",
-              "eval", "executor", "fit")
+              "eval", "executor", "fit", "images")
 
 
 class GridError(ValueError):
@@ -128,13 +129,13 @@ def model_spec(entry: str | Mapping) -> dict:
             "img_sizes": entry.get("img_sizes")}
 
 
-def resolve_budget(budget: Mapping, hours: float, fps: float) -> dict:
+def resolve_budget(budget: Mapping, hours: float | None, fps: float, images: int | None = None) -> dict:
     """Images seen and optimizer steps of one run under the grid's budget rule."""
     if not isinstance(budget, Mapping):
         raise GridError(f"budget must be a mapping, got {budget!r}")
     rule = budget.get("rule", "images_seen")
     batch = _number(budget, "batch_size", 256, "budget.", whole=True)
-    frames = max(1, int(round(hours * 3600 * fps)))  # images in this data subset
+    frames = int(images) if images is not None else max(1, int(round(hours * 3600 * fps)))  # images in the subset
     if rule == "images_seen":
         images = int(_number(budget, "images_seen", None, "budget."))
     elif rule == "epochs":
@@ -209,7 +210,10 @@ def _label(x: float) -> str:
 
 def run_id(config: Mapping) -> str:
     digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"{config['arch']}-{config['img_size']}px-{_label(config['hours'])}h-s{config['seed']}-{digest}"
+    n = config.get("images")
+    data = f"{_label(config['hours'])}h" if n is None else \
+        (f"{n // 10**6}M" if n % 10**6 == 0 else f"{n // 1000}k" if n % 1000 == 0 else str(n)) + "img"
+    return f"{config['arch']}-{config['img_size']}px-{data}-s{config['seed']}-{digest}"
 
 
 def _listed(raw: Mapping, key: str, kind=float, where: str = "") -> list:
@@ -233,9 +237,12 @@ def expand(raw: Mapping) -> list[RunSpec]:
     data = _mapping(raw, "data", {})
     total_hours = _number(data, "total_hours", 5000.0, "data.")
     fps = _number(data, "fps", 1.0, "data.")
-    hours_list = _listed(raw, "hours")
+    by_images = "images" in raw  # an image-count axis instead of hours of video
+    if by_images and "hours" in raw:
+        raise GridError("a grid sweeps hours (video) or images (image-count subsets), not both")
+    hours_list = _listed(raw, "images", int) if by_images else _listed(raw, "hours")
     if not all(math.isfinite(h) and h > 0 for h in hours_list):
-        raise GridError(f"hours must be > 0 and finite, got {hours_list}")
+        raise GridError(f"{'images' if by_images else 'hours'} must be > 0 and finite, got {hours_list}")
     seeds = _listed(raw, "seeds", int) if "seeds" in raw else [0]
     eval_cfg = _mapping(raw, "eval", {"protocol": "finetune"})
     if eval_cfg.get("protocol", "finetune") not in ("finetune", "linprobe"):
@@ -269,6 +276,12 @@ def expand(raw: Mapping) -> list[RunSpec]:
                         "data": data, "budget": resolve_budget(raw.get("budget") or {"images_seen": 1e6}, hours, fps),
                         "pretrain": dict(pretrain), "eval": eval_cfg,
                     }
+                    if by_images:
+                        total = data.get("total_images")
+                        config.update(hours=None, images=hours, budget=resolve_budget(
+                            raw.get("budget") or {"images_seen": 1e6}, None, fps, images=hours),
+                            data_fraction=None if total is None else round(hours / _number(
+                                data, "total_images", None, "data.", whole=True), 12))
                     runs.append(RunSpec(run_id(config), config))
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):

@@ -81,6 +81,7 @@ def _pretrain_then_evaluate(config: dict, run_dir: Path) -> dict:
         **common, **config["pretrain"], "name": "pretrain", "resume": "auto",
         "data_source": data.get("source"), "hours": config["hours"], "fps": data.get("fps", 1.0),
         "batch_size": budget["batch_size"], "steps": budget["steps"],
+        **({"images": config["images"]} if config.get("images") is not None else {}),
     })
     if pre["stopped"] != "finished":  # evaluating a partly trained encoder would record a wrong result
         raise RunInterrupted(f"pretraining stopped early ({pre['stopped']} at step {pre['steps']}/"
@@ -183,6 +184,7 @@ def result_row(spec: RunSpec, metrics: Mapping, wall_time_s: float) -> dict:
         "wall_time_s": round(float(metrics.get("wall_time_s") or wall_time_s), 3),
         "checkpoint": metrics.get("checkpoint") or "", "git_commit": git_commit(), "finished_at": _now(),
         "config_json": json.dumps(cfg, sort_keys=True, default=str), **protocol_columns(cfg),
+        **({"images": cfg["images"]} if cfg.get("images") is not None else {}),  # an image-count grid's data axis
     }
 
 

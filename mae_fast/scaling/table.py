@@ -148,9 +148,12 @@ def _parse(text: str, source: str, target: str = "top1", required: Sequence[str]
         header = [h.strip() for h in next(reader)]
     except StopIteration:
         raise TableError(f"{source}: the file is empty (no header line)") from None
+    records = list(reader)
     data_unit = "hours"
-    if required is None and "hours" not in header and "images" in header:
-        data_unit = "images"  # an image-count study: ``images`` is the data axis
+    if required is None and "images" in header and (
+        "hours" not in header or _column_blank(records, header.index("hours"))
+    ):
+        data_unit = "images"  # an image-count study (the runner leaves its hours cells blank)
     required = (tuple(c if c != "hours" else data_unit for c in FIT_COLUMNS) + (target,) if required is None
                 else tuple(required))
     missing = [c for c in required if c not in header]
@@ -162,7 +165,7 @@ def _parse(text: str, source: str, target: str = "top1", required: Sequence[str]
         )
     numeric = [c for c in header if c in NUMERIC_COLUMNS or c == target]
     raw: dict[str, list] = {h: [] for h in header}
-    for lineno, record in enumerate(reader, start=2):
+    for lineno, record in enumerate(records, start=2):
         if not record or all(not cell.strip() for cell in record):
             continue
         if len(record) != len(header):
@@ -178,7 +181,7 @@ def _parse(text: str, source: str, target: str = "top1", required: Sequence[str]
         raise TableError(f"{source}: no data rows")
     lines = raw.pop("_line")
     for name in POSITIVE_COLUMNS + ("images",):
-        if name in raw and (name != "images" or data_unit == "images"):
+        if name in raw and name != ("hours" if data_unit == "images" else "images"):
             for lineno, v in zip(lines, raw[name]):
                 if not (v > 0):  # NaN fails too
                     raise TableError(
@@ -193,6 +196,11 @@ def _parse(text: str, source: str, target: str = "top1", required: Sequence[str]
         raw["hours"] = list(raw["images"])  # the fit's data column; reports name it images
     table = ResultsTable(raw, source, data_unit)
     return _dedupe_by_run(table)
+
+
+def _column_blank(records: list, index: int) -> bool:
+    """Whether a column has no value in any non-empty record."""
+    return all(len(r) <= index or not r[index].strip() for r in records if any(c.strip() for c in r))
 
 
 def _number(cell: str, source: str, lineno: int, name: str, required: bool) -> float:

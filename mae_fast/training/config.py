@@ -134,6 +134,11 @@ class PretrainConfig(_Config):
     seed: int = key(0, "seed for init, data order and masking")
     debug_nan_steps: list = key([], "test hook: make the loss NaN at these steps")
     debug_step_sleep_s: float = key(0.0, "test hook: sleep this long after every step (kill tests)")
+    # image-count subsets (image folders and WebDataset shards; mae_fast.data.image_subsets)
+    images: int | None = key(None, "number of images drawn from an image-folder or shard data_source (null: all); "
+                             "recorded in the run dir (subset.json, subset.txt.gz) and replayed on resume")
+    subset_strategy: str = key("random", "how an images-subset is chosen: random (seeded hash rank, nested across "
+                               "sizes) | per_source (equal share per top-level folder, water-filled)")
 
 
 @dataclass

@@ -45,7 +45,7 @@ CHECKPOINT_VERSION = 1
 # keys that define a run's trajectory: resuming with other values is allowed, with a warning
 RESUME_MUST_MATCH = ("model", "model_kwargs", "img_size", "norm_pix_loss", "mask_ratio", "data_source", "hours",
                      "subset", "fps", "batch_size", "epochs", "steps", "seed", "lr", "base_lr", "lr_schedule",
-                     "weight_decay", "warmup_steps", "warmup_epochs")
+                     "weight_decay", "warmup_steps", "warmup_epochs", "images", "subset_strategy")
 
 # keys with a fixed set of values, checked before the process group starts and the data is built
 CHOICES = {"device": ("auto", "cpu", "cuda"), "distributed": ("auto", "ddp", "fsdp", "none"),
@@ -97,6 +97,9 @@ def check_config(cfg: PretrainConfig, world: int) -> None:
         raise ConfigError("max_bad_steps must be at least 1")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
         raise ConfigError(f"resume must be null, auto or an existing checkpoint file, got {cfg.resume!r}")
+    from mae_fast.data.image_subsets import subset_config_problem
+    if (problem := subset_config_problem(cfg.images, cfg.subset_strategy, cfg.hours, cfg.data_source)) is not None:
+        raise ConfigError(problem)
     if cfg.checkpoint_every < 1 or cfg.log_every < 1:
         raise ConfigError("checkpoint_every and log_every must be at least 1")
     for key in ("lr", "base_lr", "fps", "clip_grad"):
@@ -204,6 +207,9 @@ def build_dataset(cfg: PretrainConfig, img_size, is_main: bool):
 
     kw = dict(source=cfg.data_source, img_size=img_size, hours=cfg.hours, subset=cfg.subset,
               seed=cfg.seed, fps=cfg.fps, train=True)
+    if cfg.images is not None:  # an image-count subset: rank 0 records it in the run dir, resumes replay it
+        kw.update(images=cfg.images, subset_strategy=cfg.subset_strategy, subset_dir=resolve_run_dir(cfg),
+                  subset_replay=("check" if cfg.resume is not None else None) if is_main else "trust")
     # rank 0 first: building may write the demo data or an index that the others then reuse
     if is_main:
         ds = build_pretrain_dataset(**kw)

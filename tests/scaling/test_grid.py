@@ -246,3 +246,34 @@ def test_malformed_grid_is_a_clear_error_naming_file_and_key(grid_file, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("error: ") and fragment in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "sweep").exists()
+
+
+def test_an_images_axis_sweeps_image_count_subsets_and_its_rows_carry_images(grid_dict, tmp_path, monkeypatch):
+    """``images: [...]`` instead of ``hours``: each run pretrains on that many images (pretraining's ``images`` key),
+    its budget counts epochs over them, its id says ``<n>img``, and its results row has an ``images`` column; a grid
+    with both axes is refused."""
+    raw = grid_dict(tmp_path, images=[500, 2000], data={"source": "/data/images", "total_images": 10000},
+                    budget={"rule": "epochs", "epochs": 3, "batch_size": 100})
+    del raw["hours"]
+    g = grid_from_dict(raw)
+    cfg = g.runs[0].config
+    assert [r.config["images"] for r in g.runs[:4]] == [500, 500, 2000, 2000] and cfg["hours"] is None
+    assert g.runs[0].run_id.startswith("vits14-224px-500img-s1-") and cfg["data_fraction"] == 0.05
+    assert g.runs[2].run_id.startswith("vits14-224px-2kimg-s1-")
+    assert cfg["budget"]["subset_images"] == 500 and cfg["budget"]["images_seen"] == 1500
+    with pytest.raises(GridError, match="not both"):
+        grid_from_dict(dict(raw, hours=[1]))
+    # hours grids keep their ids: the images key only appears in an images grid's configs
+    assert "images" not in grid_from_dict(grid_dict(tmp_path)).runs[0].config
+
+    seen = {}
+    import mae_fast.training.finetune as finetune_mod
+    import mae_fast.training.pretrain as pretrain_mod
+
+    monkeypatch.setattr(pretrain_mod, "pretrain", lambda c: seen.update(c) or {
+        "stopped": "finished", "checkpoint": "ck.pt", "images_seen": 1500, "wall_time_s": 1.0})
+    monkeypatch.setattr(finetune_mod, "finetune", lambda c: {"top1": 12.5, "wall_time_s": 1.0})
+    metrics = runner_mod._pretrain_then_evaluate(cfg, tmp_path / "run")
+    assert seen["images"] == 500 and seen["hours"] is None and seen["data_source"] == "/data/images"
+    row = runner_mod.result_row(g.runs[0], metrics, 2.0)
+    assert row["images"] == 500 and row["hours"] is None and row["top1"] == 12.5

@@ -100,3 +100,22 @@ def test_concurrent_appends_lose_nothing(tmp_path):
     assert len(table) == 60 and len(set(table["run"])) == 60
     assert table["top1"][list(table["run"]).index("w0-0")] == 99
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # no temporary file left behind
+
+
+def test_runner_rows_of_an_image_count_grid_fit_on_images(tmp_path):
+    # The runner writes every result column, so an image-count grid's rows have a blank ``hours`` cell
+    # beside ``images``: the table must take ``images`` as the data axis, not refuse the blank hours.
+    path = tmp_path / "results.csv"
+    rng = np.random.default_rng(3)
+    images = [1000, 4000, 16000]
+    for i, (n, params) in enumerate([(n, p) for n in images for p in (1e6, 4e6)]):
+        append_result(path, {"run": f"r{i}", "arch": f"m{params:g}", "params": params, "img_size": 224,
+                             "seed": 0, "top1": float(rng.uniform(10, 40)), "images": n})
+    table = load_results(path)
+    assert table.data_unit == "images"
+    assert sorted(set(table["hours"].tolist())) == images
+    # a real hours table with an (informational) images column keeps hours as its axis
+    append_result(path, {"run": "h", "arch": "m", "params": 1e6, "img_size": 224, "hours": 5.0, "seed": 0,
+                         "top1": 20.0, "images": 10})
+    with pytest.raises(TableError, match="hours"):
+        load_results(path)
