@@ -140,11 +140,14 @@ def test_packaged_humanlike_grid_is_the_published_study():
 
     grid = load_grid("humanlike")
     assert len(grid.runs) == 78
-    pairs = {}
+    pairs, recipes = {}, {}
     for r in grid.runs:
         c = r.config
         pairs.setdefault((c["arch"], c["img_size"]), []).append((c["hours"], c["seed"]))
-        recipe = PretrainConfig.build({"recipe": c["pretrain"]["recipe"]})
+        name = c["pretrain"]["recipe"]
+        if name not in recipes:
+            recipes[name] = PretrainConfig.build({"recipe": name})
+        recipe = recipes[name]
         assert (recipe.batch_size, recipe.steps, recipe.img_size) == \
             (c["budget"]["batch_size"], c["budget"]["steps"], c["img_size"])
         assert c["eval"]["recipe"] == "humanlike_finetune" and c["data_fraction"] in (1e-4, 1e-3, 1e-2, 0.1, 1.0)
