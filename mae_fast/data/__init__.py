@@ -19,6 +19,7 @@ from .samplers import (SeededItems, StepBatchSampler, StreamBatches, SyntheticIm
 from .image_subsets import STRATEGIES as SUBSET_STRATEGIES, SubsetError, choose_subset, image_subset, water_fill
 from .images import (ImageFileDataset, list_images, per_class_fraction, scan_image_folder, screen_images,
                      split_per_class)
+from .label_subsets import LABEL_SAMPLINGS, label_subset, subset_counts
 from .subset import SUBSET_MODES, check_fps, make_record, select, selection_from_record
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, as_size, build_transform,
                          denormalize)
@@ -165,13 +166,16 @@ def build_pretrain_dataset(source=None, img_size=64, hours=None, subset="contigu
 
 def build_labelled_datasets(root=None, img_size=64, fraction=1.0, seed=0, train_augment=True, *,
                             val_fraction=0.2, train_scale=(0.2, 1.0), eval_crop_pct=0.875, check_images=True,
-                            demo_root=None, auto_augment: str | None = None, re_prob: float = 0.0):
+                            demo_root=None, auto_augment: str | None = None, re_prob: float = 0.0,
+                            label_sampling: str = "per_class"):
     """``(train_ds, val_ds, classes)`` of an ImageFolder-style labelled set; items ``(image, label)``.
 
     ``root``: None or "demo" (the demo set), a folder with ``train/<class>/`` and ``val/<class>/`` (``val`` may be
     named ``validation``), or a single ``<class>/`` folder split per class, deterministically by
     ``seed``, into ``1 - val_fraction`` / ``val_fraction``. ``fraction`` keeps that fraction of the
-    train images of each class (at least one per class; the low-label protocol), chosen by ``seed``.
+    train images of each class (at least one per class; the low-label protocol), chosen by ``seed``; with
+    ``label_sampling`` ``balanced`` the same number in every class, with ``uniform`` that fraction of the whole set
+    (:func:`mae_fast.data.label_subsets.label_subset`).
     Train items get RandomResizedCrop(train_scale) + flip when ``train_augment`` (then also timm's
     ``auto_augment`` policy and RandomErasing with probability ``re_prob``, as MAE's finetuning), else the eval
     transform (resize to ``size / eval_crop_pct``, centre crop).
@@ -205,12 +209,13 @@ def build_labelled_datasets(root=None, img_size=64, fraction=1.0, seed=0, train_
         raise FileNotFoundError(f"no validation images can be held out of {root}: every class has fewer than 2 "
                                 f"images (give classes 2 or more, or use {root}/train/ and {root}/val/ folders)")
     n_before = len(files)
-    files, labels = per_class_fraction(files, labels, classes, float(fraction), seed)
+    files, labels = label_subset(files, labels, classes, float(fraction), seed, label_sampling)
     per_class = {c: 0 for c in classes}
     for y in labels:
         per_class[classes[y]] += 1
     record = {"kind": "labelled", "root": str(root), "layout": layout, "classes": classes,
-              "fraction": float(fraction), "seed": int(seed), "n_train_available": n_before,
+              "fraction": float(fraction), "label_sampling": label_sampling, "seed": int(seed),
+              "n_train_available": n_before,
               "n_train": len(files), "n_val": len(val_files), "train_per_class": per_class,
               "train_files": [str(Path(f).relative_to(root)) for f in files],
               "skipped": [[p, r] for p, r in bad_train + bad_val]}

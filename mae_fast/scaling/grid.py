@@ -14,11 +14,15 @@ Schema (see ``train/grids/*.yaml``)::
       - mae_vit_small_patch14
       - {name: vitmicro8, base: mae_vit_demo_patch8, embed_dim: 64, depth: 2, num_heads: 2,
          img_sizes: [32]}              # label, registry base + overrides; may restrict its resolutions
-    hours: [0.5, 5, 50]                 # or images: [1000, 10000] (image-count subsets of an image folder or
+      - {base: mae_vit_base_patch14, pretrain: {lr: 3.0e-4}, eval: {batch_size: 128},
+         budget: {batch_size: 256}}    # its pretrain / eval / budget keys override the grid's for its runs
+    hours: [0.5, 5, 50, {hours: 5000, seeds: [1]}]   # an entry may name its own seeds (one draw of all the data);
+                                        # or images: [1000, 10000] (image-count subsets of an image folder or
                                         # shards, with data: {source: ..., total_images: N}; not both)
     img_sizes: [224, 448]
     seeds: [1, 2, 3]
-    budget: {rule: images_seen, images_seen: 2.0e6, batch_size: 256}   # or {rule: epochs, epochs: 10}
+    budget: {rule: images_seen, images_seen: 2.0e6, batch_size: 256}   # or {rule: epochs, epochs: 10}, {rule: steps,
+                                                                       #    steps: 5000}
     pretrain: {mask_ratio: 0.75, lr: 1.5e-4}       # passed through to pretraining
     eval: {protocol: finetune, fraction: 0.02, epochs: 50, num_classes: 1000}   # or linprobe; finetune keys
     executor: {name: local, mode: inprocess}       # local (inprocess|subprocess|torchrun) or slurm
@@ -43,7 +47,7 @@ __all__ = ["Grid", "RunSpec", "GridError", "load_grid", "expand", "model_spec", 
 
 _REGISTRY_NAME = re.compile(r"^mae_vit_(tiny|small|base|large|huge|giant)_patch(\d+)$")
 # keys of a model dict that describe the sweep, not the model constructor
-_MODEL_META = {"name", "base", "img_sizes"}
+_MODEL_META = {"name", "base", "img_sizes", "pretrain", "eval", "budget"}
 # the keys of a grid file (see the schema above): anything else is a typo that would be silently ignored
 _GRID_KEYS = ("name", "out_dir", "job", "data", "models", "hours", "img_sizes", "seeds", "budget", "pretrain",
               "eval", "executor", "fit", "images")
@@ -124,9 +128,15 @@ def model_spec(entry: str | Mapping) -> dict:
         arch = f"vit{m.group(1)[0]}{patch}"  # vits14, vith14: the shared table's labels
     else:
         arch = f"vit_w{width}d{depth}p{patch}"
+    blocks = {}
+    for block in ("pretrain", "eval", "budget"):  # this model's settings over the grid's
+        value = entry.get(block) or {}
+        if not isinstance(value, Mapping):
+            raise GridError(f"models: {dict(entry)!r}: {block} must be a mapping, got {value!r}")
+        blocks[block] = dict(value)
     return {"name": str(base), "overrides": overrides, "arch": arch, "width": width, "depth": depth,
             "heads": heads, "patch_size": patch, "mlp_ratio": mlp_ratio,
-            "img_sizes": entry.get("img_sizes")}
+            "img_sizes": entry.get("img_sizes"), **blocks}
 
 
 def resolve_budget(budget: Mapping, hours: float | None, fps: float, images: int | None = None) -> dict:
@@ -140,9 +150,11 @@ def resolve_budget(budget: Mapping, hours: float | None, fps: float, images: int
         images = int(_number(budget, "images_seen", None, "budget."))
     elif rule == "epochs":
         images = int(math.ceil(_number(budget, "epochs", None, "budget.") * frames))
+    elif rule == "steps":  # a fixed number of optimizer steps, whatever the subset's size
+        images = _number(budget, "steps", None, "budget.", whole=True) * batch
     else:
-        raise GridError(f"budget.rule must be 'images_seen' or 'epochs', got {rule!r}")
-    out = {k: v for k, v in budget.items() if k not in {"images_seen", "epochs"}}
+        raise GridError(f"budget.rule must be 'images_seen', 'epochs' or 'steps', got {rule!r}")
+    out = {k: v for k, v in budget.items() if k not in {"images_seen", "epochs", "steps"}}
     out.update(rule=rule, batch_size=batch, images_seen=images, steps=int(math.ceil(images / batch)),
                subset_images=frames, epochs=images / frames)
     return out
@@ -232,6 +244,26 @@ def _listed(raw: Mapping, key: str, kind=float, where: str = "") -> list:
     return out
 
 
+def _hours_axis(raw: Mapping, seeds: list[int]) -> list[tuple[float, list[int]]]:
+    """The ``hours`` axis as (hours, seeds): an entry is a number (the grid's seeds) or ``{hours: h, seeds: [...]}``,
+    e.g. one seed at the full data, where every subset draw is the same data."""
+    value = raw.get("hours")
+    entries = value if isinstance(value, list) else [value]
+    if not entries:
+        raise GridError("hours is empty")
+    out = []
+    for entry in entries:
+        if isinstance(entry, Mapping):
+            extra = sorted(set(entry) - {"hours", "seeds"})
+            if extra or "hours" not in entry:
+                raise GridError(f"hours: an entry that is a mapping has hours and seeds, got {dict(entry)!r}")
+            out.append((_listed(entry, "hours", where="hours: ")[0],
+                        _listed(entry, "seeds", int, "hours: ") if "seeds" in entry else seeds))
+        else:
+            out += [(h, seeds) for h in _listed({"hours": entry}, "hours")]
+    return out
+
+
 def expand(raw: Mapping) -> list[RunSpec]:
     """All runs of a grid, in the order models x resolutions x hours x seeds."""
     data = _mapping(raw, "data", {})
@@ -240,15 +272,20 @@ def expand(raw: Mapping) -> list[RunSpec]:
     by_images = "images" in raw  # an image-count axis instead of hours of video
     if by_images and "hours" in raw:
         raise GridError("a grid sweeps hours (video) or images (image-count subsets), not both")
-    hours_list = _listed(raw, "images", int) if by_images else _listed(raw, "hours")
+    seeds = _listed(raw, "seeds", int) if "seeds" in raw else [0]
+    if by_images:
+        hours_axis = [(n, seeds) for n in _listed(raw, "images", int)]
+    else:
+        hours_axis = _hours_axis(raw, seeds)
+    hours_list = [h for h, _ in hours_axis]
     if not all(math.isfinite(h) and h > 0 for h in hours_list):
         raise GridError(f"{'images' if by_images else 'hours'} must be > 0 and finite, got {hours_list}")
-    seeds = _listed(raw, "seeds", int) if "seeds" in raw else [0]
     eval_cfg = _mapping(raw, "eval", {"protocol": "finetune"})
     if eval_cfg.get("protocol", "finetune") not in ("finetune", "linprobe"):
         raise GridError(f"eval.protocol must be finetune or linprobe, got {eval_cfg.get('protocol')!r}")
     num_classes = _number(eval_cfg, "num_classes", 1000, "eval.", whole=True, zero=True)  # 0: no head
     pretrain = _mapping(raw, "pretrain", {})
+    budget = _mapping(raw, "budget", {}) or {"images_seen": 1e6}
     models = raw.get("models") or []
     if isinstance(models, (str, Mapping)):  # a single model
         models = [models]
@@ -264,8 +301,8 @@ def expand(raw: Mapping) -> list[RunSpec]:
                 raise GridError(f"{spec['arch']}: img_size must be > 0, got {img}")
             if img % spec["patch_size"]:
                 raise GridError(f"{spec['arch']}: img_size {img} is not a multiple of patch {spec['patch_size']}")
-            for hours in hours_list:
-                for seed in seeds:
+            for hours, hours_seeds in hours_axis:
+                for seed in hours_seeds:
                     config = {
                         "model": {"name": spec["name"], "overrides": spec["overrides"]},
                         "arch": spec["arch"], "width": spec["width"], "depth": spec["depth"],
@@ -273,13 +310,13 @@ def expand(raw: Mapping) -> list[RunSpec]:
                         "params": vit_param_count(spec["width"], spec["depth"], spec["patch_size"], img,
                                                   num_classes, mlp_ratio=spec["mlp_ratio"]),
                         "img_size": img, "hours": hours, "data_fraction": round(hours / total_hours, 12), "seed": seed,
-                        "data": data, "budget": resolve_budget(raw.get("budget") or {"images_seen": 1e6}, hours, fps),
-                        "pretrain": dict(pretrain), "eval": eval_cfg,
+                        "data": data, "budget": resolve_budget({**budget, **spec["budget"]}, hours, fps),
+                        "pretrain": {**pretrain, **spec["pretrain"]}, "eval": {**eval_cfg, **spec["eval"]},
                     }
                     if by_images:
                         total = data.get("total_images")
                         config.update(hours=None, images=hours, budget=resolve_budget(
-                            raw.get("budget") or {"images_seen": 1e6}, None, fps, images=hours),
+                            {**budget, **spec["budget"]}, None, fps, images=hours),
                             data_fraction=None if total is None else round(hours / _number(
                                 data, "total_images", None, "data.", whole=True), 12))
                     runs.append(RunSpec(run_id(config), config))

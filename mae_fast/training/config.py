@@ -192,6 +192,22 @@ class FinetuneConfig(_Config):
                              "(an epoch's, or the step a signal stopped it at) | null: start over")
     checkpoint_every: int = key(1, "save the training state every this many epochs, for resuming (0: never); "
                                 "removed when the run finishes")
+    # the human-like-video protocol's settings (train/recipes/finetune/humanlike_finetune.yaml, docs/humanlike.md)
+    head: str = key("linear", "linear | bn_linear: the finetuning head; bn_linear puts a BatchNorm without affine "
+                    "parameters (eps 1e-6, in the gradient path) before the linear layer (the probe always has it)")
+    head_init_std: float | None = key(None, "std of the head weight's truncated-normal init (null: 2e-5 finetune, "
+                                      "0.01 linprobe)")
+    lr_schedule: str = key("cosine", "cosine | constant, after the linear warmup")
+    decay_all: bool = key(False, "weight decay on every parameter (biases, norms, tokens, position embedding too: "
+                          "plain AdamW over model.parameters()); false: none on those")
+    crop_scale: list = key([0.2, 1.0], "RandomResizedCrop area range of the training images")
+    eval_resize_margin: int | None = key(None, "resize validation images to img_size + this many pixels, then centre "
+                                         "crop img_size (null: img_size / 0.875, MAE's)")
+    label_sampling: str = key("per_class", "how fraction draws the labelled images (seeded by seed): per_class "
+                              "(round(fraction x n_c) of each class), balanced (round(fraction x N / C) in every "
+                              "class) or uniform (int(fraction x N) of the whole set)")
+    report: str = key("best", "best | final: the top-1 a run reports (results.json reported_top1, what a sweep's "
+                      "table records): the best epoch's or the last epoch's")
 
 
 PRETRAIN_KEYS: dict[str, tuple] = PretrainConfig.keys()

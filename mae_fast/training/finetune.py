@@ -46,6 +46,7 @@ from mae_fast.training import checkpoint, curves
 from mae_fast.training import distributed as dist_mod
 from mae_fast.training.checkpoint import rng_state, set_rng_state
 from mae_fast.training.config import ConfigError, FinetuneConfig, dump
+from mae_fast.training.finetune_protocol import check_protocol, eval_crop_pct, record_report
 from mae_fast.training.metrics import progress_bar
 from mae_fast.training.pretrain import autocast, autocast_dtype, check_choices
 from mae_fast.training.signals import TrainingInterrupted, shared_stop, signal_flags, stop_requests
@@ -96,12 +97,13 @@ def check_pool(pool: str, linprobe: bool) -> None:
 
 
 class Classifier(nn.Module):
-    """timm ViT encoder -> pooled feature -> [BatchNorm (linprobe)] -> linear head. ``pool``: the final-normed cls
+    """timm ViT encoder -> pooled feature -> [BatchNorm (linprobe, or head=bn_linear)] -> linear head. ``pool``: the final-normed cls
     token, the mean of the final-normed patch tokens, or ``mean_fc_norm``, MAE's finetuning ``global_pool``: the
     mean of the patch tokens before the final norm, through a new LayerNorm (``fc_norm``, timm's name) in its
     place."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, pool: str = "cls", linprobe: bool = False):
+    def __init__(self, encoder: nn.Module, num_classes: int, pool: str = "cls", linprobe: bool = False,
+                 head: str = "linear", head_init_std: float | None = None):
         super().__init__()
         check_pool(pool, linprobe)
         self.encoder, self.pool, self.linprobe = encoder, pool, linprobe
@@ -110,8 +112,10 @@ class Classifier(nn.Module):
             encoder.norm = nn.Identity()
             self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
         self.bn = FeatureBatchNorm(dim, affine=False, eps=1e-6) if linprobe else nn.Identity()
+        if head == "bn_linear" and not linprobe:  # finetuned through: each rank's (micro-)batch statistics
+            self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.01 if linprobe else 2e-5)
+        nn.init.trunc_normal_(self.head.weight, std=head_init_std or (0.01 if linprobe else 2e-5))
         nn.init.zeros_(self.head.bias)
         if linprobe:
             for p in self.encoder.parameters():
@@ -129,7 +133,7 @@ class Classifier(nn.Module):
             with torch.no_grad():
                 f = self.features(x)
             return self.head(self.bn(f.float()))
-        return self.head(self.features(x))
+        return self.head(self.bn(self.features(x)))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -205,7 +209,8 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int, linprobe: bool, spec
 
         encoder = VisionTransformer(**timm_model_kwargs(mae), drop_path_rate=cfg.drop_path)
         encoder.load_state_dict(export_timm(mae), strict=True)
-    return Classifier(encoder, num_classes, cfg.pool, linprobe), mae.img_size, ckpt, model_name
+    return Classifier(encoder, num_classes, cfg.pool, linprobe, cfg.head, cfg.head_init_std), mae.img_size, ckpt, \
+        model_name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +223,9 @@ RUN_IDENTITY = ("mode", "model", "model_kwargs", "img_size", "data_root", "fract
 
 # keys added later, in the identity only away from their defaults, so that older checkpoints still resume;
 # accum_steps is not there: a run may resume with more micro-steps to fit a smaller GPU (the same gradient)
-LATER_IDENTITY = {"auto_augment": None, "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0}
+LATER_IDENTITY = {"auto_augment": None, "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0, "head": "linear",
+                  "head_init_std": None, "lr_schedule": "cosine", "decay_all": False, "crop_scale": [0.2, 1.0],
+                  "eval_resize_margin": None, "label_sampling": "per_class"}
 
 
 def run_identity(cfg: FinetuneConfig, encoder_checkpoint) -> dict:
@@ -393,6 +400,7 @@ def check_config(cfg: FinetuneConfig, world: int) -> None:
                "its statistics over a micro-batch") + "; batch_size / (processes x accum_steps) must be >= 2")
     check_augment(cfg)
     check_pool(cfg.pool, linprobe)  # before the data is scanned (e.g. linprobe --config mae_official_finetune)
+    check_protocol(cfg, world)
     if cfg.resume not in ("auto", None):
         raise ConfigError(f"resume must be auto or null, got {cfg.resume!r}")
 
@@ -408,7 +416,9 @@ def load_data(cfg: FinetuneConfig, spec: tuple, datasets):
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model {spec[1]!r}: {e}") from e
         return build_labelled_datasets(root=cfg.data_root, img_size=size, fraction=cfg.fraction, seed=cfg.seed,
-                                       auto_augment=cfg.auto_augment, re_prob=cfg.reprob)
+                                       auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
+                                       train_scale=tuple(cfg.crop_scale), eval_crop_pct=eval_crop_pct(cfg, size),
+                                       label_sampling=cfg.label_sampling)
     if cfg.auto_augment or cfg.reprob:
         warnings.warn("auto_augment and reprob act on the configured labelled data; the datasets given keep "
                       "their own transforms", RuntimeWarning, stacklevel=4)
@@ -424,6 +434,8 @@ def build_optimizer(cfg: FinetuneConfig, model: Classifier, peak_lr: float, devi
         except ValueError as e:
             raise ConfigError(str(e)) from None
     groups = optim.layer_decay_groups(model, wd, cfg.layer_decay)
+    for g in groups if cfg.decay_all else ():
+        g["weight_decay"] = wd
     return optim.adamw(groups, peak_lr, (0.9, 0.999), device, fused_on_cpu=False)
 
 
@@ -469,7 +481,7 @@ class Run:
         return self.cfg.mode == "linprobe"
 
     def lr(self, step: int) -> float:
-        return optim.lr_at(step, self.peak_lr, self.total, self.warmup, "cosine", self.cfg.min_lr)
+        return optim.lr_at(step, self.peak_lr, self.total, self.warmup, self.cfg.lr_schedule, self.cfg.min_lr)
 
     def epoch_batches(self, epoch: int, whole: bool = False) -> list:
         """The epoch's batches of (epoch, index) keys: this rank's share, or (``whole``) the global batches."""
@@ -722,7 +734,7 @@ def train(run: Run, ts: TrainState) -> dict:
         finally:
             if bar is not None:
                 bar.close()
-    result = finish(run, ts, t0)
+    result = record_report(cfg, finish(run, ts, t0), ts.history, ts.best, run.run_dir / "results.json", info.is_main)
     if signals:  # after the last step's all-reduce: the run is finished and saved, and the signal still stops
         raise TrainingInterrupted(f"finished at step {ts.step}/{run.total}, then {signal.Signals(signals[0]).name}",
                                   signals[0], ts.step, None)

@@ -1,4 +1,4 @@
-"""The examples and numbers of README.md, docs/{training,scaling,benchmarks}.md and bench/README.md hold.
+"""The examples and numbers of README.md, docs/{training,scaling,benchmarks,humanlike}.md and bench/README.md hold.
 
 Users copy these examples, so a renamed function, argument, key, flag, file or script must fail here, and a
 number that disagrees with the results file it cites must fail too. Everything is read from the documents at
@@ -46,7 +46,8 @@ from mae_fast.scaling import cli as scaling_cli, runner as scaling_runner
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
-DOCS = ("README.md", "docs/training.md", "docs/scaling.md", "docs/benchmarks.md", "bench/README.md")
+DOCS = ("README.md", "docs/training.md", "docs/scaling.md", "docs/benchmarks.md", "bench/README.md",
+        "docs/humanlike.md")
 SHARED_CSV = REPO.parent / "shared" / "data" / "humanlike_vits_finetune_upto500h.csv"
 
 

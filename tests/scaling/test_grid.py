@@ -112,6 +112,52 @@ def test_budget_rounds_up_images_and_steps(grid_dict, tmp_path):
     assert tiny.runs[0].config["budget"]["images_seen"] == 3
 
 
+def test_model_blocks_override_the_grid_and_hours_entries_name_their_seeds(grid_dict, tmp_path):
+    """A model's pretrain / eval / budget keys override the grid's for its runs only; an hours entry
+    ``{hours: h, seeds: [...]}`` takes its own seeds (one draw of the full data); ``rule: steps`` fixes the steps."""
+    models = ["mae_vit_small_patch14", {"base": "mae_vit_tiny_patch14", "pretrain": {"lr": 3e-4},
+                                        "eval": {"batch_size": 11}, "budget": {"steps": 7, "batch_size": 136}}]
+    grid = grid_from_dict(grid_dict(tmp_path, models=models, img_sizes=[224], seeds=[1, 2, 3],
+                                    hours=[5, {"hours": 5000, "seeds": [1]}],
+                                    budget={"rule": "steps", "steps": 20, "batch_size": 64},
+                                    pretrain={"lr": 1e-3, "mask_ratio": 0.8}, eval={"protocol": "finetune"}))
+    got = [(r.config["arch"], r.config["hours"], r.config["seed"]) for r in grid.runs]
+    assert got == [(a, h, s) for a in ("vits14", "vitt14") for h, s in ((5, 1), (5, 2), (5, 3), (5000, 1))]
+    small, tiny = grid.runs[0].config, grid.runs[-1].config
+    assert small["pretrain"] == {"lr": 1e-3, "mask_ratio": 0.8} and tiny["pretrain"] == {"lr": 3e-4, "mask_ratio": 0.8}
+    assert small["eval"] == {"protocol": "finetune"} and tiny["eval"] == {"protocol": "finetune", "batch_size": 11}
+    assert (small["budget"]["steps"], small["budget"]["batch_size"], small["budget"]["images_seen"]) == (20, 64, 1280)
+    assert (tiny["budget"]["steps"], tiny["budget"]["batch_size"], tiny["budget"]["images_seen"]) == (7, 136, 952)
+    plain = grid_from_dict(grid_dict(tmp_path, models=models[:1], img_sizes=[224], seeds=[1], hours=[5]))
+    assert plain.runs[0].run_id == grid_from_dict(grid_dict(tmp_path, models=[{"base": "mae_vit_small_patch14"}],
+                                                            img_sizes=[224], seeds=[1], hours=[5])).runs[0].run_id
+
+
+def test_packaged_humanlike_grid_is_the_published_study():
+    """78 runs as the published logs: 6 model x resolution pairs x (4 subset fractions x 3 draws + the full data);
+    each pair's batch and steps are its recipe's, its finetuning batch / lr the published ones."""
+    from mae_fast.training.config import PretrainConfig
+
+    grid = load_grid("humanlike")
+    assert len(grid.runs) == 78
+    pairs, recipes = {}, {}
+    for r in grid.runs:
+        c = r.config
+        pairs.setdefault((c["arch"], c["img_size"]), []).append((c["hours"], c["seed"]))
+        name = c["pretrain"]["recipe"]
+        if name not in recipes:
+            recipes[name] = PretrainConfig.build({"recipe": name})
+        recipe = recipes[name]
+        assert (recipe.batch_size, recipe.steps, recipe.img_size) == \
+            (c["budget"]["batch_size"], c["budget"]["steps"], c["img_size"])
+        assert c["eval"]["recipe"] == "humanlike_finetune" and c["data_fraction"] in (1e-4, 1e-3, 1e-2, 0.1, 1.0)
+    want = [(h, s) for h in (0.5, 5, 50, 500) for s in (1, 2, 3)] + [(5000, 1)]
+    assert pairs == {k: want for k in [("vits14", 224), ("vitb14", 224), ("vitl14", 224), ("vith14", 224),
+                                       ("vith14", 448), ("vith14", 476)]}
+    h476 = next(r.config for r in grid.runs if r.config["img_size"] == 476)
+    assert (h476["eval"]["batch_size"], h476["eval"]["lr"], h476["params"]) == (11, 5e-5, pytest.approx(633.2e6, rel=1e-3))
+
+
 def test_defaults_of_an_almost_empty_grid(tmp_path):
     """Without seeds, budget, job or name: seed 0, 1e6 images in batches of 256, the default job, the file's
     name as the grid's name and out_dir runs/scaling/<name> (absolute)."""
@@ -202,6 +248,10 @@ def test_more_malformed_grids_are_refused(grid_dict, tmp_path, over, fragment):
     ({"budget": {"rule": "images_seen", "images_seen": "lots"}}, "budget.images_seen"),
     ({"budget": {"rule": "images_seen"}}, "budget.images_seen"),
     ({"budget": {"rule": "epochs"}}, "budget.epochs"),
+    ({"budget": {"rule": "steps", "steps": 2.5}}, "budget.steps must be a whole number"),
+    ({"hours": [5, {"hours": 50, "seed": [1]}]}, "hours: an entry that is a mapping has hours and seeds"),
+    ({"hours": [{"hours": 50, "seeds": [0.5]}]}, "hours: seeds: expected whole numbers"),
+    ({"models": [{"base": "mae_vit_tiny_patch14", "eval": [1]}]}, "eval must be a mapping"),
     ({"budget": {"images_seen": 1000, "batch_size": 0}}, "budget.batch_size"),
     ({"budget": {"images_seen": 1000, "batch_size": "x"}}, "budget.batch_size"),
     ({"budget": [1, 2]}, "budget must be a mapping"),

@@ -15,7 +15,7 @@ from mae_fast.training.pretrain import pretrain
 def test_all_recipes_load_and_follow_their_papers():
     names = config_mod.list_recipes()
     for want in ["demo", "mae_official", "humanlike_vits14", "humanlike_vitb14", "humanlike_vitl14",
-                 "humanlike_vith14"]:
+                 "humanlike_vith14", "humanlike_vith14_448", "humanlike_vith14_476"]:
         assert want in names
     for n in names:
         config_mod.load_recipe(n)
@@ -24,10 +24,15 @@ def test_all_recipes_load_and_follow_their_papers():
         (True, 0.75, 1.5e-4, 4096, 800)
     assert (off["warmup_epochs"], off["weight_decay"], off["lr_schedule"], off["model"]) == \
         (40, 0.05, "cosine", "mae_vit_large_patch16")
-    for s, lr in [("s", 3e-4), ("b", 3e-4), ("l", 3e-4), ("h", 1e-4)]:
-        r = config_mod.load_recipe(f"humanlike_vit{s}14")
-        assert (r["mask_ratio"], r["lr"], r["lr_schedule"], r["weight_decay"]) == (0.8, lr, "constant", 0.0)
-        assert r["model"].endswith("_patch14") and r["img_size"] in (224, 448, 476)
+    # the human-like study's train_mae_sayavakepicutego4d.sh: per-GPU batch x GPUs, --lr, --mask_ratio (448 / 476 px
+    # only; train_mae.py's default 0.75 otherwise), no --norm_pix_loss; steps from its pretraining logs
+    for name, mask, lr, batch, img in [("vits14", 0.75, 3e-4, 1024, 224), ("vitb14", 0.75, 3e-4, 256, 224),
+                                       ("vitl14", 0.75, 3e-4, 512, 224), ("vith14", 0.75, 1e-4, 512, 224),
+                                       ("vith14_448", 0.8, 1e-4, 168, 448), ("vith14_476", 0.8, 1e-4, 136, 476)]:
+        r = config_mod.load_recipe(f"humanlike_{name}")
+        assert (r["mask_ratio"], r["lr"], r["lr_schedule"], r["weight_decay"]) == (mask, lr, "constant", 0.0)
+        assert (r["batch_size"], r["img_size"], r["norm_pix_loss"], r["warmup_epochs"]) == (batch, img, False, 0)
+        assert r["model"].endswith("_patch14") and r["steps"] > 400_000
 
 
 def test_overrides_parse_every_form():
