@@ -33,7 +33,7 @@ __all__ = ["PRIORITY", "Backend", "register_backend", "backends_for", "select_ba
 
 # Fastest first on CUDA tensors. These orders are what ``auto`` tries; nothing else ranks backends.
 PRIORITY: dict[str, list[str]] = {
-    "attention": ["sdpa", "triton", "flash_attn", "xformers", "torch"],
+    "attention": ["sdpa", "triton", "flash_attn", "flash_attn_4", "xformers", "torch"],
     "gather_visible": ["triton", "cuda", "torch"],
     "unshuffle_with_mask_token": ["triton", "cuda", "torch"],
     "patchify_gather": ["triton", "torch"],
