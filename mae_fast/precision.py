@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["FP8_TARGETS", "fp8_unavailable", "check_min_width", "fp8_filter", "fp8_linear_names", "convert_fp8", "fp8_emulated",
-           "FP8_MIN_TORCHAO"]
+__all__ = ["FP8_TARGETS", "fp8_unavailable", "check_min_width", "fp8_filter", "fp8_linear_names", "convert_fp8",
+           "fp8_emulated", "FP8_MIN_TORCHAO", "FP8_PEAK_FLOPS", "fp8_peak_flops", "fp8_summary"]
 
 FP8_MIN_TORCHAO = (0, 15)  # torchao.float8's convert_to_float8_training / Float8LinearConfig(emulate=...) API
 # encoder blocks only ("decoder_blocks.N." does not match): fully-qualified names as in MaskedAutoencoderViT
@@ -100,3 +100,28 @@ def convert_fp8(model: nn.Module, min_width: int, *, emulate: bool | None = None
         convert_to_float8_training(model, module_filter_fn=fp8_filter(min_width),
                                    config=Float8LinearConfig(emulate=emulate))
     return names
+
+
+# dense FP8 tensor-core peaks (datasheets, no sparsity): reported beside MFU, which stays against the bf16 peak
+FP8_PEAK_FLOPS = (("H200", 1979e12), ("H100", 1979e12), ("GH200", 1979e12), ("B200", 4500e12))
+
+
+def fp8_peak_flops(device: torch.device | str) -> float | None:
+    """The FP8 dense peak FLOP/s of a known GPU (None: CPU or unknown)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((val for key, val in FP8_PEAK_FLOPS if key in name), None)
+
+
+def fp8_summary(model: nn.Module, device: torch.device | str) -> str:
+    """One line for the run's header: what runs in FP8 and the FP8 peak beside the bf16 one MFU is measured by."""
+    names = getattr(model, "fp8_linears", None)
+    if names is None:
+        return ""
+    peak = fp8_peak_flops(device)
+    rate = f"FP8 peak {peak / 1e12:.0f} TFLOP/s" if peak else "no FP8 peak known for this device"
+    mode = "emulated" if fp8_emulated(device) else "tensor cores"
+    return (f"fp8 ({mode}): {len(names)} encoder linears as Float8Linear; {rate} (MFU stays against the bf16 "
+            f"peak)")

@@ -635,6 +635,8 @@ def write_run_files(run: Run) -> None:
             f"lr {sched.peak_lr:.3g}, device {run.device}, "
             f"{run.strategy if run.strategy != 'none' else 'single process'}, "
             f"precision {run.amp_dtype or torch.float32}; MFU peak {run.peak_src}")
+    if cfg.precision == "fp8":
+        run.say(precision.fp8_summary(run.model, run.device))
 
 
 def train(run: Run, ts: TrainState, t_start: float) -> dict:

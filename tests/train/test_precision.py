@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import TINY_MODEL, tiny
 from mae_fast import create_model, ops
 from mae_fast.ops import dispatch
-from mae_fast.precision import check_min_width, convert_fp8, fp8_linear_names, fp8_unavailable
+from mae_fast.precision import check_min_width, convert_fp8, fp8_linear_names, fp8_summary, fp8_unavailable
 from mae_fast.training import compiling
 from mae_fast.training import config as config_mod
 from mae_fast.training.config import ConfigError
@@ -41,7 +41,9 @@ def test_converted_model_matches_bf16_within_fp8_rounding():
     torch.manual_seed(0)
     bf16 = _tiny_model()
     fp8 = copy.deepcopy(bf16)
-    assert convert_fp8(fp8, 32, emulate=True) == ENCODER_LINEARS
+    fp8.fp8_linears = convert_fp8(fp8, 32, emulate=True)
+    assert fp8.fp8_linears == ENCODER_LINEARS
+    assert fp8_summary(fp8, "cpu").startswith("fp8 (emulated): 8 encoder linears as Float8Linear; no FP8 peak known")
     assert type(fp8.blocks[0].mlp.fc1).__name__ == "Float8Linear" and type(fp8.decoder_pred) is torch.nn.Linear
     g = torch.Generator().manual_seed(1)
     x, noise = torch.randn(4, 3, 32, 32, generator=g), torch.rand(4, bf16.num_patches, generator=g)
