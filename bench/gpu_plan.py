@@ -159,8 +159,8 @@ def install(plan: Plan, rec: dict, wheelhouse: Path) -> None:
     else:
         names = [w.name.split("-")[0].replace("_", "-") for w in wheels]
         wanted = [n for n in WHEELS if n in names] or names
-        steps.append(("wheelhouse", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links",
-                                     str(wheelhouse), *wanted]))
+        steps.append(("wheelhouse", [sys.executable, "-m", "pip", "install", "-q", "--pre", "--no-index",
+                                     "--find-links", str(wheelhouse), *wanted]))
     for name, cmd in steps:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(5.0, plan.left() - 5))
         rec[name] = "ok" if proc.returncode == 0 else f"rc {proc.returncode}: {proc.stderr.strip()[-400:]}"

@@ -9,7 +9,8 @@ fused into a neighbouring kernel. Attention is priced at the measured rate of th
 head dim and sequence length (the fastest fwd+bwd time of the row nearest in ``mae_fast/ops/attention_prefs.json``
 for the H100, or of ``--attention-rates``: a table or a bench/bench_attention.py JSON), not at matmul peak; a head
 dim nothing measured falls back to matmul peak. ``_scaled_mm`` (``mae_fast_fp8``: torchao's float8 linears) runs at
-``--fp8-tflops``, by default twice the measured bf16 rate (the datasheet ratio) until an FP8 rate is measured. Rates default to the H100's measured ones: bf16 matmul 794 TFLOP/s
+``--fp8-tflops``, by default twice the measured bf16 rate (the datasheet ratio) until an FP8 rate is measured.
+Rates default to the H100's measured ones: bf16 matmul 794 TFLOP/s
 (``matmul_flops`` of ``bench/results/nvidia-h100-80gb-hbm3-2026-11-22-e2e.json``) and a large device-to-device
 copy at 3.0 TB/s read+write (the higher of two copy measurements; ``bench_masking.py``'s copy measured 2441 GB/s,
 ``bench/results/masking-h100-2026-11-22.json``, which gives higher floors: ``--copy-gbs 2441``).
