@@ -90,6 +90,8 @@ class PhaseTimeout(Exception):
 class Plan:
     """The run's record: phases with status and timing, their results, rewritten to ``plan.json`` as it goes."""
 
+    min_phase_s = 3.0  # a phase with less time than this is skipped
+
     def __init__(self, out: Path, budget_s: float, dry: bool):
         self.out, self.dry, self.t0 = out, dry, time.monotonic()
         self.end = self.t0 + budget_s
@@ -110,7 +112,7 @@ class Plan:
         limit = max(0.0, min(budget, self.left() - 2))
         rec = self.record["phases"][name] = {"status": "running", "limit_s": round(limit, 1)}
         self.save()
-        if limit < 3:
+        if limit < self.min_phase_s:
             rec.update(status="skipped", seconds=0.0, note=f"{self.left():.0f} s left in the plan")
             self.save()
             print(f"[plan] {name}: skipped ({self.left():.0f} s left)", flush=True)
@@ -424,6 +426,12 @@ def build_rows(name, img, batch, device, kinds, compile_backend, fp8_min_width, 
         else:
             models["fp8"] = copy.deepcopy(ours)
             log["fp8_linears"] = len(convert_fp8(models["fp8"], fp8_min_width, device=device))
+            try:  # FP8 rounds: within check_same_loss's 2e-3 (relative) of the same model in high precision
+                diff = E.check_same_loss({"mae_fast": ours, "mae_fast_fp8": models["fp8"]}, device)
+                log["loss_diff_fp8"] = diff["mae_fast_fp8"]
+            except RuntimeError as e:
+                log["fp8"] = f"dropped: {e}"
+                del models["fp8"]
     rows = {}
     for row_name, key, compiled, forced, _ in kinds:
         if key not in models:

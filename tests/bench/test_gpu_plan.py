@@ -58,18 +58,20 @@ def test_dry_run_e2e_rows(dry):
         assert r["step_ms_median"] > 0 and len(r["step_ms_all"]) >= 2 and r["first_step_s"] > 0
     log = record["phases"]["e2e_32"]["configs"]["mae_vit_demo_patch8:32"]
     assert log["loss_diff_reference"] < 1e-4 and log["fp8_linears"] == 16  # 4 blocks x qkv/proj/fc1/fc2
+    assert 0 < log["loss_diff_fp8"] < 2e-3  # FP8 rounding: not the same computation, nearly the same loss
 
 
 def test_a_phase_is_cut_at_its_deadline_and_a_spent_plan_skips_the_rest(tmp_path):
     plan = gpu_plan.Plan(tmp_path, budget_s=9.0, dry=True)
+    plan.min_phase_s = 0.5
     t = time.monotonic()
-    with plan.phase("spin", 3.2) as rec:
+    with plan.phase("spin", 0.8) as rec:
         while True:
-            time.sleep(0.05)
-    assert rec["status"] == "cut at its deadline" and time.monotonic() - t < 4.5
+            time.sleep(0.02)
+    assert rec["status"] == "cut at its deadline" and time.monotonic() - t < 2
     with plan.phase("broken", 60) as rec:  # at most what is left of the plan (minus a margin)
         raise KeyError("x")
-    assert rec["status"] == "failed: KeyError: 'x'" and rec["limit_s"] <= 9.0 - 3.2
+    assert rec["status"] == "failed: KeyError: 'x'" and rec["limit_s"] < 9.0 - 0.8
     plan.end = time.monotonic()
     with plan.phase("after", 60) as rec:
         assert rec is None

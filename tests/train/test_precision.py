@@ -68,7 +68,7 @@ def fp8_and_bf16_runs(tmp_path_factory):
     if fp8_unavailable():
         pytest.skip(fp8_unavailable())
     tmp = tmp_path_factory.mktemp("fp8")
-    base = dict(precision="bf16", steps=6, checkpoint_every=6)
+    base = dict(precision="bf16", steps=4, checkpoint_every=4)
     return (pretrain(tiny(tmp, name="bf16", **base)),
             pretrain(tiny(tmp, name="fp8", **dict(base, precision="fp8", fp8_min_width=32))))
 
