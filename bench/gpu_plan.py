@@ -260,8 +260,8 @@ def autotune(plan: Plan, rec: dict, shapes, device, heads: int, max_candidates: 
             if fastest is not None:
                 best.append({k: fastest[k] for k in ("kernel", "head_dim", "seqlen", "config", "ms", "tflops")})
         del q, k, v, do
-    if best:
-        rec["tuned_table"] = str(fa.save_tuned(best, plan.out / "flash_attention_tuned.json"))
+        if best:  # after every shape: a cut at the deadline keeps the shapes done
+            rec["tuned_table"] = str(fa.save_tuned(best, plan.out / "flash_attention_tuned.json"))
 
 
 def _time_kernel(fa, kernel, cfg, q, k, v, do, device) -> float:
@@ -311,10 +311,9 @@ def attention_backends(plan: Plan, rec: dict, shapes, device, heads: int) -> Non
             row["fwd_tflops"][bname], row["bwd_tflops"][bname] = flops / f_ms / 1e9, 2.5 * flops / b_ms / 1e9
         rows.append(row)
         (plan.out / "attention.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_plan_prefs(plan, rec)  # after every shape: a cut at the deadline keeps the shapes done
         plan.save()
         del qkv
-    if rows:
-        write_plan_prefs(plan, rec)
 
 
 def check_backend(fn, qkv, device, dtype) -> dict:
