@@ -1,4 +1,4 @@
-"""Attention throughput on the MAE shape table: Triton vs every SDPA kernel (and flash-attn/xformers if present).
+"""Attention throughput on the MAE shape table: Triton vs every SDPA kernel (and flash-attn 2/4, xformers if present).
 
 TFLOP/s counts 4*B*H*N^2*D for forward and 2.5x that for backward (sum of N_i^2 for packed sequences).
 Times are ``triton.testing.do_bench`` medians on GPU. Usage:
@@ -122,14 +122,12 @@ def backends(device, include_reference, include_triton=True, tilings=()):
 
     if include_reference:
         out["torch"] = lambda q, k, v, cu, m: attention_reference(q, k, v, cu_seqlens=cu)
-    from mae_fast.ops.attention import _flash_attn_fn, _xformers_fn
+    from mae_fast.ops import backends_for
 
-    for name, fn in (("flash_attn", _flash_attn_fn), ("xformers", _xformers_fn)):  # the op's backend functions
-        try:
-            __import__(name)
-        except ImportError:
-            continue
-        out[name] = lambda q, k, v, cu, m, fn=fn: fn(q, k, v, None, cu, m)
+    for name in ("flash_attn", "flash_attn_4", "xformers"):  # the op's backend functions, when installed
+        backend = backends_for("attention")[name]
+        if backend.available() is None:
+            out[name] = lambda q, k, v, cu, m, fn=backend.fn: fn(q, k, v, None, cu, m)
     return out
 
 

@@ -5,7 +5,12 @@ The step (forward, backward and the trainer's fused AdamW, bf16 autocast) runs o
 and attention) and the bytes it must read and write. Run as its own kernel, as eager PyTorch runs it, an op takes
 at least ``max(FLOPs / matmul rate, bytes / copy bandwidth)``. Summed over the step that is the *eager floor*;
 the *fused floor* keeps only matmuls, attention and the optimizer, as if every LayerNorm, cast, add and GELU were
-fused into a neighbouring kernel. Rates default to the H100's measured ones: bf16 matmul 794 TFLOP/s
+fused into a neighbouring kernel. Attention is priced at the measured rate of the backend ``auto`` picks for its
+head dim and sequence length (the fastest fwd+bwd time of the row nearest in ``mae_fast/ops/attention_prefs.json``
+for the H100, or of ``--attention-rates``: a table or a bench/bench_attention.py JSON), not at matmul peak; a head
+dim nothing measured falls back to matmul peak. ``_scaled_mm`` (``mae_fast_fp8``: torchao's float8 linears) runs at
+``--fp8-tflops``, by default twice the measured bf16 rate (the datasheet ratio) until an FP8 rate is measured.
+Rates default to the H100's measured ones: bf16 matmul 794 TFLOP/s
 (``matmul_flops`` of ``bench/results/nvidia-h100-80gb-hbm3-2026-11-22-e2e.json``) and a large device-to-device
 copy at 3.0 TB/s read+write (the higher of two copy measurements; ``bench_masking.py``'s copy measured 2441 GB/s,
 ``bench/results/masking-h100-2026-11-22.json``, which gives higher floors: ``--copy-gbs 2441``).
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -48,7 +54,9 @@ H100_COPY_BYTES = 3.0e12     # a large device-to-device copy, bytes read + writt
                              # measurements, so the floor stays a lower bound)
 
 SMOKE_CONFIGS = [("mae_vit_small_patch16", 112, 8)]
-IMPLS = ("reference", "mae_fast", "mae_fast_lean", "mae_fast_fused_ln", "mae_fast_lean_fused_ln")
+IMPLS = ("reference", "mae_fast", "mae_fast_lean", "mae_fast_fused_ln", "mae_fast_lean_fused_ln", "mae_fast_fp8")
+FP8_MIN_WIDTH = 1024  # mae_fast_fp8: the trainer's default fp8_min_width
+H100_DEVICE = "NVIDIA H100 80GB HBM3"  # the attention table's device the default rates come from
 # mae_fast_fused_ln: mae_fast with the Triton fused (residual add +) LayerNorm forced (ops.add_layer_norm); on fake
 # tensors only its custom op's I/O counts, so no GPU (or interpreter run) is needed to count it
 
@@ -122,8 +130,78 @@ class OpRecord:
     bytes_read: int
     bytes_written: int
 
-    def floor_s(self, matmul_flops: float, copy_bytes: float) -> float:
-        return max(self.flops / matmul_flops, (self.bytes_read + self.bytes_written) / copy_bytes)
+    head_dim: int | None = None   # attention ops: head dim and key length, to look up the measured rate
+    seqlen: int | None = None
+    fp8: bool = False             # a matmul of torchao float8 operands (it runs as _scaled_mm)
+
+    def floor_s(self, matmul_flops: float, copy_bytes: float, rate: float | None = None) -> float:
+        """``rate``: FLOP/s of this op where it is not ``matmul_flops`` (attention's measured rate, FP8)."""
+        return max(self.flops / (rate or matmul_flops), (self.bytes_read + self.bytes_written) / copy_bytes)
+
+
+class AttentionRates:
+    """Measured attention FLOP/s per head dim and sequence length, of the backend ``auto`` picks there: the
+    fastest fwd+bwd time among the measured backends of a row (``torch``, the fp32 reference, and tilings
+    ``auto`` cannot launch are left out). Rows come from a preference table (``attention_prefs.json``, whose rows
+    were measured with ``bench_attention.HEADS`` heads) or a bench_attention results JSON (``fwd_flops`` given)."""
+
+    def __init__(self, rows: dict[int, list[dict]], source: str):
+        self.rows, self.source = rows, source  # head_dim -> [{seqlen, backend, fwd, bwd}] (FLOP/s), by seqlen
+
+    @classmethod
+    def load(cls, path, device: str | None = None) -> "AttentionRates":
+        data = json.loads(Path(path).read_text())
+        rows: dict[int, list[dict]] = defaultdict(list)
+        if "devices" in data:  # a preference table
+            devices = data["devices"]
+            name = device or (H100_DEVICE if H100_DEVICE in devices else next(iter(devices), None))
+            if name not in devices:
+                raise ValueError(f"no device {name!r} in {path}; it has {sorted(devices)}")
+            from bench_attention import HEADS
+
+            for hd, entries in devices[name].get("dense", {}).items():
+                for e in entries:
+                    flops = 4.0 * e["batch"] * HEADS * e["seqlen"] ** 2 * int(hd)
+                    rows[int(hd)].append(cls._pick(e["seqlen"], flops, e["fwd_ms"], e["train_ms"]))
+        else:  # bench_attention.py results
+            for r in data["results"]:
+                if r.get("packed"):
+                    continue
+                train = {b: t + r["bwd_ms"][b] for b, t in r["fwd_ms"].items() if b in r.get("bwd_ms", {})}
+                rows[int(r["head_dim"])].append(cls._pick(r["seqlen"], r["fwd_flops"], r["fwd_ms"], train))
+        rows = {hd: sorted((e for e in es if e), key=lambda e: e["seqlen"]) for hd, es in rows.items()}
+        return cls({hd: es for hd, es in rows.items() if es}, str(path))
+
+    @staticmethod
+    def _pick(seqlen, flops, fwd_ms, train_ms) -> dict | None:
+        timed = {b: t for b, t in train_ms.items() if t and b != "torch" and not b.startswith("triton:")
+                 and fwd_ms.get(b) and t > fwd_ms[b]}
+        if not timed:
+            return None
+        best = min(timed, key=timed.get)
+        return {"seqlen": seqlen, "backend": best, "fwd": flops / (fwd_ms[best] * 1e-3),
+                "bwd": 2.5 * flops / ((timed[best] - fwd_ms[best]) * 1e-3)}
+
+    def entry(self, head_dim: int, seqlen: int) -> dict | None:
+        """The measured row for ``head_dim`` nearest ``seqlen`` (log scale), as ``auto``'s table lookup."""
+        es = self.rows.get(head_dim)
+        if not es:
+            return None
+        return min(es, key=lambda e: abs(math.log(max(e["seqlen"], 1)) - math.log(max(seqlen, 1))))
+
+    def rate(self, record: "OpRecord") -> float | None:
+        e = self.entry(record.head_dim, record.seqlen) if record.head_dim else None
+        return None if e is None else e["bwd" if record.phase == "backward" else "fwd"]
+
+
+def default_attention_rates() -> AttentionRates | None:
+    """The H100 rows of the packaged preference table (None when it has none)."""
+    from mae_fast.ops.attention import PREFS_PATH
+
+    try:
+        return AttentionRates.load(PREFS_PATH, H100_DEVICE)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 class OpCounter(TorchDispatchMode):
@@ -147,6 +225,10 @@ class OpCounter(TorchDispatchMode):
             flops = attention_flops(name, args)
         else:
             flops = 0.0
+        head_dim = seqlen = None
+        if cat == "attention":
+            k = args[2] if name.endswith("backward") else args[1]
+            head_dim, seqlen = int(k.shape[-1]), int(k.shape[-2])
         if name in WRITE_ONLY_OPS:
             read = 0
         elif name == "copy_":
@@ -160,7 +242,9 @@ class OpCounter(TorchDispatchMode):
                              # fused Adam only rewrites grads when unscaling them
                              and not (spec.name == "grads" and kwargs.get("grad_scale") is None)])
         written = sum(tensor_bytes(t) for t in outs)
-        self.records.append(OpRecord(name, cat, self.phase, flops, read, written))
+        # torchao's Float8TrainingTensor handles mm below this mode (as _scaled_mm): its operands say it is FP8
+        fp8 = cat == "matmul" and any(type(t).__name__ == "Float8TrainingTensor" for t in _tensors((args, kwargs)))
+        self.records.append(OpRecord(name, cat, self.phase, flops, read, written, head_dim, seqlen, fp8))
         return out
 
 
@@ -172,6 +256,8 @@ def trace_step(impl: str, name: str, img_size: int, batch: int, mask_ratio: floa
         with env_vars({"MAE_FAST_BACKEND": "layer_norm=triton,add_layer_norm=triton", "TRITON_INTERPRET": "1"}):
             estimate_mae_step(name, img_size, batch, lean=impl == "mae_fast_lean_fused_ln", mask_ratio=mask_ratio,
                               observe=counter)
+    elif impl == "mae_fast_fp8":  # torchao Float8Linear for the encoder's wide linears, as precision: fp8 runs
+        estimate_mae_step(name, img_size, batch, mask_ratio=mask_ratio, observe=counter, fp8_min_width=FP8_MIN_WIDTH)
     elif impl in ("mae_fast", "mae_fast_lean"):
         estimate_mae_step(name, img_size, batch, lean=impl == "mae_fast_lean", mask_ratio=mask_ratio,
                           observe=counter)
@@ -187,13 +273,24 @@ def trace_step(impl: str, name: str, img_size: int, batch: int, mask_ratio: floa
 
 
 def summarize(records: list[OpRecord], model_flops: float, matmul_flops: float = H100_MATMUL_FLOPS,
-              copy_bytes: float = H100_COPY_BYTES) -> dict:
-    """Per category: op count, GB moved, floor ms; the eager and fused floors and the MFU each allows."""
+              copy_bytes: float = H100_COPY_BYTES, attention_rates: AttentionRates | None = None,
+              fp8_flops: float | None = None) -> dict:
+    """Per category: op count, GB moved, floor ms; the eager and fused floors and the MFU each allows (against
+    ``matmul_flops``, the bf16 rate, for FP8 steps too). Attention runs at ``attention_rates``' measured rate where
+    it has one (else at matmul peak), ``_scaled_mm`` at ``fp8_flops`` (default: twice ``matmul_flops``)."""
     by_cat = {c: {"ops": 0, "gbytes": 0.0, "tflops": 0.0, "floor_ms": 0.0} for c in CATEGORIES}
     by_op: dict[str, float] = defaultdict(float)
+    priced: dict[str, int] = defaultdict(int)  # attention ops by how they were priced, and FP8 matmuls
     for r in records:
         c = by_cat[r.category]
-        t = r.floor_s(matmul_flops, copy_bytes)
+        rate = None
+        if r.category == "attention":
+            rate = attention_rates.rate(r) if attention_rates is not None else None
+            priced["measured" if rate else "matmul peak"] += 1
+        elif r.fp8 or r.name == "_scaled_mm":
+            rate = fp8_flops or 2 * matmul_flops
+            priced["fp8 matmuls"] += 1
+        t = r.floor_s(matmul_flops, copy_bytes, rate)
         c["ops"] += 1
         c["gbytes"] += (r.bytes_read + r.bytes_written) / 1e9
         c["tflops"] += r.flops / 1e12
@@ -213,6 +310,7 @@ def summarize(records: list[OpRecord], model_flops: float, matmul_flops: float =
         "eager_mfu_ceiling": peak_ms / eager,
         "fused_mfu_ceiling": peak_ms / fused,
         "categories": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in by_cat.items()},
+        "attention_priced": dict(priced),
         "top_ops_ms": {k: round(v, 3) for k, v in top},
     }
 
@@ -226,14 +324,16 @@ def load_measured(path, impls=("reference",)) -> dict:
             if not r.get("compile") and r.get("step_ms_median") and r["impl"] in impls}
 
 
-def run(configs, impls=IMPLS, matmul_flops=H100_MATMUL_FLOPS, copy_bytes=H100_COPY_BYTES, measured=None) -> dict:
+def run(configs, impls=IMPLS, matmul_flops=H100_MATMUL_FLOPS, copy_bytes=H100_COPY_BYTES, measured=None,
+        attention_rates: AttentionRates | None = None, fp8_flops: float | None = None) -> dict:
     rows = []
     for name, img_size, batch in configs:
         with torch.device("meta"):
             model = mae_fast.create_model(name, img_size=img_size)
         model_flops = batch * mae_train_flops(model)  # the MFU numerator bench/e2e.py uses, for every impl
         for impl in impls:
-            s = summarize(trace_step(impl, name, img_size, batch), model_flops, matmul_flops, copy_bytes)
+            s = summarize(trace_step(impl, name, img_size, batch), model_flops, matmul_flops, copy_bytes,
+                          attention_rates, fp8_flops)
             row = {"model": name, "img_size": img_size, "batch": batch, "impl": impl, **s}
             if measured and (name, img_size, impl) in measured:
                 ms = measured[(name, img_size, impl)]
@@ -245,8 +345,11 @@ def run(configs, impls=IMPLS, matmul_flops=H100_MATMUL_FLOPS, copy_bytes=H100_CO
                   flush=True)
     return {"torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "matmul_tflops": matmul_flops / 1e12, "copy_gbs": copy_bytes / 1e9, "rows": rows,
+            "fp8_tflops": (fp8_flops or 2 * matmul_flops) / 1e12,
+            "attention_rates": attention_rates.source if attention_rates is not None else "matmul peak",
             "definition": "floor of an op = max(FLOPs / matmul rate, bytes read+written / copy bandwidth); eager "
-                          "floor: every op as its own kernel; fused floor: matmul + attention + optimizer only"}
+                          "floor: every op as its own kernel; fused floor: matmul + attention + optimizer only; "
+                          "attention at the measured rate of auto's backend per head dim and length"}
 
 
 def table(result) -> str:
@@ -269,10 +372,18 @@ def table(result) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="one small configuration (CPU CI)")
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    from mae_fast.precision import fp8_unavailable
+
+    ap.add_argument("--impls", nargs="+", choices=IMPLS,  # mae_fast_fp8 needs torchao
+                    default=[i for i in IMPLS if i != "mae_fast_fp8" or fp8_unavailable() is None])
     ap.add_argument("--only", nargs="+", metavar="MODEL:PX", help="configurations of the table to run")
     ap.add_argument("--matmul-tflops", type=float, default=H100_MATMUL_FLOPS / 1e12)
     ap.add_argument("--copy-gbs", type=float, default=H100_COPY_BYTES / 1e9, help="read+write bandwidth")
+    ap.add_argument("--fp8-tflops", type=float, default=None, help="FP8 matmul rate (default: 2x --matmul-tflops)")
+    ap.add_argument("--attention-rates", help="attention_prefs.json-style table or bench_attention.py JSON "
+                    "(default: the packaged table's H100 rows)")
+    ap.add_argument("--attention-device", help="the table's device to read (default: the H100, else the first)")
+    ap.add_argument("--attention-at-matmul-peak", action="store_true", help="price attention at matmul peak")
     ap.add_argument("--measured", help="a bench/e2e.py JSON: compare its eager step times with the floors")
     ap.add_argument("--measured-impls", nargs="+", default=["reference"], choices=IMPLS,
                     help="whose measured times to compare (those whose code is what the JSON measured)")
@@ -295,10 +406,21 @@ def main(argv=None) -> int:
             ap.error(f"--measured {args.measured}: {e.strerror}")
         except (ValueError, KeyError, TypeError) as e:
             ap.error(f"--measured {args.measured}: not a bench/e2e.py JSON ({type(e).__name__}: {e})")
+    rates = None
+    if args.attention_rates:
+        try:
+            rates = AttentionRates.load(args.attention_rates, args.attention_device)
+        except OSError as e:
+            ap.error(f"--attention-rates {args.attention_rates}: {e.strerror}")
+        except (ValueError, KeyError, TypeError) as e:
+            ap.error(f"--attention-rates {args.attention_rates}: not an attention table ({type(e).__name__}: {e})")
+    elif not args.attention_at_matmul_peak:
+        rates = default_attention_rates()
     for path in (args.out, args.md):  # before the run, not after it
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-    result = run(configs, args.impls, args.matmul_tflops * 1e12, args.copy_gbs * 1e9, measured)
+    result = run(configs, args.impls, args.matmul_tflops * 1e12, args.copy_gbs * 1e9, measured, rates,
+                 args.fp8_tflops * 1e12 if args.fp8_tflops else None)
     md = table(result)
     print(md)
     if args.out:

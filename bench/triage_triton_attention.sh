@@ -14,7 +14,7 @@
 # start for all variants: ids not started by then are "not_run", running ones and the sanitizer are cut 45 s
 # later), TRIAGE_SAN_S (per sanitizer run, 150), TRIAGE_MAX_IDS (0 = all), TRIAGE_IDS (space-separated test
 # ids instead of collecting), TRIAGE_VARIANTS (names to run), TRIAGE_SANITIZE (1; 0 skips compute-sanitizer),
-# TRIAGE_INSTALL (1; 0 when the caller installed the project already, as bench/run_gpu_suite.sh does),
+# TRIAGE_INSTALL (1; 0 when the caller installed the project already),
 # TRIAGE_EXCLUDE (an extended regex: test ids matching it are not run).
 # Device call: {"command": "timeout 560 bash bench/triage_triton_attention.sh", "timeout_s": 600}
 set -u

@@ -287,12 +287,15 @@ def estimate_mae_step(name: str, img_size, batch: int, *, lean: bool = False,
                       grad_checkpointing: bool | int = False, mask_ratio: float = 0.75,
                       amp_dtype: torch.dtype | None = torch.bfloat16, extra_bytes: int = 0,
                       prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                      observe: TorchDispatchMode | None = None, **model_kwargs) -> StepMemory:
+                      observe: TorchDispatchMode | None = None, fp8_min_width: int | None = None,
+                      **model_kwargs) -> StepMemory:
     """Peak memory of one ``mae-fast pretrain`` step (masked-only training path, fused AdamW) for a registered
     model (``model_kwargs``: create_model overrides) at ``img_size`` (int or (H, W)) and per-device ``batch``:
     what ``torch.cuda.max_memory_allocated`` would report. ``extra_bytes`` is added to the peak (e.g. DDP's
     gradient buckets); ``prepare`` wraps the model before its optimizer is made (e.g. FSDP2 sharding inside
-    :func:`fake_process_group`); ``observe``: see :func:`estimate_train_step`."""
+    :func:`fake_process_group`); ``observe``: see :func:`estimate_train_step`. ``fp8_min_width``: ``precision:
+    fp8`` (:mod:`mae_fast.precision`), whose Float8Linear casts (float8 copies of inputs, weights and output
+    gradients, the ones saved for backward included) and ``_scaled_mm`` calls then run in the traced step."""
     from .models import create_model
 
     if batch < 1:
@@ -310,6 +313,8 @@ def estimate_mae_step(name: str, img_size, batch: int, *, lean: bool = False,
         m = built["model"]
         return torch.randn(batch, m.in_chans, *m.img_size), torch.rand(batch, m.num_patches)
 
+    if fp8_min_width is not None:
+        prepare = _with_fp8(prepare, fp8_min_width)
     est = estimate_train_step(build, inputs, lambda m, x, noise: m(x, mask_ratio, noise, masked_only=True).loss,
                               amp_dtype=amp_dtype, prepare=prepare, observe=observe)
     if extra_bytes:
@@ -447,6 +452,17 @@ def fit_memory_budget(budget, device: torch.device, search: Callable[[int], tupl
     return limit, found, tried
 
 
+def _with_fp8(prepare, min_width: int):
+    """``prepare`` after converting the wide encoder linears to torchao Float8Linear (the real, not emulated,
+    matmuls: on fake tensors ``_scaled_mm`` only computes shapes), as the trainer converts them before wrapping."""
+    from .precision import convert_fp8
+
+    def both(model):
+        convert_fp8(model, min_width, emulate=False)
+        return prepare(model) if prepare is not None else model
+    return both
+
+
 def mae_memory_job(cfg, model, micro: int, amp_dtype, strategy: str, world_size: int, limit: int) -> dict:
     """What :func:`plan_mae_memory` needs for a pretraining run of ``cfg`` (a ``PretrainConfig``) on ``model``
     (built or on the meta device): the per-device micro-batch, the configured savers, DDP's gradient buckets or
@@ -458,7 +474,8 @@ def mae_memory_job(cfg, model, micro: int, amp_dtype, strategy: str, world_size:
                 model_kwargs={k: v for k, v in (cfg.model_kwargs or {}).items() if k != "img_size"},
                 extra=4 * sum(p.numel() for p in model.parameters()) if strategy == "ddp" else 0,  # DDP's buckets
                 fsdp_world=world_size if strategy == "fsdp" else None, limit=limit, blocks=blocks,
-                lean=bool(cfg.lean_activations), checkpointed=blocks if ck is True else int(ck))
+                lean=bool(cfg.lean_activations), checkpointed=blocks if ck is True else int(ck),
+                fp8_min_width=cfg.fp8_min_width if cfg.precision == "fp8" else None)
 
 
 def plan_mae_memory(job: dict) -> tuple:
@@ -477,7 +494,8 @@ def plan_mae_memory(job: dict) -> tuple:
             return estimate_mae_step(job["model"], job["img_size"], job["micro"], lean=plan.lean,
                                      grad_checkpointing=plan.checkpointed, mask_ratio=job["mask_ratio"],
                                      amp_dtype=job["amp_dtype"], extra_bytes=job["extra"], prepare=prepare,
-                                     norm_pix_loss=job["norm_pix_loss"], **job["model_kwargs"]).peak
+                                     norm_pix_loss=job["norm_pix_loss"], fp8_min_width=job.get("fp8_min_width"),
+                                     **job["model_kwargs"]).peak
 
         return plan_for_budget(peak_of, job["limit"], job["blocks"], job["lean"], job["checkpointed"])
 
@@ -487,7 +505,8 @@ def largest_micro_batch(job: dict, limit: int) -> int:
     def peak(n):
         return estimate_mae_step(job["model"], job["img_size"], n, lean=True, grad_checkpointing=True,
                                  mask_ratio=job["mask_ratio"], amp_dtype=job["amp_dtype"], extra_bytes=job["extra"],
-                                 norm_pix_loss=job["norm_pix_loss"], **job["model_kwargs"]).peak
+                                 norm_pix_loss=job["norm_pix_loss"], fp8_min_width=job.get("fp8_min_width"),
+                                 **job["model_kwargs"]).peak
 
     return fit_batch(peak, job["limit"], limit=max(limit, 1))
 
@@ -531,7 +550,9 @@ def main(argv=None) -> int:
     ap.add_argument("--headroom", type=float, default=0.1,
                     help="fraction of --budget kept free for allocator fragmentation and the CUDA context (0.1)")
     ap.add_argument("--mask-ratio", type=float, default=0.75)
-    ap.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    ap.add_argument("--precision", choices=["bf16", "fp16", "fp32", "fp8"], default="bf16",
+                    help="fp8: torchao float8 linears for the encoder (--fp8-min-width), bf16 elsewhere")
+    ap.add_argument("--fp8-min-width", type=int, default=1024, help="with --precision fp8: as fp8_min_width")
     ap.add_argument("--ddp", action="store_true",
                     help="add DDP's gradient buckets (4 bytes per parameter, counted with the activations)")
     ap.add_argument("--fsdp", type=int, default=None, metavar="N",
@@ -576,7 +597,8 @@ def main(argv=None) -> int:
             shape = create_model(args.model, img_size=img_size, **overrides)
     except (TypeError, ValueError) as e:
         ap.error(str(e))
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None, "fp8": torch.bfloat16}[args.precision]
+    fp8_width = args.fp8_min_width if args.precision == "fp8" else None
     blocks = len(shape.blocks) + len(shape.decoder_blocks)
     extra = 4 * sum(p.numel() for p in shape.parameters()) if args.ddp else 0
     label = (f"{args.model}{''.join(f' {k}={v}' for k, v in overrides.items())} at {img_size} px, {args.precision}, "
@@ -593,7 +615,7 @@ def main(argv=None) -> int:
         def estimate(batch, plan):
             return estimate_mae_step(args.model, img_size, batch, lean=plan.lean, grad_checkpointing=plan.checkpointed,
                                      mask_ratio=args.mask_ratio, amp_dtype=amp, extra_bytes=extra, prepare=prepare,
-                                     **overrides)
+                                     fp8_min_width=fp8_width, **overrides)
 
         rows, chosen = _cli_rows(args, estimate, blocks, label, lambda plan: _recompute_pct(shape, plan, args))
     if args.json:

@@ -6,9 +6,10 @@ only some rows. With ``cu_seqlens`` the inputs are packed (total_tokens, heads, 
 
 Backends, in ``dispatch.PRIORITY["attention"]`` order: ``sdpa`` (PyTorch's scaled_dot_product_attention, which
 itself picks flash / cuDNN / efficient / math, fastest first per the measured table), ``triton``
-(:mod:`mae_fast.kernels.flash_attention`), ``flash_attn`` and ``xformers`` (when installed) and ``torch`` (the fp32
-math reference). On CUDA tensors ``auto`` moves a backend ahead of sdpa only where ``attention_prefs.json``
-measured it faster on this GPU model, head dim and sequence length.
+(:mod:`mae_fast.kernels.flash_attention`), ``flash_attn``, ``flash_attn_4`` (the CuTe-DSL FlashAttention) and
+``xformers`` (the last three when installed: ``pip install ".[gpu]"``) and ``torch`` (the fp32 math reference). On
+CUDA tensors ``auto`` moves a backend ahead of sdpa only where ``attention_prefs.json`` measured it faster on this
+GPU model, head dim and sequence length.
 """
 from __future__ import annotations
 
@@ -320,12 +321,13 @@ def triton_attention_reasons(q, k, v, softmax_scale, cu_seqlens, max_seqlen) -> 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _installed(module: str) -> str | None:
+def _installed(module: str, package: str | None = None) -> str | None:
+    """None when ``module`` can be imported (found without importing it), else why not (``package``: its PyPI name)."""
     try:
         found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
+    except (ImportError, ValueError):  # a parent package is missing
         found = False
-    return None if found else f"{module} not installed"
+    return None if found else f"{package or module} not installed"
 
 
 def _library_reasons(q, cu_seqlens, dtypes, max_head_dim) -> list[str]:
@@ -372,6 +374,54 @@ def _xformers_fn(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
     return memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=softmax_scale)[0]
 
 
+# ---- flash-attn-4 (the CuTe-DSL FlashAttention, PyPI flash-attn-4, module flash_attn.cute) ----------------
+# Its interface (flash_attn/cute/interface.py) validates: fp16/bf16 inputs (fp8 forward only, on sm_100), head dims
+# that are multiples of 16 bytes / element size (8 for 16-bit types) from 8 to 256 on sm_90 and from 8 to 128 on
+# sm_100/sm_110 (no padding of 80 to 96 or 128), dense or varlen (cu_seqlens, int32), non-causal by default. The
+# backward runs on sm_90 and sm_100/sm_110 only (sm_80 and sm_120 have a forward without our training needs), so a
+# training backend needs compute capability 9.x, 10.x or 11.x.
+
+FA4_MAX_HEAD_DIM = {9: 256, 10: 128, 11: 128}
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _flash_attn_4_reasons(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
+    out = []
+    if not q.is_cuda:
+        return ["needs a CUDA tensor (compute capability 9.x or 10.x: Hopper or Blackwell)"]
+    major, minor = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if major not in FA4_MAX_HEAD_DIM:
+        out.append(f"compute capability {major}.{minor} unsupported (forward and backward need sm_90 or sm_100/sm_110)")
+    if q.dtype not in HALF_DTYPES:
+        out.append(f"dtype {q.dtype} not supported (float16, bfloat16)")
+    d, most = q.shape[-1], FA4_MAX_HEAD_DIM.get(major, 128)
+    if d % 8 != 0 or not 8 <= d <= most:
+        out.append(f"head dim {d} unsupported (a multiple of 8 from 8 to {most} on sm_{major}x)")
+    if cu_seqlens is not None and cu_seqlens.device != q.device:
+        out.append(f"cu_seqlens on {cu_seqlens.device} but q on {q.device}")
+    return out
+
+
+@torch.compiler.disable  # CuTe-DSL kernels compile at their first call: not traceable, a graph break under compile
+def _flash_attn_4_fn(q, k, v, softmax_scale, cu_seqlens, max_seqlen):
+    from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+
+    scale = float(softmax_scale) if softmax_scale is not None else None
+    if cu_seqlens is None:
+        out = flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
+    else:
+        cu = cu_seqlens.to(torch.int32).contiguous()
+        if max_seqlen is None:
+            max_seqlen = int((cu[1:] - cu[:-1]).max())
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=int(max_seqlen),
+                                     max_seqlen_k=int(max_seqlen), softmax_scale=scale, causal=False)
+    return out[0] if isinstance(out, tuple) else out  # (out, lse)
+
+
 # ---- registration (order: dispatch.PRIORITY["attention"]) ------------------------------------------------
 
 def _measured(name):
@@ -386,8 +436,11 @@ register_backend(Backend(op="attention", name="triton", fn=triton_attention.flas
                          reasons=triton_attention_reasons,
                          available=platform.triton_unavailable, gpu=True, preferred=_measured("triton")))
 register_backend(Backend(op="attention", name="flash_attn", fn=_flash_attn_fn, reasons=_flash_attn_reasons,
-                         available=functools.partial(_installed, "flash_attn"), gpu=True,
-                         preferred=_measured("flash_attn")))
+                         available=functools.partial(_installed, "flash_attn.flash_attn_interface", "flash_attn"),
+                         gpu=True, preferred=_measured("flash_attn")))
+register_backend(Backend(op="attention", name="flash_attn_4", fn=_flash_attn_4_fn, reasons=_flash_attn_4_reasons,
+                         available=functools.partial(_installed, "flash_attn.cute", "flash-attn-4"), gpu=True,
+                         preferred=_measured("flash_attn_4")))
 register_backend(Backend(op="attention", name="xformers", fn=_xformers_fn, reasons=_xformers_reasons,
                          available=functools.partial(_installed, "xformers"), gpu=True,
                          preferred=_measured("xformers")))

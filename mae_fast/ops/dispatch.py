@@ -11,7 +11,8 @@ can run, the error lists every backend with its reasons.
   table ``attention_prefs.json`` for attention backends measured faster than SDPA on this GPU and shape, and
   the CUDA masking extension once it is loaded in the process;
 - on CPU tensors the GPU kernels (``gpu=True``; they run there only in the Triton interpreter, a test vehicle)
-  go last, so ``auto`` keeps the plain torch (or SDPA) path.
+  go last, so ``auto`` keeps the plain torch (or SDPA) path; so do they, on any device, for the ops in
+  :data:`INDUCTOR_FUSES` inside a graph torch.compile traces (Inductor fuses the plain ops into their neighbours).
 
 Forcing a backend, innermost first: the ``backend=`` argument; :func:`use_backend` (a context manager);
 ``MAE_FAST_BACKEND=<name>`` (every op that has a backend of that name; others keep ``auto``) or
@@ -28,12 +29,12 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["PRIORITY", "Backend", "register_backend", "backends_for", "select_backend", "auto_order",
+__all__ = ["PRIORITY", "INDUCTOR_FUSES", "Backend", "register_backend", "backends_for", "select_backend", "auto_order",
            "use_backend", "NoBackendError", "describe"]
 
 # Fastest first on CUDA tensors. These orders are what ``auto`` tries; nothing else ranks backends.
 PRIORITY: dict[str, list[str]] = {
-    "attention": ["sdpa", "triton", "flash_attn", "xformers", "torch"],
+    "attention": ["sdpa", "triton", "flash_attn", "flash_attn_4", "xformers", "torch"],
     "gather_visible": ["triton", "cuda", "torch"],
     "unshuffle_with_mask_token": ["triton", "cuda", "torch"],
     "patchify_gather": ["triton", "torch"],
@@ -41,6 +42,12 @@ PRIORITY: dict[str, list[str]] = {
     "layer_norm": ["triton", "torch"],
     "add_layer_norm": ["triton", "torch"],
 }
+
+
+# Ops that Inductor fuses into neighbouring kernels better than an opaque custom op allows (LayerNorm and the residual
+# add in front of it; GELU and bias adds are plain torch ops in the model already). Inside a graph that torch.compile
+# traces, ``auto`` hands them to their plain-torch backend; attention and the masking kernels stay custom ops.
+INDUCTOR_FUSES = frozenset({"layer_norm", "add_layer_norm"})
 
 
 class NoBackendError(RuntimeError):
@@ -101,8 +108,10 @@ def _on_cuda(args) -> bool:
 
 def auto_order(op: str, *args, **kwargs) -> list[Backend]:
     """The backends ``auto`` tries for these inputs, in order: ``PRIORITY[op]``, preferred ones first on CUDA
-    tensors, GPU kernels last on CPU tensors."""
+    tensors, GPU kernels last on CPU tensors and, for ``INDUCTOR_FUSES`` ops, inside a compiled graph."""
     table = list(backends_for(op).values())
+    if op in INDUCTOR_FUSES and torch.compiler.is_compiling():  # Inductor fuses the plain torch ops
+        return [b for b in table if not b.gpu] + [b for b in table if b.gpu]
     if not _on_cuda(args):
         return [b for b in table if not b.gpu] + [b for b in table if b.gpu]
     ahead = [b for b in table if b.preferred(*args, **kwargs)]

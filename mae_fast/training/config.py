@@ -107,8 +107,9 @@ class PretrainConfig(_Config):
     betas: list = key([0.9, 0.95], "AdamW betas")
     clip_grad: float | None = key(None, "clip the global gradient norm to this (null: no clipping)")
     # performance
-    precision: str = key("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
-    compile: bool = key(False, "torch.compile the model")
+    precision: str = key("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 | fp8 (torchao float8 "
+                         "matmuls for the encoder's linears of width >= fp8_min_width, bf16 elsewhere)")
+    compile: bool | str = key("auto", "torch.compile the training step: auto (on CUDA, off on the CPU) | true | false")
     compile_scope: str = key("model", "model (whole graph) | blocks (each transformer block: faster to compile)")
     grad_checkpointing: bool | int = key(False, "recompute block activations in backward (saves memory): true for all "
                                          "blocks, or a number of blocks, decoder first (see mae-fast memory)")
@@ -139,6 +140,9 @@ class PretrainConfig(_Config):
                              "recorded in the run dir (subset.json, subset.txt.gz) and replayed on resume")
     subset_strategy: str = key("random", "how an images-subset is chosen: random (seeded hash rank, nested across "
                                "sizes) | per_source (equal share per top-level folder, water-filled)")
+    # precision: fp8 (mae_fast.precision)
+    fp8_min_width: int = key(1024, "precision fp8: convert the encoder's qkv/proj/fc1/fc2 whose narrower side has at "
+                             "least this many features (narrower ones gain less than their casts cost)")
 
 
 @dataclass
@@ -273,6 +277,10 @@ def _coerce(key: str, value, default):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             return float(value)
         raise ConfigError(f"memory_budget_gib must be a positive number of GiB, auto or null, got {value!r}")
+    if key == "compile":
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ConfigError(f"compile must be auto, true or false, got {value!r}")
     if key == "grad_checkpointing" and not isinstance(value, bool):
         if isinstance(value, int) and value >= 0:
             return value
@@ -405,7 +413,7 @@ def _parse_overrides(argv: list[str]) -> tuple[str | None, dict, dict]:
 
 def _takes_text(key: str, keys: dict) -> bool:
     """A key whose value is a string (a name, a path, a choice), so that ``name=2024`` is the text 2024."""
-    if key not in keys or key == "memory_budget_gib":  # a number of GiB, or auto
+    if key not in keys or key in ("memory_budget_gib", "compile"):  # a number of GiB / true or false, or auto
         return False
     default = keys[key][0]
     return isinstance(default, str) or (default is None and NULLABLE_TYPES.get(key) == "")

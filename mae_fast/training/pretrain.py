@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mae_fast import memory, optim
+from mae_fast import memory, optim, precision
 from mae_fast.data.samplers import SeededItems, StepBatchSampler, StreamBatches, SyntheticImages, collate_images, \
     mix_seed
 from mae_fast.data.subset import SUBSET_MODES
@@ -36,6 +36,7 @@ from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.training import checkpoint, curves
 from mae_fast.training import distributed as dist_mod
 from mae_fast.training.checkpoint import rng_state, set_rng_state
+from mae_fast.training.compiling import ColdStart, resolve_compile
 from mae_fast.training.config import ConfigError, PretrainConfig, dump
 from mae_fast.training.metrics import DATA_WAIT_WARN, MetricsLog, Throughput, peak_flops_for, progress_bar
 from mae_fast.training.signals import TrainingInterrupted, shared_stop, signal_flags, stop_requests
@@ -49,7 +50,7 @@ RESUME_MUST_MATCH = ("model", "model_kwargs", "img_size", "norm_pix_loss", "mask
 
 # keys with a fixed set of values, checked before the process group starts and the data is built
 CHOICES = {"device": ("auto", "cpu", "cuda"), "distributed": ("auto", "ddp", "fsdp", "none"),
-           "precision": ("auto", "bf16", "fp16", "fp32"), "subset": SUBSET_MODES}
+           "precision": ("auto", "bf16", "fp16", "fp32", "fp8"), "subset": SUBSET_MODES}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -95,6 +96,8 @@ def check_config(cfg: PretrainConfig, world: int) -> None:
         raise ConfigError(f"compile_scope must be model or blocks, got {cfg.compile_scope!r}")
     if cfg.max_bad_steps < 1:
         raise ConfigError("max_bad_steps must be at least 1")
+    if cfg.precision == "fp8" and (why := precision.fp8_unavailable() or precision.check_min_width(cfg.fp8_min_width)):
+        raise ConfigError(why)
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
         raise ConfigError(f"resume must be null, auto or an existing checkpoint file, got {cfg.resume!r}")
     from mae_fast.data.image_subsets import subset_config_problem
@@ -114,11 +117,12 @@ def check_config(cfg: PretrainConfig, world: int) -> None:
 
 
 def autocast_dtype(precision: str, device: torch.device):
-    if precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise ConfigError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    if precision not in CHOICES["precision"]:
+        raise ConfigError(f"precision must be auto, bf16, fp16, fp32 or fp8, got {precision!r}")
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    # fp8: torchao's float8 matmuls for the wide encoder linears (build_model), bf16 autocast for the rest
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None, "fp8": torch.bfloat16}[precision]
 
 
 def autocast(device: torch.device, amp_dtype):
@@ -164,6 +168,7 @@ class Run:
     run_dir: Path
     memory_plan: dict | None
     peak_src: str = ""                # where the MFU's peak FLOP/s came from
+    cold_start: ColdStart | None = None  # the compiled step's cold-start timer (compile on)
 
     @property
     def device(self) -> torch.device:
@@ -197,6 +202,8 @@ def build_model(cfg: PretrainConfig, device: torch.device) -> nn.Module:
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.lean_activations:
         model.set_lean_activations(True)
+    if cfg.precision == "fp8":  # mae_fast.precision: Float8Linear for the encoder's wide linears
+        model.fp8_linears = precision.convert_fp8(model, cfg.fp8_min_width, device=device)
     return model
 
 
@@ -438,9 +445,10 @@ def restore(run: Run) -> TrainState:
     return ts
 
 
-def compile_model(run: Run) -> None:
-    if not run.cfg.compile:
-        return
+def compile_model(run: Run) -> ColdStart | None:
+    """torch.compile the step per ``compile`` (auto: on CUDA) and ``compile_scope``; returns the cold-start timer."""
+    if not resolve_compile(run.cfg.compile, run.device):
+        return None
     if run.cfg.compile_scope == "blocks":
         # regional compilation: every block has the same code, so one compiled graph serves them all
         # (much shorter cold start than the whole model; the glue between blocks stays eager)
@@ -448,6 +456,7 @@ def compile_model(run: Run) -> None:
             blk.compile()
     else:
         run.train_model.compile()
+    return ColdStart("blocks" if run.cfg.compile_scope == "blocks" else "whole model", run.say)
 
 
 def make_loader(run: Run, ts: TrainState):
@@ -632,6 +641,8 @@ def write_run_files(run: Run) -> None:
             f"lr {sched.peak_lr:.3g}, device {run.device}, "
             f"{run.strategy if run.strategy != 'none' else 'single process'}, "
             f"precision {run.amp_dtype or torch.float32}; MFU peak {run.peak_src}")
+    if cfg.precision == "fp8":
+        run.say(precision.fp8_summary(run.model, run.device))
 
 
 def train(run: Run, ts: TrainState, t_start: float) -> dict:
@@ -639,7 +650,7 @@ def train(run: Run, ts: TrainState, t_start: float) -> dict:
     from mae_fast.models import mae_train_flops
 
     cfg, sched = run.cfg, run.sched
-    compile_model(run)
+    cold = run.cold_start = compile_model(run)
     loader = make_loader(run, ts)
     peak, run.peak_src = peak_flops_for(run.device, cfg.peak_flops)
     saver = Saver(run, loader, 0.0)
@@ -671,7 +682,11 @@ def train(run: Run, ts: TrainState, t_start: float) -> dict:
                     break
                 lr = sched.lr(ts.step)
                 optim.set_lr(run.optimizer, lr)
+                if cold is not None:
+                    cold.start()
                 last = forward_backward(run, batches, ts.step, signals, t_loop)
+                if cold is not None:
+                    cold = cold.first_step()  # reports the compile time once
                 window.data_wait_s += last.data_wait_s
                 ok, grad_norm = optimizer_step(run, last.loss)
                 record_step(run, ts, ok, last.loss, bar)
@@ -755,7 +770,8 @@ def finish(run: Run, ts: TrainState, window: Throughput, stopped: str, last_ckpt
               "run_dir": str(run_dir), "steps": ts.step,
               "total_steps": run.sched.total_steps, "skipped_steps": ts.bad_total, "stopped": stopped,
               "images_per_s": steady_rate, "mfu": steady_mfu, "data_wait": steady_wait, "startup_s": t_loop - t_start,
-              "reconstruction": str(run_dir / "reconstruction.png"), "memory_plan": run.memory_plan}
+              "reconstruction": str(run_dir / "reconstruction.png"), "memory_plan": run.memory_plan,
+              "compile_cold_start_s": run.cold_start.seconds if run.cold_start is not None else None}
     if not run.info.is_main:
         return result
     result["curves"] = curves.draw_or_warn(run_dir, lambda: curves.plot_runs([run_dir], run_dir / "curves.png"))

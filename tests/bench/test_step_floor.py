@@ -130,3 +130,67 @@ def test_cli_errors_and_out_into_a_new_folder(tmp_path, monkeypatch, capsys):
     out, md = tmp_path / "new" / "floor.json", tmp_path / "other" / "floor.md"
     assert step_floor.main(["--smoke", "--out", str(out), "--md", str(md)]) == 0
     assert json.loads(out.read_text()) == {"rows": []} and md.read_text().startswith("| model |")
+
+
+def _prefs_table(tmp_path):
+    """A synthetic table: head dim 16 measured at 10 and 100 tokens; flash_attn_4 fastest at 10, sdpa:cudnn at
+    100; ``torch`` (the fp32 reference) fastest of all but never what auto picks."""
+    rows = [{"seqlen": 10, "batch": 3, "fwd_ms": {"sdpa:cudnn": 1.0, "flash_attn_4": 0.5, "torch": 0.01},
+             "train_ms": {"sdpa:cudnn": 3.0, "flash_attn_4": 1.5, "torch": 0.02}},
+            {"seqlen": 100, "batch": 2, "fwd_ms": {"sdpa:cudnn": 2.0, "flash_attn_4": 4.0},
+             "train_ms": {"sdpa:cudnn": 6.0, "flash_attn_4": 9.0}}]
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps({"devices": {"Test GPU": {"dense": {"16": rows}}}}))
+    return path
+
+
+def test_attention_is_priced_at_the_measured_rate_of_autos_backend(tmp_path):
+    from bench_attention import HEADS
+
+    rates = step_floor.AttentionRates.load(_prefs_table(tmp_path), "Test GPU")
+    flops10, flops100 = 4.0 * 3 * HEADS * 10 ** 2 * 16, 4.0 * 2 * HEADS * 100 ** 2 * 16
+    assert rates.entry(16, 12)["backend"] == "flash_attn_4" and rates.entry(16, 80)["backend"] == "sdpa:cudnn"
+    F = 1e9
+    rec = lambda phase, hd, n: step_floor.OpRecord("_scaled_dot_product_flash_attention", "attention", phase, F,  # noqa
+                                                   0, 0, hd, n)
+    # forward at 12 tokens: flash_attn_4's forward rate; backward at 80: cuDNN's backward (train - fwd, 2.5x FLOPs)
+    assert rec("forward", 16, 12).floor_s(1e15, 1e12, rates.rate(rec("forward", 16, 12))) == \
+        pytest.approx(F / (flops10 / 0.5e-3))
+    assert rates.rate(rec("backward", 16, 80)) == pytest.approx(2.5 * flops100 / 4.0e-3)
+    assert rates.rate(rec("forward", 24, 12)) is None  # an unmeasured head dim: matmul peak
+    s = step_floor.summarize([rec("forward", 16, 12), rec("forward", 24, 12)], 1e12, 1e15, 1e12, rates)
+    assert s["attention_priced"] == {"measured": 1, "matmul peak": 1}
+    assert s["categories"]["attention"]["floor_ms"] == pytest.approx(1e3 * (F / (flops10 / 0.5e-3) + F / 1e15),
+                                                                     rel=1e-3)
+
+
+def test_attention_rates_from_a_bench_attention_json_and_cli_errors(tmp_path, capsys):
+    res = {"results": [{"head_dim": 32, "seqlen": 50, "fwd_flops": 2e9, "fwd_ms": {"sdpa:flash": 1.0, "triton": 2.0},
+                        "bwd_ms": {"sdpa:flash": 4.0, "triton": 1.0}},
+                       {"head_dim": 32, "seqlen": 50, "packed": True, "fwd_flops": 1.0, "fwd_ms": {"triton": 1.0},
+                        "bwd_ms": {"triton": 1.0}}]}
+    path = tmp_path / "attention.json"
+    path.write_text(json.dumps(res))
+    rates = step_floor.AttentionRates.load(path)
+    (e,) = rates.rows[32]  # the packed row is no dense rate
+    assert e["backend"] == "triton" and e["fwd"] == pytest.approx(2e9 / 2e-3) and e["bwd"] == pytest.approx(5e9 / 1e-3)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        step_floor.main(["--smoke", "--attention-rates", str(tmp_path / "bad.json")])
+    assert exc.value.code == 2 and "not an attention table" in capsys.readouterr().err
+    assert step_floor.default_attention_rates().rows[80]  # the packaged H100 table prices ViT-H's head dim
+
+
+def test_fp8_step_runs_its_wide_linears_at_the_fp8_rate(monkeypatch):
+    from mae_fast.precision import fp8_unavailable
+
+    if fp8_unavailable():
+        pytest.skip(fp8_unavailable())
+    monkeypatch.setattr(step_floor, "FP8_MIN_WIDTH", 128)  # the demo model's encoder width
+    records = step_floor.trace_step("mae_fast_fp8", "mae_vit_demo_patch8", 32, 1)
+    fp8 = [r for r in records if r.fp8]
+    assert len(fp8) == 4 * 4 * 3  # 4 blocks x qkv/proj/fc1/fc2 x (forward, grad input, grad weight)
+    assert {r.phase for r in fp8} == {"forward", "backward"}
+    slow, fast = (step_floor.summarize(records, 1e12, 1e9, 1e20, None, rate) for rate in (1e9, 1e12))
+    assert slow["attention_priced"]["fp8 matmuls"] == 48
+    assert fast["categories"]["matmul"]["floor_ms"] < slow["categories"]["matmul"]["floor_ms"]

@@ -159,7 +159,7 @@ def test_measured_attention_backends_move_ahead_of_sdpa_and_nothing_else_moves(f
     with FakeTensorMode():
         args = _probe_args("attention", "cuda:0")
         assert [b.name for b in ops.auto_order("attention", *args)] == ["triton", "xformers", "sdpa", "flash_attn",
-                                                                        "torch"]
+                                                                        "flash_attn_4", "torch"]
 
 
 # ---- forcing: use_backend and MAE_FAST_BACKEND -------------------------------------------------------

@@ -47,7 +47,7 @@ def test_overrides_parse_every_form():
     (["bogus=1"], "unknown config key 'bogus'"),
     (["--lrr", "1"], "did you mean lr"),
     (["steps=many"], "steps must be an integer"),
-    (["compile=yes please"], "compile must be true or false"),
+    (["compile=yes please"], "compile must be auto, true or false"),
     (["epochs.sub=1"], "epochs is not a mapping"),
     (["--config", "no_such_recipe"], "recipe 'no_such_recipe' not found"),
     (["justaword"], "cannot parse argument"),
