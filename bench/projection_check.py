@@ -30,6 +30,25 @@ def score(actual, est, lo, hi) -> dict:
             "inside": int(inside.sum()), "n": int(len(actual)), "mean_width": float(np.mean(np.asarray(hi) - lo))}
 
 
+def seed_floor(test) -> float:
+    """MAE of each held-out configuration's own mean of its runs: the error seed noise leaves to a perfect law."""
+    y, key = test["top1"], test.group_ids()
+    return float(np.mean([abs(y[i] - y[key == key[i]].mean()) for i in range(len(y))]))
+
+
+def per_config_line(fitted_table, test, lo_hours) -> dict:
+    """A diagnostic, not an ensemble member: each configuration's straight line in log hours through its runs
+    from ``lo_hours`` up, extrapolated to the held-out runs of that configuration."""
+    est = np.full(len(test), np.nan)
+    for i in range(len(test)):
+        m = ((fitted_table["params"] == test["params"][i]) & (fitted_table["img_size"] == test["img_size"][i])
+             & (fitted_table["hours"] >= lo_hours * (1 - 1e-9)))
+        c = np.polyfit(np.log(fitted_table["hours"][m]), fitted_table["top1"][m], 1)
+        est[i] = np.polyval(c, np.log(test["hours"][i]))
+    err = est - test["top1"]
+    return {"mae": float(np.mean(np.abs(err))), "mean_error": float(np.mean(err))}
+
+
 def main(argv=None) -> int:
     from mae_fast.scaling import fit, load_results
     from mae_fast.scaling.laws import ExtrapolationWarning
@@ -61,6 +80,10 @@ def main(argv=None) -> int:
         "calibrated_spread_bounds": score(y, spread.estimate, spread.lower, spread.upper),
         "calibrated_conformal_bounds": score(y, conformal.estimate, conformal.lower, conformal.upper),
         "chosen_form_bootstrap": {"form": law.name, **score(y, old.estimate, old.lower, old.upper)},
+        "goal_mae": 1.5,
+        "seed_floor_mae": seed_floor(test),
+        "per_config_line": {"from_hours": float(d.max()) / 100,
+                            **per_config_line(table.subset(fitted), test, float(d.max()) / 100)},
         "calibration": law.calibration.to_dict(),
         "runs": [{"run": str(test["run"][i]), "top1": float(y[i]), "estimate": float(proj.estimate[i]),
                   "lower": float(proj.lower[i]), "upper": float(proj.upper[i])} for i in range(len(y))],
@@ -82,6 +105,11 @@ def main(argv=None) -> int:
           f"{w['mean_width']:.2f} |",
           f"| chosen form ({o['form']}) + seed bootstrap | {o['mae']:.2f} | {o['mean_error']:+.2f} | "
           f"{o['inside']}/{o['n']} | {o['mean_width']:.2f} |", "",
+          f"Goal: MAE <= {result['goal_mae']:g}. Seed floor (each held-out configuration's own mean): MAE "
+          f"{result['seed_floor_mae']:.2f}. Calibration split: ensemble mean error {sp['ensemble_bias']:+.2f}, RMSE "
+          f"{sp['ensemble_rmse']:.2f}. Diagnostic, not a member: each configuration's straight line in log hours "
+          f"through its {d.max() / 100:g}..{args.fit_upto:g} h runs: MAE {result['per_config_line']['mae']:.2f}, "
+          f"mean error {result['per_config_line']['mean_error']:+.2f}.", "",
           "| run | top1 | estimate | bounds |", "|---|---|---|---|"]
     md += [f"| {row['run']} | {row['top1']:.2f} | {row['estimate']:.2f} | [{row['lower']:.2f}, {row['upper']:.2f}] |"
            for row in result["runs"]]
