@@ -5,25 +5,33 @@ that form, nor about how a law fitted on small data bends further out. Here:
 
 * **Members.** Each form of :data:`DEFAULT_ENSEMBLE` (the two least-squares forms of :mod:`.laws` and the
   same two in logit space, whose curves are convex in log data at low accuracy, as learning curves are before
-  they saturate; any form of :data:`ENSEMBLE_FORMS` can be asked for) is fitted twice:
-  on every run, and on the *edge* runs (the two largest data sizes), whose slope in log data is the local one
-  where the projection starts. The edge fit is used only when the table has at least three data sizes.
+  they saturate; any form of :data:`ENSEMBLE_FORMS` can be asked for), fitted on the *window*: the runs whose
+  data size lies within the calibration fit's span of data below the largest (for a calibration fit on
+  ``lo..hi``, the runs from ``H * lo / hi`` to ``H``). A member is thus made the way the calibration split
+  scores it (the same span of data, extrapolated the same distance), and it follows the local slope in log data
+  where the projection starts rather than an average over a curve that bends. Without a calibration split
+  (fewer than three data sizes) the members are fitted on every run.
 * **Calibration split.** Only the fitted rows are used: with ``H`` the largest data size, fit on the runs up to
   ``H / 10`` and predict the runs at ``H`` (a one-decade extrapolation, as far as projecting ``H`` to ``10 H``);
   when fewer than two data sizes lie below ``H / 10``, on every run below ``H``. Each form's error there
   gives its weight, Akaike-like on the calibration error: ``w ~ (mse / min mse) ** (-k / 2)`` with ``k`` the
-  number of configurations scored. An edge member shares its form's weight (on the calibration split's two
-  data sizes, the edge fit and the full fit coincide, so the split cannot tell them apart).
+  number of configurations scored.
 * **Point.** The weighted mean of the members' predictions.
-* **Bounds.** A normal interval ``estimate +- z * s`` with
-  ``s^2 = spread^2 + max(rmse_cal * reach / reach_cal, seed)^2``: the members' weighted spread (the error of
-  choosing a form or a fitting range) and the ensemble's root-mean-square error on the calibration split (bias
-  included; per-run errors, so seed noise is in it), scaled by how far the projection extrapolates in log units
-  relative to the calibration split, never below the seed-to-seed standard deviation of one run (a projection
-  is compared with single runs). ``bounds="spread"`` uses the calibration errors' standard deviation around
-  their mean instead of their RMSE, plus the seed term: narrower, but blind to a bias the ensemble shares. ``reach`` is the sum
-  over data, parameters and resolution of ``max(0, ln(value / largest fitted value))``; the calibration measures
-  data extrapolation only, and the same error per log unit is assumed for the other factors.
+* **Bounds** (``bounds=``), scaled by ``reach / reach_cal``, how far the projection extrapolates in log units
+  relative to the calibration split:
+
+  - ``"rmse"`` (default): ``estimate +- z * s``, ``s^2 = spread^2 + max(rmse_cal * reach / reach_cal, seed)^2``:
+    the members' weighted spread (the error of choosing a form) and the ensemble's root-mean-square error on the
+    calibration split (bias included; per-run errors, so seed noise is in it), never below the seed-to-seed
+    standard deviation of one run (a projection is compared with single runs);
+  - ``"conformal"``: split-conformal, ``half^2 = (z spread)^2 + max(q * reach / reach_cal, z seed)^2`` with ``q``
+    the ``ceil((n + 1) ci)``-th smallest absolute calibration error (distribution-free; with few calibration
+    runs it is their largest error, so it is the widest);
+  - ``"spread"``: the calibration errors' standard deviation around their mean instead of their RMSE, plus the
+    seed term: narrower, but blind to a bias the ensemble shares.
+
+  ``reach`` is the sum over data, parameters and resolution of ``max(0, ln(value / largest fitted value))``;
+  the calibration measures data extrapolation only, and the same error per log unit is assumed for the others.
 """
 from __future__ import annotations
 
@@ -35,8 +43,8 @@ from scipy import stats
 
 from .laws import FACTORS, FORMS, MIN_LOG_SPAN, Form, LinearLogForm, _active, features
 
-__all__ = ["ENSEMBLE_FORMS", "DEFAULT_ENSEMBLE", "Calibration", "Projection", "calibrate", "reach", "describe_reach",
-           "calibration_split"]
+__all__ = ["ENSEMBLE_FORMS", "DEFAULT_ENSEMBLE", "BOUNDS", "Calibration", "Projection", "calibrate",
+           "conformal_quantile", "reach", "describe_reach", "calibration_split"]
 
 
 class LogitLinearForm(LinearLogForm):
@@ -79,7 +87,7 @@ class Projection:
 @dataclass
 class Member:
     form: str
-    rows: str  # "all" or "edge"
+    rows: str  # "window" (the calibration fit's span of data, ending at the largest) or "all"
     theta: np.ndarray
     weight: float
 
@@ -92,7 +100,7 @@ class Calibration:
     seed_sd: float  # pooled within-configuration sd of one run
     largest: dict  # largest fitted value of each factor
     ci: float = 0.9
-    bounds: str = "rmse"  # "rmse": calibration error with its bias; "spread": its sd around its mean only
+    bounds: str = "rmse"  # "rmse": calibration errors' RMSE; "conformal": their quantile; "spread": their sd
 
     def point_and_spread(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         preds = np.stack([np.clip(ENSEMBLE_FORMS[m.form].predict(m.theta, x), 0.0, 100.0) for m in self.members])
@@ -105,15 +113,20 @@ class Calibration:
         est, spread = self.point_and_spread(x)
         r = reach(self.largest, params, hours, img_size)
         log_reach = np.asarray(r["log_reach"], float)
-        if self.bounds == "rmse" and math.isfinite(self.sd_cal):
-            # per-run calibration errors include seed noise: it is the floor inside the data
-            ext = self.split["ensemble_rmse"] * log_reach / self.split["log_ratio"]
-            s = np.sqrt(spread ** 2 + np.maximum(ext, self.seed_sd) ** 2)
-        else:
-            ext = self.sd_cal * log_reach / self.split["log_ratio"] if math.isfinite(self.sd_cal) else 0.0 * log_reach
-            s = np.sqrt(spread ** 2 + ext ** 2 + self.seed_sd ** 2)
         z = float(stats.norm.ppf(0.5 + self.ci / 2))
-        lo, hi = np.clip(est - z * s, 0.0, 100.0), np.clip(est + z * s, 0.0, 100.0)
+        calibrated = math.isfinite(self.sd_cal)
+        scale = log_reach / self.split["log_ratio"] if calibrated else 0.0 * log_reach
+        if self.bounds == "conformal" and calibrated:
+            # the calibration errors' quantile is already a half-width at the stated level; seed noise is its floor
+            half = np.sqrt((z * spread) ** 2 + np.maximum(self.split["ensemble_q"] * scale, z * self.seed_sd) ** 2)
+        elif self.bounds == "rmse" and calibrated:
+            # per-run calibration errors include seed noise: it is the floor inside the data
+            ext = self.split["ensemble_rmse"] * scale
+            half = z * np.sqrt(spread ** 2 + np.maximum(ext, self.seed_sd) ** 2)
+        else:
+            ext = self.sd_cal * scale if calibrated else 0.0 * log_reach
+            half = z * np.sqrt(spread ** 2 + ext ** 2 + self.seed_sd ** 2)
+        lo, hi = np.clip(est - half, 0.0, 100.0), np.clip(est + half, 0.0, 100.0)
         if np.ndim(est) == 0:
             return Projection(float(est), float(lo), float(hi), self.ci, r)
         return Projection(est, lo, hi, self.ci, r)
@@ -166,9 +179,14 @@ def _pooled_seed_sd(groups: np.ndarray, y: np.ndarray) -> float:
     return math.sqrt(num / dof) if dof else 0.0
 
 
-def _edge_mask(hours: np.ndarray) -> np.ndarray | None:
-    levels = np.unique(np.round(hours, 9))
-    return hours >= levels[-2] * (1 - 1e-9) if len(levels) >= 3 else None
+def _window_mask(hours: np.ndarray, split: dict) -> np.ndarray:
+    """The runs the projection members are fitted on: the calibration fit's span of data, ending at the largest.
+
+    The calibration fits on data sizes ``lo..hi`` and predicts ``H``; the members are fitted on ``H * lo / hi .. H``,
+    the window of the same span next to the projection, so that they are made the way the calibration scored
+    them (a fit on the same span, extrapolated the same distance) and use the local slope in log data."""
+    span = split["train_max_hours"] / split["train_min_hours"]
+    return hours >= hours.max() / span * (1 - 1e-9)
 
 
 def _fit_form(form: Form, x, y, mask):
@@ -184,14 +202,24 @@ def _fit_form(form: Form, x, y, mask):
 DEFAULT_ENSEMBLE = ("log_additive", "log_interaction", "logit_additive", "logit_interaction")
 
 
+BOUNDS = ("conformal", "rmse", "spread")
+
+
+def conformal_quantile(abs_err: np.ndarray, ci: float) -> float:
+    """Split-conformal half-width: the ceil((n + 1) ci)-th smallest absolute error (the largest when n is small)."""
+    a = np.sort(np.asarray(abs_err, float))
+    return float(a[min(len(a), math.ceil((len(a) + 1) * ci)) - 1])
+
+
 def calibrate(table, target: str = "top1", ci: float = 0.9, forms=None, bounds: str = "rmse") -> Calibration:
     """Fit the ensemble's members on ``table`` and calibrate their extrapolation error on its own rows.
 
     ``bounds="rmse"`` (default) scales the ensemble's root-mean-square calibration error, its bias included;
-    ``"spread"`` only its standard deviation around its mean (narrower; honest only when the members'
-    spread covers the bias, which a curved learning curve breaks)."""
-    if bounds not in ("rmse", "spread"):
-        raise ValueError(f"bounds must be 'rmse' or 'spread', got {bounds!r}")
+    ``"conformal"`` its split-conformal quantile of absolute errors; ``"spread"`` only its standard deviation
+    around its mean (narrower; honest only when the members' spread covers the bias, which a curved learning
+    curve breaks)."""
+    if bounds not in BOUNDS:
+        raise ValueError(f"bounds must be one of {BOUNDS}, got {bounds!r}")
     forms = list(forms or DEFAULT_ENSEMBLE)
     unknown = [f for f in forms if f not in ENSEMBLE_FORMS]
     if unknown:
@@ -216,7 +244,8 @@ def calibrate(table, target: str = "top1", ci: float = 0.9, forms=None, bounds: 
             if theta is not None:
                 cal_pred[name] = np.clip(ENSEMBLE_FORMS[name].predict(theta, x[usable]), 0.0, 100.0)
                 mse[name] = float(np.mean((cal_pred[name] - y[usable]) ** 2))
-        split = {"train_max_hours": float(hours[train].max()), "test_hours": float(hours[test].max()),
+        split = {"train_max_hours": float(hours[train].max()), "train_min_hours": float(hours[train].min()),
+                 "test_hours": float(hours[test].max()),
                  "log_ratio": float(math.log(hours[test].max() / hours[train].max())),
                  "n_train": int(train.sum()), "n_test": int(usable.sum()),
                  "forms": {n: {"rmse": math.sqrt(v), "bias": float(np.mean(cal_pred[n] - y[usable]))}
@@ -227,12 +256,10 @@ def calibrate(table, target: str = "top1", ci: float = 0.9, forms=None, bounds: 
         raw = {n: (max(v, 1e-12) / best) ** (-k / 2) for n, v in mse.items()}
     else:
         raw = {n: 1.0 for n in forms}
-    edge = _edge_mask(hours)
+    window = _window_mask(hours, split) if mse else None
     members = []
     for name, w in raw.items():
-        for rows, mask in (("all", np.ones(len(y), bool)), ("edge", edge)):
-            if mask is None:
-                continue
+        for rows, mask in ((("window", window),) if window is not None else (("all", np.ones(len(y), bool)),)):
             theta = _fit_form(ENSEMBLE_FORMS[name], x, y, mask)
             if theta is not None:
                 members.append(Member(name, rows, theta, w))
@@ -248,6 +275,6 @@ def calibrate(table, target: str = "top1", ci: float = 0.9, forms=None, bounds: 
         err = ens - y[usable]
         sd_cal = float(np.std(err))
         split.update(ensemble_rmse=float(np.sqrt(np.mean(err ** 2))), ensemble_bias=float(np.mean(err)),
-                     ensemble_sd=sd_cal)
+                     ensemble_sd=sd_cal, ensemble_q=conformal_quantile(np.abs(err), ci))
     largest = {k: float(np.max(table[k])) for k in FACTORS}
     return Calibration(members, split, sd_cal, _pooled_seed_sd(groups, y), largest, ci, bounds)

@@ -144,9 +144,9 @@ def _calibration_section(law) -> list[str]:
     if cal is None:
         return []
     md = ["## How far the projections can be trusted", "",
-          "Projections are the weighted mean of an ensemble of forms, each fitted on every run and on the runs at "
-          "the two largest data sizes; their bounds add the members' spread (the choice of form and fitting "
-          "range), the calibrated extrapolation error, scaled by how far each projection reaches, and one run's "
+          "Projections are the weighted mean of an ensemble of forms, each fitted on the runs within the "
+          "calibration fit's span of data below the largest; their bounds add the members' spread (the choice of "
+          "form), the calibrated extrapolation error, scaled by how far each projection reaches, and one run's "
           f"seed-to-seed spread ({cal.seed_sd:.2f} points). See `mae_fast.scaling.calibration`.", ""]
     sp = cal.split
     if "test_hours" in sp:

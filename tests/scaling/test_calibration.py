@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from mae_fast.scaling.calibration import ENSEMBLE_FORMS, calibrate, calibration_split, describe_reach, reach
+from mae_fast.scaling.calibration import (ENSEMBLE_FORMS, calibrate, calibration_split, conformal_quantile,
+                                          describe_reach, reach)
 from mae_fast.scaling.table import ResultsTable
 
 MODELS = {"s": 2.2e7, "b": 8.65e7, "l": 3.04e8, "h": 6.32e8}
@@ -32,14 +33,14 @@ def table_of(truth, rng, hours, noise=0.8, seeds=3, sizes=(224, 448)):
     return ResultsTable.from_rows(rows, source="<synthetic>")
 
 
-def _coverage(truth, studies=8):
+def _coverage(truth, studies=8, bounds="rmse"):
     """Fit on 1..100 h, project the 1000 h runs (10x the data) of seeded synthetic studies."""
     inside, total, widths, errors = 0, 0, [], []
     for seed in range(studies):
         rng = np.random.default_rng(seed)
         fitted = table_of(truth, rng, hours=(1.0, 10.0, 100.0))
         held = table_of(truth, rng, hours=(1000.0,))
-        cal = calibrate(fitted)
+        cal = calibrate(fitted, bounds=bounds)
         assert cal.split["train_max_hours"] == 10.0 and cal.split["test_hours"] == 100.0  # fitted rows only
         p = cal.project(held["params"], held["hours"], held["img_size"])
         y = held["top1"]
@@ -75,7 +76,31 @@ def test_calibration_split_and_weights_follow_the_calibration_error():
     rmse = {k: v["rmse"] for k, v in cal.split["forms"].items()}
     order = sorted(rmse, key=rmse.get)
     assert [weight[k] for k in order] == sorted(weight.values(), reverse=True)  # lower error, more weight
-    assert {m.rows for m in cal.members} == {"all", "edge"}
+    # members are fitted on the calibration fit's span of data (1..100 h) next to the largest: 10..1000 h
+    assert {m.rows for m in cal.members} == {"window"}
+    table = table_of(logit_truth, np.random.default_rng(0), hours=(1.0, 10.0, 100.0, 1000.0))
+    near = table["hours"] >= 10.0
+    design = np.stack([np.ones(near.sum()), np.log(table["params"][near] / 1e8), np.log(table["hours"][near] / 100),
+                       np.log(table["img_size"][near] / 224)], 1)
+    expected, *_ = np.linalg.lstsq(design, table["top1"][near], rcond=None)
+    additive = next(m for m in cal.members if m.form == "log_additive")
+    np.testing.assert_allclose(additive.theta, expected, rtol=1e-8, atol=1e-8)
+
+
+def test_conformal_quantile_is_the_smallest_value_covering_the_stated_share():
+    rng = np.random.default_rng(3)
+    for n in (5, 18, 19, 40):
+        a = rng.exponential(size=n)
+        q = conformal_quantile(a, 0.9)
+        # brute force: the smallest observed value with at least (n + 1) * 0.9 values at or below it, else the largest
+        need = min(n, math.ceil((n + 1) * 0.9))
+        assert q == min(v for v in a if np.sum(a <= v) >= need)
+
+
+def test_conformal_bounds_cover_at_the_stated_rate_and_are_no_narrower_than_needed():
+    """Split-conformal bounds on a law the ensemble can follow: >= 90% inside, at most a few points wide."""
+    rate, width, error = _coverage(logit_truth, studies=4, bounds="conformal")
+    assert 0.85 <= rate <= 1.0 and width < 5.0 and error < 1.2, (rate, width, error)
 
 
 def test_bounds_widen_with_reach_and_reach_is_reported():
