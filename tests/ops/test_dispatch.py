@@ -123,6 +123,7 @@ def _probe_args(op, device):
         "masked_patch_mse": (t(2, 4, 48), t(2, 3, 8, 8), t(2, 4), 4, True),
         "layer_norm": (t(2, 9, 32), w, w, 1e-6, torch.bfloat16),
         "add_layer_norm": (t(2, 9, 32), t(2, 9, 32), w, w, 1e-6, torch.bfloat16),
+        "hog": (t(2, 3, 16, 16), 8, 9, 8, 0),
     }[op]
 
 
