@@ -287,12 +287,15 @@ def estimate_mae_step(name: str, img_size, batch: int, *, lean: bool = False,
                       grad_checkpointing: bool | int = False, mask_ratio: float = 0.75,
                       amp_dtype: torch.dtype | None = torch.bfloat16, extra_bytes: int = 0,
                       prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                      observe: TorchDispatchMode | None = None, **model_kwargs) -> StepMemory:
+                      observe: TorchDispatchMode | None = None, teacher: dict | None = None,
+                      **model_kwargs) -> StepMemory:
     """Peak memory of one ``mae-fast pretrain`` step (masked-only training path, fused AdamW) for a registered
     model (``model_kwargs``: create_model overrides) at ``img_size`` (int or (H, W)) and per-device ``batch``:
     what ``torch.cuda.max_memory_allocated`` would report. ``extra_bytes`` is added to the peak (e.g. DDP's
     gradient buckets); ``prepare`` wraps the model before its optimizer is made (e.g. FSDP2 sharding inside
-    :func:`fake_process_group`); ``observe``: see :func:`estimate_train_step`."""
+    :func:`fake_process_group`); ``observe``: see :func:`estimate_train_step`. ``teacher``
+    (:func:`mae_fast.targets.teacher_spec`, with ``model_kwargs["target_dim"]`` its width): a frozen teacher's
+    weights (in its dtype) and its gradient-free forward on every step count too."""
     from .models import create_model
 
     if batch < 1:
@@ -310,12 +313,42 @@ def estimate_mae_step(name: str, img_size, batch: int, *, lean: bool = False,
         m = built["model"]
         return torch.randn(batch, m.in_chans, *m.img_size), torch.rand(batch, m.num_patches)
 
-    est = estimate_train_step(build, inputs, lambda m, x, noise: m(x, mask_ratio, noise, masked_only=True).loss,
-                              amp_dtype=amp_dtype, prepare=prepare, observe=observe)
+    loss = lambda m, x, noise: m(x, mask_ratio, noise, masked_only=True).loss  # noqa: E731
+    if teacher is not None:
+        build, prepare, loss = _with_teacher(teacher, build, prepare, mask_ratio)
+    est = estimate_train_step(build, inputs, loss, amp_dtype=amp_dtype, prepare=prepare, observe=observe)
     if extra_bytes:
         est.peak += extra_bytes
         est.activations += extra_bytes
     return est
+
+
+class _StudentTeacher(torch.nn.Module):
+    """The student and its frozen teacher as one module, so the estimate sees the teacher's weights (which take
+    no gradient and no optimizer state: they do not require grad) and its forward."""
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+
+
+def _with_teacher(spec: dict, build, prepare, mask_ratio):
+    """(build, prepare, loss) of :func:`estimate_mae_step` with the teacher's forward making the target."""
+    from .targets import build_teacher_encoder, teacher_features
+
+    def build_both():
+        teacher = build_teacher_encoder(spec).to(getattr(torch, spec.get("dtype", "float32")))
+        return _StudentTeacher(build(), teacher)
+
+    def prepare_both(both):  # e.g. FSDP2 shards the student; every rank holds the whole teacher
+        both.student = prepare(both.student)
+        return both
+
+    def loss(both, x, noise):
+        target = teacher_features(both.teacher, x, spec["in_size"])
+        return both.student(x, mask_ratio, noise, masked_only=True, target=target).loss
+
+    return build_both, prepare_both if prepare is not None else None, loss
 
 
 def fit_batch(peak_of: Callable[[int], int], budget: int, limit: int = 1 << 16) -> int:
@@ -447,15 +480,22 @@ def fit_memory_budget(budget, device: torch.device, search: Callable[[int], tupl
     return limit, found, tried
 
 
-def mae_memory_job(cfg, model, micro: int, amp_dtype, strategy: str, world_size: int, limit: int) -> dict:
+def mae_memory_job(cfg, model, micro: int, amp_dtype, strategy: str, world_size: int, limit: int,
+                   target=None) -> dict:
     """What :func:`plan_mae_memory` needs for a pretraining run of ``cfg`` (a ``PretrainConfig``) on ``model``
     (built or on the meta device): the per-device micro-batch, the configured savers, DDP's gradient buckets or
-    the FSDP2 world."""
+    the FSDP2 world, and the reconstruction ``target`` (a :class:`mae_fast.targets.Target`: its head width, and
+    a teacher's weights and forward)."""
+    from .targets import teacher_spec
+
     blocks = len(model.blocks) + len(model.decoder_blocks)
     ck = cfg.grad_checkpointing
+    model_kwargs = {k: v for k, v in (cfg.model_kwargs or {}).items() if k != "img_size"}
+    if target is not None and target.external:
+        model_kwargs["target_dim"] = target.width
     return dict(model=cfg.model, img_size=model.img_size, micro=micro, mask_ratio=cfg.mask_ratio,
-                amp_dtype=amp_dtype, norm_pix_loss=bool(cfg.norm_pix_loss),
-                model_kwargs={k: v for k, v in (cfg.model_kwargs or {}).items() if k != "img_size"},
+                amp_dtype=amp_dtype, norm_pix_loss=bool(getattr(model, "norm_pix_loss", cfg.norm_pix_loss)),
+                teacher=teacher_spec(target), model_kwargs=model_kwargs,
                 extra=4 * sum(p.numel() for p in model.parameters()) if strategy == "ddp" else 0,  # DDP's buckets
                 fsdp_world=world_size if strategy == "fsdp" else None, limit=limit, blocks=blocks,
                 lean=bool(cfg.lean_activations), checkpointed=blocks if ck is True else int(ck))
@@ -477,7 +517,8 @@ def plan_mae_memory(job: dict) -> tuple:
             return estimate_mae_step(job["model"], job["img_size"], job["micro"], lean=plan.lean,
                                      grad_checkpointing=plan.checkpointed, mask_ratio=job["mask_ratio"],
                                      amp_dtype=job["amp_dtype"], extra_bytes=job["extra"], prepare=prepare,
-                                     norm_pix_loss=job["norm_pix_loss"], **job["model_kwargs"]).peak
+                                     norm_pix_loss=job["norm_pix_loss"], teacher=job.get("teacher"),
+                                     **job["model_kwargs"]).peak
 
         return plan_for_budget(peak_of, job["limit"], job["blocks"], job["lean"], job["checkpointed"])
 
@@ -487,7 +528,8 @@ def largest_micro_batch(job: dict, limit: int) -> int:
     def peak(n):
         return estimate_mae_step(job["model"], job["img_size"], n, lean=True, grad_checkpointing=True,
                                  mask_ratio=job["mask_ratio"], amp_dtype=job["amp_dtype"], extra_bytes=job["extra"],
-                                 norm_pix_loss=job["norm_pix_loss"], **job["model_kwargs"]).peak
+                                 norm_pix_loss=job["norm_pix_loss"], teacher=job.get("teacher"),
+                                 **job["model_kwargs"]).peak
 
     return fit_batch(peak, job["limit"], limit=max(limit, 1))
 

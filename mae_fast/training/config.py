@@ -134,6 +134,20 @@ class PretrainConfig(_Config):
     seed: int = key(0, "seed for init, data order and masking")
     debug_nan_steps: list = key([], "test hook: make the loss NaN at these steps")
     debug_step_sleep_s: float = key(0.0, "test hook: sleep this long after every step (kill tests)")
+    # reconstruction target (mae_fast.targets; docs/training.md#reconstruction-targets)
+    target: str | None = key(None, "what the decoder reconstructs: pixels | norm_pix | hog | teacher (null: norm_pix "
+                             "if norm_pix_loss, else pixels)")
+    teacher: str | None = key(None, "target=teacher: a mae_fast run dir or checkpoint, an official MAE .pth, or "
+                              "timm:<name> (a timm ViT with local weights)")
+    teacher_weights: str | None = key(None, "weights file of a timm teacher (null: timm's local cache; never "
+                                      "downloaded)")
+    teacher_model: str | None = key(None, "registered model of an official MAE teacher checkpoint (null: found "
+                                    "from its shapes)")
+    teacher_layer: int | None = key(None, "teacher block whose tokens are the target: null the output after the "
+                                    "final norm, k >= 1 block k, -1 the last block before the norm")
+    hog_bins: int = key(9, "target=hog: orientation bins over [0, pi) (MaskFeat: 9)")
+    hog_cell: int = key(8, "target=hog: cell size in pixels, dividing the patch size (MaskFeat: 8)")
+    hog_window: int = key(0, "target=hog: Gaussian window in pixels weighting the gradients (0: off)")
 
 
 @dataclass
