@@ -4,7 +4,8 @@ Every target pretrains the demo model with the same recipe, seed, data, batch an
 encoder (and a randomly initialised one, the floor) is probed with ``mae-fast linprobe``'s settings on the demo's
 labelled object images. The teacher is a demo run: ``--teacher`` (default: this comparison's own pixel run).
 
-    python bench/target_comparison.py --steps 150 --out bench/results/target-comparison-cpu-2026-12-07
+    python bench/target_comparison.py --steps 150 --batch 32 --img-size 32 --probe-epochs 10 \
+        --out bench/results/target-comparison-cpu-2026-12-07
 
 Tiny by design (a 0.8M-parameter model, minutes of CPU): a smoke test of the targets end to end, not evidence
 about which target is better at scale.
@@ -24,6 +25,7 @@ def pretrain_run(target: str, extra: dict, args) -> dict:
     from mae_fast.training.pretrain import pretrain
 
     cfg = dict(recipe="demo", name=f"pretrain-{target}", output_dir=str(args.workdir), steps=args.steps,
+               img_size=args.img_size,
                batch_size=args.batch, warmup_steps=max(1, args.steps // 10), vis_every=0, vis_images=0,
                progress=False, checkpoint_every=10**6, log_every=10, seed=args.seed, **extra)
     t0 = time.perf_counter()
@@ -53,7 +55,8 @@ def probe(checkpoint: str | None, name: str, args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150, help="pretraining steps per target")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--img-size", type=int, default=32, help="the demo model's 8-px patches: 32 px is a 4x4 grid")
     ap.add_argument("--probe-epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--teacher", default=None, help="teacher run dir / checkpoint (default: this pixel run)")
@@ -74,12 +77,12 @@ def main(argv=None) -> int:
         print(f"{row['target']}: probe top-1 {row['probe_top1']}%", flush=True)
     rows.append({"target": "random init (no pretraining)", **probe(None, "random", args)})
     result = {
-        "what": "demo model (mae_vit_demo_patch8, 64 px) pretrained with each reconstruction target, same recipe, "
+        "what": f"demo model (mae_vit_demo_patch8, {args.img_size} px) pretrained with each reconstruction target, same recipe, "
                 "seed, data and steps; linear probe (mae-fast linprobe settings) on the demo labelled set",
         "caveat": "tiny: one seed, a 0.8M-parameter model, a few hundred steps on synthetic demo data; the "
                   "probe differences are within what another seed could change. A smoke test of the targets end "
                   "to end, not evidence about which target is better at scale.",
-        "steps": args.steps, "batch_size": args.batch, "probe_epochs": args.probe_epochs, "seed": args.seed,
+        "steps": args.steps, "batch_size": args.batch, "img_size": args.img_size, "probe_epochs": args.probe_epochs, "seed": args.seed,
         "teacher": teacher, "rows": rows, "total_wall_s": round(time.perf_counter() - t_all, 1),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, shared with other jobs",
         "torch": torch.__version__,

@@ -224,6 +224,8 @@ def _load_mae_teacher(path: Path, grid: tuple[int, int], layer, teacher_model) -
         name, kw = _registered_like(state, teacher_model)
     patch = model_config(name, **kw)["patch_size"]
     try:
+        # the decoder is never used: a minimal one (its checkpoint tensors are not loaded)
+        kw.update(decoder_depth=0, decoder_embed_dim=8, decoder_num_heads=1)
         mae = create_model(name, **kw, img_size=(grid[0] * patch, grid[1] * patch))
         load_pretrained(mae, state, encoder_only=True)  # position tables resampled to this grid
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
