@@ -4,7 +4,7 @@ Every target pretrains the demo model with the same recipe, seed, data, batch an
 encoder (and a randomly initialised one, the floor) is probed with ``mae-fast linprobe``'s settings on the demo's
 labelled object images. The teacher is a demo run: ``--teacher`` (default: this comparison's own pixel run).
 
-    python bench/target_comparison.py --steps 150 --batch 32 --img-size 32 --probe-epochs 10 \
+    python bench/target_comparison.py --steps 80 --batch 32 --img-size 32 --probe-epochs 8 \
         --out bench/results/target-comparison-cpu-2026-12-07
 
 Tiny by design (a 0.8M-parameter model, minutes of CPU): a smoke test of the targets end to end, not evidence
@@ -54,16 +54,17 @@ def probe(checkpoint: str | None, name: str, args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150, help="pretraining steps per target")
+    ap.add_argument("--steps", type=int, default=80, help="pretraining steps per target")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--img-size", type=int, default=32, help="the demo model's 8-px patches: 32 px is a 4x4 grid")
-    ap.add_argument("--probe-epochs", type=int, default=10)
+    ap.add_argument("--probe-epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--teacher", default=None, help="teacher run dir / checkpoint (default: this pixel run)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/target-comparison"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/target-comparison-cpu"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)  # a CPU shared with other jobs: more threads than cores only thrash
     t_all = time.perf_counter()
     rows = []
     pixel = {"target": "pixels", **pretrain_run("pixels", {}, args)}

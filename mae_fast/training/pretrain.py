@@ -764,8 +764,8 @@ def finish(run: Run, ts: TrainState, window: Throughput, stopped: str, last_ckpt
     run.say(f"{stopped} at step {ts.step}/{run.sched.total_steps}: loss {final_loss:.4f} (mean of the last "
             f"{max(1, len(ts.recent_losses))} steps), {ts.images_seen} images, "
             f"{wall:.1f} s training ({ts.bad_total} skipped steps)\n"
-            f"  checkpoint: {last_ckpt}\n  metrics:    {run_dir / 'metrics.jsonl'}\n"
-            f"  picture:    {run_dir / 'reconstruction.png'}"
+            f"  checkpoint: {last_ckpt}\n  metrics:    {run_dir / 'metrics.jsonl'}"
+            + (f"\n  picture:    {run_dir / 'reconstruction.png'}" if (run_dir / "reconstruction.png").exists() else "")
             + (f"\n  curves:     {result['curves']}" if result["curves"] else ""))
     if steady_wait is not None and steady_wait >= DATA_WAIT_WARN:
         spare = " if the CPU has cores to spare (training shares them here)" if run.device.type == "cpu" else ""
