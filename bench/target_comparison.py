@@ -2,9 +2,9 @@
 
 Every target pretrains the demo model with the same recipe, seed, data, batch and number of steps; then each
 encoder (and a randomly initialised one, the floor) is probed with ``mae-fast linprobe``'s settings on the demo's
-labelled object images. The teacher is a demo run: ``--teacher`` (default: this comparison's own pixel run).
+labelled object images. The teacher is a demo run: ``--teacher`` (default: each seed's own pixel run).
 
-    python bench/target_comparison.py --steps 80 --batch 32 --img-size 32 --probe-epochs 8 \
+    python bench/target_comparison.py --steps 200 --batch 32 --img-size 32 --probe-epochs 10 --seeds 0 1 \
         --out bench/results/target-comparison-cpu-2026-12-07
 
 Tiny by design (a 0.8M-parameter model, minutes of CPU): a smoke test of the targets end to end, not evidence
@@ -52,40 +52,55 @@ def probe(checkpoint: str | None, name: str, args) -> dict:
             "probe_final_top1": round(res["final_top1"], 2), "probe_wall_s": round(time.perf_counter() - t0, 1)}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=80, help="pretraining steps per target")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--img-size", type=int, default=32, help="the demo model's 8-px patches: 32 px is a 4x4 grid")
-    ap.add_argument("--probe-epochs", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--teacher", default=None, help="teacher run dir / checkpoint (default: this pixel run)")
-    ap.add_argument("--workdir", type=Path, default=Path("runs/target-comparison"))
-    ap.add_argument("--out", type=Path, default=Path("bench/results/target-comparison-cpu"))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)  # a CPU shared with other jobs: more threads than cores only thrash
-    t_all = time.perf_counter()
-    rows = []
-    pixel = {"target": "pixels", **pretrain_run("pixels", {}, args)}
-    rows.append(pixel)
-    teacher = args.teacher or pixel["run_dir"]
+def one_seed(args) -> tuple[list[dict], str]:
+    """The three pretraining runs and the four probes of ``args.seed`` (in ``args.workdir``)."""
+    rows = [{"target": "pixels", **pretrain_run("pixels", {}, args)}]
+    teacher = args.teacher or rows[0]["run_dir"]
     rows.append({"target": "hog", **pretrain_run("hog", {"target": "hog"}, args)})
     rows.append({"target": "teacher", "teacher": teacher,
                  **pretrain_run("teacher", {"target": "teacher", "teacher": teacher}, args)})
     for row in rows:
         row.update(probe(row["checkpoint"], row["target"], args))
-        print(f"{row['target']}: probe top-1 {row['probe_top1']}%", flush=True)
-    rows.append({"target": "random init (no pretraining)", **probe(None, "random", args)})
+        print(f"seed {args.seed}, {row['target']}: probe top-1 {row['probe_top1']}%", flush=True)
+    rows.append({"target": "random init", **probe(None, "random", args)})
+    return [{"seed": args.seed, **r} for r in rows], teacher
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=200, help="pretraining steps per target")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--img-size", type=int, default=32, help="the demo model's 8-px patches: 32 px is a 4x4 grid")
+    ap.add_argument("--probe-epochs", type=int, default=10)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="each seed: its own runs and probes")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--teacher", default=None, help="teacher run dir / checkpoint (default: each seed's pixel run)")
+    ap.add_argument("--workdir", type=Path, default=Path("runs/target-comparison"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/target-comparison-cpu"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)  # a CPU shared with other jobs: more threads than cores only thrash
+    t_all = time.perf_counter()
+    rows, teachers, root = [], [], args.workdir
+    for seed in args.seeds:
+        args.seed, args.workdir = seed, root / f"seed-{seed}"
+        seed_rows, teacher = one_seed(args)
+        rows += seed_rows
+        teachers.append(teacher)
+    means = {}
+    for r in rows:
+        means.setdefault(r["target"], []).append(r["probe_top1"])
     result = {
-        "what": f"demo model (mae_vit_demo_patch8, {args.img_size} px) pretrained with each reconstruction target, same recipe, "
-                "seed, data and steps; linear probe (mae-fast linprobe settings) on the demo labelled set",
-        "caveat": "tiny: one seed, a 0.8M-parameter model, a few hundred steps on synthetic demo data; the "
-                  "probe differences are within what another seed could change. A smoke test of the targets end "
-                  "to end, not evidence about which target is better at scale.",
-        "steps": args.steps, "batch_size": args.batch, "img_size": args.img_size, "probe_epochs": args.probe_epochs, "seed": args.seed,
-        "teacher": teacher, "rows": rows, "total_wall_s": round(time.perf_counter() - t_all, 1),
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, shared with other jobs",
+        "what": f"demo model (mae_vit_demo_patch8, {args.img_size} px) pretrained with each reconstruction target, "
+                "same recipe, data and steps per seed; linear probe (mae-fast linprobe settings) on the demo "
+                "labelled set (320 training, 80 validation images, 8 classes)",
+        "caveat": f"tiny: {len(args.seeds)} seeds, a 0.9M-parameter model, {args.steps} steps on generated demo data, "
+                  "an 80-image validation set (one image is 1.25 points); a smoke test of the targets end to end, "
+                  "not evidence about which target is better at scale.",
+        "steps": args.steps, "batch_size": args.batch, "img_size": args.img_size, "probe_epochs": args.probe_epochs,
+        "seeds": args.seeds, "teachers": teachers, "rows": rows,
+        "mean_probe_top1": {k: round(sum(v) / len(v), 2) for k, v in means.items()},
+        "total_wall_s": round(time.perf_counter() - t_all, 1),
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), shared with other jobs",
         "torch": torch.__version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,15 +113,16 @@ def main(argv=None) -> int:
 def markdown(result: dict) -> str:
     lines = [f"# Reconstruction targets on the demo data ({result['steps']} steps x batch {result['batch_size']})", "",
              result["what"] + ".", "", f"**Caveat:** {result['caveat']}", "",
-             "| target | probe top-1 % | probe top-5 % | pretrain loss first -> last | pretrain s | probe s |",
-             "|---|---|---|---|---|---|"]
+             "| target | seed | probe top-1 % | probe top-5 % | pretrain loss first -> last | pretrain s | probe s |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         loss = (f"{r['first_logged_loss']:.4f} -> {r['final_loss']:.4f}" if "final_loss" in r else "-")
-        lines.append(f"| {r['target']} | {r['probe_top1']} | {r['probe_top5']} | {loss} | "
+        lines.append(f"| {r['target']} | {r['seed']} | {r['probe_top1']} | {r['probe_top5']} | {loss} | "
                      f"{r.get('pretrain_wall_s', '-')} | {r['probe_wall_s']} |")
-    lines += ["", f"Teacher: `{result['teacher']}` (a demo run). Losses are in each target's own units (not "
-              "comparable across targets). Machine: " + result["machine"] + f"; total {result['total_wall_s']} s.",
-              ""]
+    lines += ["", "Mean probe top-1 over seeds: " + ", ".join(f"{k} {v}%" for k, v in result["mean_probe_top1"].items())
+              + ".", "", "Teacher of each seed: its own pixel run (a demo run of the same length). Losses are in each "
+              "target's own units (not comparable across targets). Machine: " + result["machine"]
+              + f"; total {result['total_wall_s']} s.", ""]
     return "\n".join(lines)
 
 

@@ -589,6 +589,6 @@ def test_one_op_one_file():
     """The helper modules the op layer once spread an op over are gone; each kernels file holds its custom op."""
     ops_dir = REPO / "mae_fast" / "ops"
     assert sorted(p.name for p in ops_dir.glob("*.py")) == [
-        "__init__.py", "attention.py", "dispatch.py", "layer_norm.py", "lean.py", "masking.py", "platform.py"]
-    for name in ("flash_attention", "layer_norm", "masking"):
+        "__init__.py", "attention.py", "dispatch.py", "hog.py", "layer_norm.py", "lean.py", "masking.py", "platform.py"]
+    for name in ("flash_attention", "hog", "layer_norm", "masking"):
         assert "torch.library.custom_op" in (REPO / "kernels" / f"{name}.py").read_text(), name
