@@ -135,7 +135,8 @@ def _cut(enc: nn.Module, layer: int | None) -> nn.Module:
     depth = len(enc.blocks)
     k = layer if layer > 0 else depth + 1 + layer
     if not 1 <= k <= depth:
-        raise TargetError(f"teacher_layer={layer} is outside the teacher's {depth} blocks (1..{depth}, or -1..-{depth})")
+        raise TargetError(f"teacher_layer={layer} is outside the teacher's {depth} blocks "
+                          f"(1..{depth}, or -1..-{depth})")
     enc.blocks = enc.blocks[:k]
     enc.norm = nn.Identity()
     return enc
@@ -193,7 +194,8 @@ def _registered_like(state: dict, teacher_model: str | None) -> tuple[str, dict]
 
     if teacher_model is not None:
         if teacher_model not in list_models():
-            raise TargetError(f"teacher_model {teacher_model!r} is not registered; available: {', '.join(list_models())}")
+            raise TargetError(f"teacher_model {teacher_model!r} is not registered; available: "
+                              f"{', '.join(list_models())}")
         return teacher_model, {}
     try:
         width = state["cls_token"].shape[-1]

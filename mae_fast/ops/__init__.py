@@ -2,7 +2,8 @@
 
 One file per op (``attention``, ``masking``, ``layer_norm``, ``lean``, ``hog``): the public function, its input
 checks, the plain-torch reference and the backends it registers; their kernels live in ``mae_fast.kernels``
-(Triton) and ``mae_fast.csrc`` (CUDA). See :mod:`mae_fast.ops.dispatch` for how backends are chosen and how to force one.
+(Triton) and ``mae_fast.csrc`` (CUDA). See :mod:`mae_fast.ops.dispatch` for how backends are chosen and how to
+force one.
 """
 from . import dispatch, platform
 from .attention import attention, attention_reference
