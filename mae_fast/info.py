@@ -35,6 +35,8 @@ def _probe_inputs(op: str, device: torch.device):
     imgs = torch.randn(1, 3, 224, 224, generator=g).to(device, dt)
     if op == "patchify_gather":
         return (imgs, ids[:, :49], 16)
+    if op == "hog":
+        return (imgs, 16, 9, 8, 0)
     return (x[..., :768], imgs, torch.ones(1, 196, device=device), 16, True)
 
 

@@ -288,6 +288,7 @@ def estimate_mae_step(name: str, img_size, batch: int, *, lean: bool = False,
                       amp_dtype: torch.dtype | None = torch.bfloat16, extra_bytes: int = 0,
                       prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                       observe: TorchDispatchMode | None = None, fp8_min_width: int | None = None,
+                      teacher: dict | None = None,
                       **model_kwargs) -> StepMemory:
     """Peak memory of one ``mae-fast pretrain`` step (masked-only training path, fused AdamW) for a registered
     model (``model_kwargs``: create_model overrides) at ``img_size`` (int or (H, W)) and per-device ``batch``:
@@ -295,7 +296,9 @@ def estimate_mae_step(name: str, img_size, batch: int, *, lean: bool = False,
     gradient buckets); ``prepare`` wraps the model before its optimizer is made (e.g. FSDP2 sharding inside
     :func:`fake_process_group`); ``observe``: see :func:`estimate_train_step`. ``fp8_min_width``: ``precision:
     fp8`` (:mod:`mae_fast.precision`), whose Float8Linear casts (float8 copies of inputs, weights and output
-    gradients, the ones saved for backward included) and ``_scaled_mm`` calls then run in the traced step."""
+    gradients, the ones saved for backward included) and ``_scaled_mm`` calls then run in the traced step.
+    ``teacher`` (:func:`mae_fast.targets.teacher_spec`, with ``model_kwargs["target_dim"]`` its width): a frozen
+    teacher's weights (in its dtype) and its gradient-free forward on every step count too."""
     from .models import create_model
 
     if batch < 1:
@@ -315,12 +318,42 @@ def estimate_mae_step(name: str, img_size, batch: int, *, lean: bool = False,
 
     if fp8_min_width is not None:
         prepare = _with_fp8(prepare, fp8_min_width)
-    est = estimate_train_step(build, inputs, lambda m, x, noise: m(x, mask_ratio, noise, masked_only=True).loss,
-                              amp_dtype=amp_dtype, prepare=prepare, observe=observe)
+    loss = lambda m, x, noise: m(x, mask_ratio, noise, masked_only=True).loss  # noqa: E731
+    if teacher is not None:
+        build, prepare, loss = _with_teacher(teacher, build, prepare, mask_ratio)
+    est = estimate_train_step(build, inputs, loss, amp_dtype=amp_dtype, prepare=prepare, observe=observe)
     if extra_bytes:
         est.peak += extra_bytes
         est.activations += extra_bytes
     return est
+
+
+class _StudentTeacher(torch.nn.Module):
+    """The student and its frozen teacher as one module, so the estimate sees the teacher's weights (which take
+    no gradient and no optimizer state: they do not require grad) and its forward."""
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+
+
+def _with_teacher(spec: dict, build, prepare, mask_ratio):
+    """(build, prepare, loss) of :func:`estimate_mae_step` with the teacher's forward making the target."""
+    from .targets import build_teacher_encoder, teacher_features
+
+    def build_both():
+        teacher = build_teacher_encoder(spec).to(getattr(torch, spec.get("dtype", "float32")))
+        return _StudentTeacher(build(), teacher)
+
+    def prepare_both(both):  # e.g. FSDP2 shards the student; every rank holds the whole teacher
+        both.student = prepare(both.student)
+        return both
+
+    def loss(both, x, noise):
+        target = teacher_features(both.teacher, x, spec["in_size"])
+        return both.student(x, mask_ratio, noise, masked_only=True, target=target).loss
+
+    return build_both, prepare_both if prepare is not None else None, loss
 
 
 def fit_batch(peak_of: Callable[[int], int], budget: int, limit: int = 1 << 16) -> int:
@@ -463,15 +496,22 @@ def _with_fp8(prepare, min_width: int):
     return both
 
 
-def mae_memory_job(cfg, model, micro: int, amp_dtype, strategy: str, world_size: int, limit: int) -> dict:
+def mae_memory_job(cfg, model, micro: int, amp_dtype, strategy: str, world_size: int, limit: int,
+                   target=None) -> dict:
     """What :func:`plan_mae_memory` needs for a pretraining run of ``cfg`` (a ``PretrainConfig``) on ``model``
     (built or on the meta device): the per-device micro-batch, the configured savers, DDP's gradient buckets or
-    the FSDP2 world."""
+    the FSDP2 world, and the reconstruction ``target`` (a :class:`mae_fast.targets.Target`: its head width, and
+    a teacher's weights and forward)."""
+    from .targets import teacher_spec
+
     blocks = len(model.blocks) + len(model.decoder_blocks)
     ck = cfg.grad_checkpointing
+    model_kwargs = {k: v for k, v in (cfg.model_kwargs or {}).items() if k != "img_size"}
+    if target is not None and target.external:
+        model_kwargs["target_dim"] = target.width
     return dict(model=cfg.model, img_size=model.img_size, micro=micro, mask_ratio=cfg.mask_ratio,
-                amp_dtype=amp_dtype, norm_pix_loss=bool(cfg.norm_pix_loss),
-                model_kwargs={k: v for k, v in (cfg.model_kwargs or {}).items() if k != "img_size"},
+                amp_dtype=amp_dtype, norm_pix_loss=bool(getattr(model, "norm_pix_loss", cfg.norm_pix_loss)),
+                teacher=teacher_spec(target), model_kwargs=model_kwargs,
                 extra=4 * sum(p.numel() for p in model.parameters()) if strategy == "ddp" else 0,  # DDP's buckets
                 fsdp_world=world_size if strategy == "fsdp" else None, limit=limit, blocks=blocks,
                 lean=bool(cfg.lean_activations), checkpointed=blocks if ck is True else int(ck),
@@ -495,6 +535,7 @@ def plan_mae_memory(job: dict) -> tuple:
                                      grad_checkpointing=plan.checkpointed, mask_ratio=job["mask_ratio"],
                                      amp_dtype=job["amp_dtype"], extra_bytes=job["extra"], prepare=prepare,
                                      norm_pix_loss=job["norm_pix_loss"], fp8_min_width=job.get("fp8_min_width"),
+                                     teacher=job.get("teacher"),
                                      **job["model_kwargs"]).peak
 
         return plan_for_budget(peak_of, job["limit"], job["blocks"], job["lean"], job["checkpointed"])
@@ -506,6 +547,7 @@ def largest_micro_batch(job: dict, limit: int) -> int:
         return estimate_mae_step(job["model"], job["img_size"], n, lean=True, grad_checkpointing=True,
                                  mask_ratio=job["mask_ratio"], amp_dtype=job["amp_dtype"], extra_bytes=job["extra"],
                                  norm_pix_loss=job["norm_pix_loss"], fp8_min_width=job.get("fp8_min_width"),
+                                 teacher=job.get("teacher"),
                                  **job["model_kwargs"]).peak
 
     return fit_batch(peak, job["limit"], limit=max(limit, 1))

@@ -117,9 +117,11 @@ def _pair(img_size) -> tuple[int, int]:
 class MaskedAutoencoderViT(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
-                 norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False, decoder_mlp_ratio=None):
+                 norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False, decoder_mlp_ratio=None,
+                 target_dim=None):
         # decoder_mlp_ratio (not in the official constructor; None: mlp_ratio) keeps MAE's 4x decoder under an
-        # encoder of another ratio, e.g. ViT-g/14's 48/11
+        # encoder of another ratio, e.g. ViT-g/14's 48/11. target_dim (ours too; None: p*p*C pixels) is the width of
+        # the prediction head for another reconstruction target (mae_fast.targets), passed to forward as ``target``
         super().__init__()
         H, W = _pair(img_size)
         if H <= 0 or W <= 0:
@@ -159,7 +161,11 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_blocks = nn.ModuleList(
             [Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, norm_layer) for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        if target_dim is not None and (isinstance(target_dim, bool) or not isinstance(target_dim, numbers.Integral)
+                                       or target_dim < 1):
+            raise ValueError(f"target_dim must be a whole number >= 1 (null: pixels), got {target_dim!r}")
+        self.target_dim = int(target_dim) if target_dim is not None else patch_size**2 * in_chans
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.target_dim, bias=True)
         self.initialize_weights()
 
     # -- initialisation, as official ------------------------------------------------------------
@@ -323,9 +329,12 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_loss(self, imgs, pred, mask):
         return ops.masked_patch_mse(pred, imgs, mask, self.patch_size, self.norm_pix_loss)
 
-    def forward_loss_masked(self, imgs, pred_masked, ids_masked):
+    def forward_loss_masked(self, imgs, pred_masked, ids_masked, target=None):
         """The MAE loss from :meth:`forward_decoder_masked`'s rows: equal to :meth:`forward_loss`."""
         B, M, _ = pred_masked.shape
+        if target is not None:  # a given (B, L, target_dim) target: its rows of the removed patches
+            rows = torch.gather(target, 1, ids_masked[..., None].expand(-1, -1, target.shape[-1]))
+            return (pred_masked.float() - rows.float()).pow(2).mean()
         p, C = self.patch_size, self.in_chans
         target = ops.patchify_gather(imgs, ids_masked, p, check_ids=False)  # (channel, row, col) inside a patch
         target = target.reshape(B, M, C, p, p).permute(0, 1, 3, 4, 2).reshape(B, M, p * p * C).float()
@@ -335,23 +344,44 @@ class MaskedAutoencoderViT(nn.Module):
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return (pred_masked.float() - target).pow(2).mean()  # every image removes the same number of patches
 
-    def forward(self, imgs, mask_ratio: float = 0.75, noise=None, *, masked_only: bool = False) -> MAEOutput:
+    def forward(self, imgs, mask_ratio: float = 0.75, noise=None, *, masked_only: bool = False,
+                target=None) -> MAEOutput:
         """Loss, predictions and mask of the official MAE.
 
         ``masked_only=True`` (what training uses) returns predictions for the removed patches only, in the
         order of ``ids_masked``, and skips the decoder work on visible rows that the loss never reads.
+        ``target``: a (B, L, target_dim) tensor to reconstruct instead of the pixels (HOG, teacher features; see
+        :mod:`mae_fast.targets`); the loss is the mean squared error over the removed patches' rows.
         """
         self._check_imgs(imgs)
+        self._check_target(imgs, target)
         ids_shuffle, ids_keep, ids_restore, mask = self._masking(imgs.shape[0], mask_ratio, noise, imgs.device)
         latent = self.forward_encoder(imgs, ids_keep)
         if masked_only:
             ids_masked = ids_shuffle[:, ids_keep.shape[1]:]
             pred = self.forward_decoder_masked(latent, ids_keep, ids_masked)
-            loss = self.forward_loss_masked(imgs, pred, ids_masked)
+            loss = self.forward_loss_masked(imgs, pred, ids_masked, target)
             return MAEOutput(loss, pred, mask, ids_restore, latent, ids_masked)
         pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
+        if target is not None:
+            per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+            loss = (per_patch * mask).sum() / mask.sum()
+        else:
+            loss = self.forward_loss(imgs, pred, mask)
         return MAEOutput(loss, pred, mask, ids_restore, latent)
+
+    def _check_target(self, imgs, target):
+        pixels = self.patch_size**2 * self.in_chans
+        if target is None:
+            if self.target_dim != pixels:
+                raise ValueError(f"this model predicts {self.target_dim} features per patch, not pixels: pass "
+                                 f"target=(B, L, {self.target_dim})")
+            return
+        want = (imgs.shape[0], self.num_patches, self.target_dim)
+        if not isinstance(target, torch.Tensor) or tuple(target.shape) != want:
+            raise ValueError(f"target must be a {want} tensor, got {tuple(getattr(target, 'shape', ()))}")
+        if target.device != imgs.device:
+            raise ValueError(f"target on {target.device} but imgs on {imgs.device}")
 
     def forward_features(self, imgs):
         """Encoder on every patch, no masking: (B, 1+L, D), cls first (timm's ``forward_features``)."""

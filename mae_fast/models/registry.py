@@ -29,7 +29,7 @@ _MODELS["mae_vit_demo_patch8"] = dict(img_size=64, patch_size=8, embed_dim=128, 
                                       decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
 
 OVERRIDES = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
-             "decoder_depth", "decoder_num_heads", "mlp_ratio", "decoder_mlp_ratio", "norm_pix_loss")
+             "decoder_depth", "decoder_num_heads", "mlp_ratio", "decoder_mlp_ratio", "norm_pix_loss", "target_dim")
 
 
 def list_models(pattern: str | None = None) -> list[str]:

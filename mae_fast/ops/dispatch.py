@@ -41,6 +41,7 @@ PRIORITY: dict[str, list[str]] = {
     "masked_patch_mse": ["triton", "torch"],
     "layer_norm": ["triton", "torch"],
     "add_layer_norm": ["triton", "torch"],
+    "hog": ["triton", "torch"],
 }
 
 

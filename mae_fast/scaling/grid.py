@@ -21,6 +21,8 @@ Schema (see ``train/grids/*.yaml``)::
                                         # shards, with data: {source: ..., total_images: N}; not both)
     img_sizes: [224, 448]
     seeds: [1, 2, 3]
+    targets: [pixels, hog, teacher]     # optional: reconstruction targets (pretrain key `target`; a teacher
+                                        # from pretrain.teacher); absent: the pretrain block's one target
     budget: {rule: images_seen, images_seen: 2.0e6, batch_size: 256}   # or {rule: epochs, epochs: 10}, {rule: steps,
                                                                        #    steps: 5000}
     pretrain: {mask_ratio: 0.75, lr: 1.5e-4}       # passed through to pretraining
@@ -50,7 +52,7 @@ _REGISTRY_NAME = re.compile(r"^mae_vit_(tiny|small|base|large|huge|giant)_patch(
 _MODEL_META = {"name", "base", "img_sizes", "pretrain", "eval", "budget"}
 # the keys of a grid file (see the schema above): anything else is a typo that would be silently ignored
 _GRID_KEYS = ("name", "out_dir", "job", "data", "models", "hours", "img_sizes", "seeds", "budget", "pretrain",
-              "eval", "executor", "fit", "images")
+              "eval", "executor", "fit", "images", "targets")
 
 
 class GridError(ValueError):
@@ -320,10 +322,32 @@ def expand(raw: Mapping) -> list[RunSpec]:
                             data_fraction=None if total is None else round(hours / _number(
                                 data, "total_images", None, "data.", whole=True), 12))
                     runs.append(RunSpec(run_id(config), config))
+    runs = with_targets(runs, raw)
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
         raise GridError("grid expands to duplicate runs (a model, size, hours or seed listed twice?)")
     return runs
+
+
+def with_targets(runs: list[RunSpec], raw: Mapping) -> list[RunSpec]:
+    """Each run once per entry of the grid's ``targets:`` (the pretrain key ``target``), in that order; without
+    the key the runs (and their ids) are unchanged."""
+    if raw.get("targets") is None:
+        return runs
+    from mae_fast.targets import TARGETS
+
+    targets = raw["targets"] if isinstance(raw["targets"], list) else [raw["targets"]]
+    bad = [t for t in targets if t not in TARGETS]
+    if bad or not targets:
+        raise GridError(f"targets: each is one of {', '.join(TARGETS)}, got {raw['targets']!r}")
+    if "teacher" in targets and not (raw.get("pretrain") or {}).get("teacher"):
+        raise GridError("targets: teacher needs pretrain.teacher (a run directory, checkpoint or timm:<name>)")
+    out = []
+    for run in runs:
+        for target in targets:
+            config = {**run.config, "target": target, "pretrain": {**run.config["pretrain"], "target": target}}
+            out.append(RunSpec(run_id(config), config))
+    return out
 
 
 def packaged_grid(name: str) -> Path | None:

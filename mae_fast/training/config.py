@@ -143,6 +143,20 @@ class PretrainConfig(_Config):
     # precision: fp8 (mae_fast.precision)
     fp8_min_width: int = key(1024, "precision fp8: convert the encoder's qkv/proj/fc1/fc2 whose narrower side has at "
                              "least this many features (narrower ones gain less than their casts cost)")
+    # reconstruction target (mae_fast.targets; docs/training.md#reconstruction-targets)
+    target: str | None = key(None, "what the decoder reconstructs: pixels | norm_pix | hog | teacher (null: norm_pix "
+                             "if norm_pix_loss, else pixels)")
+    teacher: str | None = key(None, "target=teacher: a mae_fast run dir or checkpoint, an official MAE .pth, or "
+                              "timm:<name> (a timm ViT with local weights)")
+    teacher_weights: str | None = key(None, "weights file of a timm teacher (null: timm's local cache; never "
+                                      "downloaded)")
+    teacher_model: str | None = key(None, "registered model of an official MAE teacher checkpoint (null: found "
+                                    "from its shapes)")
+    teacher_layer: int | None = key(None, "teacher block whose tokens are the target: null the output after the "
+                                    "final norm, k >= 1 block k, -1 the last block before the norm")
+    hog_bins: int = key(9, "target=hog: orientation bins over [0, pi) (MaskFeat: 9)")
+    hog_cell: int = key(8, "target=hog: cell size in pixels, dividing the patch size (MaskFeat: 8)")
+    hog_window: int = key(0, "target=hog: Gaussian window in pixels weighting the gradients (0: off)")
 
 
 @dataclass

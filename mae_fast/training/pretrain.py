@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mae_fast import memory, optim, precision
+from mae_fast import memory, optim, precision, targets
 from mae_fast.data.samplers import SeededItems, StepBatchSampler, StreamBatches, SyntheticImages, collate_images, \
     mix_seed
 from mae_fast.data.subset import SUBSET_MODES
@@ -46,7 +46,8 @@ CHECKPOINT_VERSION = 1
 # keys that define a run's trajectory: resuming with other values is allowed, with a warning
 RESUME_MUST_MATCH = ("model", "model_kwargs", "img_size", "norm_pix_loss", "mask_ratio", "data_source", "hours",
                      "subset", "fps", "batch_size", "epochs", "steps", "seed", "lr", "base_lr", "lr_schedule",
-                     "weight_decay", "warmup_steps", "warmup_epochs", "images", "subset_strategy")
+                     "weight_decay", "warmup_steps", "warmup_epochs", "images", "subset_strategy",
+                     "target", "teacher", "teacher_layer", "hog_bins", "hog_cell", "hog_window")
 
 # keys with a fixed set of values, checked before the process group starts and the data is built
 CHOICES = {"device": ("auto", "cpu", "cuda"), "distributed": ("auto", "ddp", "fsdp", "none"),
@@ -169,6 +170,7 @@ class Run:
     memory_plan: dict | None
     peak_src: str = ""                # where the MFU's peak FLOP/s came from
     cold_start: ColdStart | None = None  # the compiled step's cold-start timer (compile on)
+    target: targets.Target | None = None  # what the decoder reconstructs (None: the model's pixels)
 
     @property
     def device(self) -> torch.device:
@@ -190,12 +192,14 @@ def create_model(name: str, **kw):
         raise ConfigError(f"model {name!r}: {e}") from e
 
 
-def build_model(cfg: PretrainConfig, device: torch.device) -> nn.Module:
+def build_model(cfg: PretrainConfig, device: torch.device, target: targets.Target | None = None) -> nn.Module:
     torch.manual_seed(cfg.seed)  # identical init on every rank
     kw = dict(cfg.model_kwargs or {})
     if cfg.img_size is not None:
         kw["img_size"] = cfg.img_size
     kw["norm_pix_loss"] = bool(cfg.norm_pix_loss)
+    if target is not None:
+        kw.update(target.model_kwargs())  # norm_pix_loss, or the prediction head's width for another target
     model = create_model(cfg.model, **kw).to(device)
     if model.num_visible(cfg.mask_ratio) < 1:
         raise ConfigError(f"mask_ratio={cfg.mask_ratio} leaves no visible patch out of {model.num_patches}: lower it")
@@ -276,7 +280,8 @@ def setup(cfg: PretrainConfig, info: dist_mod.DistInfo, dataset=None) -> Run:
     check_config(cfg, info.world_size)
     device = info.device
     amp_dtype = autocast_dtype(cfg.precision, device)
-    model = build_model(cfg, device)
+    target = targets.build_target(cfg, device, amp_dtype)
+    model = build_model(cfg, device, target)
     img_size = model.img_size
     ds = dataset if dataset is not None else build_dataset(cfg, img_size[0] if img_size[0] == img_size[1]
                                                             else img_size, info.is_main)
@@ -284,7 +289,7 @@ def setup(cfg: PretrainConfig, info: dist_mod.DistInfo, dataset=None) -> Run:
     sched = make_schedule(cfg, n, info.world_size)
 
     strategy = dist_mod.choose_strategy(cfg.distributed, model, info)
-    memory_plan = fit_memory_budget(cfg, model, sched.micro, strategy, device, amp_dtype, info)
+    memory_plan = fit_memory_budget(cfg, model, sched.micro, strategy, device, amp_dtype, info, target)
     train_model = dist_mod.wrap_model(model, strategy, info)
     optimizer = build_optimizer(model, cfg, sched.peak_lr, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -296,10 +301,11 @@ def setup(cfg: PretrainConfig, info: dist_mod.DistInfo, dataset=None) -> Run:
         checkpoint.clean_temporaries(run_dir)
     dist_mod.barrier()
     return Run(cfg, info, amp_dtype, model, train_model, strategy, optimizer, scaler, ds, n, sched, run_dir,
-               memory_plan)
+               memory_plan, target=target)
 
 
-def fit_memory_budget(cfg: PretrainConfig, model, micro: int, strategy: str, device, amp_dtype, info) -> dict | None:
+def fit_memory_budget(cfg: PretrainConfig, model, micro: int, strategy: str, device, amp_dtype, info,
+                      target=None) -> dict | None:
     """Make the step fit ``memory_budget_gib`` (:func:`mae_fast.memory.fit_memory_budget`): estimate its peak per
     device (DDP's gradient buckets counted, FSDP2's sharding simulated in a subprocess on rank 0) and, when the
     configured plan would not fit, turn on lean activations, then checkpoint the fewest blocks (decoder first).
@@ -312,7 +318,7 @@ def fit_memory_budget(cfg: PretrainConfig, model, micro: int, strategy: str, dev
             print(msg, flush=True)
 
     def job(limit):
-        return memory.mae_memory_job(cfg, model, micro, amp_dtype, strategy, info.world_size, limit)
+        return memory.mae_memory_job(cfg, model, micro, amp_dtype, strategy, info.world_size, limit, target)
 
     def search(limit):
         if strategy != "fsdp":
@@ -506,7 +512,8 @@ def forward_backward(run: Run, batches, step: int, signals: list, t_loop: float)
             run.train_model.set_requires_gradient_sync(sync)
         with ctx:
             with autocast(run.device, run.amp_dtype):
-                loss = run.train_model(imgs, mask_ratio=cfg.mask_ratio, noise=noise, masked_only=True).loss
+                loss = run.train_model(imgs, mask_ratio=cfg.mask_ratio, noise=noise, masked_only=True,
+                                       target=targets.compute(run.target, imgs)).loss
             if step in {int(s) for s in cfg.debug_nan_steps}:
                 loss = loss * float("nan")
             scaled = loss / sched.accum
@@ -593,8 +600,8 @@ class Saver:
 def picture_batch(run: Run):
     """The images of the reconstruction grid (on rank 0; on every rank under FSDP2, whose forward is collective)."""
     cfg, ds, n = run.cfg, run.dataset, run.n
-    if not (run.info.is_main or run.strategy == "fsdp"):
-        return None
+    if not (run.info.is_main or run.strategy == "fsdp") or (run.target is not None and run.target.external):
+        return None  # the pictures show pixels: a run with another target has none
     if isinstance(ds, torch.utils.data.IterableDataset):
         first = []
         for item in ds:
@@ -779,8 +786,8 @@ def finish(run: Run, ts: TrainState, window: Throughput, stopped: str, last_ckpt
     run.say(f"{stopped} at step {ts.step}/{run.sched.total_steps}: loss {final_loss:.4f} (mean of the last "
             f"{max(1, len(ts.recent_losses))} steps), {ts.images_seen} images, "
             f"{wall:.1f} s training ({ts.bad_total} skipped steps)\n"
-            f"  checkpoint: {last_ckpt}\n  metrics:    {run_dir / 'metrics.jsonl'}\n"
-            f"  picture:    {run_dir / 'reconstruction.png'}"
+            f"  checkpoint: {last_ckpt}\n  metrics:    {run_dir / 'metrics.jsonl'}"
+            + (f"\n  picture:    {run_dir / 'reconstruction.png'}" if (run_dir / "reconstruction.png").exists() else "")
             + (f"\n  curves:     {result['curves']}" if result["curves"] else ""))
     if steady_wait is not None and steady_wait >= DATA_WAIT_WARN:
         spare = " if the CPU has cores to spare (training shares them here)" if run.device.type == "cpu" else ""

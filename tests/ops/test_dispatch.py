@@ -123,6 +123,7 @@ def _probe_args(op, device):
         "masked_patch_mse": (t(2, 4, 48), t(2, 3, 8, 8), t(2, 4), 4, True),
         "layer_norm": (t(2, 9, 32), w, w, 1e-6, torch.bfloat16),
         "add_layer_norm": (t(2, 9, 32), t(2, 9, 32), w, w, 1e-6, torch.bfloat16),
+        "hog": (t(2, 3, 16, 16), 8, 9, 8, 0),
     }[op]
 
 
@@ -588,6 +589,6 @@ def test_one_op_one_file():
     """The helper modules the op layer once spread an op over are gone; each kernels file holds its custom op."""
     ops_dir = REPO / "mae_fast" / "ops"
     assert sorted(p.name for p in ops_dir.glob("*.py")) == [
-        "__init__.py", "attention.py", "dispatch.py", "layer_norm.py", "lean.py", "masking.py", "platform.py"]
-    for name in ("flash_attention", "layer_norm", "masking"):
+        "__init__.py", "attention.py", "dispatch.py", "hog.py", "layer_norm.py", "lean.py", "masking.py", "platform.py"]
+    for name in ("flash_attention", "hog", "layer_norm", "masking"):
         assert "torch.library.custom_op" in (REPO / "kernels" / f"{name}.py").read_text(), name

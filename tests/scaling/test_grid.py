@@ -327,3 +327,22 @@ def test_an_images_axis_sweeps_image_count_subsets_and_its_rows_carry_images(gri
     assert seen["images"] == 500 and seen["hours"] is None and seen["data_source"] == "/data/images"
     row = runner_mod.result_row(g.runs[0], metrics, 2.0)
     assert row["images"] == 500 and row["hours"] is None and row["top1"] == 12.5
+
+
+def test_a_targets_axis_runs_each_run_once_per_target(grid_dict, tmp_path):
+    """``targets:`` multiplies the runs (innermost), hands each its pretrain ``target``, gives each its own id, and
+    leaves a grid without the key (and its run ids) as it was."""
+    plain = grid_from_dict(grid_dict(tmp_path))
+    assert all("target" not in r.config and "target" not in r.config["pretrain"] for r in plain.runs)
+    g = grid_from_dict(grid_dict(tmp_path, targets=["pixels", "hog", "teacher"], pretrain={"teacher": "runs/demo"}))
+    assert len(g.runs) == 3 * len(plain.runs) and len({r.run_id for r in g.runs}) == len(g.runs)
+    assert [r.config["pretrain"]["target"] for r in g.runs[:6]] == ["pixels", "hog", "teacher"] * 2
+    assert all(r.config["target"] == r.config["pretrain"]["target"] and r.config["pretrain"]["teacher"] == "runs/demo"
+               for r in g.runs)
+    assert [(r.config["arch"], r.config["img_size"], r.config["hours"], r.config["seed"]) for r in g.runs[::3]] == \
+        [(r.config["arch"], r.config["img_size"], r.config["hours"], r.config["seed"]) for r in plain.runs]
+    runner_mod.check_default_job_config(g.runs[1].config)  # the pretrain block with a target is valid
+    for over, fragment in [(dict(targets=["pixel"]), "targets: each is one of"),
+                           (dict(targets=["teacher"]), "needs pretrain.teacher"), (dict(target=["hog"]), "did you mean")]:
+        with pytest.raises(GridError, match=fragment):
+            grid_from_dict(grid_dict(tmp_path, **over))

@@ -432,3 +432,32 @@ def test_plan_for_budget_is_the_cheapest_plan_that_fits():
         got, tried = plan_for_budget(peak, budget, blocks, lean0, ck0)
         assert got == want, (blocks, budget, lean0, ck0)
         assert all(tried[p] == peak(p) for p in tried)
+
+
+def test_a_teacher_is_counted_its_weights_and_forward_but_no_gradients():
+    """A teacher target adds the teacher's weights (each storage rounded as the allocator rounds it) and its
+    gradient-free forward, and no gradient or optimizer state; the trainer's planning job carries it."""
+    from mae_fast import targets
+    from mae_fast.memory import ALLOC_ROUND, mae_memory_job
+    from mae_fast.training.config import PretrainConfig
+
+    spec = {"kind": "vit", "layer": None, "in_size": (32, 32), "dtype": "float32",
+            "kwargs": dict(img_size=32, patch_size=8, embed_dim=40, depth=2, num_heads=2, num_classes=0)}
+    kw = dict(img_size=32, depth=2, decoder_depth=1, target_dim=40)
+
+    def build():
+        return mae_fast.create_model("mae_vit_demo_patch8", norm_pix_loss=True, **kw)
+
+    g = torch.Generator().manual_seed(0)
+    plain = estimate_train_step(build, lambda: (torch.randn(4, 3, 32, 32, generator=g), torch.rand(4, 16),
+                                                torch.randn(4, 16, 40)),
+                                lambda m, x, noise, t: m(x, 0.75, noise, masked_only=True, target=t).loss, amp_dtype=None)
+    taught = estimate_mae_step("mae_vit_demo_patch8", batch=4, amp_dtype=None, teacher=spec, **kw)
+    teacher = targets.build_teacher_encoder(spec)
+    weights = sum(-(-p.numel() * 4 // ALLOC_ROUND) * ALLOC_ROUND for p in teacher.parameters())
+    assert taught.parameters - plain.parameters == weights
+    assert (taught.gradients, taught.optimizer_state) == (plain.gradients, plain.optimizer_state)
+    assert taught.peak > plain.peak
+    cfg = PretrainConfig.build(dict(img_size=32, model_kwargs=dict(depth=2, decoder_depth=1), target="teacher"))
+    job = mae_memory_job(cfg, build(), 4, None, "none", 1, 2**30, targets.TeacherTarget(teacher, spec, (32, 32), "t"))
+    assert job["teacher"]["kwargs"] == spec["kwargs"] and job["model_kwargs"]["target_dim"] == 40
