@@ -187,6 +187,8 @@ class FinetuneConfig(_Config):
                              "(an epoch's, or the step a signal stopped it at) | null: start over")
     checkpoint_every: int = key(1, "save the training state every this many epochs, for resuming (0: never); "
                                 "removed when the run finishes")
+    drop_path_mode: str = key("efficient", "efficient (each block's residual branch runs on the kept samples only, "
+                              "DINOv2's way: same expectation, less work) | timm (timm's DropPath: every sample, zeroed)")
 
 
 PRETRAIN_KEYS: dict[str, tuple] = PretrainConfig.keys()
