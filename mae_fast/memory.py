@@ -451,9 +451,14 @@ def mae_memory_job(cfg, model, micro: int, amp_dtype, strategy: str, world_size:
     """What :func:`plan_mae_memory` needs for a pretraining run of ``cfg`` (a ``PretrainConfig``) on ``model``
     (built or on the meta device): the per-device micro-batch, the configured savers, DDP's gradient buckets or
     the FSDP2 world."""
+    from mae_fast.training import packing
+
     blocks = len(model.blocks) + len(model.decoder_blocks)
     ck = cfg.grad_checkpointing
-    return dict(model=cfg.model, img_size=model.img_size, micro=micro, mask_ratio=cfg.mask_ratio,
+    img_size = model.img_size
+    if packing.uses_plan(cfg):  # mixed sizes, packed: a step of at least the plan's largest step's patches
+        img_size, micro = packing.memory_step(packing.build_plan(cfg, model), model)
+    return dict(model=cfg.model, img_size=img_size, micro=micro, mask_ratio=cfg.mask_ratio,
                 amp_dtype=amp_dtype, norm_pix_loss=bool(cfg.norm_pix_loss),
                 model_kwargs={k: v for k, v in (cfg.model_kwargs or {}).items() if k != "img_size"},
                 extra=4 * sum(p.numel() for p in model.parameters()) if strategy == "ddp" else 0,  # DDP's buckets

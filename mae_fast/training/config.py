@@ -134,6 +134,17 @@ class PretrainConfig(_Config):
     seed: int = key(0, "seed for init, data order and masking")
     debug_nan_steps: list = key([], "test hook: make the loss NaN at these steps")
     debug_step_sleep_s: float = key(0.0, "test hook: sleep this long after every step (kill tests)")
+    # mixed resolutions, packing, phases, init (mae_fast/training/packing.py)
+    img_sizes: list | None = key(None, "resolutions (square, in pixels) to draw images at, e.g. [224, 476] (null: img_size)")
+    img_size_weights: list | None = key(None, "relative weight of each of img_sizes (null: equal)")
+    packing: bool = key(False, "each image draws its own resolution; a step's images run as one packed sequence "
+                        "(forward_packed); false: one resolution per step")
+    tokens_per_batch: int | None = key(None, "patches per step instead of batch_size images (as many images as fit)")
+    phases: list | None = key(None, "[{steps: N, img_size / img_sizes / img_size_weights / batch_size / "
+                              "tokens_per_batch / packing: ...}, ...]: settings per stretch of steps; the run's "
+                              "length is their sum")
+    init_from: str | None = key(None, "start from these weights (a run dir, a mae_fast checkpoint or an official MAE "
+                                "checkpoint; position tables fitted to img_size) with a fresh optimizer and schedule")
 
 
 @dataclass
