@@ -81,8 +81,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rate", type=float, default=0.3)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default; 1 on a shared CPU)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     res = run(a.model, a.img_size, a.batch, a.rate, a.repeats)
     print(json.dumps({k: res[k] for k in ("step_s", "speedup_linear", "speedup_uniform")}, indent=1))
     if a.out:
