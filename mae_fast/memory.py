@@ -502,6 +502,8 @@ def mae_memory_job(cfg, model, micro: int, amp_dtype, strategy: str, world_size:
     (built or on the meta device): the per-device micro-batch, the configured savers, DDP's gradient buckets or
     the FSDP2 world, and the reconstruction ``target`` (a :class:`mae_fast.targets.Target`: its head width, and
     a teacher's weights and forward)."""
+    from mae_fast.training import packing
+
     from .targets import teacher_spec
 
     blocks = len(model.blocks) + len(model.decoder_blocks)
@@ -509,7 +511,10 @@ def mae_memory_job(cfg, model, micro: int, amp_dtype, strategy: str, world_size:
     model_kwargs = {k: v for k, v in (cfg.model_kwargs or {}).items() if k != "img_size"}
     if target is not None and target.external:
         model_kwargs["target_dim"] = target.width
-    return dict(model=cfg.model, img_size=model.img_size, micro=micro, mask_ratio=cfg.mask_ratio,
+    img_size = model.img_size
+    if packing.uses_plan(cfg):  # mixed sizes, packed: a step of at least the plan's largest step's patches
+        img_size, micro = packing.memory_step(packing.build_plan(cfg, model), model)
+    return dict(model=cfg.model, img_size=img_size, micro=micro, mask_ratio=cfg.mask_ratio,
                 amp_dtype=amp_dtype, norm_pix_loss=bool(getattr(model, "norm_pix_loss", cfg.norm_pix_loss)),
                 teacher=teacher_spec(target), model_kwargs=model_kwargs,
                 extra=4 * sum(p.numel() for p in model.parameters()) if strategy == "ddp" else 0,  # DDP's buckets

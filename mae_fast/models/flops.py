@@ -8,12 +8,13 @@ def _block_flops(tokens: int, width: int, mlp_ratio: float, layers: int) -> floa
     return layers * (linear + attn)
 
 
-def mae_forward_flops(model, mask_ratio: float = 0.75) -> float:
+def mae_forward_flops(model, mask_ratio: float = 0.75, num_patches: int | None = None) -> float:
     """FLOPs of one image's MAE forward pass: the encoder on the visible patches, the decoder and its prediction
     head on every token. Training's masked-only path skips the last decoder block's and the head's visible rows
-    (a few % of the decoder); MFU counts the full work, so that implementations compare at equal work."""
-    L = model.num_patches
-    keep = model.num_visible(mask_ratio)
+    (a few % of the decoder); MFU counts the full work, so that implementations compare at equal work.
+    ``num_patches``: an image of another grid than the model's own (a packed image counts its own tokens)."""
+    L = model.num_patches if num_patches is None else num_patches
+    keep = int(L * (1 - mask_ratio))
     p2c = model.patch_size**2 * model.in_chans
     D, Dd = model.embed_dim, model.decoder_embed_dim
     f = 2 * keep * p2c * D                                          # patch embedding
@@ -24,9 +25,9 @@ def mae_forward_flops(model, mask_ratio: float = 0.75) -> float:
     return float(f)
 
 
-def mae_train_flops(model, mask_ratio: float = 0.75) -> float:
+def mae_train_flops(model, mask_ratio: float = 0.75, num_patches: int | None = None) -> float:
     """Forward + backward (backward = 2x forward)."""
-    return 3.0 * mae_forward_flops(model, mask_ratio)
+    return 3.0 * mae_forward_flops(model, mask_ratio, num_patches)
 
 
 def _recomputed_flops(blocks, checkpointed: int, tokens: int, width: int, mlp_ratio: float) -> float:

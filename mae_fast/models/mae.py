@@ -29,6 +29,16 @@ class MAEOutput(NamedTuple):
     ids_masked: torch.Tensor | None = None  # (B, L-K) patch index of each ``pred`` row, with masked_only=True
 
 
+class PackedOutput(NamedTuple):
+    loss: torch.Tensor          # scalar, mean per-patch MSE over the removed patches of all images
+    losses: torch.Tensor        # (n_images,), each image's own loss
+    pred: torch.Tensor          # (sum_i removed_i, p*p*C), the removed patches of image 0, then 1, ...
+    ids_masked: list            # per image (1, removed_i): the patch index of each of its ``pred`` rows
+    grids: list                 # per image its (h, w) patch grid
+    cu_seqlens_encoder: torch.Tensor  # (n_images + 1,) offsets of the packed encoder sequence
+    cu_seqlens_decoder: torch.Tensor  # ... and of the decoder's
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -38,12 +48,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, first_query: int = 0) -> torch.Tensor:
-        """Attention output for rows ``first_query:`` of ``x``; keys and values come from every row."""
+    def forward(self, x: torch.Tensor, first_query: int = 0, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output for rows ``first_query:`` of ``x``; keys and values come from every row.
+        With ``cu_seqlens``, ``x`` is (1, total, D) packed sequences that attend only within themselves."""
         B, N, D = x.shape
         H = self.num_heads
         if first_query == 0:
-            return self.from_qkv(self.qkv(x))
+            return self.from_qkv(self.qkv(x), cu_seqlens)
         # project queries for the tail rows only: the q block of the fused weight, then k and v
         w, b = self.qkv.weight, self.qkv.bias
         q = F.linear(x[:, first_query:], w[:D], None if b is None else b[:D])
@@ -51,10 +62,14 @@ class Attention(nn.Module):
         k, v = F.linear(x, w[D:], None if b is None else b[D:]).reshape(B, N, 2, H, D // H).unbind(2)
         return self.proj(ops.attention(q, k, v).reshape(B, q.shape[1], D))
 
-    def from_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Attention and output projection from the fused (B, N, 3*D) qkv projection."""
+    def from_qkv(self, qkv: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention and output projection from the fused (B, N, 3*D) qkv projection (B = 1 when packed)."""
         B, N, D3 = qkv.shape
         D, H = D3 // 3, self.num_heads
+        if cu_seqlens is not None:
+            q, k, v = qkv.reshape(B * N, 3, H, D // H).unbind(1)
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            return self.proj(ops.attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).reshape(B, N, D))
         q, k, v = qkv.reshape(B, N, 3, H, D // H).unbind(2)
         return self.proj(ops.attention(q, k, v).reshape(B, N, D))
 
@@ -71,17 +86,18 @@ class Block(nn.Module):
         self.lean = False  # see set_lean_activations
 
     def forward(self, x: torch.Tensor, first_query: int = 0, pending: torch.Tensor | None = None,
-                defer: bool = False):
+                defer: bool = False, cu_seqlens: torch.Tensor | None = None):
         """Block output; with ``first_query`` > 0 only rows ``first_query:`` (which still attend to all rows).
 
         ``pending``: the previous block's MLP branch, not yet added to ``x`` (the input is ``x + pending``).
         ``defer=True`` returns ``(stream, MLP branch)`` without this block's last add, so the next LayerNorm
         can fuse it (``ops.add_layer_norm``): one pass over the stream fewer per block each way.
+        ``cu_seqlens``: ``x`` is (1, total, D) packed sequences (see :meth:`MaskedAutoencoderViT.forward_packed`).
         """
         if self.lean and first_query == 0:
             if pending is not None:
                 x = x + pending
-            a = self.attn.from_qkv(ops.layer_norm_linear(x, self.norm1, self.attn.qkv))
+            a = self.attn.from_qkv(ops.layer_norm_linear(x, self.norm1, self.attn.qkv), cu_seqlens)
             out = ops.residual_layer_norm_mlp(x, a, self.norm2, self.mlp.fc1, self.mlp.fc2)
             return (out, None) if defer else out
         # norm outputs come in the next matmul's dtype (fused with the residual add where a backend can)
@@ -89,7 +105,7 @@ class Block(nn.Module):
             h = ops.layer_norm(x, self.norm1)
         else:
             x, h = ops.add_layer_norm(x, pending, self.norm1)
-        h = self.attn(h, first_query)
+        h = self.attn(h, first_query, cu_seqlens)
         x, y = ops.add_layer_norm(x[:, first_query:] if first_query else x, h, self.norm2)
         m = self.mlp(y)
         return (x, m) if defer else x + m
@@ -166,6 +182,7 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"target_dim must be a whole number >= 1 (null: pixels), got {target_dim!r}")
         self.target_dim = int(target_dim) if target_dim is not None else patch_size**2 * in_chans
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.target_dim, bias=True)
+        self._pos_cache: dict = {}  # position tables of other grids (a plain dict: not in the state dict)
         self.initialize_weights()
 
     # -- initialisation, as official ------------------------------------------------------------
@@ -223,15 +240,49 @@ class MaskedAutoencoderViT(nn.Module):
     def patchify(self, imgs):
         return ops.patchify(imgs, self.patch_size)
 
-    def unpatchify(self, x):
-        return ops.unpatchify(x, self.patch_size, self.grid_size, self.in_chans)
+    def unpatchify(self, x, grid: tuple[int, int] | None = None):
+        return ops.unpatchify(x, self.patch_size, grid or self.grid_size, self.in_chans)
+
+    def grid_of(self, imgs) -> tuple[int, int]:
+        """The (h, w) patch grid of an image batch (B, C, H, W) or one image (C, H, W)."""
+        return imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size
+
+    def pos_tables(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pos_embed, decoder_pos_embed) for a patch grid: the parameters at the model's own grid; elsewhere the
+        sin-cos tables of that grid (built once per grid, device and dtype) or, for a table that is not the
+        sin-cos one (learned or loaded), its bicubic resampling as ``load_pretrained`` does."""
+        grid = (int(grid[0]), int(grid[1]))
+        if grid == tuple(self.grid_size):
+            return self.pos_embed, self.decoder_pos_embed
+        return self._pos_at("pos_embed", grid), self._pos_at("decoder_pos_embed", grid)
+
+    def _pos_at(self, name: str, grid: tuple[int, int]) -> torch.Tensor:
+        from .pos_embed import resample_pos_embed
+
+        table = getattr(self, name)
+        if table.requires_grad:  # trained: resample on every call, so gradients reach the parameter
+            return resample_pos_embed(table, grid, self.grid_size)
+        key = (name, grid, table.device, table.dtype, table._version)  # _version: a load_state_dict copy_ bumps it
+        out = self._pos_cache.get(key)
+        if out is None:
+            for k in [k for k in self._pos_cache if k[0] == name and k[4] != table._version]:
+                del self._pos_cache[k]  # tables of weights since replaced
+            own = sincos_2d(table.shape[-1], self.grid_size)
+            atol = max(1e-5, 2 * torch.finfo(table.dtype).eps)
+            if torch.allclose(table[0].detach().float().cpu(), own, atol=atol):
+                out = sincos_2d(table.shape[-1], grid)[None].to(table.device, table.dtype)
+            else:
+                out = resample_pos_embed(table.detach(), grid, self.grid_size)
+            self._pos_cache[key] = out
+        return out
 
     def _check_imgs(self, imgs):
         if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
             raise ValueError(f"imgs must be a (B, C, H, W) tensor, got {getattr(imgs, 'shape', type(imgs))}")
-        if tuple(imgs.shape[1:]) != (self.in_chans, *self.img_size):
-            raise ValueError(f"imgs must be (B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}), "
-                             f"got {tuple(imgs.shape)}")
+        H, W, p = imgs.shape[-2], imgs.shape[-1], self.patch_size
+        if imgs.shape[1] != self.in_chans or H < p or W < p or H % p or W % p:
+            raise ValueError(f"imgs must be (B, {self.in_chans}, H, W) with H and W multiples of the patch size {p} "
+                             f"(the model's own size: {self.img_size[0]}x{self.img_size[1]}), got {tuple(imgs.shape)}")
         if not imgs.is_floating_point():
             raise TypeError(f"imgs must be floating point, got {imgs.dtype}")
         if imgs.device != self.cls_token.device:
@@ -243,16 +294,17 @@ class MaskedAutoencoderViT(nn.Module):
             device = noise.device  # given noise and no device: the noise's (None failed the device check)
         return self._masking(batch, mask_ratio, noise, device)[1:]
 
-    def num_visible(self, mask_ratio: float) -> int:
-        """Patches the encoder sees at ``mask_ratio``: ``int(L * (1 - mask_ratio))``, as the official code."""
-        return int(self.num_patches * (1 - mask_ratio))
+    def num_visible(self, mask_ratio: float, num_patches: int | None = None) -> int:
+        """Patches the encoder sees at ``mask_ratio``: ``int(L * (1 - mask_ratio))``, as the official code
+        (``L``: ``num_patches``, default the model's own)."""
+        return int((self.num_patches if num_patches is None else num_patches) * (1 - mask_ratio))
 
-    def _masking(self, batch, mask_ratio, noise, device):
+    def _masking(self, batch, mask_ratio, noise, device, num_patches: int | None = None):
         """(ids_shuffle, ids_keep, ids_restore, mask); ids_shuffle[:, K:] are the removed patches."""
-        L = self.num_patches
+        L = self.num_patches if num_patches is None else num_patches
         if not 0.0 <= float(mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        len_keep = self.num_visible(mask_ratio)
+        len_keep = self.num_visible(mask_ratio, L)
         if len_keep < 1:
             raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch out of {L}")
         if noise is None:
@@ -267,7 +319,7 @@ class MaskedAutoencoderViT(nn.Module):
         mask = (ids_restore >= len_keep).to(torch.float32)
         return ids_shuffle, ids_keep, ids_restore, mask
 
-    def _run_blocks(self, blocks, x, norm, last_first_query: int = 0):
+    def _run_blocks(self, blocks, x, norm, last_first_query: int = 0, cu_seqlens=None):
         """``norm`` of the output of ``blocks``; the last block returns only rows ``last_first_query:``.
 
         Each block hands its last residual add to the next LayerNorm (the next block's, or ``norm``), which
@@ -278,9 +330,9 @@ class MaskedAutoencoderViT(nn.Module):
         for i, blk in enumerate(blocks):
             fq = last_first_query if i == len(blocks) - 1 else 0
             if i < checkpointed and x.requires_grad:
-                x, pending = checkpoint(blk, x, fq, pending, True, use_reentrant=False)
+                x, pending = checkpoint(blk, x, fq, pending, True, cu_seqlens, use_reentrant=False)
             else:
-                x, pending = blk(x, fq, pending, True)
+                x, pending = blk(x, fq, pending, True, cu_seqlens)
         if pending is None:
             return norm(x)
         # the dtype eager LayerNorm gives (fp32 under autocast): this is the model's output, not a matmul input
@@ -292,22 +344,25 @@ class MaskedAutoencoderViT(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     # -- forward paths ------------------------------------------------------------------------------
-    def forward_encoder(self, imgs, ids_keep):
+    def _embed_visible(self, imgs, ids_keep):
+        """Patch embeddings of the visible patches plus their position rows, (B, K, D), at the images' grid."""
         pixels = ops.patchify_gather(imgs, ids_keep, self.patch_size, check_ids=False)
         w = self.patch_embed.proj.weight
         x = F.linear(pixels, w.reshape(w.shape[0], -1), self.patch_embed.proj.bias)
         # adding the parameter-dtype pos embed keeps the residual stream in fp32 under autocast, as official
-        x = x + F.embedding(ids_keep, self.pos_embed[0, 1:])
-        return self._run_blocks(self.blocks, self._with_cls(x), self.norm)
+        return x + F.embedding(ids_keep, self.pos_tables(self.grid_of(imgs))[0][0, 1:])
 
-    def forward_decoder(self, latent, ids_restore):
+    def forward_encoder(self, imgs, ids_keep):
+        return self._run_blocks(self.blocks, self._with_cls(self._embed_visible(imgs, ids_keep)), self.norm)
+
+    def forward_decoder(self, latent, ids_restore, grid: tuple[int, int] | None = None):
         x = self.decoder_embed(latent).to(self.mask_token.dtype)  # fp32 stream under autocast, as official
-        x = ops.unshuffle_with_mask_token(x, ids_restore, self.mask_token, self.decoder_pos_embed,
+        x = ops.unshuffle_with_mask_token(x, ids_restore, self.mask_token, self.pos_tables(grid or self.grid_size)[1],
                                           cls_token=True, check_ids=False)
         x = self._run_blocks(self.decoder_blocks, x, self.decoder_norm)
         return self.decoder_pred(x)[:, 1:]
 
-    def forward_decoder_masked(self, latent, ids_keep, ids_masked):
+    def forward_decoder_masked(self, latent, ids_keep, ids_masked, grid: tuple[int, int] | None = None):
         """Predictions for the removed patches only: (B, L-K, p*p*C), row j for patch ``ids_masked[:, j]``.
 
         The decoder is permutation-equivariant (bidirectional attention, a position embedding per token),
@@ -316,7 +371,7 @@ class MaskedAutoencoderViT(nn.Module):
         """
         x = self.decoder_embed(latent)
         Kc = x.shape[1]
-        pos = self.decoder_pos_embed[0]  # parameter dtype: an fp32 residual stream under autocast, as official
+        pos = self.pos_tables(grid or self.grid_size)[1][0]  # parameter dtype: an fp32 stream under autocast, as official
         visible = x + F.embedding(F.pad(ids_keep + 1, (1, 0)), pos)  # index 0: the cls row
         masked = self.mask_token + F.embedding(ids_masked + 1, pos)
         x = torch.cat([visible, masked], dim=1)
@@ -354,15 +409,17 @@ class MaskedAutoencoderViT(nn.Module):
         :mod:`mae_fast.targets`); the loss is the mean squared error over the removed patches' rows.
         """
         self._check_imgs(imgs)
-        self._check_target(imgs, target)
-        ids_shuffle, ids_keep, ids_restore, mask = self._masking(imgs.shape[0], mask_ratio, noise, imgs.device)
+        grid = self.grid_of(imgs)
+        self._check_target(imgs, target, grid[0] * grid[1])
+        ids_shuffle, ids_keep, ids_restore, mask = self._masking(imgs.shape[0], mask_ratio, noise, imgs.device,
+                                                                 grid[0] * grid[1])
         latent = self.forward_encoder(imgs, ids_keep)
         if masked_only:
             ids_masked = ids_shuffle[:, ids_keep.shape[1]:]
-            pred = self.forward_decoder_masked(latent, ids_keep, ids_masked)
+            pred = self.forward_decoder_masked(latent, ids_keep, ids_masked, grid)
             loss = self.forward_loss_masked(imgs, pred, ids_masked, target)
             return MAEOutput(loss, pred, mask, ids_restore, latent, ids_masked)
-        pred = self.forward_decoder(latent, ids_restore)
+        pred = self.forward_decoder(latent, ids_restore, grid)
         if target is not None:
             per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
             loss = (per_patch * mask).sum() / mask.sum()
@@ -370,21 +427,85 @@ class MaskedAutoencoderViT(nn.Module):
             loss = self.forward_loss(imgs, pred, mask)
         return MAEOutput(loss, pred, mask, ids_restore, latent)
 
-    def _check_target(self, imgs, target):
+    def _check_target(self, imgs, target, num_patches: int):
         pixels = self.patch_size**2 * self.in_chans
         if target is None:
             if self.target_dim != pixels:
                 raise ValueError(f"this model predicts {self.target_dim} features per patch, not pixels: pass "
                                  f"target=(B, L, {self.target_dim})")
             return
-        want = (imgs.shape[0], self.num_patches, self.target_dim)
+        want = (imgs.shape[0], num_patches, self.target_dim)
         if not isinstance(target, torch.Tensor) or tuple(target.shape) != want:
             raise ValueError(f"target must be a {want} tensor, got {tuple(getattr(target, 'shape', ()))}")
         if target.device != imgs.device:
             raise ValueError(f"target on {target.device} but imgs on {imgs.device}")
 
+    def forward_packed(self, imgs, mask_ratio: float = 0.75, noise=None) -> PackedOutput:
+        """The MAE loss of images of different sizes in one packed pass.
+
+        ``imgs``: a list of (C, H, W) images (H, W multiples of the patch size); ``noise``: None or a list of
+        (1, L_i) masking noises. Each image is masked as :meth:`forward` masks it alone; the visible tokens of all
+        images (each with its cls token) run through the encoder as one sequence of ``cu_seqlens``-delimited
+        segments, and [cls, visible, mask tokens] of every image through the decoder alike (attention never
+        crosses images). ``loss`` is the mean over all removed patches of all images,
+        ``sum_i loss_i * removed_i / sum_i removed_i`` of the per-image losses (``losses``).
+        """
+        if not isinstance(imgs, (list, tuple)) or not imgs:
+            raise ValueError("forward_packed takes a non-empty list of (C, H, W) images")
+        if self.target_dim != self.patch_size**2 * self.in_chans:
+            raise ValueError("forward_packed reconstructs pixels; this model predicts another target's features")
+        if noise is not None and (not isinstance(noise, (list, tuple)) or len(noise) != len(imgs)):
+            raise ValueError(f"noise must be None or a list of {len(imgs)} (1, L_i) tensors")
+        p, C = self.patch_size, self.in_chans
+        device = self.cls_token.device
+        cls = self.cls_token + self.pos_embed[:, :1]
+        enc, dec_pos, masked_ids, grids, seg_enc, seg_dec = [], [], [], [], [0], [0]
+        for i, img in enumerate(imgs):
+            if not isinstance(img, torch.Tensor) or img.dim() != 3:
+                raise ValueError(f"image {i} must be a (C, H, W) tensor, got {getattr(img, 'shape', type(img))}")
+            self._check_imgs(img[None])
+            grid = self.grid_of(img)
+            L = grid[0] * grid[1]
+            ids_shuffle, ids_keep, _, _ = self._masking(1, mask_ratio, None if noise is None else noise[i], device, L)
+            K = ids_keep.shape[1]
+            enc.append(torch.cat([cls[0], self._embed_visible(img[None], ids_keep)[0]], 0))
+            dec_pos.append((self.pos_tables(grid)[1][0], ids_keep[0], ids_shuffle[0, K:]))
+            masked_ids.append(ids_shuffle[:, K:])
+            grids.append(grid)
+            seg_enc.append(seg_enc[-1] + 1 + K)
+            seg_dec.append(seg_dec[-1] + 1 + L)
+        cu_enc = torch.tensor(seg_enc, dtype=torch.int32, device=device)
+        cu_dec = torch.tensor(seg_dec, dtype=torch.int32, device=device)
+        latent = self._run_blocks(self.blocks, torch.cat(enc, 0)[None], self.norm, cu_seqlens=cu_enc)
+        x = self.decoder_embed(latent)[0]
+        parts, rows = [], []
+        for i, (pos, keep, removed) in enumerate(dec_pos):
+            parts.append(x[seg_enc[i]:seg_enc[i + 1]] + F.embedding(F.pad(keep + 1, (1, 0)), pos))
+            parts.append(self.mask_token[0] + F.embedding(removed + 1, pos))
+            rows.append(torch.arange(seg_dec[i] + 1 + keep.shape[0], seg_dec[i + 1], device=device))
+        x = torch.cat(parts, 0)[None]
+        if len(self.decoder_blocks):
+            x = self._run_blocks(self.decoder_blocks, x, self.decoder_norm, cu_seqlens=cu_dec)
+        else:
+            x = self.decoder_norm(x)
+        pred = self.decoder_pred(x[0, torch.cat(rows)])
+        # per removed patch: its squared error, averaged over its pixels
+        err, start = [], 0
+        dtype = torch.promote_types(pred.dtype, torch.float32)  # fp32 as official, fp64 for a fp64 model
+        for img, ids in zip(imgs, masked_ids):
+            M = ids.shape[1]
+            target = ops.patchify_gather(img[None], ids, p, check_ids=False)[0]
+            target = target.reshape(M, C, p, p).permute(0, 2, 3, 1).reshape(M, p * p * C).to(dtype)
+            if self.norm_pix_loss:
+                target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1.0e-6) ** 0.5
+            err.append((pred[start:start + M].to(dtype) - target).pow(2).mean(-1))
+            start += M
+        per_patch = torch.cat(err)
+        losses = torch.stack([e.mean() for e in err])
+        return PackedOutput(per_patch.mean(), losses, pred, masked_ids, grids, cu_enc, cu_dec)
+
     def forward_features(self, imgs):
         """Encoder on every patch, no masking: (B, 1+L, D), cls first (timm's ``forward_features``)."""
         self._check_imgs(imgs)
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        x = self.patch_embed(imgs) + self.pos_tables(self.grid_of(imgs))[0][:, 1:]
         return self._run_blocks(self.blocks, self._with_cls(x), self.norm)

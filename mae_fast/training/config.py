@@ -157,6 +157,17 @@ class PretrainConfig(_Config):
     hog_bins: int = key(9, "target=hog: orientation bins over [0, pi) (MaskFeat: 9)")
     hog_cell: int = key(8, "target=hog: cell size in pixels, dividing the patch size (MaskFeat: 8)")
     hog_window: int = key(0, "target=hog: Gaussian window in pixels weighting the gradients (0: off)")
+    # mixed resolutions, packing, phases, init (mae_fast/training/packing.py)
+    img_sizes: list | None = key(None, "resolutions (square, in pixels) to draw images at, e.g. [224, 476] (null: img_size)")
+    img_size_weights: list | None = key(None, "relative weight of each of img_sizes (null: equal)")
+    packing: bool = key(False, "each image draws its own resolution; a step's images run as one packed sequence "
+                        "(forward_packed); false: one resolution per step")
+    tokens_per_batch: int | None = key(None, "patches per step instead of batch_size images (as many images as fit)")
+    phases: list | None = key(None, "[{steps: N, img_size / img_sizes / img_size_weights / batch_size / "
+                              "tokens_per_batch / packing: ...}, ...]: settings per stretch of steps; the run's "
+                              "length is their sum")
+    init_from: str | None = key(None, "start from these weights (a run dir, a mae_fast checkpoint or an official MAE "
+                                "checkpoint; position tables fitted to img_size) with a fresh optimizer and schedule")
 
 
 @dataclass
@@ -226,6 +237,8 @@ class FinetuneConfig(_Config):
                               "class) or uniform (int(fraction x N) of the whole set)")
     report: str = key("best", "best | final: the top-1 a run reports (results.json reported_top1, what a sweep's "
                       "table records): the best epoch's or the last epoch's")
+    drop_path_mode: str = key("efficient", "efficient (each block's residual branch runs on the kept samples only, "
+                              "DINOv2's way: same expectation, less work) | timm (timm's DropPath: every sample, zeroed)")
 
 
 PRETRAIN_KEYS: dict[str, tuple] = PretrainConfig.keys()

@@ -209,6 +209,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int, linprobe: bool, spec
 
         encoder = VisionTransformer(**timm_model_kwargs(mae), drop_path_rate=cfg.drop_path)
         encoder.load_state_dict(export_timm(mae), strict=True)
+        _drop_path_mode(encoder, cfg.drop_path_mode)
     return Classifier(encoder, num_classes, cfg.pool, linprobe, cfg.head, cfg.head_init_std), mae.img_size, ckpt, \
         model_name
 
@@ -225,7 +226,8 @@ RUN_IDENTITY = ("mode", "model", "model_kwargs", "img_size", "data_root", "fract
 # accum_steps is not there: a run may resume with more micro-steps to fit a smaller GPU (the same gradient)
 LATER_IDENTITY = {"auto_augment": None, "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0, "head": "linear",
                   "head_init_std": None, "lr_schedule": "cosine", "decay_all": False, "crop_scale": [0.2, 1.0],
-                  "eval_resize_margin": None, "label_sampling": "per_class"}
+                  "eval_resize_margin": None, "label_sampling": "per_class",
+                  "drop_path_mode": "efficient"}
 
 
 def run_identity(cfg: FinetuneConfig, encoder_checkpoint) -> dict:
@@ -303,7 +305,7 @@ def evaluate(model: nn.Module, loader, device, amp_dtype, num_classes: int) -> t
 # ---------------------------------------------------------------------------------------------
 # memory budget
 # ---------------------------------------------------------------------------------------------
-def _with_drop_path(encoder: nn.Module, rate: float) -> nn.Module:
+def _with_drop_path(encoder: nn.Module, rate: float, mode: str = "efficient") -> nn.Module:
     """Stochastic depth as timm's ``drop_path_rate`` sets it (linear over the blocks), added to an encoder built
     without: the estimate's model is built on the meta device, where timm cannot read the rates it computes."""
     from timm.layers import DropPath
@@ -312,7 +314,17 @@ def _with_drop_path(encoder: nn.Module, rate: float) -> nn.Module:
     for blk, r in zip(encoder.blocks, rates):
         if r > 0:
             blk.drop_path1, blk.drop_path2 = DropPath(r), DropPath(r)
-    return encoder
+    return _drop_path_mode(encoder, mode)
+
+
+def _drop_path_mode(encoder: nn.Module, mode: str) -> nn.Module:
+    """``efficient``: the residual branches run on the kept samples only (:mod:`mae_fast.models.drop_path`);
+    ``timm``: timm's DropPath, which computes every sample's branch and zeroes the dropped ones."""
+    from mae_fast.models.drop_path import efficient_drop_path
+
+    if mode not in ("efficient", "timm"):
+        raise ConfigError(f"drop_path_mode must be efficient or timm, got {mode!r}")
+    return efficient_drop_path(encoder) if mode == "efficient" else encoder
 
 
 def fit_memory_budget(cfg: FinetuneConfig, spec: tuple, num_classes: int, linprobe: bool, batch: int, device,
@@ -329,7 +341,7 @@ def fit_memory_budget(cfg: FinetuneConfig, spec: tuple, num_classes: int, linpro
         plain = dataclasses.replace(cfg, drop_path=0.0)
         model, img_size, _, _ = build_classifier(plain, num_classes, linprobe, (None, *spec[1:]))
         if not linprobe and cfg.drop_path:
-            _with_drop_path(model.encoder, cfg.drop_path)
+            _with_drop_path(model.encoder, cfg.drop_path, cfg.drop_path_mode)
         size[:] = [img_size]
         model.encoder.set_grad_checkpointing(checkpointing)
         return model

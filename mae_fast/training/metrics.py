@@ -90,13 +90,18 @@ class Throughput:
     def __init__(self, flops_per_image: float, peak: float | None, world_size: int, device: torch.device):
         self.flops_per_image, self.peak, self.world, self.device = flops_per_image, peak, world_size, device
         self.start_window()
+        self.steady_flops = 0.0  # counted FLOPs (steps that report theirs: mixed-resolution ones) after window 1
         self.rate, self.mfu = 0.0, None
         self.steady = {"images": 0, "seconds": 0.0, "windows": 0, "data_wait_s": 0.0}
 
     def start_window(self) -> None:
         self.t_window, self.images, self.data_wait_s, self.losses = time.perf_counter(), 0, 0.0, []
+        self.flops = None
 
-    def add_step(self, images: int, loss: float | None) -> None:
+    def add_step(self, images: int, loss: float | None, flops: float | None = None) -> None:
+        """A step's images and loss; ``flops``: its own count where images differ in size (else per image)."""
+        if flops is not None:
+            self.flops = (self.flops or 0.0) + flops
         self.images += images
         if loss is not None:
             self.losses.append(loss)
@@ -111,8 +116,9 @@ class Throughput:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - self.t_window
         self.rate = self.images / dt if dt > 0 else 0.0
-        self.mfu = self._mfu(self.rate)
+        self.mfu = self._mfu(self.rate) if self.flops is None else self._mfu(self.flops / dt if dt > 0 else 0.0, 1.0)
         if self.steady["windows"] > 0:
+            self.steady_flops += self.flops or 0.0
             self.steady["images"] += self.images
             self.steady["seconds"] += dt
             self.steady["data_wait_s"] += self.data_wait_s
@@ -123,12 +129,15 @@ class Throughput:
         self.start_window()
         return out
 
-    def _mfu(self, rate: float):
-        return self.flops_per_image * rate / (self.peak * self.world) if self.peak else None
+    def _mfu(self, rate: float, flops_per_item: float | None = None):
+        per = self.flops_per_image if flops_per_item is None else flops_per_item
+        return per * rate / (self.peak * self.world) if self.peak else None
 
     def summary(self) -> tuple[float, float | None, float | None]:
         """(images/s, MFU, data wait) after the first window, else the last window's."""
         s = self.steady
         rate = s["images"] / s["seconds"] if s["seconds"] > 0 else self.rate
         wait = s["data_wait_s"] / s["seconds"] if s["seconds"] > 0 else None
+        if self.steady_flops and s["seconds"] > 0:
+            return rate, self._mfu(self.steady_flops / s["seconds"], 1.0), wait
         return rate, self._mfu(rate), wait

@@ -33,7 +33,7 @@ from mae_fast.data.samplers import SeededItems, StepBatchSampler, StreamBatches,
     mix_seed
 from mae_fast.data.subset import SUBSET_MODES
 from mae_fast.models.checkpoint import CheckpointError
-from mae_fast.training import checkpoint, curves
+from mae_fast.training import checkpoint, curves, packing
 from mae_fast.training import distributed as dist_mod
 from mae_fast.training.checkpoint import rng_state, set_rng_state
 from mae_fast.training.compiling import ColdStart, resolve_compile
@@ -47,7 +47,8 @@ CHECKPOINT_VERSION = 1
 RESUME_MUST_MATCH = ("model", "model_kwargs", "img_size", "norm_pix_loss", "mask_ratio", "data_source", "hours",
                      "subset", "fps", "batch_size", "epochs", "steps", "seed", "lr", "base_lr", "lr_schedule",
                      "weight_decay", "warmup_steps", "warmup_epochs", "images", "subset_strategy",
-                     "target", "teacher", "teacher_layer", "hog_bins", "hog_cell", "hog_window")
+                     "target", "teacher", "teacher_layer", "hog_bins", "hog_cell", "hog_window",
+                     "img_sizes", "img_size_weights", "packing", "tokens_per_batch", "phases")
 
 # keys with a fixed set of values, checked before the process group starts and the data is built
 CHOICES = {"device": ("auto", "cpu", "cuda"), "distributed": ("auto", "ddp", "fsdp", "none"),
@@ -115,6 +116,7 @@ def check_config(cfg: PretrainConfig, world: int) -> None:
         value = getattr(cfg, key)
         if value is not None and value < 0:
             raise ConfigError(f"{key} must not be negative, got {value!r}")
+    packing.check(cfg, world)
 
 
 def autocast_dtype(precision: str, device: torch.device):
@@ -171,6 +173,7 @@ class Run:
     peak_src: str = ""                # where the MFU's peak FLOP/s came from
     cold_start: ColdStart | None = None  # the compiled step's cold-start timer (compile on)
     target: targets.Target | None = None  # what the decoder reconstructs (None: the model's pixels)
+    plan: packing.StepPlan | None = None  # mixed resolutions / packing / phases (training/packing.py)
 
     @property
     def device(self) -> torch.device:
@@ -282,11 +285,16 @@ def setup(cfg: PretrainConfig, info: dist_mod.DistInfo, dataset=None) -> Run:
     amp_dtype = autocast_dtype(cfg.precision, device)
     target = targets.build_target(cfg, device, amp_dtype)
     model = build_model(cfg, device, target)
-    img_size = model.img_size
+    plan = packing.build_plan(cfg, model)
+    if cfg.init_from is not None:
+        packing.init_weights(model, cfg.init_from, print if info.is_main else lambda msg: None)
+    img_size = model.img_size if plan is None else (plan.max_size, plan.max_size)  # plans resize down
     ds = dataset if dataset is not None else build_dataset(cfg, img_size[0] if img_size[0] == img_size[1]
                                                             else img_size, info.is_main)
     n = dataset_length(ds)
     sched = make_schedule(cfg, n, info.world_size)
+    if plan is not None and plan.total_steps is not None:
+        sched.total_steps = plan.total_steps  # the phases' sum
 
     strategy = dist_mod.choose_strategy(cfg.distributed, model, info)
     memory_plan = fit_memory_budget(cfg, model, sched.micro, strategy, device, amp_dtype, info, target)
@@ -301,7 +309,7 @@ def setup(cfg: PretrainConfig, info: dist_mod.DistInfo, dataset=None) -> Run:
         checkpoint.clean_temporaries(run_dir)
     dist_mod.barrier()
     return Run(cfg, info, amp_dtype, model, train_model, strategy, optimizer, scaler, ds, n, sched, run_dir,
-               memory_plan, target=target)
+               memory_plan, target=target, plan=plan)
 
 
 def fit_memory_budget(cfg: PretrainConfig, model, micro: int, strategy: str, device, amp_dtype, info,
@@ -415,8 +423,8 @@ def restore(run: Run) -> TrainState:
     if state is None:
         return ts
     if "optimizer" not in state or "step" not in state:
-        raise CheckpointError("the checkpoint holds weights only (no optimizer/step); pass it as an init, "
-                              "not as resume")
+        raise CheckpointError("the checkpoint holds weights only (no optimizer/step): start from it with "
+                              f"init_from={source} (a fresh optimizer and schedule), not with resume")
     old = state.get("config") or {}
     changed = [k for k in RESUME_MUST_MATCH if k in old and old[k] != getattr(cfg, k)]
     described = ", ".join(f"{k} ({old[k]!r} -> {getattr(cfg, k)!r})" for k in changed)
@@ -469,6 +477,8 @@ def make_loader(run: Run, ts: TrainState):
     """Micro-batches from the resume position: a DataLoader over :class:`StepBatchSampler`, or the stream."""
     cfg, info, sched = run.cfg, run.info, run.sched
     pin = run.device.type == "cuda"
+    if run.plan is not None:
+        return packing.make_loader(run, ts.step)
     if isinstance(run.dataset, torch.utils.data.IterableDataset):
         return StreamBatches(run.dataset, sched.micro, cfg.num_workers, pin, *ts.stream_position)
     sampler = StepBatchSampler(run.n, sched.batch, cfg.seed, ts.step, sched.total_steps, sched.accum,
@@ -488,12 +498,16 @@ class StepOutcome:
     time_up: bool             # some rank is past time_limit_s
     stop_signal: int | None   # SIGTERM / SIGINT on some rank
     data_wait_s: float        # time blocked on the loader
+    images: int | None = None  # images of the step where they vary (planned steps); None: the batch size
+    flops: float | None = None  # their training FLOPs where they differ in size
 
 
 def forward_backward(run: Run, batches, step: int, signals: list, t_loop: float) -> StepOutcome:
     """The step's micro-batches through the model and back (gradients accumulate; DDP / FSDP2 synchronise
     after the last one), then one all-reduce of the loss and the stop flags, so every rank decides alike."""
     cfg, info, sched = run.cfg, run.info, run.sched
+    if run.plan is not None:
+        return packing.forward_backward(run, batches, step, signals, t_loop)
     L = run.model.num_patches
     g_noise = torch.Generator().manual_seed(mix_seed(cfg.seed, 15485863, step))
     noise_all = torch.rand(sched.batch, L, generator=g_noise).view(sched.accum, info.world_size, sched.micro, L)
@@ -696,8 +710,8 @@ def train(run: Run, ts: TrainState, t_start: float) -> dict:
                     cold = cold.first_step()  # reports the compile time once
                 window.data_wait_s += last.data_wait_s
                 ok, grad_norm = optimizer_step(run, last.loss)
-                record_step(run, ts, ok, last.loss, bar)
-                window.add_step(sched.batch, last.loss if ok else None)
+                record_step(run, ts, ok, last.loss, bar, last.images)
+                window.add_step(last.images or sched.batch, last.loss if ok else None, last.flops)
                 if ts.bad_run >= cfg.max_bad_steps:
                     path = saver.save(ts, last.loss, tag="non-finite")
                     raise NonFiniteLossError(
@@ -737,7 +751,7 @@ def train(run: Run, ts: TrainState, t_start: float) -> dict:
     return result
 
 
-def record_step(run: Run, ts: TrainState, ok: bool, loss: float, bar) -> None:
+def record_step(run: Run, ts: TrainState, ok: bool, loss: float, bar, images: int | None = None) -> None:
     """Count the step: a finite one's loss, or one more skipped step."""
     if ok:
         ts.bad_run = 0
@@ -750,7 +764,7 @@ def record_step(run: Run, ts: TrainState, ok: bool, loss: float, bar) -> None:
             bar.write(f"step {ts.step}: non-finite loss ({loss}); step skipped "
                       f"({ts.bad_run} in a row, {ts.bad_total} in all)")
     ts.step += 1
-    ts.images_seen += run.sched.batch
+    ts.images_seen += run.sched.batch if images is None else images
 
 
 def show_progress(bar, row: dict) -> None:

@@ -147,8 +147,10 @@ def test_bad_inputs_have_clear_errors(small_mae):
         mae_fast.create_model("mae_vit_small_patch16", width=3)
     with pytest.raises(ValueError, match="unknown model"):
         mae_fast.create_model("vit_nope")
-    with pytest.raises(ValueError, match=r"imgs must be \(B, 3, 48, 48\)"):
-        m(torch.randn(2, 3, 40, 48))
+    with pytest.raises(ValueError, match=r"imgs must be \(B, 3, H, W\) with H and W multiples of the patch size 8"):
+        m(torch.randn(2, 3, 44, 48))  # any size of whole patches is taken (40 x 48 is)
+    with pytest.raises(ValueError, match=r"imgs must be \(B, 3, H, W\)"):
+        m(torch.randn(2, 1, 48, 48))
     with pytest.raises(ValueError, match="imgs must be"):
         m(torch.randn(3, 48, 48))
     with pytest.raises(ValueError, match="noise must be"):
@@ -413,9 +415,9 @@ def test_inputs_of_the_wrong_batch_device_or_channels_are_clear_errors():
         m(imgs, 0.6, torch.rand(3, L))
     with pytest.raises(ValueError, match="noise on"):
         m(imgs, 0.6, torch.rand(2, L, device="meta"))
-    with pytest.raises(ValueError, match=r"imgs must be \(B, 2, 24, 40\)"):
+    with pytest.raises(ValueError, match=r"imgs must be \(B, 2, H, W\)"):
         m(torch.randn(2, 3, 24, 40))
     with pytest.raises(ValueError, match="imgs on meta"):
         m(torch.randn(2, 2, 24, 40, device="meta"))
-    with pytest.raises(ValueError, match=r"imgs must be \(B, 2, 24, 40\)"):
-        m.forward_features(torch.randn(2, 2, 40, 24))
+    with pytest.raises(ValueError, match=r"imgs must be \(B, 2, H, W\) with H and W multiples"):
+        m.forward_features(torch.randn(2, 2, 41, 24))

@@ -385,9 +385,15 @@ def test_finetuning_encoder_has_stochastic_depth_and_the_probe_none(tmp_path):
     """drop_path=0.2 over 4 blocks: timm's linear rule, the last block 0.2; the probe's (frozen) encoder none."""
     cfg = FinetuneConfig.build(dict(drop_path=0.2))
     spec = (None, "mae_vit_demo_patch8", {"img_size": 32})
+    from mae_fast.models.drop_path import drop_path_rates
+
     model, *_ = ft.build_classifier(cfg, 3, linprobe=False, spec=spec)
-    rates = [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in model.encoder.blocks]
+    rates = [r for r, _ in drop_path_rates(model.encoder)]
     assert rates == pytest.approx([0.2 * i / 3 for i in range(4)])
+    assert type(model.encoder.blocks[1]).__name__.startswith("EfficientDropPath")  # drop_path_mode=efficient
+    timm_mode, *_ = ft.build_classifier(FinetuneConfig.build(dict(drop_path=0.2, drop_path_mode="timm")), 3,
+                                        linprobe=False, spec=spec)
+    assert [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in timm_mode.encoder.blocks] == pytest.approx(rates)
     probe, *_ = ft.build_classifier(cfg, 3, linprobe=True, spec=spec)
     assert all(float(getattr(b.drop_path1, "drop_prob", 0.0)) == 0.0 for b in probe.encoder.blocks)
 
