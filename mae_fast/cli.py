@@ -31,8 +31,13 @@ def main(argv=None) -> int:
         print(f"mae-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, kwargs, _ = COMMANDS[name]
+    from mae_fast.extras import MissingExtra
+
     try:
         result = getattr(importlib.import_module(module), func)(rest, **kwargs)
+    except MissingExtra as e:  # an optional package a command needs: one line naming the extra, no traceback
+        print(f"mae-fast {name}: {e}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `mae-fast ... | head` closed the pipe: stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not raise again
         return 141  # 128 + SIGPIPE, what a shell reports for such a pipe

@@ -8,12 +8,13 @@ import sys
 from typing import Callable
 
 from mae_fast.data.base import DataError
+from mae_fast.extras import MissingExtra
 from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.training.config import DEFAULT_RECIPE, KEYS, ConfigError, config_from_argv, help_text
 from mae_fast.training.signals import TrainingInterrupted
 
 # the user's input: a one-line message, no traceback
-USER_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, DataError)
+USER_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, DataError, MissingExtra)
 
 
 def run_command(argv, config_cls, run: Callable, *, prog: str, fixed: dict | None = None,
