@@ -4,6 +4,7 @@ and default, one-line errors on stderr with exit code 2 for bad input, and the e
 when SIGINT / SIGTERM stopped the run (after its checkpoint)."""
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Callable
 
@@ -11,7 +12,7 @@ from mae_fast.data.base import DataError
 from mae_fast.extras import MissingExtra
 from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.training.config import DEFAULT_RECIPE, KEYS, ConfigError, config_from_argv, help_text
-from mae_fast.training.signals import TrainingInterrupted
+from mae_fast.training.signals import StopNow, TrainingInterrupted
 
 # the user's input: a one-line message, no traceback
 USER_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, DataError, MissingExtra)
@@ -38,6 +39,13 @@ def run_command(argv, config_cls, run: Callable, *, prog: str, fixed: dict | Non
     except TrainingInterrupted as e:  # the summary above says where; exit as the signal would have
         print(f"{prog}: {e}", file=sys.stderr)
         return 128 + int(e.signum)
+    except StopNow as e:  # a second signal where no step count or checkpoint is at hand (finetuning)
+        print(f"{prog}: second {e}: stopped at once; resume=auto continues from the last checkpoint",
+              file=sys.stderr)
+        return 128 + int(e.signum)
+    except KeyboardInterrupt:  # Ctrl-C before training started (reading data, building the model)
+        print(f"{prog}: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 128 + signal.SIGINT
     except tuple(errors or ()) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return next(code for cls, code in errors.items() if isinstance(e, cls))

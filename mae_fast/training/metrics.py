@@ -3,6 +3,7 @@ the share of time spent waiting for data, the progress bar, and the peak FLOP/s 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,12 +46,16 @@ def peak_flops_for(device: torch.device, override) -> tuple[float | None, str]:
 
 
 class MetricsLog:
-    """Appends rows to ``<run_dir>/metrics.jsonl`` (and TensorBoard scalars when it is installed); rank 0 only."""
+    """Appends rows to ``<run_dir>/metrics.jsonl`` (and TensorBoard scalars when it is installed); rank 0 only.
+    ``resume_step``: the step the run goes on from; rows of later steps (logged before the interruption, about to be
+    logged again) are dropped first, so the file reads as one run."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
         self.enabled, self.path, self.tb = enabled, run_dir / "metrics.jsonl", None
         if not enabled:
             return
+        if resume_step is not None:
+            keep_rows_until(self.path, resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -71,6 +76,28 @@ class MetricsLog:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+def keep_rows_until(path: Path, step: int) -> None:
+    """Drop the rows of ``path`` (JSON lines with a ``step``) after ``step``, atomically (a temporary file renamed
+    over it, so an interruption leaves the old file or the new one); a torn last line goes too."""
+    if not path.is_file():
+        return
+    kept, dropped = [], False
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            keep = int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        dropped = dropped or not keep
+    if not dropped:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def progress_bar(enabled: bool, **kw):

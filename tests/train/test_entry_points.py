@@ -215,3 +215,40 @@ def test_typed_config_fields_match_the_key_tables_and_round_trip(cls):
     assert cls.build(cfg) is cfg and cls.build(dict(d, recipe=None)) == cfg
     with pytest.raises(TypeError):
         cls.from_dict({**d, "bogus": 1})
+
+
+def test_ctrl_c_twice_stops_at_once_with_exit_130_no_traceback_and_a_checkpoint_of_the_step(tmp_path):
+    """`mae-fast pretrain` (with a DataLoader worker) gets Ctrl-C twice, as a terminal sends it (to the whole process
+    group): exit 130, no traceback from the trainer or the worker, a line naming the checkpoint kept, which is the
+    finished step's (the periodic one is far off) and resumable."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import tiny
+    from mae_fast.training import checkpoint as checkpoint_io
+
+    cfg = tiny(tmp_path, name="ctrlc", steps=40, checkpoint_every=100, debug_step_sleep_s=0.5, num_workers=1)
+    args = [f"{k}={json.dumps(v)}" for k, v in cfg.items() if k != "recipe"]
+    proc = subprocess.Popen([sys.executable, "-m", "mae_fast.cli", "pretrain", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = tmp_path / "ctrlc" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    found = re.search(r"second SIGINT: stopped at once at step (\d+)/40; checkpoint (\S+) of step (\d+)", err)
+    assert found and found[1] == found[3], err
+    step, path = int(found[1]), Path(found[2])
+    assert step >= 2 and path.is_file()
+    latest = checkpoint_io.latest_valid_checkpoint(tmp_path / "ctrlc")
+    assert latest[0] == path and latest[1]["step"] == step
