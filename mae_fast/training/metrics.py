@@ -32,17 +32,34 @@ def peak_flops_for(device: torch.device, override) -> tuple[float | None, str]:
             if key in name:
                 return val, f"table ({name})"
         return None, f"unknown GPU {name}"
-    # CPU: the best of a few fp32 matmuls stands in for the peak (other load on the machine lowers it); the
-    # operand comes from a generator of its own: a draw from the global one would move the RNG state that a
-    # resume has just restored, so the resumed run would go on from another state than the uninterrupted one
-    size = 1024
+    return measure_cpu_peak(), "measured CPU fp32 matmul (best of 4 rounds)"
+
+
+def measure_cpu_peak(size: int = 512, rounds: int = 4, reps: int = 4, pause_s: float = 0.02) -> float:
+    """FLOP/s of the fastest of ``rounds`` x ``reps`` fp32 matmuls, the rounds a pause apart: other load on the
+    machine only lowers a trial, so the best of trials spread over time is the least disturbed one (a single
+    burst on a busy machine came out several times too low, and MFU over 100%). The operand comes from a
+    generator of its own: a draw from the global one would move the RNG state that a resume has just restored,
+    so the resumed run would go on from another state than the uninterrupted one."""
     a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    a @ a  # warm-up (thread pool start, first-touch pages)
     best = float("inf")
-    for _ in range(6):
-        t = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best, "measured CPU fp32 matmul"
+    for r in range(rounds):
+        if r:
+            time.sleep(pause_s)
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best
+
+
+def mfu_text(mfu) -> str | None:
+    """MFU for people: a percentage, or ``?(peak unreliable)`` when it is impossible (over 100%: the peak it divides
+    by came out too low, e.g. measured on a busy CPU; set ``peak_flops`` to the device's real one)."""
+    if mfu is None:
+        return None
+    return f"{100 * mfu:.1f}%" if mfu <= 1.0 else "?(peak unreliable)"
 
 
 class MetricsLog:
@@ -116,6 +133,7 @@ class Throughput:
 
     def __init__(self, flops_per_image: float, peak: float | None, world_size: int, device: torch.device):
         self.flops_per_image, self.peak, self.world, self.device = flops_per_image, peak, world_size, device
+        self.peak_unreliable = False
         self.start_window()
         self.rate, self.mfu = 0.0, None
         self.steady = {"images": 0, "seconds": 0.0, "windows": 0, "data_wait_s": 0.0}
@@ -151,7 +169,12 @@ class Throughput:
         return out
 
     def _mfu(self, rate: float):
-        return self.flops_per_image * rate / (self.peak * self.world) if self.peak else None
+        """The share of the peak; over 1 (impossible: the peak was too low) it is returned as is and flagged in
+        ``peak_unreliable``, and the displays say so instead of showing it (:func:`mfu_text`)."""
+        mfu = self.flops_per_image * rate / (self.peak * self.world) if self.peak else None
+        if mfu is not None and mfu > 1.0:
+            self.peak_unreliable = True
+        return mfu
 
     def summary(self) -> tuple[float, float | None, float | None]:
         """(images/s, MFU, data wait) after the first window, else the last window's."""

@@ -38,7 +38,7 @@ from mae_fast.training import checkpoint, curves
 from mae_fast.training import distributed as dist_mod
 from mae_fast.training.checkpoint import rng_state, set_rng_state
 from mae_fast.training.config import ConfigError, PretrainConfig, dump
-from mae_fast.training.metrics import DATA_WAIT_WARN, MetricsLog, Throughput, peak_flops_for, progress_bar
+from mae_fast.training.metrics import DATA_WAIT_WARN, MetricsLog, Throughput, mfu_text, peak_flops_for, progress_bar
 from mae_fast.training.signals import StopNow, TrainingInterrupted, shared_stop, signal_flags, stop_requests
 
 CHECKPOINT_VERSION = 1
@@ -754,7 +754,7 @@ def show_progress(bar, row: dict) -> None:
     post = {"loss": f"{row['loss']:.4f}" if row["loss"] is not None else "nan",
             "lr": f"{row['lr']:.2e}", "img/s": f"{row['images_per_s']:.1f}"}
     if row["mfu"] is not None:
-        post["mfu"] = f"{100 * row['mfu']:.1f}%"
+        post["mfu"] = mfu_text(row["mfu"])
     if row["data_wait"] >= DATA_WAIT_WARN:
         post["data wait"] = f"{100 * row['data_wait']:.0f}%"
     bar.set_postfix(post, refresh=False)
