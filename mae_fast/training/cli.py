@@ -11,7 +11,7 @@ from typing import Callable
 from mae_fast.data.base import DataError
 from mae_fast.extras import MissingExtra
 from mae_fast.models.checkpoint import CheckpointError
-from mae_fast.training.config import DEFAULT_RECIPE, KEYS, ConfigError, config_from_argv, help_text
+from mae_fast.training.config import DEFAULT_RECIPE, KEYS, ConfigError, _parse_overrides, config_from_argv, help_text
 from mae_fast.training.signals import StopNow, TrainingInterrupted
 
 # the user's input: a one-line message, no traceback
@@ -27,8 +27,7 @@ def run_command(argv, config_cls, run: Callable, *, prog: str, fixed: dict | Non
     argv = list(sys.argv[1:] if argv is None else argv)
     keys = KEYS[config_cls]
     if any(a in ("-h", "--help") for a in argv):
-        print(help_text(keys, prog))
-        return 0
+        return show_help(argv, config_cls, prog, fixed)
     try:
         cfg = config_from_argv(argv, keys, DEFAULT_RECIPE[config_cls], fixed=fixed)
         config_cls.from_dict(cfg)  # every key a field
@@ -49,4 +48,19 @@ def run_command(argv, config_cls, run: Callable, *, prog: str, fixed: dict | Non
     except tuple(errors or ()) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return next(code for cls, code in errors.items() if isinstance(e, cls))
+    return 0
+
+
+def show_help(argv, config_cls, prog: str, fixed: dict | None) -> int:
+    """``--help``: every key with the value the chosen recipe (``--config``, else the command's default one) gives
+    it, so what is listed is what a run with no overrides uses."""
+    keys = KEYS[config_cls]
+    rest = [a for a in argv if a not in ("-h", "--help")]
+    try:
+        recipe = _parse_overrides(rest)[0] or DEFAULT_RECIPE[config_cls]
+        values = config_from_argv(["--config", recipe] if recipe else [], keys, None, fixed=fixed)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    print(help_text(keys, prog, values, recipe))
     return 0

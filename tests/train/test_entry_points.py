@@ -188,15 +188,28 @@ def test_the_scan_sees_every_way_of_importing_the_entry_points(tmp_path):
         assert module in {m for _, m in _imported_modules(path, package)}, code
 
 
-@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig])
-def test_help_lists_every_key_with_its_meaning_and_default(capsys, cls):
+@pytest.mark.parametrize("cls, argv, recipe", [(PretrainConfig, [], "demo"),
+                                               (PretrainConfig, ["--config", "humanlike_vith14"], "humanlike_vith14"),
+                                               (FinetuneConfig, [], None)])
+def test_help_lists_every_key_with_its_meaning_and_the_value_the_recipe_gives_it(capsys, cls, argv, recipe):
+    """`--help` lists each key with the value a run would take: the chosen recipe's (`mae-fast pretrain` runs the demo
+    recipe), else the key's default; finetune has no default recipe."""
+    import yaml
+
     main = pretrain_mod.main if cls is PretrainConfig else (lambda argv: ft.main(argv, mode="finetune"))
-    assert main(["--help"]) == 0
+    assert main([*argv, "--help"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    recipe_values = yaml.safe_load((Path(mae_fast.__file__).parent.parent / "train" / "recipes" /
+                                    f"{recipe}.yaml").read_text()) if recipe else {}
+    if recipe:
+        assert any(f"with the recipe {recipe}" in line for line in lines)
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        expected = recipe_values.get(f.name, default)
+        if isinstance(default, float) and isinstance(expected, int):
+            expected = float(expected)
         row = next(line for line in lines if line.startswith(f"  {f.name} "))
-        assert f.metadata["help"] in row and row.endswith(f"[default: {default!r}]"), row
+        assert f.metadata["help"] in row and row.endswith(f"[default: {expected!r}]"), row
 
 
 @pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig])
