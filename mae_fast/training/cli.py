@@ -4,6 +4,7 @@ and default, one-line errors on stderr with exit code 2 for bad input, and the e
 when SIGINT / SIGTERM stopped the run (after its checkpoint)."""
 from __future__ import annotations
 
+import difflib
 import signal
 import sys
 from typing import Callable
@@ -29,6 +30,7 @@ def run_command(argv, config_cls, run: Callable, *, prog: str, fixed: dict | Non
     if any(a in ("-h", "--help") for a in argv):
         return show_help(argv, config_cls, prog, fixed)
     try:
+        check_options(argv, keys)
         cfg = config_from_argv(argv, keys, DEFAULT_RECIPE[config_cls], fixed=fixed)
         config_cls.from_dict(cfg)  # every key a field
         run(dict(cfg, recipe=None))
@@ -64,3 +66,17 @@ def show_help(argv, config_cls, prog: str, fixed: dict | None) -> int:
         return 2
     print(help_text(keys, prog, values, recipe))
     return 0
+
+
+def check_options(argv, keys: dict) -> None:
+    """``--name`` options that are no key: "unknown option", with a suggestion only for a near miss (a typo)."""
+    for tok in argv:
+        if not tok.startswith("--") or tok == "--":
+            continue
+        name = tok[2:].split("=", 1)[0]
+        key = name.replace("-", "_").split(".")[0]
+        if name != "config" and key not in keys:
+            close = difflib.get_close_matches(key, list(keys), n=3, cutoff=0.75)
+            hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
+            raise ConfigError(f"unknown option --{name}{hint}; --help lists the options (every key, as --key value "
+                              f"or key=value)")

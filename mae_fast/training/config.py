@@ -209,7 +209,7 @@ def list_recipes(keys: dict = PRETRAIN_KEYS) -> list[str]:
 
 
 def _unknown_key_error(key: str, keys: dict, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key.split(".")[0], list(keys), n=3)
+    close = difflib.get_close_matches(key.split(".")[0], list(keys), n=3, cutoff=0.75)  # not "bogus" -> "hours"
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return ConfigError(f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(sorted(keys))}")
 

@@ -97,3 +97,24 @@ def test_reading_videos_without_pyav_is_one_error_not_every_file_unreadable(tmp_
     out, err = capsys.readouterr()
     assert rc == 2
     assert err.strip().splitlines() == ['mae-fast pretrain: reading video needs PyAV: pip install "mae_fast[video]"']
+
+
+def test_warnings_are_one_line_and_interrupts_and_unknown_options_have_no_traceback(monkeypatch, capsys):
+    """A warning under a command reads `mae-fast <cmd>: warning: <message>` (no source line); Ctrl-C in any command
+    is one line and exit 130; an unknown option is named as such, with a suggestion only for a near miss."""
+    import warnings
+
+    def warn_then_stop(argv, **kw):
+        assert warnings.formatwarning("kept 3 files", RuntimeWarning, "x.py", 9, "return self.dataset[i]") == \
+            "mae-fast memory: warning: kept 3 files\n"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("mae_fast.memory"), "main", warn_then_stop)
+    assert cli.main(["memory"]) == 130
+    assert capsys.readouterr().err == "mae-fast memory: interrupted\n"
+    assert "return self" in warnings.formatwarning("m", RuntimeWarning, "x.py", 9, "return self")  # put back
+    assert cli.main(["pretrain", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mae-fast pretrain: unknown option --bogus;") and "did you mean" not in err
+    assert cli.main(["pretrain", "--bach-size", "3"]) == 2
+    assert "unknown option --bach-size (did you mean --batch_size?)" in capsys.readouterr().err
