@@ -618,9 +618,11 @@ def write_run_files(run: Run) -> None:
     if rec is not None:
         (run.run_dir / "data_record.json").write_text(json.dumps(rec, indent=1, default=str))
     n_params = sum(p.numel() for p in run.model.parameters())
+    n_decoder = sum(p.numel() for n, p in run.model.named_parameters() if n.startswith(("decoder", "mask_token")))
     h, w = run.model.img_size
     run.say(f"run dir: {run.run_dir.resolve()}\n"
-            f"model {cfg.model} ({n_params / 1e6:.2f}M params, {h}x{w}), "
+            f"model {cfg.model} ({n_params / 1e6:.2f}M params: encoder {(n_params - n_decoder) / 1e6:.2f}M + "
+            f"decoder {n_decoder / 1e6:.2f}M (scaling grids count the encoder and its evaluation head); {h}x{w}), "
             f"{run.n if run.n is not None else 'a stream of'} images, batch {sched.batch} (micro {sched.micro} x "
             f"accum {sched.accum} x {info.world_size} ranks), "
             f"{sched.total_steps} steps ({sched.total_steps / sched.steps_per_epoch:.2f} epochs), "

@@ -238,7 +238,7 @@ def test_op_table_lists_every_op_and_its_backends():
 
 def test_scaling_block():
     if not SHARED_CSV.is_file():
-        pytest.skip(f"{SHARED_CSV} is missing (see ../shared/README.md)")
+        pytest.skip(f"the shared study table {SHARED_CSV.name} is not in {SHARED_CSV.parent} (not part of the repository)")
     from mae_fast import scaling
 
     code = _python_block(SCALING_BLOCK)
@@ -447,7 +447,7 @@ def test_command(doc, command, long_work_recorded, tmp_path, monkeypatch):
     assert sub in WORK, f"{doc}: {line}: this test does not know how to check `mae-fast {sub}`"
 
     if sub == "scale fit" and not SHARED_CSV.is_file():
-        pytest.skip(f"{SHARED_CSV} is missing (see ../shared/README.md)")
+        pytest.skip(f"the shared study table {SHARED_CSV.name} is not in {SHARED_CSV.parent} (not part of the repository)")
     pairs = {}
     if "--help" in argv:
         pass  # running it below is the check
