@@ -1,9 +1,11 @@
 """``mae-fast`` command line: each subcommand hands its arguments to the module that owns it."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+import warnings
 
 COMMANDS = {
     "pretrain": ("mae_fast.training.pretrain", "main", {}, "MAE pretraining (no arguments: the built-in demo)"),
@@ -21,6 +23,17 @@ def _usage() -> str:
     return f"usage: mae-fast <command> [args]\n\ncommands:\n{rows}\n\n'mae-fast <command> --help' for details."
 
 
+@contextlib.contextmanager
+def one_line_warnings(prog: str):
+    """Warnings as ``<prog>: warning: <message>``: the user reads what happened, not the library's source line."""
+    before = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"{prog}: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -31,8 +44,17 @@ def main(argv=None) -> int:
         print(f"mae-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, kwargs, _ = COMMANDS[name]
+    from mae_fast.extras import MissingExtra
+
     try:
-        result = getattr(importlib.import_module(module), func)(rest, **kwargs)
+        with one_line_warnings(f"mae-fast {name}"):
+            result = getattr(importlib.import_module(module), func)(rest, **kwargs)
+    except MissingExtra as e:  # an optional package a command needs: one line naming the extra, no traceback
+        print(f"mae-fast {name}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C (or a run's TrainingInterrupted a command did not handle): no traceback
+        print(f"mae-fast {name}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 128 + int(getattr(e, "signum", 2))
     except BrokenPipeError:  # `mae-fast ... | head` closed the pipe: stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not raise again
         return 141  # 128 + SIGPIPE, what a shell reports for such a pipe

@@ -571,12 +571,20 @@ def plan_mae_memory_in_subprocess(job: dict) -> tuple:
 
 
 def _print_rows(rows, title):
+    """The plans' table, in GiB (MiB when every peak is under 1 GiB, so a small model shows no row of 0.00), with a
+    note for rows without gradients (their peak comes before backward has allocated any)."""
+    mib = all(r["peak"] < 1.0 for r in rows)
+    unit, k = ("MiB", 1024.0) if mib else ("GiB", 1.0)
     print(title)
-    print(f"{'plan':<34}{'batch':>6}{'peak GiB':>10}{'params':>8}{'optim':>8}{'grads':>8}{'activ.':>8}"
+    print(f"{'plan':<34}{'batch':>6}{'peak ' + unit:>10}{'params':>8}{'optim':>8}{'grads':>8}{'activ.':>8}"
           f"{'recompute':>11}  phase")
     for r in rows:
-        print(f"{r['plan']:<34}{r['batch']:>6}{r['peak']:>10.2f}{r['parameters']:>8.2f}{r['optimizer_state']:>8.2f}"
-              f"{r['gradients']:>8.2f}{r['activations']:>8.2f}{r['recompute_flops_pct']:>10.1f}%  {r['peak_phase']}")
+        print(f"{r['plan']:<34}{r['batch']:>6}{k * r['peak']:>10.2f}{k * r['parameters']:>8.2f}"
+              f"{k * r['optimizer_state']:>8.2f}{k * r['gradients']:>8.2f}{k * r['activations']:>8.2f}"
+              f"{r['recompute_flops_pct']:>10.1f}%  {r['peak_phase']}")
+    if any(round(k * r["gradients"], 2) == 0 for r in rows):
+        print("grads 0.00: at that plan's peak no gradient exists yet (it comes before backward has written the first "
+              "one; the previous step's were freed by zero_grad(set_to_none=True))")
 
 
 def main(argv=None) -> int:

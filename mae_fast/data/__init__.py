@@ -12,6 +12,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from mae_fast.extras import require
+
 from .base import DataError
 from .demo import DemoPaths, ensure_demo_data
 from .samplers import (SeededItems, StepBatchSampler, StreamBatches, SyntheticImages, collate_images,
@@ -55,6 +57,8 @@ def _probe_all(files, backend):
     """{path: VideoInfo} of the readable videos, and [(path, reason)] of the others."""
     infos, skipped = {}, []
     backend = resolve_backend(backend)  # once, not per file (checking torchcodec loads FFmpeg)
+    if backend == "pyav":
+        require("av", "reading video")  # a missing PyAV is one error, not every file "unreadable"
     for f in files:
         try:
             info = probe_video(f, backend)

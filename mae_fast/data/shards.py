@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mae_fast.extras import require
+
 from .base import DataError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
@@ -230,8 +232,7 @@ def expand_urls(source) -> list[str]:
 
 def _open_url(url: str):
     if url.startswith(("pipe:", "http://", "https://", "gs://", "s3://")):
-        from webdataset.gopen import gopen
-
+        gopen = require("webdataset.gopen", "reading remote shards").gopen
         return gopen(url, "rb")
     return open(url, "rb")
 

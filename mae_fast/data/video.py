@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from mae_fast.extras import require
+
 from .base import SkippingDataset, list_files
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
@@ -79,7 +81,7 @@ def resolve_backend(backend: str = "auto") -> str:
 # ---------------------------------------------------------------------------------------------- PyAV
 
 def _open_pyav(path):
-    import av
+    av = require("av", "reading video")
 
     container = av.open(str(path))
     if not container.streams.video:

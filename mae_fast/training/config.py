@@ -83,7 +83,7 @@ class PretrainConfig(_Config):
     norm_pix_loss: bool = key(False, "normalise each target patch by its mean/std (official recipe: true)")
     mask_ratio: float = key(0.75, "fraction of patches removed")
     # data
-    data_source: str | None = key(None, "null: the built-in demo images; a folder / shard pattern; 'synthetic'")
+    data_source: str | None = key(None, "null: the built-in demo videos; a folder / shard pattern; 'synthetic'")
     hours: float | None = key(None, "hours of video to draw from the source (null: all)")
     subset: str = key("contiguous", "how an hours-subset is chosen (contiguous | uniform)")
     fps: float = key(1.0, "frames per second sampled from video sources")
@@ -261,7 +261,7 @@ def list_recipes(keys: dict = PRETRAIN_KEYS) -> list[str]:
 
 
 def _unknown_key_error(key: str, keys: dict, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key.split(".")[0], list(keys), n=3)
+    close = difflib.get_close_matches(key.split(".")[0], list(keys), n=3, cutoff=0.75)  # not "bogus" -> "hours"
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return ConfigError(f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(sorted(keys))}")
 
@@ -459,11 +459,15 @@ def config_from_argv(argv: list[str], keys: dict = PRETRAIN_KEYS, default_recipe
     return merge(cfg, pairs, keys, "command line")
 
 
-def help_text(keys: dict, prog: str) -> str:
+def help_text(keys: dict, prog: str, values: dict | None = None, recipe: str | None = None) -> str:
+    """Every key with its meaning and the value a run would take: ``values`` (a recipe's, merged over the defaults)
+    when given, else the defaults."""
     rows = [f"usage: {prog} [--config RECIPE|path.yaml] [key=value ...] [--key value ...]", "",
-            f"recipes: {', '.join(list_recipes(keys))}", "", "keys:"]
+            f"recipes: {', '.join(list_recipes(keys))}", "",
+            f"keys (the value each takes with the recipe {recipe}; `--config X --help` shows X's):" if recipe else
+            "keys:"]
     for k, (d, h) in keys.items():
-        rows.append(f"  {k:<20} {h} [default: {d!r}]")
+        rows.append(f"  {k:<20} {h} [default: {(values or {}).get(k, d)!r}]")
     return "\n".join(rows)
 
 

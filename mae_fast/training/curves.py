@@ -71,9 +71,12 @@ def plot_pretrain(runs: dict[str, list[dict]], out: str | Path, x: str = "step")
     plt, fig, axes = _figure(2, 2)
     drawn: dict[str, dict] = {}
     for ax, (title, key, scale, yscale) in zip(axes, panels):
-        drawn[title] = {}
+        drawn[title], shown = {}, title
         for i, (label, rows) in enumerate(runs.items()):
             xs, ys = _series(rows, x, key, scale)
+            if key == "mfu" and any(y > 100.0 for y in ys):  # impossible: the peak it divides by was too low
+                xs, ys = [a for a, b in zip(xs, ys) if b <= 100.0], [b for b in ys if b <= 100.0]
+                shown = "MFU (over 100% left out: peak unreliable) and data wait (%)"
             if xs:
                 ax.plot(xs, ys, color=f"C{i}", label=label, lw=1.4, marker="." if len(xs) == 1 else None)
                 drawn[title][label] = (xs, ys)
@@ -85,7 +88,7 @@ def plot_pretrain(runs: dict[str, list[dict]], out: str | Path, x: str = "step")
                     drawn.setdefault("data wait (%)", {})[label] = (wx, wy)
         if drawn[title] and yscale == "log" and all(min(v[1]) > 0 for v in drawn[title].values()):
             ax.set_yscale("log")
-        ax.set_title(title)
+        ax.set_title(shown, fontsize=10 if shown != title else None)
         ax.set_xlabel("images seen" if x == "images_seen" else "step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -763,7 +763,8 @@ def finish(run: Run, ts: TrainState, t0: float) -> dict:
               "checkpoint": str(run.encoder) if run.encoder else None, "model": run.model_name,
               "wall_time_s": ts.wall_before + time.perf_counter() - t0, "run_dir": str(run_dir),
               "results": str(run_dir / "results.json"), "memory_plan": run.memory_plan, "history": history,
-              "world_size": run.info.world_size}
+              "world_size": run.info.world_size, "chance": 100.0 / run.num_classes,
+              "final_top5": history[-1]["top5"]}
     if not run.info.is_main:
         return result
     name = cfg.name or cfg.mode
@@ -775,10 +776,19 @@ def finish(run: Run, ts: TrainState, t0: float) -> dict:
     result["curves"] = curves.draw_or_warn(run_dir, draw)
     checkpoint.atomic_write_bytes(run_dir / "results.json", json.dumps(result, indent=1).encode())
     checkpoint.remove_checkpoints(run_dir)  # finished: results.json is the record
-    print(f"{cfg.mode}: best top-1 {result['top1']:.2f}% (epoch {result['best_epoch']}), best top-5 "
-          f"{result['top5']:.2f}%; {result['results']}" + (f"; curves {result['curves']}" if result["curves"]
-                                                              else ""), flush=True)
+    print(headline(result), flush=True)
     return result
+
+
+def headline(result: dict) -> str:
+    """The summary line: the last epoch's top-1 first, then the best epoch's (a selection on the validation set
+    itself, so optimistic; MAE's protocol reports it too), against chance, with the size of the validation set."""
+    last, n = len(result["history"]), result["epochs"]  # epochs counted from 1 here (best_epoch is 0-based)
+    kept = f"{result['results']}" + (f"; curves {result['curves']}" if result.get("curves") else "")
+    return (f"{result['mode']}: top-1 {result['final_top1']:.2f}% after the last epoch ({last}/{n}), "
+            f"{result['top1']:.2f}% at the best epoch ({result['best_epoch'] + 1}/{n}; chosen on the validation set, as "
+            f"MAE's protocol reports it); chance {result['chance']:.2f}%; {result['val_images']} validation images "
+            f"(one is {100 / max(1, result['val_images']):.2f} points); {kept}")
 
 
 def main(argv=None, mode: str | None = None) -> int:

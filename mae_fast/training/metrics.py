@@ -3,6 +3,7 @@ the share of time spent waiting for data, the progress bar, and the peak FLOP/s 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,26 +32,47 @@ def peak_flops_for(device: torch.device, override) -> tuple[float | None, str]:
             if key in name:
                 return val, f"table ({name})"
         return None, f"unknown GPU {name}"
-    # CPU: the best of a few fp32 matmuls stands in for the peak (other load on the machine lowers it); the
-    # operand comes from a generator of its own: a draw from the global one would move the RNG state that a
-    # resume has just restored, so the resumed run would go on from another state than the uninterrupted one
-    size = 1024
+    return measure_cpu_peak(), "measured CPU fp32 matmul (best of 4 rounds)"
+
+
+def measure_cpu_peak(size: int = 512, rounds: int = 4, reps: int = 4, pause_s: float = 0.02) -> float:
+    """FLOP/s of the fastest of ``rounds`` x ``reps`` fp32 matmuls, the rounds a pause apart: other load on the
+    machine only lowers a trial, so the best of trials spread over time is the least disturbed one (a single
+    burst on a busy machine came out several times too low, and MFU over 100%). The operand comes from a
+    generator of its own: a draw from the global one would move the RNG state that a resume has just restored,
+    so the resumed run would go on from another state than the uninterrupted one."""
     a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    a @ a  # warm-up (thread pool start, first-touch pages)
     best = float("inf")
-    for _ in range(6):
-        t = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best, "measured CPU fp32 matmul"
+    for r in range(rounds):
+        if r:
+            time.sleep(pause_s)
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best
+
+
+def mfu_text(mfu) -> str | None:
+    """MFU for people: a percentage, or ``?(peak unreliable)`` when it is impossible (over 100%: the peak it divides
+    by came out too low, e.g. measured on a busy CPU; set ``peak_flops`` to the device's real one)."""
+    if mfu is None:
+        return None
+    return f"{100 * mfu:.1f}%" if mfu <= 1.0 else "?(peak unreliable)"
 
 
 class MetricsLog:
-    """Appends rows to ``<run_dir>/metrics.jsonl`` (and TensorBoard scalars when it is installed); rank 0 only."""
+    """Appends rows to ``<run_dir>/metrics.jsonl`` (and TensorBoard scalars when it is installed); rank 0 only.
+    ``resume_step``: the step the run goes on from; rows of later steps (logged before the interruption, about to be
+    logged again) are dropped first, so the file reads as one run."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
         self.enabled, self.path, self.tb = enabled, run_dir / "metrics.jsonl", None
         if not enabled:
             return
+        if resume_step is not None:
+            keep_rows_until(self.path, resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -73,6 +95,28 @@ class MetricsLog:
             self.tb.close()
 
 
+def keep_rows_until(path: Path, step: int) -> None:
+    """Drop the rows of ``path`` (JSON lines with a ``step``) after ``step``, atomically (a temporary file renamed
+    over it, so an interruption leaves the old file or the new one); a torn last line goes too."""
+    if not path.is_file():
+        return
+    kept, dropped = [], False
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            keep = int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        dropped = dropped or not keep
+    if not dropped:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def progress_bar(enabled: bool, **kw):
     """A tqdm bar on stdout, or None."""
     if not enabled:
@@ -89,6 +133,7 @@ class Throughput:
 
     def __init__(self, flops_per_image: float, peak: float | None, world_size: int, device: torch.device):
         self.flops_per_image, self.peak, self.world, self.device = flops_per_image, peak, world_size, device
+        self.peak_unreliable = False
         self.start_window()
         self.steady_flops = 0.0  # counted FLOPs (steps that report theirs: mixed-resolution ones) after window 1
         self.rate, self.mfu = 0.0, None
@@ -130,8 +175,13 @@ class Throughput:
         return out
 
     def _mfu(self, rate: float, flops_per_item: float | None = None):
+        """The share of the peak; over 1 (impossible: the peak was too low) it is returned as is and flagged in
+        ``peak_unreliable``, and the displays say so instead of showing it (:func:`mfu_text`)."""
         per = self.flops_per_image if flops_per_item is None else flops_per_item
-        return per * rate / (self.peak * self.world) if self.peak else None
+        mfu = per * rate / (self.peak * self.world) if self.peak else None
+        if mfu is not None and mfu > 1.0:
+            self.peak_unreliable = True
+        return mfu
 
     def summary(self) -> tuple[float, float | None, float | None]:
         """(images/s, MFU, data wait) after the first window, else the last window's."""

@@ -15,6 +15,7 @@ replays the uninterrupted one (bit-exactly on the CPU in fp32).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import signal
@@ -38,8 +39,8 @@ from mae_fast.training import distributed as dist_mod
 from mae_fast.training.checkpoint import rng_state, set_rng_state
 from mae_fast.training.compiling import ColdStart, resolve_compile
 from mae_fast.training.config import ConfigError, PretrainConfig, dump
-from mae_fast.training.metrics import DATA_WAIT_WARN, MetricsLog, Throughput, peak_flops_for, progress_bar
-from mae_fast.training.signals import TrainingInterrupted, shared_stop, signal_flags, stop_requests
+from mae_fast.training.metrics import DATA_WAIT_WARN, MetricsLog, Throughput, mfu_text, peak_flops_for, progress_bar
+from mae_fast.training.signals import StopNow, TrainingInterrupted, shared_stop, signal_flags, stop_requests
 
 CHECKPOINT_VERSION = 1
 
@@ -653,9 +654,11 @@ def write_run_files(run: Run) -> None:
     if rec is not None:
         (run.run_dir / "data_record.json").write_text(json.dumps(rec, indent=1, default=str))
     n_params = sum(p.numel() for p in run.model.parameters())
+    n_decoder = sum(p.numel() for n, p in run.model.named_parameters() if n.startswith(("decoder", "mask_token")))
     h, w = run.model.img_size
     run.say(f"run dir: {run.run_dir.resolve()}\n"
-            f"model {cfg.model} ({n_params / 1e6:.2f}M params, {h}x{w}), "
+            f"model {cfg.model} ({n_params / 1e6:.2f}M params: encoder {(n_params - n_decoder) / 1e6:.2f}M + "
+            f"decoder {n_decoder / 1e6:.2f}M (scaling grids count the encoder and its evaluation head); {h}x{w}), "
             f"{run.n if run.n is not None else 'a stream of'} images, batch {sched.batch} (micro {sched.micro} x "
             f"accum {sched.accum} x {info.world_size} ranks), "
             f"{sched.total_steps} steps ({sched.total_steps / sched.steps_per_epoch:.2f} epochs), "
@@ -675,7 +678,7 @@ def train(run: Run, ts: TrainState, t_start: float) -> dict:
     loader = make_loader(run, ts)
     peak, run.peak_src = peak_flops_for(run.device, cfg.peak_flops)
     saver = Saver(run, loader, 0.0)
-    metrics = MetricsLog(run.run_dir, run.info.is_main)
+    metrics = MetricsLog(run.run_dir, run.info.is_main, resume_step=ts.step)
     write_run_files(run)
     bar = progress_bar(run.info.is_main and cfg.progress, total=sched.total_steps, initial=ts.step, desc="pretrain",
                        mininterval=1.0)
@@ -709,8 +712,9 @@ def train(run: Run, ts: TrainState, t_start: float) -> dict:
                 if cold is not None:
                     cold = cold.first_step()  # reports the compile time once
                 window.data_wait_s += last.data_wait_s
-                ok, grad_norm = optimizer_step(run, last.loss)
-                record_step(run, ts, ok, last.loss, bar, last.images)
+                with signals.critical():  # a second signal waits for the step to be whole
+                    ok, grad_norm = optimizer_step(run, last.loss)
+                    record_step(run, ts, ok, last.loss, bar, last.images)
                 window.add_step(last.images or sched.batch, last.loss if ok else None, last.flops)
                 if ts.bad_run >= cfg.max_bad_steps:
                     path = saver.save(ts, last.loss, tag="non-finite")
@@ -725,22 +729,26 @@ def train(run: Run, ts: TrainState, t_start: float) -> dict:
                     time.sleep(cfg.debug_step_sleep_s)
                 t_aside = time.perf_counter()  # checkpoint and picture time stays out of images/s
                 if ts.step % cfg.checkpoint_every == 0 and ts.step < sched.total_steps:
-                    last_ckpt, last_ckpt_step = saver.save(ts, ts.last_loss), ts.step
+                    with signals.critical():
+                        last_ckpt, last_ckpt_step = saver.save(ts, ts.last_loss), ts.step
                 if cfg.vis_every and ts.step % cfg.vis_every == 0 and ts.step < sched.total_steps:
                     saver.picture(ts.step)
                 window.aside(t_aside)
             if window.images:
                 log(lr, grad_norm)
+            stop_signal = last.stop_signal if last is not None else None
+            if last_ckpt_step != ts.step:
+                with signals.critical():
+                    last_ckpt, last_ckpt_step = saver.save(ts, ts.last_loss), ts.step
+            if stop_signal is None:  # a stop on a signal is kept short (SIGTERM comes with a grace period)
+                saver.picture(ts.step)
+            result = finish(run, ts, window, stopped, last_ckpt, t_loop, t_start)
+        except StopNow as now:
+            stop_at_once(run, ts, saver, now.signum, last_ckpt if last_ckpt_step == ts.step else None, last_ckpt)
         finally:
             if bar is not None:
                 bar.close()
             metrics.close()
-    stop_signal = last.stop_signal if last is not None else None
-    if last_ckpt_step != ts.step:
-        last_ckpt = saver.save(ts, ts.last_loss)
-    if stop_signal is None:  # a stop on a signal is kept short (SIGTERM comes with a grace period)
-        saver.picture(ts.step)
-    result = finish(run, ts, window, stopped, last_ckpt, t_loop, t_start)
     # a signal after the last step's all-reduce is honoured too, now that every collective is behind us
     signum = stop_signal if stop_signal is not None else (signals[0] if signals else None)
     if signum is not None:
@@ -749,6 +757,23 @@ def train(run: Run, ts: TrainState, t_start: float) -> dict:
                                   + f"; checkpoint {last_ckpt} (resume=auto continues from it)", signum, ts.step,
                                   last_ckpt)
     return result
+
+
+def stop_at_once(run: Run, ts: TrainState, saver, signum: int, current, last_ckpt) -> None:
+    """A second signal: keep a checkpoint of the last finished step (written now when there is none yet; on one
+    process only, where no other rank has to take part), say which, and raise TrainingInterrupted."""
+    if current is None and run.info.world_size == 1 and ts.step > 0:
+        with contextlib.suppress(StopNow):  # a third signal does not stop the write: a few ms of a whole file
+            current = saver.save(ts, ts.last_loss, tag="second signal")
+    name = signal.Signals(signum).name
+    if current is not None:
+        kept = f"checkpoint {current} of step {ts.step} (resume=auto continues from it)"
+    elif last_ckpt is not None:
+        kept = f"steps after the last checkpoint {last_ckpt} are lost (resume=auto continues from it)"
+    else:
+        kept = "no checkpoint of this run was written (resume=auto starts again)"
+    raise TrainingInterrupted(f"second {name}: stopped at once at step {ts.step}/{run.sched.total_steps}; {kept}",
+                              signum, ts.step, current or last_ckpt) from None
 
 
 def record_step(run: Run, ts: TrainState, ok: bool, loss: float, bar, images: int | None = None) -> None:
@@ -773,7 +798,7 @@ def show_progress(bar, row: dict) -> None:
     post = {"loss": f"{row['loss']:.4f}" if row["loss"] is not None else "nan",
             "lr": f"{row['lr']:.2e}", "img/s": f"{row['images_per_s']:.1f}"}
     if row["mfu"] is not None:
-        post["mfu"] = f"{100 * row['mfu']:.1f}%"
+        post["mfu"] = mfu_text(row["mfu"])
     if row["data_wait"] >= DATA_WAIT_WARN:
         post["data wait"] = f"{100 * row['data_wait']:.0f}%"
     bar.set_postfix(post, refresh=False)

@@ -46,7 +46,7 @@ def test_demo_default_layout_and_cache(demo, frames_by_video):
     assert len(frames_by_video) == 6
     for frames in frames_by_video.values():
         assert frames.shape == (480, 96, 96, 3)  # 60 s at 8 fps, 96 x 96
-    for split, n in (("train", 40), ("val", 10)):
+    for split, n in (("train", 40), ("val", 40)):
         classes = sorted(p.name for p in (demo.labelled / split).iterdir())
         assert classes == sorted(demo_mod.CLASSES)
         assert all(len(list((demo.labelled / split / c).glob("*.png"))) == n for c in classes)

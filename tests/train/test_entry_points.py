@@ -188,15 +188,28 @@ def test_the_scan_sees_every_way_of_importing_the_entry_points(tmp_path):
         assert module in {m for _, m in _imported_modules(path, package)}, code
 
 
-@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig])
-def test_help_lists_every_key_with_its_meaning_and_default(capsys, cls):
+@pytest.mark.parametrize("cls, argv, recipe", [(PretrainConfig, [], "demo"),
+                                               (PretrainConfig, ["--config", "humanlike_vith14"], "humanlike_vith14"),
+                                               (FinetuneConfig, [], None)])
+def test_help_lists_every_key_with_its_meaning_and_the_value_the_recipe_gives_it(capsys, cls, argv, recipe):
+    """`--help` lists each key with the value a run would take: the chosen recipe's (`mae-fast pretrain` runs the demo
+    recipe), else the key's default; finetune has no default recipe."""
+    import yaml
+
     main = pretrain_mod.main if cls is PretrainConfig else (lambda argv: ft.main(argv, mode="finetune"))
-    assert main(["--help"]) == 0
+    assert main([*argv, "--help"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    recipe_values = yaml.safe_load((Path(mae_fast.__file__).parent.parent / "train" / "recipes" /
+                                    f"{recipe}.yaml").read_text()) if recipe else {}
+    if recipe:
+        assert any(f"with the recipe {recipe}" in line for line in lines)
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        expected = recipe_values.get(f.name, default)
+        if isinstance(default, float) and isinstance(expected, int):
+            expected = float(expected)
         row = next(line for line in lines if line.startswith(f"  {f.name} "))
-        assert f.metadata["help"] in row and row.endswith(f"[default: {default!r}]"), row
+        assert f.metadata["help"] in row and row.endswith(f"[default: {expected!r}]"), row
 
 
 @pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig])
@@ -215,3 +228,40 @@ def test_typed_config_fields_match_the_key_tables_and_round_trip(cls):
     assert cls.build(cfg) is cfg and cls.build(dict(d, recipe=None)) == cfg
     with pytest.raises(TypeError):
         cls.from_dict({**d, "bogus": 1})
+
+
+def test_ctrl_c_twice_stops_at_once_with_exit_130_no_traceback_and_a_checkpoint_of_the_step(tmp_path):
+    """`mae-fast pretrain` (with a DataLoader worker) gets Ctrl-C twice, as a terminal sends it (to the whole process
+    group): exit 130, no traceback from the trainer or the worker, a line naming the checkpoint kept, which is the
+    finished step's (the periodic one is far off) and resumable."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import tiny
+    from mae_fast.training import checkpoint as checkpoint_io
+
+    cfg = tiny(tmp_path, name="ctrlc", steps=40, checkpoint_every=100, debug_step_sleep_s=0.5, num_workers=1)
+    args = [f"{k}={json.dumps(v)}" for k, v in cfg.items() if k != "recipe"]
+    proc = subprocess.Popen([sys.executable, "-m", "mae_fast.cli", "pretrain", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = tmp_path / "ctrlc" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    found = re.search(r"second SIGINT: stopped at once at step (\d+)/40; checkpoint (\S+) of step (\d+)", err)
+    assert found and found[1] == found[3], err
+    step, path = int(found[1]), Path(found[2])
+    assert step >= 2 and path.is_file()
+    latest = checkpoint_io.latest_valid_checkpoint(tmp_path / "ctrlc")
+    assert latest[0] == path and latest[1]["step"] == step

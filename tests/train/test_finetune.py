@@ -266,9 +266,11 @@ def test_evaluate_top1_top5_and_loss_by_hand(num_classes):
         assert top5 == 100.0
 
 
-def test_results_report_the_best_epoch_and_the_run(tmp_path, monkeypatch):
+def test_results_report_the_best_epoch_and_the_run(tmp_path, monkeypatch, capsys):
     """With scripted evaluations, results.json (and the return value) hold the best top-1 and its first epoch on a
-    tie, the top-5 at that epoch, the best top-5 of any epoch, the last epoch's top-1, and the run's sizes."""
+    tie, the top-5 at that epoch, the best top-5 of any epoch, the last epoch's top-1 and top-5, chance and the run's
+    sizes; the summary line gives the last epoch's top-1 first, the best epoch's named as a selection, chance and the
+    validation set's size."""
     script = iter([(40.0, 80.0, 1.3), (60.0, 70.0, 1.2), (60.0, 90.0, 1.1), (50.0, 95.0, 1.0)])
     monkeypatch.setattr(ft, "evaluate", lambda *a, **k: next(script))
     res, _ = _run(tmp_path, monkeypatch, (Labelled(11), Labelled(7, seed=1), CLASSES), mode="finetune", epochs=4,
@@ -280,7 +282,12 @@ def test_results_report_the_best_epoch_and_the_run(tmp_path, monkeypatch):
         assert (r["train_images"], r["val_images"], r["num_classes"], r["epochs"], r["fraction"]) == (11, 7, 5, 4, 0.5)
         assert r["mode"] == "finetune" and r["world_size"] == 1 and r["checkpoint"] is None
         assert [h["val_loss"] for h in r["history"]] == [1.3, 1.2, 1.1, 1.0]
+        assert (r["chance"], r["final_top5"]) == (20.0, 95.0)
     assert saved["results"] == str(tmp_path / "best" / "results.json")
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("finetune: top-1")]
+    assert line and line[0].startswith("finetune: top-1 50.00% after the last epoch (4/4), 60.00% at the best epoch (2/4; "
+                                       "chosen on the validation set") and "chance 20.00%; 7 validation images " \
+        "(one is 14.29 points)" in line[0]
 
 
 def test_bad_fraction_epochs_and_too_few_images_are_config_errors(tmp_path):

@@ -105,21 +105,42 @@ def test_a_signal_in_the_last_step_is_still_honoured(tmp_path, monkeypatch):
     assert info.value.step == 8 and [s for s, _ in checkpoint_io.list_checkpoints(tmp_path / "last")][0] == 8
 
 
-def test_a_second_signal_stops_at_once_and_the_cli_exits_as_the_signal(tmp_path, monkeypatch, capsys):
+def test_a_second_signal_stops_at_once_with_a_checkpoint_of_the_last_step_and_the_cli_exits_as_the_signal(
+        tmp_path, monkeypatch, capsys, straight):
+    """Two signals between steps: the second stops at once, a checkpoint of the finished step is written (the
+    next periodic one was due at step 3) and resuming from it ends as the uninterrupted run."""
     import signal
 
     from mae_fast.training import pretrain as pretrain_mod
 
     monkeypatch.setattr(pretrain_mod, "time", _SignalAfterSteps(2, signal.SIGINT, signal.SIGINT))
-    with pytest.raises(KeyboardInterrupt) as info:  # Python's own, raised inside the step: no wait, no checkpoint
+    with pytest.raises(pretrain_mod.TrainingInterrupted,
+                       match=r"second SIGINT: stopped at once at step 2/8; checkpoint .* of step 2") as info:
         pretrain(tiny(tmp_path, name="twice", debug_step_sleep_s=1e-3))
-    assert type(info.value) is KeyboardInterrupt
+    assert info.value.step == 2 and info.value.signum == signal.SIGINT
+    assert [s for s, _ in checkpoint_io.list_checkpoints(tmp_path / "twice")] == [2]
+    monkeypatch.undo()
+    resumed = pretrain(tiny(tmp_path, name="twice", resume="auto"))
+    assert_same_state(params(straight["checkpoint"]), params(resumed["checkpoint"]))
     monkeypatch.setattr(pretrain_mod, "time", _SignalAfterSteps(2, signal.SIGTERM))
     args = [f"{k}={json.dumps(v)}" for k, v in tiny(tmp_path, name="cli", debug_step_sleep_s=1e-3).items()
             if k != "recipe"]
     assert pretrain_mod.main(args) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "signal SIGTERM at step 3/8" in err and "resume=auto" in err
+
+
+def test_metrics_after_a_resume_read_as_one_run(tmp_path, straight):
+    """Resuming from a checkpoint older than the last logged row (here step 3 after rows up to 5) drops the rows
+    after it first: every step once, with the uninterrupted run's losses."""
+    first = pretrain(tiny(tmp_path, name="m", stop_at_step=5))
+    assert [r["step"] for r in rows_of(first)] == [1, 2, 3, 4, 5]
+    older = dict(checkpoint_io.list_checkpoints(first["run_dir"]))[3]
+    resumed = pretrain(tiny(tmp_path, name="m", resume=str(older)))
+    rows = rows_of(resumed)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in rows_of(straight)]
+    assert not list(Path(first["run_dir"]).glob(".metrics.jsonl.*"))  # the temporary file was renamed
 
 
 def _peer_flag(monkeypatch, index: int, from_call: int) -> list:
