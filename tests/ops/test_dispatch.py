@@ -516,8 +516,8 @@ def test_info_names_the_attention_tiling():
     from mae_fast.info import report
 
     line = next(line for line in report().splitlines() if line.startswith("fa tiling "))
-    assert line.endswith("one power-of-two tile (default), GPU-verified; head dim 80 -> 128 columns; "
-                         "launch options: wrap, equal")
+    assert line.endswith("split (default): head dim 80 -> 64 + 32 columns; launch options: single, wrap, equal; "
+                         "tuned table: none")
 
 
 @pytest.mark.parametrize("img_size,mask_ratio", [(None, 0.75), (40, 0.6)])
