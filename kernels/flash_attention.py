@@ -50,6 +50,7 @@ __all__ = [
     "candidate_configs",
     "validate_config",
     "save_tuned",
+    "tuned_table",
     "seqlen_bucket",
     "CONFIG_KERNELS",
     "DEFAULT_TILING",
@@ -795,12 +796,16 @@ def _tuned_table(path: str, mtime: float) -> dict[tuple[str, int, int], dict]:
     return table
 
 
-def tuned_config(kernel: str, head_dim: int, seqlen: int) -> dict | None:
-    """The tuned table's config for this shape (``TUNED_PATH``; absent or empty: None)."""
+def tuned_table() -> dict[tuple[str, int, int], dict]:
+    """{(kernel, head_dim, seqlen bucket): config} of the valid rows of ``TUNED_PATH`` (absent: empty); invalid
+    rows are ignored with a RuntimeWarning naming them."""
     path = Path(TUNED_PATH)
-    if not path.exists():
-        return None
-    cfg = _tuned_table(str(path), path.stat().st_mtime).get((kernel, head_dim, seqlen_bucket(seqlen)))
+    return _tuned_table(str(path), path.stat().st_mtime) if path.exists() else {}
+
+
+def tuned_config(kernel: str, head_dim: int, seqlen: int) -> dict | None:
+    """The tuned table's config for this shape, or None."""
+    cfg = tuned_table().get((kernel, head_dim, seqlen_bucket(seqlen)))
     return dict(cfg) if cfg else None
 
 

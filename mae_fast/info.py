@@ -55,7 +55,7 @@ def _attention_tiling() -> str:
     tiles = " + ".join(str(t) for t in fa.head_dim_tiles(80) if t)
     others = ", ".join(t for t in fa.TILINGS if t != fa.DEFAULT_TILING)
     return (f"{fa.DEFAULT_TILING} (default): head dim 80 -> {tiles} columns; launch options: {others}; "
-            f"tuned table: {'yes' if fa.TUNED_PATH.exists() else 'none'}")
+            f"tuned configs: {len(fa.tuned_table())}")
 
 
 def _attention_prefs() -> str:
