@@ -5,14 +5,18 @@ driver is replaced by one that reports the chosen target (sm_90 = H100/H200 by d
 turned into a compile-only "warmup". So each kernel is compiled exactly as the library would launch it on
 that GPU: same launch configs (``pick_config`` for CUDA), same dot precision, same argument specialisation.
 ptxas then reports registers, spills and shared memory, and the PTX shows whether the dots became Hopper
-``wgmma`` instructions.
+``wgmma`` instructions, whether loads are staged through shared memory (cp.async / TMA: pipelined) and how wide
+they are (16-byte vectors, or element-wise 2-byte loads).
 
-Why: register spills and shared-memory overflows are decided at compile time, so they can be found (and
-CI can keep them out) without a GPU. A kernel that spills to local memory is slow however it is tuned.
+Why: register spills, shared-memory overflows and unpipelined loads are decided at compile time, so they can be
+found (and CI can keep them out) without a GPU. A kernel that spills to local memory is slow however it is tuned.
 
-    python bench/compile_report.py                      # MAE head dims, bf16, dense and packed -> table
-    python bench/compile_report.py --head-dims 80 88 --json out.json
-    python bench/compile_report.py --head-dims 80 --tiling equal  # a launch option of the kernels (TILINGS)
+    python bench/compile_report.py                      # MAE head dims, bf16, dense and packed, 290 and 1157 tokens
+    python bench/compile_report.py --head-dims 80 88 --json out.json --md out.md
+    python bench/compile_report.py --check              # exit 1 unless every row is clean (see problems())
+    python bench/compile_report.py --candidates         # every config of candidate_configs, not only the pick
+    python bench/compile_report.py --search             # the space the candidates were pruned from
+    python bench/compile_report.py --head-dims 80 --tiling single  # a launch option of the kernels (TILINGS)
     python bench/compile_report.py --arch 100           # Blackwell
 
 Needs triton's NVIDIA backend (ptxas ships with triton); no GPU, no CUDA driver.
@@ -333,6 +337,7 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true",
                    help="exit 1 if any row spills, lacks pipelined (cp.async/TMA) or vectorised loads, or wgmma")
     p.add_argument("--json", help="write the rows (with ptxas output) here")
+    p.add_argument("--md", help="write the table and the verdict here (markdown)")
     a = p.parse_args(argv)
     layouts = (False,) if a.dense_only else (True,) if a.packed_only else (False, True)
     if a.search or a.candidates:
@@ -341,11 +346,16 @@ def main(argv=None) -> int:
     else:
         rows = report(a.head_dims, tuple(getattr(torch, d) for d in a.dtypes), layouts, a.arch, a.seqlens,
                       tiling=a.tiling)
-    print(format_table(rows))
     bad = [r for r in rows if problems(r)]
-    print(f"\n{len(rows)} kernels compiled for sm_{a.arch} with triton {triton.__version__}: "
-          f"{sum(r.spills for r in rows)} spill registers, {len(bad)} not clean (spills, unpipelined or narrow "
-          f"loads, no wgmma, shared memory)")
+    summary = (f"{len(rows)} kernels compiled for sm_{a.arch} with triton {triton.__version__}: "
+               f"{sum(r.spills for r in rows)} spill registers, {len(bad)} not clean (spills, unpipelined or narrow "
+               f"loads, no wgmma, shared memory)")
+    print(format_table(rows) + "\n\n" + summary)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(f"# compile_report.py {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
+                    f"torch {torch.__version__}, triton {triton.__version__}, sm_{a.arch}\n\n{summary}\n\n"
+                    f"{format_table(rows)}\n")
     if a.search:
         for (kind, tiles), cfgs in sorted(clean_configs(rows).items()):
             print(f"clean {kind} {tuple(tiles)}: {sorted(cfgs, reverse=True)}")
