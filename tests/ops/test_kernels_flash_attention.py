@@ -243,7 +243,7 @@ def test_split_tiles_are_what_the_op_launches():
 
 TILED = [("wrap", 80, 67, 1, 1, BF16), ("wrap", 40, 17, 2, 1, FP16), ("equal", 72, 40, 1, 1, BF16),
          ("equal", 88, 33, 2, 1, FP16), ("equal", 96, 17, 1, 2, FP32), ("equal", 56, 9, 2, 1, BF16),
-         ("single", 80, 33, 1, 1, BF16), ("single", 40, 17, 2, 1, FP16), ("split", 104, 21, 1, 1, BF16)]
+         ("single", 80, 33, 1, 1, BF16), ("split", 104, 9, 1, 1, BF16)]
 
 
 @pytest.mark.parametrize("tiling,head_dim,seqlen,batch,heads,dtype", TILED)
@@ -253,7 +253,7 @@ def test_other_tilings_match_reference(tiling, head_dim, seqlen, batch, heads, d
     _assert_close_as_torch(q, k, v, tiling=tiling)
 
 
-@pytest.mark.parametrize("tiling,head_dim", [("wrap", 88), ("equal", 80), ("single", 88)])
+@pytest.mark.parametrize("tiling,head_dim", [("wrap", 88), ("equal", 80)])
 def test_other_tilings_packed(tiling, head_dim):
     cu = torch.tensor([0, 5, 5, 38, 39], device=DEVICE, dtype=torch.int32)
     q, k, v = (_rand(39, 2, head_dim) for _ in range(3))
