@@ -7,20 +7,24 @@ Read top to bottom: reference -> head-dim tiling -> kernels -> launch configs ->
 (fake implementation, autograd) -> :func:`flash_attention`, the differentiable entry point. The ``triton`` backend
 of :func:`mae_fast.ops.attention` (its reasons, its place in dispatch) is in :mod:`mae_fast.ops.attention`.
 
-Head dims that are not a power of two are covered according to ``tiling``, a launch parameter:
+Head dims that are not a power of two are covered according to ``tiling``, a launch parameter of each kernel:
 
-- ``"single"`` (the default, and what ``mae_fast.ops.attention`` launches): the head dim sits in ONE power-of-two
-  tile (40 -> 64, 72/80/88/96 -> 128): one dot per product; columns past the head dim are loaded through clamped
-  column offsets and zeroed (``tl.where``) in the operands each program loads once, and not stored.
-- ``"wrap"``: single tile, but the columns past the head dim load real columns further left (contiguous, so sm_90
-  keeps cp.async pipelining, which clamped offsets lose), zeroed only in the operands each program loads once.
-- ``"equal"``: 32-column tiles only: 72-96 compute as 32 + 32 + a last 32 (the middle tile ``DM``), 40-56 as
-  32 + a last 32; the last tile covers the LAST 32 columns, so it may overlap the one before it, and the shared
-  columns are zeroed in one operand of each product (loaded once per program) and not stored by the last tile.
-  Every load then reads real columns only, unmasked and contiguous.
+- ``"split"`` (the default, ``DEFAULT_TILING``): a 64-column head tile (32 for head dims below 64), a middle 32
+  where needed, and a last 32-column tile covering the LAST 32 columns: 40 -> 32 + 32, 72-96 -> 64 + 32,
+  104-120 -> 64 + 32 + 32, i.e. the head dim rounded up to a multiple of 32 rather than to a power of two
+  (80 computes 96 columns, not 128). Every load reads real columns only, contiguous and unmasked along the head
+  dim, so the compiler vectorises it (16-byte) and sm_90 pipelines it (cp.async). Columns the last tile shares
+  with the one before it are zeroed in one operand of each product (loaded once per program) and not stored.
+- ``"single"``: the head dim sits in ONE power-of-two tile (40 -> 64, 72-96 -> 128); columns past the head dim
+  are loaded through clamped column offsets and zeroed (``tl.where``) in the operands each program loads once,
+  and not stored. Clamped offsets hide contiguity: sm_90 gets element-wise, unpipelined loads.
+- ``"wrap"``: single tile, but the columns past the head dim load real columns further left (contiguous),
+  zeroed only in the operands each program loads once.
+- ``"equal"``: 32-column tiles only: 72-96 compute as 32 + 32 + a last 32, 40-56 as 32 + a last 32.
 
-For head dims 32, 64 and 128 the three are the same kernel. ``bench/compile_report.py --tiling`` compiles them,
-``bench/bench_attention.py --tilings`` times them beside the default; ``bench/results/`` holds what was measured.
+For head dims 32, 64 and 128 all are the same kernel. Launch configs (block sizes, warps, stages, tiling) come
+from a tuned table if it has the shape, else from a rule over pre-pruned candidates by head dim and sequence
+length (see "configs" below); ``bench/compile_report.py`` compiles what the launcher picks for sm_90.
 
 Strides that are 16-byte multiples but not 16-element ones (a head dim of 88 or 72 in bf16) are passed to the
 compiler as aligned (``_stride_alignment``), or it would fall back to unpipelined scalar loads. Sequence tails are
