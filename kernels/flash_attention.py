@@ -666,7 +666,7 @@ _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 _SEARCH = {  # the space the candidates were pruned from (bench/compile_report.py --search), most preferred first
     "fwd": ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2),
             (128, 32, 8, 3), (64, 32, 4, 3)),
-    "dkdv": ((64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 3),
+    "dkdv": ((64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 3),
              (128, 64, 8, 2), (64, 64, 4, 2)),
     # dq (128, 64, 8, 3) is left out: at head dim 80 it faulted on an H100 with triton 3.6 (bench_attention --tune)
     "dq": ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2),
