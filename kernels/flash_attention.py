@@ -660,8 +660,8 @@ _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 # (kernel, head-dim tiles of the "split" tiling) -> candidate launch configs (BLOCK_M, BLOCK_N, num_warps,
 # num_stages), most preferred first. Pre-pruned: each compiles for sm_90 with no register spill and with its loads
-# staged through shared memory (cp.async) as 16-byte vectors, dense and packed, with triton 3.6 and 3.8, at every
-# head dim of its class (bench/compile_report.py --search; bench/results/compile-report-sm90-*). BLOCK_M is the
+# staged through shared memory (cp.async) as 16-byte vectors (dense), with triton 3.6 and 3.8, at every
+# head dim of its class (bench/compile_report.py --search; bench/results/compile-search-sm90-*). BLOCK_M is the
 # query block, BLOCK_N the key block, in every kernel (dK/dV: one program per key block looping over queries).
 _SEARCH = {  # the space the candidates were pruned from (bench/compile_report.py --search), most preferred first
     "fwd": ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2),
@@ -673,8 +673,22 @@ _SEARCH = {  # the space the candidates were pruned from (bench/compile_report.p
            (128, 32, 8, 3)),
 }
 _CANDIDATES: dict[tuple[str, tuple[int, int, int]], tuple[tuple[int, int, int, int], ...]] = {
-    (kernel, cls): space for kernel, space in _SEARCH.items() for cls in ((32, 0, 0), (32, 0, 32), (64, 0, 0),
-                                                                           (64, 0, 32), (128, 0, 0))}
+    ("fwd", (32, 0, 0)): ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3)),
+    ("fwd", (32, 0, 32)): ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3)),
+    ("fwd", (64, 0, 0)): ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3)),
+    ("fwd", (64, 0, 32)): ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)),
+    ("fwd", (128, 0, 0)): ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)),
+    ("dkdv", (32, 0, 0)): ((64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)),
+    ("dkdv", (32, 0, 32)): ((64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2)),
+    ("dkdv", (64, 0, 0)): ((64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2)),
+    ("dkdv", (64, 0, 32)): ((64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3)),
+    ("dkdv", (128, 0, 0)): ((64, 64, 8, 3), (32, 128, 8, 2)),
+    ("dq", (32, 0, 0)): ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3)),
+    ("dq", (32, 0, 32)): ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3)),
+    ("dq", (64, 0, 0)): ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3)),
+    ("dq", (64, 0, 32)): ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3)),
+    ("dq", (128, 0, 0)): ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)),
+}
 # head-dim classes without measured candidates take those of the next wider class
 _CLASS_ORDER = ((32, 0, 0), (32, 0, 32), (64, 0, 0), (64, 0, 32), (64, 32, 32), (128, 0, 0))
 
