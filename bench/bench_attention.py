@@ -11,7 +11,8 @@ Times are ``triton.testing.do_bench`` medians on GPU. Usage:
 ``--check`` also compares Triton's output and gradients with an fp32 reference on every row.
 ``--tilings wrap equal`` adds ``triton:wrap`` / ``triton:equal`` (the kernels' ``tiling`` launch parameter: wrapped
 tail columns, 32-column tiles) as more backends on the rows whose tiling they change, timed (and checked) in the
-same run as the default tiling; ``--tiling`` picks the tiling ``--tune`` sweeps.
+same run as the default tiling. ``--tune`` times every ``candidate_configs`` entry; ``--pick-configs T --save-tuned``
+writes the fastest into the tuned table the launcher reads first.
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def backends(device, include_reference, include_triton=True, tilings=()):
     """name -> fn(q, k, v, cu_seqlens, max_seqlen); ``tilings``: more Triton tilings, as ``triton:<tiling>``."""
     out = {}
     if include_triton:
-        out["triton"] = functools.partial(_triton_call, "single")
+        out["triton"] = functools.partial(_triton_call, None)  # the library's tiling and configs
         for tiling in tilings:
             out[f"triton:{tiling}"] = functools.partial(_triton_call, tiling)
     if device.type == "cuda":
@@ -135,8 +136,6 @@ def tiling_changes(tiling: str, head_dim: int) -> bool:
     """Whether the kernels compute ``head_dim`` differently in ``tiling`` than in the default one."""
     from mae_fast.kernels import flash_attention as fa
 
-    if tiling == "wrap":  # same tiles; the columns past a head dim that is not a power of two load differently
-        return bool(head_dim & (head_dim - 1))
     return fa.head_dim_tiles(head_dim, tiling) != fa.head_dim_tiles(head_dim)
 
 
@@ -166,7 +165,7 @@ def time_backend(fn, qkv, cu, max_seqlen, device):
     return fwd_ms, bwd_ms
 
 
-def check_triton(row, device, dtype, tiling="single"):
+def check_triton(row, device, dtype, tiling=None):
     """Relative error of Triton (out, dq, dk, dv) and of the same math in the input dtype, vs fp32."""
     from mae_fast.kernels.flash_attention import flash_attention
     from mae_fast.ops.attention import attention_reference
@@ -253,20 +252,9 @@ def print_row(rec):
 
 # ---- tuning -------------------------------------------------------------------------------------
 
-TUNE_CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages), likeliest first (the sweep has a budget)
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
-            (64, 128, 4, 2)],
-    "dkdv": [(64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 128, 8, 3),
-             (128, 128, 8, 2), (32, 64, 4, 4)],
-    # (128, 64, 8, 3) is left out: at head dim 80 it faulted on sm_90 with Triton 3.6
-    "dq": [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2),
-           (128, 128, 8, 2)],
-}
-
-
 def run_tune(args, device, dtype, deadline):
-    """Time each candidate config of each kernel on every (head dim, seqlen); candidates in order, so
-    the budget cuts the unlikeliest ones for every head dim rather than whole head dims."""
+    """Time each of ``candidate_configs`` of each kernel on every (head dim, seqlen); the i-th candidates of every
+    shape before the (i+1)-th, so the budget cuts the unlikeliest ones rather than whole shapes."""
     from mae_fast.kernels import flash_attention as fa
 
     shapes = {}
@@ -274,65 +262,53 @@ def run_tune(args, device, dtype, deadline):
         for n in args.tune_seqlens:
             row = dict(name="tune", seqlen=n, head_dim=hd, heads=HEADS, batch=max(1, round(TOKENS_PER_CONFIG / n)))
             (q, k, v), _, _ = make_inputs(row, device, dtype)
-            o, lse = fa.flash_attn_forward(q, k, v, tiling=args.tiling)
-            shapes[(hd, n)] = (q, k, v, o, lse, torch.randn_like(q), fwd_flops(row))
+            o, lse = fa.flash_attn_forward(q, k, v)
+            shapes[(hd, n)] = (q, k, v, o, lse, torch.randn_like(q), fwd_flops(row), fa.candidate_configs(hd, n))
     out = []
-    for i in range(max(len(c) for c in TUNE_CANDIDATES.values())):
-        for kind, cands in TUNE_CANDIDATES.items():
-            if i >= len(cands):
-                continue
-            bm, bn, w, st = cands[i]
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-            for (hd, n), (q, k, v, o, lse, do, flops) in shapes.items():
+    for i in range(max(len(c) for *_, cands in shapes.values() for c in cands.values())):
+        for (hd, n), (q, k, v, o, lse, do, flops, cands) in shapes.items():
+            for kind in fa.CONFIG_KERNELS:
+                if i >= len(cands[kind]):
+                    continue
                 if time.time() > deadline:
                     print("tune: time budget reached", flush=True)
                     return out
+                cfg = cands[kind][i]
                 try:
                     if kind == "fwd":
-                        fn = lambda: fa.flash_attn_forward(q, k, v, config=cfg, tiling=args.tiling)  # noqa: E731
+                        fn = lambda: fa.flash_attn_forward(q, k, v, config=cfg)  # noqa: E731
                     else:
-                        other = "dq" if kind == "dkdv" else "dkdv"
-                        others = {other: fa.pick_config(other, hd, n, dtype, device, args.tiling)}
-                        fn = lambda: fa.flash_attn_backward(do, q, k, v, o, lse, configs={kind: cfg, **others},  # noqa: E731
-                                                            tiling=args.tiling)
+                        fn = lambda: fa.flash_attn_backward(do, q, k, v, o, lse, configs={kind: cfg})  # noqa: E731
                     ms = _bench(fn, device)
                 except Exception as e:
                     print(f"tune {kind} hd={hd} N={n} {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)
                     continue
-                out.append(dict(kind=kind, head_dim=hd, seqlen=n, config=cfg, ms=ms, fwd_flops=flops,
-                                tiling=args.tiling))
-                print(f"tune {kind:<4} hd={hd:<3} N={n:<5} {bm:>3}x{bn:<3} w{w} s{st}: {ms:.3f} ms", flush=True)
+                out.append(dict(kind=kind, head_dim=hd, seqlen=n, config=cfg, ms=ms, fwd_flops=flops))
+                print(f"tune {kind:<4} hd={hd:<3} N={n:<5} {cfg}: {ms:.3f} ms", flush=True)
     return out
 
 
-def best_configs(tune_results, allowed=None) -> dict:
-    """Per (kind, head-dim bucket): the config with the best geometric-mean slowdown over the tuned shapes.
+def best_configs(tune_results) -> list[dict]:
+    """Rows for ``flash_attention.save_tuned``: per (kernel, head dim, seqlen bucket) the config with the best
+    geometric-mean slowdown over the bucket's tuned seqlens, among the configs that ran on all of them."""
+    from mae_fast.kernels.flash_attention import seqlen_bucket
 
-    ``allowed`` (optional): (kind, bucket) -> set of (BLOCK_M, BLOCK_N, num_warps, num_stages) to choose from,
-    e.g. the spill-free ones of ``compile_report.spill_free``; a bucket left with none keeps no entry.
-    """
-    from mae_fast.kernels.flash_attention import _bucket
-
-    if allowed is not None:
-        keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-        tune_results = [r for r in tune_results
-                        if tuple(r["config"][k] for k in keys) in allowed.get((r["kind"], _bucket(r["head_dim"])), ())]
     fastest = {}
     for r in tune_results:
         key = (r["kind"], r["head_dim"], r["seqlen"])
         fastest[key] = min(fastest.get(key, math.inf), r["ms"])
     scores = {}
     for r in tune_results:
-        cfg = tuple(sorted(r["config"].items()))
-        k = (r["kind"], _bucket(r["head_dim"]))
+        cfg = json.dumps(r["config"], sort_keys=True)
+        k = (r["kind"], r["head_dim"], seqlen_bucket(r["seqlen"]))
         slow = math.log(r["ms"] / fastest[(r["kind"], r["head_dim"], r["seqlen"])])
-        tot, cnt = scores.setdefault(k, {}).get(cfg, (0.0, 0))
-        scores[k][cfg] = (tot + slow, cnt + 1)
-    out = {}
-    for k, by_cfg in scores.items():
-        most = max(c for _, c in by_cfg.values())  # only configs that ran on every shape of the bucket
-        cfg, _ = min(((c, t / n) for c, (t, n) in by_cfg.items() if n == most), key=lambda x: x[1])
-        out[k] = dict(cfg)
+        tot, cnt, ms = scores.setdefault(k, {}).get(cfg, (0.0, 0, 0.0))
+        scores[k][cfg] = (tot + slow, cnt + 1, ms + r["ms"])
+    out = []
+    for (kind, hd, bucket), by_cfg in sorted(scores.items()):
+        most = max(c for _, c, _ in by_cfg.values())
+        cfg, (_, n, ms) = min(((c, v) for c, v in by_cfg.items() if v[1] == most), key=lambda x: x[1][0] / x[1][1])
+        out.append(dict(kernel=kind, head_dim=hd, seqlen_bucket=bucket, config=json.loads(cfg), ms=ms / n))
     return out
 
 
@@ -458,17 +434,14 @@ def main(argv=None):
     ap.add_argument("--tune-seqlens", type=int, nargs="+", default=[257, 1157, 4625])
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop tuning after this long")
     ap.add_argument("--only-head-dim", type=int, nargs="*")
-    ap.add_argument("--tilings", nargs="+", choices=["wrap", "equal"], default=[],
+    ap.add_argument("--tilings", nargs="+", choices=["single", "wrap", "equal"], default=[],
                     help="also time (and --check) Triton in these tilings, as triton:<tiling>, where they change "
                          "how the row's head dim is computed")
-    ap.add_argument("--tiling", default="single", choices=["single", "wrap", "equal"],
-                    help="the tiling --tune sweeps launch configs for")
-    ap.add_argument("--tuned-configs", help="a --tune JSON whose best configs replace the built-in ones")
-    ap.add_argument("--spill-free", metavar="COMPILE_JSON",
-                    help="with --tuned-configs or --pick-configs: choose only among configs that spilled no "
-                         "register in this bench/compile_report.py JSON (--search)")
+    ap.add_argument("--tuned-configs", help="a --tune JSON whose best configs replace the launcher's picks")
     ap.add_argument("--pick-configs", metavar="TUNE_JSON",
-                    help="print the best configs of a --tune JSON (no GPU needed) and exit")
+                    help="print the best configs of a --tune JSON (no GPU needed) and exit; with --save-tuned, "
+                         "merge them into the tuned table (flash_attention.save_tuned)")
+    ap.add_argument("--save-tuned", action="store_true")
     ap.add_argument("--write-prefs", nargs="+", metavar="RESULTS_JSON")
     ap.add_argument("--prefs-dest", default=str(Path(__file__).resolve().parents[1] / "mae_fast/ops/attention_prefs.json"))
     args = ap.parse_args(argv)
@@ -476,15 +449,14 @@ def main(argv=None):
         write_prefs(args.write_prefs, args.prefs_dest)
         print(f"wrote {args.prefs_dest}")
         return 0
-    allowed = None
-    if args.spill_free:
-        from compile_report import spill_free
-
-        allowed = spill_free(json.loads(Path(args.spill_free).read_text())["rows"])
     if args.pick_configs:
-        chosen = best_configs(json.loads(Path(args.pick_configs).read_text())["tune"], allowed)
-        for (kind, bucket), cfg in sorted(chosen.items()):
-            print(f'    ("{kind}", {bucket}): dict({", ".join(f"{k}={v}" for k, v in cfg.items())}),')
+        chosen = best_configs(json.loads(Path(args.pick_configs).read_text())["tune"])
+        for r in chosen:
+            print(f"  {r['kernel']:<4} hd={r['head_dim']:<3} N<={r['seqlen_bucket']:<5} {r['config']}")
+        if args.save_tuned:
+            from mae_fast.kernels import flash_attention as fa
+
+            print(f"wrote {fa.save_tuned(chosen)}")
         return 0
     if args.smoke:
         return smoke()
@@ -503,10 +475,10 @@ def main(argv=None):
     if args.tuned_configs:
         from mae_fast.kernels import flash_attention as fa
 
-        chosen = best_configs(json.loads(Path(args.tuned_configs).read_text())["tune"], allowed)
-        fa.TUNED_CONFIGS.update(chosen)
-        meta["configs"] = {f"{k}/{b}": c for (k, b), c in sorted(fa.TUNED_CONFIGS.items())}
-        print("configs:", meta["configs"], flush=True)
+        chosen = best_configs(json.loads(Path(args.tuned_configs).read_text())["tune"])
+        fa.TUNED_PATH = fa.save_tuned(chosen, Path(args.out or "attention").with_suffix(".tuned.json"))
+        meta["configs"] = chosen
+        print("configs:", chosen, flush=True)
     if args.tune:
         res = run_tune(args, device, dtype, start + args.budget_s)
         best = {}

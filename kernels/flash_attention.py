@@ -7,20 +7,24 @@ Read top to bottom: reference -> head-dim tiling -> kernels -> launch configs ->
 (fake implementation, autograd) -> :func:`flash_attention`, the differentiable entry point. The ``triton`` backend
 of :func:`mae_fast.ops.attention` (its reasons, its place in dispatch) is in :mod:`mae_fast.ops.attention`.
 
-Head dims that are not a power of two are covered according to ``tiling``, a launch parameter:
+Head dims that are not a power of two are covered according to ``tiling``, a launch parameter of each kernel:
 
-- ``"single"`` (the default, and what ``mae_fast.ops.attention`` launches): the head dim sits in ONE power-of-two
-  tile (40 -> 64, 72/80/88/96 -> 128): one dot per product; columns past the head dim are loaded through clamped
-  column offsets and zeroed (``tl.where``) in the operands each program loads once, and not stored.
-- ``"wrap"``: single tile, but the columns past the head dim load real columns further left (contiguous, so sm_90
-  keeps cp.async pipelining, which clamped offsets lose), zeroed only in the operands each program loads once.
-- ``"equal"``: 32-column tiles only: 72-96 compute as 32 + 32 + a last 32 (the middle tile ``DM``), 40-56 as
-  32 + a last 32; the last tile covers the LAST 32 columns, so it may overlap the one before it, and the shared
-  columns are zeroed in one operand of each product (loaded once per program) and not stored by the last tile.
-  Every load then reads real columns only, unmasked and contiguous.
+- ``"split"`` (the default, ``DEFAULT_TILING``): a 64-column head tile (32 for head dims below 64), a middle 32
+  where needed, and a last 32-column tile covering the LAST 32 columns: 40 -> 32 + 32, 72-96 -> 64 + 32,
+  104-120 -> 64 + 32 + 32, i.e. the head dim rounded up to a multiple of 32 rather than to a power of two
+  (80 computes 96 columns, not 128). Every load reads real columns only, contiguous and unmasked along the head
+  dim, so the compiler vectorises it (16-byte) and sm_90 pipelines it (cp.async). Columns the last tile shares
+  with the one before it are zeroed in one operand of each product (loaded once per program) and not stored.
+- ``"single"``: the head dim sits in ONE power-of-two tile (40 -> 64, 72-96 -> 128); columns past the head dim
+  are loaded through clamped column offsets and zeroed (``tl.where``) in the operands each program loads once,
+  and not stored. Clamped offsets hide contiguity: sm_90 gets element-wise, unpipelined loads.
+- ``"wrap"``: single tile, but the columns past the head dim load real columns further left (contiguous),
+  zeroed only in the operands each program loads once.
+- ``"equal"``: 32-column tiles only: 72-96 compute as 32 + 32 + a last 32, 40-56 as 32 + a last 32.
 
-For head dims 32, 64 and 128 the three are the same kernel. ``bench/compile_report.py --tiling`` compiles them,
-``bench/bench_attention.py --tilings`` times them beside the default; ``bench/results/`` holds what was measured.
+For head dims 32, 64 and 128 all are the same kernel. Launch configs (block sizes, warps, stages, tiling) come
+from a tuned table if it has the shape, else from a rule over pre-pruned candidates by head dim and sequence
+length (see "configs" below); ``bench/compile_report.py`` compiles what the launcher picks for sm_90.
 
 Strides that are 16-byte multiples but not 16-element ones (a head dim of 88 or 72 in bf16) are passed to the
 compiler as aligned (``_stride_alignment``), or it would fall back to unpipelined scalar loads. Sequence tails are
@@ -29,7 +33,11 @@ blocks, dQ by one program per query block looping over key blocks; no atomics.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
+import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -43,11 +51,19 @@ __all__ = [
     "flash_attention",
     "head_dim_tiles",
     "pick_config",
+    "candidate_configs",
+    "validate_config",
+    "save_tuned",
+    "tuned_table",
+    "seqlen_bucket",
+    "CONFIG_KERNELS",
+    "DEFAULT_TILING",
     "TILINGS",
-    "TUNED_CONFIGS",
+    "TUNED_PATH",
 ]
 
-TILINGS = ("single", "wrap", "equal")
+TILINGS = ("split", "single", "wrap", "equal")
+DEFAULT_TILING = "split"
 # how _load_tile treats the columns of a tile past the head dim: 0 none, clamped offsets, wrapped offsets
 _COLS_CLAMP = 1
 _COLS_WRAP = 2
@@ -78,7 +94,7 @@ def attention_reference_lse(q, k, v, softmax_scale=None, cu_seqlens=None):
 
 # ---- head-dim tiling ----------------------------------------------------------------------------
 
-def head_dim_tiles(head_dim: int, tiling: str = "single") -> tuple[int, int, int]:
+def head_dim_tiles(head_dim: int, tiling: str = DEFAULT_TILING) -> tuple[int, int, int]:
     """(D0, DM, D1): the head tile over columns [0, D0), a middle tile over [D0, D0 + DM) (0: none) and the last
     tile over the LAST D1 columns (0: none), as the kernels compute them for ``tiling`` (see the module docstring).
 
@@ -89,7 +105,12 @@ def head_dim_tiles(head_dim: int, tiling: str = "single") -> tuple[int, int, int
         raise ValueError(f"head dim {head_dim} unsupported: a multiple of 8 from 32 to {MAX_HEAD_DIM}")
     if tiling not in TILINGS:
         raise ValueError(f"tiling {tiling!r} unknown; choose from {TILINGS}")
-    if tiling == "equal" and head_dim & (head_dim - 1) and head_dim <= 96:
+    if head_dim & (head_dim - 1) == 0:  # a power of two: one tile in every tiling
+        return head_dim, 0, 0
+    if tiling == "split":  # 64 (or 32) + [32] + the last 32: the head dim rounded up to a multiple of 32
+        d0 = 64 if head_dim > 64 else 32
+        return d0, (32 if head_dim - d0 > 32 else 0), 32
+    if tiling == "equal" and head_dim <= 96:
         return 32, (32 if head_dim > 64 else 0), 32
     return triton.next_power_of_2(head_dim), 0, 0
 
@@ -353,7 +374,7 @@ def _bwd_delta_kernel(
     stride_lb, stride_lh,
     num_heads, seqlen,
     HEAD_DIM: tl.constexpr, D_TILE: tl.constexpr, VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, STRIDE_ALIGN: tl.constexpr, COL_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     # delta_i = sum_d o_id * do_id (minus dLSE_i when the LSE itself receives a gradient)
     pid_m = tl.program_id(0)
@@ -364,10 +385,13 @@ def _bwd_delta_kernel(
     stride_db, stride_dn, stride_dh = _aligned3(stride_db, stride_dn, stride_dh, STRIDE_ALIGN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_TILE)
-    o = _load_rows(_at(O, b64, s64, h64, stride_ob, stride_on, stride_oh), offs_m, stride_on, offs_d, L,
-                   HEAD_DIM, True, COL_MODE if D_TILE > HEAD_DIM else 0, 0.0)
-    do = _load_rows(_at(DO, b64, s64, h64, stride_db, stride_dn, stride_dh), offs_m, stride_dn, offs_d, L,
-                    HEAD_DIM, True, COL_MODE if D_TILE > HEAD_DIM else 0, 0.0)
+    # no dot here, so the columns past the head dim are simply masked: HEAD_DIM is a multiple of 8, so the mask is
+    # constant over runs of 8 columns and the loads stay 16-byte vectors
+    mask = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    o_ptrs = _at(O, b64, s64, h64, stride_ob, stride_on, stride_oh) + offs_m[:, None] * stride_on + offs_d[None, :]
+    do_ptrs = _at(DO, b64, s64, h64, stride_db, stride_dn, stride_dh) + offs_m[:, None] * stride_dn + offs_d[None, :]
+    o = tl.load(o_ptrs, mask=mask, other=0.0)
+    do = tl.load(do_ptrs, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse_off = b64 * stride_lb + h64 * stride_lh + s64 + offs_m
     if HAS_DLSE:
@@ -630,37 +654,214 @@ def _attn_bwd_dq_kernel(
 
 # ---- configs ------------------------------------------------------------------------------------
 
-# (kind, head_dim bucket) -> launch config; kind is "fwd", "dkdv" or "dq"; a bucket is the width of the columns
-# computed (sum of head_dim_tiles) rounded up to one of 32, 64, 96, 128. Chosen from an H100 sweep
-# (bench/results/attention-tune-*.json) among the configs that spill no register when compiled for sm_90
-# (bench/compile_report.py --search; bench_attention.py --pick-configs TUNE --spill-free REPORT). Where no swept
-# config was spill-free (dkdv 96 and 128), the fastest swept tile with 8 warps instead of 4.
-TUNED_CONFIGS: dict[tuple[str, int], dict] = {
-    ("fwd", 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("fwd", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("fwd", 96): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),  # 4 warps: 216-260 B spilled
-    ("fwd", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("dkdv", 32): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    ("dkdv", 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),  # 32x128/4w: spilled at hd 40, 64
-    ("dkdv", 96): dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),  # untimed; 4 warps spilled
-    ("dkdv", 128): dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),  # untimed; 64x128/8w/2 spilled
-    ("dq", 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("dq", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("dq", 96): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    ("dq", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+CONFIG_KERNELS = ("fwd", "dkdv", "dq")  # the tiled kernels: keys of candidate_configs() and of config=
+_ALL_KERNELS = CONFIG_KERNELS + ("delta",)  # the row-sum kernel of the backward takes only BLOCK_M / num_warps
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+# (kernel, head-dim tiles of the "split" tiling) -> candidate launch configs (BLOCK_M, BLOCK_N, num_warps,
+# num_stages), most preferred first. Pre-pruned: each compiles for sm_90 with no register spill and with its loads
+# staged through shared memory (cp.async) as 16-byte vectors (dense), with triton 3.6 and 3.8, at every
+# head dim of its class (bench/compile_report.py --search; bench/results/compile-search-sm90-*). BLOCK_M is the
+# query block, BLOCK_N the key block, in every kernel (dK/dV: one program per key block looping over queries).
+_SEARCH = {  # the space the candidates were pruned from (bench/compile_report.py --search), most preferred first
+    "fwd": ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2),
+            (128, 32, 8, 3), (64, 32, 4, 3)),
+    "dkdv": ((64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 3),
+             (128, 64, 8, 2), (64, 64, 4, 2)),
+    # dq (128, 64, 8, 3) is left out: at head dim 80 it faulted on an H100 with triton 3.6 (bench_attention --tune)
+    "dq": ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2),
+           (128, 32, 8, 3)),
 }
+_CANDIDATES: dict[tuple[str, tuple[int, int, int]], tuple[tuple[int, int, int, int], ...]] = {
+    ("fwd", (32, 0, 0)): ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3)),
+    ("fwd", (32, 0, 32)): ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3)),
+    ("fwd", (64, 0, 0)): ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3)),
+    ("fwd", (64, 0, 32)): ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)),
+    ("fwd", (128, 0, 0)): ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)),
+    ("dkdv", (32, 0, 0)): ((64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)),
+    ("dkdv", (32, 0, 32)): ((64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2)),
+    ("dkdv", (64, 0, 0)): ((64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 2)),
+    ("dkdv", (64, 0, 32)): ((64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3)),
+    ("dkdv", (128, 0, 0)): ((64, 64, 8, 3), (32, 128, 8, 2)),
+    ("dq", (32, 0, 0)): ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3)),
+    ("dq", (32, 0, 32)): ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3)),
+    ("dq", (64, 0, 0)): ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3)),
+    ("dq", (64, 0, 32)): ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3)),
+    ("dq", (128, 0, 0)): ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)),
+}
+# head-dim classes without measured candidates take those of the next wider class
+_CLASS_ORDER = ((32, 0, 0), (32, 0, 32), (64, 0, 0), (64, 0, 32), (64, 32, 32), (128, 0, 0))
 
 
-def _bucket(head_dim: int) -> int:
-    for b in (32, 64, 96, 128):
-        if head_dim <= b:
-            return b
-    return 128
+def _tile_class(head_dim: int, tiling: str) -> tuple[int, int, int]:
+    tiles = head_dim_tiles(head_dim, tiling)
+    if tiles in _CLASS_ORDER:
+        return tiles
+    width = sum(tiles)
+    return next(c for c in _CLASS_ORDER if sum(c) >= width)
+
+
+def _row_efficiency(block: int, outer: bool, packed: bool) -> float:
+    # relative useful work per padded row: small tiles feed wgmma narrower products (outer block: fewer rows per
+    # warpgroup; inner block: more loop trips per output tile)
+    if outer:
+        eff = {16: 0.4, 32: 0.6, 64: 0.85, 128: 1.0, 256: 1.0}[block]
+        return eff * (0.9 if packed and block >= 128 else 1.0)  # packed sequences are mostly shorter than the max
+    return {16: 0.5, 32: 0.8, 64: 1.0, 128: 1.0, 256: 1.0}[block]
+
+
+def _shape_cost(kernel: str, cfg: dict, seqlen: int, packed: bool) -> float:
+    """Tensor-core work of one (batch, head) with the sequence padded to whole tiles, over tile efficiency: the
+    seqlen half of the rule (290 tokens: 3 x 128-row tiles pad 32% of the rows, 5 x 64-row tiles 10%)."""
+    outer, inner = (cfg["BLOCK_N"], cfg["BLOCK_M"]) if kernel == "dkdv" else (cfg["BLOCK_M"], cfg["BLOCK_N"])
+    n = max(int(seqlen), 1)
+    padded = lambda b: -(-n // b) * b  # noqa: E731
+    return padded(outer) * padded(inner) / (_row_efficiency(outer, True, packed) * _row_efficiency(inner, False,
+                                                                                                    packed))
+
+
+def candidate_configs(head_dim: int, seqlen: int, *, packed: bool = False, tiling: str = "split"
+                      ) -> dict[str, list[dict]]:
+    """{"fwd" | "dkdv" | "dq": [launch config, ...]} for bf16/fp16 on sm_90, the launcher's pick first.
+
+    Each config is ``dict(BLOCK_M, BLOCK_N, num_warps, num_stages, tiling)`` and can be passed as
+    ``flash_attention(..., config={kernel: cfg})``. The lists are the pre-pruned candidates of the head dim's tile
+    class (spill-free, pipelined, vectorised when compiled for sm_90), ordered by :func:`_shape_cost` at
+    ``seqlen`` (ties: the class's order of preference), so one GPU call can autotune them all.
+    """
+    cls = _tile_class(head_dim, tiling)
+    out = {}
+    for kernel in CONFIG_KERNELS:
+        cfgs = [dict(zip(_TILE_KEYS, c), tiling=tiling) for c in _CANDIDATES[(kernel, cls)]]
+        out[kernel] = sorted(cfgs, key=lambda c: _shape_cost(kernel, c, seqlen, packed))  # stable: ties keep order
+    return out
+
+
+def validate_config(kernel: str, cfg) -> dict:
+    """``cfg`` as a launch config of ``kernel``, or ValueError saying what is wrong with it."""
+    if kernel not in _ALL_KERNELS:
+        raise ValueError(f"attention kernel {kernel!r} unknown; choose from {_ALL_KERNELS}")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config for {kernel!r} must be a dict, got {type(cfg).__name__}")
+    allowed = ("BLOCK_M", "num_warps") if kernel == "delta" else _TILE_KEYS + ("tiling",)
+    required = ("BLOCK_M",) if kernel == "delta" else ("BLOCK_M", "BLOCK_N")
+    unknown = sorted(set(cfg) - set(allowed))
+    if unknown:
+        raise ValueError(f"config for {kernel!r}: unknown keys {unknown}; allowed {list(allowed)}")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise ValueError(f"config for {kernel!r}: missing {missing}")
+    for key, ok, what in (("BLOCK_M", lambda b: b in (16, 32, 64, 128, 256), "a power of two from 16 to 256"),
+                          ("BLOCK_N", lambda b: b in (16, 32, 64, 128, 256), "a power of two from 16 to 256"),
+                          ("num_warps", lambda w: w in (1, 2, 4, 8, 16), "1, 2, 4, 8 or 16"),
+                          ("num_stages", lambda s: 1 <= s <= 8, "from 1 to 8")):
+        if key in cfg and (type(cfg[key]) is not int or not ok(cfg[key])):
+            raise ValueError(f"config for {kernel!r}: {key} {cfg[key]!r} must be {what}")
+    if "tiling" in cfg and cfg["tiling"] not in TILINGS:
+        raise ValueError(f"config for {kernel!r}: tiling {cfg['tiling']!r} unknown; choose from {TILINGS}")
+    return dict(cfg)
+
+
+# ---- tuned table: measured picks that override the rule (written by the GPU plan's autotune) ----------------
+
+TUNED_PATH = Path(__file__).with_name("flash_attention_tuned.json")
+
+
+def seqlen_bucket(seqlen: int) -> int:
+    """The tuned table's sequence-length key: the next power of two, at least 64 (290 tokens -> 512)."""
+    return max(64, triton.next_power_of_2(max(int(seqlen), 1)))
+
+
+def _tuned_row(row) -> tuple[tuple[str, int, int], dict]:
+    """((kernel, head_dim, seqlen bucket), config) of one table row, or ValueError: it must be well formed AND one
+    of the pre-pruned candidates of its shape (anything else was never checked spill-free)."""
+    if not isinstance(row, dict) or not {"kernel", "head_dim", "config"} <= set(row) or not (
+            "seqlen" in row or "seqlen_bucket" in row):
+        raise ValueError(f"tuned row {row!r} needs kernel, head_dim, seqlen (or seqlen_bucket) and config")
+    kernel, hd = row["kernel"], row["head_dim"]
+    if kernel not in CONFIG_KERNELS:
+        raise ValueError(f"tuned row: kernel {kernel!r} unknown; choose from {CONFIG_KERNELS}")
+    if type(hd) is not int:
+        raise ValueError(f"tuned row: head_dim {hd!r} is not an int")
+    head_dim_tiles(hd)  # supported head dim, or ValueError
+    bucket = seqlen_bucket(row.get("seqlen_bucket", row.get("seqlen")))
+    cfg = validate_config(kernel, row["config"])
+    cfg.setdefault("tiling", DEFAULT_TILING)
+    if cfg not in candidate_configs(hd, bucket, tiling=cfg["tiling"])[kernel]:
+        raise ValueError(f"tuned row: {kernel} config {cfg} is not a pre-pruned candidate for head dim {hd} "
+                         f"(candidate_configs)")
+    return (kernel, hd, bucket), cfg
+
+
+@functools.lru_cache(maxsize=4)
+def _tuned_table(path: str, mtime: float) -> dict[tuple[str, int, int], dict]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        rows = data["rows"] if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            raise ValueError("no 'rows' list")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"attention tuned table {path} is unreadable ({e}); using the built-in rule", RuntimeWarning)
+        return {}
+    table = {}
+    for i, row in enumerate(rows):
+        try:
+            key, cfg = _tuned_row(row)
+        except (ValueError, TypeError) as e:
+            warnings.warn(f"attention tuned table {path}: row {i} ignored: {e}", RuntimeWarning)
+            continue
+        table[key] = cfg
+    return table
+
+
+def tuned_table() -> dict[tuple[str, int, int], dict]:
+    """{(kernel, head_dim, seqlen bucket): config} of the valid rows of ``TUNED_PATH`` (absent: empty); invalid
+    rows are ignored with a RuntimeWarning naming them."""
+    path = Path(TUNED_PATH)
+    return _tuned_table(str(path), path.stat().st_mtime) if path.exists() else {}
+
+
+def tuned_config(kernel: str, head_dim: int, seqlen: int) -> dict | None:
+    """The tuned table's config for this shape, or None."""
+    cfg = tuned_table().get((kernel, head_dim, seqlen_bucket(seqlen)))
+    return dict(cfg) if cfg else None
+
+
+def save_tuned(rows, path=None) -> Path:
+    """Merge autotuned rows into the tuned table (default ``TUNED_PATH``) and return its path.
+
+    A row: ``dict(kernel, head_dim, seqlen or seqlen_bucket, config, **measurements)``; rows of the same
+    (kernel, head_dim, bucket) replace older ones. Any invalid row (malformed, or a config that is not one of
+    :func:`candidate_configs`) raises ValueError and nothing is written.
+    """
+    path = Path(path or TUNED_PATH)
+    merged: dict[tuple, dict] = {}
+    if path.exists():
+        old = json.loads(path.read_text()).get("rows", [])
+        for row in old:
+            try:
+                merged[_tuned_row(row)[0]] = row
+            except (ValueError, TypeError):
+                pass  # invalid old rows are dropped (the loader ignored them too)
+    for i, row in enumerate(rows):
+        try:
+            key, cfg = _tuned_row(row)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"save_tuned: row {i}: {e}") from None
+        merged[key] = {**row, "seqlen_bucket": key[2], "config": cfg}
+    out = [merged[k] for k in sorted(merged)]
+    meta = dict(triton=triton.__version__, torch=torch.__version__.split("+")[0])
+    path.write_text(json.dumps(dict(meta=meta, rows=out), indent=1) + "\n")
+    _tuned_table.cache_clear()
+    return path
 
 
 def pick_config(kind: str, head_dim: int, max_seqlen: int, dtype: torch.dtype, device: torch.device,
-                tiling: str = "single") -> dict:
-    """Launch config for one kernel; small blocks under the interpreter (CPU tensors), tuned ones on GPU.
+                tiling: str | None = None, packed: bool = False) -> dict:
+    """Launch config for one kernel: small blocks under the interpreter (CPU tensors); on CUDA the tuned table's
+    entry for (kernel, head dim, seqlen bucket) when there is one and ``tiling`` is None (the library's choice),
+    else the first of :func:`candidate_configs`. The config names its ``tiling``.
 
     kind: "fwd", "delta", "dkdv" or "dq". Pure Python, so tests can ask for the CUDA configs on a CPU
     machine (``device=torch.device("cuda")``) and run them through the interpreter.
@@ -669,8 +870,12 @@ def pick_config(kind: str, head_dim: int, max_seqlen: int, dtype: torch.dtype, d
         return dict(BLOCK_M=64 if device.type == "cuda" else 32, num_warps=4)
     if device.type != "cuda":
         blk = 16 if max_seqlen <= 16 else 32
-        return dict(BLOCK_M=blk, BLOCK_N=blk, num_warps=4, num_stages=1)
-    cfg = dict(TUNED_CONFIGS[(kind, _bucket(sum(head_dim_tiles(head_dim, tiling))))])  # by tile width computed
+        return dict(BLOCK_M=blk, BLOCK_N=blk, num_warps=4, num_stages=1, tiling=tiling or DEFAULT_TILING)
+    if tiling is None and dtype != torch.float32:
+        cfg = tuned_config(kind, head_dim, max_seqlen)
+        if cfg is not None:
+            return cfg
+    cfg = candidate_configs(head_dim, max_seqlen, packed=packed, tiling=tiling or DEFAULT_TILING)[kind][0]
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: halve the larger block
         cfg["num_stages"] = min(cfg["num_stages"], 2)
         if kind == "dkdv":
@@ -742,23 +947,33 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _launch_config(kind, config, head_dim, max_seqlen, q, tiling, varlen) -> tuple[dict, str]:
+    """(launch kwargs without ``tiling``, the tiling): ``config`` if given, else :func:`pick_config`."""
+    if config:
+        cfg = validate_config(kind, config)
+    else:
+        cfg = pick_config(kind, head_dim, max_seqlen, q.dtype, q.device, tiling, packed=varlen)
+    return cfg, cfg.pop("tiling", None) or tiling or DEFAULT_TILING
+
+
 def flash_attn_forward(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=None, config=None,
-                       tiling: str = "single"):
+                       tiling: str | None = None):
     """Returns (out, lse); out like q (contiguous), lse fp32 (batch, heads, seqlen) or (heads, total).
 
-    ``config`` (optional) overrides :func:`pick_config`; ``tiling`` is one of :data:`TILINGS`.
+    ``config`` (optional) overrides :func:`pick_config` (its ``tiling``, if named, wins); ``tiling`` is one of
+    :data:`TILINGS` (None: the library's choice, ``DEFAULT_TILING`` unless the tuned table names another).
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     varlen, batch, seqlen, heads, head_dim, max_seqlen = _geometry(q, cu_seqlens, max_seqlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    d0, dm, d1 = head_dim_tiles(head_dim, tiling)
     out = _alloc(q.shape, dtype=q.dtype, device=q.device)
     lse_shape, (slb, slh) = _lse_shape_strides(q, varlen, batch, seqlen, heads)
     lse = _alloc(lse_shape, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or max_seqlen == 0 or batch == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
-    cfg = dict(config or pick_config("fwd", head_dim, max_seqlen, q.dtype, q.device, tiling))
+    cfg, tiling = _launch_config("fwd", config, head_dim, max_seqlen, q, tiling, varlen)
+    d0, dm, d1 = head_dim_tiles(head_dim, tiling)
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     grid = (triton.cdiv(max_seqlen, bm), batch * heads)
     cu = cu_seqlens if varlen else q  # dummy pointer when dense
@@ -774,16 +989,15 @@ def flash_attn_forward(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-                        dlse=None, configs=None, tiling: str = "single"):
+                        dlse=None, configs=None, tiling: str | None = None):
     """Returns (dq, dk, dv). ``dlse`` (optional) is the gradient flowing into the returned LSE.
 
     ``configs`` (optional) maps "delta"/"dkdv"/"dq" to launch configs overriding :func:`pick_config`;
-    ``tiling`` is one of :data:`TILINGS` (the forward's).
+    ``tiling`` as in :func:`flash_attn_forward` (each kernel may use its own: results do not depend on it).
     """
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     varlen, batch, seqlen, heads, head_dim, max_seqlen = _geometry(q, cu_seqlens, max_seqlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    d0, dm, d1 = head_dim_tiles(head_dim, tiling)
     dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
     dk = _alloc(k.shape, dtype=k.dtype, device=k.device)
     dv = _alloc(v.shape, dtype=v.dtype, device=v.device)
@@ -796,19 +1010,19 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
     configs = configs or {}
     prec = _dot_precision(q.dtype, q.device)
     align = _stride_alignment(q, k, v, dout, dq, dk, dv)
-    cols = _col_mode(tiling)
 
-    cfg = dict(configs.get("delta") or pick_config("delta", head_dim, max_seqlen, q.dtype, q.device))
+    cfg, _ = _launch_config("delta", configs.get("delta"), head_dim, max_seqlen, q, tiling, varlen)
     bm = cfg.pop("BLOCK_M")
     has_dlse = dlse is not None
     dlse_arg = dlse.contiguous().float() if has_dlse else delta
     _bwd_delta_kernel[(triton.cdiv(max_seqlen, bm), batch * heads)](
         out, dout, dlse_arg, delta, cu, *_strides3(out, varlen), *_strides3(dout, varlen), slb, slh,
         heads, seqlen, HEAD_DIM=head_dim, D_TILE=max(16, triton.next_power_of_2(head_dim)), VARLEN=varlen,
-        HAS_DLSE=has_dlse, BLOCK_M=bm, STRIDE_ALIGN=_stride_alignment(out, dout), COL_MODE=cols, **cfg,
+        HAS_DLSE=has_dlse, BLOCK_M=bm, STRIDE_ALIGN=_stride_alignment(out, dout), **cfg,
     )
 
-    cfg = dict(configs.get("dkdv") or pick_config("dkdv", head_dim, max_seqlen, q.dtype, q.device, tiling))
+    cfg, til = _launch_config("dkdv", configs.get("dkdv"), head_dim, max_seqlen, q, tiling, varlen)
+    d0, dm, d1 = head_dim_tiles(head_dim, til)
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, bn), batch * heads)](
         q, k, v, dout, dk, dv, lse, delta, cu,
@@ -816,9 +1030,10 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
         *_strides3(dk, varlen), *_strides3(dv, varlen), slb, slh,
         heads, seqlen, scale, scale * LOG2E,
         HEAD_DIM=head_dim, D0=d0, DM=dm, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
-        STRIDE_ALIGN=align, COL_MODE=cols, **cfg,
+        STRIDE_ALIGN=align, COL_MODE=_col_mode(til), **cfg,
     )
-    cfg = dict(configs.get("dq") or pick_config("dq", head_dim, max_seqlen, q.dtype, q.device, tiling))
+    cfg, til = _launch_config("dq", configs.get("dq"), head_dim, max_seqlen, q, tiling, varlen)
+    d0, dm, d1 = head_dim_tiles(head_dim, til)
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, bm), batch * heads)](
         q, k, v, dout, dq, lse, delta, cu,
@@ -826,12 +1041,14 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, cu_seqlens=
         *_strides3(dq, varlen), slb, slh,
         heads, seqlen, scale, scale * LOG2E,
         HEAD_DIM=head_dim, D0=d0, DM=dm, D1=d1, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
-        STRIDE_ALIGN=align, COL_MODE=cols, **cfg,
+        STRIDE_ALIGN=align, COL_MODE=_col_mode(til), **cfg,
     )
     return dq, dk, dv
 
 
 # ---- custom op ----------------------------------------------------------------------------------
+# ``tiling`` "" = the library's choice; ``config`` = JSON of {kernel: launch config} ("" = none): custom-op schemas
+# take no dicts.
 
 def _lse_shape(q: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> tuple[int, ...]:
     if cu_seqlens is not None:
@@ -841,13 +1058,15 @@ def _lse_shape(q: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> tuple[int
 
 @torch.library.custom_op("mae_fast::flash_attention_fwd", mutates_args=())
 def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-                  cu_seqlens: Optional[torch.Tensor], max_seqlen: int, tiling: str = "single"
+                  cu_seqlens: Optional[torch.Tensor], max_seqlen: int, tiling: str = "", config: str = ""
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    return flash_attn_forward(q, k, v, softmax_scale, cu_seqlens, max_seqlen, tiling=tiling)
+    cfg = json.loads(config) if config else {}
+    return flash_attn_forward(q, k, v, softmax_scale, cu_seqlens, max_seqlen, config=cfg.get("fwd"),
+                              tiling=tiling or None)
 
 
 @_flash_fwd_op.register_fake
-def _(q, k, v, softmax_scale, cu_seqlens, max_seqlen, tiling="single"):
+def _(q, k, v, softmax_scale, cu_seqlens, max_seqlen, tiling="", config=""):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = q.new_empty(_lse_shape(q, cu_seqlens), dtype=torch.float32)
     return out, lse
@@ -856,26 +1075,27 @@ def _(q, k, v, softmax_scale, cu_seqlens, max_seqlen, tiling="single"):
 @torch.library.custom_op("mae_fast::flash_attention_bwd", mutates_args=())
 def _flash_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, dlse: Optional[torch.Tensor], softmax_scale: float,
-                  cu_seqlens: Optional[torch.Tensor], max_seqlen: int, tiling: str = "single"
+                  cu_seqlens: Optional[torch.Tensor], max_seqlen: int, tiling: str = "", config: str = ""
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, cu_seqlens, max_seqlen, dlse=dlse,
-                               tiling=tiling)
+                               configs=json.loads(config) if config else None, tiling=tiling or None)
 
 
 @_flash_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, dlse, softmax_scale, cu_seqlens, max_seqlen, tiling="single"):
+def _(dout, q, k, v, out, lse, dlse, softmax_scale, cu_seqlens, max_seqlen, tiling="", config=""):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, cu_seqlens, max_seqlen, tiling = inputs
+    q, k, v, softmax_scale, cu_seqlens, max_seqlen, tiling, config = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
     ctx.softmax_scale = softmax_scale
     ctx.max_seqlen = max_seqlen
     ctx.tiling = tiling
+    ctx.config = config
     ctx.set_materialize_grads(False)  # an unused LSE (the usual case) then costs nothing in backward
 
 
@@ -884,20 +1104,34 @@ def _backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _flash_bwd_op(dout, q, k, v, out, lse, dlse, ctx.softmax_scale, cu_seqlens, ctx.max_seqlen,
-                               ctx.tiling)
-    return dq, dk, dv, None, None, None, None
+                               ctx.tiling, ctx.config)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _flash_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _config_json(config) -> str:
+    """``config`` ({kernel: launch config}, or None) checked and serialised for the custom ops."""
+    if not config:
+        return ""
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be a dict of kernel -> launch config, got {type(config).__name__}")
+    return json.dumps({kind: validate_config(kind, cfg) for kind, cfg in config.items()}, sort_keys=True)
+
+
 def flash_attention(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=None, return_lse=False,
-                    tiling: str = "single"):
+                    tiling: str | None = None, config: dict | None = None):
     """Triton flash attention; returns ``out`` or ``(out, lse)`` (lse fp32, natural log; (B,H,N) or (H,total)).
 
     Differentiable in q, k, v (and through the returned LSE). Under autocast the inputs are cast to the
-    autocast dtype, as matmul-like ops are. ``tiling`` is one of :data:`TILINGS`.
+    autocast dtype, as matmul-like ops are. ``tiling`` is one of :data:`TILINGS` (None: the library's choice).
+    ``config`` maps kernel names ("fwd", "dkdv", "dq", "delta") to launch configs (as :func:`candidate_configs`
+    gives them) that replace the chosen config of each kernel named; a bad one raises ValueError.
     """
+    config_arg = _config_json(config)
+    if tiling is not None and tiling not in TILINGS:
+        raise ValueError(f"tiling {tiling!r} unknown; choose from {TILINGS}")
     device_type = q.device.type
     if torch.is_autocast_enabled(device_type):
         dt = torch.get_autocast_dtype(device_type)
@@ -910,5 +1144,5 @@ def flash_attention(q, k, v, softmax_scale=None, cu_seqlens=None, max_seqlen=Non
     else:
         max_seqlen = q.shape[1]
     with torch.autocast(device_type, enabled=False):
-        out, lse = _flash_fwd_op(q, k, v, scale, cu_seqlens, int(max_seqlen), tiling)
+        out, lse = _flash_fwd_op(q, k, v, scale, cu_seqlens, int(max_seqlen), tiling or "", config_arg)
     return (out, lse) if return_lse else out

@@ -55,8 +55,9 @@ def _attention_tiling() -> str:
     from .kernels import flash_attention as fa
 
     tiles = " + ".join(str(t) for t in fa.head_dim_tiles(80) if t)
-    others = ", ".join(t for t in fa.TILINGS if t != "single")
-    return f"one power-of-two tile (default), GPU-verified; head dim 80 -> {tiles} columns; launch options: {others}"
+    others = ", ".join(t for t in fa.TILINGS if t != fa.DEFAULT_TILING)
+    return (f"{fa.DEFAULT_TILING} (default): head dim 80 -> {tiles} columns; launch options: {others}; "
+            f"tuned configs: {len(fa.tuned_table())}")
 
 
 def _attention_prefs() -> str:

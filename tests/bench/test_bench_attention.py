@@ -18,7 +18,7 @@ def test_tiling_rows_run_every_tiling_side_by_side(monkeypatch, tmp_path):
     launched = []
     real_tiles = fa.head_dim_tiles
 
-    def spy(d, tiling="single"):  # what the launchers ask for (not the benchmark's "does this row change?")
+    def spy(d, tiling=fa.DEFAULT_TILING):  # what the launchers ask for (not the benchmark's "does this row change?")
         caller = sys._getframe(1).f_code.co_name
         if caller in ("flash_attn_forward", "flash_attn_backward"):
             launched.append((caller, d, tiling, real_tiles(d, tiling)))
@@ -32,11 +32,11 @@ def test_tiling_rows_run_every_tiling_side_by_side(monkeypatch, tmp_path):
     assert {"triton", "triton:wrap", "triton:equal"} <= set(r80["fwd_ms"])
     assert not any(b.startswith("triton:") for b in r64["fwd_ms"])  # 64: one tile in every tiling
     assert all(t > 0 for t in r80["fwd_ms"].values()) and all(t > 0 for t in r80["bwd_ms"].values())
-    # the default rows launched one 128 tile, the equal-tile rows three 32-column tiles, in the forward and in the
+    # the default rows launched 64 + 32 columns, the equal-tile rows three 32-column tiles, in the forward and in the
     # backward (which runs after the timed call returned); wrap launched its own tiling
     for launcher in ("flash_attn_forward", "flash_attn_backward"):
         assert {(t, tiles) for f, d, t, tiles in launched if d == 80 and f == launcher} == {
-            ("single", (128, 0, 0)), ("wrap", (128, 0, 0)), ("equal", (32, 32, 32))}
+            ("split", (64, 0, 32)), ("wrap", (128, 0, 0)), ("equal", (32, 32, 32))}
         assert {tiles for f, d, t, tiles in launched if d == 64 and f == launcher} == {(64, 0, 0)}
     for check in (r80["check"], r80["check_wrap"], r80["check_equal"], r64["check"]):
         assert set(check) == {"out", "dq", "dk", "dv"}

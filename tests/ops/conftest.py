@@ -5,13 +5,13 @@ import torch
 def pytest_addoption(parser):
     # bench/triage_triton_attention.sh runs the attention kernel tests once per tiling; read with a default, as this
     # conftest's options exist only when pytest starts in (or is given a path under) tests/ops
-    parser.addoption("--attention-tiling", default="single", choices=("single", "wrap", "equal"),
+    parser.addoption("--attention-tiling", default="split", choices=("split", "single", "wrap", "equal"),
                      help="the tiling the Triton attention kernel tests launch (mae_fast.kernels.flash_attention)")
 
 
 @pytest.fixture
 def attention_tiling(request):
-    return request.config.getoption("--attention-tiling", default="single")
+    return request.config.getoption("--attention-tiling", default="split")
 
 
 @pytest.fixture

@@ -515,10 +515,11 @@ def test_info_and_auto_say_when_the_attention_preference_table_is_missing(monkey
 
 def test_info_names_the_attention_tiling():
     from mae_fast.info import report
+    from mae_fast.kernels import flash_attention as fa
 
     line = next(line for line in report().splitlines() if line.startswith("fa tiling "))
-    assert line.endswith("one power-of-two tile (default), GPU-verified; head dim 80 -> 128 columns; "
-                         "launch options: wrap, equal")
+    assert line.endswith("split (default): head dim 80 -> 64 + 32 columns; launch options: single, wrap, equal; "
+                         f"tuned configs: {len(fa.tuned_table())}")
 
 
 @pytest.mark.parametrize("img_size,mask_ratio", [(None, 0.75), (40, 0.6)])

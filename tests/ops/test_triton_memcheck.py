@@ -157,7 +157,7 @@ def _reference(q, k, v, do, dlse, cu, dtype):
 
 
 def _check_attention(head_dim, lengths, batch, heads, dtype, packed, device_configs, with_dlse=False,
-                     tiling="single"):
+                     tiling=None):
     q, k, v, cu, max_seqlen = _inputs(head_dim, lengths, batch, heads, dtype, packed)
     assert not q.is_contiguous()
     cfg = _configs(head_dim, max_seqlen, dtype, device_configs, tiling)
@@ -192,6 +192,7 @@ def _check_attention(head_dim, lengths, batch, heads, dtype, packed, device_conf
 DENSE_CASES = [
     (32, (17,), 2, 2, BF16), (40, (67,), 2, 2, BF16), (64, (1,), 2, 2, FP32), (80, (130,), 1, 2, BF16),
     (88, (17,), 2, 2, FP32), (96, (67,), 2, 2, BF16), (128, (67,), 1, 2, BF16), (128, (197,), 1, 1, BF16),
+    (64, (197,), 1, 1, BF16),
 ]
 PACKED_CASES = [
     (40, (17, 0, 67, 1), 4, 2, BF16), (96, (130, 0, 5), 3, 2, BF16), (128, (1, 67, 0), 3, 2, FP32),
@@ -213,11 +214,11 @@ def test_attention_in_bounds_packed(head_dim, lengths, batch, heads, dtype, devi
 
 
 def test_single_tile_in_bounds(device_configs=CUDA):
-    """The default tiling (head dim in one power-of-two tile, columns past it clamped and zeroed): every masked-in
-    access in bounds with the CUDA launch configs, same results. (CPU configs: the cases above.)"""
-    assert fa.head_dim_tiles(40) == (64, 0, 0) and fa.head_dim_tiles(96) == (128, 0, 0)
-    _check_attention(40, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True)
-    _check_attention(96, (67,), 2, 2, FP32, False, device_configs)
+    """tiling="single" (head dim in one power-of-two tile, columns past it clamped and zeroed): every masked-in
+    access in bounds with the CUDA launch configs, same results. (The default, split, is the cases above.)"""
+    assert fa.head_dim_tiles(40, "single") == (64, 0, 0) and fa.head_dim_tiles(96, "single") == (128, 0, 0)
+    _check_attention(40, (17, 0, 67, 1), 4, 2, BF16, True, device_configs, with_dlse=True, tiling="single")
+    _check_attention(96, (67,), 2, 2, FP32, False, device_configs, tiling="single")
 
 
 @pytest.mark.parametrize("device_configs", [CPU, CUDA], ids=["cpu_configs", "cuda_configs"])
@@ -239,12 +240,15 @@ def test_equal_tiles_in_bounds(device_configs):
     _check_attention(72, (33,), 2, 2, FP32, False, device_configs, tiling="equal")
 
 
-def test_cases_cover_every_tuned_cuda_config():
-    """The fast cases above launch every distinct CUDA config of every kernel at least once (bf16 and fp32)."""
+def test_cases_cover_every_picked_cuda_config():
+    """The fast cases above launch every distinct CUDA config the launcher picks for a head-dim class at MAE
+    sequence lengths (224 px and 476 px encoder and decoder), bf16 and fp32, at least once."""
     wanted, covered = set(), set()
-    for kind, bucket in fa.TUNED_CONFIGS:
-        for dtype in (BF16, FP32):
-            wanted.add((kind, str(fa.pick_config(kind, bucket, 197, dtype, CUDA))))
+    for head_dim in (32, 40, 64, 80, 128):
+        for seqlen in (65, 197, 290, 1157):
+            for dtype in (BF16, FP32):
+                for kind in ("fwd", "dkdv", "dq"):
+                    wanted.add((kind, str(fa.pick_config(kind, head_dim, seqlen, dtype, CUDA))))
     for head_dim, lengths, _, _, dtype in DENSE_CASES + PACKED_CASES:
         for kind in ("fwd", "dkdv", "dq"):
             covered.add((kind, str(fa.pick_config(kind, head_dim, max(lengths), dtype, CUDA))))
@@ -264,7 +268,7 @@ def test_attention_in_bounds_sweep(head_dim, seqlen, dtype):
     _check_attention(head_dim, (seqlen, 0, max(1, seqlen // 3), 1), 4, 2, dtype, True, CUDA, with_dlse=True)
 
 
-# The head dims a model may use besides those above, in the default single tile.
+# The head dims a model may use besides those above, in the default tiling.
 @pytest.mark.slow
 @pytest.mark.parametrize("head_dim,dtype", [(48, FP32), (72, BF16), (104, FP32)])
 def test_single_tile_sweep(head_dim, dtype):
