@@ -106,7 +106,7 @@ def _cmd_fit(args) -> int:
     from .table import load_results
 
     if args.form is not None and args.form not in FORMS:  # before the fit, and an error rather than a traceback
-        print(f"error: --form must be one of {', '.join(FORMS)}, got {args.form!r}", file=sys.stderr)
+        print(f"mae-fast scale fit: --form must be one of {', '.join(FORMS)}, got {args.form!r}", file=sys.stderr)
         return 2
     table = load_results(args.table, target=args.target)  # a TableError is reported by main()
     if getattr(args, "runs", None):  # from `run --fit`: this grid's runs only, not rows of older grids
@@ -123,7 +123,7 @@ def _cmd_fit(args) -> int:
         defaults = [(f"{n / 1e6:.4g}M params, {r:g} px, {10 * d:.3g} images", n, 10 * d, r)]
     projections = ([] if args.no_default_projections else defaults) + list(args.project or [])
     if not projections:
-        print("error: --no-default-projections needs at least one --project", file=sys.stderr)
+        print("mae-fast scale fit: --no-default-projections needs at least one --project", file=sys.stderr)
         return 2
     cost = {"fps": getattr(args, "fps", 1.0), "epochs": getattr(args, "epochs", 1.0)}
     print(write_report(table, law, out, projections, target_accuracy, cost_options=cost))
@@ -290,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .table import SweepWarning, TableError
 
     args = build_parser().parse_args(argv)
+    prog = f"mae-fast scale {args.command}"  # the one prefix of every message, as the other commands have
     shown: set[str] = set()
 
     def show(message, category, filename, lineno, file=None, line=None, _show=warnings.showwarning):
@@ -297,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _show(message, category, filename, lineno, file, line)
         if str(message) not in shown:  # damaged bookkeeping: reported once, in one line, and the command goes on
             shown.add(str(message))
-            print(f"warning: {message}", file=sys.stderr)
+            print(f"{prog}: warning: {message}", file=sys.stderr)
 
     try:
         with warnings.catch_warnings():
@@ -305,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = show
             return int(args.func(args) or 0)
     except (GridError, TableError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
 
 

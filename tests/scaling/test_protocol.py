@@ -81,6 +81,6 @@ def test_cli_fit_refuses_mixed_protocols_with_exit_2(grid_dict, tmp_path, capsys
         append_result(path, row)
     assert scale_main(["fit", str(path), "--n-boot", "0", "--form", "log_additive", "--out", str(tmp_path / "f")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "\n  pretrain.mask_ratio: 0.75 [" in err and "Traceback" not in err
+    assert err.startswith("mae-fast scale fit: ") and "\n  pretrain.mask_ratio: 0.75 [" in err and "Traceback" not in err
     law = fit(load_results(path), forms=["log_additive"], n_boot=0, mixed_protocols=True, calibrate=False)
     assert law.protocol.startswith("mixed: ")

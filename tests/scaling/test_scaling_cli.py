@@ -112,7 +112,7 @@ def test_fit_with_an_unknown_form_is_a_clear_error(truth, grid_dict, tmp_path, c
     _fake_rows(grid, truth)
     assert scale_main(["fit", str(grid.table_path), "--form", "cubic"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --form must be one of log_additive, ") and "'cubic'" in err
+    assert err.startswith("mae-fast scale fit: --form must be one of log_additive, ") and "'cubic'" in err
     assert not (tmp_path / "results_fit").exists()
 
 
@@ -122,13 +122,14 @@ def test_fit_on_an_unreadable_table_is_a_clear_error(tmp_path, capsys, content):
     table.mkdir() if content == "dir" else table.write_bytes(content)
     assert scale_main(["fit", str(table), "--out", str(tmp_path / "fit")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {table}: cannot read it as a CSV text file") and not (tmp_path / "fit").exists()
+    assert err.startswith(f"mae-fast scale fit: {table}: cannot read it as a CSV text file")
+    assert not (tmp_path / "fit").exists()
 
 
 
 def test_grid_path_that_is_a_directory_is_a_clear_error(tmp_path, capsys):
     assert scale_main(["status", str(tmp_path)]) == 2
-    assert "error: " in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("mae-fast scale status: ")
 
 
 def test_dry_run_writes_nothing(grid_file, tmp_path, capsys):
