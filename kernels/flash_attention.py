@@ -695,10 +695,12 @@ _CLASS_ORDER = ((32, 0, 0), (32, 0, 32), (64, 0, 0), (64, 0, 32), (64, 32, 32), 
 
 def _tile_class(head_dim: int, tiling: str) -> tuple[int, int, int]:
     tiles = head_dim_tiles(head_dim, tiling)
-    if tiles in _CLASS_ORDER:
+    if ("fwd", tiles) in _CANDIDATES:
         return tiles
+    # a head dim no MAE model uses (e.g. 104: 64 + 32 + 32 columns) borrows the candidates of the narrowest
+    # searched class at least as wide: correct at any config, only its spill-freedom is unchecked
     width = sum(tiles)
-    return next(c for c in _CLASS_ORDER if sum(c) >= width)
+    return next(c for c in _CLASS_ORDER if sum(c) >= width and ("fwd", c) in _CANDIDATES)
 
 
 def _row_efficiency(block: int, outer: bool, packed: bool) -> float:

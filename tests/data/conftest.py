@@ -41,7 +41,7 @@ def write_pngs():
 
 @pytest.fixture(scope="session")
 def demo():
-    """The default demo set (6 one-minute videos at 8 fps, 96 x 96; 8 classes of 40 + 10 images) in its default
+    """The default demo set (6 one-minute videos at 8 fps, 96 x 96; 8 classes of 40 + 40 images) in its default
     cache ($MAE_FAST_DATA or ~/.cache/mae_fast/demo), which the trainer's and the sweeps' tests read too: generated
     on first use, reused after (the tests here only read it)."""
     pytest.importorskip("av")

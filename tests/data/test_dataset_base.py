@@ -12,6 +12,7 @@ import pytest
 
 from mae_fast.data import base as base_mod
 from mae_fast.data import build_labelled_datasets, build_pretrain_dataset
+from mae_fast.data import demo as demo_mod
 
 
 class _Items(base_mod.SkippingDataset):
@@ -134,7 +135,7 @@ def test_corrupt_files_are_skipped_and_counted(demo, tmp_path):
         ds = build_pretrain_dataset(imgs, img_size=32)
         assert [Path(p).name for p, _ in ds.skipped] == ["garbage.jpg"]
         items = [ds[i] for i in range(len(ds))]
-    assert len(items) == len(ds) == 11 and all(x.shape == (3, 32, 32) for x in items)
+    assert len(items) == len(ds) == demo_mod.DEFAULTS["n_val"] + 1 and all(x.shape == (3, 32, 32) for x in items)
     assert sorted(Path(p).name for p, _ in ds.skipped) == ["garbage.jpg", "truncated.png"]
 
 

@@ -19,7 +19,8 @@ from mae_fast.data.images import per_class_fraction, split_per_class
 def test_labelled_fraction_per_class(demo):
     root = demo.root.parent
     train, val, classes = build_labelled_datasets(None, img_size=32, demo_root=root)
-    assert classes == sorted(demo_mod.CLASSES) and len(train) == 320 and len(val) == 80
+    n_val = len(demo_mod.CLASSES) * demo_mod.DEFAULTS["n_val"]
+    assert classes == sorted(demo_mod.CLASSES) and len(train) == 320 and len(val) == n_val
     for fraction, per_class in ((0.1, 4), (0.02, 1), (0.5, 20)):
         tr, va, _ = build_labelled_datasets(None, img_size=32, fraction=fraction, seed=3, demo_root=root)
         assert collections.Counter(tr.labels) == {c: per_class for c in range(8)}
@@ -49,7 +50,7 @@ def test_labelled_single_folder_split(demo, tmp_path):
 def test_image_folder_source(demo, tmp_path):
     shutil.copytree(demo.labelled / "val", tmp_path / "imgs")
     ds = build_pretrain_dataset(tmp_path / "imgs", img_size=32)
-    assert len(ds) == 80 and ds[0].shape == (3, 32, 32) and ds.record["kind"] == "images"
+    assert len(ds) == len(demo_mod.CLASSES) * demo_mod.DEFAULTS["n_val"] and ds[0].shape == (3, 32, 32) and ds.record["kind"] == "images"
 
 
 def test_augmented_labelled_items_are_seeded_per_item(demo):
