@@ -11,8 +11,20 @@ import gpu_plan  # noqa: E402  (bench/, on sys.path from tests/conftest.py)
 
 @pytest.fixture(scope="module")
 def dry(tmp_path_factory):
+    import os
+
+    from mae_fast.ops.attention import attention_prefs
+
     out = tmp_path_factory.mktemp("plan")
-    assert gpu_plan.main(["--dry-run", "--out", str(out), "--wheelhouse", str(out / "none")]) == 0
+    before = os.environ.get("MAE_FAST_ATTENTION_PREFS")
+    try:
+        assert gpu_plan.main(["--dry-run", "--out", str(out), "--wheelhouse", str(out / "none")]) == 0
+    finally:  # the plan points auto at its own table for the rest of its process: not for the other tests
+        if before is None:
+            os.environ.pop("MAE_FAST_ATTENTION_PREFS", None)
+        else:
+            os.environ["MAE_FAST_ATTENTION_PREFS"] = before
+        attention_prefs.cache_clear()
     return out
 
 

@@ -294,7 +294,7 @@ def test_malformed_grid_is_a_clear_error_naming_file_and_key(grid_file, tmp_path
         assert fragment in str(info.value) and str(info.value).startswith(str(path))
     assert scale_main(["run", str(path)]) == 2  # not a traceback, and nothing was started
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and fragment in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("mae-fast scale ") and fragment in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "sweep").exists()
 
 
