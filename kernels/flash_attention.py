@@ -668,7 +668,7 @@ _SEARCH = {  # the space the candidates were pruned from (bench/compile_report.p
             (128, 32, 8, 3), (64, 32, 4, 3)),
     "dkdv": ((64, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 3),
              (128, 64, 8, 2), (64, 64, 4, 2)),
-    # dq (128, 64, 8, 3) is left out: at head dim 80 it faulted on an H100 with triton 3.6 (bench_attention --tune)
+    # dq (128, 64, 8, 3) is left out: it faults at head dim 80 on sm_90 with triton 3.6 (bench/results/)
     "dq": ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2),
            (128, 32, 8, 3)),
 }
