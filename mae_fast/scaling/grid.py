@@ -27,7 +27,9 @@ Schema (see ``train/grids/*.yaml``)::
                                                                        #    steps: 5000}
     pretrain: {mask_ratio: 0.75, lr: 1.5e-4}       # passed through to pretraining
     eval: {protocol: finetune, fraction: 0.02, epochs: 50, num_classes: 1000}   # or linprobe; finetune keys
-    executor: {name: local, mode: inprocess}       # local (inprocess|subprocess|torchrun) or slurm
+    executor: {name: local, mode: inprocess}       # local (inprocess|subprocess|torchrun) or slurm; with
+                                                   # mode: subprocess, parallel: N runs N at once (CPU cores split
+                                                   # evenly, one GPU each where there are GPUs)
     fit: {projections: [{label: ViT-H 476px, params: 632e6, hours: 5000, img_size: 476}], target_accuracy: 60}
                                                    # what `scale run --fit` projects to (optional)
 """
@@ -401,6 +403,12 @@ def grid_from_dict(raw: Mapping, path: Path | None = None) -> Grid:
         raise GridError(f"executor.name must be local or slurm, got {executor.get('name')!r}")
     if executor.get("mode", "inprocess") not in ("inprocess", "subprocess", "torchrun"):
         raise GridError(f"executor.mode must be inprocess, subprocess or torchrun, got {executor.get('mode')!r}")
+    parallel = executor.get("parallel", 1)
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise GridError(f"executor.parallel must be a whole number >= 1 (runs at once on this machine), got {parallel!r}")
+    if parallel > 1 and (executor.get("name", "local") != "local" or executor.get("mode", "inprocess") != "subprocess"):
+        raise GridError("executor.parallel > 1 needs executor {name: local, mode: subprocess}: each run is its own "
+                        "process")
     fit_options(raw)
     return Grid(path=path, name=name, out_dir=out_dir, job=str(raw.get("job", "mae_fast.scaling.runner:default_job")),
                 executor=executor, runs=expand(raw), raw=dict(raw))

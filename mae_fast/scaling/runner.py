@@ -358,14 +358,19 @@ def pending_runs(grid: Grid, retry_failed: bool = True, skip: Sequence[str] = ()
 
 # --- executors ------------------------------------------------------------------------------------
 def run_local(grid: Grid, runs: Sequence[RunSpec], job: str | JobFn | None = None, mode: str = "inprocess",
-              nproc_per_node: int = 1, log: Callable[[str], None] = print) -> dict[str, str]:
+              nproc_per_node: int = 1, log: Callable[[str], None] = print, parallel: int = 1) -> dict[str, str]:
     """Run ``runs`` one after another. Returns {run_id: "done" | error}; a failure does not stop the sweep.
 
     ``mode``: ``inprocess`` calls the job here; ``subprocess`` starts ``python -m mae_fast.scaling.cli
     worker`` per run (a crash cannot take the sweep down); ``torchrun`` starts it under torchrun with
-    ``nproc_per_node`` processes (rank 0 records the result).
+    ``nproc_per_node`` processes (rank 0 records the result). ``parallel`` > 1 (subprocess mode) keeps that
+    many workers going at once (:func:`run_local_parallel`).
     """
     job = job or grid.job
+    if parallel > 1:
+        if mode != "subprocess":
+            raise ValueError(f"parallel runs need mode 'subprocess', got {mode!r}")
+        return run_local_parallel(grid, runs, job, parallel, log)
     outcome: dict[str, str] = {}
     for i, spec in enumerate(runs, 1):
         log(f"[{i}/{len(runs)}] {spec.run_id}")
@@ -384,9 +389,9 @@ def run_local(grid: Grid, runs: Sequence[RunSpec], job: str | JobFn | None = Non
             raise ValueError(f"mode {mode!r} needs a grid loaded from a file (workers re-read it)")
         if not isinstance(job, str):
             raise ValueError(f"mode {mode!r} needs the job as 'module:function'")
-        worker = ["-m", "mae_fast.scaling.cli", "worker", str(grid.path), spec.run_id, "--job", job]
+        worker = _worker_cmd(grid, spec, job)
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}"]
-               + worker if mode == "torchrun" else [sys.executable, *worker])
+               + worker[1:] if mode == "torchrun" else worker)
         proc = subprocess.run(cmd)
         if proc.returncode == 0:
             outcome[spec.run_id] = "done"
@@ -394,6 +399,78 @@ def run_local(grid: Grid, runs: Sequence[RunSpec], job: str | JobFn | None = Non
             err = _read_status(grid.run_dir(spec.run_id)).get("error") or f"exit code {proc.returncode}"
             outcome[spec.run_id] = err
             log(f"    FAILED {err}   (command: {shlex.join(cmd)})")
+    return outcome
+
+
+def _worker_cmd(grid: Grid, spec: RunSpec, job) -> list[str]:
+    if grid.path is None:
+        raise ValueError("local subprocess workers need a grid loaded from a file (they re-read it)")
+    if not isinstance(job, str):
+        raise ValueError("local subprocess workers need the job as 'module:function'")
+    return [sys.executable, "-m", "mae_fast.scaling.cli", "worker", str(grid.path), spec.run_id, "--job", job]
+
+
+def worker_env(slot: int, parallel: int, environ: Mapping[str, str] | None = None,
+               cpus: int | None = None, gpus: int | None = None) -> dict[str, str]:
+    """The environment of worker ``slot`` of ``parallel`` running at once: the CPU cores split evenly
+    (``OMP_NUM_THREADS``, which torch's thread pool follows) and, on a machine with GPUs, one GPU per slot
+    round-robin (``CUDA_VISIBLE_DEVICES``). Values the caller already set are kept."""
+    env = dict(os.environ if environ is None else environ)
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // parallel)))
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and "CUDA_VISIBLE_DEVICES" not in env:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    return env
+
+
+def run_local_parallel(grid: Grid, runs: Sequence[RunSpec], job: str, parallel: int,
+                       log: Callable[[str], None] = print, poll_s: float = 0.2) -> dict[str, str]:
+    """Run ``runs`` as worker subprocesses, ``parallel`` at a time, each with its share of the machine
+    (:func:`worker_env`); a worker's output goes to ``<run dir>/worker.log``. Ctrl-C reaches the workers too
+    (same process group): each stops with a checkpoint, and this waits for them before re-raising."""
+    outcome: dict[str, str] = {}
+    waiting = list(enumerate(runs, 1))
+    running: dict[int, tuple] = {}  # slot -> (process, spec, log file handle)
+    try:
+        while waiting or running:
+            for slot in range(parallel):
+                if slot in running or not waiting:
+                    continue
+                i, spec = waiting.pop(0)
+                run_dir = grid.run_dir(spec.run_id)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                fh = open(run_dir / "worker.log", "ab")
+                proc = subprocess.Popen(_worker_cmd(grid, spec, job), env=worker_env(slot, parallel), stdout=fh,
+                                        stderr=subprocess.STDOUT)
+                running[slot] = (proc, spec, fh)
+                log(f"[{i}/{len(runs)}] {spec.run_id}   (output: {run_dir / 'worker.log'})")
+            for slot, (proc, spec, fh) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                fh.close()
+                del running[slot]
+                status = _read_status(grid.run_dir(spec.run_id))
+                if proc.returncode == 0:
+                    outcome[spec.run_id] = "done"
+                    log(f"    {spec.run_id}: top1 {status.get('top1', float('nan')):.2f}")
+                else:
+                    outcome[spec.run_id] = status.get("error") or f"exit code {proc.returncode}"
+                    log(f"    {spec.run_id}: FAILED {outcome[spec.run_id]}   "
+                        f"(log: {grid.run_dir(spec.run_id) / 'worker.log'})")
+            time.sleep(poll_s)
+    except BaseException:
+        for proc, _, fh in running.values():  # the workers got the same SIGINT: let them save and exit
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            fh.close()
+        raise
     return outcome
 
 
@@ -498,7 +575,7 @@ def run_grid(grid: Grid | str | os.PathLike, job: str | JobFn | None = None, exe
     name = executor or grid.executor.get("name", "local")
     if name == "local":
         return run_local(grid, todo, job, grid.executor.get("mode", "inprocess"),
-                         int(grid.executor.get("nproc_per_node", 1)), log)
+                         int(grid.executor.get("nproc_per_node", 1)), log, int(grid.executor.get("parallel", 1)))
     if name == "slurm":
         return submit_slurm(grid, todo, job, cluster or grid.executor.get("cluster"), wait, log)
     raise ValueError(f"executor must be local or slurm, got {name!r}")

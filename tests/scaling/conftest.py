@@ -113,6 +113,17 @@ FAKE_JOBS = textwrap.dedent('''
         from mae_fast.scaling.runner import default_job
         return default_job(cfg, run_dir)
 
+    def timed(cfg, run_dir):
+        # when it ran and with which share of the machine; fails on purpose at 5 h
+        start = time.time()
+        time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+        Path(run_dir, "timing.json").write_text(json.dumps({
+            "start": start, "end": time.time(), "threads": os.environ.get("OMP_NUM_THREADS"),
+            "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}))
+        if cfg["hours"] == 5:
+            raise RuntimeError("out of memory (on purpose)")
+        return {"top1": truth(cfg), "images_seen": cfg["budget"]["images_seen"]}
+
     def broken(cfg, run_dir):
         if cfg["hours"] == 5:
             raise RuntimeError("out of memory (on purpose)")

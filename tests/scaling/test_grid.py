@@ -264,6 +264,10 @@ def test_more_malformed_grids_are_refused(grid_dict, tmp_path, over, fragment):
     ({"executor": "slurm"}, "executor must be a mapping"),
     ({"executor": {"name": "sluurm"}}, "executor.name must be local or slurm"),
     ({"executor": {"name": "local", "mode": "thread"}}, "executor.mode must be"),
+    ({"executor": {"name": "local", "mode": "subprocess", "parallel": 0}}, "executor.parallel must be a whole number"),
+    ({"executor": {"name": "local", "mode": "subprocess", "parallel": "two"}}, "executor.parallel must be a whole"),
+    ({"executor": {"name": "local", "mode": "inprocess", "parallel": 2}}, "parallel > 1 needs executor {name: local"),
+    ({"executor": {"name": "slurm", "parallel": 2}}, "parallel > 1 needs executor {name: local, mode: subprocess}"),
     # the fit block is used only after the sweep: checked when the grid loads all the same
     ({"fit": {"projections": [{"label": "big", "hours": 10, "img_size": 224}]}}, "fit.projections[0].params is missing"),
     ({"fit": {"projections": [{"params": 1e9, "hours": "many", "img_size": 224}]}}, "fit.projections[0].hours"),

@@ -22,7 +22,7 @@ from mae_fast.scaling.cli import main as scale_main
 from mae_fast.scaling.grid import grid_from_dict, load_grid
 from mae_fast.scaling.runner import (RunInterrupted, SweepTask, default_job, export_task_rank, in_flight,
                                      pending_runs, run_alive, run_grid, run_local, run_one, submit_slurm,
-                                     sweep_status)
+                                     sweep_status, worker_env)
 
 try:
     import submitit
@@ -223,6 +223,38 @@ def test_subprocess_mode_runs_each_run_in_a_worker(write_grid, fake_jobs):
                                 img_sizes=[224], executor={"name": "local", "mode": "subprocess"}))
     assert run_grid(grid, log=lambda s: None) == {r.run_id: "done" for r in grid.runs}
     assert len(load_results(grid.table_path)) == 1
+
+
+def test_parallel_workers_run_at_once_on_a_share_of_the_cores_and_a_failure_stops_no_other(write_grid, fake_jobs,
+                                                                                             monkeypatch):
+    monkeypatch.setenv("FAKE_SLEEP", "3")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5, 50, 500],
+                                seeds=[1], img_sizes=[224], job="fakejobs:timed",
+                                executor={"name": "local", "mode": "subprocess", "parallel": 2}))
+    lines = []
+    outcome = run_grid(grid, log=lines.append)
+    by_hours = {spec.config["hours"]: spec.run_id for spec in grid.runs}
+    assert outcome[by_hours[50]] == outcome[by_hours[500]] == "done"
+    assert "out of memory (on purpose)" in outcome[by_hours[5]]
+    assert sorted(r["hours"] for r in load_results(grid.table_path).rows()) == [50, 500]
+    timing = {h: json.loads((grid.run_dir(r) / "timing.json").read_text()) for h, r in by_hours.items()}
+    first, second = (timing[h] for h in sorted(by_hours)[:2])  # started together in the two slots
+    assert first["start"] < second["end"] and second["start"] < first["end"]
+    cpus = len(os.sched_getaffinity(0))
+    assert {t["threads"] for t in timing.values()} == {str(max(1, cpus // 2))}
+    assert all((grid.run_dir(r) / "worker.log").is_file() for r in by_hours.values())
+    assert "out of memory (on purpose)" in (grid.run_dir(by_hours[5]) / "worker.log").read_text()
+    assert sum("FAILED" in line for line in lines) == 1
+
+
+def test_worker_env_splits_cores_and_gpus_and_keeps_what_the_caller_set():
+    env = worker_env(5, 4, environ={}, cpus=16, gpus=4)
+    assert env["OMP_NUM_THREADS"] == "4" and env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert worker_env(0, 3, environ={}, cpus=2, gpus=0) == {"OMP_NUM_THREADS": "1"}
+    kept = worker_env(1, 2, environ={"OMP_NUM_THREADS": "7", "CUDA_VISIBLE_DEVICES": "3"}, cpus=16, gpus=8)
+    assert kept == {"OMP_NUM_THREADS": "7", "CUDA_VISIBLE_DEVICES": "3"}
 
 
 def _dead_pid() -> int:
