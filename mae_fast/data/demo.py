@@ -2,10 +2,13 @@
 
 The world is a large wrapping ground texture with flat, textured objects ("decals") of a few classes
 (each class a shape family x a texture family, colours random per instance). A camera a little above
-the ground walks and turns through it, looking down at a per-video pitch; each pixel's ground ray is
-fixed per video, so a frame is one rotation + a trilinear (mip-mapped) lookup: thousands of frames
-render in seconds. The labelled set shows *new* instances of the same classes on patches of the same
-ground, seen from above at a random pitch/yaw/distance: "object images from the same world".
+the ground walks and turns through it, looking ahead and down at a per-video pitch, and every few seconds
+stops to look down at the object nearest its path, as a child looks at things: more hours of video
+show more object instances up close, which is what makes pretraining on more video help the labelled
+task. Each pixel's ground ray is fixed per camera, so a frame is one rotation + a trilinear (mip-mapped)
+lookup: thousands of frames render in seconds. The labelled set shows *new* instances of the same
+classes on patches of the same ground, seen from above at a random pitch/yaw/distance: "object images
+from the same world".
 
 Everything is drawn from ``numpy.random.default_rng(seed)``; videos are encoded single-threaded with
 ffmpeg's mpeg4 encoder (libx264 only if mpeg4 is missing: it is not reproducible), from a numpy
@@ -28,8 +31,8 @@ import numpy as np
 
 from mae_fast.extras import require
 
-DEMO_VERSION = 3   # the cache folder's version: bumped whenever what is generated changes
-RNG_STREAM = 2     # seeds the generator: kept, so the videos (drawn first) stay the same frames across versions
+DEMO_VERSION = 4   # the cache folder's version: bumped whenever what is generated changes
+RNG_STREAM = 2     # seeds the generator
 HORIZON = np.array([0.78, 0.84, 0.88], np.float32)
 ZENITH = np.array([0.30, 0.50, 0.85], np.float32)
 HILLS = np.array([0.42, 0.50, 0.55], np.float32)
@@ -37,7 +40,7 @@ CLASSES = ("disc_spokes", "square_checks", "triangle_stripes", "hexagon_dots",
            "star_rim", "ring_waves", "cross_grid", "ellipse_rings")
 
 DEFAULTS = dict(
-    n_videos=6, seconds=60, video_fps=8, video_size=96,
+    n_videos=6, seconds=60, video_fps=8, video_size=96, look_share=0.5,
     n_train=40, n_val=40, image_size=64,  # 320 val images: one image is 0.31 points of top-1
     world_size=2048, n_objects=1400,
 )
@@ -387,19 +390,70 @@ def to_uint8(image: np.ndarray, scale: float = 255.0) -> np.ndarray:
     return np.clip(image * scale + 0.5, 0, 255).astype(np.uint8)
 
 
-def render_videos(rng, world_pyramid, out_dir: Path, cfg: dict, codec: str) -> list[dict]:
+def look_schedule(rng, n_frames: int, fps: int, look_share: float) -> np.ndarray:
+    """Per frame: -1 while walking, else the number of the look it belongs to. Walks of 2-5 s alternate with
+    looks of 1.5-3 s, scaled so that about ``look_share`` of the frames are looks."""
+    schedule = np.full(n_frames, -1, np.int64)
+    walk_s = (2.0, 5.0) if look_share < 1 else (0.0, 0.0)
+    scale = (1 - look_share) / max(look_share, 1e-6) * (2.25 / 3.5)  # mean look 2.25 s, mean walk 3.5 s
+    i, looks = 0, 0
+    while i < n_frames:
+        i += int(rng.uniform(*walk_s) * scale * fps)
+        n = int(rng.uniform(1.5, 3.0) * fps)
+        schedule[i:i + n] = looks
+        i, looks = i + n, looks + 1
+    return schedule
+
+
+def nearest_object(objects: list[dict], x: float, y: float, world_size: int) -> dict:
+    """The object whose centre is nearest (x, y) on the wrapping world."""
+    centres = np.array([(o["x"], o["y"]) for o in objects])
+    d = np.abs(centres - (x, y)) % world_size
+    d = np.minimum(d, world_size - d)
+    return objects[int(np.argmin((d * d).sum(1)))]
+
+
+def look_position(obj: dict, yaw: float, back: float) -> tuple[float, float]:
+    """Where a camera heading ``yaw`` stands so that its central ray, meeting the ground ``back`` ahead,
+    lands on the object's centre."""
+    return obj["x"] + back * math.sin(yaw), obj["y"] - back * math.cos(yaw)
+
+
+def render_videos(rng, world_pyramid, objects: list[dict], out_dir: Path, cfg: dict, codec: str) -> list[dict]:
     entries = []
-    size = cfg["video_size"]
+    size, fps = cfg["video_size"], cfg["video_fps"]
     for k in range(cfg["n_videos"]):
         pitch = math.radians(rng.uniform(28, 42))
         camera = GroundCamera((size, size), pitch, height=rng.uniform(28, 40))
+        # looking down at an object: the labelled images' view (steep pitch, 60 degree field, no haze)
+        look_pitch, look_height = math.radians(rng.uniform(62, 80)), rng.uniform(48, 62)
+        look_camera = GroundCamera((size, size), look_pitch, look_height, hfov=math.radians(60), fog=1e4)
+        look_back = look_height / math.tan(look_pitch)
         sky = [(m, rng.uniform(0.01, 0.04), rng.uniform(0, 6.3)) for m in (2, 3, 5, 9)]
-        x, y, yaw, bob = camera_path(rng, cfg["seconds"], cfg["video_fps"], cfg["world_size"])
-        frames = [to_uint8(camera.render(world_pyramid, x[i], y[i], yaw[i], sky, bob[i]), 1.0) for i in range(len(x))]
+        schedule = look_schedule(rng, int(round(cfg["seconds"] * fps)), fps, cfg["look_share"])
+        walking = schedule < 0
+        x, y, yaw, bob = camera_path(rng, max(walking.sum(), 1) / fps, fps, cfg["world_size"])
+        frames, step, look = [], 0, None
+        for i, look_id in enumerate(schedule):
+            if look_id < 0:
+                j = min(step, len(x) - 1)
+                frames.append(camera.render(world_pyramid, x[j], y[j], yaw[j], sky, bob[j]))
+                step += 1
+                continue
+            if look is None or look["id"] != look_id:  # a new look: the object just ahead of the walker
+                j = min(step, len(x) - 1)
+                ahead_x, ahead_y = x[j] - 40 * math.sin(yaw[j]), y[j] + 40 * math.cos(yaw[j])
+                look = dict(id=look_id, obj=nearest_object(objects, ahead_x, ahead_y, cfg["world_size"]),
+                            yaw=yaw[j], turn=rng.uniform(-0.6, 0.6) / fps)
+            look["yaw"] += look["turn"]
+            cam_x, cam_y = look_position(look["obj"], look["yaw"], look_back)
+            frames.append(look_camera.render(world_pyramid, cam_x, cam_y, look["yaw"], sky, bob[min(step, len(x) - 1)]))
+        frames = [to_uint8(f, 1.0) for f in frames]
         name = f"walk_{k:03d}.mp4"
-        encode_mp4(frames, out_dir / name, cfg["video_fps"], codec)
-        entries.append(dict(file=name, seconds=cfg["seconds"], fps=cfg["video_fps"], frames=len(frames),
-                            pitch_deg=round(math.degrees(pitch), 3)))
+        encode_mp4(frames, out_dir / name, fps, codec)
+        entries.append(dict(file=name, seconds=cfg["seconds"], fps=fps, frames=len(frames),
+                            pitch_deg=round(math.degrees(pitch), 3), looks=int(schedule.max() + 1),
+                            look_frames=int((~walking).sum())))
     return entries
 
 
@@ -418,8 +472,7 @@ def render_object_image(rng, ground_pyramid_src: np.ndarray, cls: int, size: int
     camera = GroundCamera((size, size), pitch, height, hfov=math.radians(60), fog=1e4)
     yaw = rng.uniform(0, 2 * math.pi)
     back = height / math.tan(pitch) if pitch < math.radians(89.9) else 0.0  # put the object mid-frame
-    cam_x = obj["x"] + back * math.sin(yaw)
-    cam_y = obj["y"] - back * math.cos(yaw)
+    cam_x, cam_y = look_position(obj, yaw, back)
     image = camera.render(mip_pyramid(patch, 4), cam_x, cam_y, yaw, sky=None, wrap=False)
     return to_uint8(image, 1.0)
 
@@ -451,9 +504,9 @@ def generate(out_dir, seed: int = 0, **overrides) -> dict:
     start = time.perf_counter()
     codec = pick_codec()
     rng = np.random.default_rng([seed, RNG_STREAM])
-    ground, world, _ = make_world(rng, cfg["world_size"], cfg["n_objects"])
+    ground, world, objects = make_world(rng, cfg["world_size"], cfg["n_objects"])
     (out_dir / "videos").mkdir(parents=True)
-    videos = render_videos(rng, mip_pyramid(world), out_dir / "videos", cfg, codec)
+    videos = render_videos(rng, mip_pyramid(world), objects, out_dir / "videos", cfg, codec)
     labelled = render_labelled(rng, ground, out_dir / "labelled", cfg)
     for entry in videos:
         entry["sha256"] = hashlib.sha256((out_dir / "videos" / entry["file"]).read_bytes()).hexdigest()

@@ -266,3 +266,46 @@ def test_camera_walks_along_its_heading_for_the_whole_duration():
     assert moving.sum() > 100
     head_x, head_y = -np.sin(yaw[1:]), np.cos(yaw[1:])
     np.testing.assert_allclose((dx * head_x + dy * head_y)[moving], step[moving], rtol=1e-9)
+
+
+def test_looks_alternate_with_walks_in_the_share_asked_and_last_one_and_a_half_to_three_seconds():
+    fps = 8
+    for share in (0.25, 0.5, 0.75):
+        schedule = demo_mod.look_schedule(np.random.default_rng(1), 20000, fps, share)
+        assert abs((schedule >= 0).mean() - share) < 0.05
+        looks = schedule[schedule >= 0]
+        assert np.array_equal(np.unique(looks), np.arange(looks.max() + 1))  # numbered in order
+        lengths = np.bincount(looks)[:-1]  # the last look may be cut by the end of the video
+        assert lengths.min() >= int(1.5 * fps) and lengths.max() <= 3 * fps
+        assert np.all(np.diff(looks) >= 0)
+    assert (demo_mod.look_schedule(np.random.default_rng(1), 2000, fps, 0.0) == -1).all()
+
+
+def test_nearest_object_counts_distances_round_the_wrapping_world():
+    rng = np.random.default_rng(0)
+    size = 512
+    objects = [dict(x=float(x), y=float(y)) for x, y in rng.uniform(0, size, (200, 2))]
+    for px, py in rng.uniform(0, size, (50, 2)):
+        def wrapped(o):
+            dx, dy = abs(o["x"] - px), abs(o["y"] - py)
+            return min(dx, size - dx) ** 2 + min(dy, size - dy) ** 2
+        assert demo_mod.nearest_object(objects, px, py, size) is min(objects, key=wrapped)
+    edge = [dict(x=5.0, y=5.0), dict(x=300.0, y=300.0)]
+    assert demo_mod.nearest_object(edge, 507.0, 508.0, size) is edge[0]  # 7 px away across the corner
+
+
+@pytest.mark.parametrize("pitch_deg", [62, 80])
+def test_a_look_puts_the_object_in_the_middle_of_the_frame(pitch_deg):
+    """One bright spot on a black world: seen by the look camera from ``look_position``, it is mid-frame for
+    any heading."""
+    world = np.zeros((256, 256, 3), np.float32)
+    world[118:138, 58:78] = 255.0  # centre (x, y) = (68, 128): column 68, row 128
+    pyramid = demo_mod.mip_pyramid(world)
+    pitch, height = math.radians(pitch_deg), 55.0
+    camera = demo_mod.GroundCamera((48, 48), pitch, height, hfov=math.radians(60), fog=1e4)
+    for yaw in (0.0, 1.0, 2.5, -2.0):
+        x, y = demo_mod.look_position(dict(x=68.0, y=128.0), yaw, height / math.tan(pitch))
+        frame = camera.render(pyramid, x, y, yaw, wrap=False).mean(-1)
+        rows, cols = np.nonzero(frame > 128)
+        assert rows.size > 20
+        assert abs(rows.mean() - 23.5) < 2.5 and abs(cols.mean() - 23.5) < 2.5

@@ -422,7 +422,7 @@ def test_default_job_over_two_slurm_tasks_is_one_ddp_run_recorded_once(fake_jobs
     raw.update(name="two_tasks", out_dir=str(fake_jobs / "sweep"), models=raw["models"][:1], hours=[0.01],
                img_sizes=[32], job="fakejobs:recording_default",
                executor={"name": "slurm", "cluster": "local", "slurm": {"timeout_min": 5, "tasks_per_node": 2}})
-    raw["budget"]["images_seen"] = 64  # two steps of 32
+    raw["budget"] = {"rule": "images_seen", "images_seen": 64, "batch_size": 32}  # two steps of 32
     raw["pretrain"]["warmup_steps"] = 1
     raw["eval"].update(epochs=1, fraction=0.2)  # 64 of the 320 labelled images
     grid = grid_from_dict(raw)
@@ -593,7 +593,7 @@ def test_default_job_stopped_early_is_interrupted_not_recorded(tmp_path):
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "train" / "grids" / "demo.yaml").read_text())
     raw.update(name="early", out_dir=str(tmp_path / "sweep"), models=raw["models"][:1], hours=[0.01, 0.02],
-               img_sizes=[32])
+               img_sizes=[32], executor={"name": "local", "mode": "inprocess"})
     raw["pretrain"].update(stop_at_step=2, progress=False)
     grid = grid_from_dict(raw)
     logged = []
