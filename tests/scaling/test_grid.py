@@ -187,7 +187,11 @@ def test_packaged_demo_grid_loads_by_name(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     grid = load_grid("demo")
     assert grid.name == "demo" and len(grid.runs) == 12 and grid.out_dir == tmp_path / "runs" / "scaling" / "demo"
-    assert {r.config["img_size"] for r in grid.runs} == {32, 48}
+    assert {r.config["img_size"] for r in grid.runs} == {64}
+    # 45 epochs over 4 frames/s of each run's hours, batch 64: steps grow with the hours
+    assert sorted({(r.config["hours"], r.config["budget"]["steps"]) for r in grid.runs}) == [
+        (0.03, math.ceil(45 * 0.03 * 3600 * 4 / 64)), (0.06, math.ceil(45 * 0.06 * 3600 * 4 / 64)),
+        (0.1, math.ceil(45 * 0.1 * 3600 * 4 / 64))]
     assert scale_main(["run", "no_such_grid", "--dry-run"]) == 2
     assert "no such grid file (packaged grids: demo" in capsys.readouterr().err
 
