@@ -46,6 +46,8 @@ def test_demo_default_layout_and_cache(demo, frames_by_video):
     assert len(frames_by_video) == 6
     for frames in frames_by_video.values():
         assert frames.shape == (480, 96, 96, 3)  # 60 s at 8 fps, 96 x 96
+    for video in demo.manifest["videos"]:  # about half of each minute spent looking at objects, several of them
+        assert 0.35 < video["look_frames"] / video["frames"] < 0.65 and video["looks"] >= 8
     for split, n in (("train", 40), ("val", 40)):
         classes = sorted(p.name for p in (demo.labelled / split).iterdir())
         assert classes == sorted(demo_mod.CLASSES)
