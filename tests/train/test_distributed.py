@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import FSDP2_PEAKS_BELOW_UNSHARDED, counted_train_flops_per_image
+from helpers.train import FSDP2_PEAKS_BELOW_UNSHARDED, counted_train_flops_per_image
 from mae_fast.training import distributed as dist_mod
 from mae_fast.training.finetune import finetune
 from mae_fast.training.pretrain import pretrain

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import mae_fast
-from conftest import FSDP2_PEAKS_BELOW_UNSHARDED
+from helpers.train import FSDP2_PEAKS_BELOW_UNSHARDED
 from mae_fast.memory import GiB, StorageTracker, estimate_mae_step, estimate_train_step, fit_batch
 from mae_fast.models import mae_forward_flops, mae_recompute_flops
 
