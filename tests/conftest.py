@@ -75,3 +75,27 @@ def reference_pair():
 
     return make
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "background(commands=f): start the test's commands f(workdir) (compilers) in "
+                                       "the background when the session's first test starts (helpers/background.py)")
+
+
+def pytest_runtest_setup(item):
+    from helpers import background
+
+    background.start_all(item)
+
+
+def pytest_sessionfinish(session):
+    from helpers import background
+
+    background.close_all()
+
+
+@pytest.fixture
+def background(request):
+    """The test's ``@pytest.mark.background`` commands, started (see tests/helpers/background.py)."""
+    from helpers import background as bg
+
+    return bg.start(request.node)
