@@ -95,7 +95,7 @@ def pytest_sessionfinish(session):
 
 @pytest.fixture
 def background(request):
-    """The test's ``@pytest.mark.background`` commands, started (see tests/helpers/background.py)."""
+    """The test's ``@pytest.mark.background`` commands (tests/helpers/background.py): ``wait(name)``."""
     from helpers import background as bg
 
     return bg.start(request.node)
