@@ -418,7 +418,7 @@ def test_running_the_grid_again_does_not_start_runs_still_in_flight(write_grid, 
     ``scale run`` while its job is queued or running must not submit it again (two jobs would train one run into
     one directory), nor once it is done; once a job is gone, its run is started again (here through submitit's
     debug executor, in this process)."""
-    monkeypatch.setenv("FAKE_SLEEP", "1.5")  # 4 steps: about 6 s of job after its start
+    monkeypatch.setenv("FAKE_SLEEP", "1")  # 4 steps: about 4 s of job after its start (in flight when asked)
     grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5], img_sizes=[224],
                                 seeds=[1], executor={"name": "slurm", "cluster": "local",
                                                      "slurm": {"timeout_min": 5}}))
