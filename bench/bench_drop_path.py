@@ -5,7 +5,8 @@
     python bench/bench_drop_path.py --model vit_tiny_patch16_224 --batch 4 --repeats 1   # seconds
 
 One training step (forward, cross-entropy, backward) of a timm ViT classifier, in these modes, interleaved
-(A B C ... A B C ...) so that load on a shared machine hits them alike, each timed ``--repeats`` times (median):
+(A B C, B C A, ...: bench/_timing.py) so that load on a shared machine hits them alike, each timed ``--repeats``
+times (median):
 
 - ``none``: no stochastic depth;
 - ``timm-linear`` / ``efficient-linear``: finetuning's rates (linear from 0 to r over the blocks, timm's rule);
@@ -15,15 +16,18 @@ One training step (forward, cross-entropy, backward) of a timm ViT classifier, i
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import medians, time_interleaved  # noqa: E402
 
 
 def build(model: str, img_size: int, rate: float, mode: str, uniform: bool):
@@ -58,15 +62,18 @@ def run(model: str, img_size: int, batch: int, rate: float, repeats: int) -> dic
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img_size, img_size, generator=g)
     y = torch.randint(0, models["none"].num_classes, (batch,), generator=g)
-    times = {k: [] for k in modes}
-    for k, m in models.items():  # warm-up, untimed
-        step(m, x, y)
-    for r in range(repeats):
-        for k, m in models.items():
-            torch.manual_seed(100 + r)
-            times[k].append(step(m, x, y))
-            print(f"repeat {r}: {k:18s} {times[k][-1]:.3f} s", flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
+
+    def stepper(m):
+        seeds = itertools.count(100)
+
+        def one():  # every mode's n-th step drops the same samples (the same seed)
+            torch.manual_seed(next(seeds))
+            return step(m, x, y)
+        return one
+
+    times = time_interleaved({k: stepper(m) for k, m in models.items()}, repeats, warmup=1,
+                             log=lambda r, k, t: print(f"repeat {r}: {k:18s} {t:.3f} s", flush=True))
+    med = medians(times)
     return {"model": model, "img_size": img_size, "batch": batch, "rate": rate, "repeats": repeats,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "step_s": {k: round(v, 4) for k, v in med.items()}, "all_s": times,

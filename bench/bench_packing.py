@@ -4,8 +4,8 @@
     python bench/bench_packing.py --out bench/results/packing-cpu-<date>.json
     python bench/bench_packing.py --sizes 32 32 32 64 --model mae_vit_demo_patch8 --repeats 1   # seconds
 
-One training step (forward with ``mask_ratio``, backward) of the same images three ways, interleaved (A B C A B C
-...) so that load on a shared machine hits them alike, each timed ``--repeats`` times (median):
+One training step (forward with ``mask_ratio``, backward) of the same images three ways, interleaved (A B C, B C A,
+...: bench/_timing.py) so that load on a shared machine hits them alike, each timed ``--repeats`` times (median):
 
 - ``packed``: ``forward_packed``, every image at its own size, the visible tokens of all in one sequence;
 - ``padded``: every image zero-padded to the largest size, one dense batch (what a fixed-size batch costs);
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,9 @@ import torch
 import torch.nn.functional as F
 
 import mae_fast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import medians, time_interleaved  # noqa: E402
 
 # a narrow decoder keeps the CPU run short; the encoder is the registered model's
 DECODER = dict(decoder_embed_dim=192, decoder_depth=2, decoder_num_heads=3)
@@ -91,14 +93,9 @@ def run(model_name: str, sizes: list[int], mask_ratio: float, repeats: int, smal
     if not torch.allclose(a, ref, rtol=1e-4, atol=1e-5):
         raise SystemExit(f"packed loss {float(a)} != per-image {float(ref)}")
     arms = {"packed": packed_step, "padded": padded_step, "per_image": per_image_step}
-    times = {k: [] for k in arms}
-    for k, fn in arms.items():  # warm-up, untimed
-        timed(fn, model, imgs, noise, mask_ratio)
-    for r in range(repeats):
-        for k, fn in arms.items():
-            times[k].append(timed(fn, model, imgs, noise, mask_ratio))
-            print(f"repeat {r}: {k:10s} {times[k][-1]:.3f} s", flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times = time_interleaved({k: (lambda fn=fn: timed(fn, model, imgs, noise, mask_ratio)) for k, fn in arms.items()},
+                             repeats, warmup=1, log=lambda r, k, t: print(f"repeat {r}: {k:10s} {t:.3f} s", flush=True))
+    med = medians(times)
     p = model.patch_size
     tokens = {"packed": sum((s // p) ** 2 for s in sizes), "padded": len(sizes) * (max(sizes) // p) ** 2}
     return {"model": model_name, "decoder": DECODER if small_decoder else "registered", "sizes": sizes,

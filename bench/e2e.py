@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mae_fast  # noqa: E402
 from mae_fast.memory import saved_tensor_bytes  # noqa: E402
 from mae_fast.models import mae_train_flops  # noqa: E402
+from _timing import time_interleaved  # noqa: E402  (bench/_timing.py; e2e.time_interleaved for gpu_plan)
 from reference_mae import ReferenceMAE  # noqa: E402
 
 GPU_CONFIGS = [  # (model, img_size, batch)
@@ -265,20 +266,6 @@ class Stepper:
         with self.autocast():
             _, nbytes = saved_tensor_bytes(lambda: _loss(self.kind, self.model, self.imgs, noise), [self.model])
         return nbytes / 2**30
-
-
-def time_interleaved(steppers: dict, steps: int, warmup: int) -> dict:
-    """Median-ready step times per implementation, taken in alternating rounds (order rotated each round) so
-    drifting clocks or a busy machine affect every implementation alike."""
-    for st in steppers.values():
-        for _ in range(warmup):
-            st()
-    times = {k: [] for k in steppers}
-    kinds = list(steppers)
-    for i in range(steps):
-        for k in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
-            times[k].append(steppers[k]())
-    return times
 
 
 def model_img_size(model):

@@ -13,16 +13,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# With torch 2.11, FSDP2 peaked above one unsharded device at the tests' small sizes (so did its own FSDPMemTracker,
-# which test_memory's estimate matches exactly); with torch 2.14 it peaks below. Tests assert the saving only there.
-FSDP2_PEAKS_BELOW_UNSHARDED = torch.__version__ >= (2, 14)  # TorchVersion compares with tuples
-
-# The demo model made small enough for a training step on the CPU in a fraction of a second (train tests).
-TINY_MODEL = dict(embed_dim=48, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+# The demo model made small enough for a training step on the CPU in a fraction of a second (tests/helpers/train.py;
+# tests/ is on pytest's pythonpath). Imported after TRITON_INTERPRET is set: it imports the library.
+from helpers.train import TINY_MODEL  # noqa: E402
 
 # A small MAE for the model tests: 48 px images of 8-pixel patches (a 6 x 6 grid), two blocks each side.
 SMALL_MAE = dict(img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
                  decoder_depth=2, decoder_num_heads=4)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread for the whole suite (subprocesses that train get OMP_NUM_THREADS=1): the tests' models
+    and tensors are small, so a second thread saves little, and on a 2-core machine where anything else runs
+    (the other test process of a torchrun, a compiler, another job) threads that wait on each other at every op
+    made steps many times slower. Session-wide, so module-scoped runs and the tests comparing with them agree."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -65,3 +74,28 @@ def reference_pair():
         return ref, ours
 
     return make
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "background(commands=f): start the test's commands f(workdir) (compilers) in "
+                                       "the background when the session's first test starts (helpers/background.py)")
+
+
+def pytest_runtest_setup(item):
+    from helpers import background
+
+    background.start_all(item)
+
+
+def pytest_sessionfinish(session):
+    from helpers import background
+
+    background.close_all()
+
+
+@pytest.fixture
+def background(request):
+    """The test's ``@pytest.mark.background`` commands (tests/helpers/background.py): ``wait(name)``."""
+    from helpers import background as bg
+
+    return bg.start(request.node)

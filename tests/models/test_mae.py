@@ -180,13 +180,7 @@ def test_non_positive_or_fractional_model_sizes_are_rejected(small_mae, over):
         small_mae(**over)
 
 
-def test_training_forward_compiles_as_one_graph_in_a_fresh_process():
-    """torch.compile(fullgraph=True) of the training path, plain and lean, before any eager call: backend
-    registration must not happen inside the trace."""
-    import subprocess
-    import sys
-
-    code = """
+_ONE_GRAPH = """
 import torch, mae_fast
 m = mae_fast.create_model('mae_vit_demo_patch8', img_size=32, depth=1, decoder_depth=1)
 imgs = torch.randn(2, 3, *m.img_size); noise = torch.rand(2, m.num_patches)
@@ -199,8 +193,20 @@ for lean in (False, True):
     assert abs(out.loss.item() - ref.item()) < 1e-5, (out.loss.item(), ref.item())
 print('one graph')
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "one graph" in res.stdout, res.stderr[-3000:]
+
+
+def _one_graph_command(workdir) -> dict:
+    import sys
+
+    return {"compile": ([sys.executable, "-c", _ONE_GRAPH], None)}
+
+
+@pytest.mark.background(commands=_one_graph_command)  # starts with the first test: tests/helpers/background.py
+def test_training_forward_compiles_as_one_graph_in_a_fresh_process(background):
+    """torch.compile(fullgraph=True) of the training path, plain and lean, before any eager call: backend
+    registration must not happen inside the trace."""
+    rc, out = background.wait("compile")
+    assert rc == 0 and "one graph" in out, out[-3000:]
 
 
 # --- an fp64 transcription of the official forward, on a non-square image of 2 channels ----------------------------

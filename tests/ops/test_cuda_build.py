@@ -1,7 +1,8 @@
 """The CUDA sources in csrc/ must compile, also on CI machines without a GPU.
 
 ``nvcc -c`` of csrc/masking.cu for one architecture (sm_90) with torch's include directories, to an
-object file: about a minute on 2 cores, so a broken kernel source fails CI. Skips (with the reason)
+object file: about a minute on 2 cores (started in the background with the session's first test: see
+tests/helpers/background.py), so a broken kernel source fails CI. Skips (with the reason)
 only when no nvcc is installed. The GPU tests that run the built extension are in
 test_kernels_masking.py.
 """
@@ -51,26 +52,36 @@ def test_nvcc_harness_reports_a_broken_source(tmp_path):
     assert rc != 0, log
 
 
+def _build_commands(workdir) -> dict:
+    """nvcc -c of masking.cu for sm_90 to workdir/masking.o, and a syntax check of the pybind11 module (host C++
+    only) against torch/extension.h: the two compilers run side by side."""
+    if NVCC is None:
+        return {}
+    nvcc = [NVCC, "-c", str(SOURCE_DIR / "masking.cu"), "-o", str(workdir / "masking.o"), "-arch=sm_90",
+            "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
+            "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+            *_torch_flags()]
+    commands = {"nvcc": (nvcc, None)}
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is not None:
+        commands["bindings"] = ([cxx, "-fsyntax-only", "-std=c++20", "-DTORCH_EXTENSION_NAME=mae_fast_masking_cuda",
+                                 f"-I{sysconfig.get_paths()['include']}", str(SOURCE_DIR / "masking.cpp"),
+                                 *_torch_flags()], None)
+    return commands
+
+
 @needs_nvcc
-def test_masking_cu_compiles_for_sm90_and_bindings_compile(tmp_path):
+@pytest.mark.background(commands=_build_commands)  # starts with the session's first test (a minute of CPU)
+def test_masking_cu_compiles_for_sm90_and_bindings_compile(background):
     """nvcc -c of masking.cu for sm_90, and a syntax check of the pybind11 module (host C++ only) against
     torch/extension.h: the two compilers run side by side."""
-    obj = tmp_path / "masking.o"
-    nvcc = [NVCC, "-c", str(SOURCE_DIR / "masking.cu"), "-o", str(obj), "-arch=sm_90", "-std=c++20", "-O3",
-            "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-            "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", *_torch_flags()]
-    cxx = shutil.which("c++") or shutil.which("g++")
-    bindings = None if cxx is None else [
-        cxx, "-fsyntax-only", "-std=c++20", "-DTORCH_EXTENSION_NAME=mae_fast_masking_cuda",
-        f"-I{sysconfig.get_paths()['include']}", str(SOURCE_DIR / "masking.cpp"), *_torch_flags()]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd in (nvcc, bindings) if cmd is not None]
-    logs = [p.communicate(timeout=600)[0][-6000:] for p in procs]
-    assert procs[0].returncode == 0, "nvcc failed on csrc/masking.cu:\n" + logs[0]
-    assert obj.stat().st_size > 0
-    if bindings is None:
+    rc, log = background.wait("nvcc")
+    assert rc == 0, "nvcc failed on csrc/masking.cu:\n" + log[-6000:]
+    assert (background.workdir / "masking.o").stat().st_size > 0
+    if "bindings" not in background.names:
         pytest.skip("no host C++ compiler for the bindings")
-    assert procs[1].returncode == 0, "c++ failed on csrc/masking.cpp:\n" + logs[1]
+    rc, log = background.wait("bindings")
+    assert rc == 0, "c++ failed on csrc/masking.cpp:\n" + log[-6000:]
 
 
 def test_sources_ship_with_the_package():

@@ -522,25 +522,29 @@ for rows, D in ((6960, 1280), (27768, 512), (12800, 768), (4, 8192)):
         rows_out.append(dict(kernel=name, D=D, registers=regs, spills=spill_st + spill_ld,
                              v4_loads=kernel.asm["ptx"].count("ld.global.v4"),
                              v4_stores=kernel.asm["ptx"].count("st.global.v4")))
-print(json.dumps(rows_out))
+open(sys.argv[2], "w").write(json.dumps(rows_out))
 """
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("triton.backends.nvidia"),
-                    reason="triton's NVIDIA backend is not installed")
-def test_kernels_compile_for_sm90_without_spills_and_with_vector_loads(tmp_path):
-    import json
-    import subprocess
+def _compile_command(workdir) -> dict:
     import sys
     from pathlib import Path
 
     bench = Path(__file__).resolve().parents[2] / "bench"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from an earlier run's cache
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(bench)], capture_output=True, text=True,
-                         env=env, cwd=tmp_path, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    env["TRITON_CACHE_DIR"] = str(workdir / "triton-cache")  # compile for real, not from an earlier run's cache
+    return {"compile": ([sys.executable, "-c", _COMPILE_SCRIPT, str(bench), str(workdir / "rows.json")], env)}
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("triton.backends.nvidia"),
+                    reason="triton's NVIDIA backend is not installed")
+@pytest.mark.background(commands=_compile_command)  # starts with the session's first test: tests/helpers/background.py
+def test_kernels_compile_for_sm90_without_spills_and_with_vector_loads(background):
+    import json
+
+    rc, log = background.wait("compile")
+    assert rc == 0, log[-3000:]
+    rows = json.loads((background.workdir / "rows.json").read_text())
     assert len(rows) == 8
     for r in rows:
         assert r["registers"] > 0 and r["spills"] == 0, r

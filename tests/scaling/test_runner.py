@@ -450,7 +450,7 @@ def test_running_the_grid_again_does_not_start_runs_still_in_flight(write_grid, 
     ``scale run`` while its job is queued or running must not submit it again (two jobs would train one run into
     one directory), nor once it is done; once a job is gone, its run is started again (here through submitit's
     debug executor, in this process)."""
-    monkeypatch.setenv("FAKE_SLEEP", "1.5")  # 4 steps: about 6 s of job after its start
+    monkeypatch.setenv("FAKE_SLEEP", "1")  # 4 steps: about 4 s of job after its start (in flight when asked)
     grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5], img_sizes=[224],
                                 seeds=[1], executor={"name": "slurm", "cluster": "local",
                                                      "slurm": {"timeout_min": 5}}))
@@ -570,14 +570,14 @@ def test_preempted_task_requeues_itself_and_resumes(write_grid, fake_jobs, monke
 @needs_submitit
 def test_preemption_through_submitit_local_executor(write_grid, fake_jobs, monkeypatch):
     """The real signal path: submitit signals the task before its time limit (here 30 s, signal after
-    15 s, while the first attempt hangs at step 2), the task checkpoints and is requeued, and the new
+    10 s, while the first attempt hangs at step 2), the task checkpoints and is requeued, and the new
     attempt resumes from step 2 and finishes."""
     monkeypatch.setenv("FAKE_STEPS", "5")
     monkeypatch.setenv("FAKE_HANG_FIRST", "1")
     grid = load_grid(write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5], img_sizes=[224],
                                 seeds=[1]))
     executor = submitit.LocalExecutor(folder=grid.out_dir / "slurm" / "%j", max_num_timeout=2)
-    executor.update_parameters(timeout_min=0.5, signal_delay_s=15)
+    executor.update_parameters(timeout_min=0.5, signal_delay_s=20)
     jobs = submit_slurm(grid, grid.runs, executor=executor, wait=True, log=lambda s: None)
     assert len(jobs) == 1
     ck = json.loads((grid.run_dir(grid.runs[0].run_id) / "ckpt.json").read_text())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny
+from helpers.train import tiny
 from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.training import checkpoint as checkpoint_io
 from mae_fast.training.pretrain import pretrain

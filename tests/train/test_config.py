@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from conftest import TINY_MODEL, tiny, write_pngs
+from helpers.train import TINY_MODEL, tiny, write_pngs
 from mae_fast.training import config as config_mod
 from mae_fast.training import pretrain as pretrain_mod
 from mae_fast.training.finetune import finetune

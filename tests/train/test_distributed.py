@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import FSDP2_PEAKS_BELOW_UNSHARDED, counted_train_flops_per_image
+from helpers.train import FSDP2_PEAKS_BELOW_UNSHARDED, counted_train_flops_per_image
 from mae_fast.training import distributed as dist_mod
 from mae_fast.training.finetune import finetune
 from mae_fast.training.pretrain import pretrain
@@ -233,16 +233,53 @@ def _one_process(tmp_path) -> dict:
     return torch.load(pretrain(cfg)["checkpoint"], weights_only=False)
 
 
-def _torchrun(tmp_path, name: str, *extra: str, step: int = 4) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+# (run name, arguments after COMMON) of the two-process pretraining runs, in launch order: the FSDP run with
+# accumulation stops at step 2, then the same run with resume=auto finishes it
+PRETRAINS = [("ddp", ["distributed=ddp", "memory_budget_gib=50", "peak_flops=2.5e11"]),
+             ("fsdp", ["distributed=fsdp", "memory_budget_gib=50", "peak_flops=2.5e11"]),
+             ("fsdp_resume", ["distributed=fsdp", "accum_steps=2", "stop_at_step=2"]),
+             ("fsdp_resume", ["distributed=fsdp", "accum_steps=2", "resume=auto"])]
+
+# every two-process run in one torchrun launch (each starts 3 interpreters that import torch: seconds apiece):
+# train/pretrain.py's main with each PRETRAINS command line, then each finetuning, all joining the process group
+# opened here as the scaling runner's stages do
+TWO_RANK_DRIVER = """
+import json, runpy, sys
+from mae_fast.training import distributed
+from mae_fast.training.finetune import finetune
+
+if __name__ == "__main__":  # the memory plan's FSDP2 simulation starts a spawned process, which imports this file
+    pretrain_main = runpy.run_path(sys.argv[1])["main"]  # the script torchrun would run, its __main__ block aside
+    with distributed.process_group("cpu"):
+        for argv in json.loads(sys.argv[2]):
+            if pretrain_main(argv) != 0:
+                raise SystemExit("pretrain failed: " + " ".join(argv))
+        for cfg in json.loads(sys.argv[3]):
+            finetune(cfg)
+"""
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """Every PRETRAINS and FINETUNES run over 2 processes (torchrun, gloo); returns (their output folder, the
+    launch's stdout)."""
+    out_dir = tmp_path_factory.mktemp("two_ranks")
+    pretrains = [[f"name={name}", f"output_dir={out_dir}", *COMMON, *extra] for name, extra in PRETRAINS]
+    finetunes = [dict(_finetune_args(out_dir, mode, lr, batch), accum_steps=accum, name=f"{mode}-{batch}-{accum}")
+                 for mode, lr, batch, accum in FINETUNES]
+    (out_dir / "driver.py").write_text(TWO_RANK_DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(SCRIPT), f"name={name}", f"output_dir={tmp_path}", *COMMON, *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=str(tmp_path))
+           str(out_dir / "driver.py"), str(SCRIPT), json.dumps(pretrains), json.dumps(finetunes)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(out_dir),
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     # FSDP2's warning about modules returning views is silenced for ours (they are never modified in place)
     assert "returned a view tensor" not in out.stderr, out.stderr[-3000:]
-    ckpt = tmp_path / name / "checkpoints" / f"checkpoint-{step:08d}.pt"
-    return torch.load(ckpt, weights_only=False)
+    return out_dir, out.stdout
+
+
+def _checkpoint(out_dir, name: str, step: int = 4) -> dict:
+    return torch.load(out_dir / name / "checkpoints" / f"checkpoint-{step:08d}.pt", weights_only=False)
 
 
 @pytest.fixture(scope="module")
@@ -260,8 +297,9 @@ def _compare(a: dict, b: dict, atol: float = 1e-4):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, single, strategy):
-    two = _torchrun(tmp_path, strategy, f"distributed={strategy}", "memory_budget_gib=50", "peak_flops=2.5e11")
+def test_two_processes_match_one(two_rank_runs, single, strategy):
+    out_dir, _ = two_rank_runs
+    two = _checkpoint(out_dir, strategy)
     _compare(single, two)
     # the optimizer state is saved whole (unsharded), keyed like the single-process one
     assert two["optimizer"]["state"].keys() == single["optimizer"]["state"].keys()
@@ -270,12 +308,12 @@ def test_two_processes_match_one(tmp_path, single, strategy):
 
     from mae_fast.memory import estimate_mae_step
 
-    result = json.loads((tmp_path / strategy / "result.json").read_text())
+    result = json.loads((out_dir / strategy / "result.json").read_text())
     plan = result["memory_plan"]
     # MFU: FLOPs per image (counted independently) x the images/s of both ranks / (the peak of one x 2 devices)
     per_image = counted_train_flops_per_image(MODEL_KWARGS, 32, 0.75)
     assert result["mfu"] == pytest.approx(per_image * result["images_per_s"] / (2.5e11 * 2), rel=1e-9)
-    rows = [json.loads(line) for line in (tmp_path / strategy / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out_dir / strategy / "metrics.jsonl").read_text().splitlines()]
     for r in [r for r in rows if r.get("mfu") is not None]:  # images_per_s is rounded to 2 decimals there
         assert r["mfu"] == pytest.approx(per_image * r["images_per_s"] / (2.5e11 * 2), rel=2e-3, abs=1e-12)
     assert plan["strategy"] == strategy and not plan["changed"]
@@ -288,14 +326,15 @@ def test_two_processes_match_one(tmp_path, single, strategy):
         assert plan["estimated_peak_bytes"] < alone.peak - (alone.parameters + alone.optimizer_state) / 4
 
 
-@pytest.mark.slow
-def test_fsdp_run_resumes_and_accumulates(tmp_path, single):
+def test_fsdp_run_resumes_and_accumulates(two_rank_runs, single):
     """Stopped at step 2 and resumed, with 2 accumulation micro-steps per rank: still the same run (the same loss;
     the weights to 2.5e-4: four micro-batches of 2 summed in another order than one of 8 differ by rounding, which
     Adam turns into steps of up to ~lr = 2e-3 on near-zero gradients; torch 2.14 gave 1.2e-4 on one decoder bias
     without the resume, 2e-5 with the resume alone)."""
-    _torchrun(tmp_path, "fsdp_resume", "distributed=fsdp", "accum_steps=2", "stop_at_step=2", step=2)
-    two = _torchrun(tmp_path, "fsdp_resume", "distributed=fsdp", "accum_steps=2", "resume=auto")
+    out_dir, stdout = two_rank_runs
+    assert _checkpoint(out_dir, "fsdp_resume", step=2)["world_size"] == 2  # the stopped run's last checkpoint
+    assert f"resuming from {out_dir / 'fsdp_resume' / 'checkpoints' / 'checkpoint-00000002.pt'}" in stdout
+    two = _checkpoint(out_dir, "fsdp_resume")
     _compare(single, two, atol=2.5e-4)
 
 
@@ -364,47 +403,19 @@ def test_finetune_batches_are_the_global_batches_shared_by_rank(world):
 # (mode, lr, global batch, accumulation micro-steps) of the two-process finetuning runs
 FINETUNES = [("finetune", 3e-3, 14, 1), ("linprobe", 0.05, 14, 1), ("finetune", 3e-3, 16, 2), ("linprobe", 0.05, 12, 3)]
 
-# runs several finetunings in one torchrun launch: each joins the process group opened here (as the scaling
-# runner's stages do), so the processes start once
-TWO_RANK_DRIVER = """
-import json, sys
-from mae_fast.training import distributed
-from mae_fast.training.finetune import finetune
-
-with distributed.process_group("cpu"):
-    for cfg in json.loads(sys.argv[1]):
-        finetune(cfg)
-"""
-
-
 def _finetune_args(out_dir, mode, lr, batch) -> dict:
     return dict(mode=mode, output_dir=str(out_dir), epochs=2, batch_size=batch, warmup_epochs=1, lr=lr, drop_path=0.0,
                 fraction=0.5, progress=False, pool="mean", img_size=32, model_kwargs=FT_MODEL, checkpoint=None)
 
 
-@pytest.fixture(scope="module")
-def two_rank_finetunes(tmp_path_factory):
-    """Every FINETUNES run over 2 processes (torchrun, gloo); returns (their output folder, the launch's stdout)."""
-    out_dir = tmp_path_factory.mktemp("two_ranks")
-    runs = [dict(_finetune_args(out_dir, mode, lr, batch), accum_steps=accum, name=f"{mode}-{batch}-{accum}")
-            for mode, lr, batch, accum in FINETUNES]
-    (out_dir / "driver.py").write_text(TWO_RANK_DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(out_dir / "driver.py"), json.dumps(runs)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(out_dir),
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out_dir, out.stdout
-
-
 @pytest.mark.parametrize("mode, lr, batch, accum", FINETUNES)
-def test_two_process_finetune_matches_one(tmp_path, two_rank_finetunes, mode, lr, batch, accum):
+def test_two_process_finetune_matches_one(tmp_path, two_rank_runs, mode, lr, batch, accum):
     """torchrun over 2 processes gives the numbers of one process with the same global batch: DDP gradients
     (also accumulated over micro-batches, synchronised once a step), the probe's BatchNorm statistics over both
     ranks' rows, validation split and summed across ranks. The probe with micro-batches (its BatchNorm sees each)
     against one process with the same ones: 160 images in batches of 12 end with one of 4, 2 a rank, which 3
     micro-batches would leave one empty on both ranks (statistics of no rows: NaN)."""
-    out_dir, stdout = two_rank_finetunes
+    out_dir, stdout = two_rank_runs
     with pytest.warns(RuntimeWarning, match="random weights"):
         one = finetune(dict(_finetune_args(tmp_path, mode, lr, batch), name="one",
                             accum_steps=accum if mode == "linprobe" else 1))

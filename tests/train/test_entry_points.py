@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import mae_fast
-from conftest import write_pngs
+from helpers.train import write_pngs
 from mae_fast.training import config as config_mod
 from mae_fast.training import finetune as ft
 from mae_fast.training import pretrain as pretrain_mod
@@ -241,7 +241,7 @@ def test_ctrl_c_twice_stops_at_once_with_exit_130_no_traceback_and_a_checkpoint_
     import sys
     import time
 
-    from conftest import tiny
+    from helpers.train import tiny
     from mae_fast.training import checkpoint as checkpoint_io
 
     cfg = tiny(tmp_path, name="ctrlc", steps=40, checkpoint_every=100, debug_step_sleep_s=0.5, num_workers=1)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mae_fast
-from conftest import FT_BASE, Shapes, mae_lr, mae_param_groups_lrd, tiny, write_pngs
+from helpers.train import FT_BASE, Shapes, mae_lr, mae_param_groups_lrd, tiny, write_pngs
 from mae_fast.data import build_labelled_datasets
 from mae_fast.optim import LARS, layer_decay_groups
 from mae_fast.training import checkpoint as checkpoint_io

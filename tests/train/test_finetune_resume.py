@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import FT_BASE, Shapes
+from helpers.train import FT_BASE, Shapes
 from mae_fast.training import checkpoint as checkpoint_io
 from mae_fast.training import config as config_mod
 from mae_fast.training import distributed as dist_mod

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import mae_fast
-from conftest import FSDP2_PEAKS_BELOW_UNSHARDED
+from helpers.train import FSDP2_PEAKS_BELOW_UNSHARDED
 from mae_fast.memory import GiB, StorageTracker, estimate_mae_step, estimate_train_step, fit_batch
 from mae_fast.models import mae_forward_flops, mae_recompute_flops
 
@@ -218,8 +218,9 @@ def test_cli_table_budget_and_errors(capsys, tmp_path):
     n_params = sum(p.numel() for p in mae_fast.create_model("mae_vit_demo_patch8", img_size=48).parameters())
     assert [d["peak_bytes"] - r["peak_bytes"] for d, r in zip(ddp_rows, rows)] == [4 * n_params] * 3
 
-    # the largest batch that fits (a search over batches: a one-block model keeps it short)
-    assert main(["memory", *small, "--set", "depth=1", "--budget", "0.05", "--json", str(tmp_path / "c.json")]) == 0
+    # the largest batch that fits (a search over batches, 7 estimates a plan: one block each side keeps it short)
+    assert main(["memory", *small, "--set", "depth=1", "--set", "decoder_depth=1", "--budget", "0.05",
+                 "--json", str(tmp_path / "c.json")]) == 0
     for r in json.loads((tmp_path / "c.json").read_text())["rows"]:
         assert r["batch"] >= 1 and r["peak_bytes"] <= 0.05 * 0.9 * GiB
     # create_model overrides: a narrower, shallower model is estimated as built
@@ -301,39 +302,47 @@ with fake_process_group(int(sys.argv[1])) as mesh:
 """
 
 
+def _fsdp_check_command(workdir, world, lean) -> dict:
+    script = workdir / "fsdp_check.py"
+    script.write_text(FSDP_CHECK)
+    return {"check": ([sys.executable, str(script), str(world), lean], None)}
+
+
 @pytest.mark.parametrize("world,lean", [(4, "plain"), (3, "lean")])
-def test_fsdp_estimate_equals_pytorch_fsdp_mem_tracker(tmp_path, world, lean):
+@pytest.mark.background(commands=_fsdp_check_command)  # starts with the first test: tests/helpers/background.py
+def test_fsdp_estimate_equals_pytorch_fsdp_mem_tracker(background, world, lean):
     """FSDP2 sharding simulated over a fake process group: the fake-tensor estimate equals torch's
     FSDPMemTracker on real tensors (an independent implementation), byte for byte. In a subprocess: the fake
     process group is global state."""
-    import subprocess
-
     pytest.importorskip("torch.distributed._tools.fsdp2_mem_tracker")
-    script = tmp_path / "fsdp_check.py"
-    script.write_text(FSDP_CHECK)
-    out = subprocess.run([sys.executable, str(script), str(world), lean], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    rc, log = background.wait("check", timeout=300)
+    assert rc == 0, log[-3000:]
+    r = json.loads(background.stdout("check").strip().splitlines()[-1])
     assert r["estimate"] == r["fsdp_mem_tracker"]
     n = sum(p.numel() * 4 for p in mae_fast.create_model("mae_vit_demo_patch8", img_size=40, depth=3,
                                                           decoder_depth=2).parameters())
     assert r["params"] < n / world * 1.2  # each rank keeps about its shard
 
 
-def test_cli_fsdp_shards_weights_and_optimizer_state(tmp_path):
+CLI_FSDP_ARGS = ["memory", "mae_vit_small_patch16", "--img-size", "112", "--batch", "16", "--set", "depth=4"]
+
+
+def _cli_fsdp_command(workdir) -> dict:
+    return {"sharded": ([sys.executable, "-m", "mae_fast.cli", *CLI_FSDP_ARGS, "--fsdp", "4", "--json",
+                         str(workdir / "sharded.json")], None)}
+
+
+@pytest.mark.background(commands=_cli_fsdp_command)  # starts with the first test: tests/helpers/background.py
+def test_cli_fsdp_shards_weights_and_optimizer_state(tmp_path, background):
     """``mae-fast memory --fsdp N`` (in a subprocess: it sets up a fake process group) keeps about 1/N of the
     weights and optimizer state per device and less in all than one unsharded device."""
-    import subprocess
-
     from mae_fast.cli import main
 
-    args = ["memory", "mae_vit_small_patch16", "--img-size", "112", "--batch", "16", "--set", "depth=4"]
-    assert main([*args, "--json", str(tmp_path / "alone.json")]) == 0
-    out = subprocess.run([sys.executable, "-m", "mae_fast.cli", *args, "--fsdp", "4", "--json",
-                          str(tmp_path / "sharded.json")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    alone, sharded = (json.loads((tmp_path / f"{n}.json").read_text())["rows"][0] for n in ("alone", "sharded"))
+    assert main([*CLI_FSDP_ARGS, "--json", str(tmp_path / "alone.json")]) == 0
+    rc, log = background.wait("sharded", timeout=300)
+    assert rc == 0, log[-3000:]
+    alone, sharded = (json.loads(path.read_text())["rows"][0]
+                      for path in (tmp_path / "alone.json", background.workdir / "sharded.json"))
     assert abs(sharded["parameters"] * 4 - alone["parameters"]) < 0.01
     assert abs(sharded["optimizer_state"] * 4 - alone["optimizer_state"]) < 0.01
     if FSDP2_PEAKS_BELOW_UNSHARDED:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mae_fast
-from conftest import expected_lr, mae_param_groups_lrd
+from helpers.train import expected_lr, mae_param_groups_lrd
 from mae_fast.optim import LARS, layer_decay_groups, lr_at
 from mae_fast.training import finetune as ft
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mae_fast
-from conftest import TINY_MODEL, assert_same_optimizer, assert_same_state, ckpt, rows_of, tiny
+from helpers.train import TINY_MODEL, assert_same_optimizer, assert_same_state, ckpt, rows_of, tiny
 from mae_fast.models import mae_forward_flops
 from mae_fast.training import packing
 from mae_fast.training.config import ConfigError, PretrainConfig

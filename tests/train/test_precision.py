@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_MODEL, tiny
+from helpers.train import TINY_MODEL, tiny
 from mae_fast import create_model, ops
 from mae_fast.ops import dispatch
 from mae_fast.precision import check_min_width, convert_fp8, fp8_linear_names, fp8_summary, fp8_unavailable

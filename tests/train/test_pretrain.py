@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import mae_fast
-from conftest import (CKPT_S, FIRST_ITEM_S, ITEM_S, STEP_S, TINY_MODEL, assert_same_state, ckpt, clocked,
-                      counted_train_flops_per_image, expected_lr, mae_lr, params, rows_of, tiny)
+from helpers.train import (CKPT_S, FIRST_ITEM_S, ITEM_S, STEP_S, TINY_MODEL, assert_same_state, ckpt, clocked,
+                           counted_train_flops_per_image, expected_lr, mae_lr, params, rows_of, tiny)
 from mae_fast.data.samplers import SeededItems, StepBatchSampler, SyntheticImages, mix_seed
 from mae_fast.training import checkpoint as checkpoint_io
 from mae_fast.training import config as config_mod

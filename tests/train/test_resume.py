@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mae_fast
-from conftest import TINY_MODEL, assert_same_optimizer, assert_same_state, ckpt, clocked, params, rows_of, tiny
+from helpers.train import TINY_MODEL, assert_same_optimizer, assert_same_state, ckpt, clocked, params, rows_of, tiny
 from mae_fast.models.checkpoint import CheckpointError
 from mae_fast.training import checkpoint as checkpoint_io
 from mae_fast.training import config as config_mod

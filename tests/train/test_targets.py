@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import mae_fast
-from conftest import TINY_MODEL, assert_same_state, ckpt, rows_of, tiny
+from helpers.train import TINY_MODEL, assert_same_state, ckpt, rows_of, tiny
 from mae_fast import targets
 from mae_fast.training.config import ConfigError, PretrainConfig
 from mae_fast.training.pretrain import main as pretrain_main

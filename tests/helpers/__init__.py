@@ -1,0 +1,1 @@
+"""Helpers the tests import (tests/ is on pytest's ``pythonpath``): ``helpers.train`` for the training tests."""
