@@ -412,19 +412,19 @@ def test_task_rank_is_exported_only_where_no_launcher_set_it(monkeypatch):
 @needs_submitit
 def test_default_job_over_two_slurm_tasks_is_one_ddp_run_recorded_once(fake_jobs, monkeypatch):
     """``tasks_per_node: 8`` (one task per GPU, as train/grids/humanlike.yaml asks) must make one run of 8 ranks,
-    not 8 copies of the run. Here the real job (demo pretraining, then the linear probe) as a 2-task job of
+    not 8 copies of the run. Here the real job (demo pretraining, then its evaluation) as a 2-task job of
     submitit's local executor: each task gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR from the environment
-    (recorded by the fake job around it), pretraining and the probe are each one DDP run over both tasks (global
+    (recorded by the fake job around it), pretraining and the evaluation are each one DDP run over both tasks (global
     batch split in two), and rank 0 alone records the row."""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "train" / "grids" / "demo.yaml").read_text())
     raw.update(name="two_tasks", out_dir=str(fake_jobs / "sweep"), models=raw["models"][:1], hours=[0.01],
-               img_sizes=[32], job="fakejobs:recording_default",
+               img_sizes=[32], seeds=[0], job="fakejobs:recording_default",
                executor={"name": "slurm", "cluster": "local", "slurm": {"timeout_min": 5, "tasks_per_node": 2}})
     raw["budget"] = {"rule": "images_seen", "images_seen": 64, "batch_size": 32}  # two steps of 32
     raw["pretrain"]["warmup_steps"] = 1
-    raw["eval"].update(epochs=1, fraction=0.2)  # 64 of the 320 labelled images
+    raw["eval"].update(epochs=1, fraction=0.2, batch_size=32)  # 64 of the 320 labelled images, 2 steps
     grid = grid_from_dict(raw)
     logged = []
     (job,) = run_grid(grid, log=logged.append, wait=True)
@@ -593,7 +593,7 @@ def test_default_job_stopped_early_is_interrupted_not_recorded(tmp_path):
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "train" / "grids" / "demo.yaml").read_text())
     raw.update(name="early", out_dir=str(tmp_path / "sweep"), models=raw["models"][:1], hours=[0.01, 0.02],
-               img_sizes=[32], executor={"name": "local", "mode": "inprocess"})
+               img_sizes=[32], seeds=[0], executor={"name": "local", "mode": "inprocess"})
     raw["pretrain"].update(stop_at_step=2, progress=False)
     grid = grid_from_dict(raw)
     logged = []

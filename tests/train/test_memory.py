@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import yaml
 
 import mae_fast
 from helpers.train import FSDP2_PEAKS_BELOW_UNSHARDED
@@ -241,7 +242,13 @@ def test_scale_memory_plans_every_model_and_resolution_of_a_grid(tmp_path, capsy
     from mae_fast.scaling.cli import memory_plans
     from mae_fast.scaling.grid import load_grid
 
-    grid = load_grid(ROOT / "train/grids/demo.yaml")
+    # the demo grid with two models of depth 2 at two resolutions: 4 cells, the largest last
+    raw = yaml.safe_load((ROOT / "train/grids/demo.yaml").read_text())
+    raw["models"] = [{"name": f"demo_w{w}", "base": "mae_vit_demo_patch8", "embed_dim": w, "depth": 2, "num_heads": 2}
+                     for w in (32, 64)]
+    raw["img_sizes"] = [32, 48]
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(raw))
+    grid = load_grid(tmp_path / "grid.yaml")
     roomy = memory_plans(grid, devices=2, budget_gib=100.0)
     assert [(r["arch"], r["img_size"]) for r in roomy] == [(a, s) for a in ("demo_w32", "demo_w64") for s in (32, 48)]
     batch = grid.runs[0].config["budget"]["batch_size"]
