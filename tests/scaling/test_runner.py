@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -247,6 +249,34 @@ def test_parallel_workers_run_at_once_on_a_share_of_the_cores_and_a_failure_stop
     assert all((grid.run_dir(r) / "worker.log").is_file() for r in by_hours.values())
     assert "out of memory (on purpose)" in (grid.run_dir(by_hours[5]) / "worker.log").read_text()
     assert sum("FAILED" in line for line in lines) == 1
+
+
+def test_ctrl_c_stops_the_parallel_workers_with_their_progress_kept_and_a_rerun_resumes_them(write_grid, fake_jobs,
+                                                                                              monkeypatch):
+    monkeypatch.setenv("FAKE_SLEEP", "0.3")
+    monkeypatch.setenv("FAKE_STEPS", "200")
+    path = write_grid(fake_jobs / "g.yaml", models=["mae_vit_small_patch14"], hours=[5, 50], seeds=[1],
+                      img_sizes=[224], job="fakejobs:resumable",
+                      executor={"name": "local", "mode": "subprocess", "parallel": 2})
+    grid = load_grid(path)
+    ckpts = [grid.run_dir(spec.run_id) / "ckpt.json" for spec in grid.runs]
+    sweep = subprocess.Popen([sys.executable, "-m", "mae_fast.cli", "scale", "run", str(path)], start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not all(c.exists() and json.loads(c.read_text())["step"] >= 2 for c in ckpts):  # both running
+        assert sweep.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(sweep.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the sweep and its workers get it
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130 and "Traceback" not in err and "interrupted" in err
+    assert [json.loads((c.parent / "status.json").read_text())["state"] for c in ckpts] == ["interrupted"] * 2
+    assert not grid.table_path.exists()
+    stopped_at = [json.loads(c.read_text())["step"] for c in ckpts]
+    monkeypatch.setenv("FAKE_SLEEP", "0")
+    assert run_grid(grid, log=lambda s: None) == {spec.run_id: "done" for spec in grid.runs}
+    for c, step in zip(ckpts, stopped_at):
+        state = json.loads(c.read_text())
+        assert 2 <= step < 200 and state["resumed_from"] == [0, step] and state["step"] == 200
 
 
 def test_worker_env_splits_cores_and_gpus_and_keeps_what_the_caller_set():
