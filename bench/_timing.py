@@ -6,7 +6,10 @@ alike; the medians then compare like with like.
 """
 from __future__ import annotations
 
+import json
+import platform
 import statistics
+from pathlib import Path
 from typing import Callable
 
 
@@ -30,3 +33,26 @@ def time_interleaved(steppers: dict, steps: int, warmup: int,
 def medians(times: dict) -> dict:
     """{arm: median seconds} of :func:`time_interleaved`'s result."""
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def compare(steppers: dict, repeats: int, warmup: int = 1) -> tuple[dict, dict]:
+    """Time ``steppers`` with :func:`time_interleaved`, printing each timed step. Returns (record, medians): the
+    record holds the machine (torch version, intra-op threads, architecture), each arm's median seconds
+    (``step_s``, rounded) and every timed step (``all_s``), for a benchmark's JSON."""
+    import torch
+
+    width = max(map(len, steppers))
+    times = time_interleaved(steppers, repeats, warmup,
+                             log=lambda r, k, t: print(f"repeat {r}: {k:{width}s} {t:.3f} s", flush=True))
+    med = medians(times)
+    record = {"repeats": repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "machine": platform.machine(), "step_s": {k: round(v, 4) for k, v in med.items()}, "all_s": times}
+    return record, med
+
+
+def report(result: dict, summary_keys, out: Path | None) -> None:
+    """Print ``summary_keys`` of a benchmark's result; write all of it to ``out`` (JSON) when given."""
+    print(json.dumps({k: result[k] for k in summary_keys}, indent=1))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))

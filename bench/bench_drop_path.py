@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import medians, time_interleaved  # noqa: E402
+from _timing import compare, report  # noqa: E402
 
 
 def build(model: str, img_size: int, rate: float, mode: str, uniform: bool):
@@ -71,12 +69,8 @@ def run(model: str, img_size: int, batch: int, rate: float, repeats: int) -> dic
             return step(m, x, y)
         return one
 
-    times = time_interleaved({k: stepper(m) for k, m in models.items()}, repeats, warmup=1,
-                             log=lambda r, k, t: print(f"repeat {r}: {k:18s} {t:.3f} s", flush=True))
-    med = medians(times)
-    return {"model": model, "img_size": img_size, "batch": batch, "rate": rate, "repeats": repeats,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "step_s": {k: round(v, 4) for k, v in med.items()}, "all_s": times,
+    record, med = compare({k: stepper(m) for k, m in models.items()}, repeats)
+    return {"model": model, "img_size": img_size, "batch": batch, "rate": rate, **record,
             "speedup_linear": round(med["timm-linear"] / med["efficient-linear"], 3),
             "speedup_uniform": round(med["timm-uniform"] / med["efficient-uniform"], 3)}
 
@@ -93,11 +87,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = run(a.model, a.img_size, a.batch, a.rate, a.repeats)
-    print(json.dumps({k: res[k] for k in ("step_s", "speedup_linear", "speedup_uniform")}, indent=1))
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(res, indent=1))
+    report(run(a.model, a.img_size, a.batch, a.rate, a.repeats), ("step_s", "speedup_linear", "speedup_uniform"), a.out)
     return 0
 
 

@@ -16,8 +16,6 @@ Before timing, the packed loss must equal the per-image losses weighted by their
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 import mae_fast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import medians, time_interleaved  # noqa: E402
+from _timing import compare, report  # noqa: E402
 
 # a narrow decoder keeps the CPU run short; the encoder is the registered model's
 DECODER = dict(decoder_embed_dim=192, decoder_depth=2, decoder_num_heads=3)
@@ -93,15 +91,12 @@ def run(model_name: str, sizes: list[int], mask_ratio: float, repeats: int, smal
     if not torch.allclose(a, ref, rtol=1e-4, atol=1e-5):
         raise SystemExit(f"packed loss {float(a)} != per-image {float(ref)}")
     arms = {"packed": packed_step, "padded": padded_step, "per_image": per_image_step}
-    times = time_interleaved({k: (lambda fn=fn: timed(fn, model, imgs, noise, mask_ratio)) for k, fn in arms.items()},
-                             repeats, warmup=1, log=lambda r, k, t: print(f"repeat {r}: {k:10s} {t:.3f} s", flush=True))
-    med = medians(times)
+    record, med = compare({k: (lambda fn=fn: timed(fn, model, imgs, noise, mask_ratio)) for k, fn in arms.items()},
+                          repeats)
     p = model.patch_size
     tokens = {"packed": sum((s // p) ** 2 for s in sizes), "padded": len(sizes) * (max(sizes) // p) ** 2}
     return {"model": model_name, "decoder": DECODER if small_decoder else "registered", "sizes": sizes,
-            "mask_ratio": mask_ratio, "repeats": repeats, "patches": tokens, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "step_s": {k: round(v, 4) for k, v in med.items()}, "all_s": times,
+            "mask_ratio": mask_ratio, "patches": tokens, **record,
             "speedup_packed_vs_padded": round(med["padded"] / med["packed"], 3),
             "speedup_packed_vs_per_image": round(med["per_image"] / med["packed"], 3)}
 
@@ -120,12 +115,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = run(a.model, a.sizes, a.mask_ratio, a.repeats, not a.registered_decoder)
-    print(json.dumps({k: res[k] for k in ("patches", "step_s", "speedup_packed_vs_padded",
-                                          "speedup_packed_vs_per_image")}, indent=1))
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(res, indent=1))
+    report(run(a.model, a.sizes, a.mask_ratio, a.repeats, not a.registered_decoder),
+           ("patches", "step_s", "speedup_packed_vs_padded", "speedup_packed_vs_per_image"), a.out)
     return 0
 
 

@@ -1,7 +1,6 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers import images
 
 
 def _all_frames(path) -> np.ndarray:
@@ -10,20 +9,6 @@ def _all_frames(path) -> np.ndarray:
 
     with av.open(str(path)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
-
-
-def _write_pngs(folder: Path, n: int, size=(11, 13), seed=0) -> list:
-    """n random RGB PNGs of ``size`` (h, w) named 000.png, 001.png, ... in folder."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        p = folder / f"{i:03d}.png"
-        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +20,9 @@ def all_frames():
 
 @pytest.fixture(scope="session")
 def write_pngs():
-    """``write_pngs(folder, n, size=(11, 13), seed=0)``: writes n random PNGs, returns their paths."""
-    return _write_pngs
+    """``write_pngs(folder, n, size=(11, 13), seed=0)``: writes n random PNGs named 000.png, 001.png, ...,
+    returns their paths."""
+    return images.write_pngs
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,12 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 import mae_fast
+
+from . import images
 
 # FSDP2's peak at the tests' small sizes: above one unsharded device with torch 2.11 (so was its own FSDPMemTracker,
 # which test_memory's estimate matches exactly), below it with torch 2.14. Tests assert the saving only there.
@@ -97,16 +98,7 @@ def mae_param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: flo
 
 
 def write_pngs(folder: Path, n: int, size=(20, 24)) -> list[Path]:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(len(str(folder)))
-    paths = []
-    for i in range(n):
-        p = folder / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
+    return images.write_pngs(folder, n, size, seed=len(str(folder)), name="{i}.png")
 
 
 def counted_train_flops_per_image(model_kwargs: dict, img_size: int, mask_ratio: float) -> float:
