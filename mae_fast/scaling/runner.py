@@ -367,6 +367,13 @@ def run_local(grid: Grid, runs: Sequence[RunSpec], job: str | JobFn | None = Non
     many workers going at once (:func:`run_local_parallel`).
     """
     job = job or grid.job
+    if mode not in ("inprocess", "subprocess", "torchrun"):
+        raise ValueError(f"local mode must be inprocess, subprocess or torchrun, got {mode!r}")
+    if mode != "inprocess":  # workers re-read the grid and import the job
+        if grid.path is None:
+            raise ValueError(f"mode {mode!r} needs a grid loaded from a file (workers re-read it)")
+        if not isinstance(job, str):
+            raise ValueError(f"mode {mode!r} needs the job as 'module:function'")
     if parallel > 1:
         if mode != "subprocess":
             raise ValueError(f"parallel runs need mode 'subprocess', got {mode!r}")
@@ -383,12 +390,6 @@ def run_local(grid: Grid, runs: Sequence[RunSpec], job: str | JobFn | None = Non
                 outcome[spec.run_id] = f"{type(exc).__name__}: {exc}"
                 log(f"    {'INTERRUPTED' if isinstance(exc, RunInterrupted) else 'FAILED'} {outcome[spec.run_id]}")
             continue
-        if mode not in ("subprocess", "torchrun"):
-            raise ValueError(f"local mode must be inprocess, subprocess or torchrun, got {mode!r}")
-        if grid.path is None:
-            raise ValueError(f"mode {mode!r} needs a grid loaded from a file (workers re-read it)")
-        if not isinstance(job, str):
-            raise ValueError(f"mode {mode!r} needs the job as 'module:function'")
         worker = _worker_cmd(grid, spec, job)
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}"]
                + worker[1:] if mode == "torchrun" else worker)
@@ -402,11 +403,7 @@ def run_local(grid: Grid, runs: Sequence[RunSpec], job: str | JobFn | None = Non
     return outcome
 
 
-def _worker_cmd(grid: Grid, spec: RunSpec, job) -> list[str]:
-    if grid.path is None:
-        raise ValueError("local subprocess workers need a grid loaded from a file (they re-read it)")
-    if not isinstance(job, str):
-        raise ValueError("local subprocess workers need the job as 'module:function'")
+def _worker_cmd(grid: Grid, spec: RunSpec, job: str) -> list[str]:
     return [sys.executable, "-m", "mae_fast.scaling.cli", "worker", str(grid.path), spec.run_id, "--job", job]
 
 
@@ -433,6 +430,9 @@ def run_local_parallel(grid: Grid, runs: Sequence[RunSpec], job: str, parallel: 
     """Run ``runs`` as worker subprocesses, ``parallel`` at a time, each with its share of the machine
     (:func:`worker_env`); a worker's output goes to ``<run dir>/worker.log``. Ctrl-C reaches the workers too
     (same process group): each stops with a checkpoint, and this waits for them before re-raising."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     outcome: dict[str, str] = {}
     waiting = list(enumerate(runs, 1))
     running: dict[int, tuple] = {}  # slot -> (process, spec, log file handle)
@@ -445,8 +445,8 @@ def run_local_parallel(grid: Grid, runs: Sequence[RunSpec], job: str, parallel: 
                 run_dir = grid.run_dir(spec.run_id)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 fh = open(run_dir / "worker.log", "ab")
-                proc = subprocess.Popen(_worker_cmd(grid, spec, job), env=worker_env(slot, parallel), stdout=fh,
-                                        stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(_worker_cmd(grid, spec, job), env=worker_env(slot, parallel, gpus=gpus),
+                                        stdout=fh, stderr=subprocess.STDOUT)
                 running[slot] = (proc, spec, fh)
                 log(f"[{i}/{len(runs)}] {spec.run_id}   (output: {run_dir / 'worker.log'})")
             for slot, (proc, spec, fh) in list(running.items()):

@@ -1,1 +1,2 @@
-"""Helpers the tests import (tests/ is on pytest's ``pythonpath``): ``helpers.train`` for the training tests, ``helpers.images`` for random PNG files."""
+"""Helpers the tests import (tests/ is on pytest's ``pythonpath``): ``helpers.train`` for the training tests,
+``helpers.images`` for random PNG files."""
