@@ -434,20 +434,19 @@ def render_videos(rng, world_pyramid, objects: list[dict], out_dir: Path, cfg: d
         walking = schedule < 0
         x, y, yaw, bob = camera_path(rng, max(walking.sum(), 1) / fps, fps, cfg["world_size"])
         frames, step, look = [], 0, None
-        for i, look_id in enumerate(schedule):
+        for look_id in schedule:
+            j = min(step, len(x) - 1)  # the walker's place: where it stands while it looks
             if look_id < 0:
-                j = min(step, len(x) - 1)
                 frames.append(camera.render(world_pyramid, x[j], y[j], yaw[j], sky, bob[j]))
                 step += 1
                 continue
             if look is None or look["id"] != look_id:  # a new look: the object just ahead of the walker
-                j = min(step, len(x) - 1)
                 ahead_x, ahead_y = x[j] - 40 * math.sin(yaw[j]), y[j] + 40 * math.cos(yaw[j])
                 look = dict(id=look_id, obj=nearest_object(objects, ahead_x, ahead_y, cfg["world_size"]),
                             yaw=yaw[j], turn=rng.uniform(-0.6, 0.6) / fps)
             look["yaw"] += look["turn"]
             cam_x, cam_y = look_position(look["obj"], look["yaw"], look_back)
-            frames.append(look_camera.render(world_pyramid, cam_x, cam_y, look["yaw"], sky, bob[min(step, len(x) - 1)]))
+            frames.append(look_camera.render(world_pyramid, cam_x, cam_y, look["yaw"], sky, bob[j]))
         frames = [to_uint8(f, 1.0) for f in frames]
         name = f"walk_{k:03d}.mp4"
         encode_mp4(frames, out_dir / name, fps, codec)
